@@ -1,0 +1,387 @@
+//! The `m3d` command. Thin glue: parses arguments, sets up logging and threads, calls the library crates, and
+//! reports their typed errors with context.
+
+use std::collections::BTreeSet;
+use std::io::IsTerminal;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use m3d_data_prep::cap::{CapOptions, CapSource, ResizeMode};
+use m3d_data_prep::refseg::{RefSegOptions, RefSegSource};
+use m3d_data_prep::seg::{SegOptions, SegSource};
+use m3d_data_prep::vqa::VqaOptions;
+use m3d_data_prep::{convert_volumes, ConvertOptions, ConvertReport};
+
+#[derive(Parser)]
+#[command(name = "m3d", version, about = "Distributed training for M3D 3-D medical multi-modal models")]
+struct Cli {
+    /// Log format: human on a terminal, json for clusters.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human, env = "M3D_LOG_FORMAT")]
+    log_format: LogFormat,
+    /// More logging (-v debug, -vv trace); RUST_LOG overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Convert M3D-Data into volume shards, synthesise data, inspect shards.
+    #[command(name = "data-prep", subcommand)]
+    DataPrep(DataPrep),
+}
+
+#[derive(Subcommand)]
+enum DataPrep {
+    /// Write a small, learnable dataset in the published raw layouts of all four M3D datasets.
+    Synth {
+        /// Output folder (M3D_Cap/, M3D_VQA/, M3D_Seg/, M3D_RefSeg/ are created in it).
+        dir: PathBuf,
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+        /// M3D-Cap cases (1-2 series each).
+        #[arg(long)]
+        cap_cases: Option<usize>,
+        /// M3D-Seg datasets (codes 0000, 0001, ...).
+        #[arg(long)]
+        seg_datasets: Option<usize>,
+        /// Cases per M3D-Seg dataset.
+        #[arg(long)]
+        seg_cases: Option<usize>,
+        /// M3D-RefSeg cases.
+        #[arg(long)]
+        refseg_cases: Option<usize>,
+        /// Size of M3D-Cap slices, HxW (e.g. 512x512 for realistic benchmarks).
+        #[arg(long)]
+        slice_size: Option<String>,
+    },
+    /// Convert M3D-Cap (raw slice folders or prepared .npy) into shards.
+    Cap {
+        #[command(flatten)]
+        common: Common,
+        /// Split file (default <src>/M3D_Cap.json).
+        #[arg(long)]
+        split_file: Option<PathBuf>,
+        /// Resize mode; "area" is what the reference script does (MONAI's default).
+        #[arg(long, value_enum, default_value_t = Resize::Area)]
+        resize_mode: Resize,
+    },
+    /// Convert the M3D-VQA tables into sample shards referencing M3D-Cap volumes.
+    Vqa {
+        #[command(flatten)]
+        common: Common,
+        /// Converted M3D-Cap dataset: every row must reference one of its volumes.
+        #[arg(long)]
+        cap: Option<String>,
+    },
+    /// Convert M3D-Seg datasets into shards.
+    Seg {
+        #[command(flatten)]
+        common: Common,
+        /// Dataset codes, comma separated (default: all found).
+        #[arg(long, value_delimiter = ',')]
+        datasets: Vec<String>,
+    },
+    /// Convert M3D-RefSeg into shards.
+    Refseg {
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Statistics of a converted dataset; --verify checks every checksum; --png renders a volume.
+    Inspect {
+        /// Dataset URL (path, file://, s3://).
+        url: String,
+        /// Recompute every shard's sha256 and every volume's crc32.
+        #[arg(long)]
+        verify: bool,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Render the middle slices (masks overlaid) of a volume to this PNG.
+        #[arg(long)]
+        png: Option<PathBuf>,
+        /// Volume to render (default: the first, or the volume of --sample).
+        #[arg(long)]
+        volume: Option<String>,
+        /// Render the volume of this sample number.
+        #[arg(long)]
+        sample: Option<usize>,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Resize {
+    Area,
+    Trilinear,
+}
+
+#[derive(Args)]
+struct Common {
+    /// Source folder of the published dataset.
+    #[arg(long)]
+    src: PathBuf,
+    /// Output URL: a path, file:///abs or s3://bucket/prefix (AWS_* variables for credentials and endpoint).
+    #[arg(long)]
+    out: String,
+    /// Volumes per Parquet shard.
+    #[arg(long, default_value_t = 32)]
+    shard_volumes: usize,
+    /// Worker threads (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Continue past bad inputs, listing each in <out>/skipped.json (default: stop at the first).
+    #[arg(long)]
+    skip_bad: bool,
+    /// Convert only the first N volumes.
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Redo every shard, ignoring completion records of an earlier run.
+    #[arg(long)]
+    force: bool,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+    /// Storage dtype of images (default per dataset: u8 for M3D-Cap, f16 for CT); f32 stores exact values.
+    #[arg(long, value_enum)]
+    dtype: Option<Dtype>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Dtype {
+    U8,
+    F16,
+    F32,
+}
+
+impl Dtype {
+    fn image(self) -> m3d_shards::encode::ImageDtype {
+        match self {
+            Dtype::U8 => m3d_shards::encode::ImageDtype::U8,
+            Dtype::F16 => m3d_shards::encode::ImageDtype::F16,
+            Dtype::F32 => m3d_shards::encode::ImageDtype::F32,
+        }
+    }
+}
+
+impl Common {
+    fn options(&self) -> Result<ConvertOptions> {
+        if let Some(n) = self.threads {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(n)
+                .build_global()
+                .context("setting up the thread pool")?;
+        }
+        let mut o = ConvertOptions::new(self.out.clone());
+        o.shard_volumes = self.shard_volumes;
+        o.skip_bad = self.skip_bad;
+        o.limit = self.limit;
+        o.force = self.force;
+        o.progress = true;
+        Ok(o)
+    }
+}
+
+fn init_logging(format: LogFormat, verbose: u8) {
+    let default = match verbose {
+        0 => "info",
+        1 => "debug",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Human => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+    }
+}
+
+fn print_report(report: &ConvertReport, json: bool) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(report)?);
+        return Ok(());
+    }
+    println!(
+        "{}: {} volume(s), {} sample(s), {:.2} MiB -> {} ({} shard(s) written, {} reused)",
+        report.dataset,
+        report.volumes,
+        report.samples,
+        report.bytes as f64 / 1048576.0,
+        report.out,
+        report.shards_written,
+        report.shards_reused
+    );
+    for (task, by_split) in &report.counts {
+        let parts: Vec<String> = by_split.iter().map(|(s, n)| format!("{s} {n}")).collect();
+        println!("  {task:<12} {}", parts.join(", "));
+    }
+    if !report.skipped.is_empty() {
+        println!("  skipped {} input(s); see {}/skipped.json", report.skipped.len(), report.out);
+    }
+    Ok(())
+}
+
+fn parse_size(s: &str) -> Result<(usize, usize)> {
+    let (h, w) = s.split_once('x').with_context(|| format!("--slice-size {s:?}: expected HxW"))?;
+    Ok((h.parse().context("--slice-size height")?, w.parse().context("--slice-size width")?))
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::DataPrep(cmd) => match cmd {
+            DataPrep::Synth {
+                dir,
+                seed,
+                cap_cases,
+                seg_datasets,
+                seg_cases,
+                refseg_cases,
+                slice_size,
+            } => {
+                let mut cfg = m3d_synth::SynthConfig {
+                    seed,
+                    ..Default::default()
+                };
+                if let Some(n) = cap_cases {
+                    cfg.cap_cases = n;
+                }
+                if let Some(n) = seg_datasets {
+                    cfg.seg_datasets = n;
+                }
+                if let Some(n) = seg_cases {
+                    cfg.seg_cases = n;
+                }
+                if let Some(n) = refseg_cases {
+                    cfg.refseg_cases = n;
+                }
+                if let Some(s) = slice_size {
+                    cfg.slice_size = parse_size(&s)?;
+                }
+                let summary = m3d_synth::write_all(&dir, &cfg)
+                    .with_context(|| format!("synthesising M3D-Data into {}", dir.display()))?;
+                println!("{}", serde_json::to_string_pretty(&summary)?);
+            }
+            DataPrep::Cap {
+                common,
+                split_file,
+                resize_mode,
+            } => {
+                let opts = common.options()?;
+                let src = CapSource::new(CapOptions {
+                    src: common.src.clone(),
+                    split_file,
+                    resize: match resize_mode {
+                        Resize::Area => ResizeMode::Area,
+                        Resize::Trilinear => ResizeMode::Trilinear,
+                    },
+                    dtype: common.dtype.map(Dtype::image),
+                })
+                .with_context(|| format!("planning M3D-Cap from {}", common.src.display()))?;
+                let report = convert_volumes(&src, &opts).context("converting M3D-Cap")?;
+                print_report(&report, common.json)?;
+            }
+            DataPrep::Vqa { common, cap } => {
+                let opts = common.options()?;
+                let known_volumes = match cap {
+                    Some(url) => Some(
+                        volume_ids(&url).with_context(|| format!("reading M3D-Cap volume ids from {url}"))?,
+                    ),
+                    None => None,
+                };
+                let report = m3d_data_prep::vqa::convert(
+                    &VqaOptions {
+                        src: common.src.clone(),
+                        known_volumes,
+                    },
+                    &opts,
+                )
+                .context("converting M3D-VQA")?;
+                print_report(&report, common.json)?;
+            }
+            DataPrep::Seg { common, datasets } => {
+                let opts = common.options()?;
+                let src = SegSource::new(SegOptions {
+                    src: common.src.clone(),
+                    codes: datasets,
+                    dtype: common.dtype.map(Dtype::image),
+                })
+                .with_context(|| format!("planning M3D-Seg from {}", common.src.display()))?;
+                let report = convert_volumes(&src, &opts).context("converting M3D-Seg")?;
+                print_report(&report, common.json)?;
+            }
+            DataPrep::Refseg { common } => {
+                let opts = common.options()?;
+                let src = RefSegSource::new(
+                    RefSegOptions {
+                        src: common.src.clone(),
+                        dtype: common.dtype.map(Dtype::image),
+                    },
+                    opts.skip_bad,
+                )
+                .with_context(|| format!("planning M3D-RefSeg from {}", common.src.display()))?;
+                let report = convert_volumes(&src, &opts).context("converting M3D-RefSeg")?;
+                print_report(&report, common.json)?;
+            }
+            DataPrep::Inspect {
+                url,
+                verify,
+                json,
+                png,
+                volume,
+                sample,
+            } => {
+                let ds = m3d_shards::dataset::ShardDataset::open(&url)
+                    .with_context(|| format!("opening dataset {url}"))?;
+                let summary = m3d_data_prep::inspect::summarise(&ds, &url, verify)
+                    .with_context(|| format!("inspecting {url}"))?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&summary)?);
+                } else {
+                    print!("{}", m3d_data_prep::inspect::render_text(&summary));
+                }
+                if let Some(png) = png {
+                    let rec = m3d_data_prep::inspect::find_volume(&ds, volume.as_deref(), sample)?;
+                    m3d_data_prep::inspect::render_png(&rec, &png)?;
+                    eprintln!("rendered {} to {}", rec.volume_id, png.display());
+                } else if volume.is_some() || sample.is_some() {
+                    bail!("--volume and --sample choose what --png renders; give --png <file>");
+                }
+            }
+        },
+    }
+    Ok(())
+}
+
+/// Every volume id of a converted dataset (reads the shards without their images).
+fn volume_ids(url: &str) -> Result<BTreeSet<String>> {
+    let ds = m3d_shards::dataset::ShardDataset::open(url)?;
+    let mut ids = BTreeSet::new();
+    for shard in 0..ds.manifest().volume_shards.len() {
+        for rec in ds.stream_volumes(shard)?.with_images(false).with_masks(false) {
+            ids.insert(rec?.volume_id);
+        }
+    }
+    Ok(ids)
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format, cli.verbose);
+    match run(cli) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,401 @@
+//! The conversion engine shared by every dataset: plans volumes into shards, converts them in parallel,
+//! writes each shard and then its completion record, resumes from those records, and finally writes the sample
+//! shards and the manifest.
+//!
+//! Visibility rules (what makes a re-run safe):
+//! - a volume shard is complete only once `_progress/<shard>.json` exists; a shard without it is redone;
+//! - the manifest is written last, so a dataset without `manifest.json` is never read as complete;
+//! - the completion record carries a fingerprint of the shard's plan (item ids and preprocessing parameters):
+//!   a record from a different plan is ignored and the shard is redone.
+//!
+//! Memory is bounded by one shard's encoded volumes plus one working volume per thread, whatever the dataset size.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+
+use bytes::Bytes;
+use m3d_shards::manifest::{Manifest, ShardEntry, Totals};
+use m3d_shards::parquet_io::{write_sample_shard, write_volume_shard, WriteOptions};
+use m3d_shards::schema::{SampleRecord, VolumeRecord};
+use m3d_shards::store::Store;
+use m3d_shards::{sha256_hex, SHARD_SCHEMA_VERSION};
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{PrepError, Result};
+
+/// Options common to every converter.
+#[derive(Clone, Debug)]
+pub struct ConvertOptions {
+    /// Output location: a path, `file://` or `s3://` URL.
+    pub out: String,
+    /// Volumes per Parquet shard.
+    pub shard_volumes: usize,
+    /// Samples per sample shard.
+    pub shard_samples: usize,
+    /// Continue past bad items, listing each in `skipped.json`; the default is to stop at the first.
+    pub skip_bad: bool,
+    /// Convert only the first N volumes (quick looks at a large source).
+    pub limit: Option<usize>,
+    /// Redo every shard even if a completion record exists.
+    pub force: bool,
+    /// Draw a progress bar (only on a terminal).
+    pub progress: bool,
+}
+
+impl ConvertOptions {
+    pub fn new(out: impl Into<String>) -> Self {
+        ConvertOptions {
+            out: out.into(),
+            shard_volumes: 32,
+            shard_samples: 200_000,
+            skip_bad: false,
+            limit: None,
+            force: false,
+            progress: false,
+        }
+    }
+}
+
+/// One input that failed and was skipped under `--skip-bad`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Skipped {
+    pub item: String,
+    pub error: String,
+}
+
+/// What one volume item turns into.
+pub struct Converted {
+    pub volume: VolumeRecord,
+    pub samples: Vec<SampleRecord>,
+}
+
+/// A dataset whose volumes are converted item by item.
+pub trait VolumeSource: Sync {
+    type Item: Sync;
+    /// Dataset name in the manifest ("cap", "seg", "refseg").
+    fn dataset(&self) -> &'static str;
+    /// The items in a deterministic order.
+    fn items(&self) -> &[Self::Item];
+    /// The volume id an item becomes (unique).
+    fn item_id(&self, item: &Self::Item) -> String;
+    /// Converts one item. Errors name the source file.
+    fn convert(&self, item: &Self::Item) -> Result<Converted>;
+    /// Preprocessing parameters, recorded in the manifest and in each shard's fingerprint.
+    fn preprocessing(&self) -> serde_json::Value;
+    /// Provenance of the source (root, split files and their checksums).
+    fn source(&self) -> serde_json::Value;
+    /// Samples that do not come from a volume item (none for most datasets).
+    fn extra_samples(&self) -> Result<Vec<SampleRecord>> {
+        Ok(Vec::new())
+    }
+    /// Inputs already rejected while planning (bad table rows under `--skip-bad`).
+    fn planning_skipped(&self) -> Vec<Skipped> {
+        Vec::new()
+    }
+}
+
+/// The completion record of one volume shard.
+#[derive(Serialize, Deserialize)]
+struct ShardProgress {
+    fingerprint: String,
+    shard: ShardEntry,
+    samples: Vec<SampleRecord>,
+    skipped: Vec<Skipped>,
+}
+
+/// Result of a conversion.
+#[derive(Debug, Serialize)]
+pub struct ConvertReport {
+    pub dataset: String,
+    pub out: String,
+    pub volumes: u64,
+    pub samples: u64,
+    pub bytes: u64,
+    pub shards_written: usize,
+    pub shards_reused: usize,
+    pub skipped: Vec<Skipped>,
+    pub counts: BTreeMap<String, BTreeMap<String, u64>>,
+}
+
+fn progress_key(shard: usize) -> String {
+    format!("_progress/part-{shard:05}.json")
+}
+
+fn volume_key(shard: usize) -> String {
+    format!("volumes/part-{shard:05}.parquet")
+}
+
+fn sample_key(shard: usize) -> String {
+    format!("samples/part-{shard:05}.parquet")
+}
+
+/// Converts every volume of `src` into shards under `opts.out`, resuming where a previous run stopped.
+pub fn convert_volumes<S: VolumeSource>(src: &S, opts: &ConvertOptions) -> Result<ConvertReport> {
+    if opts.shard_volumes == 0 || opts.shard_samples == 0 {
+        return Err(PrepError::Options(
+            "shard sizes must be at least 1".to_string(),
+        ));
+    }
+    let store = Store::open(&opts.out)?;
+    let mut items: Vec<&S::Item> = src.items().iter().collect();
+    if let Some(limit) = opts.limit {
+        items.truncate(limit);
+    }
+    let preprocessing = src.preprocessing();
+    let n_shards = items.len().div_ceil(opts.shard_volumes);
+    let bar = crate::progress::bar(items.len() as u64, src.dataset(), opts.progress);
+    let write_opts = WriteOptions::default();
+
+    let mut entries = Vec::with_capacity(n_shards);
+    let mut samples: Vec<SampleRecord> = Vec::new();
+    let mut skipped: Vec<Skipped> = Vec::new();
+    let (mut written, mut reused) = (0usize, 0usize);
+    for shard in 0..n_shards {
+        let chunk = &items[shard * opts.shard_volumes..((shard + 1) * opts.shard_volumes).min(items.len())];
+        let ids: Vec<String> = chunk.iter().map(|it| src.item_id(it)).collect();
+        let fingerprint = sha256_hex(
+            serde_json::json!({
+                "schema": SHARD_SCHEMA_VERSION,
+                "dataset": src.dataset(),
+                "preprocessing": preprocessing,
+                "ids": ids,
+            })
+            .to_string()
+            .as_bytes(),
+        );
+        if !opts.force {
+            if let Some(done) = load_progress(&store, shard, &fingerprint)? {
+                bar.inc(chunk.len() as u64);
+                entries.push(done.shard);
+                samples.extend(done.samples);
+                skipped.extend(done.skipped);
+                reused += 1;
+                continue;
+            }
+        }
+        let (records, shard_samples, shard_skipped) = convert_chunk(src, chunk, opts, &bar)?;
+        let bytes = write_volume_shard(&records, &write_opts)?;
+        let entry = ShardEntry {
+            key: volume_key(shard),
+            rows: records.len() as u64,
+            bytes: bytes.len() as u64,
+            sha256: sha256_hex(&bytes),
+        };
+        drop(records);
+        store.put(&entry.key, bytes)?;
+        let record = ShardProgress {
+            fingerprint,
+            shard: entry,
+            samples: shard_samples,
+            skipped: shard_skipped,
+        };
+        let json = serde_json::to_vec(&record).map_err(|e| PrepError::Options(e.to_string()))?;
+        store.put(&progress_key(shard), Bytes::from(json))?;
+        tracing::debug!(shard, rows = record.shard.rows, "shard committed");
+        entries.push(record.shard);
+        samples.extend(record.samples);
+        skipped.extend(record.skipped);
+        written += 1;
+    }
+    bar.finish_and_clear();
+    samples.extend(src.extra_samples()?);
+    skipped.extend(src.planning_skipped());
+    let volumes: u64 = entries.iter().map(|e| e.rows).sum();
+    finish(
+        &store,
+        src.dataset(),
+        src.source(),
+        preprocessing,
+        entries,
+        samples,
+        skipped,
+        opts,
+        (written, reused, volumes),
+    )
+}
+
+/// Writes a dataset that has samples only (M3D-VQA references M3D-Cap volumes).
+pub fn convert_samples_only(
+    dataset: &'static str,
+    source: serde_json::Value,
+    preprocessing: serde_json::Value,
+    samples: Vec<SampleRecord>,
+    skipped: Vec<Skipped>,
+    opts: &ConvertOptions,
+) -> Result<ConvertReport> {
+    let store = Store::open(&opts.out)?;
+    finish(
+        &store,
+        dataset,
+        source,
+        preprocessing,
+        Vec::new(),
+        samples,
+        skipped,
+        opts,
+        (0, 0, 0),
+    )
+}
+
+fn load_progress(store: &Store, shard: usize, fingerprint: &str) -> Result<Option<ShardProgress>> {
+    let Some(bytes) = store.get_opt(&progress_key(shard))? else {
+        return Ok(None);
+    };
+    let Ok(progress) = serde_json::from_slice::<ShardProgress>(&bytes) else {
+        tracing::warn!(shard, "unreadable completion record; redoing the shard");
+        return Ok(None);
+    };
+    if progress.fingerprint != fingerprint {
+        tracing::info!(shard, "shard was planned differently before; redoing it");
+        return Ok(None);
+    }
+    // The record is written after the shard, so the shard must be there with the recorded size.
+    if store.size(&progress.shard.key)? != Some(progress.shard.bytes) {
+        tracing::warn!(shard, key = %progress.shard.key, "shard missing or changed; redoing it");
+        return Ok(None);
+    }
+    Ok(Some(progress))
+}
+
+type ChunkOutput = (Vec<VolumeRecord>, Vec<SampleRecord>, Vec<Skipped>);
+
+fn convert_chunk<S: VolumeSource>(
+    src: &S,
+    chunk: &[&S::Item],
+    opts: &ConvertOptions,
+    bar: &indicatif::ProgressBar,
+) -> Result<ChunkOutput> {
+    let stop = AtomicBool::new(false);
+    let first_error: Mutex<Option<PrepError>> = Mutex::new(None);
+    let results: Vec<Option<std::result::Result<Converted, Skipped>>> = chunk
+        .par_iter()
+        .map(|item| {
+            if stop.load(Ordering::Relaxed) {
+                return None;
+            }
+            let out = match src.convert(item) {
+                Ok(c) => Ok(c),
+                Err(e) if opts.skip_bad => {
+                    tracing::warn!(item = %src.item_id(item), error = %e, "skipping bad item");
+                    Err(Skipped {
+                        item: src.item_id(item),
+                        error: e.to_string(),
+                    })
+                }
+                Err(e) => {
+                    stop.store(true, Ordering::Relaxed);
+                    if let Ok(mut slot) = first_error.lock() {
+                        slot.get_or_insert(e);
+                    }
+                    return None;
+                }
+            };
+            bar.inc(1);
+            Some(out)
+        })
+        .collect();
+    if let Some(e) = first_error.into_inner().ok().flatten() {
+        return Err(e);
+    }
+    let mut records = Vec::with_capacity(chunk.len());
+    let mut samples = Vec::new();
+    let mut skipped = Vec::new();
+    for r in results.into_iter().flatten() {
+        match r {
+            Ok(c) => {
+                records.push(c.volume);
+                samples.extend(c.samples);
+            }
+            Err(s) => skipped.push(s),
+        }
+    }
+    Ok((records, samples, skipped))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn finish(
+    store: &Store,
+    dataset: &str,
+    source: serde_json::Value,
+    preprocessing: serde_json::Value,
+    volume_shards: Vec<ShardEntry>,
+    samples: Vec<SampleRecord>,
+    skipped: Vec<Skipped>,
+    opts: &ConvertOptions,
+    (written, reused, volumes): (usize, usize, u64),
+) -> Result<ConvertReport> {
+    let write_opts = WriteOptions::default();
+    let mut counts: BTreeMap<String, BTreeMap<String, u64>> = BTreeMap::new();
+    for s in &samples {
+        *counts
+            .entry(s.task.to_string())
+            .or_default()
+            .entry(s.split.clone())
+            .or_default() += 1;
+    }
+    let mut sample_shards = Vec::new();
+    for (i, chunk) in samples.chunks(opts.shard_samples).enumerate() {
+        let bytes = write_sample_shard(chunk, &write_opts)?;
+        let entry = ShardEntry {
+            key: sample_key(i),
+            rows: chunk.len() as u64,
+            bytes: bytes.len() as u64,
+            sha256: sha256_hex(&bytes),
+        };
+        store.put(&entry.key, bytes)?;
+        sample_shards.push(entry);
+    }
+    remove_stale(store, "volumes/", &volume_shards)?;
+    remove_stale(store, "samples/", &sample_shards)?;
+    if !skipped.is_empty() {
+        let json = serde_json::to_vec_pretty(&skipped).map_err(|e| PrepError::Options(e.to_string()))?;
+        store.put("skipped.json", Bytes::from(json))?;
+    }
+    let bytes: u64 = volume_shards.iter().chain(&sample_shards).map(|e| e.bytes).sum();
+    let manifest = Manifest {
+        format: "m3d-shards".to_string(),
+        schema_version: SHARD_SCHEMA_VERSION,
+        dataset: dataset.to_string(),
+        created_by: format!("m3d {}", env!("CARGO_PKG_VERSION")),
+        created_unix: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+        source,
+        preprocessing,
+        volume_shards,
+        sample_shards,
+        totals: Totals {
+            volumes,
+            samples: samples.len() as u64,
+            bytes,
+        },
+        counts: counts.clone(),
+        skipped: skipped.len() as u64,
+    };
+    manifest.save(store)?;
+    Ok(ConvertReport {
+        dataset: dataset.to_string(),
+        out: store.url().to_string(),
+        volumes,
+        samples: samples.len() as u64,
+        bytes,
+        shards_written: written,
+        shards_reused: reused,
+        skipped,
+        counts,
+    })
+}
+
+/// Deletes shards left by an earlier, differently planned run, so the folder holds exactly what the manifest lists.
+fn remove_stale(store: &Store, prefix: &str, keep: &[ShardEntry]) -> Result<()> {
+    for (key, _) in store.list(prefix)? {
+        if !keep.iter().any(|e| e.key == key) {
+            tracing::info!(%key, "removing shard from an earlier plan");
+            store.delete(&key)?;
+        }
+    }
+    Ok(())
+}

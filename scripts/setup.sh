@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Sets up everything m3d needs on a fresh machine, from the package registries only:
+#   - a Python virtual environment with torch==2.13.0 (libtorch for `tch` 0.26) and the test oracles,
+#   - the cargo build of the workspace.
+# Both live in a cache outside the clone (~/.cache/m3d by default, keyed by versions), so a fresh clone
+# reuses them; a fresh machine builds them from nothing. Source this file to get the environment:
+#   source scripts/setup.sh            (sets M3D_VENV, CARGO_TARGET_DIR, LIBTORCH_USE_PYTORCH, PATH)
+# or run it to just set up.
+set -euo pipefail
+
+M3D_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+M3D_CACHE="${M3D_CACHE:-$HOME/.cache/m3d}"
+PY_REQS_KEY="v1-torch2.13.0"
+PYVER="$(python3 -c 'import sys; print(f"{sys.version_info[0]}{sys.version_info[1]}")')"
+export M3D_VENV="$M3D_CACHE/venv-py$PYVER-$PY_REQS_KEY"
+RUSTC_VER="$(rustc --version | awk '{print $2}')"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$M3D_CACHE/target-rustc$RUSTC_VER}"
+export LIBTORCH_USE_PYTORCH=1
+export CARGO_TERM_PROGRESS_WHEN=never
+
+mkdir -p "$M3D_CACHE"
+REQ_HASH="$(sha256sum "$M3D_ROOT/scripts/requirements.txt" | cut -c1-16)"
+if [ ! -f "$M3D_VENV/.complete" ]; then
+  echo "[setup] creating Python environment $M3D_VENV (torch 2.13.0 + oracles; a few minutes the first time)"
+  rm -rf "$M3D_VENV"
+  python3 -m venv "$M3D_VENV"
+  "$M3D_VENV/bin/pip" install --quiet --upgrade pip
+  touch "$M3D_VENV/.complete"
+fi
+if [ "$(cat "$M3D_VENV/.requirements" 2>/dev/null)" != "$REQ_HASH" ]; then
+  echo "[setup] installing Python requirements into $M3D_VENV"
+  "$M3D_VENV/bin/pip" install --quiet -r "$M3D_ROOT/scripts/requirements.txt"
+  echo "$REQ_HASH" > "$M3D_VENV/.requirements"
+fi
+ln -sfn "$M3D_VENV" "$M3D_ROOT/.venv"
+export PATH="$M3D_VENV/bin:$PATH"
+
+
+if [ "${M3D_SKIP_BUILD:-0}" != "1" ]; then
+  echo "[setup] building the workspace (target dir $CARGO_TARGET_DIR)"
+  (cd "$M3D_ROOT" && cargo build --release --workspace --all-targets --locked)
+fi
+export M3D_BIN="$CARGO_TARGET_DIR/release/m3d"

@@ -1,0 +1,249 @@
+//! The reader library training workers use: open a dataset by URL, get its samples, stream its volume
+//! shards with integrity checks, verify a whole dataset, and decode one sample's volume (and mask) into
+//! caller-owned f32 buffers.
+
+use std::collections::HashMap;
+
+use bytes::Bytes;
+
+use crate::manifest::{sha256_hex, Manifest, ShardEntry};
+use crate::parquet_io::{read_sample_shard, VolumeShardReader};
+use crate::schema::SampleRecord;
+use crate::store::Store;
+use crate::ShardError;
+
+pub use crate::decode::decode_sample_into;
+
+/// An opened dataset: its manifest and all of its samples (volumes are streamed on demand).
+#[derive(Debug, Clone)]
+pub struct ShardDataset {
+    store: Store,
+    manifest: Manifest,
+    samples: Vec<SampleRecord>,
+}
+
+/// Which list of the manifest a shard belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ShardKind {
+    Volumes,
+    Samples,
+}
+
+/// Result of checking one shard.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ShardCheck {
+    pub kind: ShardKind,
+    pub key: String,
+    /// The object exists and its size and sha256 match the manifest.
+    pub sha256_ok: bool,
+    /// Rows read from the shard (0 when it could not be read).
+    pub rows: u64,
+    /// Volume ids whose image crc32 did not match (volume shards only).
+    pub bad_volumes: Vec<String>,
+    /// Every problem found, as messages (empty when the shard is fine).
+    pub errors: Vec<String>,
+}
+
+impl ShardCheck {
+    pub fn is_ok(&self) -> bool {
+        self.errors.is_empty()
+    }
+}
+
+/// Result of [`ShardDataset::verify`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct VerifyReport {
+    pub shards: Vec<ShardCheck>,
+}
+
+impl VerifyReport {
+    /// True when every shard is intact.
+    pub fn is_ok(&self) -> bool {
+        self.shards.iter().all(ShardCheck::is_ok)
+    }
+
+    /// The shards with problems.
+    pub fn failures(&self) -> impl Iterator<Item = &ShardCheck> {
+        self.shards.iter().filter(|s| !s.is_ok())
+    }
+}
+
+/// Fetches a shard and checks it against its manifest entry (size, then sha256).
+fn fetch_checked(store: &Store, entry: &ShardEntry) -> Result<Bytes, ShardError> {
+    let bytes = store.get(&entry.key)?;
+    let actual = sha256_hex(&bytes);
+    if bytes.len() as u64 != entry.bytes || actual != entry.sha256 {
+        return Err(ShardError::Checksum {
+            key: entry.key.clone(),
+            expected: entry.sha256.clone(),
+            actual: if bytes.len() as u64 != entry.bytes {
+                format!("{actual} ({} bytes, manifest says {})", bytes.len(), entry.bytes)
+            } else {
+                actual
+            },
+        });
+    }
+    Ok(bytes)
+}
+
+impl ShardDataset {
+    /// Opens the dataset at `url` (any [`Store`] URL): loads and version-checks the manifest, then loads
+    /// every sample shard (each checked against its sha256 and row count).
+    pub fn open(url: &str) -> Result<Self, ShardError> {
+        Self::open_store(Store::open(url)?)
+    }
+
+    /// Like [`ShardDataset::open`] with an already opened store.
+    pub fn open_store(store: Store) -> Result<Self, ShardError> {
+        let manifest = Manifest::load(&store)?;
+        let mut samples = Vec::new();
+        for entry in &manifest.sample_shards {
+            let bytes = fetch_checked(&store, entry)?;
+            let rows = read_sample_shard(bytes, &entry.key)?;
+            if rows.len() as u64 != entry.rows {
+                return Err(ShardError::Manifest {
+                    key: Manifest::KEY.to_string(),
+                    reason: format!(
+                        "sample shard `{}` has {} rows, manifest says {}",
+                        entry.key,
+                        rows.len(),
+                        entry.rows
+                    ),
+                });
+            }
+            samples.extend(rows);
+        }
+        tracing::debug!(
+            url = store.url(),
+            samples = samples.len(),
+            volume_shards = manifest.volume_shards.len(),
+            "opened shard dataset"
+        );
+        Ok(ShardDataset {
+            store,
+            manifest,
+            samples,
+        })
+    }
+
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    pub fn samples(&self) -> &[SampleRecord] {
+        &self.samples
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Number of volume shards.
+    pub fn num_volume_shards(&self) -> usize {
+        self.manifest.volume_shards.len()
+    }
+
+    /// Indices into [`ShardDataset::samples`] grouped by volume id, so a worker streaming a volume shard
+    /// can find the samples of each volume it decodes.
+    pub fn samples_by_volume(&self) -> HashMap<&str, Vec<usize>> {
+        let mut map: HashMap<&str, Vec<usize>> = HashMap::new();
+        for (i, s) in self.samples.iter().enumerate() {
+            map.entry(s.volume_id.as_str()).or_default().push(i);
+        }
+        map
+    }
+
+    /// Fetches volume shard number `shard`, verifies its sha256 against the manifest
+    /// ([`ShardError::Checksum`] naming the key on mismatch) and streams its rows.
+    pub fn stream_volumes(&self, shard: usize) -> Result<VolumeShardReader, ShardError> {
+        let entry = self.manifest.volume_shards.get(shard).ok_or_else(|| {
+            ShardError::Invalid(format!(
+                "volume shard index {shard} out of range ({} shards in `{}`)",
+                self.manifest.volume_shards.len(),
+                self.store.url()
+            ))
+        })?;
+        let bytes = fetch_checked(&self.store, entry)?;
+        VolumeShardReader::new(bytes, &entry.key)
+    }
+
+    /// Re-reads every shard: recomputes sha256s, row counts and every image crc32. Problems are recorded
+    /// per shard in the report; only a failure to talk to the store for a reason other than a missing
+    /// object is returned as an error.
+    pub fn verify(&self) -> Result<VerifyReport, ShardError> {
+        let mut report = VerifyReport::default();
+        let lists = [
+            (ShardKind::Volumes, &self.manifest.volume_shards),
+            (ShardKind::Samples, &self.manifest.sample_shards),
+        ];
+        for (kind, entries) in lists {
+            for entry in entries {
+                report.shards.push(self.check_shard(kind, entry)?);
+            }
+        }
+        Ok(report)
+    }
+
+    fn check_shard(&self, kind: ShardKind, entry: &ShardEntry) -> Result<ShardCheck, ShardError> {
+        let mut check = ShardCheck {
+            kind,
+            key: entry.key.clone(),
+            sha256_ok: false,
+            rows: 0,
+            bad_volumes: Vec::new(),
+            errors: Vec::new(),
+        };
+        let bytes = match self.store.get(&entry.key) {
+            Ok(b) => b,
+            Err(e @ ShardError::NotFound { .. }) => {
+                check.errors.push(e.to_string());
+                return Ok(check);
+            }
+            Err(e) => return Err(e),
+        };
+        let actual = sha256_hex(&bytes);
+        check.sha256_ok = actual == entry.sha256 && bytes.len() as u64 == entry.bytes;
+        if !check.sha256_ok {
+            check.errors.push(
+                ShardError::Checksum {
+                    key: entry.key.clone(),
+                    expected: entry.sha256.clone(),
+                    actual,
+                }
+                .to_string(),
+            );
+        }
+        match kind {
+            ShardKind::Samples => match read_sample_shard(bytes, &entry.key) {
+                Ok(rows) => check.rows = rows.len() as u64,
+                Err(e) => check.errors.push(e.to_string()),
+            },
+            ShardKind::Volumes => match VolumeShardReader::new(bytes, &entry.key) {
+                Ok(reader) => {
+                    for item in reader.with_masks(false) {
+                        match item {
+                            Ok(_) => check.rows += 1,
+                            Err(ShardError::ImageCrc { volume_id, .. }) => {
+                                check.rows += 1;
+                                check.errors.push(format!(
+                                    "shard `{}`: volume `{volume_id}`: image crc32 mismatch",
+                                    entry.key
+                                ));
+                                check.bad_volumes.push(volume_id);
+                            }
+                            Err(e) => check.errors.push(e.to_string()),
+                        }
+                    }
+                }
+                Err(e) => check.errors.push(e.to_string()),
+            },
+        }
+        if check.rows != entry.rows {
+            check.errors.push(format!(
+                "shard `{}`: {} rows read, manifest says {}",
+                entry.key, check.rows, entry.rows
+            ));
+        }
+        Ok(check)
+    }
+}

@@ -1,0 +1,137 @@
+//! The crate's error type. Every variant names what it was working on (store URL, shard key, volume id,
+//! row) so a failure in a large conversion or a training run can be traced to one object.
+
+/// Errors of the shard format, the store and the reader.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ShardError {
+    /// The store URL could not be understood or the store could not be opened.
+    #[error("store `{url}`: {reason}")]
+    StoreOpen { url: String, reason: String },
+
+    /// An object-store operation failed.
+    #[error("store `{url}`: {op} `{key}`: {source}")]
+    Store {
+        url: String,
+        op: &'static str,
+        key: String,
+        #[source]
+        source: object_store::Error,
+    },
+
+    /// A key that cannot name an object (empty, absolute, `..`, empty segments).
+    #[error("invalid object key `{key}`: {reason}")]
+    InvalidKey { key: String, reason: String },
+
+    /// The object does not exist.
+    #[error("store `{url}`: object `{key}` not found")]
+    NotFound { url: String, key: String },
+
+    /// Local filesystem error (creating the root folder of a local store).
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// Parquet encoding/decoding error for one shard.
+    #[error("shard `{key}`: parquet: {source}")]
+    Parquet {
+        key: String,
+        #[source]
+        source: parquet::errors::ParquetError,
+    },
+
+    /// Arrow error while building or reading record batches of one shard.
+    #[error("shard `{key}`: arrow: {source}")]
+    Arrow {
+        key: String,
+        #[source]
+        source: arrow::error::ArrowError,
+    },
+
+    /// The shard's columns or values do not follow the documented schema.
+    #[error("shard `{key}`: {reason}")]
+    Schema { key: String, reason: String },
+
+    /// A value in one row is invalid (unknown task or dtype string, bad shape, ...).
+    #[error("shard `{key}` row {row}: {reason}")]
+    Row {
+        key: String,
+        row: usize,
+        reason: String,
+    },
+
+    /// A shard or manifest written by a newer version of the format.
+    #[error(
+        "`{what}` has shard schema version {found}, but this reader supports only versions up to {supported}; \
+         upgrade m3d to read it"
+    )]
+    SchemaVersion {
+        what: String,
+        found: u64,
+        supported: u32,
+    },
+
+    /// A shard's sha256 differs from the manifest: the object is corrupted or was replaced.
+    #[error("shard `{key}`: sha256 mismatch (manifest {expected}, object {actual}); the shard is corrupted")]
+    Checksum {
+        key: String,
+        expected: String,
+        actual: String,
+    },
+
+    /// A volume's image bytes do not match their stored crc32.
+    #[error(
+        "shard `{key}` row {row}: volume `{volume_id}`: image crc32 mismatch (stored {expected:08x}, \
+         computed {actual:08x}); the image is corrupted"
+    )]
+    ImageCrc {
+        key: String,
+        row: usize,
+        volume_id: String,
+        expected: u32,
+        actual: u32,
+    },
+
+    /// A buffer length that does not match what the shape/dtype requires.
+    #[error("{what}: expected {expected} {unit}, got {actual}")]
+    Length {
+        what: String,
+        expected: usize,
+        actual: usize,
+        unit: &'static str,
+    },
+
+    /// The manifest could not be parsed or is inconsistent.
+    #[error("manifest `{key}`: {reason}")]
+    Manifest { key: String, reason: String },
+
+    /// A caller passed inconsistent arguments (wrong buffer sizes, shard index out of range, ...).
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl ShardError {
+    pub(crate) fn schema(key: &str, reason: impl Into<String>) -> Self {
+        ShardError::Schema {
+            key: key.to_string(),
+            reason: reason.into(),
+        }
+    }
+
+    pub(crate) fn parquet(key: &str, source: parquet::errors::ParquetError) -> Self {
+        ShardError::Parquet {
+            key: key.to_string(),
+            source,
+        }
+    }
+
+    pub(crate) fn arrow(key: &str, source: arrow::error::ArrowError) -> Self {
+        ShardError::Arrow {
+            key: key.to_string(),
+            source,
+        }
+    }
+}

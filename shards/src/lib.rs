@@ -1,0 +1,25 @@
+//! The m3d volume-shard format: the Parquet schema of volume and sample shards (see `README.md` for the
+//! versioned column layout), image/mask encodings, the dataset manifest, object-store I/O (local folders,
+//! `file://`, `s3://`) and the streaming reader that training workers use.
+
+/// Version of the shard and manifest schema written by this crate; readers refuse newer versions.
+pub const SHARD_SCHEMA_VERSION: u32 = 1;
+
+pub mod dataset;
+mod decode;
+pub mod encode;
+pub mod error;
+pub mod manifest;
+pub mod parquet_io;
+pub mod schema;
+pub mod store;
+
+pub use dataset::{decode_sample_into, ShardDataset, VerifyReport};
+pub use encode::ImageDtype;
+pub use error::ShardError;
+pub use manifest::{sha256_hex, Manifest, ShardEntry, Totals};
+pub use parquet_io::{
+    read_sample_shard, write_sample_shard, write_volume_shard, VolumeShardReader, WriteOptions,
+};
+pub use schema::{MaskRecord, SampleRecord, Task, VolumeRecord};
+pub use store::Store;

@@ -1,0 +1,188 @@
+//! The dataset manifest (`manifest.json` at the dataset root): format version, provenance, preprocessing
+//! parameters, every shard with its size and sha256, and sample counts per task and split.
+
+use std::collections::BTreeMap;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::parquet_io::FORMAT_NAME;
+use crate::schema::SampleRecord;
+use crate::store::Store;
+use crate::{ShardError, SHARD_SCHEMA_VERSION};
+
+/// One shard object listed in the manifest.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardEntry {
+    /// Key relative to the dataset root, e.g. `volumes/part-00000.parquet`.
+    pub key: String,
+    /// Rows (volumes or samples) in the shard.
+    pub rows: u64,
+    /// Object size in bytes.
+    pub bytes: u64,
+    /// Lower-case hex sha256 of the object.
+    pub sha256: String,
+}
+
+impl ShardEntry {
+    /// Describes the shard `data` that is (or will be) stored at `key`.
+    pub fn describe(key: &str, rows: u64, data: &[u8]) -> ShardEntry {
+        ShardEntry {
+            key: key.to_string(),
+            rows,
+            bytes: data.len() as u64,
+            sha256: sha256_hex(data),
+        }
+    }
+}
+
+/// Dataset totals.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Totals {
+    pub volumes: u64,
+    pub samples: u64,
+    /// Sum of all shard sizes.
+    pub bytes: u64,
+}
+
+/// The manifest of a dataset.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// Always `"m3d-shards"`.
+    pub format: String,
+    /// [`SHARD_SCHEMA_VERSION`] of the writer.
+    pub schema_version: u32,
+    /// `"cap"`, `"seg"`, `"refseg"`, ...
+    pub dataset: String,
+    /// Tool and version that wrote the dataset.
+    pub created_by: String,
+    /// Creation time, seconds since the Unix epoch.
+    pub created_unix: u64,
+    /// Provenance: source root, split files and their sha256.
+    pub source: serde_json::Value,
+    /// Preprocessing parameters used.
+    pub preprocessing: serde_json::Value,
+    pub volume_shards: Vec<ShardEntry>,
+    pub sample_shards: Vec<ShardEntry>,
+    pub totals: Totals,
+    /// task -> split -> number of samples.
+    pub counts: BTreeMap<String, BTreeMap<String, u64>>,
+    /// Source items skipped during conversion.
+    pub skipped: u64,
+}
+
+/// Key of shard number `n` of volumes: `volumes/part-NNNNN.parquet`.
+pub fn volume_shard_key(n: usize) -> String {
+    format!("volumes/part-{n:05}.parquet")
+}
+
+/// Key of shard number `n` of samples: `samples/part-NNNNN.parquet`.
+pub fn sample_shard_key(n: usize) -> String {
+    format!("samples/part-{n:05}.parquet")
+}
+
+/// Lower-case hex sha256 of `bytes`.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+impl Manifest {
+    /// Key of the manifest relative to the dataset root.
+    pub const KEY: &'static str = "manifest.json";
+
+    /// An empty manifest for `dataset`, stamped with the current time and schema version.
+    pub fn new(dataset: &str, created_by: &str) -> Manifest {
+        let created_unix = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        Manifest {
+            format: FORMAT_NAME.to_string(),
+            schema_version: SHARD_SCHEMA_VERSION,
+            dataset: dataset.to_string(),
+            created_by: created_by.to_string(),
+            created_unix,
+            source: serde_json::Value::Null,
+            preprocessing: serde_json::Value::Null,
+            volume_shards: Vec::new(),
+            sample_shards: Vec::new(),
+            totals: Totals::default(),
+            counts: BTreeMap::new(),
+            skipped: 0,
+        }
+    }
+
+    /// Adds `samples` to `counts` (task -> split).
+    pub fn count_samples<'a>(&mut self, samples: impl IntoIterator<Item = &'a SampleRecord>) {
+        for s in samples {
+            *self
+                .counts
+                .entry(s.task.to_string())
+                .or_default()
+                .entry(s.split.clone())
+                .or_default() += 1;
+        }
+    }
+
+    /// Recomputes `totals` from the shard lists.
+    pub fn update_totals(&mut self) {
+        self.totals = Totals {
+            volumes: self.volume_shards.iter().map(|e| e.rows).sum(),
+            samples: self.sample_shards.iter().map(|e| e.rows).sum(),
+            bytes: self
+                .volume_shards
+                .iter()
+                .chain(&self.sample_shards)
+                .map(|e| e.bytes)
+                .sum(),
+        };
+    }
+
+    /// Parses a manifest, refusing other formats and newer schema versions before looking at the rest
+    /// (so a newer manifest is reported as such, not as a field mismatch).
+    pub fn from_json(bytes: &[u8]) -> Result<Manifest, ShardError> {
+        let err = |reason: String| ShardError::Manifest {
+            key: Self::KEY.to_string(),
+            reason,
+        };
+        let value: serde_json::Value =
+            serde_json::from_slice(bytes).map_err(|e| err(format!("invalid JSON: {e}")))?;
+        let format = value.get("format").and_then(|v| v.as_str());
+        if format != Some(FORMAT_NAME) {
+            return Err(err(format!("`format` is {format:?}, expected \"{FORMAT_NAME}\"")));
+        }
+        let version = value
+            .get("schema_version")
+            .and_then(|v| v.as_u64())
+            .ok_or_else(|| err("missing or non-integer `schema_version`".into()))?;
+        if version > u64::from(SHARD_SCHEMA_VERSION) {
+            return Err(ShardError::SchemaVersion {
+                what: Self::KEY.to_string(),
+                found: version,
+                supported: SHARD_SCHEMA_VERSION,
+            });
+        }
+        serde_json::from_value(value).map_err(|e| err(format!("does not match the schema: {e}")))
+    }
+
+    /// Pretty-printed JSON.
+    pub fn to_json(&self) -> Result<Vec<u8>, ShardError> {
+        serde_json::to_vec_pretty(self).map_err(|e| ShardError::Manifest {
+            key: Self::KEY.to_string(),
+            reason: e.to_string(),
+        })
+    }
+
+    /// Loads `manifest.json` from the store root.
+    pub fn load(store: &Store) -> Result<Self, ShardError> {
+        let bytes = store.get(Self::KEY)?;
+        Self::from_json(&bytes)
+    }
+
+    /// Writes `manifest.json` at the store root. Write it after all shards so that a reader never
+    /// sees a manifest naming shards that are not there yet.
+    pub fn save(&self, store: &Store) -> Result<(), ShardError> {
+        store.put(Self::KEY, Bytes::from(self.to_json()?))
+    }
+}

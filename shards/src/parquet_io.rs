@@ -1,0 +1,754 @@
+//! Parquet encoding of volume shards and sample shards (schema version [`crate::SHARD_SCHEMA_VERSION`]),
+//! and the streaming volume-shard reader.
+//!
+//! Both kinds carry the file key-value metadata `m3d.format = "m3d-shards"`,
+//! `m3d.shard_schema_version = "1"` and `m3d.shard_kind = "volumes" | "samples"`; readers refuse files
+//! without it or with a newer version. The column layout is documented in the crate README.
+
+use std::collections::{HashSet, VecDeque};
+use std::sync::Arc;
+
+use arrow::array::{
+    Array, ArrayRef, AsArray, FixedSizeListArray, Float32Array, LargeBinaryArray, ListArray, RecordBatch,
+    StringArray, StructArray, UInt32Array, UInt64Array,
+};
+use arrow::buffer::OffsetBuffer;
+use arrow::datatypes::{DataType, Field, Fields, Schema, SchemaRef};
+use bytes::Bytes;
+use parquet::arrow::arrow_reader::{
+    ArrowReaderMetadata, ArrowReaderOptions, ParquetRecordBatchReader, ParquetRecordBatchReaderBuilder,
+};
+use parquet::arrow::{ArrowWriter, ProjectionMask};
+use parquet::basic::{Compression, ZstdLevel};
+use parquet::file::metadata::KeyValue;
+use parquet::file::properties::{EnabledStatistics, WriterProperties};
+use parquet::schema::types::ColumnPath;
+
+use crate::encode::{packed_len, ImageDtype};
+use crate::schema::{MaskRecord, SampleRecord, Task, VolumeRecord};
+use crate::{ShardError, SHARD_SCHEMA_VERSION};
+
+/// File metadata key holding the format name.
+pub const META_FORMAT: &str = "m3d.format";
+/// File metadata key holding the shard schema version (decimal).
+pub const META_SCHEMA_VERSION: &str = "m3d.shard_schema_version";
+/// File metadata key holding the shard kind.
+pub const META_KIND: &str = "m3d.shard_kind";
+/// Value of [`META_FORMAT`] (and of `Manifest::format`).
+pub const FORMAT_NAME: &str = "m3d-shards";
+/// Value of [`META_KIND`] for volume shards.
+pub const KIND_VOLUMES: &str = "volumes";
+/// Value of [`META_KIND`] for sample shards.
+pub const KIND_SAMPLES: &str = "samples";
+/// Rows per row group of sample shards: rows are small, so large groups compress better.
+/// ([`WriteOptions::rows_per_row_group`] applies to volume shards.)
+pub const SAMPLE_ROWS_PER_ROW_GROUP: usize = 65_536;
+
+/// Parquet writer settings.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WriteOptions {
+    /// Volumes per row group of a volume shard: the unit a reader decodes at a time.
+    pub rows_per_row_group: usize,
+    /// zstd compression level (1..=22).
+    pub zstd_level: i32,
+}
+
+impl Default for WriteOptions {
+    fn default() -> Self {
+        WriteOptions {
+            rows_per_row_group: 4,
+            zstd_level: 3,
+        }
+    }
+}
+
+fn mask_struct_fields() -> Fields {
+    Fields::from(vec![
+        Field::new("class_index", DataType::UInt32, false),
+        Field::new("label", DataType::Utf8, false),
+        Field::new("voxels", DataType::UInt64, false),
+        Field::new("bits", DataType::LargeBinary, false),
+    ])
+}
+
+fn mask_item_field() -> Arc<Field> {
+    Arc::new(Field::new("item", DataType::Struct(mask_struct_fields()), false))
+}
+
+fn shape_item_field() -> Arc<Field> {
+    Arc::new(Field::new("item", DataType::UInt32, false))
+}
+
+fn bbox_item_field() -> Arc<Field> {
+    Arc::new(Field::new("item", DataType::Float32, false))
+}
+
+/// The Arrow schema of a volume shard.
+pub fn volume_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("volume_id", DataType::Utf8, false),
+        Field::new("dataset", DataType::Utf8, false),
+        Field::new("source", DataType::Utf8, false),
+        Field::new("shape", DataType::FixedSizeList(shape_item_field(), 4), false),
+        Field::new("dtype", DataType::Utf8, false),
+        Field::new("image", DataType::LargeBinary, false),
+        Field::new("image_crc32", DataType::UInt32, false),
+        Field::new("masks", DataType::List(mask_item_field()), false),
+    ]))
+}
+
+/// The Arrow schema of a sample shard.
+pub fn sample_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("sample_id", DataType::Utf8, false),
+        Field::new("dataset", DataType::Utf8, false),
+        Field::new("task", DataType::Utf8, false),
+        Field::new("split", DataType::Utf8, false),
+        Field::new("volume_id", DataType::Utf8, false),
+        Field::new("mask_index", DataType::UInt32, true),
+        Field::new("question", DataType::Utf8, true),
+        Field::new("answer", DataType::Utf8, true),
+        Field::new("answer_choice", DataType::Utf8, true),
+        Field::new("question_type", DataType::Utf8, true),
+        Field::new("class_name", DataType::Utf8, true),
+        Field::new("bbox", DataType::FixedSizeList(bbox_item_field(), 6), true),
+        Field::new("report", DataType::Utf8, true),
+        Field::new("source_row", DataType::Utf8, true),
+    ]))
+}
+
+fn writer_props(
+    opts: &WriteOptions,
+    kind: &str,
+    key: &str,
+    rows_per_group: usize,
+) -> Result<WriterProperties, ShardError> {
+    let level = ZstdLevel::try_new(opts.zstd_level).map_err(|e| ShardError::parquet(key, e))?;
+    let mut b = WriterProperties::builder()
+        .set_compression(Compression::ZSTD(level))
+        .set_max_row_group_size(rows_per_group.max(1))
+        .set_key_value_metadata(Some(vec![
+            KeyValue::new(META_FORMAT.to_string(), FORMAT_NAME.to_string()),
+            KeyValue::new(META_SCHEMA_VERSION.to_string(), SHARD_SCHEMA_VERSION.to_string()),
+            KeyValue::new(META_KIND.to_string(), kind.to_string()),
+        ]));
+    if kind == KIND_VOLUMES {
+        // Images and mask bits are large, unique blobs: dictionaries and min/max statistics only cost time.
+        b = b
+            .set_dictionary_enabled(false)
+            .set_column_statistics_enabled(ColumnPath::from("image"), EnabledStatistics::None);
+    }
+    Ok(b.build())
+}
+
+fn finish_writer(writer: ArrowWriter<Vec<u8>>, key: &str) -> Result<Bytes, ShardError> {
+    let buf = writer.into_inner().map_err(|e| ShardError::parquet(key, e))?;
+    Ok(Bytes::from(buf))
+}
+
+fn check_volume_for_write(r: &VolumeRecord, row: usize) -> Result<(), ShardError> {
+    let row_err = |reason: String| ShardError::Row {
+        key: "<volume shard being written>".into(),
+        row,
+        reason: format!("volume `{}`: {reason}", r.volume_id),
+    };
+    if r.volume_id.is_empty() {
+        return Err(row_err("empty volume_id".into()));
+    }
+    let expected = r.numel() * r.dtype.size();
+    if r.image.len() != expected {
+        return Err(row_err(format!(
+            "image has {} bytes, shape {:?} as {} needs {expected}",
+            r.image.len(),
+            r.shape,
+            r.dtype
+        )));
+    }
+    let mask_bytes = packed_len(r.spatial_numel());
+    for m in &r.masks {
+        let want = if m.voxels == 0 { 0 } else { mask_bytes };
+        if m.bits.len() != want {
+            return Err(row_err(format!(
+                "mask {} (`{}`) has {} bytes of bits, expected {want} for {} voxels set",
+                m.class_index,
+                m.label,
+                m.bits.len(),
+                m.voxels
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn volume_batch(records: &[VolumeRecord], key: &str) -> Result<RecordBatch, ShardError> {
+    let strings = |f: fn(&VolumeRecord) -> &str| -> ArrayRef {
+        Arc::new(StringArray::from_iter_values(records.iter().map(f)))
+    };
+    let shape_values = UInt32Array::from_iter_values(records.iter().flat_map(|r| r.shape));
+    let shape = FixedSizeListArray::try_new(shape_item_field(), 4, Arc::new(shape_values), None)
+        .map_err(|e| ShardError::arrow(key, e))?;
+    let image = LargeBinaryArray::from_iter_values(records.iter().map(|r| r.image.as_slice()));
+    let crc = UInt32Array::from_iter_values(records.iter().map(|r| r.image_crc32));
+
+    let all_masks = || records.iter().flat_map(|r| r.masks.iter());
+    let mask_struct = StructArray::try_new(
+        mask_struct_fields(),
+        vec![
+            Arc::new(UInt32Array::from_iter_values(all_masks().map(|m| m.class_index))),
+            Arc::new(StringArray::from_iter_values(all_masks().map(|m| m.label.as_str()))),
+            Arc::new(UInt64Array::from_iter_values(all_masks().map(|m| m.voxels))),
+            Arc::new(LargeBinaryArray::from_iter_values(all_masks().map(|m| m.bits.as_slice()))),
+        ],
+        None,
+    )
+    .map_err(|e| ShardError::arrow(key, e))?;
+    let masks = ListArray::try_new(
+        mask_item_field(),
+        OffsetBuffer::from_lengths(records.iter().map(|r| r.masks.len())),
+        Arc::new(mask_struct),
+        None,
+    )
+    .map_err(|e| ShardError::arrow(key, e))?;
+
+    RecordBatch::try_new(
+        volume_schema(),
+        vec![
+            strings(|r| &r.volume_id),
+            strings(|r| &r.dataset),
+            strings(|r| &r.source),
+            Arc::new(shape),
+            strings(|r| r.dtype.as_str()),
+            Arc::new(image),
+            Arc::new(crc),
+            Arc::new(masks),
+        ],
+    )
+    .map_err(|e| ShardError::arrow(key, e))
+}
+
+/// Encodes volume records as one Parquet volume shard, `opts.rows_per_row_group` volumes per row group.
+/// Checks image and mask sizes against the shapes and that volume ids are unique in the shard; the
+/// `image_crc32` values are written as given (compute them with [`VolumeRecord::crc32`] when encoding).
+pub fn write_volume_shard(records: &[VolumeRecord], opts: &WriteOptions) -> Result<Bytes, ShardError> {
+    const KEY: &str = "<volume shard being written>";
+    let mut seen = HashSet::new();
+    for (row, r) in records.iter().enumerate() {
+        check_volume_for_write(r, row)?;
+        if !seen.insert(r.volume_id.as_str()) {
+            return Err(ShardError::Row {
+                key: KEY.into(),
+                row,
+                reason: format!("duplicate volume_id `{}` in one shard", r.volume_id),
+            });
+        }
+    }
+    let per_group = opts.rows_per_row_group.max(1);
+    let props = writer_props(opts, KIND_VOLUMES, KEY, per_group)?;
+    let mut writer =
+        ArrowWriter::try_new(Vec::new(), volume_schema(), Some(props)).map_err(|e| ShardError::parquet(KEY, e))?;
+    // One batch per row group keeps the arrow copy of the data bounded to one group.
+    for chunk in records.chunks(per_group) {
+        let batch = volume_batch(chunk, KEY)?;
+        writer.write(&batch).map_err(|e| ShardError::parquet(KEY, e))?;
+        writer.flush().map_err(|e| ShardError::parquet(KEY, e))?;
+    }
+    finish_writer(writer, KEY)
+}
+
+fn opt_strings(records: &[SampleRecord], f: fn(&SampleRecord) -> Option<&str>) -> ArrayRef {
+    Arc::new(records.iter().map(f).collect::<StringArray>())
+}
+
+/// Encodes sample records as one Parquet sample shard ([`SAMPLE_ROWS_PER_ROW_GROUP`] rows per group).
+pub fn write_sample_shard(records: &[SampleRecord], opts: &WriteOptions) -> Result<Bytes, ShardError> {
+    const KEY: &str = "<sample shard being written>";
+    let props = writer_props(opts, KIND_SAMPLES, KEY, SAMPLE_ROWS_PER_ROW_GROUP)?;
+    let mut writer =
+        ArrowWriter::try_new(Vec::new(), sample_schema(), Some(props)).map_err(|e| ShardError::parquet(KEY, e))?;
+    for chunk in records.chunks(SAMPLE_ROWS_PER_ROW_GROUP) {
+        let strings = |f: fn(&SampleRecord) -> &str| -> ArrayRef {
+            Arc::new(StringArray::from_iter_values(chunk.iter().map(f)))
+        };
+        let bbox_values =
+            Float32Array::from_iter_values(chunk.iter().flat_map(|r| r.bbox.unwrap_or([0.0; 6])));
+        let bbox_valid = arrow::buffer::NullBuffer::from_iter(chunk.iter().map(|r| r.bbox.is_some()));
+        let bbox = FixedSizeListArray::try_new(bbox_item_field(), 6, Arc::new(bbox_values), Some(bbox_valid))
+            .map_err(|e| ShardError::arrow(KEY, e))?;
+        let batch = RecordBatch::try_new(
+            sample_schema(),
+            vec![
+                strings(|r| &r.sample_id),
+                strings(|r| &r.dataset),
+                strings(|r| r.task.as_str()),
+                strings(|r| &r.split),
+                strings(|r| &r.volume_id),
+                Arc::new(chunk.iter().map(|r| r.mask_index).collect::<UInt32Array>()),
+                opt_strings(chunk, |r| r.question.as_deref()),
+                opt_strings(chunk, |r| r.answer.as_deref()),
+                opt_strings(chunk, |r| r.answer_choice.as_deref()),
+                opt_strings(chunk, |r| r.question_type.as_deref()),
+                opt_strings(chunk, |r| r.class_name.as_deref()),
+                Arc::new(bbox),
+                opt_strings(chunk, |r| r.report.as_deref()),
+                opt_strings(chunk, |r| r.source_row.as_deref()),
+            ],
+        )
+        .map_err(|e| ShardError::arrow(KEY, e))?;
+        writer.write(&batch).map_err(|e| ShardError::parquet(KEY, e))?;
+    }
+    finish_writer(writer, KEY)
+}
+
+/// Loads the footer and checks format name, schema version and kind.
+fn open_shard(bytes: &Bytes, key: &str, kind: &str) -> Result<ArrowReaderMetadata, ShardError> {
+    let meta = ArrowReaderMetadata::load(bytes, ArrowReaderOptions::new()).map_err(|e| ShardError::parquet(key, e))?;
+    let kv = meta.metadata().file_metadata().key_value_metadata();
+    let get = |k: &str| {
+        kv.and_then(|kv| kv.iter().find(|e| e.key == k))
+            .and_then(|e| e.value.as_deref())
+    };
+    if get(META_FORMAT) != Some(FORMAT_NAME) {
+        return Err(ShardError::schema(
+            key,
+            format!("not an m3d shard (file metadata `{META_FORMAT}` is not `{FORMAT_NAME}`)"),
+        ));
+    }
+    let version = get(META_SCHEMA_VERSION)
+        .and_then(|v| v.parse::<u64>().ok())
+        .ok_or_else(|| ShardError::schema(key, format!("missing or invalid `{META_SCHEMA_VERSION}` metadata")))?;
+    if version > u64::from(SHARD_SCHEMA_VERSION) {
+        return Err(ShardError::SchemaVersion {
+            what: key.to_string(),
+            found: version,
+            supported: SHARD_SCHEMA_VERSION,
+        });
+    }
+    if get(META_KIND) != Some(kind) {
+        return Err(ShardError::schema(
+            key,
+            format!("expected a `{kind}` shard, file metadata `{META_KIND}` is {:?}", get(META_KIND)),
+        ));
+    }
+    let expected = if kind == KIND_VOLUMES {
+        volume_schema()
+    } else {
+        sample_schema()
+    };
+    let actual = meta.schema();
+    for field in expected.fields() {
+        match actual.field_with_name(field.name()) {
+            Ok(f) if f.data_type().equals_datatype(field.data_type()) => {}
+            Ok(f) => {
+                return Err(ShardError::schema(
+                    key,
+                    format!(
+                        "column `{}` has type {}, expected {}",
+                        field.name(),
+                        f.data_type(),
+                        field.data_type()
+                    ),
+                ))
+            }
+            Err(_) => return Err(ShardError::schema(key, format!("missing column `{}`", field.name()))),
+        }
+    }
+    Ok(meta)
+}
+
+fn column<'a, T: Array + 'static>(batch: &'a RecordBatch, name: &str, key: &str) -> Result<&'a T, ShardError> {
+    batch
+        .column_by_name(name)
+        .and_then(|c| c.as_any().downcast_ref::<T>())
+        .ok_or_else(|| ShardError::schema(key, format!("column `{name}` missing or of the wrong type")))
+}
+
+fn child<'a, T: Array + 'static>(s: &'a StructArray, name: &str, key: &str) -> Result<&'a T, ShardError> {
+    s.column_by_name(name)
+        .and_then(|c| c.as_any().downcast_ref::<T>())
+        .ok_or_else(|| ShardError::schema(key, format!("mask field `{name}` missing or of the wrong type")))
+}
+
+fn no_nulls(arr: &dyn Array, name: &str, key: &str) -> Result<(), ShardError> {
+    if arr.null_count() > 0 {
+        return Err(ShardError::schema(key, format!("column `{name}` has nulls")));
+    }
+    Ok(())
+}
+
+fn opt_str(a: &StringArray, i: usize) -> Option<String> {
+    a.is_valid(i).then(|| a.value(i).to_string())
+}
+
+/// Decodes a whole sample shard.
+pub fn read_sample_shard(bytes: Bytes, key: &str) -> Result<Vec<SampleRecord>, ShardError> {
+    let meta = open_shard(&bytes, key, KIND_SAMPLES)?;
+    let reader = ParquetRecordBatchReaderBuilder::new_with_metadata(bytes, meta)
+        .with_batch_size(8192)
+        .build()
+        .map_err(|e| ShardError::parquet(key, e))?;
+    let mut out = Vec::new();
+    for batch in reader {
+        let batch = batch.map_err(|e| ShardError::arrow(key, e))?;
+        let s = |name| column::<StringArray>(&batch, name, key);
+        let (sample_id, dataset, task, split, volume_id) =
+            (s("sample_id")?, s("dataset")?, s("task")?, s("split")?, s("volume_id")?);
+        for (name, a) in [
+            ("sample_id", sample_id),
+            ("dataset", dataset),
+            ("task", task),
+            ("split", split),
+            ("volume_id", volume_id),
+        ] {
+            no_nulls(a, name, key)?;
+        }
+        let (question, answer, answer_choice, question_type, class_name, report, source_row) = (
+            s("question")?,
+            s("answer")?,
+            s("answer_choice")?,
+            s("question_type")?,
+            s("class_name")?,
+            s("report")?,
+            s("source_row")?,
+        );
+        let mask_index = column::<UInt32Array>(&batch, "mask_index", key)?;
+        let bbox = column::<FixedSizeListArray>(&batch, "bbox", key)?;
+        let bbox_values = bbox
+            .values()
+            .as_any()
+            .downcast_ref::<Float32Array>()
+            .ok_or_else(|| ShardError::schema(key, "column `bbox` values are not float32"))?;
+        for i in 0..batch.num_rows() {
+            let row = out.len();
+            let task = task.value(i).parse::<Task>().map_err(|e| ShardError::Row {
+                key: key.to_string(),
+                row,
+                reason: e.to_string(),
+            })?;
+            let bbox = if bbox.is_valid(i) {
+                let o = usize::try_from(bbox.value_offset(i))
+                    .map_err(|_| ShardError::schema(key, "negative bbox offset"))?;
+                let v = bbox_values.values();
+                let slice = v.get(o..o + 6).ok_or_else(|| ShardError::schema(key, "bbox values truncated"))?;
+                let mut b = [0f32; 6];
+                b.copy_from_slice(slice);
+                Some(b)
+            } else {
+                None
+            };
+            out.push(SampleRecord {
+                sample_id: sample_id.value(i).to_string(),
+                dataset: dataset.value(i).to_string(),
+                task,
+                split: split.value(i).to_string(),
+                volume_id: volume_id.value(i).to_string(),
+                mask_index: mask_index.is_valid(i).then(|| mask_index.value(i)),
+                question: opt_str(question, i),
+                answer: opt_str(answer, i),
+                answer_choice: opt_str(answer_choice, i),
+                question_type: opt_str(question_type, i),
+                class_name: opt_str(class_name, i),
+                bbox,
+                report: opt_str(report, i),
+                source_row: opt_str(source_row, i),
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// Streams the volumes of one volume shard, one row group at a time, so at most one group's decoded rows
+/// are held in memory (plus the shard's compressed bytes).
+///
+/// `with_images(false)` skips the image column (records then have an empty `image` and no crc check);
+/// `with_masks(false)` skips the masks column (records then have no masks). When images are read, every
+/// image's crc32 is verified and a mismatch yields [`ShardError::ImageCrc`] for that row (later rows are
+/// still returned). A decoding error ends the iteration after it is returned.
+pub struct VolumeShardReader {
+    bytes: Bytes,
+    key: String,
+    meta: ArrowReaderMetadata,
+    images: bool,
+    masks: bool,
+    batch_size: usize,
+    reader: Option<ParquetRecordBatchReader>,
+    pending: VecDeque<Result<VolumeRecord, ShardError>>,
+    next_row: usize,
+    done: bool,
+}
+
+impl std::fmt::Debug for VolumeShardReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VolumeShardReader")
+            .field("key", &self.key)
+            .field("rows", &self.num_rows())
+            .field("images", &self.images)
+            .field("masks", &self.masks)
+            .field("next_row", &self.next_row)
+            .finish_non_exhaustive()
+    }
+}
+
+impl VolumeShardReader {
+    /// Opens a volume shard held in `bytes`; `key` names it in errors. Checks the schema version and columns.
+    pub fn new(bytes: Bytes, key: &str) -> Result<Self, ShardError> {
+        let meta = open_shard(&bytes, key, KIND_VOLUMES)?;
+        let batch_size = meta
+            .metadata()
+            .row_groups()
+            .iter()
+            .map(|g| usize::try_from(g.num_rows()).unwrap_or(0))
+            .max()
+            .unwrap_or(1)
+            .clamp(1, 1024);
+        Ok(VolumeShardReader {
+            bytes,
+            key: key.to_string(),
+            meta,
+            images: true,
+            masks: true,
+            batch_size,
+            reader: None,
+            pending: VecDeque::new(),
+            next_row: 0,
+            done: false,
+        })
+    }
+
+    /// Whether to read (and crc-check) images; default true.
+    pub fn with_images(mut self, yes: bool) -> Self {
+        self.images = yes;
+        self
+    }
+
+    /// Whether to read masks; default true.
+    pub fn with_masks(mut self, yes: bool) -> Self {
+        self.masks = yes;
+        self
+    }
+
+    /// Number of volumes in the shard.
+    pub fn num_rows(&self) -> usize {
+        usize::try_from(self.meta.metadata().file_metadata().num_rows()).unwrap_or(0)
+    }
+
+    /// Number of row groups in the shard.
+    pub fn num_row_groups(&self) -> usize {
+        self.meta.metadata().num_row_groups()
+    }
+
+    /// The shard key given to [`VolumeShardReader::new`].
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    fn build_reader(&self) -> Result<ParquetRecordBatchReader, ShardError> {
+        let schema = self.meta.schema();
+        let keep: Vec<usize> = schema
+            .fields()
+            .iter()
+            .enumerate()
+            .filter(|(_, f)| (self.images || f.name() != "image") && (self.masks || f.name() != "masks"))
+            .map(|(i, _)| i)
+            .collect();
+        let mask = ProjectionMask::roots(self.meta.parquet_schema(), keep);
+        ParquetRecordBatchReaderBuilder::new_with_metadata(self.bytes.clone(), self.meta.clone())
+            .with_projection(mask)
+            .with_batch_size(self.batch_size)
+            .build()
+            .map_err(|e| ShardError::parquet(&self.key, e))
+    }
+
+}
+
+/// Converts one record batch of a volume shard into records (or per-row errors) appended to `pending`.
+fn decode_volume_batch(
+    batch: &RecordBatch,
+    key: &str,
+    read_images: bool,
+    read_masks: bool,
+    next_row: &mut usize,
+    pending: &mut VecDeque<Result<VolumeRecord, ShardError>>,
+) -> Result<(), ShardError> {
+    {
+        let s = |name| column::<StringArray>(batch, name, key);
+        let (volume_id, dataset, source, dtype) = (s("volume_id")?, s("dataset")?, s("source")?, s("dtype")?);
+        let shape = column::<FixedSizeListArray>(batch, "shape", key)?;
+        let crc = column::<UInt32Array>(batch, "image_crc32", key)?;
+        for (name, a) in [
+            ("volume_id", volume_id as &dyn Array),
+            ("dataset", dataset),
+            ("source", source),
+            ("dtype", dtype),
+            ("shape", shape),
+            ("image_crc32", crc),
+        ] {
+            no_nulls(a, name, key)?;
+        }
+        let shape_values = shape
+            .values()
+            .as_any()
+            .downcast_ref::<UInt32Array>()
+            .ok_or_else(|| ShardError::schema(key, "column `shape` values are not uint32"))?;
+        let image = if read_images {
+            let a = column::<LargeBinaryArray>(batch, "image", key)?;
+            no_nulls(a, "image", key)?;
+            Some(a)
+        } else {
+            None
+        };
+        let masks = if read_masks {
+            let list = column::<ListArray>(batch, "masks", key)?;
+            no_nulls(list, "masks", key)?;
+            let st = list.values().as_struct_opt().ok_or_else(|| {
+                ShardError::schema(key, "column `masks` items are not structs")
+            })?;
+            Some((
+                list,
+                child::<UInt32Array>(st, "class_index", key)?,
+                child::<StringArray>(st, "label", key)?,
+                child::<UInt64Array>(st, "voxels", key)?,
+                child::<LargeBinaryArray>(st, "bits", key)?,
+            ))
+        } else {
+            None
+        };
+
+        for i in 0..batch.num_rows() {
+            let row = *next_row;
+            *next_row += 1;
+            let vid = volume_id.value(i);
+            let row_err = |reason: String| ShardError::Row {
+                key: key.to_string(),
+                row,
+                reason: format!("volume `{vid}`: {reason}"),
+            };
+            let o = usize::try_from(shape.value_offset(i)).map_err(|_| row_err("negative shape offset".into()))?;
+            let mut shp = [0u32; 4];
+            shp.copy_from_slice(
+                shape_values
+                    .values()
+                    .get(o..o + 4)
+                    .ok_or_else(|| row_err("shape values truncated".into()))?,
+            );
+            let dt = match dtype.value(i).parse::<ImageDtype>() {
+                Ok(d) => d,
+                Err(e) => {
+                    pending.push_back(Err(row_err(e.to_string())));
+                    continue;
+                }
+            };
+            let mut rec = VolumeRecord {
+                volume_id: vid.to_string(),
+                dataset: dataset.value(i).to_string(),
+                source: source.value(i).to_string(),
+                shape: shp,
+                dtype: dt,
+                image: Vec::new(),
+                image_crc32: crc.value(i),
+                masks: Vec::new(),
+            };
+            if let Some((list, class_index, label, voxels, bits)) = masks {
+                let offs = list.value_offsets();
+                let (start, end) = (offs[i], offs[i + 1]);
+                let mask_bytes = packed_len(rec.spatial_numel());
+                let mut bad = None;
+                for j in start..end {
+                    let j = usize::try_from(j).map_err(|_| row_err("negative mask offset".into()))?;
+                    let m = MaskRecord {
+                        class_index: class_index.value(j),
+                        label: label.value(j).to_string(),
+                        voxels: voxels.value(j),
+                        bits: bits.value(j).to_vec(),
+                    };
+                    let want = if m.voxels == 0 { 0 } else { mask_bytes };
+                    if m.bits.len() != want && bad.is_none() {
+                        bad = Some(format!(
+                            "mask {} (`{}`) has {} bytes of bits, expected {want}",
+                            m.class_index,
+                            m.label,
+                            m.bits.len()
+                        ));
+                    }
+                    rec.masks.push(m);
+                }
+                if let Some(reason) = bad {
+                    pending.push_back(Err(row_err(reason)));
+                    continue;
+                }
+            }
+            if let Some(image) = image {
+                let img = image.value(i);
+                let actual = crc32fast::hash(img);
+                if actual != rec.image_crc32 {
+                    pending.push_back(Err(ShardError::ImageCrc {
+                        key: key.to_string(),
+                        row,
+                        volume_id: rec.volume_id,
+                        expected: rec.image_crc32,
+                        actual,
+                    }));
+                    continue;
+                }
+                let expected = rec.numel() * rec.dtype.size();
+                if img.len() != expected {
+                    pending.push_back(Err(row_err(format!(
+                        "image has {} bytes, shape {:?} as {} needs {expected}",
+                        img.len(),
+                        rec.shape,
+                        rec.dtype
+                    ))));
+                    continue;
+                }
+                rec.image = img.to_vec();
+            }
+            pending.push_back(Ok(rec));
+        }
+        Ok(())
+    }
+}
+
+impl Iterator for VolumeShardReader {
+    type Item = Result<VolumeRecord, ShardError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            if let Some(item) = self.pending.pop_front() {
+                return Some(item);
+            }
+            if self.done {
+                return None;
+            }
+            if self.reader.is_none() {
+                match self.build_reader() {
+                    Ok(r) => self.reader = Some(r),
+                    Err(e) => {
+                        self.done = true;
+                        return Some(Err(e));
+                    }
+                }
+            }
+            let batch = match self.reader.as_mut().and_then(|r| r.next()) {
+                None => {
+                    self.done = true;
+                    return None;
+                }
+                Some(Err(e)) => {
+                    self.done = true;
+                    return Some(Err(ShardError::arrow(&self.key, e)));
+                }
+                Some(Ok(b)) => b,
+            };
+            if let Err(e) = decode_volume_batch(
+                &batch,
+                &self.key,
+                self.images,
+                self.masks,
+                &mut self.next_row,
+                &mut self.pending,
+            ) {
+                self.done = true;
+                return Some(Err(e));
+            }
+        }
+    }
+}

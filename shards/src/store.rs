@@ -1,0 +1,442 @@
+//! Object-store access for datasets: URL parsing (local path, `file://`, `s3://`), a synchronous API backed
+//! by one internal tokio runtime per [`Store`], and `_async` variants for callers that already run async code.
+//!
+//! Keys are `/`-separated paths relative to the store root (`manifest.json`, `volumes/part-00000.parquet`).
+
+use std::fmt;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::TryStreamExt;
+use object_store::aws::AmazonS3Builder;
+use object_store::local::LocalFileSystem;
+use object_store::path::Path as ObjectPath;
+use object_store::prefix::PrefixStore;
+use object_store::{ObjectStore, PutPayload, WriteMultipart};
+
+use crate::ShardError;
+
+/// Objects larger than this are uploaded to S3 in parts, so a failed request only retries one part and
+/// the object only becomes visible when the upload completes.
+pub const MULTIPART_THRESHOLD: usize = 32 * 1024 * 1024;
+/// Part size for multipart uploads (S3 requires at least 5 MiB per part except the last).
+pub const MULTIPART_PART_SIZE: usize = 16 * 1024 * 1024;
+/// Parts in flight at once during a multipart upload.
+const MULTIPART_CONCURRENCY: usize = 4;
+
+/// Which backend a [`Store`] talks to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StoreKind {
+    /// A folder on the local filesystem (absolute, canonical path).
+    Local(std::path::PathBuf),
+    /// An S3 bucket and a key prefix inside it (may be empty).
+    S3 { bucket: String, prefix: String },
+}
+
+/// Owns the runtime; shuts it down without blocking so that dropping the last `Store` clone inside an
+/// async context does not panic (tokio refuses a blocking runtime drop there).
+struct RuntimeHolder(Option<tokio::runtime::Runtime>);
+
+impl Drop for RuntimeHolder {
+    fn drop(&mut self) {
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+impl RuntimeHolder {
+    fn handle(&self) -> Option<&tokio::runtime::Runtime> {
+        self.0.as_ref()
+    }
+}
+
+/// An object-store location.
+///
+/// URL forms: a plain path (relative or absolute, created if missing), `file:///abs/path`, and
+/// `s3://bucket/prefix`. For S3, credentials, region and endpoint come from the standard environment
+/// variables `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`, `AWS_REGION` /
+/// `AWS_DEFAULT_REGION` (default `us-east-1`) and `AWS_ENDPOINT_URL` (requests are then path-style, and
+/// plain `http://` endpoints are allowed). Other `AWS_*` settings understood by `object_store` (web
+/// identity, container credentials) are honoured too.
+///
+/// The API is synchronous so that rayon-parallel converters can call it from any thread: each call runs
+/// on an internal multi-threaded tokio runtime created once per `Store` (clones share it) and the
+/// calling thread waits for the result. This also works from inside another runtime, though there the
+/// `_async` variants are preferable because they do not block a worker thread.
+///
+/// `Debug` shows only the URL and backend, never credentials.
+#[derive(Clone)]
+pub struct Store {
+    url: String,
+    kind: StoreKind,
+    inner: Arc<dyn ObjectStore>,
+    rt: Arc<RuntimeHolder>,
+}
+
+impl fmt::Debug for Store {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Store")
+            .field("url", &self.url)
+            .field("kind", &self.kind)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Checks and converts a store-relative key. Keys must be relative `/`-separated paths without empty,
+/// `.` or `..` segments, so that a key can never escape the store root.
+fn object_path(key: &str) -> Result<ObjectPath, ShardError> {
+    let invalid = |reason: &str| ShardError::InvalidKey {
+        key: key.to_string(),
+        reason: reason.to_string(),
+    };
+    if key.is_empty() {
+        return Err(invalid("empty key"));
+    }
+    if key.starts_with('/') {
+        return Err(invalid("keys are relative to the store root"));
+    }
+    if key.split('/').any(|s| s.is_empty() || s == "." || s == "..") {
+        return Err(invalid("empty, `.` or `..` path segment"));
+    }
+    ObjectPath::parse(key).map_err(|e| invalid(&e.to_string()))
+}
+
+/// Like [`object_path`] but an empty prefix (or one made only of slashes) means "everything".
+fn prefix_path(prefix: &str) -> Result<Option<ObjectPath>, ShardError> {
+    let trimmed = prefix.trim_matches('/');
+    if trimmed.is_empty() {
+        Ok(None)
+    } else {
+        object_path(trimmed).map(Some)
+    }
+}
+
+fn is_not_found(e: &object_store::Error) -> bool {
+    matches!(e, object_store::Error::NotFound { .. })
+}
+
+impl Store {
+    /// Opens a store at `url` (see the type documentation for the accepted forms).
+    pub fn open(url: &str) -> Result<Store, ShardError> {
+        let open_err = |reason: String| ShardError::StoreOpen {
+            url: url.to_string(),
+            reason,
+        };
+        let (kind, inner): (StoreKind, Arc<dyn ObjectStore>) = if let Some(rest) = url.strip_prefix("s3://") {
+            let (bucket, prefix) = match rest.split_once('/') {
+                Some((b, p)) => (b, p.trim_matches('/')),
+                None => (rest, ""),
+            };
+            if bucket.is_empty() {
+                return Err(open_err("missing bucket name in s3:// URL".into()));
+            }
+            let mut builder = AmazonS3Builder::from_env().with_bucket_name(bucket);
+            if std::env::var("AWS_REGION").is_err() && std::env::var("AWS_DEFAULT_REGION").is_err() {
+                builder = builder.with_region("us-east-1");
+            }
+            if let Ok(endpoint) = std::env::var("AWS_ENDPOINT_URL") {
+                let endpoint = endpoint.trim_end_matches('/').to_string();
+                // Custom endpoints (MinIO, Ceph, moto, ...) generally need path-style requests.
+                builder = builder
+                    .with_allow_http(endpoint.starts_with("http://"))
+                    .with_virtual_hosted_style_request(false)
+                    .with_endpoint(endpoint);
+            }
+            let s3 = builder
+                .build()
+                .map_err(|e| open_err(format!("cannot configure S3 client: {e}")))?;
+            let inner: Arc<dyn ObjectStore> = if prefix.is_empty() {
+                Arc::new(s3)
+            } else {
+                let p = object_path(prefix).map_err(|e| open_err(e.to_string()))?;
+                Arc::new(PrefixStore::new(s3, p))
+            };
+            (
+                StoreKind::S3 {
+                    bucket: bucket.to_string(),
+                    prefix: prefix.to_string(),
+                },
+                inner,
+            )
+        } else if url.starts_with("file://") {
+            let parsed = url::Url::parse(url).map_err(|e| open_err(format!("invalid file URL: {e}")))?;
+            let path = parsed
+                .to_file_path()
+                .map_err(|()| open_err("file:// URL must name an absolute local path".into()))?;
+            Self::local(url, &path)?
+        } else if url.contains("://") {
+            return Err(open_err(
+                "unsupported URL scheme (expected a local path, file:// or s3://)".into(),
+            ));
+        } else if url.is_empty() {
+            return Err(open_err("empty store URL".into()));
+        } else {
+            Self::local(url, std::path::Path::new(url))?
+        };
+        let workers = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2)
+            .clamp(2, 8);
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(workers)
+            .thread_name("m3d-store")
+            .enable_all()
+            .build()
+            .map_err(|e| open_err(format!("cannot start the I/O runtime: {e}")))?;
+        Ok(Store {
+            url: url.to_string(),
+            kind,
+            inner,
+            rt: Arc::new(RuntimeHolder(Some(rt))),
+        })
+    }
+
+    fn local(url: &str, path: &std::path::Path) -> Result<(StoreKind, Arc<dyn ObjectStore>), ShardError> {
+        std::fs::create_dir_all(path).map_err(|source| ShardError::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let canonical = std::fs::canonicalize(path).map_err(|source| ShardError::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let fs = LocalFileSystem::new_with_prefix(&canonical).map_err(|e| ShardError::StoreOpen {
+            url: url.to_string(),
+            reason: e.to_string(),
+        })?;
+        Ok((StoreKind::Local(canonical), Arc::new(fs)))
+    }
+
+    /// The URL this store was opened with.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// The backend and its resolved location.
+    pub fn kind(&self) -> &StoreKind {
+        &self.kind
+    }
+
+    fn store_err(&self, op: &'static str, key: &str, source: object_store::Error) -> ShardError {
+        if is_not_found(&source) {
+            ShardError::NotFound {
+                url: self.url.clone(),
+                key: key.to_string(),
+            }
+        } else {
+            ShardError::Store {
+                url: self.url.clone(),
+                op,
+                key: key.to_string(),
+                source,
+            }
+        }
+    }
+
+    /// Runs `fut` on the store's runtime and waits for it. Spawning (rather than `Runtime::block_on`)
+    /// keeps this usable from threads that are themselves inside a tokio runtime.
+    fn run<T, F>(&self, fut: F) -> Result<T, ShardError>
+    where
+        T: Send + 'static,
+        F: std::future::Future<Output = Result<T, ShardError>> + Send + 'static,
+    {
+        let rt = self
+            .rt
+            .handle()
+            .ok_or_else(|| ShardError::Invalid("store runtime already shut down".into()))?;
+        let handle = rt.spawn(fut);
+        match futures::executor::block_on(handle) {
+            Ok(r) => r,
+            Err(e) => Err(ShardError::Invalid(format!(
+                "store `{}`: I/O task failed: {e}",
+                self.url
+            ))),
+        }
+    }
+
+    /// Writes `bytes` at `key`, replacing any existing object. Readers never see a partial object:
+    /// the local backend writes a temporary file and renames it; S3 objects appear when the (multipart,
+    /// above [`MULTIPART_THRESHOLD`]) upload completes.
+    pub fn put(&self, key: &str, bytes: Bytes) -> Result<(), ShardError> {
+        let this = self.clone();
+        let key = key.to_string();
+        self.run(async move { this.put_async(&key, bytes).await })
+    }
+
+    /// Async variant of [`Store::put`].
+    pub async fn put_async(&self, key: &str, bytes: Bytes) -> Result<(), ShardError> {
+        let path = object_path(key)?;
+        let multipart = matches!(self.kind, StoreKind::S3 { .. }) && bytes.len() > MULTIPART_THRESHOLD;
+        if multipart {
+            let upload = self
+                .inner
+                .put_multipart(&path)
+                .await
+                .map_err(|e| self.store_err("put", key, e))?;
+            let mut writer = WriteMultipart::new_with_chunk_size(upload, MULTIPART_PART_SIZE);
+            let mut rest = bytes;
+            while !rest.is_empty() {
+                if let Err(e) = writer.wait_for_capacity(MULTIPART_CONCURRENCY).await {
+                    // Best effort: the upload failed already, so an abort error adds nothing.
+                    let _ = writer.abort().await;
+                    return Err(self.store_err("put", key, e));
+                }
+                let n = rest.len().min(MULTIPART_PART_SIZE);
+                writer.put(rest.split_to(n));
+            }
+            writer
+                .finish()
+                .await
+                .map_err(|e| self.store_err("put", key, e))?;
+        } else {
+            self.inner
+                .put(&path, PutPayload::from_bytes(bytes))
+                .await
+                .map_err(|e| self.store_err("put", key, e))?;
+        }
+        tracing::debug!(store = %self.url, key, multipart, "put");
+        Ok(())
+    }
+
+    /// Reads the whole object at `key`; a missing object is [`ShardError::NotFound`].
+    pub fn get(&self, key: &str) -> Result<Bytes, ShardError> {
+        let this = self.clone();
+        let key = key.to_string();
+        self.run(async move { this.get_async(&key).await })
+    }
+
+    /// Async variant of [`Store::get`].
+    pub async fn get_async(&self, key: &str) -> Result<Bytes, ShardError> {
+        let path = object_path(key)?;
+        let result = self
+            .inner
+            .get(&path)
+            .await
+            .map_err(|e| self.store_err("get", key, e))?;
+        result.bytes().await.map_err(|e| self.store_err("get", key, e))
+    }
+
+    /// Reads the object at `key`, or `None` if it does not exist.
+    pub fn get_opt(&self, key: &str) -> Result<Option<Bytes>, ShardError> {
+        let this = self.clone();
+        let key = key.to_string();
+        self.run(async move { this.get_opt_async(&key).await })
+    }
+
+    /// Async variant of [`Store::get_opt`].
+    pub async fn get_opt_async(&self, key: &str) -> Result<Option<Bytes>, ShardError> {
+        match self.get_async(key).await {
+            Ok(b) => Ok(Some(b)),
+            Err(ShardError::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Size in bytes of the object at `key`, or `None` if it does not exist.
+    pub fn size(&self, key: &str) -> Result<Option<u64>, ShardError> {
+        let path = object_path(key)?;
+        let this = self.clone();
+        let key = key.to_string();
+        self.run(async move {
+            match this.inner.head(&path).await {
+                Ok(meta) => Ok(Some(meta.size)),
+                Err(e) if is_not_found(&e) => Ok(None),
+                Err(e) => Err(this.store_err("head", &key, e)),
+            }
+        })
+    }
+
+    /// Lists objects under the folder-like `prefix` (whole path segments: `volumes` matches
+    /// `volumes/part-00000.parquet`, `vol` does not); an empty prefix lists everything. Keys are relative
+    /// to the store root, sorted. Temporary files of in-progress local writes are not listed.
+    pub fn list(&self, prefix: &str) -> Result<Vec<(String, u64)>, ShardError> {
+        let p = prefix_path(prefix)?;
+        let this = self.clone();
+        let prefix = prefix.to_string();
+        self.run(async move {
+            let listed: Result<Vec<_>, _> = this.inner.list(p.as_ref()).try_collect().await;
+            let metas = match listed {
+                Ok(m) => m,
+                Err(e) if is_not_found(&e) => Vec::new(),
+                Err(e) => return Err(this.store_err("list", &prefix, e)),
+            };
+            let mut out: Vec<(String, u64)> = metas
+                .into_iter()
+                .map(|m| (m.location.to_string(), m.size))
+                .collect();
+            out.sort();
+            Ok(out)
+        })
+    }
+
+    /// Deletes the object at `key`; deleting a missing object is not an error (as on S3).
+    pub fn delete(&self, key: &str) -> Result<(), ShardError> {
+        let path = object_path(key)?;
+        let this = self.clone();
+        let key = key.to_string();
+        self.run(async move {
+            match this.inner.delete(&path).await {
+                Ok(()) => Ok(()),
+                Err(e) if is_not_found(&e) => Ok(()),
+                Err(e) => Err(this.store_err("delete", &key, e)),
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_cannot_escape_the_root() {
+        for bad in ["", "/abs", "a/../b", "a//b", "./a", ".."] {
+            assert!(object_path(bad).is_err(), "{bad:?} accepted");
+        }
+        assert!(object_path("volumes/part-00000.parquet").is_ok());
+    }
+
+    #[test]
+    fn local_store_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("new/nested");
+        let store = Store::open(root.to_str().unwrap()).unwrap();
+        assert!(root.is_dir(), "local root is created");
+        assert_eq!(store.get_opt("a/b.bin").unwrap(), None);
+        assert_eq!(store.size("a/b.bin").unwrap(), None);
+        assert!(matches!(store.get("a/b.bin"), Err(ShardError::NotFound { .. })));
+        store.put("a/b.bin", Bytes::from_static(b"hello")).unwrap();
+        store.put("a/c.bin", Bytes::from_static(b"xy")).unwrap();
+        store.put("top.json", Bytes::from_static(b"{}")).unwrap();
+        assert_eq!(store.get("a/b.bin").unwrap(), Bytes::from_static(b"hello"));
+        assert_eq!(store.size("a/c.bin").unwrap(), Some(2));
+        assert_eq!(
+            store.list("a").unwrap(),
+            vec![("a/b.bin".to_string(), 5), ("a/c.bin".to_string(), 2)]
+        );
+        assert_eq!(store.list("").unwrap().len(), 3);
+        assert_eq!(store.list("missing/").unwrap(), vec![]);
+        store.delete("a/b.bin").unwrap();
+        store.delete("a/b.bin").unwrap();
+        assert_eq!(store.get_opt("a/b.bin").unwrap(), None);
+
+        let url = format!("file://{}", root.display());
+        let same = Store::open(&url).unwrap();
+        assert_eq!(same.get("a/c.bin").unwrap(), Bytes::from_static(b"xy"));
+        assert!(Store::open("gs://bucket/x").is_err());
+    }
+
+    #[test]
+    fn sync_api_works_inside_an_async_runtime() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path().to_str().unwrap()).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            store.put("k", Bytes::from_static(b"v")).unwrap();
+            assert_eq!(store.get_async("k").await.unwrap(), Bytes::from_static(b"v"));
+            // Dropping the last clone inside the runtime must not panic.
+            drop(store);
+        });
+    }
+}

@@ -1,0 +1,1 @@
+//! Synthetic M3D-Data in the published raw layouts.
