@@ -349,6 +349,9 @@ fn run(cli: Cli) -> Result<()> {
                 } else {
                     print!("{}", m3d_data_prep::inspect::render_text(&summary));
                 }
+                if let Some(v) = summary.verified.as_ref().filter(|v| !v.failures.is_empty()) {
+                    bail!("{url}: {} shard problem(s); first: {}", v.failures.len(), v.failures[0]);
+                }
                 if let Some(png) = png {
                     let rec = m3d_data_prep::inspect::find_volume(&ds, volume.as_deref(), sample)?;
                     m3d_data_prep::inspect::render_png(&rec, &png)?;

@@ -1,6 +1,6 @@
 //! Positioning targets from masks: the box `[d1, h1, w1, d2, h2, w2]` of a binary mask, each the min/max nonzero
-//! index along an axis divided by that axis' size, rounded to 3 decimals (Python's `round`), and its text form
-//! `<bx_start>[..]<bx_end>` as the reference writes it (`str` of a Python list of floats).
+//! index along an axis divided by that axis' size, rounded to 3 decimals (Python's `round`). Its text form is
+//! `m3d_instruct::box_text`.
 
 /// The box of a `D x H x W` mask, or None when it is empty.
 pub fn mask_box(mask: &[u8], dims: [usize; 3]) -> Option<[f32; 6]> {
@@ -30,22 +30,6 @@ pub fn round3(x: f64) -> f64 {
     format!("{x:.3}").parse().unwrap_or(x)
 }
 
-/// The reference text of a box: `<bx_start>[0.156, 0.2, 0.0, 0.5, 0.9, 1.0]<bx_end>`.
-pub fn box_text(b: &[f32; 6]) -> String {
-    let parts: Vec<String> = b.iter().map(|v| python_float_repr(*v)).collect();
-    format!("<bx_start>[{}]<bx_end>", parts.join(", "))
-}
-
-/// `repr` of a Python float holding a value that was rounded to 3 decimals (shortest form, always with a `.`).
-fn python_float_repr(v: f32) -> String {
-    let s = format!("{v}");
-    if s.contains('.') || s.contains('e') || s.contains("inf") || s.contains("NaN") {
-        s
-    } else {
-        format!("{s}.0")
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -63,7 +47,6 @@ mod tests {
         }
         let b = mask_box(&m, dims).unwrap();
         assert_eq!(b, [0.25, 0.25, 0.3, 0.5, 0.5, 0.9]);
-        assert_eq!(box_text(&b), "<bx_start>[0.25, 0.25, 0.3, 0.5, 0.5, 0.9]<bx_end>");
         assert_eq!(mask_box(&vec![0u8; 4 * 8 * 10], dims), None);
     }
 
@@ -75,7 +58,5 @@ mod tests {
         assert_eq!(round3(9.0 / 16.0), 0.562);
         assert_eq!(round3(7.0 / 32.0), 0.219);
         assert_eq!(round3(5.0 / 32.0), 0.156);
-        assert_eq!(python_float_repr(1.0), "1.0");
-        assert_eq!(python_float_repr(0.0), "0.0");
     }
 }

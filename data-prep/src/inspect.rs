@@ -35,6 +35,8 @@ pub struct Summary {
 pub struct Verified {
     pub shards: usize,
     pub volumes: u64,
+    /// One message per problem (sha256 mismatch naming the shard, crc mismatch naming the volume); empty when intact.
+    pub failures: Vec<String>,
 }
 
 pub fn summarise(ds: &ShardDataset, url: &str, verify: bool) -> Result<Summary> {
@@ -42,9 +44,20 @@ pub fn summarise(ds: &ShardDataset, url: &str, verify: bool) -> Result<Summary> 
     let vol_bytes: u64 = m.volume_shards.iter().map(|e| e.bytes).sum();
     let verified = if verify {
         let report = ds.verify()?;
+        let volumes = report
+            .shards
+            .iter()
+            .filter(|c| c.kind == m3d_shards::dataset::ShardKind::Volumes)
+            .map(|c| c.rows)
+            .sum();
+        let failures = report
+            .failures()
+            .flat_map(|c| c.errors.iter().map(move |e| format!("{}: {e}", c.key)))
+            .collect();
         Some(Verified {
-            shards: report.shards,
-            volumes: report.volumes,
+            shards: report.shards.len(),
+            volumes,
+            failures,
         })
     } else {
         None
@@ -114,10 +127,17 @@ pub fn render_text(s: &Summary) -> String {
     }
     out.push_str(&format!("{:>12}\n", col_totals.iter().sum::<u64>()));
     if let Some(v) = &s.verified {
-        out.push_str(&format!(
-            "\nverified       {} shard(s), {} volume(s): every sha256 and crc32 matches\n",
-            v.shards, v.volumes
-        ));
+        if v.failures.is_empty() {
+            out.push_str(&format!(
+                "\nverified       {} shard(s), {} volume(s): every sha256 and crc32 matches\n",
+                v.shards, v.volumes
+            ));
+        } else {
+            out.push_str(&format!("\nVERIFICATION FAILED ({} problem(s)):\n", v.failures.len()));
+            for f in &v.failures {
+                out.push_str(&format!("  {f}\n"));
+            }
+        }
     }
     out
 }

@@ -2,6 +2,11 @@
 //! PNG/JPEG slices, and safe resolution of the relative paths dataset files contain.
 
 pub mod error;
+pub mod nifti;
 pub mod npy;
+pub mod npz;
+pub mod paths;
+pub mod slice;
+pub mod sparse;
 
 pub use error::FormatError;

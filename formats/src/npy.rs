@@ -145,7 +145,11 @@ impl NpyData {
 }
 
 fn str_width(v: &[String]) -> usize {
-    v.iter().map(|s| s.chars().count()).max().unwrap_or(0).max(1)
+    v.iter()
+        .map(|s| s.chars().count())
+        .max()
+        .unwrap_or(0)
+        .max(1)
 }
 
 /// An n-dimensional array: `shape` plus the elements in C order. A 0-d array has `shape == []` and one element.
@@ -461,7 +465,12 @@ impl<'a> HeaderParser<'a> {
             match self.peek() {
                 Some(b',') => self.pos += 1,
                 Some(b'}') => {}
-                _ => return Err(format!("expected ',' or '}}' at byte {} of header", self.pos)),
+                _ => {
+                    return Err(format!(
+                        "expected ',' or '}}' at byte {} of header",
+                        self.pos
+                    ))
+                }
             }
         }
         if self.peek().is_some() {
@@ -514,7 +523,7 @@ pub fn parse_npy(bytes: &[u8], name: &Path) -> Result<NpyArray, FormatError> {
     };
     if bytes.len() < 10 || &bytes[..6] != MAGIC {
         return Err(err(
-            "bad magic: not a .npy file (expected \\x93NUMPY)".into(),
+            "bad magic: not a .npy file (expected \\x93NUMPY)".into()
         ));
     }
     let (major, minor) = (bytes[6], bytes[7]);
@@ -647,7 +656,7 @@ fn decode_data(payload: &[u8], dt: Dtype) -> Result<NpyData, String> {
 }
 
 /// Reorders Fortran-order elements (first axis fastest) into C order (last axis fastest).
-fn transpose_fortran<T: Clone>(src: &[T], shape: &[usize]) -> Vec<T> {
+pub(crate) fn transpose_fortran<T: Clone>(src: &[T], shape: &[usize]) -> Vec<T> {
     let n = src.len();
     if n == 0 {
         return Vec::new();
@@ -663,6 +672,32 @@ fn transpose_fortran<T: Clone>(src: &[T], shape: &[usize]) -> Vec<T> {
     for _ in 0..n {
         out.push(src[off].clone());
         // Odometer over C order: bump the last axis, carrying into earlier ones.
+        for k in (0..nd).rev() {
+            idx[k] += 1;
+            off += fstride[k];
+            if idx[k] < shape[k] {
+                break;
+            }
+            off -= fstride[k] * shape[k];
+            idx[k] = 0;
+        }
+    }
+    out
+}
+
+/// Reorders C-order elements (last axis fastest) into Fortran order (first axis fastest).
+pub(crate) fn transpose_to_fortran<T: Clone + Default>(src: &[T], shape: &[usize]) -> Vec<T> {
+    let n = src.len();
+    let nd = shape.len();
+    let mut fstride = vec![1usize; nd];
+    for k in 1..nd {
+        fstride[k] = fstride[k - 1] * shape[k - 1];
+    }
+    let mut out = vec![T::default(); n];
+    let mut idx = vec![0usize; nd];
+    let mut off = 0usize;
+    for v in src {
+        out[off] = v.clone();
         for k in (0..nd).rev() {
             idx[k] += 1;
             off += fstride[k];
@@ -744,17 +779,33 @@ fn encode_data(data: &NpyData, out: &mut Vec<u8>) {
         NpyData::Bool(v) => out.extend(v.iter().map(|&b| u8::from(b))),
         NpyData::U8(v) => out.extend_from_slice(v),
         NpyData::I8(v) => out.extend(v.iter().map(|&x| x as u8)),
-        NpyData::I16(v) => v.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
-        NpyData::U16(v) => v.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
-        NpyData::I32(v) => v.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
-        NpyData::U32(v) => v.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
-        NpyData::I64(v) => v.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
-        NpyData::U64(v) => v.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
+        NpyData::I16(v) => v
+            .iter()
+            .for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
+        NpyData::U16(v) => v
+            .iter()
+            .for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
+        NpyData::I32(v) => v
+            .iter()
+            .for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
+        NpyData::U32(v) => v
+            .iter()
+            .for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
+        NpyData::I64(v) => v
+            .iter()
+            .for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
+        NpyData::U64(v) => v
+            .iter()
+            .for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
         NpyData::F16(v) => v
             .iter()
             .for_each(|x| out.extend_from_slice(&x.to_bits().to_le_bytes())),
-        NpyData::F32(v) => v.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
-        NpyData::F64(v) => v.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
+        NpyData::F32(v) => v
+            .iter()
+            .for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
+        NpyData::F64(v) => v
+            .iter()
+            .for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
         NpyData::Str(v) => {
             let width = str_width(v);
             for s in v {
@@ -837,6 +888,7 @@ mod tests {
             }
         }
         let c = transpose_fortran(&f, &shape);
+        assert_eq!(transpose_to_fortran(&c, &shape), f);
         for i in 0..2 {
             for j in 0..3 {
                 for k in 0..4 {
@@ -848,7 +900,8 @@ mod tests {
 
     #[test]
     fn header_parser_accepts_python2_longs_and_rejects_structured() {
-        let h = parse_header(b"{'descr': '>i4', 'fortran_order': True, 'shape': (3L, 4L), }").unwrap();
+        let h =
+            parse_header(b"{'descr': '>i4', 'fortran_order': True, 'shape': (3L, 4L), }").unwrap();
         assert_eq!(h.shape, vec![3, 4]);
         assert!(h.fortran_order && h.dtype.big_endian);
         let e = parse_header(b"{'descr': [('a', '<i4')], 'fortran_order': False, 'shape': (1,), }");

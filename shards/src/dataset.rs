@@ -77,7 +77,11 @@ fn fetch_checked(store: &Store, entry: &ShardEntry) -> Result<Bytes, ShardError>
             key: entry.key.clone(),
             expected: entry.sha256.clone(),
             actual: if bytes.len() as u64 != entry.bytes {
-                format!("{actual} ({} bytes, manifest says {})", bytes.len(), entry.bytes)
+                format!(
+                    "{actual} ({} bytes, manifest says {})",
+                    bytes.len(),
+                    entry.bytes
+                )
             } else {
                 actual
             },

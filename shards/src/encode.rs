@@ -89,7 +89,11 @@ pub fn encode_image(data: &[f32], dtype: ImageDtype) -> Vec<u8> {
 }
 
 /// Decodes bytes written by [`encode_image`] into `out`; `bytes.len()` must be `out.len() * dtype.size()`.
-pub fn decode_image_into(bytes: &[u8], dtype: ImageDtype, out: &mut [f32]) -> Result<(), ShardError> {
+pub fn decode_image_into(
+    bytes: &[u8],
+    dtype: ImageDtype,
+    out: &mut [f32],
+) -> Result<(), ShardError> {
     let expected = out.len() * dtype.size();
     if bytes.len() != expected {
         return Err(ShardError::Length {

@@ -2,6 +2,7 @@
 //! row) so a failure in a large conversion or a training run can be traced to one object.
 
 /// Errors of the shard format, the store and the reader.
+// Large sources are boxed so that `Result<_, ShardError>` stays small on the happy path.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ShardError {
@@ -16,7 +17,7 @@ pub enum ShardError {
         op: &'static str,
         key: String,
         #[source]
-        source: object_store::Error,
+        source: Box<object_store::Error>,
     },
 
     /// A key that cannot name an object (empty, absolute, `..`, empty segments).
@@ -40,7 +41,7 @@ pub enum ShardError {
     Parquet {
         key: String,
         #[source]
-        source: parquet::errors::ParquetError,
+        source: Box<parquet::errors::ParquetError>,
     },
 
     /// Arrow error while building or reading record batches of one shard.
@@ -48,7 +49,7 @@ pub enum ShardError {
     Arrow {
         key: String,
         #[source]
-        source: arrow::error::ArrowError,
+        source: Box<arrow::error::ArrowError>,
     },
 
     /// The shard's columns or values do not follow the documented schema.
@@ -124,14 +125,14 @@ impl ShardError {
     pub(crate) fn parquet(key: &str, source: parquet::errors::ParquetError) -> Self {
         ShardError::Parquet {
             key: key.to_string(),
-            source,
+            source: Box::new(source),
         }
     }
 
     pub(crate) fn arrow(key: &str, source: arrow::error::ArrowError) -> Self {
         ShardError::Arrow {
             key: key.to_string(),
-            source,
+            source: Box::new(source),
         }
     }
 }

@@ -150,7 +150,9 @@ impl Manifest {
             serde_json::from_slice(bytes).map_err(|e| err(format!("invalid JSON: {e}")))?;
         let format = value.get("format").and_then(|v| v.as_str());
         if format != Some(FORMAT_NAME) {
-            return Err(err(format!("`format` is {format:?}, expected \"{FORMAT_NAME}\"")));
+            return Err(err(format!(
+                "`format` is {format:?}, expected \"{FORMAT_NAME}\""
+            )));
         }
         let version = value
             .get("schema_version")

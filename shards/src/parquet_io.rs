@@ -9,14 +9,15 @@ use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 
 use arrow::array::{
-    Array, ArrayRef, AsArray, FixedSizeListArray, Float32Array, LargeBinaryArray, ListArray, RecordBatch,
-    StringArray, StructArray, UInt32Array, UInt64Array,
+    Array, ArrayRef, AsArray, FixedSizeListArray, Float32Array, LargeBinaryArray, ListArray,
+    RecordBatch, StringArray, StructArray, UInt32Array, UInt64Array,
 };
 use arrow::buffer::OffsetBuffer;
 use arrow::datatypes::{DataType, Field, Fields, Schema, SchemaRef};
 use bytes::Bytes;
 use parquet::arrow::arrow_reader::{
-    ArrowReaderMetadata, ArrowReaderOptions, ParquetRecordBatchReader, ParquetRecordBatchReaderBuilder,
+    ArrowReaderMetadata, ArrowReaderOptions, ParquetRecordBatchReader,
+    ParquetRecordBatchReaderBuilder,
 };
 use parquet::arrow::{ArrowWriter, ProjectionMask};
 use parquet::basic::{Compression, ZstdLevel};
@@ -72,7 +73,11 @@ fn mask_struct_fields() -> Fields {
 }
 
 fn mask_item_field() -> Arc<Field> {
-    Arc::new(Field::new("item", DataType::Struct(mask_struct_fields()), false))
+    Arc::new(Field::new(
+        "item",
+        DataType::Struct(mask_struct_fields()),
+        false,
+    ))
 }
 
 fn shape_item_field() -> Arc<Field> {
@@ -89,7 +94,11 @@ pub fn volume_schema() -> SchemaRef {
         Field::new("volume_id", DataType::Utf8, false),
         Field::new("dataset", DataType::Utf8, false),
         Field::new("source", DataType::Utf8, false),
-        Field::new("shape", DataType::FixedSizeList(shape_item_field(), 4), false),
+        Field::new(
+            "shape",
+            DataType::FixedSizeList(shape_item_field(), 4),
+            false,
+        ),
         Field::new("dtype", DataType::Utf8, false),
         Field::new("image", DataType::LargeBinary, false),
         Field::new("image_crc32", DataType::UInt32, false),
@@ -111,7 +120,9 @@ pub fn sample_schema() -> SchemaRef {
         Field::new("answer_choice", DataType::Utf8, true),
         Field::new("question_type", DataType::Utf8, true),
         Field::new("class_name", DataType::Utf8, true),
-        Field::new("bbox", DataType::FixedSizeList(bbox_item_field(), 6), true),
+        // A variable list rather than a fixed-size one: pyarrow rejects null fixed-size lists written by
+        // parquet-rs (it reads them back as size 0).
+        Field::new("bbox", DataType::List(bbox_item_field()), true),
         Field::new("report", DataType::Utf8, true),
         Field::new("source_row", DataType::Utf8, true),
     ]))
@@ -129,7 +140,10 @@ fn writer_props(
         .set_max_row_group_size(rows_per_group.max(1))
         .set_key_value_metadata(Some(vec![
             KeyValue::new(META_FORMAT.to_string(), FORMAT_NAME.to_string()),
-            KeyValue::new(META_SCHEMA_VERSION.to_string(), SHARD_SCHEMA_VERSION.to_string()),
+            KeyValue::new(
+                META_SCHEMA_VERSION.to_string(),
+                SHARD_SCHEMA_VERSION.to_string(),
+            ),
             KeyValue::new(META_KIND.to_string(), kind.to_string()),
         ]));
     if kind == KIND_VOLUMES {
@@ -142,7 +156,9 @@ fn writer_props(
 }
 
 fn finish_writer(writer: ArrowWriter<Vec<u8>>, key: &str) -> Result<Bytes, ShardError> {
-    let buf = writer.into_inner().map_err(|e| ShardError::parquet(key, e))?;
+    let buf = writer
+        .into_inner()
+        .map_err(|e| ShardError::parquet(key, e))?;
     Ok(Bytes::from(buf))
 }
 
@@ -190,14 +206,22 @@ fn volume_batch(records: &[VolumeRecord], key: &str) -> Result<RecordBatch, Shar
     let image = LargeBinaryArray::from_iter_values(records.iter().map(|r| r.image.as_slice()));
     let crc = UInt32Array::from_iter_values(records.iter().map(|r| r.image_crc32));
 
-    let all_masks = || records.iter().flat_map(|r| r.masks.iter());
+    // Collected first: arrow's from_iter_values needs an exactly sized iterator.
+    let mask_list: Vec<&MaskRecord> = records.iter().flat_map(|r| r.masks.iter()).collect();
+    let all_masks = || mask_list.iter().copied();
     let mask_struct = StructArray::try_new(
         mask_struct_fields(),
         vec![
-            Arc::new(UInt32Array::from_iter_values(all_masks().map(|m| m.class_index))),
-            Arc::new(StringArray::from_iter_values(all_masks().map(|m| m.label.as_str()))),
+            Arc::new(UInt32Array::from_iter_values(
+                all_masks().map(|m| m.class_index),
+            )),
+            Arc::new(StringArray::from_iter_values(
+                all_masks().map(|m| m.label.as_str()),
+            )),
             Arc::new(UInt64Array::from_iter_values(all_masks().map(|m| m.voxels))),
-            Arc::new(LargeBinaryArray::from_iter_values(all_masks().map(|m| m.bits.as_slice()))),
+            Arc::new(LargeBinaryArray::from_iter_values(
+                all_masks().map(|m| m.bits.as_slice()),
+            )),
         ],
         None,
     )
@@ -229,7 +253,10 @@ fn volume_batch(records: &[VolumeRecord], key: &str) -> Result<RecordBatch, Shar
 /// Encodes volume records as one Parquet volume shard, `opts.rows_per_row_group` volumes per row group.
 /// Checks image and mask sizes against the shapes and that volume ids are unique in the shard; the
 /// `image_crc32` values are written as given (compute them with [`VolumeRecord::crc32`] when encoding).
-pub fn write_volume_shard(records: &[VolumeRecord], opts: &WriteOptions) -> Result<Bytes, ShardError> {
+pub fn write_volume_shard(
+    records: &[VolumeRecord],
+    opts: &WriteOptions,
+) -> Result<Bytes, ShardError> {
     const KEY: &str = "<volume shard being written>";
     let mut seen = HashSet::new();
     for (row, r) in records.iter().enumerate() {
@@ -244,12 +271,14 @@ pub fn write_volume_shard(records: &[VolumeRecord], opts: &WriteOptions) -> Resu
     }
     let per_group = opts.rows_per_row_group.max(1);
     let props = writer_props(opts, KIND_VOLUMES, KEY, per_group)?;
-    let mut writer =
-        ArrowWriter::try_new(Vec::new(), volume_schema(), Some(props)).map_err(|e| ShardError::parquet(KEY, e))?;
+    let mut writer = ArrowWriter::try_new(Vec::new(), volume_schema(), Some(props))
+        .map_err(|e| ShardError::parquet(KEY, e))?;
     // One batch per row group keeps the arrow copy of the data bounded to one group.
     for chunk in records.chunks(per_group) {
         let batch = volume_batch(chunk, KEY)?;
-        writer.write(&batch).map_err(|e| ShardError::parquet(KEY, e))?;
+        writer
+            .write(&batch)
+            .map_err(|e| ShardError::parquet(KEY, e))?;
         writer.flush().map_err(|e| ShardError::parquet(KEY, e))?;
     }
     finish_writer(writer, KEY)
@@ -260,20 +289,29 @@ fn opt_strings(records: &[SampleRecord], f: fn(&SampleRecord) -> Option<&str>) -
 }
 
 /// Encodes sample records as one Parquet sample shard ([`SAMPLE_ROWS_PER_ROW_GROUP`] rows per group).
-pub fn write_sample_shard(records: &[SampleRecord], opts: &WriteOptions) -> Result<Bytes, ShardError> {
+pub fn write_sample_shard(
+    records: &[SampleRecord],
+    opts: &WriteOptions,
+) -> Result<Bytes, ShardError> {
     const KEY: &str = "<sample shard being written>";
     let props = writer_props(opts, KIND_SAMPLES, KEY, SAMPLE_ROWS_PER_ROW_GROUP)?;
-    let mut writer =
-        ArrowWriter::try_new(Vec::new(), sample_schema(), Some(props)).map_err(|e| ShardError::parquet(KEY, e))?;
+    let mut writer = ArrowWriter::try_new(Vec::new(), sample_schema(), Some(props))
+        .map_err(|e| ShardError::parquet(KEY, e))?;
     for chunk in records.chunks(SAMPLE_ROWS_PER_ROW_GROUP) {
         let strings = |f: fn(&SampleRecord) -> &str| -> ArrayRef {
             Arc::new(StringArray::from_iter_values(chunk.iter().map(f)))
         };
         let bbox_values =
-            Float32Array::from_iter_values(chunk.iter().flat_map(|r| r.bbox.unwrap_or([0.0; 6])));
-        let bbox_valid = arrow::buffer::NullBuffer::from_iter(chunk.iter().map(|r| r.bbox.is_some()));
-        let bbox = FixedSizeListArray::try_new(bbox_item_field(), 6, Arc::new(bbox_values), Some(bbox_valid))
-            .map_err(|e| ShardError::arrow(KEY, e))?;
+            Float32Array::from_iter_values(chunk.iter().flat_map(|r| r.bbox.into_iter().flatten()));
+        let bbox_valid =
+            arrow::buffer::NullBuffer::from_iter(chunk.iter().map(|r| r.bbox.is_some()));
+        let bbox = ListArray::try_new(
+            bbox_item_field(),
+            OffsetBuffer::from_lengths(chunk.iter().map(|r| if r.bbox.is_some() { 6 } else { 0 })),
+            Arc::new(bbox_values),
+            Some(bbox_valid),
+        )
+        .map_err(|e| ShardError::arrow(KEY, e))?;
         let batch = RecordBatch::try_new(
             sample_schema(),
             vec![
@@ -294,14 +332,17 @@ pub fn write_sample_shard(records: &[SampleRecord], opts: &WriteOptions) -> Resu
             ],
         )
         .map_err(|e| ShardError::arrow(KEY, e))?;
-        writer.write(&batch).map_err(|e| ShardError::parquet(KEY, e))?;
+        writer
+            .write(&batch)
+            .map_err(|e| ShardError::parquet(KEY, e))?;
     }
     finish_writer(writer, KEY)
 }
 
 /// Loads the footer and checks format name, schema version and kind.
 fn open_shard(bytes: &Bytes, key: &str, kind: &str) -> Result<ArrowReaderMetadata, ShardError> {
-    let meta = ArrowReaderMetadata::load(bytes, ArrowReaderOptions::new()).map_err(|e| ShardError::parquet(key, e))?;
+    let meta = ArrowReaderMetadata::load(bytes, ArrowReaderOptions::new())
+        .map_err(|e| ShardError::parquet(key, e))?;
     let kv = meta.metadata().file_metadata().key_value_metadata();
     let get = |k: &str| {
         kv.and_then(|kv| kv.iter().find(|e| e.key == k))
@@ -315,7 +356,12 @@ fn open_shard(bytes: &Bytes, key: &str, kind: &str) -> Result<ArrowReaderMetadat
     }
     let version = get(META_SCHEMA_VERSION)
         .and_then(|v| v.parse::<u64>().ok())
-        .ok_or_else(|| ShardError::schema(key, format!("missing or invalid `{META_SCHEMA_VERSION}` metadata")))?;
+        .ok_or_else(|| {
+            ShardError::schema(
+                key,
+                format!("missing or invalid `{META_SCHEMA_VERSION}` metadata"),
+            )
+        })?;
     if version > u64::from(SHARD_SCHEMA_VERSION) {
         return Err(ShardError::SchemaVersion {
             what: key.to_string(),
@@ -326,7 +372,10 @@ fn open_shard(bytes: &Bytes, key: &str, kind: &str) -> Result<ArrowReaderMetadat
     if get(META_KIND) != Some(kind) {
         return Err(ShardError::schema(
             key,
-            format!("expected a `{kind}` shard, file metadata `{META_KIND}` is {:?}", get(META_KIND)),
+            format!(
+                "expected a `{kind}` shard, file metadata `{META_KIND}` is {:?}",
+                get(META_KIND)
+            ),
         ));
     }
     let expected = if kind == KIND_VOLUMES {
@@ -349,28 +398,51 @@ fn open_shard(bytes: &Bytes, key: &str, kind: &str) -> Result<ArrowReaderMetadat
                     ),
                 ))
             }
-            Err(_) => return Err(ShardError::schema(key, format!("missing column `{}`", field.name()))),
+            Err(_) => {
+                return Err(ShardError::schema(
+                    key,
+                    format!("missing column `{}`", field.name()),
+                ))
+            }
         }
     }
     Ok(meta)
 }
 
-fn column<'a, T: Array + 'static>(batch: &'a RecordBatch, name: &str, key: &str) -> Result<&'a T, ShardError> {
+fn column<'a, T: Array + 'static>(
+    batch: &'a RecordBatch,
+    name: &str,
+    key: &str,
+) -> Result<&'a T, ShardError> {
     batch
         .column_by_name(name)
         .and_then(|c| c.as_any().downcast_ref::<T>())
-        .ok_or_else(|| ShardError::schema(key, format!("column `{name}` missing or of the wrong type")))
+        .ok_or_else(|| {
+            ShardError::schema(key, format!("column `{name}` missing or of the wrong type"))
+        })
 }
 
-fn child<'a, T: Array + 'static>(s: &'a StructArray, name: &str, key: &str) -> Result<&'a T, ShardError> {
+fn child<'a, T: Array + 'static>(
+    s: &'a StructArray,
+    name: &str,
+    key: &str,
+) -> Result<&'a T, ShardError> {
     s.column_by_name(name)
         .and_then(|c| c.as_any().downcast_ref::<T>())
-        .ok_or_else(|| ShardError::schema(key, format!("mask field `{name}` missing or of the wrong type")))
+        .ok_or_else(|| {
+            ShardError::schema(
+                key,
+                format!("mask field `{name}` missing or of the wrong type"),
+            )
+        })
 }
 
 fn no_nulls(arr: &dyn Array, name: &str, key: &str) -> Result<(), ShardError> {
     if arr.null_count() > 0 {
-        return Err(ShardError::schema(key, format!("column `{name}` has nulls")));
+        return Err(ShardError::schema(
+            key,
+            format!("column `{name}` has nulls"),
+        ));
     }
     Ok(())
 }
@@ -390,8 +462,13 @@ pub fn read_sample_shard(bytes: Bytes, key: &str) -> Result<Vec<SampleRecord>, S
     for batch in reader {
         let batch = batch.map_err(|e| ShardError::arrow(key, e))?;
         let s = |name| column::<StringArray>(&batch, name, key);
-        let (sample_id, dataset, task, split, volume_id) =
-            (s("sample_id")?, s("dataset")?, s("task")?, s("split")?, s("volume_id")?);
+        let (sample_id, dataset, task, split, volume_id) = (
+            s("sample_id")?,
+            s("dataset")?,
+            s("task")?,
+            s("split")?,
+            s("volume_id")?,
+        );
         for (name, a) in [
             ("sample_id", sample_id),
             ("dataset", dataset),
@@ -411,7 +488,8 @@ pub fn read_sample_shard(bytes: Bytes, key: &str) -> Result<Vec<SampleRecord>, S
             s("source_row")?,
         );
         let mask_index = column::<UInt32Array>(&batch, "mask_index", key)?;
-        let bbox = column::<FixedSizeListArray>(&batch, "bbox", key)?;
+        let bbox = column::<ListArray>(&batch, "bbox", key)?;
+        let bbox_offsets = bbox.value_offsets();
         let bbox_values = bbox
             .values()
             .as_any()
@@ -425,12 +503,23 @@ pub fn read_sample_shard(bytes: Bytes, key: &str) -> Result<Vec<SampleRecord>, S
                 reason: e.to_string(),
             })?;
             let bbox = if bbox.is_valid(i) {
-                let o = usize::try_from(bbox.value_offset(i))
-                    .map_err(|_| ShardError::schema(key, "negative bbox offset"))?;
-                let v = bbox_values.values();
-                let slice = v.get(o..o + 6).ok_or_else(|| ShardError::schema(key, "bbox values truncated"))?;
-                let mut b = [0f32; 6];
-                b.copy_from_slice(slice);
+                let bad = |reason: &str| ShardError::Row {
+                    key: key.to_string(),
+                    row,
+                    reason: format!("bbox: {reason}"),
+                };
+                let (start, end) = (bbox_offsets[i], bbox_offsets[i + 1]);
+                let (start, end) = (
+                    usize::try_from(start).map_err(|_| bad("negative offset"))?,
+                    usize::try_from(end).map_err(|_| bad("negative offset"))?,
+                );
+                let slice = bbox_values
+                    .values()
+                    .get(start..end)
+                    .ok_or_else(|| bad("values truncated"))?;
+                let b: [f32; 6] = slice
+                    .try_into()
+                    .map_err(|_| bad(&format!("{} values, expected 6", slice.len())))?;
                 Some(b)
             } else {
                 None
@@ -547,7 +636,9 @@ impl VolumeShardReader {
             .fields()
             .iter()
             .enumerate()
-            .filter(|(_, f)| (self.images || f.name() != "image") && (self.masks || f.name() != "masks"))
+            .filter(|(_, f)| {
+                (self.images || f.name() != "image") && (self.masks || f.name() != "masks")
+            })
             .map(|(i, _)| i)
             .collect();
         let mask = ProjectionMask::roots(self.meta.parquet_schema(), keep);
@@ -557,7 +648,6 @@ impl VolumeShardReader {
             .build()
             .map_err(|e| ShardError::parquet(&self.key, e))
     }
-
 }
 
 /// Converts one record batch of a volume shard into records (or per-row errors) appended to `pending`.
@@ -571,7 +661,8 @@ fn decode_volume_batch(
 ) -> Result<(), ShardError> {
     {
         let s = |name| column::<StringArray>(batch, name, key);
-        let (volume_id, dataset, source, dtype) = (s("volume_id")?, s("dataset")?, s("source")?, s("dtype")?);
+        let (volume_id, dataset, source, dtype) =
+            (s("volume_id")?, s("dataset")?, s("source")?, s("dtype")?);
         let shape = column::<FixedSizeListArray>(batch, "shape", key)?;
         let crc = column::<UInt32Array>(batch, "image_crc32", key)?;
         for (name, a) in [
@@ -599,9 +690,10 @@ fn decode_volume_batch(
         let masks = if read_masks {
             let list = column::<ListArray>(batch, "masks", key)?;
             no_nulls(list, "masks", key)?;
-            let st = list.values().as_struct_opt().ok_or_else(|| {
-                ShardError::schema(key, "column `masks` items are not structs")
-            })?;
+            let st = list
+                .values()
+                .as_struct_opt()
+                .ok_or_else(|| ShardError::schema(key, "column `masks` items are not structs"))?;
             Some((
                 list,
                 child::<UInt32Array>(st, "class_index", key)?,
@@ -622,7 +714,8 @@ fn decode_volume_batch(
                 row,
                 reason: format!("volume `{vid}`: {reason}"),
             };
-            let o = usize::try_from(shape.value_offset(i)).map_err(|_| row_err("negative shape offset".into()))?;
+            let o = usize::try_from(shape.value_offset(i))
+                .map_err(|_| row_err("negative shape offset".into()))?;
             let mut shp = [0u32; 4];
             shp.copy_from_slice(
                 shape_values
@@ -653,7 +746,8 @@ fn decode_volume_batch(
                 let mask_bytes = packed_len(rec.spatial_numel());
                 let mut bad = None;
                 for j in start..end {
-                    let j = usize::try_from(j).map_err(|_| row_err("negative mask offset".into()))?;
+                    let j =
+                        usize::try_from(j).map_err(|_| row_err("negative mask offset".into()))?;
                     let m = MaskRecord {
                         class_index: class_index.value(j),
                         label: label.value(j).to_string(),

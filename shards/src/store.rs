@@ -96,7 +96,10 @@ fn object_path(key: &str) -> Result<ObjectPath, ShardError> {
     if key.starts_with('/') {
         return Err(invalid("keys are relative to the store root"));
     }
-    if key.split('/').any(|s| s.is_empty() || s == "." || s == "..") {
+    if key
+        .split('/')
+        .any(|s| s.is_empty() || s == "." || s == "..")
+    {
         return Err(invalid("empty, `.` or `..` path segment"));
     }
     ObjectPath::parse(key).map_err(|e| invalid(&e.to_string()))
@@ -123,7 +126,9 @@ impl Store {
             url: url.to_string(),
             reason,
         };
-        let (kind, inner): (StoreKind, Arc<dyn ObjectStore>) = if let Some(rest) = url.strip_prefix("s3://") {
+        let (kind, inner): (StoreKind, Arc<dyn ObjectStore>) = if let Some(rest) =
+            url.strip_prefix("s3://")
+        {
             let (bucket, prefix) = match rest.split_once('/') {
                 Some((b, p)) => (b, p.trim_matches('/')),
                 None => (rest, ""),
@@ -132,7 +137,8 @@ impl Store {
                 return Err(open_err("missing bucket name in s3:// URL".into()));
             }
             let mut builder = AmazonS3Builder::from_env().with_bucket_name(bucket);
-            if std::env::var("AWS_REGION").is_err() && std::env::var("AWS_DEFAULT_REGION").is_err() {
+            if std::env::var("AWS_REGION").is_err() && std::env::var("AWS_DEFAULT_REGION").is_err()
+            {
                 builder = builder.with_region("us-east-1");
             }
             if let Ok(endpoint) = std::env::var("AWS_ENDPOINT_URL") {
@@ -160,7 +166,8 @@ impl Store {
                 inner,
             )
         } else if url.starts_with("file://") {
-            let parsed = url::Url::parse(url).map_err(|e| open_err(format!("invalid file URL: {e}")))?;
+            let parsed =
+                url::Url::parse(url).map_err(|e| open_err(format!("invalid file URL: {e}")))?;
             let path = parsed
                 .to_file_path()
                 .map_err(|()| open_err("file:// URL must name an absolute local path".into()))?;
@@ -192,7 +199,10 @@ impl Store {
         })
     }
 
-    fn local(url: &str, path: &std::path::Path) -> Result<(StoreKind, Arc<dyn ObjectStore>), ShardError> {
+    fn local(
+        url: &str,
+        path: &std::path::Path,
+    ) -> Result<(StoreKind, Arc<dyn ObjectStore>), ShardError> {
         std::fs::create_dir_all(path).map_err(|source| ShardError::Io {
             path: path.display().to_string(),
             source,
@@ -201,10 +211,11 @@ impl Store {
             path: path.display().to_string(),
             source,
         })?;
-        let fs = LocalFileSystem::new_with_prefix(&canonical).map_err(|e| ShardError::StoreOpen {
-            url: url.to_string(),
-            reason: e.to_string(),
-        })?;
+        let fs =
+            LocalFileSystem::new_with_prefix(&canonical).map_err(|e| ShardError::StoreOpen {
+                url: url.to_string(),
+                reason: e.to_string(),
+            })?;
         Ok((StoreKind::Local(canonical), Arc::new(fs)))
     }
 
@@ -229,7 +240,7 @@ impl Store {
                 url: self.url.clone(),
                 op,
                 key: key.to_string(),
-                source,
+                source: Box::new(source),
             }
         }
     }
@@ -267,7 +278,8 @@ impl Store {
     /// Async variant of [`Store::put`].
     pub async fn put_async(&self, key: &str, bytes: Bytes) -> Result<(), ShardError> {
         let path = object_path(key)?;
-        let multipart = matches!(self.kind, StoreKind::S3 { .. }) && bytes.len() > MULTIPART_THRESHOLD;
+        let multipart =
+            matches!(self.kind, StoreKind::S3 { .. }) && bytes.len() > MULTIPART_THRESHOLD;
         if multipart {
             let upload = self
                 .inner
@@ -314,7 +326,10 @@ impl Store {
             .get(&path)
             .await
             .map_err(|e| self.store_err("get", key, e))?;
-        result.bytes().await.map_err(|e| self.store_err("get", key, e))
+        result
+            .bytes()
+            .await
+            .map_err(|e| self.store_err("get", key, e))
     }
 
     /// Reads the object at `key`, or `None` if it does not exist.
@@ -405,7 +420,10 @@ mod tests {
         assert!(root.is_dir(), "local root is created");
         assert_eq!(store.get_opt("a/b.bin").unwrap(), None);
         assert_eq!(store.size("a/b.bin").unwrap(), None);
-        assert!(matches!(store.get("a/b.bin"), Err(ShardError::NotFound { .. })));
+        assert!(matches!(
+            store.get("a/b.bin"),
+            Err(ShardError::NotFound { .. })
+        ));
         store.put("a/b.bin", Bytes::from_static(b"hello")).unwrap();
         store.put("a/c.bin", Bytes::from_static(b"xy")).unwrap();
         store.put("top.json", Bytes::from_static(b"{}")).unwrap();
@@ -431,10 +449,16 @@ mod tests {
     fn sync_api_works_inside_an_async_runtime() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path().to_str().unwrap()).unwrap();
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
         rt.block_on(async {
             store.put("k", Bytes::from_static(b"v")).unwrap();
-            assert_eq!(store.get_async("k").await.unwrap(), Bytes::from_static(b"v"));
+            assert_eq!(
+                store.get_async("k").await.unwrap(),
+                Bytes::from_static(b"v")
+            );
             // Dropping the last clone inside the runtime must not panic.
             drop(store);
         });

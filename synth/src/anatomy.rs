@@ -257,11 +257,11 @@ pub struct Ellipsoid {
 
 impl Ellipsoid {
     pub fn contains(&self, p: [f64; 3]) -> bool {
-        let mut s = 0.0;
-        for a in 0..3 {
-            let d = (p[a] - self.centre[a]) / self.radii[a];
-            s += d * d;
-        }
+        let s: f64 = p
+            .iter()
+            .zip(self.centre.iter().zip(&self.radii))
+            .map(|(p, (c, r))| ((p - c) / r).powi(2))
+            .sum();
         s <= 1.0
     }
 }
@@ -312,6 +312,8 @@ pub struct PhantomSpec {
     pub absent: Vec<Organ>,
     /// Whether the gallbladder may be randomly absent (cholecystectomy).
     pub random_cholecystectomy: bool,
+    /// Host organ and kind of the first lesion (random when `None`), to balance classes across cases.
+    pub first_lesion: Option<(Organ, LesionKind)>,
 }
 
 /// One synthetic body.
@@ -345,8 +347,8 @@ impl Phantom {
                 centre[a] = c[a] + uniform(rng, -0.03, 0.03);
                 radii[a] = r[a] * uniform(rng, 0.9, 1.1);
             }
-            let absent = spec.absent.contains(&organ)
-                || (organ == Organ::Gallbladder && cholecystectomy);
+            let absent =
+                spec.absent.contains(&organ) || (organ == Organ::Gallbladder && cholecystectomy);
             if !absent {
                 organs.push(OrganInstance {
                     organ,
@@ -359,16 +361,24 @@ impl Phantom {
             .filter(|o| Organ::LESION_HOSTS.contains(&o.organ))
             .collect();
         let mut lesions = Vec::new();
-        for _ in 0..spec.lesions.min(hosts.len()) {
-            let host = hosts.remove(rng.random_range(0..hosts.len()));
-            let kind = LesionKind::ALL[rng.random_range(0..LesionKind::ALL.len())];
+        for n in 0..spec.lesions.min(hosts.len()) {
+            // Draw both even when forced so forcing does not shift the rest of the stream.
+            let mut h = rng.random_range(0..hosts.len());
+            let mut kind = LesionKind::ALL[rng.random_range(0..LesionKind::ALL.len())];
+            if let (0, Some((organ, k))) = (n, spec.first_lesion) {
+                if let Some(i) = hosts.iter().position(|o| o.organ == organ) {
+                    h = i;
+                    kind = k;
+                }
+            }
+            let host = hosts.remove(h);
             let location = Location::ALL[rng.random_range(0..Location::ALL.len())];
             let s = host.shape;
             let min_r = s.radii.iter().copied().fold(f64::INFINITY, f64::min);
             let scale = if kind == LesionKind::Calcification {
-                0.3
+                0.35
             } else {
-                0.45
+                0.5
             };
             let radius = min_r * scale * uniform(rng, 0.85, 1.0);
             // Offsets of 30-45 % of the radii keep the lesion inside the organ and its quadrant unambiguous.

@@ -12,7 +12,7 @@ use rand::seq::SliceRandom;
 use rand::Rng;
 use serde::Serialize;
 
-use crate::anatomy::{AxisMap, Grid, Phantom, PhantomSpec, Phase, Tissue};
+use crate::anatomy::{AxisMap, Grid, LesionKind, Organ, Phantom, PhantomSpec, Phase, Tissue};
 use crate::error::SynthError;
 use crate::rng::{noise, stream, uniform, Stream, SynthRng};
 use crate::text::{ascii_fold, cap_report, reference_text, TextStyle};
@@ -252,6 +252,11 @@ pub fn plan_cap(cfg: &SynthConfig) -> CapPlan {
                 lesions: 1,
                 absent: Vec::new(),
                 random_cholecystectomy: true,
+                // Cycling hosts and kinds keeps the organ and abnormality answers balanced.
+                first_lesion: Some((
+                    Organ::LESION_HOSTS[i % Organ::LESION_HOSTS.len()],
+                    LesionKind::ALL[(i + i / Organ::LESION_HOSTS.len()) % LesionKind::ALL.len()],
+                )),
             },
         );
         let style = style_for(i);
@@ -409,13 +414,11 @@ fn encode_slice(
         source,
     };
     match format {
-        SliceFormat::Png => PngEncoder::new_with_quality(
-            &mut buf,
-            CompressionType::Default,
-            FilterType::Adaptive,
-        )
-        .write_image(&data, w as u32, h as u32, color)
-        .map_err(image_err)?,
+        SliceFormat::Png => {
+            PngEncoder::new_with_quality(&mut buf, CompressionType::Default, FilterType::Adaptive)
+                .write_image(&data, w as u32, h as u32, color)
+                .map_err(image_err)?
+        }
         SliceFormat::Jpeg => JpegEncoder::new_with_quality(&mut buf, 92)
             .write_image(&data, w as u32, h as u32, color)
             .map_err(image_err)?,

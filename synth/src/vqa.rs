@@ -45,19 +45,16 @@ pub struct VqaRow {
 }
 
 impl VqaRow {
-    fn record(&self) -> Vec<&str> {
-        let mut r = vec![self.image_path.as_str(), self.text.as_str()];
-        r.push(match self.question_type {
-            1 => "1",
-            2 => "2",
-            3 => "3",
-            4 => "4",
-            _ => "5",
-        });
-        r.push(&self.question);
-        r.extend(self.choices.iter().map(String::as_str));
-        r.push(&self.answer);
-        r.push(&self.answer_choice);
+    fn record(&self) -> Vec<String> {
+        let mut r = vec![
+            self.image_path.clone(),
+            self.text.clone(),
+            self.question_type.to_string(),
+            self.question.clone(),
+        ];
+        r.extend(self.choices.iter().cloned());
+        r.push(self.answer.clone());
+        r.push(self.answer_choice.clone());
         r
     }
 }
@@ -84,18 +81,19 @@ fn choices(rng: &mut SynthRng, correct: &str, pool: &[&str]) -> ([String; 4], St
 fn closed_rows(rng: &mut SynthRng, case: &CapCase, series: &CapSeries) -> Vec<VqaRow> {
     let image_path = case.image_rel(series);
     let mut rows = Vec::with_capacity(5);
-    let mut push = |question_type: u8, question: String, correct: &str, pool: &[&str], rng: &mut SynthRng| {
-        let (choices, letter) = choices(rng, correct, pool);
-        rows.push(VqaRow {
-            image_path: image_path.clone(),
-            text: case.caption.clone(),
-            question_type,
-            question,
-            choices,
-            answer: correct.to_string(),
-            answer_choice: letter,
-        });
-    };
+    let mut push =
+        |question_type: u8, question: String, correct: &str, pool: &[&str], rng: &mut SynthRng| {
+            let (choices, letter) = choices(rng, correct, pool);
+            rows.push(VqaRow {
+                image_path: image_path.clone(),
+                text: case.caption.clone(),
+                question_type,
+                question,
+                choices,
+                answer: correct.to_string(),
+                answer_choice: letter,
+            });
+        };
     let plane_q = [
         "In which plane is this CT image displayed?",
         "What is the imaging plane of this scan?",
@@ -238,7 +236,7 @@ fn write_csv(path: &Path, rows: &[VqaRow], note: Option<&str>) -> Result<usize, 
     for row in rows {
         let mut rec = row.record();
         if let Some(n) = note {
-            rec.push(n);
+            rec.push(n.to_string());
         }
         w.write_record(&rec).map_err(csv_err)?;
     }
@@ -254,16 +252,25 @@ pub const VQA_TEST5K: &str = "M3D_VQA_test5k.csv";
 pub const VQA_YN_TRAIN: &str = "M3D_VQA_yn_train.csv";
 
 /// Writes `M3D_VQA/` under `dir`; returns rows per file name.
-pub fn write_vqa_files(dir: &Path, cfg: &SynthConfig) -> Result<BTreeMap<String, usize>, SynthError> {
+pub fn write_vqa_files(
+    dir: &Path,
+    cfg: &SynthConfig,
+) -> Result<BTreeMap<String, usize>, SynthError> {
     cfg.validate()?;
     let plan = plan_cap(cfg);
     let root = dir.join("M3D_VQA");
     create_dir(&root)?;
     let mut counts = BTreeMap::new();
     let train = rows_for(&plan, cfg.seed, Split::Train, false);
-    counts.insert(VQA_TRAIN.to_string(), write_csv(&root.join(VQA_TRAIN), &train, None)?);
+    counts.insert(
+        VQA_TRAIN.to_string(),
+        write_csv(&root.join(VQA_TRAIN), &train, None)?,
+    );
     let val = rows_for(&plan, cfg.seed, Split::Validation, false);
-    counts.insert(VQA_VAL.to_string(), write_csv(&root.join(VQA_VAL), &val, None)?);
+    counts.insert(
+        VQA_VAL.to_string(),
+        write_csv(&root.join(VQA_VAL), &val, None)?,
+    );
     let test = rows_for(&plan, cfg.seed, Split::Test, false);
     counts.insert(
         VQA_TEST.to_string(),

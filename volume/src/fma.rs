@@ -31,9 +31,19 @@ pub(crate) fn fma_f32(a: f32, b: f32, c: f32) -> f32 {
     s as f32
 }
 
+/// Fast form of [`fma_f32`] for vectorisable loops: the f64 result rounded to f32, plus a flag
+/// telling whether the f64 sum sat exactly on an f32 rounding midpoint. Only then can the result
+/// differ from the correctly rounded FMA; callers recompute flagged values with [`fma_f32`].
+#[inline(always)]
+pub(crate) fn fma_f32_flagged(a: f32, b: f32, c: f32) -> (f32, bool) {
+    let s = f64::from(a) * f64::from(b) + f64::from(c);
+    // The midpoint pattern lives entirely in the low 32 bits of the f64 encoding.
+    (s as f32, (s.to_bits() as u32) & 0x1FFF_FFFF == 0x1000_0000)
+}
+
 #[cfg(test)]
 mod tests {
-    use super::fma_f32;
+    use super::{fma_f32, fma_f32_flagged};
     use rand::{Rng, SeedableRng};
 
     #[test]
@@ -44,11 +54,22 @@ mod tests {
             let b: f32 = rng.random_range(-4.0..4.0);
             let c: f32 = rng.random_range(-4.0..4.0);
             assert_eq!(fma_f32(a, b, c).to_bits(), a.mul_add(b, c).to_bits());
+            let (fast, suspect) = fma_f32_flagged(a, b, c);
+            if !suspect {
+                assert_eq!(fast.to_bits(), a.mul_add(b, c).to_bits());
+            }
         }
         // Constructed double-rounding traps: the f64 sum is a tie for f32 but the exact value
         // is not (1 + 2^-24 + 2^-60 style values).
         let one_plus = f32::from_bits(1.0f32.to_bits() + 1); // 1 + 2^-23
+        let q = 1.0 + 2.0f32.powi(-12);
+        let mut needed_fix = 0;
         for &(a, b, c) in &[
+            // (1 + 2^-12)^2 = 1 + 2^-11 + 2^-24 is an exact f32 midpoint; +-2^-60 vanishes in the
+            // f64 sum but decides the correct rounding.
+            (q, q, 2.0f32.powi(-60)),
+            (q, q, -(2.0f32.powi(-60))),
+            (-q, q, 2.0f32.powi(-60)),
             (one_plus, one_plus, -1.0f32),
             (1.0 + f32::EPSILON, 1.0 - f32::EPSILON / 2.0, 2.0f32.powi(-24)),
             (3.0f32.powi(5), 1.0 / 3.0f32.powi(5), 2.0f32.powi(-24)),
@@ -60,13 +81,20 @@ mod tests {
                 a.mul_add(b, c).to_bits(),
                 "{a} * {b} + {c}"
             );
+            let (fast, suspect) = fma_f32_flagged(a, b, c);
+            assert!(suspect || fast.to_bits() == a.mul_add(b, c).to_bits());
+            needed_fix += usize::from(fast.to_bits() != a.mul_add(b, c).to_bits());
         }
-        // Exhaustive-ish sweep around ties: a * b exactly half an f32 ulp above 1 plus tiny c.
+        // Double rounding does occur here, so the exact path above was exercised.
+        assert!(needed_fix >= 1);
+        // Sweep of products near 1 with tiny addends.
         for k in 1..2000u32 {
             let a = f32::from_bits(1.0f32.to_bits() + k);
             let b = f32::from_bits(1.0f32.to_bits() + (k * 7919) % 4096);
             for &c in &[2.0f32.powi(-30), -(2.0f32.powi(-30)), 2.0f32.powi(-50), 0.0] {
                 assert_eq!(fma_f32(a, b, c).to_bits(), a.mul_add(b, c).to_bits());
+                let (fast, suspect) = fma_f32_flagged(a, b, c);
+                assert!(suspect || fast.to_bits() == a.mul_add(b, c).to_bits());
             }
         }
     }

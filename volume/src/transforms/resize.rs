@@ -4,23 +4,83 @@
 //!
 //! Each mode is written so that every output value goes through the same float32 operations in
 //! the same order as torch's kernels, which makes the results bit-identical to torch on machines
-//! where torch uses its AVX2/AVX-512 kernels (those contract `a * b + c` into an FMA; see
-//! [`crate::fma`]). Index and weight tables are computed once per axis.
+//! where torch uses its AVX2/AVX-512 kernels (those contract `a * b + c` into an FMA, which the
+//! `fma` module reproduces). Index and weight tables are computed once per axis.
 
 use rayon::prelude::*;
 
-use crate::fma::fma_f32;
+use super::BBox;
+use crate::fma::{fma_f32, fma_f32_flagged};
 use crate::{Volume, VolumeError};
 
 /// Below this many output voxels, rayon's task overhead outweighs the parallel speed-up.
 const PAR_MIN_VOXELS: usize = 1 << 15;
 
+/// The part of a volume a resize reads: the spatial box `start .. start + size` of every channel.
+/// Resizing a box directly saves the copy a separate crop would make.
+struct BoxView<'a, T> {
+    data: &'a [T],
+    /// Full spatial dims of `data` per channel.
+    dims: [usize; 3],
+    start: [usize; 3],
+    size: [usize; 3],
+}
+
+impl<'a, T: Copy> BoxView<'a, T> {
+    fn new(v: &'a Volume<T>, b: &BBox) -> Result<Self, VolumeError> {
+        let spatial = v.spatial();
+        if !b.fits(spatial) {
+            return Err(VolumeError::BadBBox {
+                start: b.start,
+                end: b.end,
+                spatial,
+            });
+        }
+        Ok(BoxView {
+            data: v.data(),
+            dims: spatial,
+            start: b.start,
+            size: b.size(),
+        })
+    }
+
+    /// Row `h` of plane `d` of channel `c`, box coordinates, restricted to the box's W range.
+    #[inline]
+    fn row(&self, c: usize, d: usize, h: usize) -> &'a [T] {
+        let [dd, dh, dw] = self.dims;
+        let off = ((c * dd + self.start[0] + d) * dh + self.start[1] + h) * dw + self.start[2];
+        &self.data[off..off + self.size[2]]
+    }
+}
+
+fn full_box(spatial: [usize; 3]) -> BBox {
+    BBox {
+        start: [0; 3],
+        end: spatial,
+    }
+}
+
+/// Validates the request; `Ok(true)` means the output has no voxels and nothing needs computing.
 fn check_resize(spatial: [usize; 3], size: [usize; 3], channels: usize) -> Result<bool, VolumeError> {
     let out_empty = channels == 0 || size.contains(&0);
     if !out_empty && spatial.contains(&0) {
         return Err(VolumeError::EmptyInput { spatial, size });
     }
     Ok(out_empty)
+}
+
+/// The box itself, values mapped: MONAI returns the input unchanged when the size already matches.
+fn copy_box<T: Copy, U>(src: &BoxView<'_, T>, channels: usize, f: impl Fn(T) -> U) -> Vec<U> {
+    let [d, h, _] = src.size;
+    let mut out = Vec::with_capacity(channels * src.size.iter().product::<usize>());
+    for c in 0..channels {
+        for di in 0..d {
+            for hi in 0..h {
+                out.extend(src.row(c, di, hi).iter().map(|&x| f(x)));
+            }
+        }
+    }
+    out
 }
 
 /// Runs `f(plane_index, plane)` over the `plane_len`-sized chunks of `out`, in parallel when the
@@ -62,19 +122,31 @@ fn area_windows(n_in: usize, n_out: usize) -> (Vec<usize>, Vec<usize>) {
 /// Adds one input row into the per-output accumulators of an output row, window by window.
 /// For each accumulator the additions happen in input order, which is torch's order.
 #[inline]
-fn accumulate_row(acc: &mut [f32], row: &[f32], ws: &[usize], we: &[usize], uniform: Option<usize>) {
+fn accumulate_row<T: Copy>(
+    acc: &mut [f32],
+    row: &[T],
+    ws: &[usize],
+    we: &[usize],
+    uniform: Option<usize>,
+    f: &impl Fn(T) -> f32,
+) {
     match uniform {
         // Integer down-sampling factor: windows tile the row, no table lookups.
+        Some(1) => {
+            for (a, &x) in acc.iter_mut().zip(row) {
+                *a += f(x);
+            }
+        }
         Some(2) => {
             for (a, pair) in acc.iter_mut().zip(row.chunks_exact(2)) {
-                *a = (*a + pair[0]) + pair[1];
+                *a = (*a + f(pair[0])) + f(pair[1]);
             }
         }
         Some(k) => {
             for (a, win) in acc.iter_mut().zip(row.chunks_exact(k)) {
                 let mut s = *a;
                 for &x in win {
-                    s += x;
+                    s += f(x);
                 }
                 *a = s;
             }
@@ -83,7 +155,7 @@ fn accumulate_row(acc: &mut [f32], row: &[f32], ws: &[usize], we: &[usize], unif
             for ((a, &s0), &s1) in acc.iter_mut().zip(ws).zip(we) {
                 let mut s = *a;
                 for &x in &row[s0..s1] {
-                    s += x;
+                    s += f(x);
                 }
                 *a = s;
             }
@@ -93,7 +165,8 @@ fn accumulate_row(acc: &mut [f32], row: &[f32], ws: &[usize], we: &[usize], unif
 
 /// MONAI `Resize(mode="area")`, i.e. torch `adaptive_avg_pool3d`: every output voxel is the
 /// float32 sum of its window (in D, H, W order) divided by the window extents one after another.
-/// Works for down- and up-sampling.
+/// Works for down- and up-sampling. Bit-identical to torch (except the 1x1x1 output, which torch
+/// computes with `mean`; there it agrees within an ulp).
 ///
 /// # Panics
 /// If the input has no voxels along some axis but the output has some; see [`try_resize_area`].
@@ -103,29 +176,40 @@ pub fn resize_area(v: &Volume<f32>, size: [usize; 3]) -> Volume<f32> {
 
 /// [`resize_area`] returning an error instead of panicking on an empty input.
 pub fn try_resize_area(v: &Volume<f32>, size: [usize; 3]) -> Result<Volume<f32>, VolumeError> {
-    let [c, d, h, w] = v.shape();
+    try_resize_area_box(v, &full_box(v.spatial()), size, |x| x)
+}
+
+/// `resize_area(&crop(&v.map(f), b), size)` in one pass, bit for bit: no cropped copy and no
+/// mapped copy are made (`f` is applied on the fly; with a 256-entry table it turns 8-bit slices
+/// into the reference's float32 values while reading).
+pub fn try_resize_area_box<T: Copy + Sync>(
+    v: &Volume<T>,
+    b: &BBox,
+    size: [usize; 3],
+    f: impl Fn(T) -> f32 + Sync,
+) -> Result<Volume<f32>, VolumeError> {
+    let src = BoxView::new(v, b)?;
+    let c = v.channels();
+    let [d, h, w] = src.size;
     let [od, oh, ow] = size;
     let out_shape = [c, od, oh, ow];
-    if check_resize([d, h, w], size, c)? {
+    if check_resize(src.size, size, c)? {
         return Volume::new(out_shape, Vec::new());
     }
-    if [d, h, w] == size {
-        return Ok(v.clone());
+    if src.size == size {
+        return Volume::new(out_shape, copy_box(&src, c, f));
     }
     if size == [1, 1, 1] {
-        return Ok(channel_means(v));
+        return Volume::new(out_shape, channel_means(&src, c, f));
     }
     let (ds, de) = area_windows(d, od);
     let (hs, he) = area_windows(h, oh);
     let (ws, we) = area_windows(w, ow);
     let kw: Vec<f32> = ws.iter().zip(&we).map(|(&a, &b)| (b - a) as f32).collect();
     let uniform = (w % ow == 0).then_some(w / ow);
-    let src = v.data();
-    let chan_len = d * h * w;
     let mut out = vec![0f32; c * od * oh * ow];
     for_each_plane(&mut out, oh * ow, |plane, dst| {
         let (ci, odi) = (plane / od, plane % od);
-        let chan = &src[ci * chan_len..(ci + 1) * chan_len];
         let (d0, d1) = (ds[odi], de[odi]);
         let kd = (d1 - d0) as f32;
         let mut acc = vec![0f32; ow];
@@ -133,8 +217,7 @@ pub fn try_resize_area(v: &Volume<f32>, size: [usize; 3]) -> Result<Volume<f32>,
             acc.fill(0.0);
             for id in d0..d1 {
                 for ih in h0..h1 {
-                    let row = &chan[(id * h + ih) * w..(id * h + ih + 1) * w];
-                    accumulate_row(&mut acc, row, &ws, &we, uniform);
+                    accumulate_row(&mut acc, src.row(ci, id, ih), &ws, &we, uniform, &f);
                 }
             }
             let kh = (h1 - h0) as f32;
@@ -146,19 +229,21 @@ pub fn try_resize_area(v: &Volume<f32>, size: [usize; 3]) -> Result<Volume<f32>,
     Volume::new(out_shape, out)
 }
 
-/// torch routes a 1x1x1 adaptive pool to `mean`; a pairwise f64 sum is within an ulp of it.
-fn channel_means(v: &Volume<f32>) -> Volume<f32> {
-    let c = v.channels();
-    let means = (0..c)
-        .map(|ci| {
-            let ch = v.channel(ci);
-            (ch.iter().map(|&x| f64::from(x)).sum::<f64>() / ch.len() as f64) as f32
+/// torch routes a 1x1x1 adaptive pool to `mean`; an f64 sum is within an ulp of it.
+fn channel_means<T: Copy>(src: &BoxView<'_, T>, channels: usize, f: impl Fn(T) -> f32) -> Vec<f32> {
+    let [d, h, _] = src.size;
+    let n = src.size.iter().product::<usize>() as f64;
+    (0..channels)
+        .map(|c| {
+            let mut s = 0f64;
+            for di in 0..d {
+                for hi in 0..h {
+                    s += src.row(c, di, hi).iter().map(|&x| f64::from(f(x))).sum::<f64>();
+                }
+            }
+            (s / n) as f32
         })
-        .collect();
-    Volume {
-        shape: [c, 1, 1, 1],
-        data: means,
-    }
+        .collect()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -201,9 +286,42 @@ fn blend(t0: f32, w0: f32, t1: f32, w1: f32) -> f32 {
     fma_f32(t0, w0, t1 * w1)
 }
 
+/// `out[j] = blend(a[j], w0, b[j], w1)` over two rows with fixed weights: a branch-free f64 pass
+/// the compiler vectorises, then exact recomputation of the rare values it flagged.
+#[inline]
+fn blend_rows(out: &mut [f32], a: &[f32], b: &[f32], w0: f32, w1: f32) {
+    let mut suspect = false;
+    for ((o, &x), &y) in out.iter_mut().zip(a).zip(b) {
+        let (r, s) = fma_f32_flagged(x, w0, y * w1);
+        *o = r;
+        suspect |= s;
+    }
+    if suspect {
+        for ((o, &x), &y) in out.iter_mut().zip(a).zip(b) {
+            *o = blend(x, w0, y, w1);
+        }
+    }
+}
+
+/// The W pass over one row: per-output taps and weights.
+#[inline]
+fn blend_row_taps<T: Copy>(out: &mut [f32], row: &[T], t: &LinearTaps, f: &impl Fn(T) -> f32) {
+    let mut suspect = false;
+    for ((((o, &i0), &i1), &l0), &l1) in out.iter_mut().zip(&t.i0).zip(&t.i1).zip(&t.l0).zip(&t.l1) {
+        let (r, s) = fma_f32_flagged(f(row[i0]), l0, f(row[i1]) * l1);
+        *o = r;
+        suspect |= s;
+    }
+    if suspect {
+        for ((((o, &i0), &i1), &l0), &l1) in out.iter_mut().zip(&t.i0).zip(&t.i1).zip(&t.l0).zip(&t.l1) {
+            *o = blend(f(row[i0]), l0, f(row[i1]), l1);
+        }
+    }
+}
+
 /// MONAI `Resize(mode="trilinear")` = torch `interpolate(mode="trilinear", align_corners=False)`
 /// without anti-aliasing. Computed as separable W, H, D passes, which is exactly torch's nesting
-/// (its innermost interpolation is along W), so the passes reproduce its rounding.
+/// (its innermost interpolation is along W), so the passes reproduce its rounding bit for bit.
 ///
 /// # Panics
 /// If the input has no voxels along some axis but the output has some; see [`try_resize_trilinear`].
@@ -213,14 +331,26 @@ pub fn resize_trilinear(v: &Volume<f32>, size: [usize; 3]) -> Volume<f32> {
 
 /// [`resize_trilinear`] returning an error instead of panicking on an empty input.
 pub fn try_resize_trilinear(v: &Volume<f32>, size: [usize; 3]) -> Result<Volume<f32>, VolumeError> {
-    let [c, d, h, w] = v.shape();
+    try_resize_trilinear_box(v, &full_box(v.spatial()), size, |x| x)
+}
+
+/// `resize_trilinear(&crop(&v.map(f), b), size)` in one pass, bit for bit.
+pub fn try_resize_trilinear_box<T: Copy + Sync>(
+    v: &Volume<T>,
+    b: &BBox,
+    size: [usize; 3],
+    f: impl Fn(T) -> f32 + Sync,
+) -> Result<Volume<f32>, VolumeError> {
+    let src = BoxView::new(v, b)?;
+    let c = v.channels();
+    let [d, h, w] = src.size;
     let [od, oh, ow] = size;
     let out_shape = [c, od, oh, ow];
-    if check_resize([d, h, w], size, c)? {
+    if check_resize(src.size, size, c)? {
         return Volume::new(out_shape, Vec::new());
     }
-    if [d, h, w] == size {
-        return Ok(v.clone());
+    if src.size == size {
+        return Volume::new(out_shape, copy_box(&src, c, f));
     }
     let td = linear_taps(d, od);
     let th = linear_taps(h, oh);
@@ -230,9 +360,7 @@ pub fn try_resize_trilinear(v: &Volume<f32>, size: [usize; 3]) -> Result<Volume<
     let mut slot = vec![usize::MAX; d];
     let mut needed = Vec::new();
     for &i in td.i0.iter().chain(&td.i1) {
-        if slot[i] == usize::MAX {
-            slot[i] = 0;
-        }
+        slot[i] = 0;
     }
     for (i, s) in slot.iter_mut().enumerate() {
         if *s != usize::MAX {
@@ -241,29 +369,20 @@ pub fn try_resize_trilinear(v: &Volume<f32>, size: [usize; 3]) -> Result<Volume<
         }
     }
 
-    let src = v.data();
-    let plane_in = h * w;
     let plane_out = oh * ow;
     let nslots = needed.len();
     // tmp[c][slot] = input plane `needed[slot]` of channel c after the W and H passes.
     let mut tmp = vec![0f32; c * nslots * plane_out];
     for_each_plane(&mut tmp, plane_out, |p, dst| {
-        let (ci, si) = (p / nslots, p % nslots);
-        let base = (ci * d + needed[si]) * plane_in;
-        let plane = &src[base..base + plane_in];
+        let (ci, di) = (p / nslots, needed[p % nslots]);
         let mut rows = vec![0f32; h * ow];
-        for (row_out, row_in) in rows.chunks_exact_mut(ow).zip(plane.chunks_exact(w)) {
-            for (o, j) in row_out.iter_mut().zip(0..ow) {
-                *o = blend(row_in[tw.i0[j]], tw.l0[j], row_in[tw.i1[j]], tw.l1[j]);
-            }
+        for (hi, row_out) in rows.chunks_exact_mut(ow).enumerate() {
+            blend_row_taps(row_out, src.row(ci, di, hi), &tw, &f);
         }
         for (oi, dst_row) in dst.chunks_exact_mut(ow).enumerate() {
             let r0 = &rows[th.i0[oi] * ow..(th.i0[oi] + 1) * ow];
             let r1 = &rows[th.i1[oi] * ow..(th.i1[oi] + 1) * ow];
-            let (w0, w1) = (th.l0[oi], th.l1[oi]);
-            for ((o, &a), &b) in dst_row.iter_mut().zip(r0).zip(r1) {
-                *o = blend(a, w0, b, w1);
-            }
+            blend_rows(dst_row, r0, r1, th.l0[oi], th.l1[oi]);
         }
     });
 
@@ -272,11 +391,13 @@ pub fn try_resize_trilinear(v: &Volume<f32>, size: [usize; 3]) -> Result<Volume<
         let (ci, odi) = (p / od, p % od);
         let s0 = (ci * nslots + slot[td.i0[odi]]) * plane_out;
         let s1 = (ci * nslots + slot[td.i1[odi]]) * plane_out;
-        let (p0, p1) = (&tmp[s0..s0 + plane_out], &tmp[s1..s1 + plane_out]);
-        let (w0, w1) = (td.l0[odi], td.l1[odi]);
-        for ((o, &a), &b) in dst.iter_mut().zip(p0).zip(p1) {
-            *o = blend(a, w0, b, w1);
-        }
+        blend_rows(
+            dst,
+            &tmp[s0..s0 + plane_out],
+            &tmp[s1..s1 + plane_out],
+            td.l0[odi],
+            td.l1[odi],
+        );
     });
     Volume::new(out_shape, out)
 }
@@ -313,27 +434,36 @@ pub fn try_resize_nearest<T: Copy + Send + Sync>(
     v: &Volume<T>,
     size: [usize; 3],
 ) -> Result<Volume<T>, VolumeError> {
-    let [c, d, h, w] = v.shape();
+    try_resize_nearest_box(v, &full_box(v.spatial()), size)
+}
+
+/// `resize_nearest(&crop(v, b), size)` without the intermediate crop.
+pub fn try_resize_nearest_box<T: Copy + Send + Sync>(
+    v: &Volume<T>,
+    b: &BBox,
+    size: [usize; 3],
+) -> Result<Volume<T>, VolumeError> {
+    let src = BoxView::new(v, b)?;
+    let c = v.channels();
+    let [d, h, w] = src.size;
     let [od, oh, ow] = size;
     let out_shape = [c, od, oh, ow];
-    if check_resize([d, h, w], size, c)? {
+    if check_resize(src.size, size, c)? {
         return Volume::new(out_shape, Vec::new());
     }
-    if [d, h, w] == size {
-        return Ok(v.clone());
+    if src.size == size {
+        return Volume::new(out_shape, copy_box(&src, c, |x| x));
     }
     let sd = nearest_index(d, od);
     let sh = nearest_index(h, oh);
     let sw = nearest_index(w, ow);
-    let src = v.data();
     let plane_out = oh * ow;
-    // A placeholder value to size the buffer; every element is overwritten below.
-    let mut out = vec![src[0]; c * od * plane_out];
+    // A placeholder value to size the buffer (the box is non-empty here); all of it is overwritten.
+    let mut out = vec![src.row(0, 0, 0)[0]; c * od * plane_out];
     for_each_plane(&mut out, plane_out, |p, dst| {
         let (ci, odi) = (p / od, p % od);
-        let plane = &src[(ci * d + sd[odi]) * h * w..(ci * d + sd[odi] + 1) * h * w];
         for (dst_row, &ih) in dst.chunks_exact_mut(ow).zip(&sh) {
-            let row = &plane[ih * w..(ih + 1) * w];
+            let row = src.row(ci, sd[odi], ih);
             for (o, &iw) in dst_row.iter_mut().zip(&sw) {
                 *o = row[iw];
             }
@@ -345,6 +475,7 @@ pub fn try_resize_nearest<T: Copy + Send + Sync>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::transforms::crop;
 
     #[test]
     fn area_windows_cover_the_axis() {
@@ -457,6 +588,37 @@ mod tests {
             let at_h = |x: usize| blend(at_w(x, th.i0[b]), th.l0[b], at_w(x, th.i1[b]), th.l1[b]);
             blend(at_h(td.i0[a]), td.l0[a], at_h(td.i1[a]), td.l1[a])
         })
+    }
+
+    #[test]
+    fn box_variants_equal_crop_map_then_resize() {
+        let v = Volume::from_fn([2, 11, 23, 19], |c, d, h, w| ((c * 31 + d * 7 + h * 3 + w) % 29) as u8 * 8);
+        let lut: Vec<f32> = (0..256).map(|x| x as f32 / 255.0).collect();
+        let map = |x: u8| lut[usize::from(x)];
+        let b = BBox { start: [1, 4, 2], end: [10, 20, 17] };
+        let mapped = crop(&v.map(map), &b);
+        for size in [[4, 8, 5], [9, 16, 15], [18, 7, 40], [1, 1, 1]] {
+            assert_eq!(
+                try_resize_area_box(&v, &b, size, map).unwrap(),
+                resize_area(&mapped, size),
+                "area {size:?}"
+            );
+            assert_eq!(
+                try_resize_trilinear_box(&v, &b, size, map).unwrap(),
+                resize_trilinear(&mapped, size),
+                "trilinear {size:?}"
+            );
+            assert_eq!(
+                try_resize_nearest_box(&v, &b, size).unwrap(),
+                resize_nearest(&crop(&v, &b), size),
+                "nearest {size:?}"
+            );
+        }
+        let outside = BBox { start: [0, 0, 0], end: [12, 1, 1] };
+        assert!(matches!(
+            try_resize_area_box(&v, &outside, [2, 2, 2], map),
+            Err(VolumeError::BadBBox { .. })
+        ));
     }
 
     #[test]

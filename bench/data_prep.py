@@ -1,0 +1,161 @@
+"""Data-prep benchmarks, m3d against the reference way, side by side in one run (see docs/benchmarks.md).
+
+1. Conversion throughput per core: `m3d data-prep cap --threads 1` against the reference pipeline in Python
+   (PIL + numpy + MONAI, the steps of m3d_cap_data_prepare.py, one process) on the same raw series, including
+   writing the outputs (shards vs .npy files).
+2. Bytes per volume: shard bytes / volumes against the reference .npy (float32 1x32x256x256 + header).
+3. Reader throughput per core: volumes/s decoded + augmented to f32 (`shards/examples/read_bench.rs`) against
+   np.load of the reference .npy + the reference MONAI train transform, one thread each.
+4. Peak RSS of `m3d data-prep cap` converting N and 10 N volumes.
+
+Usage: python bench/data_prep.py [--work DIR] [--cases N] [--slice-size 512x512]
+Needs the m3d binary and the read_bench example (scripts/setup.sh builds both) and the .venv.
+"""
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, os.path.join(ROOT, "tests", "oracle"))
+
+
+def target_dir():
+    return os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target"))
+
+
+def m3d_bin():
+    return os.environ.get("M3D_BIN", os.path.join(target_dir(), "release", "m3d"))
+
+
+def run(cmd, **kw):
+    t = time.perf_counter()
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, **kw)
+    return time.perf_counter() - t
+
+
+def peak_rss_of(cmd):
+    """Runs cmd in a fresh child and returns its peak RSS in MiB (ru_maxrss of the waited child)."""
+    pid = os.fork()
+    if pid == 0:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 1)
+        os.execv(cmd[0], cmd)
+    _, status, usage = os.wait4(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, cmd
+    return usage.ru_maxrss / 1024.0
+
+
+def series_dirs(cap_root):
+    split = json.load(open(os.path.join(cap_root, "M3D_Cap.json")))
+    import unicodedata
+
+    def fold(t):
+        return "".join(c for c in unicodedata.normalize("NFD", t) if unicodedata.category(c) != "Mn")
+
+    out, seen = [], set()
+    for entries in split.values():
+        for e in entries:
+            if e["image"] in seen:
+                continue
+            seen.add(e["image"])
+            case = os.path.join(cap_root, os.path.dirname(e["image"]))
+            stem = os.path.splitext(os.path.basename(e["image"]))[0]
+            out.append((e["image"], [os.path.join(case, d) for d in os.listdir(case) if fold(d) == stem][0]))
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--work", default=os.path.join(ROOT, "out", "bench"))
+    ap.add_argument("--cases", type=int, default=12)
+    ap.add_argument("--slice-size", default="512x512")
+    ap.add_argument("--rss-cases", type=int, default=4)
+    args = ap.parse_args()
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import torch
+
+    torch.set_num_threads(1)
+    import reference_prep
+
+    shutil.rmtree(args.work, ignore_errors=True)
+    os.makedirs(args.work)
+    raw = os.path.join(args.work, "raw")
+    run([m3d_bin(), "data-prep", "synth", raw, "--cap-cases", str(args.cases), "--slice-size", args.slice_size,
+         "--seg-datasets", "1", "--seg-cases", "1", "--refseg-cases", "1"])
+    cap_root = os.path.join(raw, "M3D_Cap")
+    series = series_dirs(cap_root)
+    n = len(series)
+    results = {"volumes": n, "slice_size": args.slice_size}
+
+    # 1. conversion throughput, one core each.
+    ref_out = os.path.join(args.work, "ref_npy")
+    t = time.perf_counter()
+    for image, sdir in series:
+        dst = os.path.join(ref_out, image)
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        np.save(dst, reference_prep.cap_series(sdir))
+    ref_s = time.perf_counter() - t
+    shards = os.path.join(args.work, "shards")
+    ours_s = run([m3d_bin(), "data-prep", "cap", "--src", cap_root, "--out", shards, "--threads", "1", "--force"])
+    results["convert"] = {"reference_s": ref_s, "m3d_s": ours_s, "reference_vol_per_s": n / ref_s,
+                          "m3d_vol_per_s": n / ours_s, "ratio": ref_s / ours_s}
+
+    # 2. bytes per volume.
+    manifest = json.load(open(os.path.join(shards, "manifest.json")))
+    shard_bytes = sum(e["bytes"] for e in manifest["volume_shards"])
+    npy_bytes = [os.path.getsize(os.path.join(ref_out, image)) for image, _ in series]
+    results["bytes"] = {"m3d_per_volume": shard_bytes / n, "reference_per_volume": sum(npy_bytes) / n,
+                        "ratio": (shard_bytes / n) / (sum(npy_bytes) / n)}
+
+    # 3. reader throughput, one core each: decode + augment to f32.
+    import monai.transforms as mtf
+    from monai.data import set_track_meta
+
+    set_track_meta(False)
+    train_tf = mtf.Compose([
+        mtf.RandRotate90(prob=0.5, spatial_axes=(1, 2)),
+        mtf.RandFlip(prob=0.10, spatial_axis=0),
+        mtf.RandFlip(prob=0.10, spatial_axis=1),
+        mtf.RandFlip(prob=0.10, spatial_axis=2),
+        mtf.RandScaleIntensity(factors=0.1, prob=0.5),
+        mtf.RandShiftIntensity(offsets=0.1, prob=0.5),
+        mtf.ToTensor(dtype=torch.float),
+    ])
+    train_tf.set_random_state(42)
+    passes = 3
+    t = time.perf_counter()
+    for _ in range(passes):
+        for image, _ in series:
+            x = train_tf(np.load(os.path.join(ref_out, image)))
+            assert x.shape == (1, 32, 256, 256)
+    ref_read = passes * n / (time.perf_counter() - t)
+    bench = os.path.join(target_dir(), "release", "examples", "read_bench")
+    out = subprocess.run([bench, shards, "--passes", str(passes), "--threads", "1"], check=True,
+                         capture_output=True, text=True).stdout
+    ours_read = json.loads(out.strip().splitlines()[-1])["volumes_per_s"]
+    results["read"] = {"reference_vol_per_s": ref_read, "m3d_vol_per_s": ours_read, "ratio": ours_read / ref_read}
+
+    # 4. peak RSS, N vs 10 N volumes (same slices, more cases).
+    rss = {}
+    for cases in (args.rss_cases, 10 * args.rss_cases):
+        r = os.path.join(args.work, f"rss_raw_{cases}")
+        run([m3d_bin(), "data-prep", "synth", r, "--cap-cases", str(cases), "--slice-size", args.slice_size,
+             "--seg-datasets", "1", "--seg-cases", "1", "--refseg-cases", "1"])
+        vols = len(series_dirs(os.path.join(r, "M3D_Cap")))
+        mib = peak_rss_of([m3d_bin(), "data-prep", "cap", "--src", os.path.join(r, "M3D_Cap"),
+                           "--out", os.path.join(args.work, f"rss_out_{cases}"), "--threads", "2"])
+        rss[str(vols)] = mib
+    results["peak_rss_mib"] = rss
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,211 @@
+//! Decoding of M3D-Cap slice images (PNG/JPEG) to 8-bit grey exactly as
+//! `np.array(PIL.Image.open(p).convert("L"))` does. The format is detected from the content, not the file
+//! name (the dataset has JPEGs named `.png` and vice versa, which Pillow handles the same way).
+//!
+//! Pillow's rules, reproduced here (and checked against Pillow by the oracle tests):
+//! * colour to grey: `L = (R*19595 + G*38470 + B*7471 + 0x8000) >> 16` (ITU-R 601-2 in 16-bit fixed point);
+//!   alpha and `tRNS` transparency are ignored; palette images go through their palette;
+//! * 16-bit grey PNG opens as mode `I;16` and converts to `L` by clipping at 255 (not scaling);
+//! * 16-bit RGB/RGBA/LA PNG open as 8-bit modes keeping the most significant byte of each sample;
+//! * 1/2/4-bit grey PNG are scaled to 0..255 (`v * 255 / (2^bits - 1)`).
+//!
+//! PNG is decoded with the `png` crate without transformations so that these rules see the stored samples;
+//! JPEG with `image`'s decoder (zune-jpeg), whose IDCT/upsampling may differ slightly from libjpeg-turbo
+//! (see the oracle tests for the measured bound).
+
+use std::io::Cursor;
+use std::path::Path;
+
+use crate::error::FormatError;
+
+/// An 8-bit grey image, row-major.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GreySlice {
+    pub height: usize,
+    pub width: usize,
+    pub pixels: Vec<u8>,
+}
+
+fn ierr(path: &Path, reason: impl Into<String>) -> FormatError {
+    FormatError::Image {
+        path: path.to_path_buf(),
+        reason: reason.into(),
+    }
+}
+
+/// Pillow's RGB -> L rule (`L24` in Pillow's `Convert.c`).
+#[inline]
+pub fn luma_pil(r: u8, g: u8, b: u8) -> u8 {
+    ((u32::from(r) * 19595 + u32::from(g) * 38470 + u32::from(b) * 7471 + 0x8000) >> 16) as u8
+}
+
+/// Reads and decodes a slice file.
+pub fn decode_slice(path: &Path) -> Result<GreySlice, FormatError> {
+    let bytes = std::fs::read(path).map_err(|e| FormatError::io(path, e))?;
+    decode_slice_bytes(&bytes, path)
+}
+
+/// Decodes a PNG or JPEG held in memory; `name` is used only in error messages.
+pub fn decode_slice_bytes(bytes: &[u8], name: &Path) -> Result<GreySlice, FormatError> {
+    if bytes.starts_with(b"\x89PNG\r\n\x1a\n") {
+        decode_png(bytes, name)
+    } else if bytes.starts_with(&[0xFF, 0xD8, 0xFF]) {
+        decode_jpeg(bytes, name)
+    } else {
+        Err(ierr(
+            name,
+            "neither a PNG nor a JPEG (unrecognised signature)",
+        ))
+    }
+}
+
+fn decode_png(bytes: &[u8], name: &Path) -> Result<GreySlice, FormatError> {
+    let mut decoder = png::Decoder::new(Cursor::new(bytes));
+    decoder.set_transformations(png::Transformations::IDENTITY);
+    let mut reader = decoder
+        .read_info()
+        .map_err(|e| ierr(name, format!("PNG: {e}")))?;
+    let size = reader
+        .output_buffer_size()
+        .ok_or_else(|| ierr(name, "PNG: image too large"))?;
+    let mut buf = vec![0u8; size];
+    let info = reader
+        .next_frame(&mut buf)
+        .map_err(|e| ierr(name, format!("PNG: {e}")))?;
+    let (w, h) = (info.width as usize, info.height as usize);
+    let bits = info.bit_depth as u8;
+    let line = info.line_size;
+    let palette = reader.info().palette.as_deref().map(<[u8]>::to_vec);
+    use png::ColorType as C;
+    let mut pixels = Vec::with_capacity(w * h);
+    for row in buf.chunks_exact(line).take(h) {
+        match (info.color_type, bits) {
+            (C::Grayscale, 16) => {
+                pixels.extend(
+                    row.chunks_exact(2)
+                        .take(w)
+                        .map(|s| if s[0] != 0 { 255 } else { s[1] }),
+                )
+            }
+            (C::Grayscale, 8) => pixels.extend_from_slice(&row[..w]),
+            (C::Grayscale, b) => {
+                let max = (1u16 << b) - 1;
+                pixels.extend(unpack_bits(row, b, w).map(|v| (u16::from(v) * 255 / max) as u8));
+            }
+            (C::Indexed, b) => {
+                let pal = palette
+                    .as_deref()
+                    .ok_or_else(|| ierr(name, "PNG: palette image without PLTE"))?;
+                for idx in unpack_bits(row, b, w) {
+                    let i = usize::from(idx) * 3;
+                    // Pillow pads a short palette with black.
+                    let px = pal.get(i..i + 3).map_or(0, |p| luma_pil(p[0], p[1], p[2]));
+                    pixels.push(px);
+                }
+            }
+            (ct, b) => {
+                let channels = match ct {
+                    C::Rgb => 3,
+                    C::Rgba => 4,
+                    C::GrayscaleAlpha => 2,
+                    _ => return Err(ierr(name, format!("PNG: unsupported colour type {ct:?}"))),
+                };
+                let bytes_per_sample = usize::from(b / 8);
+                // For 16-bit samples (big-endian) the first byte is the most significant one.
+                let step = channels * bytes_per_sample;
+                for px in row.chunks_exact(step).take(w) {
+                    let s = |k: usize| px[k * bytes_per_sample];
+                    pixels.push(if channels == 2 {
+                        s(0)
+                    } else {
+                        luma_pil(s(0), s(1), s(2))
+                    });
+                }
+            }
+        }
+    }
+    if pixels.len() != w * h {
+        return Err(ierr(name, "PNG: decoded data shorter than the image"));
+    }
+    Ok(GreySlice {
+        height: h,
+        width: w,
+        pixels,
+    })
+}
+
+/// Samples of a row packed at `bits` (1, 2, 4 or 8) per sample, most significant bits first.
+fn unpack_bits(row: &[u8], bits: u8, width: usize) -> impl Iterator<Item = u8> + '_ {
+    let per_byte = 8 / usize::from(bits.max(1));
+    let mask = ((1u16 << bits) - 1) as u8;
+    (0..width).map(move |x| {
+        let byte = row[x / per_byte];
+        let shift = 8 - usize::from(bits) * (x % per_byte + 1);
+        (byte >> shift) & mask
+    })
+}
+
+/// True when an end-of-image marker follows the last start-of-scan marker. Entropy-coded data stuffs every
+/// 0xFF with 0x00, so a literal FF D9 after the last FF DA is the real end marker. zune-jpeg pads a
+/// truncated scan with grey where Pillow raises "image file is truncated"; this check restores the error.
+fn jpeg_has_eoi(bytes: &[u8]) -> bool {
+    let last_sos = bytes.windows(2).rposition(|w| w == [0xFF, 0xDA]);
+    match last_sos {
+        Some(p) => bytes[p..].windows(2).any(|w| w == [0xFF, 0xD9]),
+        None => false,
+    }
+}
+
+fn decode_jpeg(bytes: &[u8], name: &Path) -> Result<GreySlice, FormatError> {
+    if !jpeg_has_eoi(bytes) {
+        return Err(ierr(
+            name,
+            "JPEG: truncated (no end-of-image marker after the last scan)",
+        ));
+    }
+    let img = image::load_from_memory_with_format(bytes, image::ImageFormat::Jpeg)
+        .map_err(|e| ierr(name, format!("JPEG: {e}")))?;
+    let (w, h) = (img.width() as usize, img.height() as usize);
+    let pixels = match img {
+        image::DynamicImage::ImageLuma8(g) => g.into_raw(),
+        image::DynamicImage::ImageRgb8(rgb) => rgb
+            .into_raw()
+            .chunks_exact(3)
+            .map(|p| luma_pil(p[0], p[1], p[2]))
+            .collect(),
+        other => {
+            return Err(ierr(
+                name,
+                format!("JPEG: unsupported colour layout {:?}", other.color()),
+            ))
+        }
+    };
+    Ok(GreySlice {
+        height: h,
+        width: w,
+        pixels,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn luma_matches_pillow_formula_extremes() {
+        assert_eq!(luma_pil(255, 255, 255), 255);
+        assert_eq!(luma_pil(0, 0, 0), 0);
+        // Grey stays grey: the weights sum to 65536.
+        for g in 0..=255u8 {
+            assert_eq!(luma_pil(g, g, g), g);
+        }
+    }
+
+    #[test]
+    fn unpacks_low_bit_rows() {
+        let v: Vec<u8> = unpack_bits(&[0b1011_0001], 2, 4).collect();
+        assert_eq!(v, vec![2, 3, 0, 1]);
+        let v: Vec<u8> = unpack_bits(&[0b1000_0000, 0b0100_0000], 1, 10).collect();
+        assert_eq!(v, vec![1, 0, 0, 0, 0, 0, 0, 0, 0, 1]);
+    }
+}

@@ -1,0 +1,182 @@
+//! Shared helpers for the integration tests: synthetic volumes and samples, and the Python oracle.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+
+use m3d_shards::encode::{encode_image, pack_mask};
+use m3d_shards::{ImageDtype, MaskRecord, SampleRecord, Task, VolumeRecord};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+pub fn rng(seed: u64) -> ChaCha8Rng {
+    ChaCha8Rng::seed_from_u64(seed)
+}
+
+/// A synthetic volume: the source f32 image, the source 0/1 masks and the encoded record.
+pub struct Synthetic {
+    pub image: Vec<f32>,
+    pub masks: Vec<Vec<u8>>,
+    pub record: VolumeRecord,
+}
+
+/// Builds a volume of `shape` with random values in [0, 1] and `n_masks` masks; mask 1 (if present) is
+/// left empty so that empty-mask handling is exercised.
+pub fn synthetic_volume(
+    rng: &mut ChaCha8Rng,
+    id: &str,
+    shape: [u32; 4],
+    dtype: ImageDtype,
+    n_masks: usize,
+) -> Synthetic {
+    let n: usize = shape.iter().map(|&s| s as usize).product();
+    let spatial: usize = shape[1..].iter().map(|&s| s as usize).product();
+    let image: Vec<f32> = (0..n).map(|_| rng.random::<f32>()).collect();
+    let masks: Vec<Vec<u8>> = (0..n_masks)
+        .map(|k| {
+            if k == 1 {
+                vec![0u8; spatial]
+            } else {
+                (0..spatial)
+                    .map(|_| u8::from(rng.random::<f32>() < 0.3))
+                    .collect()
+            }
+        })
+        .collect();
+    let bytes = encode_image(&image, dtype);
+    let record = VolumeRecord {
+        volume_id: id.to_string(),
+        dataset: "seg".into(),
+        source: format!("src/{id}/image.npy"),
+        shape,
+        dtype,
+        image_crc32: crc32fast::hash(&bytes),
+        image: bytes,
+        masks: masks
+            .iter()
+            .enumerate()
+            .map(|(k, m)| {
+                let (bits, voxels) = pack_mask(m);
+                MaskRecord {
+                    class_index: k as u32 + 1,
+                    label: format!("class {k}"),
+                    voxels,
+                    bits: if voxels == 0 { Vec::new() } else { bits },
+                }
+            })
+            .collect(),
+    };
+    Synthetic {
+        image,
+        masks,
+        record,
+    }
+}
+
+pub fn sample(i: usize, volume_id: &str, task: Task) -> SampleRecord {
+    SampleRecord {
+        sample_id: format!("s{i:04}"),
+        dataset: "seg".into(),
+        task,
+        split: if i % 3 == 0 {
+            "test".into()
+        } else {
+            "train".into()
+        },
+        volume_id: volume_id.to_string(),
+        mask_index: (i % 2 == 0).then_some(i as u32 % 3),
+        question: (i % 3 == 1).then(|| format!("Where is thing {i}? «ü»")),
+        answer: Some(format!("answer {i}")),
+        answer_choice: (i % 4 == 0).then(|| "B".to_string()),
+        question_type: (i % 5 == 0).then(|| "3".to_string()),
+        class_name: (i % 2 == 0).then(|| "liver".to_string()),
+        bbox: (i % 2 == 1).then(|| [0.1, 0.2, 0.3, 0.4 + i as f32 / 1000.0, 0.5, 0.625]),
+        report: (i % 7 == 0).then(|| "Findings: none.\nMore text".to_string()),
+        source_row: Some(format!("file.csv:{i}")),
+    }
+}
+
+/// The Python oracle interpreter: `M3D_PYTHON` or `<workspace>/.venv/bin/python`. Panics with a clear
+/// message when it is missing, so an oracle test can never pass without running the oracle.
+pub fn python() -> PathBuf {
+    let p = std::env::var_os("M3D_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python"));
+    assert!(
+        p.exists(),
+        "Python oracle interpreter {} not found: set M3D_PYTHON or create the workspace .venv (scripts/setup)",
+        p.display()
+    );
+    p
+}
+
+pub fn oracle_script(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/oracle")
+        .join(name)
+}
+
+/// Writes a dataset (volume shards, one sample shard, manifest last) into `store`.
+pub fn write_dataset(
+    store: &m3d_shards::Store,
+    volume_shards: &[Vec<VolumeRecord>],
+    samples: &[SampleRecord],
+) -> m3d_shards::Manifest {
+    use m3d_shards::manifest::{sample_shard_key, volume_shard_key};
+    use m3d_shards::{Manifest, ShardEntry, WriteOptions};
+    let opts = WriteOptions {
+        rows_per_row_group: 2,
+        zstd_level: 3,
+    };
+    let mut manifest = Manifest::new("seg", "m3d-shards tests");
+    manifest.source = serde_json::json!({"root": "/synthetic"});
+    manifest.preprocessing = serde_json::json!({"shape": [1, 32, 256, 256]});
+    for (n, recs) in volume_shards.iter().enumerate() {
+        let key = volume_shard_key(n);
+        let bytes = m3d_shards::write_volume_shard(recs, &opts).unwrap();
+        manifest
+            .volume_shards
+            .push(ShardEntry::describe(&key, recs.len() as u64, &bytes));
+        store.put(&key, bytes).unwrap();
+    }
+    let key = sample_shard_key(0);
+    let bytes = m3d_shards::write_sample_shard(samples, &opts).unwrap();
+    manifest
+        .sample_shards
+        .push(ShardEntry::describe(&key, samples.len() as u64, &bytes));
+    store.put(&key, bytes).unwrap();
+    manifest.count_samples(samples);
+    manifest.update_totals();
+    manifest.save(store).unwrap();
+    manifest
+}
+
+/// Two shards of small volumes and samples referencing them.
+pub fn small_dataset(seed: u64) -> (Vec<Vec<VolumeRecord>>, Vec<SampleRecord>) {
+    let mut r = rng(seed);
+    let shards: Vec<Vec<VolumeRecord>> = (0..2)
+        .map(|s| {
+            (0..3)
+                .map(|i| {
+                    synthetic_volume(
+                        &mut r,
+                        &format!("00{s}/case_{i}"),
+                        [1, 2, 4, 4],
+                        ImageDtype::F16,
+                        2,
+                    )
+                    .record
+                })
+                .collect()
+        })
+        .collect();
+    let samples = (0..12)
+        .map(|i| {
+            sample(
+                i,
+                &shards[i % 2][i % 3].volume_id,
+                if i % 2 == 0 { Task::Seg } else { Task::Rec },
+            )
+        })
+        .collect();
+    (shards, samples)
+}

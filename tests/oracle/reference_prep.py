@@ -1,0 +1,144 @@
+"""Oracle: the reference M3D preprocessing (PIL + numpy + scipy + nibabel + MONAI), step by step as in
+BAAI-DCAI/M3D Data/process/m3d_{cap,seg,refseg}_data_prepare.py, applied to a raw synthetic dataset.
+
+Usage: reference_prep.py <synth root> <out dir>
+Writes, per volume, <out>/<dataset>/<volume id with / -> __>.image.npy (float32, 1x32x256x256) and, where the
+dataset has masks, .mask.npy; plus <out>/expected.json with caption texts and Seg boxes.
+"""
+import ast
+import json
+import os
+import sys
+import unicodedata
+from collections import Counter
+
+import monai.transforms as mtf
+import nibabel as nib
+import numpy as np
+from monai.data import set_track_meta
+from PIL import Image
+from scipy import sparse
+
+set_track_meta(False)
+
+def remove_diacritics(text):
+    return "".join(c for c in unicodedata.normalize("NFD", text) if unicodedata.category(c) != "Mn")
+
+
+def extract(text_content):
+    def after(marker):
+        i = text_content.find(marker)
+        if i != -1:
+            return text_content[i + len(marker):].replace("\n", " ").strip()
+        return text_content.replace("\n", " ").strip()
+
+    t = after("study_findings:")
+    if len(t.replace("\n", "").replace(" ", "")) < 5:
+        t = after("discussion:")
+    if len(t.replace("\n", "").replace(" ", "")) < 5:
+        t = text_content.replace("\n", " ").strip()
+    return t
+
+
+# --- M3D-Cap --------------------------------------------------------------------------------------
+CAP_TF = mtf.Compose([mtf.CropForeground(), mtf.Resize(spatial_size=[32, 256, 256])])  # default mode: area
+
+
+def cap_series(sdir):
+    """One raw series folder -> the float32 1x32x256x256 volume the reference script saves."""
+    files = [f for f in os.listdir(sdir) if f.endswith(".jpeg") or f.endswith(".png")]
+    files.sort(key=lambda x: int(os.path.splitext(x)[0]))
+    imgs = [np.array(Image.open(os.path.join(sdir, f)).convert("L")).astype(np.float32)[None] / 255.0 for f in files]
+    common = Counter([i.shape for i in imgs]).most_common(1)[0][0]
+    image = np.vstack([i for i in imgs if i.shape == common])[np.newaxis, ...]
+    image = image - image.min()
+    image = image / np.clip(image.max(), a_min=1e-8, a_max=None)
+    return np.asarray(CAP_TF(image)).astype(np.float32)
+
+
+def main(root, out):
+  expected = {"cap_text": {}, "seg_boxes": {}}
+
+  def save(dataset, vid, name, arr):
+    d = os.path.join(out, dataset)
+    os.makedirs(d, exist_ok=True)
+    np.save(os.path.join(d, vid.replace("/", "__") + "." + name + ".npy"), np.asarray(arr))
+
+  cap_root = os.path.join(root, "M3D_Cap")
+  splits = json.load(open(os.path.join(cap_root, "M3D_Cap.json")))
+  seen = set()
+  for split, entries in splits.items():
+      for e in entries:
+          if e["image"] in seen:
+              continue
+          seen.add(e["image"])
+          case_dir = os.path.join(cap_root, os.path.dirname(e["image"]))
+          stem = os.path.splitext(os.path.basename(e["image"]))[0]
+          series = [d for d in os.listdir(case_dir) if os.path.isdir(os.path.join(case_dir, d)) and remove_diacritics(d) == stem]
+          assert len(series) == 1, (case_dir, stem, series)
+          image = cap_series(os.path.join(case_dir, series[0]))
+          vid = e["image"][: -len(".npy")]
+          save("cap", vid, "image", image)
+          expected["cap_text"][vid] = extract(open(os.path.join(cap_root, e["text"])).read())
+
+  # --- M3D-Seg --------------------------------------------------------------------------------------
+  seg_root = os.path.join(root, "M3D_Seg")
+  seg_tf = mtf.Compose([
+      mtf.EnsureTyped(keys=["image", "label"], track_meta=False),
+      mtf.CropForegroundd(keys=["image", "label"], source_key="image"),
+      mtf.Resized(keys=["image", "label"], spatial_size=[32, 256, 256], mode=["trilinear", "nearest"]),
+  ])
+  for code in sorted(os.listdir(seg_root)):
+      jpath = os.path.join(seg_root, code, code + ".json")
+      if not os.path.isfile(jpath):
+          continue
+      data = json.load(open(jpath))
+      for pair in data["train"] + data["test"]:
+          mask_path = os.path.join(seg_root, pair["label"])
+          mask_shape = ast.literal_eval(mask_path.split(".")[-2].split("_")[-1])
+          image = np.load(os.path.join(seg_root, pair["image"]))
+          mask = sparse.load_npz(mask_path).toarray().reshape(mask_shape)
+          image = np.swapaxes(image, -1, -3)
+          mask = np.swapaxes(mask, -1, -3)
+          image = image - image.min()
+          image = image / np.clip(image.max(), a_min=1e-8, a_max=None)
+          items = seg_tf({"image": image, "label": mask})
+          img = items["image"].numpy().astype(np.float32)
+          m = items["label"].numpy().astype(bool)
+          vid = os.path.dirname(pair["image"])
+          save("seg", vid, "image", img)
+          save("seg", vid, "mask", m.astype(np.uint8))
+          boxes = {}
+          for c in range(m.shape[0]):
+              if m[c].sum() == 0:
+                  continue
+              nz = np.nonzero(m[c])
+              lo = [int(a.min()) for a in nz]
+              hi = [int(a.max()) for a in nz]
+              sizes = m[c].shape
+              boxes[str(c)] = [round(lo[i] / sizes[i], 3) for i in range(3)] + [round(hi[i] / sizes[i], 3) for i in range(3)]
+          expected["seg_boxes"][vid] = boxes
+
+  # --- M3D-RefSeg -----------------------------------------------------------------------------------
+  ref_root = os.path.join(root, "M3D_RefSeg")
+  ref_tf = mtf.Compose([
+      mtf.ScaleIntensityRangePercentilesd(keys=["image"], lower=0.5, upper=99.5, b_max=1.0, b_min=0.0, clip=True),
+      mtf.CropForegroundd(keys=["image", "seg"], source_key="image"),
+      mtf.Resized(keys=["image", "seg"], spatial_size=[32, 256, 256], mode=["trilinear", "nearest"]),
+  ])
+  for case in sorted(os.listdir(ref_root)):
+      cdir = os.path.join(ref_root, case)
+      if not os.path.isdir(cdir):
+          continue
+      ct = nib.load(os.path.join(cdir, "ct.nii.gz")).get_fdata().transpose(2, 0, 1)[np.newaxis, ...]
+      seg = nib.load(os.path.join(cdir, "mask.nii.gz")).get_fdata().transpose(2, 0, 1)[np.newaxis, ...]
+      items = ref_tf({"image": ct, "seg": seg})
+      save("refseg", case, "image", np.asarray(items["image"]).astype(np.float32))
+      save("refseg", case, "mask", np.asarray(items["seg"]).astype(np.float32))
+
+  json.dump(expected, open(os.path.join(out, "expected.json"), "w"))
+  print(json.dumps({"cap": len(expected["cap_text"]), "seg": len(expected["seg_boxes"])}))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])

@@ -1,0 +1,149 @@
+//! The converters against the reference preprocessing: the same raw synthetic inputs go through `m3d data-prep`
+//! (images stored as f32, so nothing is quantised) and through the reference steps in Python (PIL, numpy, scipy,
+//! nibabel, MONAI — tests/oracle/reference_prep.py). Images must agree within 1e-5, masks exactly, caption texts and
+//! positioning boxes exactly.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use common::{m3d_ok, oracle, s, synth_small};
+use m3d_shards::dataset::ShardDataset;
+use m3d_shards::encode::{decode_image_into, unpack_mask_u8_into};
+use m3d_shards::schema::{Task, VolumeRecord};
+
+const IMAGE_TOL: f32 = 1e-5;
+
+fn volumes(url: &Path) -> Vec<VolumeRecord> {
+    let ds = ShardDataset::open(s(url)).unwrap();
+    let mut out = Vec::new();
+    for shard in 0..ds.manifest().volume_shards.len() {
+        for rec in ds.stream_volumes(shard).unwrap() {
+            out.push(rec.unwrap());
+        }
+    }
+    out
+}
+
+fn expected_npy(dir: &Path, dataset: &str, vid: &str, kind: &str) -> (Vec<usize>, Vec<f32>) {
+    let path = dir.join(dataset).join(format!("{}.{kind}.npy", vid.replace('/', "__")));
+    let arr = m3d_formats::npy::read_npy(&path).unwrap_or_else(|e| panic!("{e}"));
+    (arr.shape.clone(), arr.to_f32())
+}
+
+fn image_of(rec: &VolumeRecord) -> Vec<f32> {
+    let n: usize = rec.shape.iter().map(|&d| d as usize).product();
+    let mut buf = vec![0f32; n];
+    decode_image_into(&rec.image, rec.dtype, &mut buf).unwrap();
+    buf
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+#[test]
+fn converters_match_the_reference_preprocessing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let raw = tmp.path().join("raw");
+    let exp = tmp.path().join("expected");
+    let shards = tmp.path().join("shards");
+    synth_small(&raw);
+    oracle("reference_prep.py", &[s(&raw), s(&exp)]);
+    let expected: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(exp.join("expected.json")).unwrap()).unwrap();
+
+    for (ds, sub) in [("cap", "M3D_Cap"), ("seg", "M3D_Seg"), ("refseg", "M3D_RefSeg")] {
+        m3d_ok(&[
+            "data-prep",
+            ds,
+            "--src",
+            s(&raw.join(sub)),
+            "--out",
+            s(&shards.join(ds)),
+            "--dtype",
+            "f32",
+            "--shard-volumes",
+            "3",
+        ]);
+    }
+
+    // M3D-Cap: images and caption texts.
+    let cap = volumes(&shards.join("cap"));
+    assert_eq!(cap.len(), expected["cap_text"].as_object().unwrap().len());
+    for rec in &cap {
+        let (shape, want) = expected_npy(&exp, "cap", &rec.volume_id, "image");
+        assert_eq!(shape, rec.shape.iter().map(|&d| d as usize).collect::<Vec<_>>(), "{}", rec.volume_id);
+        let diff = max_abs_diff(&image_of(rec), &want);
+        assert!(diff <= IMAGE_TOL, "cap {}: max |diff| {diff}", rec.volume_id);
+    }
+    let cap_ds = ShardDataset::open(s(&shards.join("cap"))).unwrap();
+    for sample in cap_ds.samples() {
+        assert_eq!(sample.task, Task::Caption);
+        let want = expected["cap_text"][&sample.volume_id].as_str().unwrap();
+        assert_eq!(sample.report.as_deref(), Some(want), "caption of {}", sample.volume_id);
+    }
+
+    // M3D-Seg: images, every mask channel exactly, and the REC/REG boxes.
+    let seg = volumes(&shards.join("seg"));
+    assert_eq!(seg.len(), expected["seg_boxes"].as_object().unwrap().len());
+    for rec in &seg {
+        let (_, want) = expected_npy(&exp, "seg", &rec.volume_id, "image");
+        let diff = max_abs_diff(&image_of(rec), &want);
+        assert!(diff <= IMAGE_TOL, "seg {}: max |diff| {diff}", rec.volume_id);
+        let (mshape, masks) = expected_npy(&exp, "seg", &rec.volume_id, "mask");
+        assert_eq!(mshape[0], rec.masks.len(), "channels of {}", rec.volume_id);
+        let per = masks.len() / mshape[0];
+        for (c, m) in rec.masks.iter().enumerate() {
+            let want: Vec<u8> = masks[c * per..(c + 1) * per].iter().map(|&v| v as u8).collect();
+            let mut got = vec![0u8; per];
+            if m.voxels > 0 {
+                unpack_mask_u8_into(&m.bits, &mut got).unwrap();
+            }
+            assert!(got == want, "seg {} mask {c} differs", rec.volume_id);
+        }
+    }
+    let seg_ds = ShardDataset::open(s(&shards.join("seg"))).unwrap();
+    let mut boxes_checked = 0;
+    for sample in seg_ds.samples() {
+        if matches!(sample.task, Task::Rec | Task::Reg) {
+            let c = sample.mask_index.unwrap().to_string();
+            let want: Vec<f32> = expected["seg_boxes"][&sample.volume_id][&c]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_f64().unwrap() as f32)
+                .collect();
+            assert_eq!(sample.bbox.unwrap().to_vec(), want, "box of {} class {c}", sample.volume_id);
+            boxes_checked += 1;
+        }
+    }
+    assert!(boxes_checked > 0);
+
+    // M3D-RefSeg: images and each region's mask against the reference id map.
+    let refseg = volumes(&shards.join("refseg"));
+    assert!(!refseg.is_empty());
+    for rec in &refseg {
+        let (_, want) = expected_npy(&exp, "refseg", &rec.volume_id, "image");
+        let diff = max_abs_diff(&image_of(rec), &want);
+        assert!(diff <= IMAGE_TOL, "refseg {}: max |diff| {diff}", rec.volume_id);
+        let (_, ids) = expected_npy(&exp, "refseg", &rec.volume_id, "mask");
+        let mut by_id: BTreeMap<u32, usize> = BTreeMap::new();
+        for v in &ids {
+            if *v > 0.0 {
+                *by_id.entry(v.round() as u32).or_default() += 1;
+            }
+        }
+        for m in &rec.masks {
+            let want: Vec<u8> = ids.iter().map(|&v| u8::from(v.round() as u32 == m.class_index)).collect();
+            let mut got = vec![0u8; ids.len()];
+            if m.voxels > 0 {
+                unpack_mask_u8_into(&m.bits, &mut got).unwrap();
+            }
+            assert!(got == want, "refseg {} region {} differs", rec.volume_id, m.class_index);
+            assert_eq!(m.voxels as usize, by_id.get(&m.class_index).copied().unwrap_or(0));
+        }
+    }
+}
