@@ -851,7 +851,6 @@ mod tests {
         ];
         for a in arrays {
             let bytes = encode_npy(&a);
-            assert_eq!(bytes.len() % 64 == 0 || a.len() > 0, true);
             let b = parse_npy(&bytes, p()).unwrap();
             assert_eq!(a, b);
         }

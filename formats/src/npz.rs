@@ -44,7 +44,9 @@ fn read_npz_from<R: Read + std::io::Seek>(
             continue;
         }
         let name = member.name().to_string();
-        let mut bytes = Vec::with_capacity(usize::try_from(member.size()).unwrap_or(0));
+        // The declared size comes from the archive, so it only sizes the first allocation up to a cap.
+        let hint = usize::try_from(member.size()).unwrap_or(0).min(1 << 28);
+        let mut bytes = Vec::with_capacity(hint);
         member
             .read_to_end(&mut bytes)
             .map_err(|e| npz_err(path, format!("member {name:?}: {e}")))?;

@@ -118,15 +118,15 @@ impl CsrMatrix {
                 return Err(mismatch(format!("indptr <= nnz = {nnz}"), format!("{end}")));
             }
             let row = &mut dense[r * cols..(r + 1) * cols];
-            for k in start..end {
-                let c = self.indices[k];
+            let entries = self.indices[start..end].iter().zip(&nonzero[start..end]);
+            for (k, (&c, &nz)) in (start..).zip(entries) {
                 if c < 0 || c as u64 >= cols as u64 {
                     return Err(mismatch(
                         format!("column indices in 0..{cols}"),
                         format!("index {c} (entry {k}, row {r})"),
                     ));
                 }
-                if nonzero[k] {
+                if nz {
                     row[c as usize] = 1;
                 }
             }

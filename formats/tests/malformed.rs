@@ -188,21 +188,16 @@ fn nifti_with_broken_header() {
     let bytes = std::fs::read(&good).unwrap();
     assert!(read_nifti(&good).is_ok());
 
-    let damage: [(&str, fn(&mut Vec<u8>)); 4] = [
-        ("sizeof_hdr.nii", |b| {
-            b[0..4].copy_from_slice(&999i32.to_le_bytes())
-        }),
-        ("magic.nii", |b| b[344..348].copy_from_slice(b"xyz\0")),
-        ("dim0.nii", |b| {
-            b[40..42].copy_from_slice(&9i16.to_le_bytes())
-        }),
-        ("datatype.nii", |b| {
-            b[70..72].copy_from_slice(&128i16.to_le_bytes())
-        }),
+    // (file name, byte offset in the header, replacement bytes)
+    let damage = [
+        ("sizeof_hdr.nii", 0, 999i32.to_le_bytes().to_vec()),
+        ("magic.nii", 344, b"xyz\0".to_vec()),
+        ("dim0.nii", 40, 9i16.to_le_bytes().to_vec()),
+        ("datatype.nii", 70, 128i16.to_le_bytes().to_vec()),
     ];
-    for (name, f) in damage {
+    for (name, at, patch) in damage {
         let mut b = bytes.clone();
-        f(&mut b);
+        b[at..at + patch.len()].copy_from_slice(&patch);
         let p = dir.path().join(name);
         std::fs::write(&p, &b).unwrap();
         let e = read_nifti(&p).unwrap_err();

@@ -46,7 +46,8 @@ fn our_files_read_exactly_by_nibabel() {
     let mut lines = Vec::new();
     let shape = [5usize, 4, 3];
     let n: usize = shape.iter().product();
-    let cases: Vec<(&str, NiftiDtype, &str, Vec<f32>, Vec<usize>)> = vec![
+    type Case<'a> = (&'a str, NiftiDtype, &'a str, Vec<f32>, Vec<usize>);
+    let cases: Vec<Case> = vec![
         (
             "u8.nii.gz",
             NiftiDtype::U8,

@@ -71,7 +71,7 @@ fn numpy_and_scipy_files_read_identically() {
                 assert_eq!(s, shape, "{name}");
                 let want = std::fs::read(p.parent().unwrap().join("dense.bin")).unwrap();
                 assert!(dense == want, "{name}: dense mask differs from scipy's");
-                assert!(dense.iter().any(|&v| v == 1));
+                assert!(dense.contains(&1));
             }
             other => panic!("unknown manifest kind {other}"),
         }

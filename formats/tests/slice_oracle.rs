@@ -4,13 +4,10 @@ mod common;
 
 use m3d_formats::slice::decode_slice;
 
-/// JPEG is not bit-exact: `image` decodes with zune-jpeg, whose IDCT rounds differently from libjpeg-turbo's
-/// in Pillow. Measured over the 16 JPEGs of this test (grey and colour, 4:4:4/4:2:2/4:2:0, baseline and
-/// progressive, sizes not multiple of 8): the max abs difference is 1 grey level in every file, grey
-/// included (so it comes from the IDCT, not the colour conversion), and 0.3% to 1.3% of the pixels of a file
-/// differ. The bounds asserted are those observed: 1 grey level, and at most 2% of the pixels.
-const JPEG_MAX_ABS_DIFF: u8 = 1;
-const JPEG_MAX_DIFF_FRACTION: f64 = 0.02;
+/// JPEG must be bit-exact too: we decode with libjpeg-turbo's algorithms, as Pillow does. (With zune-jpeg it was
+/// off by one grey level on 0.3-1.3 % of pixels.)
+const JPEG_MAX_ABS_DIFF: u8 = 0;
+const JPEG_MAX_DIFF_FRACTION: f64 = 0.0;
 
 #[test]
 fn slices_match_pillow() {

@@ -15,11 +15,23 @@ use crate::ShardError;
 pub use crate::decode::decode_sample_into;
 
 /// An opened dataset: its manifest and all of its samples (volumes are streamed on demand).
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ShardDataset {
     store: Store,
     manifest: Manifest,
     samples: Vec<SampleRecord>,
+}
+
+impl std::fmt::Debug for ShardDataset {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Summarised: a dataset can hold hundreds of thousands of samples.
+        f.debug_struct("ShardDataset")
+            .field("store", &self.store)
+            .field("dataset", &self.manifest.dataset)
+            .field("volume_shards", &self.manifest.volume_shards.len())
+            .field("samples", &self.samples.len())
+            .finish()
+    }
 }
 
 /// Which list of the manifest a shard belongs to.

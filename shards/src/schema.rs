@@ -180,3 +180,58 @@ pub struct SampleRecord {
     /// Provenance, e.g. `M3D_VQA_train.csv:1234`.
     pub source_row: Option<String>,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn task_names_match_the_format() {
+        let names = [
+            "caption",
+            "vqa_closed",
+            "vqa_open",
+            "vqa_yes_no",
+            "rec",
+            "reg",
+            "seg",
+            "refseg",
+        ];
+        for (t, name) in Task::ALL.into_iter().zip(names) {
+            assert_eq!(t.to_string(), name);
+            assert_eq!(serde_json::to_string(&t).unwrap(), format!("\"{name}\""));
+            assert_eq!(
+                serde_json::from_str::<Task>(&format!("\"{name}\"")).unwrap(),
+                t
+            );
+            assert_eq!(name.parse::<Task>().unwrap(), t);
+        }
+        assert!("ref_seg".parse::<Task>().is_err());
+    }
+
+    #[test]
+    fn debug_summarises_payloads() {
+        let v = VolumeRecord {
+            volume_id: "a".into(),
+            dataset: "seg".into(),
+            source: "s".into(),
+            shape: [1, 1, 1, 3],
+            dtype: ImageDtype::U8,
+            image: vec![7, 8, 9],
+            image_crc32: 0xdead_beef,
+            masks: vec![MaskRecord {
+                class_index: 1,
+                label: "x".into(),
+                voxels: 1,
+                bits: vec![1],
+            }],
+        };
+        let d = format!("{v:?}");
+        assert!(
+            d.contains("[3 bytes]") && d.contains("deadbeef") && !d.contains("7, 8, 9"),
+            "{d}"
+        );
+        assert_eq!(v.numel(), 3);
+        assert_eq!(v.spatial_numel(), 3);
+    }
+}

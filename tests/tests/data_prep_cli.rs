@@ -269,7 +269,10 @@ fn cases() -> Vec<Case> {
                 let code_dir = p.parent().unwrap().parent().unwrap();
                 let code = code_dir.file_name().unwrap().to_string_lossy().into_owned();
                 let json = code_dir.join(format!("{code}.json"));
-                let text = std::fs::read_to_string(&json).unwrap().replace(&name, &wrong);
+                let case = p.parent().unwrap().file_name().unwrap().to_string_lossy().into_owned();
+                let text = std::fs::read_to_string(&json)
+                    .unwrap()
+                    .replace(&format!("{case}/{name}"), &format!("{case}/{wrong}"));
                 std::fs::write(&json, text).unwrap();
                 wrong
             },

@@ -32,13 +32,20 @@ pub(crate) fn fma_f32(a: f32, b: f32, c: f32) -> f32 {
 }
 
 /// Fast form of [`fma_f32`] for vectorisable loops: the f64 result rounded to f32, plus a flag
-/// telling whether the f64 sum sat exactly on an f32 rounding midpoint. Only then can the result
-/// differ from the correctly rounded FMA; callers recompute flagged values with [`fma_f32`].
+/// that is set only when that rounding may be wrong (the f64 sum sat exactly on an f32 rounding
+/// midpoint and was itself inexact). Callers recompute flagged values with [`fma_f32`]. All
+/// operations are branch-free so loops over rows of these vectorise.
 #[inline(always)]
 pub(crate) fn fma_f32_flagged(a: f32, b: f32, c: f32) -> (f32, bool) {
-    let s = f64::from(a) * f64::from(b) + f64::from(c);
+    let p = f64::from(a) * f64::from(b);
+    let cd = f64::from(c);
+    let s = p + cd;
+    let bv = s - p;
+    let av = s - bv;
+    let err = (p - av) + (cd - bv);
     // The midpoint pattern lives entirely in the low 32 bits of the f64 encoding.
-    (s as f32, (s.to_bits() as u32) & 0x1FFF_FFFF == 0x1000_0000)
+    let midpoint = (s.to_bits() as u32) & 0x1FFF_FFFF == 0x1000_0000;
+    (s as f32, midpoint & (err != 0.0))
 }
 
 #[cfg(test)]

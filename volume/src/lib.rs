@@ -16,8 +16,8 @@ pub use augment::{
     AugmentParams,
 };
 pub use transforms::{
-    crop, foreground_bbox, min_max_normalise, permute_spatial, resize_area, resize_nearest,
-    resize_trilinear, scale_intensity_range_percentiles, BBox,
+    crop, foreground_bbox, min_max_normalise, permute_spatial, prepare_cap_u8, resize_area,
+    resize_nearest, resize_trilinear, scale_intensity_range_percentiles, BBox,
 };
 
 /// Errors of volume construction and of the checked (`try_*`) transforms.

@@ -141,7 +141,8 @@ pub fn prepare_cap_u8(v: &Volume<u8>, size: [usize; 3]) -> Option<Volume<f32>> {
     let lo = v.data().iter().copied().min()?;
     let hi = v.data().iter().copied().max()?;
     let lut = cap_u8_lut(lo, hi);
-    let b = foreground_bbox_by(v, |x| lut[usize::from(x)] > 0.0)?;
+    // lut[x] > 0 exactly when x > lo: the levels x / 255 are strictly increasing in float32.
+    let b = foreground_bbox_by(v, |x| x > lo)?;
     try_resize_area_box(v, &b, size, |x| lut[usize::from(x)]).ok()
 }
 

@@ -119,47 +119,26 @@ fn area_windows(n_in: usize, n_out: usize) -> (Vec<usize>, Vec<usize>) {
         .unzip()
 }
 
-/// Adds one input row into the per-output accumulators of an output row, window by window.
-/// For each accumulator the additions happen in input order, which is torch's order.
-#[inline]
-fn accumulate_row<T: Copy>(
-    acc: &mut [f32],
-    row: &[T],
-    ws: &[usize],
-    we: &[usize],
-    uniform: Option<usize>,
-    f: &impl Fn(T) -> f32,
-) {
-    match uniform {
-        // Integer down-sampling factor: windows tile the row, no table lookups.
-        Some(1) => {
-            for (a, &x) in acc.iter_mut().zip(row) {
-                *a += f(x);
+/// The W windows of an area resize as a gather table: `k` = widest window, and `idx[t * ow + j]`
+/// is the position of the `t`-th value of window `j`, or `w` (where the row buffer holds a
+/// trailing zero) past the window's end. Adding +0.0 to an accumulator that starts at +0.0 is
+/// exact, so the padding changes no bit, and fixed trip counts keep the loops branch-free.
+struct WGather {
+    k: usize,
+    idx: Vec<usize>,
+}
+
+impl WGather {
+    fn new(w: usize, ow: usize) -> Self {
+        let (ws, we) = area_windows(w, ow);
+        let k = ws.iter().zip(&we).map(|(a, b)| b - a).max().unwrap_or(1);
+        let mut idx = vec![w; k * ow];
+        for (j, (&s0, &s1)) in ws.iter().zip(&we).enumerate() {
+            for (t, i) in (s0..s1).enumerate() {
+                idx[t * ow + j] = i;
             }
         }
-        Some(2) => {
-            for (a, pair) in acc.iter_mut().zip(row.chunks_exact(2)) {
-                *a = (*a + f(pair[0])) + f(pair[1]);
-            }
-        }
-        Some(k) => {
-            for (a, win) in acc.iter_mut().zip(row.chunks_exact(k)) {
-                let mut s = *a;
-                for &x in win {
-                    s += f(x);
-                }
-                *a = s;
-            }
-        }
-        None => {
-            for ((a, &s0), &s1) in acc.iter_mut().zip(ws).zip(we) {
-                let mut s = *a;
-                for &x in &row[s0..s1] {
-                    s += f(x);
-                }
-                *a = s;
-            }
-        }
+        Self { k, idx }
     }
 }
 
@@ -206,23 +185,64 @@ pub fn try_resize_area_box<T: Copy + Sync>(
     let (hs, he) = area_windows(h, oh);
     let (ws, we) = area_windows(w, ow);
     let kw: Vec<f32> = ws.iter().zip(&we).map(|(&a, &b)| (b - a) as f32).collect();
+    let gather = WGather::new(w, ow);
     let uniform = (w % ow == 0).then_some(w / ow);
+    // Output rows whose H window contains input row ih: a contiguous range, as windows are monotone.
+    let h_targets: Vec<(usize, usize)> = (0..h)
+        .map(|ih| {
+            let lo = he.partition_point(|&e| e <= ih);
+            let hi = hs.partition_point(|&s| s <= ih);
+            debug_assert!(lo < hi, "the windows cover every input row");
+            (lo, hi)
+        })
+        .collect();
     let mut out = vec![0f32; c * od * oh * ow];
     for_each_plane(&mut out, oh * ow, |plane, dst| {
         let (ci, odi) = (plane / od, plane % od);
         let (d0, d1) = (ds[odi], de[odi]);
         let kd = (d1 - d0) as f32;
-        let mut acc = vec![0f32; ow];
-        for ((dst_row, &h0), &h1) in dst.chunks_exact_mut(ow).zip(&hs).zip(&he) {
-            acc.fill(0.0);
-            for id in d0..d1 {
-                for ih in h0..h1 {
-                    accumulate_row(&mut acc, src.row(ci, id, ih), &ws, &we, uniform, &f);
+        // `dst` doubles as the accumulator plane. Each input row is mapped to f32 and gathered
+        // window-position-major once, then added with contiguous (vectorisable) loops into every
+        // output row whose window holds it. Per output value the additions still run in torch's
+        // order: D, then H, then W position, all ascending.
+        dst.fill(0.0);
+        let mut mapped = vec![0f32; w + 1];
+        let mut g = vec![0f32; gather.k * ow];
+        for id in d0..d1 {
+            for (ih, &(lo, hi)) in h_targets.iter().enumerate() {
+                for (m, &x) in mapped.iter_mut().zip(src.row(ci, id, ih)) {
+                    *m = f(x);
+                }
+                let targets = dst[lo * ow..hi * ow].chunks_exact_mut(ow);
+                if let Some(k) = uniform {
+                    // Windows tile the row: read them as contiguous chunks, no gather needed.
+                    for acc in targets {
+                        for (a, chunk) in acc.iter_mut().zip(mapped.chunks_exact(k)) {
+                            let mut s = *a;
+                            for &x in chunk {
+                                s += x;
+                            }
+                            *a = s;
+                        }
+                    }
+                    continue;
+                }
+                for (gv, &i) in g.iter_mut().zip(&gather.idx) {
+                    *gv = mapped[i];
+                }
+                for acc in targets {
+                    for gt in g.chunks_exact(ow) {
+                        for (a, &x) in acc.iter_mut().zip(gt) {
+                            *a += x;
+                        }
+                    }
                 }
             }
+        }
+        for ((row, &h0), &h1) in dst.chunks_exact_mut(ow).zip(&hs).zip(&he) {
             let kh = (h1 - h0) as f32;
-            for ((o, &a), &k) in dst_row.iter_mut().zip(&acc).zip(&kw) {
-                *o = a / kd / kh / k;
+            for (o, &k) in row.iter_mut().zip(&kw) {
+                *o = *o / kd / kh / k;
             }
         }
     });
