@@ -5,106 +5,22 @@
 //! Everything here runs in one test function because it configures the process environment (AWS_*).
 mod common;
 
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use m3d_shards::{ShardDataset, ShardError, Store, VolumeRecord};
 
-/// Kills the server when the test ends, whether it passes or panics.
-struct Server(Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn start_moto(python: &std::path::Path, log: &std::path::Path) -> (Server, u16) {
-    let probe = Command::new(python)
-        .args(["-c", "import moto.server"])
-        .output()
-        .unwrap();
-    assert!(
-        probe.status.success(),
-        "moto is not installed in {}: run `{} -m pip install \"moto[server]==5.2.5\"` ({})",
-        python.display(),
-        python.display(),
-        String::from_utf8_lossy(&probe.stderr)
-    );
-    let port = free_port();
-    let log_file = std::fs::File::create(log).unwrap();
-    let child = Command::new(python)
-        .args([
-            "-m",
-            "moto.server",
-            "-H",
-            "127.0.0.1",
-            "-p",
-            &port.to_string(),
-        ])
-        .stdout(Stdio::from(log_file.try_clone().unwrap()))
-        .stderr(Stdio::from(log_file))
-        .spawn()
-        .unwrap();
-    let mut server = Server(child);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return (server, port);
-        }
-        if let Some(status) = server.0.try_wait().unwrap() {
-            panic!(
-                "moto server exited with {status}: {}",
-                std::fs::read_to_string(log).unwrap_or_default()
-            );
-        }
-        assert!(
-            Instant::now() < deadline,
-            "moto server did not listen on port {port} within 60 s"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
-/// Creates a bucket with a plain (unsigned) request; moto does not check signatures by default.
-fn create_bucket(port: u16, bucket: &str) {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    write!(
-        s,
-        "PUT /{bucket} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut resp = String::new();
-    s.read_to_string(&mut resp).unwrap();
-    assert!(resp.starts_with("HTTP/1.1 200"), "create bucket: {resp}");
-}
-
 #[test]
 fn dataset_round_trip_through_s3() {
-    let python = common::python();
     let tmp = tempfile::tempdir().unwrap();
-    let (_server, port) = start_moto(&python, &tmp.path().join("moto.log"));
-    create_bucket(port, "m3d-test");
+    let server = m3d_testkit::S3Server::start(&tmp.path().join("moto.log"));
+    server.create_bucket("m3d-test");
 
     const SECRET: &str = "s3cr3t-Should-Never-Be-Printed-7f3a";
     std::env::set_var("AWS_ACCESS_KEY_ID", "AKIATESTKEY");
     std::env::set_var("AWS_SECRET_ACCESS_KEY", SECRET);
     std::env::remove_var("AWS_SESSION_TOKEN");
     std::env::set_var("AWS_REGION", "us-east-1");
-    std::env::set_var("AWS_ENDPOINT_URL", format!("http://127.0.0.1:{port}"));
+    std::env::set_var("AWS_ENDPOINT_URL", server.endpoint());
 
     let url = "s3://m3d-test/datasets/seg";
     let store = Store::open(url).unwrap();

@@ -80,6 +80,14 @@ def main(root, out):
           vid = e["image"][: -len(".npy")]
           save("cap", vid, "image", image)
           expected["cap_text"][vid] = extract(open(os.path.join(cap_root, e["text"])).read())
+          # The prepared tree the reference script leaves behind (M3D_Cap_npy): <series>.npy + extracted text.
+          prepared = os.path.join(out, "M3D_Cap_npy")
+          os.makedirs(os.path.join(prepared, os.path.dirname(e["image"])), exist_ok=True)
+          np.save(os.path.join(prepared, e["image"]), image)
+          with open(os.path.join(prepared, e["text"]), "w") as f:
+              f.write(expected["cap_text"][vid])
+  with open(os.path.join(out, "M3D_Cap_npy", "M3D_Cap.json"), "w") as f:
+      json.dump(splits, f)
 
   # --- M3D-Seg --------------------------------------------------------------------------------------
   seg_root = os.path.join(root, "M3D_Seg")

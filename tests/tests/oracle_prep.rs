@@ -86,6 +86,22 @@ fn converters_match_the_reference_preprocessing() {
         assert_eq!(sample.report.as_deref(), Some(want), "caption of {}", sample.volume_id);
     }
 
+    // The reference's prepared tree (M3D_Cap_npy: float32 .npy + extracted text) converts to the same volumes,
+    // value for value, and the same captions.
+    m3d_ok(&[
+        "data-prep", "cap", "--src", s(&exp.join("M3D_Cap_npy")), "--out", s(&shards.join("cap_npy")), "--dtype", "f32",
+    ]);
+    let prepared = volumes(&shards.join("cap_npy"));
+    assert_eq!(prepared.len(), cap.len());
+    for rec in &prepared {
+        let (_, want) = expected_npy(&exp, "cap", &rec.volume_id, "image");
+        assert!(image_of(rec) == want, "prepared {} must be stored exactly", rec.volume_id);
+    }
+    let prepared_ds = ShardDataset::open(s(&shards.join("cap_npy"))).unwrap();
+    for (a, b) in prepared_ds.samples().iter().zip(cap_ds.samples()) {
+        assert_eq!((&a.volume_id, &a.split, &a.report), (&b.volume_id, &b.split, &b.report));
+    }
+
     // M3D-Seg: images, every mask channel exactly, and the REC/REG boxes.
     let seg = volumes(&shards.join("seg"));
     assert_eq!(seg.len(), expected["seg_boxes"].as_object().unwrap().len());

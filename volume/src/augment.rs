@@ -71,10 +71,12 @@ impl AugmentParams {
 
     /// Draws one sample. Always consumes exactly nine values from `rng`, in this order, whatever
     /// the outcomes (so the stream position after a sample does not depend on the sample):
-    /// 1. `f32` u: rotate if `u < rot90_prob`; 2. `f64` u: `k = 1 + floor(u * rot90_max_k)`;
-    /// 3.-5. `f32` u per spatial axis D, H, W: flip if `u < flip_prob`;
-    /// 6. `f32` u: scale if `u < scale_prob`; 7. `f32` u: `f = scale_factor * (2u - 1)`;
-    /// 8. `f32` u: shift if `u < shift_prob`; 9. `f32` u: `o = shift_offset * (2u - 1)`.
+    ///
+    /// - `f32` u: rotate if `u < rot90_prob`;
+    /// - `f64` u: `k = 1 + floor(u * rot90_max_k)`;
+    /// - three `f32` u, for spatial axes D, H, W: flip if `u < flip_prob`;
+    /// - `f32` u: scale if `u < scale_prob`; `f32` u: `f = scale_factor * (2u - 1)`;
+    /// - `f32` u: shift if `u < shift_prob`; `f32` u: `o = shift_offset * (2u - 1)`.
     pub fn sample<R: Rng + ?Sized>(cfg: &AugmentConfig, rng: &mut R) -> Self {
         let rot_u: f32 = rng.random();
         let k_u: f64 = rng.random();
@@ -94,8 +96,8 @@ impl AugmentParams {
         Self {
             rot90_k,
             flip: flip_u.map(|u| u < cfg.flip_prob),
-            scale: (scale_u < cfg.scale_prob).then(|| cfg.scale_factor * (2.0 * scale_v - 1.0)),
-            shift: (shift_u < cfg.shift_prob).then(|| cfg.shift_offset * (2.0 * shift_v - 1.0)),
+            scale: (scale_u < cfg.scale_prob).then_some(cfg.scale_factor * (2.0 * scale_v - 1.0)),
+            shift: (shift_u < cfg.shift_prob).then_some(cfg.shift_offset * (2.0 * shift_v - 1.0)),
         }
     }
 
@@ -145,8 +147,18 @@ fn geometric_into<T: Copy>(
     f: impl Fn(T) -> T,
 ) -> [usize; 4] {
     let n = shape_len(shape).unwrap_or_else(|| panic!("shape {shape:?} overflows usize"));
-    assert_eq!(src.len(), n, "augment: source has {} values, shape {shape:?} needs {n}", src.len());
-    assert_eq!(dst.len(), n, "augment: destination has {} values, shape {shape:?} needs {n}", dst.len());
+    assert_eq!(
+        src.len(),
+        n,
+        "augment: source has {} values, shape {shape:?} needs {n}",
+        src.len()
+    );
+    assert_eq!(
+        dst.len(),
+        n,
+        "augment: destination has {} values, shape {shape:?} needs {n}",
+        dst.len()
+    );
     let out_shape = p.output_shape(shape);
     if n == 0 {
         return out_shape;
@@ -166,7 +178,14 @@ fn geometric_into<T: Copy>(
     out_shape
 }
 
-fn map_plane<T: Copy>(m: &PlaneMap, src: &[T], dst: &mut [T], oh: usize, ow: usize, f: &impl Fn(T) -> T) {
+fn map_plane<T: Copy>(
+    m: &PlaneMap,
+    src: &[T],
+    dst: &mut [T],
+    oh: usize,
+    ow: usize,
+    f: &impl Fn(T) -> T,
+) {
     // All indices below are in range by construction of `plane_map`; slicing still checks them.
     let at = |i: usize, j: usize| (m.base + i as isize * m.si + j as isize * m.sj) as usize;
     match m.sj {
@@ -236,7 +255,12 @@ fn scale_multiplier(f: f32) -> f32 {
 ///
 /// # Panics
 /// If `src` or `dst` does not have exactly the number of elements of `shape`.
-pub fn augment_image_into(p: &AugmentParams, src: &[f32], shape: [usize; 4], dst: &mut [f32]) -> [usize; 4] {
+pub fn augment_image_into(
+    p: &AugmentParams,
+    src: &[f32],
+    shape: [usize; 4],
+    dst: &mut [f32],
+) -> [usize; 4] {
     match (p.scale, p.shift) {
         (None, None) => geometric_into(p, src, shape, dst, |x| x),
         (Some(f), None) => {
@@ -255,7 +279,12 @@ pub fn augment_image_into(p: &AugmentParams, src: &[f32], shape: [usize; 4], dst
 ///
 /// # Panics
 /// If `src` or `dst` does not have exactly the number of elements of `shape`.
-pub fn augment_mask_into<T: Copy>(p: &AugmentParams, src: &[T], shape: [usize; 4], dst: &mut [T]) -> [usize; 4] {
+pub fn augment_mask_into<T: Copy>(
+    p: &AugmentParams,
+    src: &[T],
+    shape: [usize; 4],
+    dst: &mut [T],
+) -> [usize; 4] {
     geometric_into(p, src, shape, dst, |x| x)
 }
 
@@ -290,7 +319,9 @@ mod tests {
     /// torch.rot90(x, 1, dims=(2, 3)): out[c, d, i, j] = x[c, d, j, W-1-i].
     fn rot90_once<T: Copy>(v: &Volume<T>) -> Volume<T> {
         let [c, d, h, w] = v.shape();
-        Volume::from_fn([c, d, w, h], |ci, di, i, j| v.get([ci, di, j, w - 1 - i]).unwrap())
+        Volume::from_fn([c, d, w, h], |ci, di, i, j| {
+            v.get([ci, di, j, w - 1 - i]).unwrap()
+        })
     }
 
     fn rot90<T: Copy>(v: &Volume<T>, k: u8) -> Volume<T> {
@@ -324,7 +355,9 @@ mod tests {
     }
 
     fn test_volume(shape: [usize; 4]) -> Volume<f32> {
-        Volume::from_fn(shape, |c, d, h, w| (c * 10_000 + d * 1000 + h * 37 + w) as f32 * 0.001)
+        Volume::from_fn(shape, |c, d, h, w| {
+            (c * 10_000 + d * 1000 + h * 37 + w) as f32 * 0.001
+        })
     }
 
     #[test]
@@ -335,8 +368,18 @@ mod tests {
             for k in 0..4u8 {
                 for bits in 0..8u8 {
                     let flip = [bits & 1 != 0, bits & 2 != 0, bits & 4 != 0];
-                    for (scale, shift) in [(None, None), (Some(-0.07f32), None), (None, Some(0.03f32)), (Some(0.09), Some(-0.1))] {
-                        let p = AugmentParams { rot90_k: k, flip, scale, shift };
+                    for (scale, shift) in [
+                        (None, None),
+                        (Some(-0.07f32), None),
+                        (None, Some(0.03f32)),
+                        (Some(0.09), Some(-0.1)),
+                    ] {
+                        let p = AugmentParams {
+                            rot90_k: k,
+                            flip,
+                            scale,
+                            shift,
+                        };
                         let want = stepwise(&p, &v);
                         let mut dst = vec![0f32; v.len()];
                         let shape_out = augment_image_into(&p, v.data(), v.shape(), &mut dst);
@@ -344,7 +387,12 @@ mod tests {
                         assert_eq!(dst, want.data(), "{p:?} {shape:?}");
                         assert_eq!(augment_image(&p, &v), want);
                     }
-                    let p = AugmentParams { rot90_k: k, flip, scale: None, shift: None };
+                    let p = AugmentParams {
+                        rot90_k: k,
+                        flip,
+                        scale: None,
+                        shift: None,
+                    };
                     let labels = v.map(|x| (x * 1000.0).round() as u32);
                     let m = augment_mask(&p, &labels);
                     assert_eq!(m, stepwise(&p, &v).map(|x| (x * 1000.0).round() as u32));
@@ -358,16 +406,32 @@ mod tests {
         let v = test_volume([1, 3, 6, 9]);
         let mut x = v.clone();
         for _ in 0..4 {
-            let p = AugmentParams { rot90_k: 1, ..AugmentParams::identity() };
+            let p = AugmentParams {
+                rot90_k: 1,
+                ..AugmentParams::identity()
+            };
             x = augment_image(&p, &x);
         }
         assert_eq!(x, v);
-        let p = AugmentParams { rot90_k: 3, flip: [true, true, true], ..AugmentParams::identity() };
+        let p = AugmentParams {
+            rot90_k: 3,
+            flip: [true, true, true],
+            ..AugmentParams::identity()
+        };
         let once = augment_image(&p, &v);
         assert_ne!(once, v);
         assert_eq!(once.shape(), [1, 3, 9, 6]);
-        let flips = AugmentParams { flip: [true, true, true], ..AugmentParams::identity() };
-        let back = augment_image(&AugmentParams { rot90_k: 1, ..AugmentParams::identity() }, &augment_image(&flips, &once));
+        let flips = AugmentParams {
+            flip: [true, true, true],
+            ..AugmentParams::identity()
+        };
+        let back = augment_image(
+            &AugmentParams {
+                rot90_k: 1,
+                ..AugmentParams::identity()
+            },
+            &augment_image(&flips, &once),
+        );
         assert_eq!(back, v);
         assert_eq!(augment_image(&AugmentParams::identity(), &v), v);
     }
@@ -377,7 +441,9 @@ mod tests {
         let cfg = AugmentConfig::default();
         let draw = |seed| {
             let mut rng = ChaCha8Rng::seed_from_u64(seed);
-            (0..2000).map(|_| AugmentParams::sample(&cfg, &mut rng)).collect::<Vec<_>>()
+            (0..2000)
+                .map(|_| AugmentParams::sample(&cfg, &mut rng))
+                .collect::<Vec<_>>()
         };
         let a = draw(1);
         assert_eq!(a, draw(1));
@@ -409,9 +475,17 @@ mod tests {
             let _: f32 = r2.random();
         }
         assert_eq!(r1.random::<u64>(), r2.random::<u64>());
-        let never = AugmentConfig { rot90_prob: 0.0, flip_prob: 0.0, scale_prob: 0.0, shift_prob: 0.0, ..cfg };
+        let never = AugmentConfig {
+            rot90_prob: 0.0,
+            flip_prob: 0.0,
+            scale_prob: 0.0,
+            shift_prob: 0.0,
+            ..cfg
+        };
         let mut rng = ChaCha8Rng::seed_from_u64(3);
-        assert!((0..100).all(|_| AugmentParams::sample(&never, &mut rng) == AugmentParams::identity()));
+        assert!(
+            (0..100).all(|_| AugmentParams::sample(&never, &mut rng) == AugmentParams::identity())
+        );
     }
 
     #[test]

@@ -78,7 +78,11 @@ mod tests {
             (q, q, -(2.0f32.powi(-60))),
             (-q, q, 2.0f32.powi(-60)),
             (one_plus, one_plus, -1.0f32),
-            (1.0 + f32::EPSILON, 1.0 - f32::EPSILON / 2.0, 2.0f32.powi(-24)),
+            (
+                1.0 + f32::EPSILON,
+                1.0 - f32::EPSILON / 2.0,
+                2.0f32.powi(-24),
+            ),
             (3.0f32.powi(5), 1.0 / 3.0f32.powi(5), 2.0f32.powi(-24)),
             (0.1, 10.0, 2.0f32.powi(-25)),
             (-0.1, 10.0, -(2.0f32.powi(-25))),

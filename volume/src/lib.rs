@@ -82,7 +82,8 @@ impl<T: Copy> Volume<T> {
     /// # Panics
     /// If the element count of `shape` overflows `usize` (the allocation could not exist anyway).
     pub fn filled(shape: [usize; 4], value: T) -> Self {
-        let n = shape_len(shape).unwrap_or_else(|| panic!("volume shape {shape:?} overflows usize"));
+        let n =
+            shape_len(shape).unwrap_or_else(|| panic!("volume shape {shape:?} overflows usize"));
         Self {
             shape,
             data: vec![value; n],
@@ -91,7 +92,8 @@ impl<T: Copy> Volume<T> {
 
     /// Builds a volume by evaluating `f(c, d, h, w)` for every voxel, in C order.
     pub fn from_fn(shape: [usize; 4], mut f: impl FnMut(usize, usize, usize, usize) -> T) -> Self {
-        let n = shape_len(shape).unwrap_or_else(|| panic!("volume shape {shape:?} overflows usize"));
+        let n =
+            shape_len(shape).unwrap_or_else(|| panic!("volume shape {shape:?} overflows usize"));
         let mut data = Vec::with_capacity(n);
         for c in 0..shape[0] {
             for d in 0..shape[1] {

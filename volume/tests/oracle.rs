@@ -13,8 +13,9 @@ use std::process::Command;
 use m3d_formats::npy::{read_npy, write_npy, NpyArray, NpyData};
 use m3d_volume::augment::{augment_image, augment_mask, AugmentParams};
 use m3d_volume::transforms::{
-    crop, foreground_bbox, min_max_normalise, permute_spatial, resize_area, resize_nearest,
-    resize_trilinear, scale_intensity_range_percentiles, scale_intensity_range_percentiles_f64,
+    crop, foreground_bbox, min_max_normalise, permute_spatial, prepare_cap_u8, resize_area,
+    resize_nearest, resize_trilinear, scale_intensity_range_percentiles,
+    scale_intensity_range_percentiles_f64,
 };
 use m3d_volume::Volume;
 use rand::{Rng, SeedableRng};
@@ -151,7 +152,11 @@ fn compare(got: &NpyArray, expect: &Expect, bitexact: bool) -> Result<String, St
             for (&a, &b) in py.iter().zip(v.data()) {
                 if a.to_bits() != b.to_bits() {
                     differ += 1;
-                    let d = if a.is_nan() || b.is_nan() { f32::INFINITY } else { (a - b).abs() };
+                    let d = if a.is_nan() || b.is_nan() {
+                        f32::INFINITY
+                    } else {
+                        (a - b).abs()
+                    };
                     max = max.max(d);
                 }
             }
@@ -189,7 +194,11 @@ fn random_f32(rng: &mut ChaCha8Rng, shape: [usize; 4]) -> Volume<f32> {
 
 fn random_labels(rng: &mut ChaCha8Rng, shape: [usize; 4], classes: i32) -> Volume<i32> {
     let n = shape.iter().product();
-    Volume::new(shape, (0..n).map(|_| rng.random_range(0..classes)).collect()).unwrap()
+    Volume::new(
+        shape,
+        (0..n).map(|_| rng.random_range(0..classes)).collect(),
+    )
+    .unwrap()
 }
 
 fn to_f64<T: Copy + Into<f64>>(v: &Volume<T>) -> Volume<f64> {
@@ -220,11 +229,11 @@ fn with_zero_border(v: &mut Volume<f32>, border: [usize; 3]) {
 // ---------------------------------------------------------------------------------------------
 
 const RESIZE_CASES: &[([usize; 4], [usize; 3])] = &[
-    ([1, 7, 37, 29], [4, 16, 16]),     // down-sampling, odd sizes
-    ([1, 3, 5, 6], [8, 16, 16]),       // up-sampling, odd sizes
-    ([2, 9, 13, 11], [5, 26, 3]),      // multi-channel, mixed directions, exact 2x along H
-    ([1, 16, 128, 96], [8, 64, 48]),   // exact factor 2 (uniform windows)
-    ([1, 12, 96, 90], [4, 32, 30]),    // exact factor 3
+    ([1, 7, 37, 29], [4, 16, 16]),       // down-sampling, odd sizes
+    ([1, 3, 5, 6], [8, 16, 16]),         // up-sampling, odd sizes
+    ([2, 9, 13, 11], [5, 26, 3]),        // multi-channel, mixed directions, exact 2x along H
+    ([1, 16, 128, 96], [8, 64, 48]),     // exact factor 2 (uniform windows)
+    ([1, 12, 96, 90], [4, 32, 30]),      // exact factor 3
     ([1, 40, 300, 280], [32, 256, 256]), // realistic M3D-Cap series
 ];
 
@@ -237,7 +246,12 @@ fn resize_matches_monai() {
         let p = o.input_f32(&v);
         let [d, h, w] = size;
         let args = |mode: &str| vec![s(p.display()), out(), s(mode), s(d), s(h), s(w)];
-        o.job(&format!("area {shape:?}->{size:?}"), "resize", &args("area"), vec![Expect::Image(resize_area(&v, size))]);
+        o.job(
+            &format!("area {shape:?}->{size:?}"),
+            "resize",
+            &args("area"),
+            vec![Expect::Image(resize_area(&v, size))],
+        );
         o.job(
             &format!("trilinear {shape:?}->{size:?}"),
             "resize",
@@ -275,12 +289,20 @@ fn crop_foreground_matches_monai() {
     let mask = random_labels(&mut rng, [3, 12, 30, 25], 4);
     let b = foreground_bbox(&v).unwrap();
     let (pi, pm) = (o.input_f32(&v), o.input_i32(&mask));
-    o.job("crop image only", "crop_foreground", &[s(pi.display()), out()], vec![Expect::Image(crop(&v, &b))]);
+    o.job(
+        "crop image only",
+        "crop_foreground",
+        &[s(pi.display()), out()],
+        vec![Expect::Image(crop(&v, &b))],
+    );
     o.job(
         "crop image + mask",
         "crop_foreground",
         &[s(pi.display()), out(), s(pm.display()), out()],
-        vec![Expect::Image(crop(&v, &b)), Expect::Exact(to_f64(&crop(&mask, &b)))],
+        vec![
+            Expect::Image(crop(&v, &b)),
+            Expect::Exact(to_f64(&crop(&mask, &b))),
+        ],
     );
     // Single-channel image whose foreground is an interior block.
     let mut w = random_f32(&mut rng, [1, 9, 17, 21]);
@@ -288,7 +310,12 @@ fn crop_foreground_matches_monai() {
     let bw = foreground_bbox(&w).unwrap();
     assert_eq!(bw.start, [1, 4, 6]);
     let p = o.input_f32(&w);
-    o.job("crop interior block", "crop_foreground", &[s(p.display()), out()], vec![Expect::Image(crop(&w, &bw))]);
+    o.job(
+        "crop interior block",
+        "crop_foreground",
+        &[s(p.display()), out()],
+        vec![Expect::Image(crop(&w, &bw))],
+    );
     o.run();
 }
 
@@ -304,15 +331,30 @@ fn intensity_transforms_match_monai() {
     let p = o.input_f32(&v);
     let mut mm = v.clone();
     min_max_normalise(&mut mm);
-    o.job("min_max", "min_max", &[s(p.display()), out()], vec![Expect::Image(mm)]);
+    o.job(
+        "min_max",
+        "min_max",
+        &[s(p.display()), out()],
+        vec![Expect::Image(mm)],
+    );
 
     // Percentile scaling: torch.quantile path (<= 1e6 voxels) and numpy path (> 1e6), f32 and f64.
     let ct_like = |rng: &mut ChaCha8Rng, n: usize| -> Vec<f64> {
         (0..n)
-            .map(|_| if rng.random::<f32>() < 0.3 { -1024.0 } else { rng.random_range(-1000..3000) as f64 })
+            .map(|_| {
+                if rng.random::<f32>() < 0.3 {
+                    -1024.0
+                } else {
+                    rng.random_range(-1000..3000) as f64
+                }
+            })
             .collect()
     };
-    let settings: &[(f64, f64, f32, f32, bool)] = &[(0.5, 99.5, 0.0, 1.0, true), (2.0, 98.0, -1.0, 2.0, false), (1.0, 97.3, 0.0, 1.0, true)];
+    let settings: &[(f64, f64, f32, f32, bool)] = &[
+        (0.5, 99.5, 0.0, 1.0, true),
+        (2.0, 98.0, -1.0, 2.0, false),
+        (1.0, 97.3, 0.0, 1.0, true),
+    ];
     for &shape in &[[1usize, 10, 50, 40], [1, 20, 256, 200]] {
         let n: usize = shape.iter().product();
         let f32_img = random_f32(&mut rng, shape).map(|x| x * 100.0 - 20.0);
@@ -321,13 +363,38 @@ fn intensity_transforms_match_monai() {
         let p64 = o.input_raw(shape.to_vec(), NpyData::F64(f64_img.data().to_vec()));
         for &(lo, hi, bmin, bmax, clip) in settings {
             let args = |p: &Path| {
-                vec![s(p.display()), out(), s(lo), s(hi), s(bmin), s(bmax), s(if clip { 1 } else { 0 })]
+                vec![
+                    s(p.display()),
+                    out(),
+                    s(lo),
+                    s(hi),
+                    s(bmin),
+                    s(bmax),
+                    s(if clip { 1 } else { 0 }),
+                ]
             };
             let mut ours = f32_img.clone();
             scale_intensity_range_percentiles(&mut ours, lo, hi, bmin, bmax, clip);
-            o.job(&format!("percentiles f32 n={n} {lo}/{hi}"), "percentiles", &args(&p32), vec![Expect::Image(ours)]);
-            let ours64 = scale_intensity_range_percentiles_f64(&f64_img, lo, hi, f64::from(bmin), f64::from(bmax), clip);
-            o.job(&format!("percentiles f64 n={n} {lo}/{hi}"), "percentiles", &args(&p64), vec![Expect::Image(ours64)]);
+            o.job(
+                &format!("percentiles f32 n={n} {lo}/{hi}"),
+                "percentiles",
+                &args(&p32),
+                vec![Expect::Image(ours)],
+            );
+            let ours64 = scale_intensity_range_percentiles_f64(
+                &f64_img,
+                lo,
+                hi,
+                f64::from(bmin),
+                f64::from(bmax),
+                clip,
+            );
+            o.job(
+                &format!("percentiles f64 n={n} {lo}/{hi}"),
+                "percentiles",
+                &args(&p64),
+                vec![Expect::Image(ours64)],
+            );
         }
     }
     // Equal percentiles (mostly constant image): MONAI shifts by b_min - a_min and does not clip.
@@ -337,7 +404,20 @@ fn intensity_transforms_match_monai() {
     let mut ours = flat.clone();
     scale_intensity_range_percentiles(&mut ours, 10.0, 60.0, 0.5, 1.0, true);
     assert!(ours.data().contains(&6.5), "unclipped shift expected");
-    o.job("percentiles equal", "percentiles", &[s(p.display()), out(), s(10.0), s(60.0), s(0.5), s(1.0), s(1)], vec![Expect::Image(ours)]);
+    o.job(
+        "percentiles equal",
+        "percentiles",
+        &[
+            s(p.display()),
+            out(),
+            s(10.0),
+            s(60.0),
+            s(0.5),
+            s(1.0),
+            s(1),
+        ],
+        vec![Expect::Image(ours)],
+    );
     o.run();
 }
 
@@ -348,33 +428,67 @@ fn augmentations_match_monai_for_every_geometric_combination() {
     let v = random_f32(&mut rng, [2, 5, 7, 9]);
     let labels = random_labels(&mut rng, [2, 5, 7, 9], 7);
     let (pv, pl) = (o.input_f32(&v), o.input_i32(&labels));
-    let intensities = [(None, None), (Some(0.0731f32), None), (None, Some(-0.0423f32)), (Some(-0.0999f32), Some(0.0999f32))];
+    let intensities = [
+        (None, None),
+        (Some(0.0731f32), None),
+        (None, Some(-0.0423f32)),
+        (Some(-0.0999f32), Some(0.0999f32)),
+    ];
     let opt = |x: Option<f32>| x.map_or("none".to_string(), |f| format!("{:?}", f64::from(f)));
     let b = |x: bool| s(u8::from(x));
     for k in 0..4u8 {
         for bits in 0..8u8 {
             let flip = [bits & 1 != 0, bits & 2 != 0, bits & 4 != 0];
             let (scale, shift) = intensities[usize::from(bits) % intensities.len()];
-            let p = AugmentParams { rot90_k: k, flip, scale, shift };
+            let p = AugmentParams {
+                rot90_k: k,
+                flip,
+                scale,
+                shift,
+            };
             let geo = [s(k), b(flip[0]), b(flip[1]), b(flip[2])];
             let mut args = vec![s(pv.display()), out()];
             args.extend(geo.iter().cloned());
             args.extend([opt(scale), opt(shift)]);
-            o.job(&format!("augment image {p:?}"), "augment", &args, vec![Expect::Image(augment_image(&p, &v))]);
+            o.job(
+                &format!("augment image {p:?}"),
+                "augment",
+                &args,
+                vec![Expect::Image(augment_image(&p, &v))],
+            );
             let mut args = vec![s(pl.display()), out()];
             args.extend(geo.iter().cloned());
             args.extend([s("none"), s("none")]);
-            o.job(&format!("augment mask {p:?}"), "augment", &args, vec![Expect::Exact(to_f64(&augment_mask(&p, &labels)))]);
+            o.job(
+                &format!("augment mask {p:?}"),
+                "augment",
+                &args,
+                vec![Expect::Exact(to_f64(&augment_mask(&p, &labels)))],
+            );
         }
     }
     // One model-sized volume through the full chain.
     let big = random_f32(&mut rng, [1, 32, 256, 256]);
-    let p = AugmentParams { rot90_k: 1, flip: [true, false, true], scale: Some(0.05), shift: Some(-0.02) };
+    let p = AugmentParams {
+        rot90_k: 1,
+        flip: [true, false, true],
+        scale: Some(0.05),
+        shift: Some(-0.02),
+    };
     let pb = o.input_f32(&big);
     o.job(
         "augment 1x32x256x256",
         "augment",
-        &[s(pb.display()), out(), s(1), s(1), s(0), s(1), opt(p.scale), opt(p.shift)],
+        &[
+            s(pb.display()),
+            out(),
+            s(1),
+            s(1),
+            s(0),
+            s(1),
+            opt(p.scale),
+            opt(p.shift),
+        ],
         vec![Expect::Image(augment_image(&p, &big))],
     );
     o.run();
@@ -387,21 +501,39 @@ fn reference_preparation_chains_match_monai() {
 
     // M3D-Cap: 8-bit slices / 255 with a dark border, min-max, CropForeground, Resize area.
     let [d, h, w] = [40usize, 300, 280];
-    let raw: Vec<f32> = (0..d * h * w)
+    let levels: Vec<u8> = (0..d * h * w)
         .map(|i| {
             let (di, hi, wi) = (i / (h * w), (i / w) % h, i % w);
-            let inside = (3..d - 2).contains(&di) && (20..h - 11).contains(&hi) && (17..w - 30).contains(&wi);
-            let level: u8 = if inside { rng.random_range(3..=250) } else { 3 };
-            f32::from(level) / 255.0
+            let inside = (3..d - 2).contains(&di)
+                && (20..h - 11).contains(&hi)
+                && (17..w - 30).contains(&wi);
+            if inside {
+                rng.random_range(3..=250)
+            } else {
+                3
+            }
         })
         .collect();
-    let cap = Volume::new([1, d, h, w], raw).unwrap();
+    let levels = Volume::new([1, d, h, w], levels).unwrap();
+    let cap = levels.map(|x| f32::from(x) / 255.0);
     let p = o.input_f32(&cap);
     let mut ours = cap.clone();
     min_max_normalise(&mut ours);
     let b = foreground_bbox(&ours).unwrap();
     let ours = resize_area(&crop(&ours, &b), [32, 256, 256]);
-    o.job("M3D-Cap chain", "cap_chain", &[s(p.display()), out()], vec![Expect::Image(ours)]);
+    o.job(
+        "M3D-Cap chain",
+        "cap_chain",
+        &[s(p.display()), out()],
+        vec![Expect::Image(ours)],
+    );
+    let fused = prepare_cap_u8(&levels, [32, 256, 256]).unwrap();
+    o.job(
+        "M3D-Cap chain fused from u8",
+        "cap_chain",
+        &[s(p.display()), out()],
+        vec![Expect::Image(fused)],
+    );
 
     // M3D-Seg: image 1xHxWxD and one-hot mask CxHxWxD, swapaxes to (C, D, W, H), min-max,
     // CropForegroundd on the image, Resized trilinear / nearest.
@@ -417,7 +549,15 @@ fn reference_preparation_chains_match_monai() {
     o.job(
         "M3D-Seg chain",
         "seg_chain",
-        &[s(pi.display()), s(pm.display()), out(), out(), s(size[0]), s(size[1]), s(size[2])],
+        &[
+            s(pi.display()),
+            s(pm.display()),
+            out(),
+            out(),
+            s(size[0]),
+            s(size[1]),
+            s(size[2]),
+        ],
         vec![
             Expect::Image(resize_trilinear(&crop(&im, &b), size)),
             Expect::Exact(to_f64(&resize_nearest(&crop(&mk, &b), size))),
@@ -428,9 +568,17 @@ fn reference_preparation_chains_match_monai() {
     // CropForegroundd, Resized trilinear / nearest.
     let [h, w, d] = [60usize, 50, 24];
     let ct: Vec<f64> = (0..h * w * d)
-        .map(|_| if rng.random::<f32>() < 0.4 { -1024.0 } else { f64::from(rng.random_range(-900..2500)) })
+        .map(|_| {
+            if rng.random::<f32>() < 0.4 {
+                -1024.0
+            } else {
+                f64::from(rng.random_range(-900..2500))
+            }
+        })
         .collect();
-    let seg: Vec<f64> = (0..h * w * d).map(|_| f64::from(rng.random_range(0..4))).collect();
+    let seg: Vec<f64> = (0..h * w * d)
+        .map(|_| f64::from(rng.random_range(0..4)))
+        .collect();
     let pc = o.input_raw(vec![h, w, d], NpyData::F64(ct.clone()));
     let ps = o.input_raw(vec![h, w, d], NpyData::F64(seg.clone()));
     let ct = permute_spatial(&Volume::new([1, h, w, d], ct).unwrap(), [2, 0, 1]);
@@ -441,7 +589,15 @@ fn reference_preparation_chains_match_monai() {
     o.job(
         "M3D-RefSeg chain",
         "refseg_chain",
-        &[s(pc.display()), s(ps.display()), out(), out(), s(size[0]), s(size[1]), s(size[2])],
+        &[
+            s(pc.display()),
+            s(ps.display()),
+            out(),
+            out(),
+            s(size[0]),
+            s(size[1]),
+            s(size[2]),
+        ],
         vec![
             Expect::Image(resize_trilinear(&crop(&scaled, &b), size)),
             Expect::Exact(resize_nearest(&crop(&seg, &b), size)),

@@ -95,19 +95,7 @@ pub fn sample(i: usize, volume_id: &str, task: Task) -> SampleRecord {
     }
 }
 
-/// The Python oracle interpreter: `M3D_PYTHON` or `<workspace>/.venv/bin/python`. Panics with a clear
-/// message when it is missing, so an oracle test can never pass without running the oracle.
-pub fn python() -> PathBuf {
-    let p = std::env::var_os("M3D_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python"));
-    assert!(
-        p.exists(),
-        "Python oracle interpreter {} not found: set M3D_PYTHON or create the workspace .venv (scripts/setup)",
-        p.display()
-    );
-    p
-}
+pub use m3d_testkit::python;
 
 pub fn oracle_script(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))

@@ -5,9 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
+pub use m3d_testkit::workspace_root;
 
 /// The `m3d` binary of the same build as this test (target/<profile>/m3d), or `M3D_BIN`.
 pub fn m3d_bin() -> PathBuf {
@@ -29,17 +27,6 @@ pub fn m3d_bin() -> PathBuf {
     bin
 }
 
-pub fn python() -> PathBuf {
-    let p = std::env::var("M3D_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| workspace_root().join(".venv/bin/python"));
-    assert!(
-        p.exists(),
-        "Python oracle interpreter {} not found: run scripts/setup.sh (or set M3D_PYTHON)",
-        p.display()
-    );
-    p
-}
 
 /// Runs `m3d args...`, returning its output whatever the exit status.
 pub fn m3d(args: &[&str]) -> Output {
@@ -75,19 +62,7 @@ pub fn m3d_err(args: &[&str]) -> String {
 
 /// Runs a Python oracle script from tests/oracle with arguments; requires success.
 pub fn oracle(script: &str, args: &[&str]) -> String {
-    let path = workspace_root().join("tests/oracle").join(script);
-    let out = Command::new(python())
-        .arg(&path)
-        .args(args)
-        .output()
-        .expect("spawn python");
-    assert!(
-        out.status.success(),
-        "oracle {script} {args:?} failed\nstdout: {}\nstderr: {}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    m3d_testkit::run_python(&workspace_root().join("tests/oracle").join(script), args)
 }
 
 /// A small synthetic M3D-Data in `dir`.

@@ -129,9 +129,17 @@ fn values_at_ranks<T: Real>(buf: &mut [T], ranks: &[usize]) -> Vec<T> {
 /// How to turn the sorted values into one percentile.
 enum Plan<T> {
     /// torch.quantile: ranks and weight in the data type, torch's lerp.
-    Torch { below: usize, above: usize, weight: T },
+    Torch {
+        below: usize,
+        above: usize,
+        weight: T,
+    },
     /// np.percentile "linear": float64 virtual index, float64 interpolation.
-    Numpy { prev: usize, next: usize, gamma: f64 },
+    Numpy {
+        prev: usize,
+        next: usize,
+        gamma: f64,
+    },
 }
 
 fn plan<T: Real>(n: usize, q_percent: f64) -> Plan<T> {
@@ -319,7 +327,10 @@ mod tests {
             let p = monai_percentiles(&data, &[0.0, 0.5, 50.0, 99.5, 100.0]);
             for (got, q) in p.iter().zip([0.0, 0.5, 50.0, 99.5, 100.0]) {
                 let want = q / 100.0 * (n - 1) as f64;
-                assert!((got - want).abs() < 1e-6 * n as f64, "n={n} q={q}: {got} vs {want}");
+                assert!(
+                    (got - want).abs() < 1e-6 * n as f64,
+                    "n={n} q={q}: {got} vs {want}"
+                );
             }
         }
         assert!(monai_percentiles(&[1.0f32, f32::NAN], &[50.0])[0].is_nan());

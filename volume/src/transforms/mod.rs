@@ -74,7 +74,10 @@ pub fn foreground_bbox(v: &Volume<f32>) -> Option<BBox> {
 }
 
 /// Tight bounding box of the voxels for which `is_fg` holds on any channel (`None` if none).
-pub fn foreground_bbox_by<T: Copy + Sync>(v: &Volume<T>, is_fg: impl Fn(T) -> bool + Sync) -> Option<BBox> {
+pub fn foreground_bbox_by<T: Copy + Sync>(
+    v: &Volume<T>,
+    is_fg: impl Fn(T) -> bool + Sync,
+) -> Option<BBox> {
     let [c, d, h, w] = v.shape();
     if v.is_empty() {
         return None;
@@ -106,13 +109,14 @@ pub fn foreground_bbox_by<T: Copy + Sync>(v: &Volume<T>, is_fg: impl Fn(T) -> bo
             (lo, hi)
         })
     };
-    let merge = |a: Option<([usize; 3], [usize; 3])>, b: Option<([usize; 3], [usize; 3])>| match (a, b) {
-        (Some((alo, ahi)), Some((blo, bhi))) => Some((
-            [0, 1, 2].map(|i| alo[i].min(blo[i])),
-            [0, 1, 2].map(|i| ahi[i].max(bhi[i])),
-        )),
-        (x, None) | (None, x) => x,
-    };
+    let merge =
+        |a: Option<([usize; 3], [usize; 3])>, b: Option<([usize; 3], [usize; 3])>| match (a, b) {
+            (Some((alo, ahi)), Some((blo, bhi))) => Some((
+                [0, 1, 2].map(|i| alo[i].min(blo[i])),
+                [0, 1, 2].map(|i| ahi[i].max(bhi[i])),
+            )),
+            (x, None) | (None, x) => x,
+        };
     let found = if v.len() >= 1 << 20 {
         (0..d).into_par_iter().map(plane_box).reduce(|| None, merge)
     } else {
@@ -285,7 +289,13 @@ mod tests {
         v.data_mut()[idx(1, 5, 6, 0)] = -1.0; // negative is background
         v.data_mut()[idx(0, 1, 6, 0)] = 0.0;
         let b = foreground_bbox(&v).unwrap();
-        assert_eq!(b, BBox { start: [2, 1, 4], end: [5, 4, 7] });
+        assert_eq!(
+            b,
+            BBox {
+                start: [2, 1, 4],
+                end: [5, 4, 7]
+            }
+        );
         let cropped = crop(&v, &b);
         assert_eq!(cropped.shape(), [2, 3, 3, 3]);
         assert_eq!(cropped.get([0, 0, 2, 0]), Some(0.5));
@@ -314,33 +324,59 @@ mod tests {
             let want = resize_area(&crop(&steps, &b), size);
             assert_eq!(prepare_cap_u8(&v, size).unwrap(), want, "{size:?}");
         }
-        assert_eq!(prepare_cap_u8(&Volume::filled([1, 3, 4, 5], 9u8), [2, 2, 2]), None);
+        assert_eq!(
+            prepare_cap_u8(&Volume::filled([1, 3, 4, 5], 9u8), [2, 2, 2]),
+            None
+        );
     }
 
     #[test]
     fn crop_rejects_boxes_outside_the_volume() {
         let v = Volume::filled([1, 4, 4, 4], 1u8);
-        let bad = BBox { start: [0, 0, 2], end: [4, 4, 5] };
-        assert!(matches!(try_crop(&v, &bad), Err(VolumeError::BadBBox { .. })));
-        let inverted = BBox { start: [2, 0, 0], end: [1, 4, 4] };
+        let bad = BBox {
+            start: [0, 0, 2],
+            end: [4, 4, 5],
+        };
+        assert!(matches!(
+            try_crop(&v, &bad),
+            Err(VolumeError::BadBBox { .. })
+        ));
+        let inverted = BBox {
+            start: [2, 0, 0],
+            end: [1, 4, 4],
+        };
         assert!(try_crop(&v, &inverted).is_err());
-        let empty = BBox { start: [1, 1, 1], end: [1, 4, 4] };
+        let empty = BBox {
+            start: [1, 1, 1],
+            end: [1, 4, 4],
+        };
         assert_eq!(crop(&v, &empty).shape(), [1, 0, 3, 3]);
     }
 
     #[test]
     fn permute_matches_index_definition_and_inverts() {
         // Sizes above one tile and not multiples of it.
-        let small = Volume::from_fn([2, 19, 5, 37], |c, d, h, w| (c * 100_000 + d * 1000 + h * 100 + w) as u32);
+        let small = Volume::from_fn([2, 19, 5, 37], |c, d, h, w| {
+            (c * 100_000 + d * 1000 + h * 100 + w) as u32
+        });
         // Large enough for the rayon path.
-        let large = Volume::from_fn([1, 40, 70, 101], |_, d, h, w| (d * 100_000 + h * 1000 + w) as u32);
+        let large = Volume::from_fn([1, 40, 70, 101], |_, d, h, w| {
+            (d * 100_000 + h * 1000 + w) as u32
+        });
         for v in [small, large] {
             check_permutations(&v);
         }
     }
 
     fn check_permutations(v: &Volume<u32>) {
-        for perm in [[0, 1, 2], [0, 2, 1], [1, 0, 2], [1, 2, 0], [2, 0, 1], [2, 1, 0]] {
+        for perm in [
+            [0, 1, 2],
+            [0, 2, 1],
+            [1, 0, 2],
+            [1, 2, 0],
+            [2, 0, 1],
+            [2, 1, 0],
+        ] {
             let p = permute_spatial(v, perm);
             let s = v.spatial();
             assert_eq!(p.spatial(), perm.map(|i| s[i]));

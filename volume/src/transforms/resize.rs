@@ -61,7 +61,11 @@ fn full_box(spatial: [usize; 3]) -> BBox {
 }
 
 /// Validates the request; `Ok(true)` means the output has no voxels and nothing needs computing.
-fn check_resize(spatial: [usize; 3], size: [usize; 3], channels: usize) -> Result<bool, VolumeError> {
+fn check_resize(
+    spatial: [usize; 3],
+    size: [usize; 3],
+    channels: usize,
+) -> Result<bool, VolumeError> {
     let out_empty = channels == 0 || size.contains(&0);
     if !out_empty && spatial.contains(&0) {
         return Err(VolumeError::EmptyInput { spatial, size });
@@ -142,6 +146,19 @@ impl WGather {
     }
 }
 
+/// `acc[j] += row[K*j] + ... + row[K*j + K-1]`, added one by one in order; `K` known at compile
+/// time so the loop unrolls and vectorises.
+#[inline]
+fn add_chunks<const K: usize>(acc: &mut [f32], row: &[f32]) {
+    for (a, chunk) in acc.iter_mut().zip(row.chunks_exact(K)) {
+        let mut s = *a;
+        for &x in chunk {
+            s += x;
+        }
+        *a = s;
+    }
+}
+
 /// MONAI `Resize(mode="area")`, i.e. torch `adaptive_avg_pool3d`: every output voxel is the
 /// float32 sum of its window (in D, H, W order) divided by the window extents one after another.
 /// Works for down- and up-sampling. Bit-identical to torch (except the 1x1x1 output, which torch
@@ -217,12 +234,20 @@ pub fn try_resize_area_box<T: Copy + Sync>(
                 if let Some(k) = uniform {
                     // Windows tile the row: read them as contiguous chunks, no gather needed.
                     for acc in targets {
-                        for (a, chunk) in acc.iter_mut().zip(mapped.chunks_exact(k)) {
-                            let mut s = *a;
-                            for &x in chunk {
-                                s += x;
+                        match k {
+                            1 => add_chunks::<1>(acc, &mapped),
+                            2 => add_chunks::<2>(acc, &mapped),
+                            3 => add_chunks::<3>(acc, &mapped),
+                            4 => add_chunks::<4>(acc, &mapped),
+                            _ => {
+                                for (a, chunk) in acc.iter_mut().zip(mapped.chunks_exact(k)) {
+                                    let mut s = *a;
+                                    for &x in chunk {
+                                        s += x;
+                                    }
+                                    *a = s;
+                                }
                             }
-                            *a = s;
                         }
                     }
                     continue;
@@ -258,7 +283,11 @@ fn channel_means<T: Copy>(src: &BoxView<'_, T>, channels: usize, f: impl Fn(T) -
             let mut s = 0f64;
             for di in 0..d {
                 for hi in 0..h {
-                    s += src.row(c, di, hi).iter().map(|&x| f64::from(f(x))).sum::<f64>();
+                    s += src
+                        .row(c, di, hi)
+                        .iter()
+                        .map(|&x| f64::from(f(x)))
+                        .sum::<f64>();
                 }
             }
             (s / n) as f32
@@ -327,13 +356,16 @@ fn blend_rows(out: &mut [f32], a: &[f32], b: &[f32], w0: f32, w1: f32) {
 #[inline]
 fn blend_row_taps<T: Copy>(out: &mut [f32], row: &[T], t: &LinearTaps, f: &impl Fn(T) -> f32) {
     let mut suspect = false;
-    for ((((o, &i0), &i1), &l0), &l1) in out.iter_mut().zip(&t.i0).zip(&t.i1).zip(&t.l0).zip(&t.l1) {
+    for ((((o, &i0), &i1), &l0), &l1) in out.iter_mut().zip(&t.i0).zip(&t.i1).zip(&t.l0).zip(&t.l1)
+    {
         let (r, s) = fma_f32_flagged(f(row[i0]), l0, f(row[i1]) * l1);
         *o = r;
         suspect |= s;
     }
     if suspect {
-        for ((((o, &i0), &i1), &l0), &l1) in out.iter_mut().zip(&t.i0).zip(&t.i1).zip(&t.l0).zip(&t.l1) {
+        for ((((o, &i0), &i1), &l0), &l1) in
+            out.iter_mut().zip(&t.i0).zip(&t.i1).zip(&t.l0).zip(&t.l1)
+        {
             *o = blend(f(row[i0]), l0, f(row[i1]), l1);
         }
     }
@@ -543,7 +575,9 @@ mod tests {
 
     #[test]
     fn nearest_picks_existing_values_and_keeps_labels() {
-        let v = Volume::from_fn([2, 3, 5, 7], |c, d, h, w| (c * 1000 + d * 100 + h * 10 + w) as u16);
+        let v = Volume::from_fn([2, 3, 5, 7], |c, d, h, w| {
+            (c * 1000 + d * 100 + h * 10 + w) as u16
+        });
         let r = resize_nearest(&v, [6, 4, 3]);
         assert_eq!(r.shape(), [2, 6, 4, 3]);
         for c in 0..2 {
@@ -564,7 +598,10 @@ mod tests {
     #[test]
     fn empty_inputs_are_reported_and_empty_outputs_are_fine() {
         let v = Volume::new([1, 0, 4, 4], Vec::<f32>::new()).unwrap();
-        assert!(matches!(try_resize_area(&v, [2, 2, 2]), Err(VolumeError::EmptyInput { .. })));
+        assert!(matches!(
+            try_resize_area(&v, [2, 2, 2]),
+            Err(VolumeError::EmptyInput { .. })
+        ));
         assert!(matches!(
             try_resize_trilinear(&v, [2, 2, 2]),
             Err(VolumeError::EmptyInput { .. })
@@ -580,7 +617,9 @@ mod tests {
     /// Per-voxel definitions, written independently of the plane/row structure above.
     fn naive_area(v: &Volume<f32>, size: [usize; 3]) -> Volume<f32> {
         let [_, d, h, w] = v.shape();
-        let win = |i: usize, n_in: usize, n_out: usize| ((i * n_in) / n_out, ((i + 1) * n_in).div_ceil(n_out));
+        let win = |i: usize, n_in: usize, n_out: usize| {
+            ((i * n_in) / n_out, ((i + 1) * n_in).div_ceil(n_out))
+        };
         Volume::from_fn([v.channels(), size[0], size[1], size[2]], |c, a, b, e| {
             let (d0, d1) = win(a, d, size[0]);
             let (h0, h1) = win(b, h, size[1]);
@@ -599,7 +638,11 @@ mod tests {
 
     fn naive_trilinear(v: &Volume<f32>, size: [usize; 3]) -> Volume<f32> {
         let [_, d, h, w] = v.shape();
-        let (td, th, tw) = (linear_taps(d, size[0]), linear_taps(h, size[1]), linear_taps(w, size[2]));
+        let (td, th, tw) = (
+            linear_taps(d, size[0]),
+            linear_taps(h, size[1]),
+            linear_taps(w, size[2]),
+        );
         Volume::from_fn([v.channels(), size[0], size[1], size[2]], |c, a, b, e| {
             let at_w = |x: usize, y: usize| {
                 let p = |z: usize| v.get([c, x, y, z]).unwrap();
@@ -612,10 +655,15 @@ mod tests {
 
     #[test]
     fn box_variants_equal_crop_map_then_resize() {
-        let v = Volume::from_fn([2, 11, 23, 19], |c, d, h, w| ((c * 31 + d * 7 + h * 3 + w) % 29) as u8 * 8);
+        let v = Volume::from_fn([2, 11, 23, 19], |c, d, h, w| {
+            ((c * 31 + d * 7 + h * 3 + w) % 29) as u8 * 8
+        });
         let lut: Vec<f32> = (0..256).map(|x| x as f32 / 255.0).collect();
         let map = |x: u8| lut[usize::from(x)];
-        let b = BBox { start: [1, 4, 2], end: [10, 20, 17] };
+        let b = BBox {
+            start: [1, 4, 2],
+            end: [10, 20, 17],
+        };
         let mapped = crop(&v.map(map), &b);
         for size in [[4, 8, 5], [9, 16, 15], [18, 7, 40], [1, 1, 1]] {
             assert_eq!(
@@ -634,7 +682,10 @@ mod tests {
                 "nearest {size:?}"
             );
         }
-        let outside = BBox { start: [0, 0, 0], end: [12, 1, 1] };
+        let outside = BBox {
+            start: [0, 0, 0],
+            end: [12, 1, 1],
+        };
         assert!(matches!(
             try_resize_area_box(&v, &outside, [2, 2, 2], map),
             Err(VolumeError::BadBBox { .. })
@@ -648,9 +699,20 @@ mod tests {
         let v = Volume::from_fn([2, 9, 70, 66], |c, d, h, w| {
             ((c * 13 + d * 7 + h * 3 + w * 5) % 17) as f32 / 17.0 + 0.01 * w as f32
         });
-        for size in [[8, 64, 64], [3, 35, 33], [3, 35, 22], [4, 7, 5], [13, 71, 67], [20, 140, 132]] {
+        for size in [
+            [8, 64, 64],
+            [3, 35, 33],
+            [3, 35, 22],
+            [4, 7, 5],
+            [13, 71, 67],
+            [20, 140, 132],
+        ] {
             assert_eq!(resize_area(&v, size), naive_area(&v, size), "area {size:?}");
-            assert_eq!(resize_trilinear(&v, size), naive_trilinear(&v, size), "trilinear {size:?}");
+            assert_eq!(
+                resize_trilinear(&v, size),
+                naive_trilinear(&v, size),
+                "trilinear {size:?}"
+            );
         }
     }
 }

@@ -1,0 +1,132 @@
+//! Test support shared by every crate's tests (a dev-dependency only): where the Python oracle interpreter is,
+//! and a real S3-protocol server (moto, from the same venv) on loopback, killed when the test ends.
+//!
+//! Everything here panics with a clear message instead of returning errors: it only runs inside tests, and an
+//! oracle test must never pass without its oracle.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The workspace root (this crate lives one level below it).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// The Python oracle interpreter: `M3D_PYTHON`, or else `<workspace>/.venv/bin/python` (made by scripts/setup.sh).
+pub fn python() -> PathBuf {
+    let p = std::env::var_os("M3D_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join(".venv/bin/python"));
+    assert!(
+        p.exists(),
+        "Python oracle interpreter {} not found: run scripts/setup.sh (or set M3D_PYTHON)",
+        p.display()
+    );
+    p
+}
+
+/// Runs `python script args...`, requiring success; returns stdout.
+pub fn run_python(script: &Path, args: &[&str]) -> String {
+    let out = Command::new(python())
+        .arg(script)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("spawn python {}: {e}", script.display()));
+    assert!(
+        out.status.success(),
+        "oracle {} {args:?} failed\nstdout: {}\nstderr: {}",
+        script.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A free TCP port on loopback.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("bind a loopback port")
+}
+
+/// A moto S3 server on 127.0.0.1, killed on drop.
+pub struct S3Server {
+    child: Child,
+    pub port: u16,
+}
+
+impl S3Server {
+    /// Starts `python -m moto.server` on a free loopback port, logging to `log`, and waits until it listens.
+    pub fn start(log: &Path) -> S3Server {
+        let python = python();
+        let probe = Command::new(&python)
+            .args(["-c", "import moto.server"])
+            .output()
+            .expect("spawn python");
+        assert!(
+            probe.status.success(),
+            "moto is not installed in {}: run scripts/setup.sh ({})",
+            python.display(),
+            String::from_utf8_lossy(&probe.stderr)
+        );
+        let port = free_port();
+        let log_file = std::fs::File::create(log).expect("create moto log");
+        let child = Command::new(&python)
+            .args(["-m", "moto.server", "-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(Stdio::from(log_file.try_clone().expect("clone log handle")))
+            .stderr(Stdio::from(log_file))
+            .spawn()
+            .expect("spawn moto");
+        let mut server = S3Server { child, port };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return server;
+            }
+            if let Ok(Some(status)) = server.child.try_wait() {
+                panic!(
+                    "moto server exited with {status}: {}",
+                    std::fs::read_to_string(log).unwrap_or_default()
+                );
+            }
+            assert!(Instant::now() < deadline, "moto did not listen on port {port} within 60 s");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// `http://127.0.0.1:<port>`, the value for `AWS_ENDPOINT_URL`.
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Creates a bucket with a plain request (moto does not check signatures on bucket creation).
+    pub fn create_bucket(&self, bucket: &str) {
+        let port = self.port;
+        let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect to moto");
+        s.set_read_timeout(Some(Duration::from_secs(30))).expect("set timeout");
+        write!(
+            s,
+            "PUT /{bucket} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        )
+        .expect("send create-bucket request");
+        let mut resp = String::new();
+        s.read_to_string(&mut resp).expect("read create-bucket response");
+        assert!(resp.starts_with("HTTP/1.1 200"), "create bucket: {resp}");
+    }
+
+    /// Kills the server now (e.g. to test behaviour when the store disappears).
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
