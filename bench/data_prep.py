@@ -54,22 +54,9 @@ def peak_rss_of(cmd):
 
 
 def series_dirs(cap_root):
-    split = json.load(open(os.path.join(cap_root, "M3D_Cap.json")))
-    import unicodedata
+    import reference_prep
 
-    def fold(t):
-        return "".join(c for c in unicodedata.normalize("NFD", t) if unicodedata.category(c) != "Mn")
-
-    out, seen = [], set()
-    for entries in split.values():
-        for e in entries:
-            if e["image"] in seen:
-                continue
-            seen.add(e["image"])
-            case = os.path.join(cap_root, os.path.dirname(e["image"]))
-            stem = os.path.splitext(os.path.basename(e["image"]))[0]
-            out.append((e["image"], [os.path.join(case, d) for d in os.listdir(case) if fold(d) == stem][0]))
-    return out
+    return [(e["image"], sdir) for e, sdir in reference_prep.cap_series_dirs(cap_root)[0]]
 
 
 def main():

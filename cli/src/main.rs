@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use m3d_data_prep::cap::{CapOptions, CapSource, ResizeMode};
-use m3d_data_prep::refseg::{RefSegOptions, RefSegSource};
+use m3d_data_prep::refseg::{AxisOrder, RefSegOptions, RefSegSource};
 use m3d_data_prep::seg::{SegOptions, SegSource};
 use m3d_data_prep::vqa::VqaOptions;
 use m3d_data_prep::{convert_volumes, ConvertOptions, ConvertReport};
@@ -94,6 +94,10 @@ enum DataPrep {
     Refseg {
         #[command(flatten)]
         common: Common,
+        /// In-plane axis order: "consistent" (as M3D-Seg and M3D-Cap) or "reference" (the published RefSeg
+        /// transpose(2, 0, 1), transposed in-plane; use it to compare with models trained on published data).
+        #[arg(long, value_enum, default_value_t = Axes::Consistent)]
+        axis_order: Axes,
     },
     /// Statistics of a converted dataset; --verify checks every checksum; --png renders a volume.
     Inspect {
@@ -115,6 +119,12 @@ enum DataPrep {
         #[arg(long)]
         sample: Option<usize>,
     },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Axes {
+    Consistent,
+    Reference,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -319,12 +329,16 @@ fn run(cli: Cli) -> Result<()> {
                 let report = convert_volumes(&src, &opts).context("converting M3D-Seg")?;
                 print_report(&report, common.json)?;
             }
-            DataPrep::Refseg { common } => {
+            DataPrep::Refseg { common, axis_order } => {
                 let opts = common.options()?;
                 let src = RefSegSource::new(
                     RefSegOptions {
                         src: common.src.clone(),
                         dtype: common.dtype.map(Dtype::image),
+                        axis_order: match axis_order {
+                            Axes::Consistent => AxisOrder::Consistent,
+                            Axes::Reference => AxisOrder::Reference,
+                        },
                     },
                     opts.skip_bad,
                 )

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use m3d_formats::paths::safe_join;
 use m3d_shards::encode::{encode_image, ImageDtype};
 use m3d_shards::schema::{SampleRecord, Task, VolumeRecord};
-use m3d_volume::transforms::{crop, foreground_bbox, min_max_normalise, resize_area, resize_trilinear};
+use m3d_volume::transforms::{crop, foreground_bbox, min_max_normalise, prepare_cap_u8, resize_trilinear};
 use m3d_volume::Volume;
 use serde::{Deserialize, Serialize};
 
@@ -169,8 +169,9 @@ enum SeriesInput {
     Prepared(PathBuf),
 }
 
-/// Reads a raw series folder into the `1 x D x H x W` float volume the reference builds before normalising.
-pub fn load_raw_series(dir: &Path) -> Result<Volume<f32>> {
+/// Reads a raw series folder into the `1 x D x H x W` stack of 8-bit slices the reference builds (before its
+/// division by 255).
+pub fn load_raw_series(dir: &Path) -> Result<Volume<u8>> {
     let listing = std::fs::read_dir(dir).map_err(|e| PrepError::io(dir, e))?;
     let mut slices: Vec<(i64, PathBuf)> = Vec::new();
     for entry in listing {
@@ -220,21 +221,24 @@ pub fn load_raw_series(dir: &Path) -> Result<Volume<f32>> {
     }
     let mut data = Vec::with_capacity(kept.len() * h * w);
     for s in kept.iter() {
-        data.extend(s.pixels.iter().map(|&p| p as f32 / 255.0));
+        data.extend_from_slice(&s.pixels);
     }
     Volume::new([1, kept.len(), h, w], data).map_err(|e| PrepError::input(dir, e.to_string()))
 }
 
-/// The reference chain after loading: min-max, CropForeground, Resize.
-pub fn preprocess(mut v: Volume<f32>, resize: ResizeMode, name: &Path) -> Result<Volume<f32>> {
-    min_max_normalise(&mut v);
-    let bbox = foreground_bbox(&v)
-        .ok_or_else(|| PrepError::input(name, "volume is constant: nothing is foreground after min-max"))?;
-    let cropped = crop(&v, &bbox);
-    Ok(match resize {
-        ResizeMode::Area => resize_area(&cropped, TARGET),
-        ResizeMode::Trilinear => resize_trilinear(&cropped, TARGET),
-    })
+/// The reference chain after loading: `/ 255` in float32, min-max, CropForeground, Resize.
+pub fn preprocess(v: &Volume<u8>, resize: ResizeMode, name: &Path) -> Result<Volume<f32>> {
+    let constant = || PrepError::input(name, "volume is constant: nothing is foreground after min-max");
+    match resize {
+        // One fused pass straight from the 8-bit slices, bit-identical to the step-by-step chain.
+        ResizeMode::Area => prepare_cap_u8(v, TARGET).ok_or_else(constant),
+        ResizeMode::Trilinear => {
+            let mut f = v.map(|p| f32::from(p) / 255.0);
+            min_max_normalise(&mut f);
+            let bbox = foreground_bbox(&f).ok_or_else(constant)?;
+            Ok(resize_trilinear(&crop(&f, &bbox), TARGET))
+        }
+    }
 }
 
 fn load_prepared(path: &Path) -> Result<Volume<f32>> {
@@ -281,7 +285,7 @@ impl VolumeSource for CapSource {
         let (volume, source, prepared) = match self.locate(item)? {
             SeriesInput::Raw(dir) => {
                 let v = load_raw_series(&dir)?;
-                (preprocess(v, self.opts.resize, &dir)?, dir, false)
+                (preprocess(&v, self.opts.resize, &dir)?, dir, false)
             }
             SeriesInput::Prepared(path) => (load_prepared(&path)?, path, true),
         };

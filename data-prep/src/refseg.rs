@@ -2,10 +2,15 @@
 //! id of `mask.nii.gz`; one sample per row of `M3D_RefSeg_train.csv` / `M3D_RefSeg_test.csv`, pointing at the mask
 //! of its `Mask_ID`.
 //!
-//! Follows the reference `m3d_refseg_data_prepare.py`: `get_fdata().transpose(2, 0, 1)`, i.e. (H, W, D) ->
-//! (D, H, W) — **quirk**: a different axis order from M3D-Seg's (D, W, H), kept as published so that boxes and
-//! weights stay comparable — then ScaleIntensityRangePercentiles(0.5, 99.5, 0, 1, clip), CropForeground from the
-//! image, Resize to 32 x 256 x 256 (image trilinear, mask nearest).
+//! Follows the reference `m3d_refseg_data_prepare.py`: axes reordered, then ScaleIntensityRangePercentiles(0.5,
+//! 99.5, 0, 1, clip), CropForeground from the image, Resize to 32 x 256 x 256 (image trilinear, mask nearest).
+//!
+//! **Quirk** (axis order): the reference reads `get_fdata().transpose(2, 0, 1)`, i.e. NIfTI (x, y, z) -> (z, x, y),
+//! while its M3D-Seg preparation gives (z, y, x) — the radiological in-plane orientation, rows = y, columns = x,
+//! which is also how M3D-Cap slices are stored. RefSeg volumes therefore come out transposed in-plane relative to
+//! every other dataset. Default here: [`AxisOrder::Consistent`], (z, y, x) like M3D-Seg; the switch
+//! [`AxisOrder::Reference`] (`--axis-order reference`) reproduces the published (z, x, y) so that models and
+//! numbers trained on the published RefSeg data stay comparable.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -23,8 +28,27 @@ use crate::csv_table::Table;
 use crate::error::{PrepError, Result};
 use crate::pipeline::{Converted, VolumeSource};
 
-pub const COLUMNS: [&str; 6] = ["Image", "Mask", "Mask_ID", "Question_Type", "Question", "Answer"];
+pub use m3d_formats::tables::REFSEG_COLUMNS as COLUMNS;
 pub const TABLES: [(&str, &str); 2] = [("M3D_RefSeg_train.csv", "train"), ("M3D_RefSeg_test.csv", "test")];
+
+/// How NIfTI (x, y, z) becomes (D, H, W); see the module docs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AxisOrder {
+    /// (z, y, x), as M3D-Seg and M3D-Cap: the default.
+    Consistent,
+    /// (z, x, y), the reference RefSeg script's `transpose(2, 0, 1)` (quirk).
+    Reference,
+}
+
+impl AxisOrder {
+    fn perm(self) -> [usize; 3] {
+        match self {
+            AxisOrder::Consistent => [2, 1, 0],
+            AxisOrder::Reference => [2, 0, 1],
+        }
+    }
+}
 
 #[derive(Clone, Debug)]
 pub struct RefSegOptions {
@@ -32,6 +56,7 @@ pub struct RefSegOptions {
     pub src: PathBuf,
     /// Storage dtype of the images; default `f16`. `f32` keeps the exact values.
     pub dtype: Option<ImageDtype>,
+    pub axis_order: AxisOrder,
 }
 
 struct Row {
@@ -149,10 +174,14 @@ fn read_volume(path: &Path) -> Result<Volume<f32>> {
 }
 
 /// The reference chain for one case: image (1 x 32 x 256 x 256 in [0, 1]) and region-id map (same shape).
-pub fn preprocess_case(image: Volume<f32>, ids: Volume<f32>, name: &Path) -> Result<(Volume<f32>, Volume<f32>)> {
-    // transpose(2, 0, 1) of (H, W, D): out spatial axes = (D, H, W).
-    let mut image = permute_spatial(&image, [2, 0, 1]);
-    let ids = permute_spatial(&ids, [2, 0, 1]);
+pub fn preprocess_case(
+    image: Volume<f32>,
+    ids: Volume<f32>,
+    axes: AxisOrder,
+    name: &Path,
+) -> Result<(Volume<f32>, Volume<f32>)> {
+    let mut image = permute_spatial(&image, axes.perm());
+    let ids = permute_spatial(&ids, axes.perm());
     scale_intensity_range_percentiles(&mut image, 0.5, 99.5, 0.0, 1.0, true);
     let bbox = foreground_bbox(&image)
         .ok_or_else(|| PrepError::input(name, "nothing is foreground after intensity scaling"))?;
@@ -201,7 +230,7 @@ impl VolumeSource for RefSegSource {
                 ));
             }
         }
-        let (image, ids) = preprocess_case(image, ids, &image_path)?;
+        let (image, ids) = preprocess_case(image, ids, self.opts.axis_order, &image_path)?;
         let per: usize = image.spatial().iter().product();
         let mut region = vec![0u8; per];
         let mut masks = Vec::new();
@@ -261,7 +290,11 @@ impl VolumeSource for RefSegSource {
     fn preprocessing(&self) -> serde_json::Value {
         serde_json::json!({
             "reference": "M3D Data/process/m3d_refseg_data_prepare.py",
-            "axes": "transpose(2, 0, 1): (H, W, D) -> (D, H, W) (differs from M3D-Seg, as published)",
+            "axis_order": self.opts.axis_order,
+            "axes": match self.opts.axis_order {
+                AxisOrder::Consistent => "NIfTI (x, y, z) -> (z, y, x), as M3D-Seg",
+                AxisOrder::Reference => "NIfTI (x, y, z) -> (z, x, y): the reference's transpose(2, 0, 1) (quirk)",
+            },
             "intensity": "ScaleIntensityRangePercentiles(0.5, 99.5, b_min 0, b_max 1, clip)",
             "crop_foreground": "image > 0, applied to image and mask",
             "resize": {"size": TARGET, "image": "trilinear", "mask": "nearest"},

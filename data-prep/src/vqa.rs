@@ -11,18 +11,7 @@ use crate::csv_table::Table;
 use crate::error::{PrepError, Result};
 use crate::pipeline::{convert_samples_only, ConvertOptions, ConvertReport, Skipped};
 
-pub const COLUMNS: [&str; 10] = [
-    "Image Path",
-    "Text",
-    "Question Type",
-    "Question",
-    "Choice A",
-    "Choice B",
-    "Choice C",
-    "Choice D",
-    "Answer",
-    "Answer Choice",
-];
+pub use m3d_formats::tables::VQA_COLUMNS as COLUMNS;
 
 /// Published tables and the split each holds.
 pub const TABLES: [(&str, &str, Task); 5] = [

@@ -8,5 +8,6 @@ pub mod npz;
 pub mod paths;
 pub mod slice;
 pub mod sparse;
+pub mod tables;
 
 pub use error::FormatError;

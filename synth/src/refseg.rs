@@ -19,14 +19,7 @@ use crate::text::lesion_sentence;
 use crate::SynthConfig;
 
 /// Columns of the RefSeg CSVs, in order.
-pub const REFSEG_COLUMNS: [&str; 6] = [
-    "Image",
-    "Mask",
-    "Mask_ID",
-    "Question_Type",
-    "Question",
-    "Answer",
-];
+pub use m3d_formats::tables::REFSEG_COLUMNS;
 
 pub const REFSEG_TRAIN: &str = "M3D_RefSeg_train.csv";
 pub const REFSEG_TEST: &str = "M3D_RefSeg_test.csv";

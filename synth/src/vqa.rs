@@ -14,19 +14,7 @@ use crate::error::SynthError;
 use crate::rng::{stream, Stream, SynthRng};
 use crate::SynthConfig;
 
-/// Columns of every VQA CSV, in order.
-pub const VQA_COLUMNS: [&str; 10] = [
-    "Image Path",
-    "Text",
-    "Question Type",
-    "Question",
-    "Choice A",
-    "Choice B",
-    "Choice C",
-    "Choice D",
-    "Answer",
-    "Answer Choice",
-];
+pub use m3d_formats::tables::VQA_COLUMNS;
 
 /// The extra last column of `M3D_VQA_test.csv`.
 pub const VQA_NOTE_COLUMN: &str = "Note";

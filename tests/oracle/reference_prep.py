@@ -56,27 +56,11 @@ def cap_series(sdir):
     return np.asarray(CAP_TF(image)).astype(np.float32)
 
 
-def main(root, out):
-  expected = {"cap_text": {}, "seg_boxes": {}}
-
-  def save(dataset, vid, name, arr):
-    d = os.path.join(out, dataset)
-    os.makedirs(d, exist_ok=True)
-    np.save(os.path.join(d, vid.replace("/", "__") + "." + name + ".npy"), np.asarray(arr))
-
-  cap_root = os.path.join(root, "M3D_Cap")
-  splits = json.load(open(os.path.join(cap_root, "M3D_Cap.json")))
-  seen = set()
-  for split, entries in splits.items():
-      for e in entries:
-          if e["image"] in seen:
-              continue
-          seen.add(e["image"])
-          case_dir = os.path.join(cap_root, os.path.dirname(e["image"]))
-          stem = os.path.splitext(os.path.basename(e["image"]))[0]
-          series = [d for d in os.listdir(case_dir) if os.path.isdir(os.path.join(case_dir, d)) and remove_diacritics(d) == stem]
-          assert len(series) == 1, (case_dir, stem, series)
-          image = cap_series(os.path.join(case_dir, series[0]))
+def cap_series_dirs(cap_root):
+    """(image path from M3D_Cap.json, raw series folder, split dict) for every distinct series, in file order."""
+    series, splits = cap_series_dirs(cap_root)
+  for e, sdir in series:
+          image = cap_series(sdir)
           vid = e["image"][: -len(".npy")]
           save("cap", vid, "image", image)
           expected["cap_text"][vid] = extract(open(os.path.join(cap_root, e["text"])).read())

@@ -56,19 +56,21 @@ fn converters_match_the_reference_preprocessing() {
         serde_json::from_slice(&std::fs::read(exp.join("expected.json")).unwrap()).unwrap();
 
     for (ds, sub) in [("cap", "M3D_Cap"), ("seg", "M3D_Seg"), ("refseg", "M3D_RefSeg")] {
-        m3d_ok(&[
-            "data-prep",
-            ds,
-            "--src",
-            s(&raw.join(sub)),
-            "--out",
-            s(&shards.join(ds)),
-            "--dtype",
-            "f32",
-            "--shard-volumes",
-            "3",
-        ]);
+        let mut args = vec![
+            "data-prep", ds, "--src", s(&raw.join(sub)), "--out", s(&shards.join(ds)), "--dtype", "f32",
+            "--shard-volumes", "3",
+        ];
+        if ds == "refseg" {
+            // The oracle runs the reference script, so compare with its (quirky) axis order.
+            args.extend(["--axis-order", "reference"]);
+        }
+        m3d_ok(&args);
     }
+    // RefSeg's default order is the reference's with the in-plane axes swapped (D, H, W) -> (D, W, H).
+    let consistent_out = shards.join("refseg_consistent");
+    m3d_ok(&[
+        "data-prep", "refseg", "--src", s(&raw.join("M3D_RefSeg")), "--out", s(&consistent_out), "--dtype", "f32",
+    ]);
 
     // M3D-Cap: images and caption texts.
     let cap = volumes(&shards.join("cap"));
@@ -161,5 +163,19 @@ fn converters_match_the_reference_preprocessing() {
             assert!(got == want, "refseg {} region {} differs", rec.volume_id, m.class_index);
             assert_eq!(m.voxels as usize, by_id.get(&m.class_index).copied().unwrap_or(0));
         }
+    }
+    let consistent = volumes(&consistent_out);
+    assert_eq!(consistent.len(), refseg.len());
+    for (c, r) in consistent.iter().zip(&refseg) {
+        assert_eq!(c.volume_id, r.volume_id);
+        let [_, d, h, w] = r.shape.map(|v| v as usize);
+        let (ci, ri) = (image_of(c), image_of(r));
+        let transposed: Vec<f32> = (0..d * w * h).map(|i| {
+            let (z, rest) = (i / (w * h), i % (w * h));
+            let (x, y) = (rest / h, rest % h);
+            ri[(z * h + y) * w + x]
+        }).collect();
+        let diff = max_abs_diff(&ci, &transposed);
+        assert!(diff <= IMAGE_TOL, "refseg consistent order {}: max |diff| {diff}", c.volume_id);
     }
 }

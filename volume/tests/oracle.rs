@@ -23,19 +23,7 @@ use rand_chacha::ChaCha8Rng;
 
 const IMAGE_TOL: f32 = 1e-5;
 
-fn python() -> PathBuf {
-    let p = match std::env::var_os("M3D_PYTHON") {
-        Some(p) => PathBuf::from(p),
-        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python"),
-    };
-    assert!(
-        p.exists(),
-        "oracle interpreter {} not found: set M3D_PYTHON to a Python with torch 2.13 and monai 1.6.1 \
-         (or create <workspace>/.venv)",
-        p.display()
-    );
-    p
-}
+use m3d_testkit::python;
 
 /// What Python's output is compared with.
 enum Expect {

@@ -22,16 +22,4 @@ pub fn read_tree(root: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
     out
 }
 
-/// The Python interpreter of the oracle environment; panics with a clear message if it is missing.
-pub fn python() -> PathBuf {
-    let p = match std::env::var_os("M3D_PYTHON") {
-        Some(p) => PathBuf::from(p),
-        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python"),
-    };
-    assert!(
-        p.exists(),
-        "Python oracle interpreter not found at {} (set M3D_PYTHON or create <workspace>/.venv)",
-        p.display()
-    );
-    p
-}
+pub use m3d_testkit::python;
