@@ -56,9 +56,9 @@ fn converters_match_the_reference_preprocessing() {
         serde_json::from_slice(&std::fs::read(exp.join("expected.json")).unwrap()).unwrap();
 
     for (ds, sub) in [("cap", "M3D_Cap"), ("seg", "M3D_Seg"), ("refseg", "M3D_RefSeg")] {
+        let (src, out) = (raw.join(sub), shards.join(ds));
         let mut args = vec![
-            "data-prep", ds, "--src", s(&raw.join(sub)), "--out", s(&shards.join(ds)), "--dtype", "f32",
-            "--shard-volumes", "3",
+            "data-prep", ds, "--src", s(&src), "--out", s(&out), "--dtype", "f32", "--shard-volumes", "3",
         ];
         if ds == "refseg" {
             // The oracle runs the reference script, so compare with its (quirky) axis order.
