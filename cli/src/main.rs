@@ -14,7 +14,11 @@ use m3d_data_prep::vqa::VqaOptions;
 use m3d_data_prep::{convert_volumes, ConvertOptions, ConvertReport};
 
 #[derive(Parser)]
-#[command(name = "m3d", version, about = "Distributed training for M3D 3-D medical multi-modal models")]
+#[command(
+    name = "m3d",
+    version,
+    about = "Distributed training for M3D 3-D medical multi-modal models"
+)]
 struct Cli {
     /// Log format: human on a terminal, json for clusters.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human, env = "M3D_LOG_FORMAT")]
@@ -236,14 +240,23 @@ fn print_report(report: &ConvertReport, json: bool) -> Result<()> {
         println!("  {task:<12} {}", parts.join(", "));
     }
     if !report.skipped.is_empty() {
-        println!("  skipped {} input(s); see {}/skipped.json", report.skipped.len(), report.out);
+        println!(
+            "  skipped {} input(s); see {}/skipped.json",
+            report.skipped.len(),
+            report.out
+        );
     }
     Ok(())
 }
 
 fn parse_size(s: &str) -> Result<(usize, usize)> {
-    let (h, w) = s.split_once('x').with_context(|| format!("--slice-size {s:?}: expected HxW"))?;
-    Ok((h.parse().context("--slice-size height")?, w.parse().context("--slice-size width")?))
+    let (h, w) = s
+        .split_once('x')
+        .with_context(|| format!("--slice-size {s:?}: expected HxW"))?;
+    Ok((
+        h.parse().context("--slice-size height")?,
+        w.parse().context("--slice-size width")?,
+    ))
 }
 
 fn run(cli: Cli) -> Result<()> {
@@ -304,7 +317,8 @@ fn run(cli: Cli) -> Result<()> {
                 let opts = common.options()?;
                 let known_volumes = match cap {
                     Some(url) => Some(
-                        volume_ids(&url).with_context(|| format!("reading M3D-Cap volume ids from {url}"))?,
+                        volume_ids(&url)
+                            .with_context(|| format!("reading M3D-Cap volume ids from {url}"))?,
                     ),
                     None => None,
                 };
@@ -364,7 +378,11 @@ fn run(cli: Cli) -> Result<()> {
                     print!("{}", m3d_data_prep::inspect::render_text(&summary));
                 }
                 if let Some(v) = summary.verified.as_ref().filter(|v| !v.failures.is_empty()) {
-                    bail!("{url}: {} shard problem(s); first: {}", v.failures.len(), v.failures[0]);
+                    bail!(
+                        "{url}: {} shard problem(s); first: {}",
+                        v.failures.len(),
+                        v.failures[0]
+                    );
                 }
                 if let Some(png) = png {
                     let rec = m3d_data_prep::inspect::find_volume(&ds, volume.as_deref(), sample)?;
@@ -384,7 +402,11 @@ fn volume_ids(url: &str) -> Result<BTreeSet<String>> {
     let ds = m3d_shards::dataset::ShardDataset::open(url)?;
     let mut ids = BTreeSet::new();
     for shard in 0..ds.manifest().volume_shards.len() {
-        for rec in ds.stream_volumes(shard)?.with_images(false).with_masks(false) {
+        for rec in ds
+            .stream_volumes(shard)?
+            .with_images(false)
+            .with_masks(false)
+        {
             ids.insert(rec?.volume_id);
         }
     }

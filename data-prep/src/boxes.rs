@@ -10,7 +10,10 @@ pub fn mask_box(mask: &[u8], dims: [usize; 3]) -> Option<[f32; 6]> {
     for z in 0..d {
         for y in 0..h {
             let row = &mask[(z * h + y) * w..(z * h + y + 1) * w];
-            let (Some(first), Some(last)) = (row.iter().position(|&v| v != 0), row.iter().rposition(|&v| v != 0)) else {
+            let (Some(first), Some(last)) = (
+                row.iter().position(|&v| v != 0),
+                row.iter().rposition(|&v| v != 0),
+            ) else {
                 continue;
             };
             lo = [lo[0].min(z), lo[1].min(y), lo[2].min(first)];
@@ -21,7 +24,14 @@ pub fn mask_box(mask: &[u8], dims: [usize; 3]) -> Option<[f32; 6]> {
         return None;
     }
     let r = |i: usize, n: usize| round3(i as f64 / n as f64) as f32;
-    Some([r(lo[0], d), r(lo[1], h), r(lo[2], w), r(hi[0], d), r(hi[1], h), r(hi[2], w)])
+    Some([
+        r(lo[0], d),
+        r(lo[1], h),
+        r(lo[2], w),
+        r(hi[0], d),
+        r(hi[1], h),
+        r(hi[2], w),
+    ])
 }
 
 /// Python's `round(x, 3)`: correctly rounded, ties to even on the exact binary value. Rust's formatting rounds

@@ -16,7 +16,9 @@ use std::path::{Path, PathBuf};
 use m3d_formats::paths::safe_join;
 use m3d_shards::encode::{encode_image, ImageDtype};
 use m3d_shards::schema::{SampleRecord, Task, VolumeRecord};
-use m3d_volume::transforms::{crop, foreground_bbox, min_max_normalise, prepare_cap_u8, resize_trilinear};
+use m3d_volume::transforms::{
+    crop, foreground_bbox, min_max_normalise, prepare_cap_u8, resize_trilinear,
+};
 use m3d_volume::Volume;
 use serde::{Deserialize, Serialize};
 
@@ -86,7 +88,10 @@ impl CapSource {
         // Published files use train/validation/test/hard_test, older ones also test1k/test500/test100: keep every key,
         // the known ones first so volume order does not depend on extra subsets.
         let known = ["train", "validation", "test", "hard_test"];
-        let mut keys: Vec<&String> = splits.keys().filter(|k| known.contains(&k.as_str())).collect();
+        let mut keys: Vec<&String> = splits
+            .keys()
+            .filter(|k| known.contains(&k.as_str()))
+            .collect();
         keys.sort_by_key(|k| known.iter().position(|n| n == k));
         keys.extend(splits.keys().filter(|k| !known.contains(&k.as_str())));
 
@@ -187,7 +192,10 @@ pub fn load_raw_series(dir: &Path) -> Result<Volume<u8>> {
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_default();
         let n: i64 = stem.trim().parse().map_err(|_| {
-            PrepError::input(&path, "slice file name is not a number (slices are ordered by it)")
+            PrepError::input(
+                &path,
+                "slice file name is not a number (slices are ordered by it)",
+            )
         })?;
         slices.push((n, path));
     }
@@ -215,7 +223,10 @@ pub fn load_raw_series(dir: &Path) -> Result<Volume<u8>> {
         }
     }
     let (h, w) = best.0;
-    let kept: Vec<_> = decoded.iter().filter(|s| (s.height, s.width) == (h, w)).collect();
+    let kept: Vec<_> = decoded
+        .iter()
+        .filter(|s| (s.height, s.width) == (h, w))
+        .collect();
     if kept.len() != decoded.len() {
         tracing::debug!(series = %dir.display(), dropped = decoded.len() - kept.len(), "slices of a minority shape dropped, as the reference does");
     }
@@ -228,7 +239,12 @@ pub fn load_raw_series(dir: &Path) -> Result<Volume<u8>> {
 
 /// The reference chain after loading: `/ 255` in float32, min-max, CropForeground, Resize.
 pub fn preprocess(v: &Volume<u8>, resize: ResizeMode, name: &Path) -> Result<Volume<f32>> {
-    let constant = || PrepError::input(name, "volume is constant: nothing is foreground after min-max");
+    let constant = || {
+        PrepError::input(
+            name,
+            "volume is constant: nothing is foreground after min-max",
+        )
+    };
     match resize {
         // One fused pass straight from the 8-bit slices, bit-identical to the step-by-step chain.
         ResizeMode::Area => prepare_cap_u8(v, TARGET).ok_or_else(constant),
@@ -254,13 +270,19 @@ fn load_prepared(path: &Path) -> Result<Volume<f32>> {
         }
     };
     if shape[0] != 1 {
-        return Err(PrepError::input(path, format!("expected one channel, found {}", shape[0])));
+        return Err(PrepError::input(
+            path,
+            format!("expected one channel, found {}", shape[0]),
+        ));
     }
     let data = arr.to_f32();
     if let Some(bad) = data.iter().position(|v| !(0.0..=1.0).contains(v)) {
         return Err(PrepError::input(
             path,
-            format!("prepared volumes hold values in [0, 1]; element {bad} is {}", data[bad]),
+            format!(
+                "prepared volumes hold values in [0, 1]; element {bad} is {}",
+                data[bad]
+            ),
         ));
     }
     Volume::new(shape, data).map_err(|e| PrepError::input(path, e.to_string()))
@@ -308,7 +330,11 @@ impl VolumeSource for CapSource {
                 let path = safe_join(&self.opts.src, text_rel)?;
                 let raw = std::fs::read_to_string(&path).map_err(|e| PrepError::io(&path, e))?;
                 // A prepared tree already holds the extracted report; the rule is for raw reports.
-                let report = if prepared { raw.trim().to_string() } else { extract_report(&raw) };
+                let report = if prepared {
+                    raw.trim().to_string()
+                } else {
+                    extract_report(&raw)
+                };
                 texts.insert(text_rel, report);
             }
             samples.push(SampleRecord {
@@ -328,7 +354,10 @@ impl VolumeSource for CapSource {
                 source_row: Some(format!("{}:{split}[{i}]", file_name(&self.split_path))),
             });
         }
-        Ok(Converted { volume: record, samples })
+        Ok(Converted {
+            volume: record,
+            samples,
+        })
     }
 
     fn preprocessing(&self) -> serde_json::Value {

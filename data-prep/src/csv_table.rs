@@ -49,7 +49,11 @@ impl Table {
             })?;
             rows.push(record.iter().map(str::to_string).collect());
         }
-        let index = columns.iter().enumerate().map(|(i, c)| (c.clone(), i)).collect();
+        let index = columns
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (c.clone(), i))
+            .collect();
         Ok(Table {
             path: path.to_path_buf(),
             columns,

@@ -39,7 +39,10 @@ pub enum PrepError {
     #[error("invalid options: {0}")]
     Options(String),
     #[error("{failed} item(s) failed; first: {first}")]
-    Aborted { failed: usize, first: Box<PrepError> },
+    Aborted {
+        failed: usize,
+        first: Box<PrepError>,
+    },
 }
 
 impl PrepError {

@@ -72,7 +72,8 @@ pub fn summarise(ds: &ShardDataset, url: &str, verify: bool) -> Result<Summary> 
         bytes: m.totals.bytes,
         volume_shards: m.volume_shards.len(),
         sample_shards: m.sample_shards.len(),
-        bytes_per_volume: (m.totals.volumes > 0).then(|| vol_bytes as f64 / m.totals.volumes as f64),
+        bytes_per_volume: (m.totals.volumes > 0)
+            .then(|| vol_bytes as f64 / m.totals.volumes as f64),
         skipped: m.skipped,
         counts: m.counts.clone(),
         preprocessing: m.preprocessing.clone(),
@@ -84,7 +85,10 @@ pub fn summarise(ds: &ShardDataset, url: &str, verify: bool) -> Result<Summary> 
 pub fn render_text(s: &Summary) -> String {
     let mut out = String::new();
     out.push_str(&format!("dataset        {} ({})\n", s.dataset, s.url));
-    out.push_str(&format!("schema         v{} by {}\n", s.schema_version, s.created_by));
+    out.push_str(&format!(
+        "schema         v{} by {}\n",
+        s.schema_version, s.created_by
+    ));
     out.push_str(&format!(
         "volumes        {} in {} shard(s){}\n",
         s.volumes,
@@ -93,10 +97,20 @@ pub fn render_text(s: &Summary) -> String {
             .map(|b| format!(", {:.2} MiB per volume", b / 1048576.0))
             .unwrap_or_default()
     ));
-    out.push_str(&format!("samples        {} in {} shard(s)\n", s.samples, s.sample_shards));
-    out.push_str(&format!("bytes          {} ({:.2} MiB)\n", s.bytes, s.bytes as f64 / 1048576.0));
+    out.push_str(&format!(
+        "samples        {} in {} shard(s)\n",
+        s.samples, s.sample_shards
+    ));
+    out.push_str(&format!(
+        "bytes          {} ({:.2} MiB)\n",
+        s.bytes,
+        s.bytes as f64 / 1048576.0
+    ));
     if s.skipped > 0 {
-        out.push_str(&format!("skipped        {} input(s), see skipped.json\n", s.skipped));
+        out.push_str(&format!(
+            "skipped        {} input(s), see skipped.json\n",
+            s.skipped
+        ));
     }
     let splits: Vec<&String> = {
         let mut v: Vec<&String> = s.counts.values().flat_map(|m| m.keys()).collect();
@@ -133,7 +147,10 @@ pub fn render_text(s: &Summary) -> String {
                 v.shards, v.volumes
             ));
         } else {
-            out.push_str(&format!("\nVERIFICATION FAILED ({} problem(s)):\n", v.failures.len()));
+            out.push_str(&format!(
+                "\nVERIFICATION FAILED ({} problem(s)):\n",
+                v.failures.len()
+            ));
             for f in &v.failures {
                 out.push_str(&format!("  {f}\n"));
             }
@@ -143,13 +160,22 @@ pub fn render_text(s: &Summary) -> String {
 }
 
 /// Finds a volume by id, or the volume of sample number `sample`, or else the first volume.
-pub fn find_volume(ds: &ShardDataset, volume_id: Option<&str>, sample: Option<usize>) -> Result<VolumeRecord> {
+pub fn find_volume(
+    ds: &ShardDataset,
+    volume_id: Option<&str>,
+    sample: Option<usize>,
+) -> Result<VolumeRecord> {
     let wanted: Option<String> = match (volume_id, sample) {
         (Some(id), _) => Some(id.to_string()),
         (None, Some(i)) => Some(
             ds.samples()
                 .get(i)
-                .ok_or_else(|| PrepError::Options(format!("sample {i} out of range ({} samples)", ds.samples().len())))?
+                .ok_or_else(|| {
+                    PrepError::Options(format!(
+                        "sample {i} out of range ({} samples)",
+                        ds.samples().len()
+                    ))
+                })?
                 .volume_id
                 .clone(),
         ),
@@ -169,14 +195,24 @@ pub fn find_volume(ds: &ShardDataset, volume_id: Option<&str>, sample: Option<us
     }))
 }
 
-const PALETTE: [[u8; 3]; 6] = [[230, 40, 40], [40, 200, 60], [50, 110, 240], [240, 200, 30], [200, 60, 220], [30, 210, 210]];
+const PALETTE: [[u8; 3]; 6] = [
+    [230, 40, 40],
+    [40, 200, 60],
+    [50, 110, 240],
+    [240, 200, 30],
+    [200, 60, 220],
+    [30, 210, 210],
+];
 
 /// Renders the middle axial, coronal and sagittal slices side by side (each 256 x 256, depth stretched), masks
 /// overlaid in colour at 50 %.
 pub fn render_png(rec: &VolumeRecord, out: &Path) -> Result<()> {
     let [c, d, h, w] = rec.shape.map(|v| v as usize);
     if c != 1 || d == 0 || h == 0 || w == 0 {
-        return Err(PrepError::Options(format!("cannot render shape {:?}", rec.shape)));
+        return Err(PrepError::Options(format!(
+            "cannot render shape {:?}",
+            rec.shape
+        )));
     }
     let mut img = vec![0f32; d * h * w];
     decode_image_into(&rec.image, rec.dtype, &mut img)?;
@@ -210,7 +246,11 @@ pub fn render_png(rec: &VolumeRecord, out: &Path) -> Result<()> {
                         }
                     }
                 }
-                canvas.put_pixel((p * side + col) as u32, r as u32, image::Rgb(px.map(|v| v as u8)));
+                canvas.put_pixel(
+                    (p * side + col) as u32,
+                    r as u32,
+                    image::Rgb(px.map(|v| v as u8)),
+                );
             }
         }
     }

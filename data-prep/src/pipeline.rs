@@ -153,7 +153,8 @@ pub fn convert_volumes<S: VolumeSource>(src: &S, opts: &ConvertOptions) -> Resul
     let mut skipped: Vec<Skipped> = Vec::new();
     let (mut written, mut reused) = (0usize, 0usize);
     for shard in 0..n_shards {
-        let chunk = &items[shard * opts.shard_volumes..((shard + 1) * opts.shard_volumes).min(items.len())];
+        let chunk =
+            &items[shard * opts.shard_volumes..((shard + 1) * opts.shard_volumes).min(items.len())];
         let ids: Vec<String> = chunk.iter().map(|it| src.item_id(it)).collect();
         let fingerprint = sha256_hex(
             serde_json::json!({
@@ -350,10 +351,15 @@ fn finish(
     remove_stale(store, "volumes/", &volume_shards)?;
     remove_stale(store, "samples/", &sample_shards)?;
     if !skipped.is_empty() {
-        let json = serde_json::to_vec_pretty(&skipped).map_err(|e| PrepError::Options(e.to_string()))?;
+        let json =
+            serde_json::to_vec_pretty(&skipped).map_err(|e| PrepError::Options(e.to_string()))?;
         store.put("skipped.json", Bytes::from(json))?;
     }
-    let bytes: u64 = volume_shards.iter().chain(&sample_shards).map(|e| e.bytes).sum();
+    let bytes: u64 = volume_shards
+        .iter()
+        .chain(&sample_shards)
+        .map(|e| e.bytes)
+        .sum();
     let manifest = Manifest {
         format: "m3d-shards".to_string(),
         schema_version: SHARD_SCHEMA_VERSION,

@@ -19,7 +19,8 @@ use m3d_formats::paths::safe_join;
 use m3d_shards::encode::{encode_image, pack_mask, ImageDtype};
 use m3d_shards::schema::{MaskRecord, SampleRecord, Task, VolumeRecord};
 use m3d_volume::transforms::{
-    crop, foreground_bbox, permute_spatial, resize_nearest, resize_trilinear, scale_intensity_range_percentiles,
+    crop, foreground_bbox, permute_spatial, resize_nearest, resize_trilinear,
+    scale_intensity_range_percentiles,
 };
 use m3d_volume::Volume;
 
@@ -29,7 +30,10 @@ use crate::error::{PrepError, Result};
 use crate::pipeline::{Converted, VolumeSource};
 
 pub use m3d_formats::tables::REFSEG_COLUMNS as COLUMNS;
-pub const TABLES: [(&str, &str); 2] = [("M3D_RefSeg_train.csv", "train"), ("M3D_RefSeg_test.csv", "test")];
+pub const TABLES: [(&str, &str); 2] = [
+    ("M3D_RefSeg_train.csv", "train"),
+    ("M3D_RefSeg_test.csv", "test"),
+];
 
 /// How NIfTI (x, y, z) becomes (D, H, W); see the module docs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -85,7 +89,10 @@ pub struct RefSegSource {
 /// A table path may name the NIfTI source (`s0000/ct.nii.gz`) or the reference's prepared file (`s0000/ct.npy`);
 /// both mean the case folder's NIfTI.
 fn nifti_path(rel: &str, stem: &str) -> String {
-    let case = Path::new(rel).parent().map(|p| p.display().to_string()).unwrap_or_default();
+    let case = Path::new(rel)
+        .parent()
+        .map(|p| p.display().to_string())
+        .unwrap_or_default();
     if case.is_empty() {
         format!("{stem}.nii.gz")
     } else {
@@ -104,7 +111,8 @@ impl RefSegSource {
                 continue;
             }
             let bytes = std::fs::read(&path).map_err(|e| PrepError::io(&path, e))?;
-            tables.push(serde_json::json!({"file": name, "sha256": m3d_shards::sha256_hex(&bytes)}));
+            tables
+                .push(serde_json::json!({"file": name, "sha256": m3d_shards::sha256_hex(&bytes)}));
             let table = Table::read(&path, &COLUMNS)?;
             for r in 0..table.rows.len() {
                 let parsed = (|| -> Result<(String, String, String, Row)> {
@@ -118,16 +126,26 @@ impl RefSegSource {
                         .ok()
                         .filter(|v| v.fract() == 0.0 && *v >= 1.0 && *v <= u32::MAX as f64)
                         .map(|v| v as u32)
-                        .ok_or_else(|| table.row_error(r, format!("Mask_ID {id_text:?} is not a positive integer")))?;
+                        .ok_or_else(|| {
+                            table.row_error(
+                                r,
+                                format!("Mask_ID {id_text:?} is not a positive integer"),
+                            )
+                        })?;
                     let qt = table.get(r, "Question_Type").trim();
                     if !matches!(qt, "0" | "1") {
-                        return Err(table.row_error(r, format!("Question_Type {qt:?} is not 0 or 1")));
+                        return Err(
+                            table.row_error(r, format!("Question_Type {qt:?} is not 0 or 1"))
+                        );
                     }
                     let question = table.get(r, "Question");
                     if question.trim().is_empty() {
                         return Err(table.row_error(r, "empty Question"));
                     }
-                    let case = Path::new(image).parent().map(|p| p.display().to_string()).unwrap_or_default();
+                    let case = Path::new(image)
+                        .parent()
+                        .map(|p| p.display().to_string())
+                        .unwrap_or_default();
                     Ok((
                         case,
                         nifti_path(image, "ct"),
@@ -145,7 +163,12 @@ impl RefSegSource {
                 match parsed {
                     Ok((case, image, mask, row)) => by_case
                         .entry(case.clone())
-                        .or_insert_with(|| RefSegItem { case, image, mask, rows: Vec::new() })
+                        .or_insert_with(|| RefSegItem {
+                            case,
+                            image,
+                            mask,
+                            rows: Vec::new(),
+                        })
                         .rows
                         .push(row),
                     Err(e) if skip_bad => skipped.push(crate::pipeline::Skipped {
@@ -157,9 +180,20 @@ impl RefSegSource {
             }
         }
         if tables.is_empty() {
-            return Err(PrepError::input(&opts.src, format!("no M3D-RefSeg table found (expected {:?})", TABLES.map(|t| t.0))));
+            return Err(PrepError::input(
+                &opts.src,
+                format!(
+                    "no M3D-RefSeg table found (expected {:?})",
+                    TABLES.map(|t| t.0)
+                ),
+            ));
         }
-        Ok(RefSegSource { opts, items: by_case.into_values().collect(), tables, skipped })
+        Ok(RefSegSource {
+            opts,
+            items: by_case.into_values().collect(),
+            tables,
+            skipped,
+        })
     }
 }
 
@@ -168,7 +202,12 @@ fn read_volume(path: &Path) -> Result<Volume<f32>> {
     let shape: [usize; 4] = match nii.shape.as_slice() {
         [h, w, d] => [1, *h, *w, *d],
         [h, w, d, 1] => [1, *h, *w, *d],
-        other => return Err(PrepError::input(path, format!("expected a 3-D volume, found shape {other:?}"))),
+        other => {
+            return Err(PrepError::input(
+                path,
+                format!("expected a 3-D volume, found shape {other:?}"),
+            ))
+        }
     };
     Volume::new(shape, nii.data).map_err(|e| PrepError::input(path, e.to_string()))
 }
@@ -213,15 +252,27 @@ impl VolumeSource for RefSegSource {
         if image.shape() != ids.shape() {
             return Err(PrepError::input(
                 &mask_path,
-                format!("mask shape {:?} differs from the image's {:?}", ids.shape(), image.shape()),
+                format!(
+                    "mask shape {:?} differs from the image's {:?}",
+                    ids.shape(),
+                    image.shape()
+                ),
             ));
         }
         let text_path = image_path.with_file_name("text.json");
         let descriptions: BTreeMap<String, serde_json::Value> = match std::fs::read(&text_path) {
-            Ok(raw) => serde_json::from_slice(&raw).map_err(|source| PrepError::Json { path: text_path.clone(), source })?,
+            Ok(raw) => serde_json::from_slice(&raw).map_err(|source| PrepError::Json {
+                path: text_path.clone(),
+                source,
+            })?,
             Err(_) => BTreeMap::new(),
         };
-        let present: BTreeSet<u32> = ids.data().iter().filter(|v| **v > 0.0).map(|v| v.round() as u32).collect();
+        let present: BTreeSet<u32> = ids
+            .data()
+            .iter()
+            .filter(|v| **v > 0.0)
+            .map(|v| v.round() as u32)
+            .collect();
         for row in &item.rows {
             if !present.contains(&row.mask_id) {
                 return Err(PrepError::input(
@@ -243,7 +294,11 @@ impl VolumeSource for RefSegSource {
             index_of.insert(*id, masks.len() as u32);
             let label = descriptions
                 .get(&id.to_string())
-                .map(|v| v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string()))
+                .map(|v| {
+                    v.as_str()
+                        .map(str::to_string)
+                        .unwrap_or_else(|| v.to_string())
+                })
                 .unwrap_or_else(|| format!("region {id}"));
             masks.push(MaskRecord {
                 class_index: *id,

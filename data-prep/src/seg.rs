@@ -13,7 +13,9 @@ use std::path::{Path, PathBuf};
 use m3d_formats::paths::safe_join;
 use m3d_shards::encode::{encode_image, pack_mask, ImageDtype};
 use m3d_shards::schema::{MaskRecord, SampleRecord, Task, VolumeRecord};
-use m3d_volume::transforms::{crop, foreground_bbox, min_max_normalise, permute_spatial, resize_nearest, resize_trilinear};
+use m3d_volume::transforms::{
+    crop, foreground_bbox, min_max_normalise, permute_spatial, resize_nearest, resize_trilinear,
+};
 use m3d_volume::Volume;
 use serde::Deserialize;
 
@@ -24,9 +26,31 @@ use crate::pipeline::{Converted, VolumeSource};
 
 /// The 25 datasets of M3D-Seg, by code.
 pub const DATASETS: [&str; 25] = [
-    "CHAOS", "HaN-Seg", "AMOS22", "AbdomenCT-1k", "KiTS23", "KiPA22", "KiTS19", "BTCV", "Pancreas-CT", "3D-IRCADB",
-    "FLARE22", "TotalSegmentator", "CT-ORG", "WORD", "VerSe19", "VerSe20", "SLIVER07", "QUBIQ", "MSD-Colon",
-    "MSD-HepaticVessel", "MSD-Liver", "MSD-Lung", "MSD-Pancreas", "MSD-Spleen", "LUNA16",
+    "CHAOS",
+    "HaN-Seg",
+    "AMOS22",
+    "AbdomenCT-1k",
+    "KiTS23",
+    "KiPA22",
+    "KiTS19",
+    "BTCV",
+    "Pancreas-CT",
+    "3D-IRCADB",
+    "FLARE22",
+    "TotalSegmentator",
+    "CT-ORG",
+    "WORD",
+    "VerSe19",
+    "VerSe20",
+    "SLIVER07",
+    "QUBIQ",
+    "MSD-Colon",
+    "MSD-HepaticVessel",
+    "MSD-Liver",
+    "MSD-Lung",
+    "MSD-Pancreas",
+    "MSD-Spleen",
+    "LUNA16",
 ];
 
 #[derive(Clone, Debug)]
@@ -83,7 +107,10 @@ impl SegSource {
             }
             found.sort();
             if found.is_empty() {
-                return Err(PrepError::input(&opts.src, "no <code>/<code>.json dataset found"));
+                return Err(PrepError::input(
+                    &opts.src,
+                    "no <code>/<code>.json dataset found",
+                ));
             }
             found
         } else {
@@ -94,15 +121,22 @@ impl SegSource {
         for code in codes {
             let path = opts.src.join(&code).join(format!("{code}.json"));
             let raw = std::fs::read(&path).map_err(|e| PrepError::io(&path, e))?;
-            let ds: DatasetJson = serde_json::from_slice(&raw).map_err(|source| PrepError::Json {
-                path: path.clone(),
-                source,
-            })?;
+            let ds: DatasetJson =
+                serde_json::from_slice(&raw).map_err(|source| PrepError::Json {
+                    path: path.clone(),
+                    source,
+                })?;
             jsons.push(serde_json::json!({"file": relative(&opts.src, &path), "sha256": m3d_shards::sha256_hex(&raw)}));
             let mut classes = Vec::new();
             for i in 1..ds.labels.len() {
                 let name = ds.labels.get(&i.to_string()).ok_or_else(|| {
-                    PrepError::input(&path, format!("labels must be numbered 0..{}; \"{i}\" is missing", ds.labels.len() - 1))
+                    PrepError::input(
+                        &path,
+                        format!(
+                            "labels must be numbered 0..{}; \"{i}\" is missing",
+                            ds.labels.len() - 1
+                        ),
+                    )
                 })?;
                 classes.push(name.clone());
             }
@@ -130,13 +164,21 @@ impl SegSource {
 }
 
 /// The reference chain for one case. Returns the image (1 x 32 x 256 x 256) and the masks (C x 32 x 256 x 256, 0/1).
-pub fn preprocess_case(image: Volume<f32>, mask: Volume<u8>, name: &Path) -> Result<(Volume<f32>, Volume<u8>)> {
+pub fn preprocess_case(
+    image: Volume<f32>,
+    mask: Volume<u8>,
+    name: &Path,
+) -> Result<(Volume<f32>, Volume<u8>)> {
     // np.swapaxes(x, -1, -3): (C, H, W, D) -> (C, D, W, H).
     let mut image = permute_spatial(&image, [2, 1, 0]);
     let mask = permute_spatial(&mask, [2, 1, 0]);
     min_max_normalise(&mut image);
-    let bbox = foreground_bbox(&image)
-        .ok_or_else(|| PrepError::input(name, "image is constant: nothing is foreground after min-max"))?;
+    let bbox = foreground_bbox(&image).ok_or_else(|| {
+        PrepError::input(
+            name,
+            "image is constant: nothing is foreground after min-max",
+        )
+    })?;
     let image = resize_trilinear(&crop(&image, &bbox), TARGET);
     let mut mask = resize_nearest(&crop(&mask, &bbox), TARGET);
     for v in mask.data_mut() {
@@ -167,28 +209,49 @@ impl VolumeSource for SegSource {
         let ishape: [usize; 4] = match arr.shape.as_slice() {
             [1, h, w, d] => [1, *h, *w, *d],
             other => {
-                return Err(PrepError::input(&image_path, format!("image must be 1 x H x W x D, found {other:?}")))
+                return Err(PrepError::input(
+                    &image_path,
+                    format!("image must be 1 x H x W x D, found {other:?}"),
+                ))
             }
         };
-        let image = Volume::new(ishape, arr.to_f32()).map_err(|e| PrepError::input(&image_path, e.to_string()))?;
+        let image = Volume::new(ishape, arr.to_f32())
+            .map_err(|e| PrepError::input(&image_path, e.to_string()))?;
         let (mshape, dense) = m3d_formats::sparse::read_mask_npz(&mask_path)?;
         let mshape: [usize; 4] = match mshape.as_slice() {
             [c, h, w, d] => [*c, *h, *w, *d],
-            other => return Err(PrepError::input(&mask_path, format!("mask shape must be (C, H, W, D), found {other:?}"))),
+            other => {
+                return Err(PrepError::input(
+                    &mask_path,
+                    format!("mask shape must be (C, H, W, D), found {other:?}"),
+                ))
+            }
         };
         if mshape[1..] != ishape[1..] {
             return Err(PrepError::input(
                 &mask_path,
-                format!("mask spatial shape {:?} differs from the image's {:?} ({})", &mshape[1..], &ishape[1..], image_path.display()),
+                format!(
+                    "mask spatial shape {:?} differs from the image's {:?} ({})",
+                    &mshape[1..],
+                    &ishape[1..],
+                    image_path.display()
+                ),
             ));
         }
         if mshape[0] != item.classes.len() {
             return Err(PrepError::input(
                 &mask_path,
-                format!("{} mask channels, but {}/{}.json names {} foreground labels", mshape[0], item.code, item.code, item.classes.len()),
+                format!(
+                    "{} mask channels, but {}/{}.json names {} foreground labels",
+                    mshape[0],
+                    item.code,
+                    item.code,
+                    item.classes.len()
+                ),
             ));
         }
-        let mask = Volume::new(mshape, dense).map_err(|e| PrepError::input(&mask_path, e.to_string()))?;
+        let mask =
+            Volume::new(mshape, dense).map_err(|e| PrepError::input(&mask_path, e.to_string()))?;
         let (image, mask) = preprocess_case(image, mask, &image_path)?;
 
         let spatial = image.spatial();

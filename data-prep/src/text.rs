@@ -46,10 +46,7 @@ mod tests {
     #[test]
     fn findings_preferred() {
         let raw = "history: x\nstudy_findings: Liver is\nenlarged.\ndiscussion: none";
-        assert_eq!(
-            extract_report(raw),
-            "Liver is enlarged. discussion: none"
-        );
+        assert_eq!(extract_report(raw), "Liver is enlarged. discussion: none");
     }
 
     #[test]

@@ -31,7 +31,12 @@ pub struct VqaOptions {
 }
 
 /// The closed-ended prompt and answer of the reference: `question + " Choices: A. a B. b C. c D. d"`, `"X. answer"`.
-pub fn closed_prompt(question: &str, choices: [&str; 4], answer_choice: &str, answer: &str) -> (String, String) {
+pub fn closed_prompt(
+    question: &str,
+    choices: [&str; 4],
+    answer_choice: &str,
+    answer: &str,
+) -> (String, String) {
     (
         format!(
             "{question} Choices: A. {} B. {} C. {} D. {}",
@@ -43,7 +48,10 @@ pub fn closed_prompt(question: &str, choices: [&str; 4], answer_choice: &str, an
 
 /// Parses every present table into samples. Missing tables are skipped (subsets are published separately), but
 /// at least one must exist.
-pub fn read_samples(opts: &VqaOptions, skip_bad: bool) -> Result<(Vec<SampleRecord>, Vec<Skipped>, serde_json::Value)> {
+pub fn read_samples(
+    opts: &VqaOptions,
+    skip_bad: bool,
+) -> Result<(Vec<SampleRecord>, Vec<Skipped>, serde_json::Value)> {
     let mut samples = Vec::new();
     let mut skipped = Vec::new();
     let mut files = Vec::new();
@@ -69,7 +77,10 @@ pub fn read_samples(opts: &VqaOptions, skip_bad: bool) -> Result<(Vec<SampleReco
     if files.is_empty() {
         return Err(PrepError::input(
             &opts.src,
-            format!("no M3D-VQA table found (expected one of {:?})", TABLES.map(|t| t.0)),
+            format!(
+                "no M3D-VQA table found (expected one of {:?})",
+                TABLES.map(|t| t.0)
+            ),
         ));
     }
     let source = serde_json::json!({"root": opts.src.display().to_string(), "tables": files});
@@ -110,7 +121,10 @@ fn row_samples(
     }
     let answer = table.get(row, "Answer");
     let base = |task: Task, q: String, a: String, choice: Option<String>| SampleRecord {
-        sample_id: format!("vqa/{split}/{}/{row}/{task}", crate::cap::file_name(&table.path)),
+        sample_id: format!(
+            "vqa/{split}/{}/{row}/{task}",
+            crate::cap::file_name(&table.path)
+        ),
         dataset: "vqa".to_string(),
         task,
         split: split.to_string(),
@@ -126,7 +140,12 @@ fn row_samples(
         source_row: Some(table.row_ref(row)),
     };
     if task == Task::VqaYesNo {
-        return Ok(vec![base(task, question.to_string(), answer.to_string(), None)]);
+        return Ok(vec![base(
+            task,
+            question.to_string(),
+            answer.to_string(),
+            None,
+        )]);
     }
     let choice = table.get(row, "Answer Choice").trim();
     if !matches!(choice, "A" | "B" | "C" | "D") {
@@ -141,7 +160,12 @@ fn row_samples(
     let (cq, ca) = closed_prompt(question, choices, choice, answer);
     Ok(vec![
         base(Task::VqaClosed, cq, ca, Some(choice.to_string())),
-        base(Task::VqaOpen, question.to_string(), answer.to_string(), Some(choice.to_string())),
+        base(
+            Task::VqaOpen,
+            question.to_string(),
+            answer.to_string(),
+            Some(choice.to_string()),
+        ),
     ])
 }
 

@@ -16,4 +16,11 @@ pub const VQA_COLUMNS: [&str; 10] = [
 ];
 
 /// `M3D_RefSeg_train.csv` / `M3D_RefSeg_test.csv`, in order.
-pub const REFSEG_COLUMNS: [&str; 6] = ["Image", "Mask", "Mask_ID", "Question_Type", "Question", "Answer"];
+pub const REFSEG_COLUMNS: [&str; 6] = [
+    "Image",
+    "Mask",
+    "Mask_ID",
+    "Question_Type",
+    "Question",
+    "Answer",
+];

@@ -77,15 +77,48 @@ impl Default for Templates {
         };
         let mut terms = BTreeMap::new();
         for (class, phrases) in [
-            ("liver", &["the largest solid organ of the upper abdomen", "the organ that produces bile"][..]),
-            ("spleen", &["the lymphoid organ in the left upper abdomen", "the organ that filters old red blood cells"][..]),
-            ("kidney", &["the bean-shaped organ that filters blood", "the organ that produces urine"][..]),
-            ("left kidney", &["the bean-shaped organ on the left that filters blood"][..]),
-            ("right kidney", &["the bean-shaped organ on the right that filters blood"][..]),
-            ("pancreas", &["the gland behind the stomach that makes insulin"][..]),
-            ("bladder", &["the hollow organ in the pelvis that stores urine"][..]),
+            (
+                "liver",
+                &[
+                    "the largest solid organ of the upper abdomen",
+                    "the organ that produces bile",
+                ][..],
+            ),
+            (
+                "spleen",
+                &[
+                    "the lymphoid organ in the left upper abdomen",
+                    "the organ that filters old red blood cells",
+                ][..],
+            ),
+            (
+                "kidney",
+                &[
+                    "the bean-shaped organ that filters blood",
+                    "the organ that produces urine",
+                ][..],
+            ),
+            (
+                "left kidney",
+                &["the bean-shaped organ on the left that filters blood"][..],
+            ),
+            (
+                "right kidney",
+                &["the bean-shaped organ on the right that filters blood"][..],
+            ),
+            (
+                "pancreas",
+                &["the gland behind the stomach that makes insulin"][..],
+            ),
+            (
+                "bladder",
+                &["the hollow organ in the pelvis that stores urine"][..],
+            ),
             ("stomach", &["the muscular organ that begins digestion"][..]),
-            ("gallbladder", &["the small sac under the liver that stores bile"][..]),
+            (
+                "gallbladder",
+                &["the small sac under the liver that stores bile"][..],
+            ),
             ("lung", &["the organ of gas exchange in the chest"][..]),
             ("heart", &["the muscular organ that pumps blood"][..]),
             ("aorta", &["the largest artery of the body"][..]),
@@ -108,23 +141,47 @@ impl Default for Templates {
                 "Provide a findings section for this examination.",
             ]),
             rec_cls: qa(
-                &["Where is the {class} in this image? Answer with a bounding box.", "Locate the {class} and give its box.", "Find the {class}; output its coordinates."],
-                &["The {class} is at {box}.", "Box: {box}.", "It is located at {box}."],
+                &[
+                    "Where is the {class} in this image? Answer with a bounding box.",
+                    "Locate the {class} and give its box.",
+                    "Find the {class}; output its coordinates.",
+                ],
+                &[
+                    "The {class} is at {box}.",
+                    "Box: {box}.",
+                    "It is located at {box}.",
+                ],
             ),
             rec_des: qa(
-                &["Where is {description}? Answer with a bounding box.", "Locate {description} and give its box."],
+                &[
+                    "Where is {description}? Answer with a bounding box.",
+                    "Locate {description} and give its box.",
+                ],
                 &["It is at {box}.", "Box: {box}."],
             ),
             reg_cls: qa(
-                &["What is the structure inside {box}?", "Name the organ in the region {box}."],
+                &[
+                    "What is the structure inside {box}?",
+                    "Name the organ in the region {box}.",
+                ],
                 &["It is the {class}.", "The {class}."],
             ),
             reg_des: qa(
-                &["What is the structure inside {box}? Describe it.", "Identify and describe the region {box}."],
-                &["It is the {class}, {description}.", "The {class}: {description}."],
+                &[
+                    "What is the structure inside {box}? Describe it.",
+                    "Identify and describe the region {box}.",
+                ],
+                &[
+                    "It is the {class}, {description}.",
+                    "The {class}: {description}.",
+                ],
             ),
             seg_cls: qa(
-                &["Segment the {class}.", "Can you segment the {class} in this image?", "Please output a mask of the {class}."],
+                &[
+                    "Segment the {class}.",
+                    "Can you segment the {class} in this image?",
+                    "Please output a mask of the {class}.",
+                ],
                 &["It is [SEG].", "Sure, [SEG].", "Here is the mask: [SEG]."],
             ),
             seg_des: qa(
@@ -163,10 +220,15 @@ impl Templates {
             ("seg_des", &self.seg_des),
         ] {
             if qa.questions.is_empty() || qa.answers.is_empty() {
-                return Err(format!("{name}: needs at least one question and one answer"));
+                return Err(format!(
+                    "{name}: needs at least one question and one answer"
+                ));
             }
             for t in qa.questions.iter().chain(&qa.answers) {
-                let stripped = t.replace("{class}", "").replace("{description}", "").replace("{box}", "");
+                let stripped = t
+                    .replace("{class}", "")
+                    .replace("{description}", "")
+                    .replace("{box}", "");
                 if stripped.contains('{') || stripped.contains('}') {
                     return Err(format!("{name}: unknown placeholder in {t:?}"));
                 }
@@ -215,7 +277,10 @@ pub fn instruction<R: Rng + ?Sized>(
     };
     match sample.task {
         Task::VqaClosed | Task::VqaOpen | Task::VqaYesNo | Task::RefSeg => Ok(Instruction {
-            question: sample.question.clone().ok_or_else(|| missing("a question"))?,
+            question: sample
+                .question
+                .clone()
+                .ok_or_else(|| missing("a question"))?,
             answer: sample.answer.clone().ok_or_else(|| missing("an answer"))?,
         }),
         Task::Caption => Ok(Instruction {
@@ -223,7 +288,10 @@ pub fn instruction<R: Rng + ?Sized>(
             answer: sample.report.clone().ok_or_else(|| missing("a report"))?,
         }),
         Task::Rec | Task::Reg | Task::Seg => {
-            let class = sample.class_name.as_deref().ok_or_else(|| missing("a class"))?;
+            let class = sample
+                .class_name
+                .as_deref()
+                .ok_or_else(|| missing("a class"))?;
             let qa = match (sample.task, family) {
                 (Task::Rec, Family::Cls) => &templates.rec_cls,
                 (Task::Rec, Family::Des) => &templates.rec_des,
@@ -290,7 +358,9 @@ mod tests {
                         assert!(!s.contains('{'), "{task} {family:?}: unfilled {s}");
                     }
                     match task {
-                        Task::Rec => assert!(i.answer.contains("<bx_start>[0.062, 0.2, 0.0, 0.5, 0.9, 1.0]<bx_end>")),
+                        Task::Rec => assert!(i
+                            .answer
+                            .contains("<bx_start>[0.062, 0.2, 0.0, 0.5, 0.9, 1.0]<bx_end>")),
                         Task::Reg => {
                             assert!(i.question.contains("<bx_start>"));
                             assert!(i.answer.contains("liver"));
@@ -309,7 +379,11 @@ mod tests {
         let draw = |seed| {
             let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
             (0..8)
-                .map(|_| instruction(&sample(Task::Caption), &t, Family::Cls, &mut rng).unwrap().question)
+                .map(|_| {
+                    instruction(&sample(Task::Caption), &t, Family::Cls, &mut rng)
+                        .unwrap()
+                        .question
+                })
                 .collect::<Vec<_>>()
         };
         assert_eq!(draw(3), draw(3));
@@ -325,9 +399,15 @@ mod tests {
         s.question = Some("Q? Choices: A. a B. b C. c D. d".into());
         s.answer = Some("A. a".into());
         let i = instruction(&s, &t, Family::Cls, &mut rng).unwrap();
-        assert_eq!((i.question.as_str(), i.answer.as_str()), ("Q? Choices: A. a B. b C. c D. d", "A. a"));
+        assert_eq!(
+            (i.question.as_str(), i.answer.as_str()),
+            ("Q? Choices: A. a B. b C. c D. d", "A. a")
+        );
         s.answer = None;
-        assert!(matches!(instruction(&s, &t, Family::Cls, &mut rng), Err(InstructError::Sample { .. })));
+        assert!(matches!(
+            instruction(&s, &t, Family::Cls, &mut rng),
+            Err(InstructError::Sample { .. })
+        ));
         let mut r = sample(Task::Rec);
         r.bbox = None;
         assert!(instruction(&r, &t, Family::Des, &mut rng).is_err());
@@ -349,7 +429,10 @@ mod tests {
         let mut v = serde_json::to_value(Templates::default()).unwrap();
         v["seg_cls"]["answers"] = serde_json::json!(["no mask here"]);
         std::fs::write(&bad, v.to_string()).unwrap();
-        assert!(Templates::from_json(&bad).unwrap_err().to_string().contains("[SEG]"));
+        assert!(Templates::from_json(&bad)
+            .unwrap_err()
+            .to_string()
+            .contains("[SEG]"));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -22,7 +22,9 @@ fn arg(args: &[String], name: &str, default: u64) -> Result<u64, String> {
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
-    let url = args.get(1).ok_or("usage: read_bench <url> [--passes N] [--threads T] [--seed S]")?;
+    let url = args
+        .get(1)
+        .ok_or("usage: read_bench <url> [--passes N] [--threads T] [--seed S]")?;
     let passes = arg(&args, "--passes", 1)?;
     let threads = arg(&args, "--threads", 1)?.max(1) as usize;
     let seed = arg(&args, "--seed", 42)?;
@@ -45,8 +47,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                                 let rec = rec.map_err(|e| e.to_string())?;
                                 image.resize(rec.shape.iter().map(|&d| d as usize).product(), 0.0);
                                 let p = AugmentParams::sample(cfg, &mut rng);
-                                decode_sample_into(&rec, None, Some(&p), &mut scratch, &mut image, None)
-                                    .map_err(|e| e.to_string())?;
+                                decode_sample_into(
+                                    &rec,
+                                    None,
+                                    Some(&p),
+                                    &mut scratch,
+                                    &mut image,
+                                    None,
+                                )
+                                .map_err(|e| e.to_string())?;
                                 std::hint::black_box(&image);
                                 n += 1;
                             }
@@ -58,7 +67,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             .collect();
         handles
             .into_iter()
-            .map(|h| h.join().unwrap_or_else(|_| Err("reader thread panicked".to_string())))
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err("reader thread panicked".to_string()))
+            })
             .collect()
     });
     let mut volumes = 0;

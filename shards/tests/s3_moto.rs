@@ -5,7 +5,6 @@
 //! Everything here runs in one test function because it configures the process environment (AWS_*).
 mod common;
 
-
 use bytes::Bytes;
 use m3d_shards::{ShardDataset, ShardError, Store, VolumeRecord};
 

@@ -76,7 +76,14 @@ impl S3Server {
         let port = free_port();
         let log_file = std::fs::File::create(log).expect("create moto log");
         let child = Command::new(&python)
-            .args(["-m", "moto.server", "-H", "127.0.0.1", "-p", &port.to_string()])
+            .args([
+                "-m",
+                "moto.server",
+                "-H",
+                "127.0.0.1",
+                "-p",
+                &port.to_string(),
+            ])
             .stdout(Stdio::from(log_file.try_clone().expect("clone log handle")))
             .stderr(Stdio::from(log_file))
             .spawn()
@@ -93,7 +100,10 @@ impl S3Server {
                     std::fs::read_to_string(log).unwrap_or_default()
                 );
             }
-            assert!(Instant::now() < deadline, "moto did not listen on port {port} within 60 s");
+            assert!(
+                Instant::now() < deadline,
+                "moto did not listen on port {port} within 60 s"
+            );
             std::thread::sleep(Duration::from_millis(200));
         }
     }
@@ -107,14 +117,16 @@ impl S3Server {
     pub fn create_bucket(&self, bucket: &str) {
         let port = self.port;
         let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect to moto");
-        s.set_read_timeout(Some(Duration::from_secs(30))).expect("set timeout");
+        s.set_read_timeout(Some(Duration::from_secs(30)))
+            .expect("set timeout");
         write!(
             s,
             "PUT /{bucket} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
         )
         .expect("send create-bucket request");
         let mut resp = String::new();
-        s.read_to_string(&mut resp).expect("read create-bucket response");
+        s.read_to_string(&mut resp)
+            .expect("read create-bucket response");
         assert!(resp.starts_with("HTTP/1.1 200"), "create bucket: {resp}");
     }
 

@@ -13,7 +13,10 @@ fn find(root: &Path, pred: &dyn Fn(&Path) -> bool) -> Vec<PathBuf> {
     let mut out = Vec::new();
     let mut stack = vec![root.to_path_buf()];
     while let Some(dir) = stack.pop() {
-        let mut entries: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).collect();
+        let mut entries: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
         entries.sort();
         for p in entries {
             if p.is_dir() {
@@ -39,23 +42,51 @@ fn full_flow_counts_add_up_and_inspect_verifies() {
     let raw = tmp.path().join("raw");
     let out = tmp.path().join("shards");
     synth_small(&raw);
-    for (ds, sub) in [("cap", "M3D_Cap"), ("seg", "M3D_Seg"), ("refseg", "M3D_RefSeg")] {
-        m3d_ok(&["data-prep", ds, "--src", s(&raw.join(sub)), "--out", s(&out.join(ds)), "--json"]);
+    for (ds, sub) in [
+        ("cap", "M3D_Cap"),
+        ("seg", "M3D_Seg"),
+        ("refseg", "M3D_RefSeg"),
+    ] {
+        m3d_ok(&[
+            "data-prep",
+            ds,
+            "--src",
+            s(&raw.join(sub)),
+            "--out",
+            s(&out.join(ds)),
+            "--json",
+        ]);
     }
     m3d_ok(&[
-        "data-prep", "vqa", "--src", s(&raw.join("M3D_VQA")), "--out", s(&out.join("vqa")),
-        "--cap", s(&out.join("cap")),
+        "data-prep",
+        "vqa",
+        "--src",
+        s(&raw.join("M3D_VQA")),
+        "--out",
+        s(&out.join("vqa")),
+        "--cap",
+        s(&out.join("cap")),
     ]);
 
     // Cap: one volume per distinct series in the split file, one caption per (split, entry).
     let split: serde_json::Value =
         serde_json::from_slice(&std::fs::read(raw.join("M3D_Cap/M3D_Cap.json")).unwrap()).unwrap();
-    let entries: usize = split.as_object().unwrap().values().map(|v| v.as_array().unwrap().len()).sum();
+    let entries: usize = split
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|v| v.as_array().unwrap().len())
+        .sum();
     let mut images: Vec<&str> = split
         .as_object()
         .unwrap()
         .values()
-        .flat_map(|v| v.as_array().unwrap().iter().map(|e| e["image"].as_str().unwrap()))
+        .flat_map(|v| {
+            v.as_array()
+                .unwrap()
+                .iter()
+                .map(|e| e["image"].as_str().unwrap())
+        })
         .collect();
     images.sort();
     images.dedup();
@@ -65,7 +96,11 @@ fn full_flow_counts_add_up_and_inspect_verifies() {
     for (task, by_split) in &cap.manifest().counts {
         assert_eq!(task, "caption");
         for (sp, n) in by_split {
-            assert_eq!(*n as usize, split[sp].as_array().unwrap().len(), "split {sp}");
+            assert_eq!(
+                *n as usize,
+                split[sp].as_array().unwrap().len(),
+                "split {sp}"
+            );
         }
     }
 
@@ -73,7 +108,9 @@ fn full_flow_counts_add_up_and_inspect_verifies() {
     let vqa = ShardDataset::open(s(&out.join("vqa"))).unwrap();
     let mut rows = 0usize;
     let mut yn_rows = 0usize;
-    for p in find(&raw.join("M3D_VQA"), &|p| p.extension().is_some_and(|e| e == "csv")) {
+    for p in find(&raw.join("M3D_VQA"), &|p| {
+        p.extension().is_some_and(|e| e == "csv")
+    }) {
         let n = csv::Reader::from_path(&p).unwrap().records().count();
         if p.file_name().unwrap().to_string_lossy().contains("_yn_") {
             yn_rows += n;
@@ -83,14 +120,34 @@ fn full_flow_counts_add_up_and_inspect_verifies() {
     }
     assert!(rows > 0 && yn_rows > 0);
     assert_eq!(vqa.samples().len(), 2 * rows + yn_rows);
-    let total: u64 = vqa.manifest().counts.values().flat_map(|m| m.values()).sum();
+    let total: u64 = vqa
+        .manifest()
+        .counts
+        .values()
+        .flat_map(|m| m.values())
+        .sum();
     assert_eq!(total, vqa.manifest().totals.samples);
-    assert_eq!(vqa.manifest().totals.volumes, 0, "VQA references Cap volumes, never copies them");
-    let closed = vqa.samples().iter().find(|s| s.task.to_string() == "vqa_closed").unwrap();
+    assert_eq!(
+        vqa.manifest().totals.volumes,
+        0,
+        "VQA references Cap volumes, never copies them"
+    );
+    let closed = vqa
+        .samples()
+        .iter()
+        .find(|s| s.task.to_string() == "vqa_closed")
+        .unwrap();
     let q = closed.question.as_deref().unwrap();
-    assert!(q.contains(" Choices: A. ") && q.contains(" B. ") && q.contains(" D. "), "{q}");
+    assert!(
+        q.contains(" Choices: A. ") && q.contains(" B. ") && q.contains(" D. "),
+        "{q}"
+    );
     let choice = closed.answer_choice.as_deref().unwrap();
-    assert!(closed.answer.as_deref().unwrap().starts_with(&format!("{choice}. ")));
+    assert!(closed
+        .answer
+        .as_deref()
+        .unwrap()
+        .starts_with(&format!("{choice}. ")));
 
     // Seg and RefSeg: per non-empty class a seg, rec and reg sample; every RefSeg row a sample.
     let seg = ShardDataset::open(s(&out.join("seg"))).unwrap();
@@ -100,10 +157,12 @@ fn full_flow_counts_add_up_and_inspect_verifies() {
     assert_eq!(n("seg"), n("rec"));
     assert_eq!(n("seg"), n("reg"));
     let refseg = ShardDataset::open(s(&out.join("refseg"))).unwrap();
-    let ref_rows: usize = find(&raw.join("M3D_RefSeg"), &|p| p.extension().is_some_and(|e| e == "csv"))
-        .iter()
-        .map(|p| csv::Reader::from_path(p).unwrap().records().count())
-        .sum();
+    let ref_rows: usize = find(&raw.join("M3D_RefSeg"), &|p| {
+        p.extension().is_some_and(|e| e == "csv")
+    })
+    .iter()
+    .map(|p| csv::Reader::from_path(p).unwrap().records().count())
+    .sum();
     assert_eq!(refseg.samples().len(), ref_rows);
     for ds in [&cap, &seg, &refseg] {
         let total: u64 = ds.manifest().counts.values().flat_map(|m| m.values()).sum();
@@ -111,7 +170,14 @@ fn full_flow_counts_add_up_and_inspect_verifies() {
     }
 
     // Inspect: verification passes, the PNG is a real image with three panels.
-    let text = m3d_ok(&["data-prep", "inspect", s(&out.join("seg")), "--verify", "--png", s(&tmp.path().join("seg.png"))]);
+    let text = m3d_ok(&[
+        "data-prep",
+        "inspect",
+        s(&out.join("seg")),
+        "--verify",
+        "--png",
+        s(&tmp.path().join("seg.png")),
+    ]);
     assert!(text.contains("verified"), "{text}");
     let png = image::open(tmp.path().join("seg.png")).unwrap();
     assert_eq!((png.width(), png.height()), (768, 256));
@@ -127,7 +193,17 @@ fn rerun_resumes_and_redoes_only_incomplete_shards() {
     let out = tmp.path().join("cap");
     synth_small(&raw);
     let src = raw.join("M3D_Cap");
-    let first = m3d_ok(&["data-prep", "cap", "--src", s(&src), "--out", s(&out), "--shard-volumes", "2", "--json"]);
+    let first = m3d_ok(&[
+        "data-prep",
+        "cap",
+        "--src",
+        s(&src),
+        "--out",
+        s(&out),
+        "--shard-volumes",
+        "2",
+        "--json",
+    ]);
     let first: serde_json::Value = serde_json::from_str(&first).unwrap();
     let shards = first["shards_written"].as_u64().unwrap();
     assert!(shards >= 3, "want several shards, got {shards}");
@@ -137,15 +213,32 @@ fn rerun_resumes_and_redoes_only_incomplete_shards() {
     std::fs::remove_file(out.join("_progress/part-00001.json")).unwrap();
     std::fs::write(out.join("volumes/part-00001.parquet"), b"PAR1 half written").unwrap();
     std::fs::remove_file(out.join("manifest.json")).unwrap();
-    assert!(ShardDataset::open(s(&out)).is_err(), "no manifest: the dataset must not open");
+    assert!(
+        ShardDataset::open(s(&out)).is_err(),
+        "no manifest: the dataset must not open"
+    );
 
-    let second = m3d_ok(&["data-prep", "cap", "--src", s(&src), "--out", s(&out), "--shard-volumes", "2", "--json"]);
+    let second = m3d_ok(&[
+        "data-prep",
+        "cap",
+        "--src",
+        s(&src),
+        "--out",
+        s(&out),
+        "--shard-volumes",
+        "2",
+        "--json",
+    ]);
     let second: serde_json::Value = serde_json::from_str(&second).unwrap();
     assert_eq!(second["shards_written"].as_u64().unwrap(), 1);
     assert_eq!(second["shards_reused"].as_u64().unwrap(), shards - 1);
     let before: serde_json::Value = serde_json::from_slice(&manifest_before).unwrap();
-    let after: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("manifest.json")).unwrap()).unwrap();
-    assert_eq!(before["volume_shards"], after["volume_shards"], "same bytes, same checksums");
+    let after: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(
+        before["volume_shards"], after["volume_shards"],
+        "same bytes, same checksums"
+    );
     m3d_ok(&["data-prep", "inspect", s(&out), "--verify"]);
 }
 
@@ -156,7 +249,18 @@ fn killed_conversion_leaves_no_manifest_and_resumes() {
     let out = tmp.path().join("cap");
     synth_small(&raw);
     let mut child = std::process::Command::new(common::m3d_bin())
-        .args(["data-prep", "cap", "--src", s(&raw.join("M3D_Cap")), "--out", s(&out), "--shard-volumes", "1", "--threads", "1"])
+        .args([
+            "data-prep",
+            "cap",
+            "--src",
+            s(&raw.join("M3D_Cap")),
+            "--out",
+            s(&out),
+            "--shard-volumes",
+            "1",
+            "--threads",
+            "1",
+        ])
         .spawn()
         .unwrap();
     // Kill as soon as the first shard is committed (or give up waiting after 60 s and kill anyway).
@@ -167,9 +271,21 @@ fn killed_conversion_leaves_no_manifest_and_resumes() {
     child.kill().unwrap();
     let status = child.wait().unwrap();
     if !status.success() {
-        assert!(!out.join("manifest.json").exists(), "a killed run must not publish a manifest");
+        assert!(
+            !out.join("manifest.json").exists(),
+            "a killed run must not publish a manifest"
+        );
     }
-    m3d_ok(&["data-prep", "cap", "--src", s(&raw.join("M3D_Cap")), "--out", s(&out), "--shard-volumes", "1"]);
+    m3d_ok(&[
+        "data-prep",
+        "cap",
+        "--src",
+        s(&raw.join("M3D_Cap")),
+        "--out",
+        s(&out),
+        "--shard-volumes",
+        "1",
+    ]);
     m3d_ok(&["data-prep", "inspect", s(&out), "--verify"]);
 }
 
@@ -185,7 +301,10 @@ struct Case {
 }
 
 fn first(root: &Path, pred: &dyn Fn(&Path) -> bool) -> PathBuf {
-    find(root, pred).into_iter().next().expect("a matching file in the synthetic data")
+    find(root, pred)
+        .into_iter()
+        .next()
+        .expect("a matching file in the synthetic data")
 }
 
 fn cases() -> Vec<Case> {
@@ -248,7 +367,12 @@ fn cases() -> Vec<Case> {
                 let p = first(r, &|p| p.file_name().is_some_and(|n| n == "image.npy"));
                 let bytes = std::fs::read(&p).unwrap();
                 std::fs::write(&p, &bytes[..bytes.len() - 100]).unwrap();
-                p.parent().unwrap().file_name().unwrap().to_string_lossy().into_owned()
+                p.parent()
+                    .unwrap()
+                    .file_name()
+                    .unwrap()
+                    .to_string_lossy()
+                    .into_owned()
             },
             skippable: true,
         },
@@ -269,7 +393,13 @@ fn cases() -> Vec<Case> {
                 let code_dir = p.parent().unwrap().parent().unwrap();
                 let code = code_dir.file_name().unwrap().to_string_lossy().into_owned();
                 let json = code_dir.join(format!("{code}.json"));
-                let case = p.parent().unwrap().file_name().unwrap().to_string_lossy().into_owned();
+                let case = p
+                    .parent()
+                    .unwrap()
+                    .file_name()
+                    .unwrap()
+                    .to_string_lossy()
+                    .into_owned();
                 let text = std::fs::read_to_string(&json)
                     .unwrap()
                     .replace(&format!("{case}/{name}"), &format!("{case}/{wrong}"));
@@ -284,7 +414,8 @@ fn cases() -> Vec<Case> {
             sub: "M3D_RefSeg",
             breaks: |r| {
                 let p = first(r, &|p| p.file_name().is_some_and(|n| n == "ct.nii.gz"));
-                let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+                let mut enc =
+                    flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
                 std::io::Write::write_all(&mut enc, &[7u8; 200]).unwrap();
                 std::fs::write(&p, enc.finish().unwrap()).unwrap();
                 "ct.nii.gz".to_string()
@@ -297,7 +428,11 @@ fn cases() -> Vec<Case> {
             sub: "M3D_VQA",
             breaks: |r| {
                 let p = r.join("M3D_VQA_train.csv");
-                let text = std::fs::read_to_string(&p).unwrap().replacen("Answer Choice", "AnswerChoice", 1);
+                let text = std::fs::read_to_string(&p).unwrap().replacen(
+                    "Answer Choice",
+                    "AnswerChoice",
+                    1,
+                );
                 std::fs::write(&p, text).unwrap();
                 "Answer Choice".to_string()
             },
@@ -362,32 +497,74 @@ fn bad_inputs_are_named_and_skippable_without_substitution() {
         let src = raw.join(case.sub);
         let clean_out = tmp.path().join(format!("clean{i}"));
         let clean = convert(case.dataset, &src, &clean_out, &["--json"]);
-        assert!(clean.status.success(), "{}: pristine data must convert", case.name);
+        assert!(
+            clean.status.success(),
+            "{}: pristine data must convert",
+            case.name
+        );
         let clean: serde_json::Value = serde_json::from_slice(&clean.stdout).unwrap();
 
         let needle = (case.breaks)(&src);
         let out = tmp.path().join(format!("out{i}"));
-        let stderr = m3d_err(&["data-prep", case.dataset, "--src", s(&src), "--out", s(&out)]);
-        assert!(stderr.contains(&needle), "{}: error should name {needle:?}:\n{stderr}", case.name);
-        assert!(!out.join("manifest.json").exists(), "{}: no manifest after a failed run", case.name);
+        let stderr = m3d_err(&[
+            "data-prep",
+            case.dataset,
+            "--src",
+            s(&src),
+            "--out",
+            s(&out),
+        ]);
+        assert!(
+            stderr.contains(&needle),
+            "{}: error should name {needle:?}:\n{stderr}",
+            case.name
+        );
+        assert!(
+            !out.join("manifest.json").exists(),
+            "{}: no manifest after a failed run",
+            case.name
+        );
 
         let skipped = convert(case.dataset, &src, &out, &["--skip-bad", "--json"]);
         if !case.skippable {
-            assert!(!skipped.status.success(), "{}: not skippable, must still fail", case.name);
+            assert!(
+                !skipped.status.success(),
+                "{}: not skippable, must still fail",
+                case.name
+            );
             continue;
         }
-        assert!(skipped.status.success(), "{}: --skip-bad must complete: {}", case.name, String::from_utf8_lossy(&skipped.stderr));
+        assert!(
+            skipped.status.success(),
+            "{}: --skip-bad must complete: {}",
+            case.name,
+            String::from_utf8_lossy(&skipped.stderr)
+        );
         let report: serde_json::Value = serde_json::from_slice(&skipped.stdout).unwrap();
         let list = report["skipped"].as_array().unwrap();
-        assert_eq!(list.len(), 1, "{}: exactly the broken item is skipped: {list:?}", case.name);
+        assert_eq!(
+            list.len(),
+            1,
+            "{}: exactly the broken item is skipped: {list:?}",
+            case.name
+        );
         let on_disk: serde_json::Value =
             serde_json::from_slice(&std::fs::read(out.join("skipped.json")).unwrap()).unwrap();
         assert_eq!(on_disk.as_array().unwrap().len(), 1);
         // Nothing substituted: one volume (or one row's samples) fewer than the clean run, never the same count.
         if case.dataset == "vqa" {
-            assert!(report["samples"].as_u64() < clean["samples"].as_u64(), "{}", case.name);
+            assert!(
+                report["samples"].as_u64() < clean["samples"].as_u64(),
+                "{}",
+                case.name
+            );
         } else {
-            assert_eq!(report["volumes"].as_u64().unwrap() + 1, clean["volumes"].as_u64().unwrap(), "{}", case.name);
+            assert_eq!(
+                report["volumes"].as_u64().unwrap() + 1,
+                clean["volumes"].as_u64().unwrap(),
+                "{}",
+                case.name
+            );
         }
         let manifest: serde_json::Value =
             serde_json::from_slice(&std::fs::read(out.join("manifest.json")).unwrap()).unwrap();

@@ -27,7 +27,9 @@ fn volumes(url: &Path) -> Vec<VolumeRecord> {
 }
 
 fn expected_npy(dir: &Path, dataset: &str, vid: &str, kind: &str) -> (Vec<usize>, Vec<f32>) {
-    let path = dir.join(dataset).join(format!("{}.{kind}.npy", vid.replace('/', "__")));
+    let path = dir
+        .join(dataset)
+        .join(format!("{}.{kind}.npy", vid.replace('/', "__")));
     let arr = m3d_formats::npy::read_npy(&path).unwrap_or_else(|e| panic!("{e}"));
     (arr.shape.clone(), arr.to_f32())
 }
@@ -41,7 +43,10 @@ fn image_of(rec: &VolumeRecord) -> Vec<f32> {
 
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 #[test]
@@ -55,10 +60,23 @@ fn converters_match_the_reference_preprocessing() {
     let expected: serde_json::Value =
         serde_json::from_slice(&std::fs::read(exp.join("expected.json")).unwrap()).unwrap();
 
-    for (ds, sub) in [("cap", "M3D_Cap"), ("seg", "M3D_Seg"), ("refseg", "M3D_RefSeg")] {
+    for (ds, sub) in [
+        ("cap", "M3D_Cap"),
+        ("seg", "M3D_Seg"),
+        ("refseg", "M3D_RefSeg"),
+    ] {
         let (src, out) = (raw.join(sub), shards.join(ds));
         let mut args = vec![
-            "data-prep", ds, "--src", s(&src), "--out", s(&out), "--dtype", "f32", "--shard-volumes", "3",
+            "data-prep",
+            ds,
+            "--src",
+            s(&src),
+            "--out",
+            s(&out),
+            "--dtype",
+            "f32",
+            "--shard-volumes",
+            "3",
         ];
         if ds == "refseg" {
             // The oracle runs the reference script, so compare with its (quirky) axis order.
@@ -69,7 +87,14 @@ fn converters_match_the_reference_preprocessing() {
     // RefSeg's default order is the reference's with the in-plane axes swapped (D, H, W) -> (D, W, H).
     let consistent_out = shards.join("refseg_consistent");
     m3d_ok(&[
-        "data-prep", "refseg", "--src", s(&raw.join("M3D_RefSeg")), "--out", s(&consistent_out), "--dtype", "f32",
+        "data-prep",
+        "refseg",
+        "--src",
+        s(&raw.join("M3D_RefSeg")),
+        "--out",
+        s(&consistent_out),
+        "--dtype",
+        "f32",
     ]);
 
     // M3D-Cap: images and caption texts.
@@ -77,31 +102,59 @@ fn converters_match_the_reference_preprocessing() {
     assert_eq!(cap.len(), expected["cap_text"].as_object().unwrap().len());
     for rec in &cap {
         let (shape, want) = expected_npy(&exp, "cap", &rec.volume_id, "image");
-        assert_eq!(shape, rec.shape.iter().map(|&d| d as usize).collect::<Vec<_>>(), "{}", rec.volume_id);
+        assert_eq!(
+            shape,
+            rec.shape.iter().map(|&d| d as usize).collect::<Vec<_>>(),
+            "{}",
+            rec.volume_id
+        );
         let diff = max_abs_diff(&image_of(rec), &want);
-        assert!(diff <= IMAGE_TOL, "cap {}: max |diff| {diff}", rec.volume_id);
+        assert!(
+            diff <= IMAGE_TOL,
+            "cap {}: max |diff| {diff}",
+            rec.volume_id
+        );
     }
     let cap_ds = ShardDataset::open(s(&shards.join("cap"))).unwrap();
     for sample in cap_ds.samples() {
         assert_eq!(sample.task, Task::Caption);
         let want = expected["cap_text"][&sample.volume_id].as_str().unwrap();
-        assert_eq!(sample.report.as_deref(), Some(want), "caption of {}", sample.volume_id);
+        assert_eq!(
+            sample.report.as_deref(),
+            Some(want),
+            "caption of {}",
+            sample.volume_id
+        );
     }
 
     // The reference's prepared tree (M3D_Cap_npy: float32 .npy + extracted text) converts to the same volumes,
     // value for value, and the same captions.
     m3d_ok(&[
-        "data-prep", "cap", "--src", s(&exp.join("M3D_Cap_npy")), "--out", s(&shards.join("cap_npy")), "--dtype", "f32",
+        "data-prep",
+        "cap",
+        "--src",
+        s(&exp.join("M3D_Cap_npy")),
+        "--out",
+        s(&shards.join("cap_npy")),
+        "--dtype",
+        "f32",
     ]);
     let prepared = volumes(&shards.join("cap_npy"));
     assert_eq!(prepared.len(), cap.len());
     for rec in &prepared {
         let (_, want) = expected_npy(&exp, "cap", &rec.volume_id, "image");
-        assert!(image_of(rec) == want, "prepared {} must be stored exactly", rec.volume_id);
+        assert!(
+            image_of(rec) == want,
+            "prepared {} must be stored exactly",
+            rec.volume_id
+        );
     }
     let prepared_ds = ShardDataset::open(s(&shards.join("cap_npy"))).unwrap();
     for (a, b) in prepared_ds.samples().iter().zip(cap_ds.samples()) {
-        assert_eq!((&a.volume_id, &a.split, &a.report), (&b.volume_id, &b.split, &b.report));
+        assert_eq!(
+            (&a.volume_id, &a.split, &a.report),
+            (&b.volume_id, &b.split, &b.report)
+        );
     }
 
     // M3D-Seg: images, every mask channel exactly, and the REC/REG boxes.
@@ -110,12 +163,19 @@ fn converters_match_the_reference_preprocessing() {
     for rec in &seg {
         let (_, want) = expected_npy(&exp, "seg", &rec.volume_id, "image");
         let diff = max_abs_diff(&image_of(rec), &want);
-        assert!(diff <= IMAGE_TOL, "seg {}: max |diff| {diff}", rec.volume_id);
+        assert!(
+            diff <= IMAGE_TOL,
+            "seg {}: max |diff| {diff}",
+            rec.volume_id
+        );
         let (mshape, masks) = expected_npy(&exp, "seg", &rec.volume_id, "mask");
         assert_eq!(mshape[0], rec.masks.len(), "channels of {}", rec.volume_id);
         let per = masks.len() / mshape[0];
         for (c, m) in rec.masks.iter().enumerate() {
-            let want: Vec<u8> = masks[c * per..(c + 1) * per].iter().map(|&v| v as u8).collect();
+            let want: Vec<u8> = masks[c * per..(c + 1) * per]
+                .iter()
+                .map(|&v| v as u8)
+                .collect();
             let mut got = vec![0u8; per];
             if m.voxels > 0 {
                 unpack_mask_u8_into(&m.bits, &mut got).unwrap();
@@ -134,7 +194,12 @@ fn converters_match_the_reference_preprocessing() {
                 .iter()
                 .map(|v| v.as_f64().unwrap() as f32)
                 .collect();
-            assert_eq!(sample.bbox.unwrap().to_vec(), want, "box of {} class {c}", sample.volume_id);
+            assert_eq!(
+                sample.bbox.unwrap().to_vec(),
+                want,
+                "box of {} class {c}",
+                sample.volume_id
+            );
             boxes_checked += 1;
         }
     }
@@ -146,7 +211,11 @@ fn converters_match_the_reference_preprocessing() {
     for rec in &refseg {
         let (_, want) = expected_npy(&exp, "refseg", &rec.volume_id, "image");
         let diff = max_abs_diff(&image_of(rec), &want);
-        assert!(diff <= IMAGE_TOL, "refseg {}: max |diff| {diff}", rec.volume_id);
+        assert!(
+            diff <= IMAGE_TOL,
+            "refseg {}: max |diff| {diff}",
+            rec.volume_id
+        );
         let (_, ids) = expected_npy(&exp, "refseg", &rec.volume_id, "mask");
         let mut by_id: BTreeMap<u32, usize> = BTreeMap::new();
         for v in &ids {
@@ -155,13 +224,24 @@ fn converters_match_the_reference_preprocessing() {
             }
         }
         for m in &rec.masks {
-            let want: Vec<u8> = ids.iter().map(|&v| u8::from(v.round() as u32 == m.class_index)).collect();
+            let want: Vec<u8> = ids
+                .iter()
+                .map(|&v| u8::from(v.round() as u32 == m.class_index))
+                .collect();
             let mut got = vec![0u8; ids.len()];
             if m.voxels > 0 {
                 unpack_mask_u8_into(&m.bits, &mut got).unwrap();
             }
-            assert!(got == want, "refseg {} region {} differs", rec.volume_id, m.class_index);
-            assert_eq!(m.voxels as usize, by_id.get(&m.class_index).copied().unwrap_or(0));
+            assert!(
+                got == want,
+                "refseg {} region {} differs",
+                rec.volume_id,
+                m.class_index
+            );
+            assert_eq!(
+                m.voxels as usize,
+                by_id.get(&m.class_index).copied().unwrap_or(0)
+            );
         }
     }
     let consistent = volumes(&consistent_out);
@@ -170,12 +250,18 @@ fn converters_match_the_reference_preprocessing() {
         assert_eq!(c.volume_id, r.volume_id);
         let [_, d, h, w] = r.shape.map(|v| v as usize);
         let (ci, ri) = (image_of(c), image_of(r));
-        let transposed: Vec<f32> = (0..d * w * h).map(|i| {
-            let (z, rest) = (i / (w * h), i % (w * h));
-            let (x, y) = (rest / h, rest % h);
-            ri[(z * h + y) * w + x]
-        }).collect();
+        let transposed: Vec<f32> = (0..d * w * h)
+            .map(|i| {
+                let (z, rest) = (i / (w * h), i % (w * h));
+                let (x, y) = (rest / h, rest % h);
+                ri[(z * h + y) * w + x]
+            })
+            .collect();
         let diff = max_abs_diff(&ci, &transposed);
-        assert!(diff <= IMAGE_TOL, "refseg consistent order {}: max |diff| {diff}", c.volume_id);
+        assert!(
+            diff <= IMAGE_TOL,
+            "refseg consistent order {}: max |diff| {diff}",
+            c.volume_id
+        );
     }
 }

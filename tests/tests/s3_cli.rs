@@ -29,7 +29,17 @@ fn converts_resumes_and_verifies_through_s3() {
     synth_small(&raw);
     let url = "s3://m3d-data/shards/seg";
     let src = raw.join("M3D_Seg");
-    let args = ["data-prep", "seg", "--src", s(&src), "--out", url, "--shard-volumes", "2", "--json"];
+    let args = [
+        "data-prep",
+        "seg",
+        "--src",
+        s(&src),
+        "--out",
+        url,
+        "--shard-volumes",
+        "2",
+        "--json",
+    ];
     let first = m3d_s3(&server.endpoint(), &args);
     let stderr = String::from_utf8_lossy(&first.stderr);
     assert!(first.status.success(), "{stderr}");
@@ -44,19 +54,41 @@ fn converts_resumes_and_verifies_through_s3() {
     assert_eq!(report2["shards_written"].as_u64(), Some(0));
     assert_eq!(report2["shards_reused"], report["shards_written"]);
 
-    let inspect = m3d_s3(&server.endpoint(), &["data-prep", "inspect", url, "--verify"]);
+    let inspect = m3d_s3(
+        &server.endpoint(),
+        &["data-prep", "inspect", url, "--verify"],
+    );
     let out = String::from_utf8_lossy(&inspect.stdout);
-    assert!(inspect.status.success(), "{}", String::from_utf8_lossy(&inspect.stderr));
+    assert!(
+        inspect.status.success(),
+        "{}",
+        String::from_utf8_lossy(&inspect.stderr)
+    );
     assert!(out.contains("verified"), "{out}");
 
     // The same dataset converted locally is identical shard for shard (same bytes, same checksums).
     let local = tmp.path().join("local");
-    common::m3d_ok(&["data-prep", "seg", "--src", s(&raw.join("M3D_Seg")), "--out", s(&local), "--shard-volumes", "2"]);
+    common::m3d_ok(&[
+        "data-prep",
+        "seg",
+        "--src",
+        s(&raw.join("M3D_Seg")),
+        "--out",
+        s(&local),
+        "--shard-volumes",
+        "2",
+    ]);
     let local_ds = ShardDataset::open(s(&local)).unwrap();
     let m = m3d_s3(&server.endpoint(), &["data-prep", "inspect", url, "--json"]);
     let remote: serde_json::Value = serde_json::from_slice(&m.stdout).unwrap();
-    assert_eq!(remote["volumes"].as_u64(), Some(local_ds.manifest().totals.volumes));
-    assert_eq!(remote["bytes"].as_u64(), Some(local_ds.manifest().totals.bytes));
+    assert_eq!(
+        remote["volumes"].as_u64(),
+        Some(local_ds.manifest().totals.volumes)
+    );
+    assert_eq!(
+        remote["bytes"].as_u64(),
+        Some(local_ds.manifest().totals.bytes)
+    );
 
     // An unreachable store: the error names the bucket, never the secret.
     let bad = std::process::Command::new(m3d_bin())

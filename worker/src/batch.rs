@@ -65,7 +65,10 @@ mod tests {
         let t = stack_volumes(&[(&a, [1, 2, 2, 2]), (&b, [1, 2, 2, 2])]).unwrap();
         assert_eq!(t.size(), vec![2, 1, 2, 2, 2]);
         assert_eq!(t.double_value(&[1, 0, 1, 1, 1]), 15.0);
-        assert_eq!(t.sum(Kind::Float).double_value(&[]), (0..16).sum::<i32>() as f64);
+        assert_eq!(
+            t.sum(Kind::Float).double_value(&[]),
+            (0..16).sum::<i32>() as f64
+        );
         assert!(matches!(
             stack_volumes(&[(&a, [1, 2, 2, 2]), (&b, [1, 1, 2, 4])]),
             Err(BatchError::Shape { index: 1, .. })

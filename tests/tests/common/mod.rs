@@ -27,7 +27,6 @@ pub fn m3d_bin() -> PathBuf {
     bin
 }
 
-
 /// Runs `m3d args...`, returning its output whatever the exit status.
 pub fn m3d(args: &[&str]) -> Output {
     Command::new(m3d_bin())
