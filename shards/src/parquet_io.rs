@@ -50,8 +50,20 @@ pub const SAMPLE_ROWS_PER_ROW_GROUP: usize = 65_536;
 pub struct WriteOptions {
     /// Volumes per row group of a volume shard: the unit a reader decodes at a time.
     pub rows_per_row_group: usize,
-    /// zstd compression level (1..=22).
+    /// zstd compression level (1..=22) of every column but `image`.
     pub zstd_level: i32,
+    /// Codec of the `image` column.
+    pub image_codec: ImageCodec,
+}
+
+/// How the `image` column is compressed. Readers need no setting: Parquet records the codec per column chunk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ImageCodec {
+    /// LZ4 (raw block format): 3-4x faster to decompress than zstd, which is what bounds the reader, for about
+    /// 1.3x the bytes on M3D volumes. The default.
+    Lz4,
+    /// zstd at `zstd_level`: smallest files, for archival copies.
+    Zstd,
 }
 
 impl Default for WriteOptions {
@@ -59,6 +71,7 @@ impl Default for WriteOptions {
         WriteOptions {
             rows_per_row_group: 4,
             zstd_level: 3,
+            image_codec: ImageCodec::Lz4,
         }
     }
 }
@@ -151,6 +164,9 @@ fn writer_props(
         b = b
             .set_dictionary_enabled(false)
             .set_column_statistics_enabled(ColumnPath::from("image"), EnabledStatistics::None);
+        if opts.image_codec == ImageCodec::Lz4 {
+            b = b.set_column_compression(ColumnPath::from("image"), Compression::LZ4_RAW);
+        }
     }
     Ok(b.build())
 }

@@ -39,6 +39,7 @@ fn volume_shard_round_trip_in_row_groups() {
     let opts = WriteOptions {
         rows_per_row_group: 2,
         zstd_level: 3,
+        image_codec: m3d_shards::parquet_io::ImageCodec::Zstd,
     };
     let bytes = write_volume_shard(&recs, &opts).unwrap();
     let reader = VolumeShardReader::new(bytes.clone(), "volumes/part-00000.parquet").unwrap();

@@ -43,6 +43,7 @@ fn pyarrow_reads_our_shards() {
     let opts = WriteOptions {
         rows_per_row_group: 2,
         zstd_level: 5,
+        ..Default::default()
     };
     let vol_path = dir.path().join("volumes.parquet");
     std::fs::write(&vol_path, write_volume_shard(&records, &opts).unwrap()).unwrap();

@@ -3,8 +3,6 @@
 
 use std::path::Path;
 
-pub use m3d_testkit::python;
-
 /// Runs `tests/oracle/<script> <args..>` and panics with its output unless it succeeds.
 pub fn run_oracle(script: &str, args: &[&str]) -> String {
     m3d_testkit::run_python(

@@ -95,6 +95,7 @@ pub fn sample(i: usize, volume_id: &str, task: Task) -> SampleRecord {
     }
 }
 
+#[allow(unused_imports)] // not every test binary that includes this module calls it
 pub use m3d_testkit::python;
 
 pub fn oracle_script(name: &str) -> PathBuf {
@@ -114,6 +115,7 @@ pub fn write_dataset(
     let opts = WriteOptions {
         rows_per_row_group: 2,
         zstd_level: 3,
+        ..Default::default()
     };
     let mut manifest = Manifest::new("seg", "m3d-shards tests");
     manifest.source = serde_json::json!({"root": "/synthetic"});

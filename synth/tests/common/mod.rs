@@ -22,4 +22,5 @@ pub fn read_tree(root: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
     out
 }
 
+#[allow(unused_imports)] // not every test binary that includes this module calls it
 pub use m3d_testkit::python;
