@@ -142,6 +142,16 @@ def main():
         rss[str(vols)] = mib
     results["peak_rss_mib"] = rss
     print(json.dumps(results, indent=2))
+    c, b, r = results["convert"], results["bytes"], results["read"]
+    (n_small, rss_small), (n_big, rss_big) = sorted(((int(k), v) for k, v in rss.items()))
+    print(f"""
+| benchmark | reference | m3d | ratio | target |
+| --- | --- | --- | --- | --- |
+| 1. conversion, volumes/s on one core ({n} series, {args.slice_size} slices) | {c['reference_vol_per_s']:.2f} | {c['m3d_vol_per_s']:.2f} | {c['ratio']:.2f}x | >= 5x |
+| 2. bytes per volume | {b['reference_per_volume'] / 2**20:.2f} MiB | {b['m3d_per_volume'] / 2**20:.2f} MiB | {b['ratio']:.3f} | <= 0.25 |
+| 3. reader, volumes/s decoded + augmented on one core | {r['reference_vol_per_s']:.1f} | {r['m3d_vol_per_s']:.1f} | {r['ratio']:.2f}x | >= 2x |
+| 4. peak RSS converting {n_small} vs {n_big} volumes | | {rss_small:.0f} MiB vs {rss_big:.0f} MiB | {rss_big / rss_small:.2f} | flat (~1.0) |
+""")
 
 
 if __name__ == "__main__":
