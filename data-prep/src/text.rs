@@ -51,9 +51,10 @@ mod tests {
 
     #[test]
     fn short_findings_fall_back_to_discussion_then_whole() {
+        // Findings too short: everything after "discussion:" (the reference takes the rest of the text).
         assert_eq!(
-            extract_report("study_findings: ab \n discussion: Cyst seen."),
-            "Cyst seen."
+            extract_report("discussion: Cyst seen.\nstudy_findings: ab"),
+            "Cyst seen. study_findings: ab"
         );
         assert_eq!(
             extract_report("study_findings: a\ndiscussion: b"),

@@ -1,9 +1,11 @@
 //! Decoding one sample's volume (and optionally one of its masks) into caller-owned f32 buffers,
 //! with the training augmentation applied on the way.
 
-use m3d_volume::augment::{augment_image_into, augment_mask_into, AugmentParams};
+use m3d_volume::augment::{
+    augment_image_into, augment_mask_into, augment_u8_image_into, AugmentParams,
+};
 
-use crate::encode::{decode_image_into, unpack_mask_into};
+use crate::encode::{decode_image_into, unpack_mask_into, ImageDtype};
 use crate::schema::VolumeRecord;
 use crate::ShardError;
 
@@ -55,6 +57,10 @@ pub fn decode_sample_into(
             decode_image_into(&vol.image, vol.dtype, image_out)
                 .map_err(|e| in_volume(vol, "image", e))?;
             shape
+        }
+        // 8-bit storage: decode and augment in one pass, no intermediate float volume.
+        Some(p) if vol.dtype == ImageDtype::U8 && vol.image.len() == n => {
+            augment_u8_image_into(p, &vol.image, shape, image_out)
         }
         Some(p) => {
             scratch.resize(n, 0.0);

@@ -11,10 +11,21 @@ use m3d_synth::{write_all, SynthConfig, SynthError, SynthSummary};
 use serde_json::Value;
 
 fn dataset() -> (&'static Path, &'static SynthSummary) {
-    // One dataset for all tests of this file, in cargo's per-target scratch folder (rewritten every run).
+    // One dataset for all tests of this file run in one process, in cargo's per-target scratch folder, named per
+    // process: nextest runs each test in its own process, concurrently.
     static DATA: OnceLock<(PathBuf, SynthSummary)> = OnceLock::new();
     let (p, s) = DATA.get_or_init(|| {
-        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("m3d-synth-layout");
+        let root = Path::new(env!("CARGO_TARGET_TMPDIR"));
+        // Folders of earlier runs whose process is gone are removed so they do not pile up.
+        for e in std::fs::read_dir(root).unwrap().flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if let Some(pid) = name.strip_prefix("m3d-synth-layout-") {
+                if !Path::new("/proc").join(pid).exists() {
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
+            }
+        }
+        let dir = root.join(format!("m3d-synth-layout-{}", std::process::id()));
         if dir.exists() {
             std::fs::remove_dir_all(&dir).unwrap();
         }

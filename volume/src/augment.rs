@@ -139,12 +139,12 @@ fn plane_map(k: u8, flip_h: bool, flip_w: bool, h: usize, w: usize) -> PlaneMap 
     }
 }
 
-fn geometric_into<T: Copy>(
+fn geometric_into<S: Copy, T: Copy>(
     p: &AugmentParams,
-    src: &[T],
+    src: &[S],
     shape: [usize; 4],
     dst: &mut [T],
-    f: impl Fn(T) -> T,
+    f: impl Fn(S) -> T,
 ) -> [usize; 4] {
     let n = shape_len(shape).unwrap_or_else(|| panic!("shape {shape:?} overflows usize"));
     assert_eq!(
@@ -178,13 +178,13 @@ fn geometric_into<T: Copy>(
     out_shape
 }
 
-fn map_plane<T: Copy>(
+fn map_plane<S: Copy, T: Copy>(
     m: &PlaneMap,
-    src: &[T],
+    src: &[S],
     dst: &mut [T],
     oh: usize,
     ow: usize,
-    f: &impl Fn(T) -> T,
+    f: &impl Fn(S) -> T,
 ) {
     // All indices below are in range by construction of `plane_map`; slicing still checks them.
     let at = |i: usize, j: usize| (m.base + i as isize * m.si + j as isize * m.sj) as usize;
@@ -271,6 +271,33 @@ pub fn augment_image_into(
         (Some(f), Some(o)) => {
             let s = scale_multiplier(f);
             geometric_into(p, src, shape, dst, move |x| x * s + o)
+        }
+    }
+}
+
+/// [`augment_image_into`] straight from 8-bit storage: each source value `q` is read as `q / 255` (in float32,
+/// exactly as `m3d-shards` decodes `u8` images) and augmented in the same single pass, so a `u8` shard is
+/// decoded and augmented without an intermediate float volume. Identical results to decoding first.
+///
+/// # Panics
+/// If `src` or `dst` does not have exactly the number of elements of `shape`.
+pub fn augment_u8_image_into(
+    p: &AugmentParams,
+    src: &[u8],
+    shape: [usize; 4],
+    dst: &mut [f32],
+) -> [usize; 4] {
+    let lut: [f32; 256] = std::array::from_fn(|q| q as f32 / 255.0);
+    match (p.scale, p.shift) {
+        (None, None) => geometric_into(p, src, shape, dst, |q| lut[usize::from(q)]),
+        (Some(f), None) => {
+            let s = scale_multiplier(f);
+            geometric_into(p, src, shape, dst, move |q| lut[usize::from(q)] * s)
+        }
+        (None, Some(o)) => geometric_into(p, src, shape, dst, move |q| lut[usize::from(q)] + o),
+        (Some(f), Some(o)) => {
+            let s = scale_multiplier(f);
+            geometric_into(p, src, shape, dst, move |q| lut[usize::from(q)] * s + o)
         }
     }
 }
@@ -396,6 +423,30 @@ mod tests {
                     let labels = v.map(|x| (x * 1000.0).round() as u32);
                     let m = augment_mask(&p, &labels);
                     assert_eq!(m, stepwise(&p, &v).map(|x| (x * 1000.0).round() as u32));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn u8_path_equals_decoding_then_augmenting() {
+        let shape = [1, 3, 5, 7];
+        let q: Vec<u8> = (0..105u32).map(|i| (i * 37 % 256) as u8).collect();
+        let decoded: Vec<f32> = q.iter().map(|&v| f32::from(v) / 255.0).collect();
+        for k in 0..4u8 {
+            for bits in 0..8u8 {
+                for (scale, shift) in [(None, None), (Some(0.07f32), Some(-0.03f32))] {
+                    let p = AugmentParams {
+                        rot90_k: k,
+                        flip: [bits & 1 != 0, bits & 2 != 0, bits & 4 != 0],
+                        scale,
+                        shift,
+                    };
+                    let (mut a, mut b) = (vec![0f32; 105], vec![0f32; 105]);
+                    let sa = augment_u8_image_into(&p, &q, shape, &mut a);
+                    let sb = augment_image_into(&p, &decoded, shape, &mut b);
+                    assert_eq!(sa, sb);
+                    assert!(a == b, "k {k} flips {bits} scale {scale:?}");
                 }
             }
         }

@@ -12,8 +12,8 @@ mod fma;
 pub mod transforms;
 
 pub use augment::{
-    augment_image, augment_image_into, augment_mask, augment_mask_into, AugmentConfig,
-    AugmentParams,
+    augment_image, augment_image_into, augment_mask, augment_mask_into, augment_u8_image_into,
+    AugmentConfig, AugmentParams,
 };
 pub use transforms::{
     crop, foreground_bbox, min_max_normalise, permute_spatial, prepare_cap_u8, resize_area,
