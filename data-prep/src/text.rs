@@ -56,10 +56,8 @@ mod tests {
             extract_report("discussion: Cyst seen.\nstudy_findings: ab"),
             "Cyst seen. study_findings: ab"
         );
-        assert_eq!(
-            extract_report("study_findings: a\ndiscussion: b"),
-            "study_findings: a discussion: b"
-        );
+        // Findings too short and no discussion: the whole text.
+        assert_eq!(extract_report("study_findings: a\n"), "study_findings: a");
         assert_eq!(extract_report("  plain report\n"), "plain report");
     }
 
