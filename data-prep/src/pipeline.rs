@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
 use bytes::Bytes;
-use m3d_shards::manifest::{Manifest, ShardEntry, Totals};
+use m3d_shards::manifest::{sample_shard_key, volume_shard_key, Manifest, ShardEntry, Totals};
 use m3d_shards::parquet_io::{write_sample_shard, write_volume_shard, WriteOptions};
 use m3d_shards::schema::{SampleRecord, VolumeRecord};
 use m3d_shards::store::Store;
@@ -123,14 +123,6 @@ fn progress_key(shard: usize) -> String {
     format!("_progress/part-{shard:05}.json")
 }
 
-fn volume_key(shard: usize) -> String {
-    format!("volumes/part-{shard:05}.parquet")
-}
-
-fn sample_key(shard: usize) -> String {
-    format!("samples/part-{shard:05}.parquet")
-}
-
 /// Converts every volume of `src` into shards under `opts.out`, resuming where a previous run stopped.
 pub fn convert_volumes<S: VolumeSource>(src: &S, opts: &ConvertOptions) -> Result<ConvertReport> {
     if opts.shard_volumes == 0 || opts.shard_samples == 0 {
@@ -178,12 +170,7 @@ pub fn convert_volumes<S: VolumeSource>(src: &S, opts: &ConvertOptions) -> Resul
         }
         let (records, shard_samples, shard_skipped) = convert_chunk(src, chunk, opts, &bar)?;
         let bytes = write_volume_shard(&records, &write_opts)?;
-        let entry = ShardEntry {
-            key: volume_key(shard),
-            rows: records.len() as u64,
-            bytes: bytes.len() as u64,
-            sha256: sha256_hex(&bytes),
-        };
+        let entry = ShardEntry::describe(&volume_shard_key(shard), records.len() as u64, &bytes);
         drop(records);
         store.put(&entry.key, bytes)?;
         let record = ShardProgress {
@@ -339,12 +326,7 @@ fn finish(
     let mut sample_shards = Vec::new();
     for (i, chunk) in samples.chunks(opts.shard_samples).enumerate() {
         let bytes = write_sample_shard(chunk, &write_opts)?;
-        let entry = ShardEntry {
-            key: sample_key(i),
-            rows: chunk.len() as u64,
-            bytes: bytes.len() as u64,
-            sha256: sha256_hex(&bytes),
-        };
+        let entry = ShardEntry::describe(&sample_shard_key(i), chunk.len() as u64, &bytes);
         store.put(&entry.key, bytes)?;
         sample_shards.push(entry);
     }

@@ -80,9 +80,21 @@ impl VerifyReport {
     }
 }
 
-/// Fetches a shard and checks it against its manifest entry (size, then sha256).
+/// Fetches a shard and checks it against its manifest entry: size, then crc32 when the manifest has it (fast,
+/// catches corruption in transit and at rest), else sha256.
 fn fetch_checked(store: &Store, entry: &ShardEntry) -> Result<Bytes, ShardError> {
     let bytes = store.get(&entry.key)?;
+    if let Some(expected) = entry.crc32 {
+        let actual = crc32fast::hash(&bytes);
+        if bytes.len() as u64 != entry.bytes || actual != expected {
+            return Err(ShardError::Checksum {
+                key: entry.key.clone(),
+                expected: format!("crc32 {expected:08x}, {} bytes", entry.bytes),
+                actual: format!("crc32 {actual:08x}, {} bytes", bytes.len()),
+            });
+        }
+        return Ok(bytes);
+    }
     let actual = sha256_hex(&bytes);
     if bytes.len() as u64 != entry.bytes || actual != entry.sha256 {
         return Err(ShardError::Checksum {
