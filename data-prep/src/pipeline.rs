@@ -15,8 +15,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
 use bytes::Bytes;
+use m3d_shards::encode::ImageDtype;
 use m3d_shards::manifest::{sample_shard_key, volume_shard_key, Manifest, ShardEntry, Totals};
-use m3d_shards::parquet_io::{write_sample_shard, write_volume_shard, WriteOptions};
+use m3d_shards::parquet_io::{write_sample_shard, write_volume_shard, ImageCodec, WriteOptions};
 use m3d_shards::schema::{SampleRecord, VolumeRecord};
 use m3d_shards::store::Store;
 use m3d_shards::{sha256_hex, SHARD_SCHEMA_VERSION};
@@ -169,7 +170,16 @@ pub fn convert_volumes<S: VolumeSource>(src: &S, opts: &ConvertOptions) -> Resul
             }
         }
         let (records, shard_samples, shard_skipped) = convert_chunk(src, chunk, opts, &bar)?;
-        let bytes = write_volume_shard(&records, &write_opts)?;
+        // LZ4 where it pays: 8-bit images decompress 3-4x faster for ~1.3x the bytes; half-float CT volumes
+        // compress poorly with it (about 1.3x zstd's size for little read gain), so they keep zstd.
+        let shard_opts = WriteOptions {
+            image_codec: match records.first().map(|r| r.dtype) {
+                Some(ImageDtype::U8) => ImageCodec::Lz4,
+                _ => ImageCodec::Zstd,
+            },
+            ..write_opts.clone()
+        };
+        let bytes = write_volume_shard(&records, &shard_opts)?;
         let entry = ShardEntry::describe(&volume_shard_key(shard), records.len() as u64, &bytes);
         drop(records);
         store.put(&entry.key, bytes)?;
