@@ -13,6 +13,10 @@ use m3d_data_prep::seg::{SegOptions, SegSource};
 use m3d_data_prep::vqa::VqaOptions;
 use m3d_data_prep::{convert_volumes, ConvertOptions, ConvertReport};
 
+// See cli/Cargo.toml: volume-sized buffers must be reused, not returned to the kernel after every item.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "m3d",
