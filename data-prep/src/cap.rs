@@ -14,8 +14,8 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use m3d_formats::paths::safe_join;
-use m3d_shards::encode::{encode_image, ImageDtype};
-use m3d_shards::schema::{SampleRecord, Task, VolumeRecord};
+use m3d_shards::encode::ImageDtype;
+use m3d_shards::schema::{SampleRecord, Task};
 use m3d_volume::transforms::{
     crop, foreground_bbox, min_max_normalise, prepare_cap_u8, resize_trilinear,
 };
@@ -23,7 +23,7 @@ use m3d_volume::Volume;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{PrepError, Result};
-use crate::pipeline::{Converted, VolumeSource};
+use crate::pipeline::{volume_record, Converted, VolumeSource};
 use crate::text::{extract_report, fold_diacritics};
 
 /// The model input size of every M3D volume (D, H, W).
@@ -311,18 +311,14 @@ impl VolumeSource for CapSource {
             }
             SeriesInput::Prepared(path) => (load_prepared(&path)?, path, true),
         };
-        let image = encode_image(volume.data(), self.dtype());
-        let shape = volume.shape();
-        let record = VolumeRecord {
-            volume_id: item.volume_id.clone(),
-            dataset: "cap".to_string(),
-            source: relative(&self.opts.src, &source),
-            shape: shape.map(|d| d as u32),
-            dtype: self.dtype(),
-            image_crc32: crc32fast::hash(&image),
-            image,
-            masks: Vec::new(),
-        };
+        let record = volume_record(
+            &item.volume_id,
+            "cap",
+            relative(&self.opts.src, &source),
+            &volume,
+            self.dtype(),
+            Vec::new(),
+        );
         let mut samples = Vec::with_capacity(item.uses.len());
         let mut texts: BTreeMap<&str, String> = BTreeMap::new();
         for (split, i, text_rel) in &item.uses {

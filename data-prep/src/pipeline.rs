@@ -18,7 +18,7 @@ use bytes::Bytes;
 use m3d_shards::encode::ImageDtype;
 use m3d_shards::manifest::{sample_shard_key, volume_shard_key, Manifest, ShardEntry, Totals};
 use m3d_shards::parquet_io::{write_sample_shard, write_volume_shard, ImageCodec, WriteOptions};
-use m3d_shards::schema::{SampleRecord, VolumeRecord};
+use m3d_shards::schema::{MaskRecord, SampleRecord, VolumeRecord};
 use m3d_shards::store::Store;
 use m3d_shards::{sha256_hex, SHARD_SCHEMA_VERSION};
 use rayon::prelude::*;
@@ -94,6 +94,39 @@ pub trait VolumeSource: Sync {
     /// Inputs already rejected while planning (bad table rows under `--skip-bad`).
     fn planning_skipped(&self) -> Vec<Skipped> {
         Vec::new()
+    }
+}
+
+/// The record of a converted volume: `image` encoded as `dtype`, its crc32 computed once here.
+pub fn volume_record(
+    volume_id: &str,
+    dataset: &str,
+    source: String,
+    image: &m3d_volume::Volume<f32>,
+    dtype: ImageDtype,
+    masks: Vec<MaskRecord>,
+) -> VolumeRecord {
+    let encoded = m3d_shards::encode::encode_image(image.data(), dtype);
+    VolumeRecord {
+        volume_id: volume_id.to_string(),
+        dataset: dataset.to_string(),
+        source,
+        shape: image.shape().map(|d| d as u32),
+        dtype,
+        image_crc32: crc32fast::hash(&encoded),
+        image: encoded,
+        masks,
+    }
+}
+
+/// A bit-packed binary mask (nonzero = inside); an empty mask stores no bits.
+pub fn mask_record(class_index: u32, label: String, mask: &[u8]) -> MaskRecord {
+    let (bits, voxels) = m3d_shards::encode::pack_mask(mask);
+    MaskRecord {
+        class_index,
+        label,
+        voxels,
+        bits: if voxels == 0 { Vec::new() } else { bits },
     }
 }
 

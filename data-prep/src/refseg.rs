@@ -16,8 +16,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use m3d_formats::paths::safe_join;
-use m3d_shards::encode::{encode_image, pack_mask, ImageDtype};
-use m3d_shards::schema::{MaskRecord, SampleRecord, Task, VolumeRecord};
+use m3d_shards::encode::ImageDtype;
+use m3d_shards::schema::{SampleRecord, Task};
 use m3d_volume::transforms::{
     crop, foreground_bbox, permute_spatial, resize_nearest, resize_trilinear,
     scale_intensity_range_percentiles,
@@ -27,7 +27,7 @@ use m3d_volume::Volume;
 use crate::cap::TARGET;
 use crate::csv_table::Table;
 use crate::error::{PrepError, Result};
-use crate::pipeline::{Converted, VolumeSource};
+use crate::pipeline::{mask_record, volume_record, Converted, VolumeSource};
 
 pub use m3d_formats::tables::REFSEG_COLUMNS as COLUMNS;
 pub const TABLES: [(&str, &str); 2] = [
@@ -290,7 +290,6 @@ impl VolumeSource for RefSegSource {
             for (dst, v) in region.iter_mut().zip(ids.data()) {
                 *dst = u8::from(v.round() as u32 == *id);
             }
-            let (bits, voxels) = pack_mask(&region);
             index_of.insert(*id, masks.len() as u32);
             let label = descriptions
                 .get(&id.to_string())
@@ -300,12 +299,7 @@ impl VolumeSource for RefSegSource {
                         .unwrap_or_else(|| v.to_string())
                 })
                 .unwrap_or_else(|| format!("region {id}"));
-            masks.push(MaskRecord {
-                class_index: *id,
-                label,
-                voxels,
-                bits: if voxels == 0 { Vec::new() } else { bits },
-            });
+            masks.push(mask_record(*id, label, &region));
         }
         let samples = item
             .rows
@@ -328,17 +322,14 @@ impl VolumeSource for RefSegSource {
                 source_row: Some(row.source_row.clone()),
             })
             .collect();
-        let encoded = encode_image(image.data(), self.dtype());
-        let volume = VolumeRecord {
-            volume_id: item.case.clone(),
-            dataset: "refseg".to_string(),
-            source: format!("{} + {}", item.image, item.mask),
-            shape: image.shape().map(|d| d as u32),
-            dtype: self.dtype(),
-            image_crc32: crc32fast::hash(&encoded),
-            image: encoded,
+        let volume = volume_record(
+            &item.case,
+            "refseg",
+            format!("{} + {}", item.image, item.mask),
+            &image,
+            self.dtype(),
             masks,
-        };
+        );
         Ok(Converted { volume, samples })
     }
 

@@ -11,8 +11,8 @@
 use std::path::{Path, PathBuf};
 
 use m3d_formats::paths::safe_join;
-use m3d_shards::encode::{encode_image, pack_mask, ImageDtype};
-use m3d_shards::schema::{MaskRecord, SampleRecord, Task, VolumeRecord};
+use m3d_shards::encode::ImageDtype;
+use m3d_shards::schema::{SampleRecord, Task};
 use m3d_volume::transforms::{
     crop, foreground_bbox, min_max_normalise, permute_spatial, resize_nearest, resize_trilinear,
 };
@@ -22,36 +22,9 @@ use serde::Deserialize;
 use crate::boxes::mask_box;
 use crate::cap::{relative, TARGET};
 use crate::error::{PrepError, Result};
-use crate::pipeline::{Converted, VolumeSource};
+use crate::pipeline::{mask_record, volume_record, Converted, VolumeSource};
 
-/// The 25 datasets of M3D-Seg, by code.
-pub const DATASETS: [&str; 25] = [
-    "CHAOS",
-    "HaN-Seg",
-    "AMOS22",
-    "AbdomenCT-1k",
-    "KiTS23",
-    "KiPA22",
-    "KiTS19",
-    "BTCV",
-    "Pancreas-CT",
-    "3D-IRCADB",
-    "FLARE22",
-    "TotalSegmentator",
-    "CT-ORG",
-    "WORD",
-    "VerSe19",
-    "VerSe20",
-    "SLIVER07",
-    "QUBIQ",
-    "MSD-Colon",
-    "MSD-HepaticVessel",
-    "MSD-Liver",
-    "MSD-Lung",
-    "MSD-Pancreas",
-    "MSD-Spleen",
-    "LUNA16",
-];
+pub use m3d_formats::tables::SEG_DATASET_NAMES as DATASETS;
 
 #[derive(Clone, Debug)]
 pub struct SegOptions {
@@ -256,19 +229,14 @@ impl VolumeSource for SegSource {
 
         let spatial = image.spatial();
         let per: usize = spatial.iter().product();
-        let encoded = encode_image(image.data(), self.dtype());
         let mut masks = Vec::with_capacity(mshape[0]);
         let mut samples = Vec::new();
         for (c, class) in item.classes.iter().enumerate() {
             let channel = &mask.data()[c * per..(c + 1) * per];
-            let (bits, voxels) = pack_mask(channel);
-            masks.push(MaskRecord {
-                class_index: c as u32,
-                label: class.clone(),
-                voxels,
-                bits: if voxels == 0 { Vec::new() } else { bits },
-            });
-            if voxels == 0 {
+            let record = mask_record(c as u32, class.clone(), channel);
+            let empty = record.voxels == 0;
+            masks.push(record);
+            if empty {
                 continue;
             }
             let bbox = mask_box(channel, spatial);
@@ -291,16 +259,14 @@ impl VolumeSource for SegSource {
                 });
             }
         }
-        let volume = VolumeRecord {
-            volume_id: item.volume_id.clone(),
-            dataset: "seg".to_string(),
-            source: format!("{} + {}", item.image, item.label),
-            shape: image.shape().map(|d| d as u32),
-            dtype: self.dtype(),
-            image_crc32: crc32fast::hash(&encoded),
-            image: encoded,
+        let volume = volume_record(
+            &item.volume_id,
+            "seg",
+            format!("{} + {}", item.image, item.label),
+            &image,
+            self.dtype(),
             masks,
-        };
+        );
         Ok(Converted { volume, samples })
     }
 

@@ -24,3 +24,32 @@ pub const REFSEG_COLUMNS: [&str; 6] = [
     "Question",
     "Answer",
 ];
+
+/// The 25 M3D-Seg datasets, in the order of their codes `0000`..`0024` (`0000` = CHAOS).
+pub const SEG_DATASET_NAMES: [&str; 25] = [
+    "CHAOS",
+    "HaN-Seg",
+    "AMOS22",
+    "AbdomenCT-1k",
+    "KiTS23",
+    "KiPA22",
+    "KiTS19",
+    "BTCV",
+    "Pancreas-CT",
+    "3D-IRCADB",
+    "FLARE22",
+    "TotalSegmentator",
+    "CT-ORG",
+    "WORD",
+    "VerSe19",
+    "VerSe20",
+    "SLIVER07",
+    "QUBIQ",
+    "MSD-Colon",
+    "MSD-HepaticVessel",
+    "MSD-Liver",
+    "MSD-Lung",
+    "MSD-Pancreas",
+    "MSD-Spleen",
+    "LUNA16",
+];

@@ -18,34 +18,7 @@ use crate::error::SynthError;
 use crate::rng::{noise, stream, uniform, Stream, SynthRng};
 use crate::SynthConfig;
 
-/// The 25 M3D-Seg datasets in code order (`0000` = CHAOS).
-pub const SEG_DATASET_NAMES: [&str; 25] = [
-    "CHAOS",
-    "HaN-Seg",
-    "AMOS22",
-    "AbdomenCT-1k",
-    "KiTS23",
-    "KiPA22",
-    "KiTS19",
-    "BTCV",
-    "Pancreas-CT",
-    "3D-IRCADB",
-    "FLARE22",
-    "TotalSegmentator",
-    "CT-ORG",
-    "WORD",
-    "VerSe19",
-    "VerSe20",
-    "SLIVER07",
-    "QUBIQ",
-    "MSD-Colon",
-    "MSD-HepaticVessel",
-    "MSD-Liver",
-    "MSD-Lung",
-    "MSD-Pancreas",
-    "MSD-Spleen",
-    "LUNA16",
-];
+pub use m3d_formats::tables::SEG_DATASET_NAMES;
 
 /// Label lists by dataset index modulo 4. Their orders differ from the painting order on purpose, so a
 /// reader that confuses channel order with anything but label ids is caught.

@@ -443,20 +443,7 @@ fn cases() -> Vec<Case> {
             dataset: "vqa",
             sub: "M3D_VQA",
             breaks: |r| {
-                let p = r.join("M3D_VQA_val.csv");
-                let mut rdr = csv::Reader::from_path(&p).unwrap();
-                let headers = rdr.headers().unwrap().clone();
-                let mut rows: Vec<csv::StringRecord> = rdr.records().map(|r| r.unwrap()).collect();
-                let col = headers.iter().position(|h| h == "Question Type").unwrap();
-                let mut bad: Vec<String> = rows[1].iter().map(str::to_string).collect();
-                bad[col] = "seven".to_string();
-                rows[1] = csv::StringRecord::from(bad);
-                let mut w = csv::Writer::from_path(&p).unwrap();
-                w.write_record(&headers).unwrap();
-                for r in &rows {
-                    w.write_record(r).unwrap();
-                }
-                w.flush().unwrap();
+                set_csv_cell(&r.join("M3D_VQA_val.csv"), 1, "Question Type", "seven");
                 "M3D_VQA_val.csv, row 2".to_string()
             },
             skippable: true,
@@ -466,19 +453,12 @@ fn cases() -> Vec<Case> {
             dataset: "vqa",
             sub: "M3D_VQA",
             breaks: |r| {
-                let p = r.join("M3D_VQA_test.csv");
-                let mut rdr = csv::Reader::from_path(&p).unwrap();
-                let headers = rdr.headers().unwrap().clone();
-                let mut rows: Vec<csv::StringRecord> = rdr.records().map(|r| r.unwrap()).collect();
-                let mut bad: Vec<String> = rows[0].iter().map(str::to_string).collect();
-                bad[0] = "/etc/passwd.npy".to_string();
-                rows[0] = csv::StringRecord::from(bad);
-                let mut w = csv::Writer::from_path(&p).unwrap();
-                w.write_record(&headers).unwrap();
-                for r in &rows {
-                    w.write_record(r).unwrap();
-                }
-                w.flush().unwrap();
+                set_csv_cell(
+                    &r.join("M3D_VQA_test.csv"),
+                    0,
+                    "Image Path",
+                    "/etc/passwd.npy",
+                );
                 "M3D_VQA_test.csv, row 1".to_string()
             },
             skippable: true,
@@ -570,6 +550,24 @@ fn bad_inputs_are_named_and_skippable_without_substitution() {
             serde_json::from_slice(&std::fs::read(out.join("manifest.json")).unwrap()).unwrap();
         assert_eq!(manifest["skipped"].as_u64(), Some(1));
     }
+}
+
+/// Rewrites one cell (0-based data row, column by name) of a CSV file, keeping everything else.
+fn set_csv_cell(path: &Path, row: usize, column: &str, value: &str) {
+    let mut rdr = csv::Reader::from_path(path).unwrap();
+    let headers = rdr.headers().unwrap().clone();
+    let mut rows: Vec<Vec<String>> = rdr
+        .records()
+        .map(|r| r.unwrap().iter().map(str::to_string).collect())
+        .collect();
+    let col = headers.iter().position(|h| h == column).unwrap();
+    rows[row][col] = value.to_string();
+    let mut w = csv::Writer::from_path(path).unwrap();
+    w.write_record(&headers).unwrap();
+    for r in &rows {
+        w.write_record(r).unwrap();
+    }
+    w.flush().unwrap();
 }
 
 fn copy_dir(from: &Path, to: &Path) {
