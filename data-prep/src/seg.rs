@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use m3d_formats::paths::safe_join;
 use m3d_shards::encode::ImageDtype;
 use m3d_shards::schema::{SampleRecord, Task};
+use m3d_volume::transforms::BBox;
 use m3d_volume::transforms::{
     crop, foreground_bbox, min_max_normalise, permute_spatial, resize_nearest, resize_trilinear,
 };
@@ -136,15 +137,11 @@ impl SegSource {
     }
 }
 
-/// The reference chain for one case. Returns the image (1 x 32 x 256 x 256) and the masks (C x 32 x 256 x 256, 0/1).
-pub fn preprocess_case(
-    image: Volume<f32>,
-    mask: Volume<u8>,
-    name: &Path,
-) -> Result<(Volume<f32>, Volume<u8>)> {
+/// The reference chain for the image of one case: swap axes (C, H, W, D) -> (C, D, W, H), min-max, CropForeground,
+/// trilinear resize. Returns the 1 x 32 x 256 x 256 image and the crop box, which the masks share.
+pub fn preprocess_image(image: Volume<f32>, name: &Path) -> Result<(Volume<f32>, BBox)> {
     // np.swapaxes(x, -1, -3): (C, H, W, D) -> (C, D, W, H).
     let mut image = permute_spatial(&image, [2, 1, 0]);
-    let mask = permute_spatial(&mask, [2, 1, 0]);
     min_max_normalise(&mut image);
     let bbox = foreground_bbox(&image).ok_or_else(|| {
         PrepError::input(
@@ -152,12 +149,13 @@ pub fn preprocess_case(
             "image is constant: nothing is foreground after min-max",
         )
     })?;
-    let image = resize_trilinear(&crop(&image, &bbox), TARGET);
-    let mut mask = resize_nearest(&crop(&mask, &bbox), TARGET);
-    for v in mask.data_mut() {
-        *v = u8::from(*v != 0);
-    }
-    Ok((image, mask))
+    Ok((resize_trilinear(&crop(&image, &bbox), TARGET), bbox))
+}
+
+/// The same chain for one mask channel (1 x H x W x D, 0/1): swap axes, crop to the image's box, nearest resize.
+pub fn preprocess_mask(mask: Volume<u8>, bbox: &BBox) -> Volume<u8> {
+    let mask = permute_spatial(&mask, [2, 1, 0]);
+    resize_nearest(&crop(&mask, bbox), TARGET)
 }
 
 impl VolumeSource for SegSource {
@@ -190,7 +188,8 @@ impl VolumeSource for SegSource {
         };
         let image = Volume::new(ishape, arr.to_f32())
             .map_err(|e| PrepError::input(&image_path, e.to_string()))?;
-        let (mshape, dense) = m3d_formats::sparse::read_mask_npz(&mask_path)?;
+        // One class at a time: a full-resolution mask of 100+ classes is gigabytes dense.
+        let (mshape, csr) = m3d_formats::sparse::open_mask_npz(&mask_path)?;
         let mshape: [usize; 4] = match mshape.as_slice() {
             [c, h, w, d] => [*c, *h, *w, *d],
             other => {
@@ -223,22 +222,23 @@ impl VolumeSource for SegSource {
                 ),
             ));
         }
-        let mask =
-            Volume::new(mshape, dense).map_err(|e| PrepError::input(&mask_path, e.to_string()))?;
-        let (image, mask) = preprocess_case(image, mask, &image_path)?;
-
+        let (image, crop_box) = preprocess_image(image, &image_path)?;
         let spatial = image.spatial();
-        let per: usize = spatial.iter().product();
         let mut masks = Vec::with_capacity(mshape[0]);
         let mut samples = Vec::new();
-        for (c, class) in item.classes.iter().enumerate() {
-            let channel = &mask.data()[c * per..(c + 1) * per];
-            let record = mask_record(c as u32, class.clone(), channel);
+        let source_shape = [1, mshape[1], mshape[2], mshape[3]];
+        csr.for_each_dense_row(&mask_path, |c, row| -> Result<()> {
+            let channel = Volume::new(source_shape, row.to_vec())
+                .map_err(|e| PrepError::input(&mask_path, e.to_string()))?;
+            let channel = preprocess_mask(channel, &crop_box);
+            let class = &item.classes[c];
+            let record = mask_record(c as u32, class.clone(), channel.data());
             let empty = record.voxels == 0;
             masks.push(record);
             if empty {
-                continue;
+                return Ok(());
             }
+            let channel = channel.data();
             let bbox = mask_box(channel, spatial);
             for task in [Task::Seg, Task::Rec, Task::Reg] {
                 samples.push(SampleRecord {
@@ -258,7 +258,8 @@ impl VolumeSource for SegSource {
                     source_row: Some(format!("{}/{}.json:{}", item.code, item.code, item.split)),
                 });
             }
-        }
+            Ok(())
+        })?;
         let volume = volume_record(
             &item.volume_id,
             "seg",

@@ -71,6 +71,35 @@ impl CsrMatrix {
     /// the structure first: `indptr` must have `rows + 1` non-decreasing entries from 0 to `nnz`, and every
     /// column index must be in `0..cols` ([`FormatError::ShapeMismatch`] naming `path` otherwise).
     pub fn to_dense_u8(&self, path: &Path) -> Result<Vec<u8>, FormatError> {
+        let (total, nonzero) = self.checked(path)?;
+        let cols = self.shape.1;
+        let mut dense = vec![0u8; total];
+        for r in 0..self.shape.0 {
+            self.fill_row(r, &nonzero, &mut dense[r * cols..(r + 1) * cols], path)?;
+        }
+        Ok(dense)
+    }
+
+    /// Calls `f(row, dense row)` for every row in order, holding one dense row at a time: an M3D-Seg mask of
+    /// 100+ classes at full resolution is gigabytes dense, one class a few tens of megabytes.
+    pub fn for_each_dense_row<E: From<FormatError>>(
+        &self,
+        path: &Path,
+        mut f: impl FnMut(usize, &[u8]) -> Result<(), E>,
+    ) -> Result<(), E> {
+        let (_, nonzero) = self.checked(path)?;
+        let mut row = vec![0u8; self.shape.1];
+        for r in 0..self.shape.0 {
+            row.fill(0);
+            self.fill_row(r, &nonzero, &mut row, path)?;
+            f(r, &row)?;
+        }
+        Ok(())
+    }
+
+    /// Validates the structure (indptr length and ends, data length) and returns the dense size and, per stored
+    /// entry, whether its value is nonzero.
+    fn checked(&self, path: &Path) -> Result<(usize, Vec<bool>), FormatError> {
         let (rows, cols) = self.shape;
         let mismatch = |expected: String, found: String| FormatError::ShapeMismatch {
             path: path.to_path_buf(),
@@ -103,35 +132,49 @@ impl CsrMatrix {
                 format!("from {} to {}", self.indptr[0], self.indptr[rows]),
             ));
         }
-        let mut dense = vec![0u8; total];
-        for r in 0..rows {
-            let (start, end) = (self.indptr[r], self.indptr[r + 1]);
-            if end < start {
-                return Err(sparse_err(
-                    path,
-                    format!("indptr decreases at row {r} ({start} -> {end})"),
+        Ok((total, nonzero))
+    }
+
+    /// Writes row `r` (ones where a stored value is nonzero) into `row`, which must be zeroed.
+    fn fill_row(
+        &self,
+        r: usize,
+        nonzero: &[bool],
+        row: &mut [u8],
+        path: &Path,
+    ) -> Result<(), FormatError> {
+        let (_, cols) = self.shape;
+        let nnz = self.indices.len();
+        let mismatch = |expected: String, found: String| FormatError::ShapeMismatch {
+            path: path.to_path_buf(),
+            expected,
+            found,
+        };
+        let (start, end) = (self.indptr[r], self.indptr[r + 1]);
+        if end < start {
+            return Err(sparse_err(
+                path,
+                format!("indptr decreases at row {r} ({start} -> {end})"),
+            ));
+        }
+        // In range: 0 <= start <= end <= nnz by the checks in `checked` and monotonicity so far.
+        let (start, end) = (start as usize, end as usize);
+        if end > nnz {
+            return Err(mismatch(format!("indptr <= nnz = {nnz}"), format!("{end}")));
+        }
+        let entries = self.indices[start..end].iter().zip(&nonzero[start..end]);
+        for (k, (&c, &nz)) in (start..).zip(entries) {
+            if c < 0 || c as u64 >= cols as u64 {
+                return Err(mismatch(
+                    format!("column indices in 0..{cols}"),
+                    format!("index {c} (entry {k}, row {r})"),
                 ));
             }
-            // In range: 0 <= start <= end <= nnz by the checks above and monotonicity so far.
-            let (start, end) = (start as usize, end as usize);
-            if end > nnz {
-                return Err(mismatch(format!("indptr <= nnz = {nnz}"), format!("{end}")));
-            }
-            let row = &mut dense[r * cols..(r + 1) * cols];
-            let entries = self.indices[start..end].iter().zip(&nonzero[start..end]);
-            for (k, (&c, &nz)) in (start..).zip(entries) {
-                if c < 0 || c as u64 >= cols as u64 {
-                    return Err(mismatch(
-                        format!("column indices in 0..{cols}"),
-                        format!("index {c} (entry {k}, row {r})"),
-                    ));
-                }
-                if nz {
-                    row[c as usize] = 1;
-                }
+            if nz {
+                row[c as usize] = 1;
             }
         }
-        Ok(dense)
+        Ok(())
     }
 }
 
@@ -317,6 +360,14 @@ pub fn parse_mask_shape(path: &Path) -> Result<Vec<usize>, FormatError> {
 /// in the file name. A matrix shape that disagrees with the name, or an out-of-range index, is
 /// [`FormatError::ShapeMismatch`] naming the file.
 pub fn read_mask_npz(path: &Path) -> Result<(Vec<usize>, Vec<u8>), FormatError> {
+    let (shape, m) = open_mask_npz(path)?;
+    let dense = m.to_dense_u8(path)?;
+    Ok((shape, dense))
+}
+
+/// Reads an M3D-Seg mask file without densifying it: the shape from its name and the CSR matrix, checked to be
+/// `(C, H*W*D)`. Use [`CsrMatrix::for_each_dense_row`] to visit one class at a time.
+pub fn open_mask_npz(path: &Path) -> Result<(Vec<usize>, CsrMatrix), FormatError> {
     let shape = parse_mask_shape(path)?;
     let m = read_csr_npz(path)?;
     let rest = shape_len(&shape[1..]);
@@ -331,13 +382,37 @@ pub fn read_mask_npz(path: &Path) -> Result<(Vec<usize>, Vec<u8>), FormatError> 
             found: format!("({}, {})", m.shape.0, m.shape.1),
         });
     }
-    let dense = m.to_dense_u8(path)?;
-    Ok((shape, dense))
+    Ok((shape, m))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rows_one_at_a_time_equal_the_dense_matrix() {
+        let dense = vec![0u8, 3, 0, 0, 0, 0, 1, 0, 7, 0, 0, 2];
+        let m = CsrMatrix::from_dense_u8(4, 3, &dense);
+        let whole = m.to_dense_u8(Path::new("x")).unwrap();
+        let mut rows = Vec::new();
+        m.for_each_dense_row(Path::new("x"), |r, row| -> Result<(), FormatError> {
+            rows.push((r, row.to_vec()));
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(rows.len(), 4);
+        for (r, row) in rows {
+            assert_eq!(row, whole[r * 3..(r + 1) * 3]);
+        }
+        let mut bad = m.clone();
+        bad.indices[1] = 9;
+        let err = bad
+            .for_each_dense_row(Path::new("bad.npz"), |_, _| -> Result<(), FormatError> {
+                Ok(())
+            })
+            .unwrap_err();
+        assert!(err.to_string().contains("bad.npz"), "{err}");
+    }
 
     #[test]
     fn dense_round_trip() {
