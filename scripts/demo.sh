@@ -15,5 +15,6 @@ rm -rf "$OUT/synth"
 for ds in cap seg refseg; do
   "$M3D_BIN" data-prep inspect "$OUT/shards/$ds" --verify --png "$OUT/$ds.png"
 done
-"$M3D_BIN" data-prep inspect "$OUT/shards/vqa"
+"$M3D_BIN" data-prep inspect "$OUT/shards/vqa" --show-samples 2
+"$M3D_BIN" data-prep inspect "$OUT/shards/seg" --show-samples 3 --describe | tail -n 12
 echo "demo done: shards in $OUT/shards, renders in $OUT/*.png"

@@ -126,6 +126,18 @@ enum DataPrep {
         /// Render the volume of this sample number.
         #[arg(long)]
         sample: Option<usize>,
+        /// Print the first N samples as the instruction-response pairs a trainer would see (wording drawn from
+        /// the prompt templates with --seed).
+        #[arg(long, value_name = "N")]
+        show_samples: Option<usize>,
+        /// Prompt templates (JSON, same shape as the built-in set) for --show-samples.
+        #[arg(long)]
+        templates: Option<PathBuf>,
+        /// Use the description ("des") wording family instead of class names ("cls").
+        #[arg(long)]
+        describe: bool,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
     },
 }
 
@@ -371,6 +383,10 @@ fn run(cli: Cli) -> Result<()> {
                 png,
                 volume,
                 sample,
+                show_samples,
+                templates,
+                describe,
+                seed,
             } => {
                 let ds = m3d_shards::dataset::ShardDataset::open(&url)
                     .with_context(|| format!("opening dataset {url}"))?;
@@ -394,6 +410,28 @@ fn run(cli: Cli) -> Result<()> {
                     eprintln!("rendered {} to {}", rec.volume_id, png.display());
                 } else if volume.is_some() || sample.is_some() {
                     bail!("--volume and --sample choose what --png renders; give --png <file>");
+                }
+                if let Some(n) = show_samples {
+                    let t = match &templates {
+                        Some(path) => m3d_instruct::Templates::from_json(path)?,
+                        None => m3d_instruct::Templates::default(),
+                    };
+                    let family = if describe {
+                        m3d_instruct::Family::Des
+                    } else {
+                        m3d_instruct::Family::Cls
+                    };
+                    let mut rng =
+                        <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(seed);
+                    for s in ds.samples().iter().take(n) {
+                        let i = m3d_instruct::instruction(s, &t, family, &mut rng)?;
+                        println!(
+                            "\n[{}] {} {} volume {}",
+                            s.sample_id, s.task, s.split, s.volume_id
+                        );
+                        println!("  Q: {}", i.question);
+                        println!("  A: {}", i.answer);
+                    }
                 }
             }
         },

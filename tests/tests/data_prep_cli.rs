@@ -181,6 +181,23 @@ fn full_flow_counts_add_up_and_inspect_verifies() {
     assert!(text.contains("verified"), "{text}");
     let png = image::open(tmp.path().join("seg.png")).unwrap();
     assert_eq!((png.width(), png.height()), (768, 256));
+    // Instruction-response pairs are derived at load time: every shown sample has a question and an answer, REC
+    // answers carry the box text, segmentation answers the [SEG] token.
+    let shown = m3d_ok(&[
+        "data-prep",
+        "inspect",
+        s(&out.join("seg")),
+        "--show-samples",
+        "12",
+        "--seed",
+        "3",
+    ]);
+    assert_eq!(shown.matches("\n  Q: ").count(), 12, "{shown}");
+    assert_eq!(shown.matches("\n  A: ").count(), 12, "{shown}");
+    assert!(
+        shown.contains("<bx_start>[") && shown.contains("[SEG]"),
+        "{shown}"
+    );
     let json = m3d_ok(&["data-prep", "inspect", s(&out.join("cap")), "--json"]);
     let v: serde_json::Value = serde_json::from_str(&json).unwrap();
     assert_eq!(v["volumes"].as_u64().unwrap() as usize, images.len());
