@@ -442,17 +442,7 @@ fn run(cli: Cli) -> Result<()> {
 /// Every volume id of a converted dataset (reads the shards without their images).
 fn volume_ids(url: &str) -> Result<BTreeSet<String>> {
     let ds = m3d_shards::dataset::ShardDataset::open(url)?;
-    let mut ids = BTreeSet::new();
-    for shard in 0..ds.manifest().volume_shards.len() {
-        for rec in ds
-            .stream_volumes(shard)?
-            .with_images(false)
-            .with_masks(false)
-        {
-            ids.insert(rec?.volume_id);
-        }
-    }
-    Ok(ids)
+    Ok(ds.volume_index()?.into_iter().map(|(id, _)| id).collect())
 }
 
 fn main() -> std::process::ExitCode {

@@ -16,9 +16,7 @@ use std::path::{Path, PathBuf};
 use m3d_formats::paths::safe_join;
 use m3d_shards::encode::ImageDtype;
 use m3d_shards::schema::{SampleRecord, Task};
-use m3d_volume::transforms::{
-    crop, foreground_bbox, min_max_normalise, prepare_cap_u8, resize_trilinear,
-};
+use m3d_volume::transforms::{prepare_cap_u8_with, CapResize};
 use m3d_volume::Volume;
 use serde::{Deserialize, Serialize};
 
@@ -237,24 +235,19 @@ pub fn load_raw_series(dir: &Path) -> Result<Volume<u8>> {
     Volume::new([1, kept.len(), h, w], data).map_err(|e| PrepError::input(dir, e.to_string()))
 }
 
-/// The reference chain after loading: `/ 255` in float32, min-max, CropForeground, Resize.
+/// The reference chain after loading: `/ 255` in float32, min-max, CropForeground, Resize, fused into one pass
+/// straight from the 8-bit slices (bit-identical to the step-by-step chain).
 pub fn preprocess(v: &Volume<u8>, resize: ResizeMode, name: &Path) -> Result<Volume<f32>> {
-    let constant = || {
+    let mode = match resize {
+        ResizeMode::Area => CapResize::Area,
+        ResizeMode::Trilinear => CapResize::Trilinear,
+    };
+    prepare_cap_u8_with(v, TARGET, mode).ok_or_else(|| {
         PrepError::input(
             name,
             "volume is constant: nothing is foreground after min-max",
         )
-    };
-    match resize {
-        // One fused pass straight from the 8-bit slices, bit-identical to the step-by-step chain.
-        ResizeMode::Area => prepare_cap_u8(v, TARGET).ok_or_else(constant),
-        ResizeMode::Trilinear => {
-            let mut f = v.map(|p| f32::from(p) / 255.0);
-            min_max_normalise(&mut f);
-            let bbox = foreground_bbox(&f).ok_or_else(constant)?;
-            Ok(resize_trilinear(&crop(&f, &bbox), TARGET))
-        }
-    }
+    })
 }
 
 fn load_prepared(path: &Path) -> Result<Volume<f32>> {

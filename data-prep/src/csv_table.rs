@@ -70,10 +70,6 @@ impl Table {
         }
     }
 
-    pub fn has(&self, column: &str) -> bool {
-        self.index.contains_key(column)
-    }
-
     /// An error about data row `row` (0-based).
     pub fn row_error(&self, row: usize, reason: impl Into<String>) -> PrepError {
         PrepError::Row {

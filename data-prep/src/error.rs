@@ -38,11 +38,6 @@ pub enum PrepError {
     },
     #[error("invalid options: {0}")]
     Options(String),
-    #[error("{failed} item(s) failed; first: {first}")]
-    Aborted {
-        failed: usize,
-        first: Box<PrepError>,
-    },
 }
 
 impl PrepError {

@@ -181,13 +181,13 @@ pub fn find_volume(
         ),
         (None, None) => None,
     };
-    for shard in 0..ds.manifest().volume_shards.len() {
-        for rec in ds.stream_volumes(shard)? {
-            let rec = rec?;
-            if wanted.as_deref().is_none_or(|w| w == rec.volume_id) {
-                return Ok(rec);
-            }
-        }
+    let found = match &wanted {
+        Some(id) => ds.find_volume(id)?,
+        None if ds.manifest().volume_shards.is_empty() => None,
+        None => ds.stream_volumes(0)?.next().transpose()?,
+    };
+    if let Some(rec) = found {
+        return Ok(rec);
     }
     Err(PrepError::Options(match wanted {
         Some(w) => format!("volume {w:?} is not in this dataset (VQA samples reference M3D-Cap volumes: render those from the Cap dataset)"),

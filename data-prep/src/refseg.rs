@@ -19,8 +19,8 @@ use m3d_formats::paths::safe_join;
 use m3d_shards::encode::ImageDtype;
 use m3d_shards::schema::{SampleRecord, Task};
 use m3d_volume::transforms::{
-    crop, foreground_bbox, permute_spatial, resize_nearest, resize_trilinear,
-    scale_intensity_range_percentiles,
+    foreground_bbox, permute_spatial, scale_intensity_range_percentiles, try_resize_nearest_box,
+    try_resize_trilinear_box,
 };
 use m3d_volume::Volume;
 
@@ -29,7 +29,7 @@ use crate::csv_table::Table;
 use crate::error::{PrepError, Result};
 use crate::pipeline::{mask_record, volume_record, Converted, VolumeSource};
 
-pub use m3d_formats::tables::REFSEG_COLUMNS as COLUMNS;
+use m3d_formats::tables::REFSEG_COLUMNS;
 pub const TABLES: [(&str, &str); 2] = [
     ("M3D_RefSeg_train.csv", "train"),
     ("M3D_RefSeg_test.csv", "test"),
@@ -113,7 +113,7 @@ impl RefSegSource {
             let bytes = std::fs::read(&path).map_err(|e| PrepError::io(&path, e))?;
             tables
                 .push(serde_json::json!({"file": name, "sha256": m3d_shards::sha256_hex(&bytes)}));
-            let table = Table::read(&path, &COLUMNS)?;
+            let table = Table::read(&path, &REFSEG_COLUMNS)?;
             for r in 0..table.rows.len() {
                 let parsed = (|| -> Result<(String, String, String, Row)> {
                     let image = table.get(r, "Image");
@@ -224,8 +224,9 @@ pub fn preprocess_case(
     scale_intensity_range_percentiles(&mut image, 0.5, 99.5, 0.0, 1.0, true);
     let bbox = foreground_bbox(&image)
         .ok_or_else(|| PrepError::input(name, "nothing is foreground after intensity scaling"))?;
-    let image = resize_trilinear(&crop(&image, &bbox), TARGET);
-    let ids = resize_nearest(&crop(&ids, &bbox), TARGET);
+    let resize_err = |e: m3d_volume::VolumeError| PrepError::input(name, e.to_string());
+    let image = try_resize_trilinear_box(&image, &bbox, TARGET, |x| x).map_err(resize_err)?;
+    let ids = try_resize_nearest_box(&ids, &bbox, TARGET).map_err(resize_err)?;
     Ok((image, ids))
 }
 

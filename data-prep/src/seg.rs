@@ -15,7 +15,8 @@ use m3d_shards::encode::ImageDtype;
 use m3d_shards::schema::{SampleRecord, Task};
 use m3d_volume::transforms::BBox;
 use m3d_volume::transforms::{
-    crop, foreground_bbox, min_max_normalise, permute_spatial, resize_nearest, resize_trilinear,
+    foreground_bbox, min_max_normalise, permute_spatial, try_resize_nearest_box,
+    try_resize_trilinear_box,
 };
 use m3d_volume::Volume;
 use serde::Deserialize;
@@ -24,8 +25,6 @@ use crate::boxes::mask_box;
 use crate::cap::{relative, TARGET};
 use crate::error::{PrepError, Result};
 use crate::pipeline::{mask_record, volume_record, Converted, VolumeSource};
-
-pub use m3d_formats::tables::SEG_DATASET_NAMES as DATASETS;
 
 #[derive(Clone, Debug)]
 pub struct SegOptions {
@@ -149,13 +148,15 @@ pub fn preprocess_image(image: Volume<f32>, name: &Path) -> Result<(Volume<f32>,
             "image is constant: nothing is foreground after min-max",
         )
     })?;
-    Ok((resize_trilinear(&crop(&image, &bbox), TARGET), bbox))
+    let image = try_resize_trilinear_box(&image, &bbox, TARGET, |x| x)
+        .map_err(|e| PrepError::input(name, e.to_string()))?;
+    Ok((image, bbox))
 }
 
 /// The same chain for one mask channel (1 x H x W x D, 0/1): swap axes, crop to the image's box, nearest resize.
-pub fn preprocess_mask(mask: Volume<u8>, bbox: &BBox) -> Volume<u8> {
+pub fn preprocess_mask(mask: Volume<u8>, bbox: &BBox, name: &Path) -> Result<Volume<u8>> {
     let mask = permute_spatial(&mask, [2, 1, 0]);
-    resize_nearest(&crop(&mask, bbox), TARGET)
+    try_resize_nearest_box(&mask, bbox, TARGET).map_err(|e| PrepError::input(name, e.to_string()))
 }
 
 impl VolumeSource for SegSource {
@@ -230,7 +231,7 @@ impl VolumeSource for SegSource {
         csr.for_each_dense_row(&mask_path, |c, row| -> Result<()> {
             let channel = Volume::new(source_shape, row.to_vec())
                 .map_err(|e| PrepError::input(&mask_path, e.to_string()))?;
-            let channel = preprocess_mask(channel, &crop_box);
+            let channel = preprocess_mask(channel, &crop_box, &mask_path)?;
             let class = &item.classes[c];
             let record = mask_record(c as u32, class.clone(), channel.data());
             let empty = record.voxels == 0;

@@ -11,7 +11,7 @@ use crate::csv_table::Table;
 use crate::error::{PrepError, Result};
 use crate::pipeline::{convert_samples_only, ConvertOptions, ConvertReport, Skipped};
 
-pub use m3d_formats::tables::VQA_COLUMNS as COLUMNS;
+use m3d_formats::tables::VQA_COLUMNS;
 
 /// Published tables and the split each holds.
 pub const TABLES: [(&str, &str, Task); 5] = [
@@ -62,7 +62,7 @@ pub fn read_samples(
         }
         let bytes = std::fs::read(&path).map_err(|e| PrepError::io(&path, e))?;
         files.push(serde_json::json!({"file": name, "sha256": m3d_shards::sha256_hex(&bytes)}));
-        let table = Table::read(&path, &COLUMNS)?;
+        let table = Table::read(&path, &VQA_COLUMNS)?;
         for row in 0..table.rows.len() {
             match row_samples(&table, row, split, task, opts) {
                 Ok(s) => samples.extend(s),

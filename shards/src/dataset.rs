@@ -8,7 +8,7 @@ use bytes::Bytes;
 
 use crate::manifest::{sha256_hex, Manifest, ShardEntry};
 use crate::parquet_io::{read_sample_shard, VolumeShardReader};
-use crate::schema::SampleRecord;
+use crate::schema::{SampleRecord, VolumeRecord};
 use crate::store::Store;
 use crate::ShardError;
 
@@ -181,8 +181,41 @@ impl ShardDataset {
         map
     }
 
-    /// Fetches volume shard number `shard`, verifies its sha256 against the manifest
-    /// ([`ShardError::Checksum`] naming the key on mismatch) and streams its rows.
+    /// Every volume id with the number of the shard that holds it, read without decoding images or masks.
+    pub fn volume_index(&self) -> Result<Vec<(String, usize)>, ShardError> {
+        let mut index = Vec::new();
+        for shard in 0..self.manifest.volume_shards.len() {
+            for rec in self
+                .stream_volumes(shard)?
+                .with_images(false)
+                .with_masks(false)
+            {
+                index.push((rec?.volume_id, shard));
+            }
+        }
+        Ok(index)
+    }
+
+    /// The volume `id` with its image and masks, decoding only the shard that holds it.
+    pub fn find_volume(&self, id: &str) -> Result<Option<VolumeRecord>, ShardError> {
+        let Some(shard) = self
+            .volume_index()?
+            .into_iter()
+            .find_map(|(v, shard)| (v == id).then_some(shard))
+        else {
+            return Ok(None);
+        };
+        for rec in self.stream_volumes(shard)? {
+            let rec = rec?;
+            if rec.volume_id == id {
+                return Ok(Some(rec));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Fetches volume shard number `shard`, verifies it against the manifest (size and crc32, or sha256
+    /// for manifests without crc32; [`ShardError::Checksum`] naming the key on mismatch) and streams its rows.
     pub fn stream_volumes(&self, shard: usize) -> Result<VolumeShardReader, ShardError> {
         let entry = self.manifest.volume_shards.get(shard).ok_or_else(|| {
             ShardError::Invalid(format!(

@@ -1,6 +1,6 @@
 //! Batching of decoded volumes into libtorch tensors.
 
-use tch::{Kind, Tensor};
+use tch::Tensor;
 
 /// Errors building a batch.
 #[derive(Debug, thiserror::Error)]
@@ -23,7 +23,7 @@ pub enum BatchError {
 }
 
 /// Stacks decoded `C x D x H x W` volumes (as written by `m3d_shards::dataset::decode_sample_into`) into one
-/// `B x C x D x H x W` float tensor on the CPU. One copy: the buffers are written straight into the tensor.
+/// `B x C x D x H x W` float tensor on the CPU (the volumes are gathered into one buffer, which libtorch copies).
 pub fn stack_volumes(volumes: &[(&[f32], [usize; 4])]) -> Result<Tensor, BatchError> {
     let (_, shape) = volumes.first().ok_or(BatchError::Empty)?;
     let shape = *shape;
@@ -51,12 +51,13 @@ pub fn stack_volumes(volumes: &[(&[f32], [usize; 4])]) -> Result<Tensor, BatchEr
         .chain(shape)
         .map(|d| d as i64)
         .collect();
-    Ok(Tensor::from_slice(&flat).to_kind(Kind::Float).reshape(dims))
+    Ok(Tensor::from_slice(&flat).reshape(dims))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tch::Kind;
 
     #[test]
     fn stacks_in_order_and_checks_shapes() {

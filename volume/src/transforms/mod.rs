@@ -142,12 +142,34 @@ pub fn cap_u8_lut(lo: u8, hi: u8) -> [f32; 256] {
 /// another (and so to the reference script). `None` when the series has no foreground (every
 /// voxel has the same level), where the reference script fails and skips the series.
 pub fn prepare_cap_u8(v: &Volume<u8>, size: [usize; 3]) -> Option<Volume<f32>> {
+    prepare_cap_u8_with(v, size, CapResize::Area)
+}
+
+/// How [`prepare_cap_u8_with`] resizes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CapResize {
+    /// MONAI's default mode, which the reference script uses.
+    Area,
+    /// Trilinear, align_corners = false.
+    Trilinear,
+}
+
+/// [`prepare_cap_u8`] with a choice of resize mode, in the same single fused pass.
+pub fn prepare_cap_u8_with(
+    v: &Volume<u8>,
+    size: [usize; 3],
+    mode: CapResize,
+) -> Option<Volume<f32>> {
     let lo = v.data().iter().copied().min()?;
     let hi = v.data().iter().copied().max()?;
     let lut = cap_u8_lut(lo, hi);
     // lut[x] > 0 exactly when x > lo: the levels x / 255 are strictly increasing in float32.
     let b = foreground_bbox_by(v, |x| x > lo)?;
-    try_resize_area_box(v, &b, size, |x| lut[usize::from(x)]).ok()
+    let level = |x: u8| lut[usize::from(x)];
+    match mode {
+        CapResize::Area => try_resize_area_box(v, &b, size, level).ok(),
+        CapResize::Trilinear => try_resize_trilinear_box(v, &b, size, level).ok(),
+    }
 }
 
 /// Copies the spatial box `b` of every channel.
