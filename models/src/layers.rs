@@ -1,0 +1,133 @@
+//! The building blocks every model shares, with PyTorch's parameter names (`weight`, `bias`) and numerics.
+
+use tch::nn::Init;
+use tch::{Kind, Tensor};
+
+use crate::builder::{torch_default_init, VarBuilder};
+use crate::error::Result;
+use crate::lora::LoraAdapter;
+
+/// `nn.Linear`, optionally with a LoRA adapter (added when the builder's LoRA config selects this module).
+#[derive(Debug)]
+pub struct Linear {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+    pub lora: Option<LoraAdapter>,
+}
+
+impl Linear {
+    pub fn new(vb: &VarBuilder, in_dim: i64, out_dim: i64, bias: bool) -> Result<Self> {
+        let weight = vb.var("weight", &[out_dim, in_dim], torch_default_init(in_dim))?;
+        let bias = if bias { Some(vb.var("bias", &[out_dim], torch_default_init(in_dim))?) } else { None };
+        let lora = match vb.lora() {
+            Some(cfg) if cfg.targets(&vb.module_name()) => Some(LoraAdapter::new(vb, cfg, in_dim, out_dim)?),
+            _ => None,
+        };
+        Ok(Linear { weight, bias, lora })
+    }
+
+    /// `train` switches the LoRA dropout on; the base layer has none.
+    pub fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
+        let ys = xs.linear(&self.weight, self.bias.as_ref());
+        match &self.lora {
+            Some(lora) => ys + lora.forward_t(xs, train),
+            None => ys,
+        }
+    }
+
+    pub fn forward(&self, xs: &Tensor) -> Tensor {
+        self.forward_t(xs, false)
+    }
+}
+
+/// `nn.LayerNorm` over the last dimension.
+#[derive(Debug)]
+pub struct LayerNorm {
+    pub weight: Tensor,
+    pub bias: Tensor,
+    dim: i64,
+    eps: f64,
+}
+
+impl LayerNorm {
+    pub fn new(vb: &VarBuilder, dim: i64, eps: f64) -> Result<Self> {
+        let weight = vb.var("weight", &[dim], Init::Const(1.0))?;
+        let bias = vb.var("bias", &[dim], Init::Const(0.0))?;
+        Ok(LayerNorm { weight, bias, dim, eps })
+    }
+
+    pub fn forward(&self, xs: &Tensor) -> Tensor {
+        xs.layer_norm([self.dim], Some(&self.weight), Some(&self.bias), self.eps, true)
+    }
+}
+
+/// RMSNorm as Llama and Phi-3 compute it: in f32, then back to the input dtype before the weight.
+#[derive(Debug)]
+pub struct RmsNorm {
+    pub weight: Tensor,
+    eps: f64,
+}
+
+impl RmsNorm {
+    pub fn new(vb: &VarBuilder, dim: i64, eps: f64) -> Result<Self> {
+        Ok(RmsNorm { weight: vb.var("weight", &[dim], Init::Const(1.0))?, eps })
+    }
+
+    pub fn forward(&self, xs: &Tensor) -> Tensor {
+        let kind = xs.kind();
+        let x = xs.to_kind(Kind::Float);
+        let var = x.pow_tensor_scalar(2).mean_dim(-1, true, Kind::Float);
+        let x = x * (var + self.eps).rsqrt();
+        &self.weight * x.to_kind(kind)
+    }
+}
+
+/// `nn.Embedding`.
+#[derive(Debug)]
+pub struct Embedding {
+    pub weight: Tensor,
+}
+
+impl Embedding {
+    pub fn new(vb: &VarBuilder, num: i64, dim: i64) -> Result<Self> {
+        Ok(Embedding { weight: vb.var("weight", &[num, dim], Init::Randn { mean: 0.0, stdev: 1.0 })? })
+    }
+
+    pub fn forward(&self, ids: &Tensor) -> Tensor {
+        Tensor::embedding(&self.weight, ids, -1, false, false)
+    }
+}
+
+/// The activation functions HF configs name (`hidden_act`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Activation {
+    /// Exact (erf) GELU, `nn.GELU()`.
+    Gelu,
+    /// Tanh-approximated GELU (`gelu_new`, `gelu_pytorch_tanh`).
+    #[serde(alias = "gelu_pytorch_tanh", alias = "gelu_new")]
+    GeluTanh,
+    Relu,
+    #[serde(alias = "swish")]
+    Silu,
+}
+
+impl Activation {
+    pub fn forward(self, xs: &Tensor) -> Tensor {
+        match self {
+            Activation::Gelu => xs.gelu("none"),
+            Activation::GeluTanh => xs.gelu("tanh"),
+            Activation::Relu => xs.relu(),
+            Activation::Silu => xs.silu(),
+        }
+    }
+}
+
+/// Dropout that is the identity outside training and for p = 0.
+pub fn dropout(xs: Tensor, p: f64, train: bool) -> Tensor {
+    if train && p > 0.0 {
+        xs.dropout(p, true)
+    } else {
+        xs
+    }
+}

@@ -1,0 +1,401 @@
+//! Weight files in and out: safetensors (one file, or sharded with `model.safetensors.index.json`) and
+//! PyTorch `.bin` state dicts (`torch.save` zip archives); key remapping; strict loading that lists every
+//! missing, unexpected and mis-shaped key; HF-compatible safetensors writing.
+//!
+//! **Invariant: a written weight file is complete or absent** — files are written under a temporary name and
+//! renamed into place.
+
+use std::borrow::Cow;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use tch::nn::VarStore;
+use tch::{Kind, Tensor};
+
+use crate::error::{read_json, ModelError, Result};
+
+/// Reads every tensor of a weight file or model folder, on the CPU.
+///
+/// `path` may be a `.safetensors` file, a `*.index.json` of a sharded checkpoint, a `.bin`/`.pt`/`.pth`
+/// state dict, or a folder holding one of `model.safetensors.index.json`, `model.safetensors`,
+/// `pytorch_model.bin.index.json`, `pytorch_model.bin` (tried in that order).
+pub fn read_tensors(path: &Path) -> Result<Vec<(String, Tensor)>> {
+    if path.is_dir() {
+        for name in [
+            "model.safetensors.index.json",
+            "model.safetensors",
+            "pytorch_model.bin.index.json",
+            "pytorch_model.bin",
+        ] {
+            let p = path.join(name);
+            if p.is_file() {
+                return read_tensors(&p);
+            }
+        }
+        return Err(ModelError::weights(path, "no model.safetensors(.index.json) or pytorch_model.bin(.index.json) in this folder"));
+    }
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+    if name.ends_with(".index.json") {
+        read_sharded(path)
+    } else if name.ends_with(".safetensors") {
+        read_safetensors(path)
+    } else if name.ends_with(".bin") || name.ends_with(".pt") || name.ends_with(".pth") {
+        read_torch_bin(path)
+    } else {
+        Err(ModelError::weights(path, "unknown weight format (expected .safetensors, .bin, .pt, .pth or *.index.json)"))
+    }
+}
+
+/// One safetensors file.
+pub fn read_safetensors(path: &Path) -> Result<Vec<(String, Tensor)>> {
+    if !path.is_file() {
+        return Err(ModelError::io(path, std::io::Error::new(std::io::ErrorKind::NotFound, "no such file")));
+    }
+    Tensor::read_safetensors(path).map_err(|e| ModelError::weights(path, e.to_string()))
+}
+
+/// A `torch.save` zip archive holding a flat `{name: tensor}` dict (HF `pytorch_model.bin`, M3D's
+/// `pretrained_ViT.bin`).
+pub fn read_torch_bin(path: &Path) -> Result<Vec<(String, Tensor)>> {
+    if !path.is_file() {
+        return Err(ModelError::io(path, std::io::Error::new(std::io::ErrorKind::NotFound, "no such file")));
+    }
+    Tensor::loadz_multi(path).map_err(|e| ModelError::weights(path, format!("not a torch.save state dict: {e}")))
+}
+
+#[derive(serde::Deserialize, serde::Serialize)]
+struct ShardIndex {
+    #[serde(default)]
+    metadata: serde_json::Value,
+    weight_map: BTreeMap<String, String>,
+}
+
+/// A sharded checkpoint: the index names, for every key, the file that holds it (next to the index).
+pub fn read_sharded(index: &Path) -> Result<Vec<(String, Tensor)>> {
+    let idx: ShardIndex = read_json(index)?;
+    let dir = index.parent().unwrap_or(Path::new("."));
+    let files: Vec<&String> = {
+        let mut seen = HashSet::new();
+        idx.weight_map.values().filter(|f| seen.insert(*f)).collect()
+    };
+    let mut out = Vec::with_capacity(idx.weight_map.len());
+    for file in files {
+        if file.contains('/') || file.contains("..") {
+            return Err(ModelError::weights(index, format!("shard file name `{file}` must be a plain file name")));
+        }
+        let tensors = read_tensors(&dir.join(file))?;
+        for (k, t) in tensors {
+            match idx.weight_map.get(&k) {
+                Some(f) if f == file => out.push((k, t)),
+                _ => {
+                    return Err(ModelError::weights(
+                        dir.join(file),
+                        format!("holds `{k}`, which the index does not assign to this file"),
+                    ))
+                }
+            }
+        }
+    }
+    let got: HashSet<&str> = out.iter().map(|(k, _)| k.as_str()).collect();
+    if let Some(k) = idx.weight_map.keys().find(|k| !got.contains(k.as_str())) {
+        return Err(ModelError::weights(index, format!("`{k}` is listed in the index but missing from {}", idx.weight_map[k])));
+    }
+    Ok(out)
+}
+
+/// Renames checkpoint keys before they are matched to model parameters.
+///
+/// Rules are `(from_prefix, to_prefix)` pairs tried in order; the first whose prefix matches rewrites the
+/// key. With `select`, keys no rule matches are dropped (e.g. load only `vision_encoder.*` of a CLIP
+/// checkpoint into a ViT); otherwise they pass unchanged.
+#[derive(Debug, Clone, Default)]
+pub struct KeyMap {
+    rules: Vec<(String, String)>,
+    select: bool,
+}
+
+impl KeyMap {
+    pub fn identity() -> Self {
+        Self::default()
+    }
+
+    /// Keep only the keys under `prefix`, with the prefix removed.
+    pub fn select_prefix(prefix: &str) -> Self {
+        KeyMap { rules: vec![(prefix.to_string(), String::new())], select: true }
+    }
+
+    /// Also rewrite keys starting with `from` to start with `to`.
+    pub fn rename(mut self, from: &str, to: &str) -> Self {
+        self.rules.push((from.to_string(), to.to_string()));
+        self
+    }
+
+    /// Put `prefix` in front of every key (e.g. a bare ViT checkpoint into LaMed's vision tower).
+    pub fn add_prefix(prefix: &str) -> Self {
+        KeyMap { rules: vec![(String::new(), prefix.to_string())], select: false }
+    }
+
+    pub fn apply(&self, key: &str) -> Option<String> {
+        for (from, to) in &self.rules {
+            if let Some(rest) = key.strip_prefix(from.as_str()) {
+                return Some(format!("{to}{rest}"));
+            }
+        }
+        (!self.select).then(|| key.to_string())
+    }
+}
+
+/// What a load found: the parameters it filled and every disagreement between checkpoint and model.
+#[derive(Debug, Clone, Default)]
+pub struct LoadReport {
+    pub loaded: usize,
+    /// Model parameters the checkpoint does not have.
+    pub missing: Vec<String>,
+    /// Checkpoint keys the model does not have.
+    pub unexpected: Vec<String>,
+    /// (key, model shape, checkpoint shape).
+    pub mismatched: Vec<(String, Vec<i64>, Vec<i64>)>,
+}
+
+impl LoadReport {
+    pub fn is_clean(&self) -> bool {
+        self.missing.is_empty() && self.unexpected.is_empty() && self.mismatched.is_empty()
+    }
+}
+
+impl fmt::Display for LoadReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        const SHOWN: usize = 20;
+        fn list(f: &mut fmt::Formatter<'_>, title: &str, items: &[String]) -> fmt::Result {
+            if items.is_empty() {
+                return Ok(());
+            }
+            writeln!(f, "  {title} ({}):", items.len())?;
+            for k in items.iter().take(SHOWN) {
+                writeln!(f, "    {k}")?;
+            }
+            if items.len() > SHOWN {
+                writeln!(f, "    ... and {} more", items.len() - SHOWN)?;
+            }
+            Ok(())
+        }
+        list(f, "missing from the checkpoint", &self.missing)?;
+        list(f, "unexpected in the checkpoint", &self.unexpected)?;
+        let shapes: Vec<String> =
+            self.mismatched.iter().map(|(k, m, c)| format!("{k}: model {m:?}, checkpoint {c:?}")).collect();
+        list(f, "shape mismatch", &shapes)?;
+        write!(f, "  ({} parameters matched)", self.loaded)
+    }
+}
+
+/// How a checkpoint is matched to a model.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// Fail on any missing, unexpected or mis-shaped key (the default). The reference loads leniently, which
+    /// once left the segmentation module silently at its random initialisation.
+    pub strict: bool,
+    pub key_map: KeyMap,
+    /// Model parameters that may be absent from the checkpoint (by prefix or substring), e.g. `lora_` when
+    /// loading base weights into a model with adapters, or the parts a stage adds.
+    pub allow_missing: Vec<String>,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions { strict: true, key_map: KeyMap::identity(), allow_missing: Vec::new() }
+    }
+}
+
+impl LoadOptions {
+    pub fn lenient() -> Self {
+        LoadOptions { strict: false, ..Default::default() }
+    }
+    pub fn with_key_map(mut self, key_map: KeyMap) -> Self {
+        self.key_map = key_map;
+        self
+    }
+    pub fn allow_missing(mut self, pattern: &str) -> Self {
+        self.allow_missing.push(pattern.to_string());
+        self
+    }
+}
+
+/// Copies checkpoint tensors into the variables of `vs` by name (after the key map), converting dtype and
+/// device to the variable's. In strict mode nothing is copied unless everything matches.
+pub fn load_into(vs: &VarStore, tensors: Vec<(String, Tensor)>, opts: &LoadOptions) -> Result<LoadReport> {
+    load_into_vars(&vs.variables(), tensors, opts)
+}
+
+/// [`load_into`] for an explicit set of target variables (e.g. only the adapters of a model).
+pub fn load_into_vars(
+    vars: &HashMap<String, Tensor>,
+    tensors: Vec<(String, Tensor)>,
+    opts: &LoadOptions,
+) -> Result<LoadReport> {
+    let mut report = LoadReport::default();
+    let mut matched: Vec<(Tensor, Tensor)> = Vec::new();
+    let mut seen = HashSet::new();
+    for (key, t) in tensors {
+        let Some(name) = opts.key_map.apply(&key) else { continue };
+        match vars.get(&name) {
+            None => report.unexpected.push(key),
+            Some(var) => {
+                seen.insert(name.clone());
+                if var.size() != t.size() {
+                    report.mismatched.push((name, var.size(), t.size()));
+                } else {
+                    matched.push((var.shallow_clone(), t));
+                }
+            }
+        }
+    }
+    let mut missing: Vec<String> = vars
+        .keys()
+        .filter(|k| !seen.contains(*k))
+        .filter(|k| !opts.allow_missing.iter().any(|p| k.starts_with(p.as_str()) || k.contains(p.as_str())))
+        .cloned()
+        .collect();
+    missing.sort();
+    report.missing = missing;
+    report.unexpected.sort();
+    report.mismatched.sort();
+    if opts.strict && !report.is_clean() {
+        return Err(ModelError::StateDict(report));
+    }
+    tch::no_grad(|| -> Result<()> {
+        for (mut var, t) in matched {
+            var.f_copy_(&t)?;
+        }
+        Ok(())
+    })?;
+    report.loaded = vars.len() - report.missing.len();
+    if !report.is_clean() {
+        tracing::warn!("lenient load:\n{report}");
+    }
+    Ok(report)
+}
+
+/// Reads `path` (see [`read_tensors`]) and loads it into `vs`.
+pub fn load_file_into(vs: &VarStore, path: &Path, opts: &LoadOptions) -> Result<LoadReport> {
+    let tensors = read_tensors(path)?;
+    load_into(vs, tensors, opts).map_err(|e| match e {
+        ModelError::StateDict(r) => ModelError::weights(path, format!("does not match the model:\n{r}")),
+        other => other,
+    })
+}
+
+/// The variables of `vs`, sorted by name (what `state_dict()` gives in PyTorch, up to order).
+pub fn state_dict(vs: &VarStore) -> Vec<(String, Tensor)> {
+    let mut v: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+struct HostTensor {
+    dtype: safetensors::Dtype,
+    shape: Vec<usize>,
+    data: Vec<u8>,
+}
+
+impl safetensors::View for &HostTensor {
+    fn dtype(&self) -> safetensors::Dtype {
+        self.dtype
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> Cow<'_, [u8]> {
+        Cow::Borrowed(&self.data)
+    }
+    fn data_len(&self) -> usize {
+        self.data.len()
+    }
+}
+
+fn to_host(name: &str, t: &Tensor) -> Result<HostTensor> {
+    use safetensors::Dtype;
+    let (dtype, elt) = match t.kind() {
+        Kind::Float => (Dtype::F32, 4),
+        Kind::Half => (Dtype::F16, 2),
+        Kind::BFloat16 => (Dtype::BF16, 2),
+        Kind::Double => (Dtype::F64, 8),
+        Kind::Int64 => (Dtype::I64, 8),
+        Kind::Int => (Dtype::I32, 4),
+        Kind::Int16 => (Dtype::I16, 2),
+        Kind::Int8 => (Dtype::I8, 1),
+        Kind::Uint8 => (Dtype::U8, 1),
+        Kind::Bool => (Dtype::BOOL, 1),
+        k => return Err(ModelError::Input(format!("tensor `{name}`: dtype {k:?} cannot be written to safetensors"))),
+    };
+    let t = t.detach().to_device(tch::Device::Cpu).contiguous();
+    let numel = t.numel();
+    let mut data = vec![0u8; numel * elt];
+    t.f_copy_data_u8(&mut data, numel)?;
+    let shape = t.size().iter().map(|&d| d as usize).collect();
+    Ok(HostTensor { dtype, shape, data })
+}
+
+fn tmp_path(path: &Path) -> PathBuf {
+    let mut name = path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    name.push(format!(".tmp-{}", std::process::id()));
+    path.with_file_name(name)
+}
+
+/// Writes one HF-compatible safetensors file (metadata `format: pt`), atomically.
+pub fn save_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
+    let host: Vec<(String, HostTensor)> =
+        tensors.iter().map(|(k, t)| Ok((k.clone(), to_host(k, t)?))).collect::<Result<_>>()?;
+    write_host(path, &host)
+}
+
+fn write_host(path: &Path, host: &[(String, HostTensor)]) -> Result<()> {
+    let mut seen = HashSet::new();
+    if let Some((dup, _)) = host.iter().find(|(k, _)| !seen.insert(k.as_str())) {
+        return Err(ModelError::weights(path, format!("key `{dup}` given twice")));
+    }
+    let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
+    let tmp = tmp_path(path);
+    safetensors::serialize_to_file(host.iter().map(|(k, t)| (k.as_str(), t)), Some(meta), &tmp)
+        .map_err(|e| ModelError::weights(&tmp, e.to_string()))?;
+    std::fs::rename(&tmp, path).map_err(|e| ModelError::io(path, e))
+}
+
+/// Writes a sharded HF checkpoint into `dir`: `model-0000i-of-0000n.safetensors` files of at most
+/// `max_shard_bytes` each (a larger tensor gets a file of its own) and `model.safetensors.index.json`,
+/// written last. A single shard is written as plain `model.safetensors`, as `save_pretrained` does.
+pub fn save_sharded(dir: &Path, tensors: &[(String, Tensor)], max_shard_bytes: usize) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| ModelError::io(dir, e))?;
+    let mut shards: Vec<Vec<(String, HostTensor)>> = vec![Vec::new()];
+    let mut size = 0usize;
+    let mut total = 0usize;
+    for (k, t) in tensors {
+        let h = to_host(k, t)?;
+        let n = h.data.len();
+        if size > 0 && size + n > max_shard_bytes {
+            shards.push(Vec::new());
+            size = 0;
+        }
+        size += n;
+        total += n;
+        shards.last_mut().map(|s| s.push((k.clone(), h)));
+    }
+    if shards.len() == 1 {
+        return write_host(&dir.join("model.safetensors"), &shards[0]);
+    }
+    let n = shards.len();
+    let mut weight_map = BTreeMap::new();
+    for (i, shard) in shards.iter().enumerate() {
+        let file = format!("model-{:05}-of-{:05}.safetensors", i + 1, n);
+        write_host(&dir.join(&file), shard)?;
+        for (k, _) in shard {
+            weight_map.insert(k.clone(), file.clone());
+        }
+    }
+    let index = ShardIndex { metadata: serde_json::json!({ "total_size": total }), weight_map };
+    let path = dir.join("model.safetensors.index.json");
+    let tmp = tmp_path(&path);
+    let text = serde_json::to_string_pretty(&index).map_err(|source| ModelError::Json { path: path.clone(), source })?;
+    std::fs::write(&tmp, text).map_err(|e| ModelError::io(&tmp, e))?;
+    std::fs::rename(&tmp, &path).map_err(|e| ModelError::io(&path, e))
+}

@@ -1,0 +1,74 @@
+//! Shared by the oracle tests: run a committed Python oracle script into a temp folder, read its
+//! safetensors fixtures, compare tensors with stated tolerances.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use tch::{Kind, Tensor};
+
+pub fn oracle_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/oracle")
+}
+
+/// Runs `tests/oracle/<script> <out> args...` and returns `out` (kept alive by the returned TempDir).
+pub fn run_oracle(script: &str, args: &[&str]) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().to_str().expect("utf-8 temp path").to_string();
+    let mut all = vec![out.as_str()];
+    all.extend_from_slice(args);
+    m3d_testkit::run_python(&oracle_dir().join(script), &all);
+    dir
+}
+
+pub fn read(path: &Path) -> HashMap<String, Tensor> {
+    m3d_models::weights::read_tensors(path)
+        .unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
+        .into_iter()
+        .collect()
+}
+
+pub fn get<'a>(map: &'a HashMap<String, Tensor>, key: &str) -> &'a Tensor {
+    map.get(key).unwrap_or_else(|| panic!("fixture has no tensor `{key}`"))
+}
+
+/// max |a - b|, after both are moved to f64 on the CPU.
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+    assert_eq!(a.size(), b.size(), "shapes differ");
+    let a = a.detach().to_kind(Kind::Double).to_device(tch::Device::Cpu);
+    let b = b.detach().to_kind(Kind::Double).to_device(tch::Device::Cpu);
+    (a - b).abs().max().double_value(&[])
+}
+
+/// Asserts max |a - b| <= atol.
+pub fn assert_close(what: &str, ours: &Tensor, oracle: &Tensor, atol: f64) {
+    assert_eq!(ours.size(), oracle.size(), "{what}: shape {:?} vs oracle {:?}", ours.size(), oracle.size());
+    let d = max_abs_diff(ours, oracle);
+    assert!(d <= atol, "{what}: max abs diff {d:e} > {atol:e}");
+}
+
+/// Asserts max |a - b| <= rtol * max |b| (relative to the tensor's scale, for gradients).
+pub fn assert_rel_close(what: &str, ours: &Tensor, oracle: &Tensor, rtol: f64) {
+    assert_eq!(ours.size(), oracle.size(), "{what}: shape {:?} vs oracle {:?}", ours.size(), oracle.size());
+    let d = max_abs_diff(ours, oracle);
+    let scale = oracle.detach().to_kind(Kind::Double).abs().max().double_value(&[]).max(1e-12);
+    assert!(d <= rtol * scale, "{what}: max abs diff {d:e} > {rtol:e} x scale {scale:e}");
+}
+
+/// Compares the gradient of every trainable variable of `vs` with the oracle's `grad.<name>` tensors, and
+/// checks that the oracle has a gradient for every variable (none silently skipped).
+pub fn assert_grads(vs: &tch::nn::VarStore, fixture: &HashMap<String, Tensor>, rtol: f64) {
+    let mut n = 0;
+    for (name, var) in vs.variables() {
+        if !var.requires_grad() {
+            continue;
+        }
+        let key = format!("grad.{name}");
+        let oracle = get(fixture, &key);
+        let g = var.grad();
+        assert!(g.defined(), "no gradient for `{name}`");
+        assert_rel_close(&key, &g, oracle, rtol);
+        n += 1;
+    }
+    assert!(n > 0, "no trainable variables compared");
+}
