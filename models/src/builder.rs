@@ -30,23 +30,46 @@ pub struct VarBuilder<'a> {
 impl<'a> VarBuilder<'a> {
     /// Parameters with their initial values, in `vs`.
     pub fn new(vs: &'a nn::VarStore) -> Self {
-        Self::with_ctx(vs, Ctx { shape_only: false, lora: None })
+        Self::with_ctx(
+            vs,
+            Ctx {
+                shape_only: false,
+                lora: None,
+            },
+        )
     }
 
     /// Parameters as one-element stride-0 views: names and shapes are right, nothing is allocated, and the
     /// model must not be run. Used to count parameters of full-size configurations.
     pub fn shape_only(vs: &'a nn::VarStore) -> Self {
-        Self::with_ctx(vs, Ctx { shape_only: true, lora: None })
+        Self::with_ctx(
+            vs,
+            Ctx {
+                shape_only: true,
+                lora: None,
+            },
+        )
     }
 
     fn with_ctx(vs: &'a nn::VarStore, ctx: Ctx) -> Self {
-        VarBuilder { path: vs.root(), prefix: Vec::new(), ctx: Rc::new(ctx) }
+        VarBuilder {
+            path: vs.root(),
+            prefix: Vec::new(),
+            ctx: Rc::new(ctx),
+        }
     }
 
     /// Every `Linear` created below this builder whose full name the config selects gets a LoRA adapter.
     pub fn with_lora(self, lora: Option<LoraConfig>) -> Self {
-        let ctx = Ctx { shape_only: self.ctx.shape_only, lora };
-        VarBuilder { path: self.path, prefix: self.prefix, ctx: Rc::new(ctx) }
+        let ctx = Ctx {
+            shape_only: self.ctx.shape_only,
+            lora,
+        };
+        VarBuilder {
+            path: self.path,
+            prefix: self.prefix,
+            ctx: Rc::new(ctx),
+        }
     }
 
     /// The builder for a sub-module (`vb.pp("layers").pp(3)`, or `vb.pp("model.layers")`).
@@ -58,7 +81,11 @@ impl<'a> VarBuilder<'a> {
             prefix.push(part.to_string());
             path = path.sub(part);
         }
-        VarBuilder { path, prefix, ctx: self.ctx.clone() }
+        VarBuilder {
+            path,
+            prefix,
+            ctx: self.ctx.clone(),
+        }
     }
 
     /// The dotted checkpoint key of `name` below this builder.
@@ -117,5 +144,8 @@ impl<'a> VarBuilder<'a> {
 /// i.e. U(-1/sqrt(fan_in), 1/sqrt(fan_in))).
 pub fn torch_default_init(fan_in: i64) -> Init {
     let bound = 1.0 / (fan_in.max(1) as f64).sqrt();
-    Init::Uniform { lo: -bound, up: bound }
+    Init::Uniform {
+        lo: -bound,
+        up: bound,
+    }
 }

@@ -42,15 +42,24 @@ pub type Result<T, E = ModelError> = std::result::Result<T, E>;
 
 impl ModelError {
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        ModelError::Io { path: path.into(), source }
+        ModelError::Io {
+            path: path.into(),
+            source,
+        }
     }
     pub(crate) fn weights(path: impl Into<PathBuf>, message: impl Into<String>) -> Self {
-        ModelError::Weights { path: path.into(), message: message.into() }
+        ModelError::Weights {
+            path: path.into(),
+            message: message.into(),
+        }
     }
 }
 
 /// Reads and parses a JSON file (an HF `config.json`, an index, an adapter config), naming the file on error.
 pub fn read_json<T: serde::de::DeserializeOwned>(path: &std::path::Path) -> Result<T> {
     let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
-    serde_json::from_str(&text).map_err(|source| ModelError::Json { path: path.to_path_buf(), source })
+    serde_json::from_str(&text).map_err(|source| ModelError::Json {
+        path: path.to_path_buf(),
+        source,
+    })
 }

@@ -18,9 +18,15 @@ pub struct Linear {
 impl Linear {
     pub fn new(vb: &VarBuilder, in_dim: i64, out_dim: i64, bias: bool) -> Result<Self> {
         let weight = vb.var("weight", &[out_dim, in_dim], torch_default_init(in_dim))?;
-        let bias = if bias { Some(vb.var("bias", &[out_dim], torch_default_init(in_dim))?) } else { None };
+        let bias = if bias {
+            Some(vb.var("bias", &[out_dim], torch_default_init(in_dim))?)
+        } else {
+            None
+        };
         let lora = match vb.lora() {
-            Some(cfg) if cfg.targets(&vb.module_name()) => Some(LoraAdapter::new(vb, cfg, in_dim, out_dim)?),
+            Some(cfg) if cfg.targets(&vb.module_name()) => {
+                Some(LoraAdapter::new(vb, cfg, in_dim, out_dim)?)
+            }
             _ => None,
         };
         Ok(Linear { weight, bias, lora })
@@ -53,11 +59,22 @@ impl LayerNorm {
     pub fn new(vb: &VarBuilder, dim: i64, eps: f64) -> Result<Self> {
         let weight = vb.var("weight", &[dim], Init::Const(1.0))?;
         let bias = vb.var("bias", &[dim], Init::Const(0.0))?;
-        Ok(LayerNorm { weight, bias, dim, eps })
+        Ok(LayerNorm {
+            weight,
+            bias,
+            dim,
+            eps,
+        })
     }
 
     pub fn forward(&self, xs: &Tensor) -> Tensor {
-        xs.layer_norm([self.dim], Some(&self.weight), Some(&self.bias), self.eps, true)
+        xs.layer_norm(
+            [self.dim],
+            Some(&self.weight),
+            Some(&self.bias),
+            self.eps,
+            true,
+        )
     }
 }
 
@@ -70,7 +87,10 @@ pub struct RmsNorm {
 
 impl RmsNorm {
     pub fn new(vb: &VarBuilder, dim: i64, eps: f64) -> Result<Self> {
-        Ok(RmsNorm { weight: vb.var("weight", &[dim], Init::Const(1.0))?, eps })
+        Ok(RmsNorm {
+            weight: vb.var("weight", &[dim], Init::Const(1.0))?,
+            eps,
+        })
     }
 
     pub fn forward(&self, xs: &Tensor) -> Tensor {
@@ -90,7 +110,16 @@ pub struct Embedding {
 
 impl Embedding {
     pub fn new(vb: &VarBuilder, num: i64, dim: i64) -> Result<Self> {
-        Ok(Embedding { weight: vb.var("weight", &[num, dim], Init::Randn { mean: 0.0, stdev: 1.0 })? })
+        Ok(Embedding {
+            weight: vb.var(
+                "weight",
+                &[num, dim],
+                Init::Randn {
+                    mean: 0.0,
+                    stdev: 1.0,
+                },
+            )?,
+        })
     }
 
     pub fn forward(&self, ids: &Tensor) -> Tensor {

@@ -48,22 +48,36 @@ impl LoraConfig {
             dropout: 0.05,
             target_modules: vec!["all-linear".into()],
             target_regex: None,
-            exclude: ["vision_tower", "mm_projector", "embed_tokens", "lm_head", "seg_projector", "seg_module"]
-                .map(String::from)
-                .to_vec(),
+            exclude: [
+                "vision_tower",
+                "mm_projector",
+                "embed_tokens",
+                "lm_head",
+                "seg_projector",
+                "seg_module",
+            ]
+            .map(String::from)
+            .to_vec(),
             use_rslora: false,
         }
     }
 
     pub fn validate(&self) -> Result<()> {
         if self.r <= 0 {
-            return Err(ModelError::Config(format!("lora r must be positive, got {}", self.r)));
+            return Err(ModelError::Config(format!(
+                "lora r must be positive, got {}",
+                self.r
+            )));
         }
         if !(0.0..1.0).contains(&self.dropout) {
-            return Err(ModelError::Config(format!("lora dropout must be in [0, 1), got {}", self.dropout)));
+            return Err(ModelError::Config(format!(
+                "lora dropout must be in [0, 1), got {}",
+                self.dropout
+            )));
         }
         if let Some(re) = &self.target_regex {
-            Regex::new(re).map_err(|e| ModelError::Config(format!("lora target_regex `{re}`: {e}")))?;
+            Regex::new(re)
+                .map_err(|e| ModelError::Config(format!("lora target_regex `{re}`: {e}")))?;
         }
         Ok(())
     }
@@ -83,11 +97,13 @@ impl LoraConfig {
         }
         if let Some(re) = &self.target_regex {
             // Validated in `validate`; an invalid pattern selects nothing rather than panicking here.
-            return Regex::new(&format!("^(?:{re})$")).map(|r| r.is_match(module)).unwrap_or(false);
+            return Regex::new(&format!("^(?:{re})$"))
+                .map(|r| r.is_match(module))
+                .unwrap_or(false);
         }
-        self.target_modules.iter().any(|t| {
-            t == "all-linear" || module == t || module.ends_with(&format!(".{t}"))
-        })
+        self.target_modules
+            .iter()
+            .any(|t| t == "all-linear" || module == t || module.ends_with(&format!(".{t}")))
     }
 }
 
@@ -104,14 +120,25 @@ pub struct LoraAdapter {
 
 impl LoraAdapter {
     pub fn new(vb: &VarBuilder, cfg: &LoraConfig, in_dim: i64, out_dim: i64) -> Result<Self> {
-        let a = vb.pp("lora_A").var("weight", &[cfg.r, in_dim], torch_default_init(in_dim))?;
-        let b = vb.pp("lora_B").var("weight", &[out_dim, cfg.r], Init::Const(0.0))?;
-        Ok(LoraAdapter { a, b, scaling: cfg.scaling(), dropout: cfg.dropout })
+        let a = vb
+            .pp("lora_A")
+            .var("weight", &[cfg.r, in_dim], torch_default_init(in_dim))?;
+        let b = vb
+            .pp("lora_B")
+            .var("weight", &[out_dim, cfg.r], Init::Const(0.0))?;
+        Ok(LoraAdapter {
+            a,
+            b,
+            scaling: cfg.scaling(),
+            dropout: cfg.dropout,
+        })
     }
 
     pub fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
         let xs = crate::layers::dropout(xs.shallow_clone(), self.dropout, train);
-        xs.linear::<Tensor>(&self.a, None).linear::<Tensor>(&self.b, None) * self.scaling
+        xs.linear::<Tensor>(&self.a, None)
+            .linear::<Tensor>(&self.b, None)
+            * self.scaling
     }
 }
 
@@ -146,9 +173,12 @@ pub fn save_adapter(dir: &Path, vs: &VarStore, cfg: &LoraConfig) -> Result<()> {
         .map(|(k, t)| (format!("{PEFT_PREFIX}{k}"), t))
         .collect();
     if tensors.is_empty() {
-        return Err(ModelError::Input("the model has no LoRA adapters to save".into()));
+        return Err(ModelError::Input(
+            "the model has no LoRA adapters to save".into(),
+        ));
     }
-    let (target_modules, exclude): (serde_json::Value, serde_json::Value) = match &cfg.target_regex {
+    let (target_modules, exclude): (serde_json::Value, serde_json::Value) = match &cfg.target_regex
+    {
         Some(re) => (re.clone().into(), serde_json::Value::Null),
         None => (cfg.target_modules.clone().into(), serde_json::Value::Null),
     };
@@ -169,8 +199,10 @@ pub fn save_adapter(dir: &Path, vs: &VarStore, cfg: &LoraConfig) -> Result<()> {
         "m3d_exclude_substrings": cfg.exclude,
     });
     let cfg_path = dir.join("adapter_config.json");
-    let text = serde_json::to_string_pretty(&config)
-        .map_err(|source| ModelError::Json { path: cfg_path.clone(), source })?;
+    let text = serde_json::to_string_pretty(&config).map_err(|source| ModelError::Json {
+        path: cfg_path.clone(),
+        source,
+    })?;
     weights::save_safetensors(&dir.join("adapter_model.safetensors"), &tensors)?;
     std::fs::write(&cfg_path, text).map_err(|e| ModelError::io(&cfg_path, e))
 }
@@ -195,13 +227,20 @@ pub fn read_adapter_config(dir: &Path) -> Result<LoraConfig> {
     let path = dir.join("adapter_config.json");
     let f: PeftConfigFile = read_json(&path)?;
     if f.peft_type.as_deref().is_some_and(|t| t != "LORA") {
-        return Err(ModelError::Config(format!("{}: peft_type {:?} is not LORA", path.display(), f.peft_type)));
+        return Err(ModelError::Config(format!(
+            "{}: peft_type {:?} is not LORA",
+            path.display(),
+            f.peft_type
+        )));
     }
     let (target_modules, target_regex) = match f.target_modules {
         Some(serde_json::Value::String(s)) => (Vec::new(), Some(s)),
-        Some(serde_json::Value::Array(a)) => {
-            (a.into_iter().filter_map(|v| v.as_str().map(String::from)).collect(), None)
-        }
+        Some(serde_json::Value::Array(a)) => (
+            a.into_iter()
+                .filter_map(|v| v.as_str().map(String::from))
+                .collect(),
+            None,
+        ),
         _ => (Vec::new(), None),
     };
     let cfg = LoraConfig {
@@ -222,16 +261,33 @@ pub fn read_adapter_config(dir: &Path) -> Result<LoraConfig> {
 pub fn load_adapter(dir: &Path, vs: &VarStore) -> Result<LoraConfig> {
     let cfg = read_adapter_config(dir)?;
     let path = dir.join("adapter_model.safetensors");
-    let path = if path.is_file() { path } else { dir.join("adapter_model.bin") };
+    let path = if path.is_file() {
+        path
+    } else {
+        dir.join("adapter_model.bin")
+    };
     let tensors: Vec<(String, Tensor)> = weights::read_tensors(&path)?
         .into_iter()
         // PEFT drops the adapter name ("default") when saving; accept files that kept it.
-        .map(|(k, t)| (k.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B."), t))
+        .map(|(k, t)| {
+            (
+                k.replace(".lora_A.default.", ".lora_A.")
+                    .replace(".lora_B.default.", ".lora_B."),
+                t,
+            )
+        })
         .collect();
-    let vars: HashMap<String, Tensor> = vs.variables().into_iter().filter(|(k, _)| is_lora_key(k)).collect();
-    let opts = weights::LoadOptions::default().with_key_map(weights::KeyMap::select_prefix(PEFT_PREFIX));
+    let vars: HashMap<String, Tensor> = vs
+        .variables()
+        .into_iter()
+        .filter(|(k, _)| is_lora_key(k))
+        .collect();
+    let opts =
+        weights::LoadOptions::default().with_key_map(weights::KeyMap::select_prefix(PEFT_PREFIX));
     weights::load_into_vars(&vars, tensors, &opts).map_err(|e| match e {
-        ModelError::StateDict(r) => ModelError::weights(&path, format!("adapter does not match the model:\n{r}")),
+        ModelError::StateDict(r) => {
+            ModelError::weights(&path, format!("adapter does not match the model:\n{r}"))
+        }
         other => other,
     })?;
     Ok(cfg)
@@ -248,11 +304,17 @@ pub fn merged_state_dict(vs: &VarStore, cfg: &LoraConfig) -> Result<Vec<(String,
         }
         let module = k.strip_suffix(".weight");
         let adapter = module.and_then(|m| {
-            Some((vars.get(&format!("{m}.lora_A.weight"))?, vars.get(&format!("{m}.lora_B.weight"))?))
+            Some((
+                vars.get(&format!("{m}.lora_A.weight"))?,
+                vars.get(&format!("{m}.lora_B.weight"))?,
+            ))
         });
         let t = match adapter {
             Some((a, b)) => tch::no_grad(|| {
-                let delta = b.to_kind(tch::Kind::Float).matmul(&a.to_kind(tch::Kind::Float)) * cfg.scaling();
+                let delta = b
+                    .to_kind(tch::Kind::Float)
+                    .matmul(&a.to_kind(tch::Kind::Float))
+                    * cfg.scaling();
                 (t.to_kind(tch::Kind::Float) + delta).to_kind(t.kind())
             }),
             None => t.detach(),

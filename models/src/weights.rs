@@ -33,9 +33,15 @@ pub fn read_tensors(path: &Path) -> Result<Vec<(String, Tensor)>> {
                 return read_tensors(&p);
             }
         }
-        return Err(ModelError::weights(path, "no model.safetensors(.index.json) or pytorch_model.bin(.index.json) in this folder"));
+        return Err(ModelError::weights(
+            path,
+            "no model.safetensors(.index.json) or pytorch_model.bin(.index.json) in this folder",
+        ));
     }
-    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or_default();
     if name.ends_with(".index.json") {
         read_sharded(path)
     } else if name.ends_with(".safetensors") {
@@ -43,14 +49,20 @@ pub fn read_tensors(path: &Path) -> Result<Vec<(String, Tensor)>> {
     } else if name.ends_with(".bin") || name.ends_with(".pt") || name.ends_with(".pth") {
         read_torch_bin(path)
     } else {
-        Err(ModelError::weights(path, "unknown weight format (expected .safetensors, .bin, .pt, .pth or *.index.json)"))
+        Err(ModelError::weights(
+            path,
+            "unknown weight format (expected .safetensors, .bin, .pt, .pth or *.index.json)",
+        ))
     }
 }
 
 /// One safetensors file.
 pub fn read_safetensors(path: &Path) -> Result<Vec<(String, Tensor)>> {
     if !path.is_file() {
-        return Err(ModelError::io(path, std::io::Error::new(std::io::ErrorKind::NotFound, "no such file")));
+        return Err(ModelError::io(
+            path,
+            std::io::Error::new(std::io::ErrorKind::NotFound, "no such file"),
+        ));
     }
     Tensor::read_safetensors(path).map_err(|e| ModelError::weights(path, e.to_string()))
 }
@@ -59,9 +71,13 @@ pub fn read_safetensors(path: &Path) -> Result<Vec<(String, Tensor)>> {
 /// `pretrained_ViT.bin`).
 pub fn read_torch_bin(path: &Path) -> Result<Vec<(String, Tensor)>> {
     if !path.is_file() {
-        return Err(ModelError::io(path, std::io::Error::new(std::io::ErrorKind::NotFound, "no such file")));
+        return Err(ModelError::io(
+            path,
+            std::io::Error::new(std::io::ErrorKind::NotFound, "no such file"),
+        ));
     }
-    Tensor::loadz_multi(path).map_err(|e| ModelError::weights(path, format!("not a torch.save state dict: {e}")))
+    Tensor::loadz_multi(path)
+        .map_err(|e| ModelError::weights(path, format!("not a torch.save state dict: {e}")))
 }
 
 #[derive(serde::Deserialize, serde::Serialize)]
@@ -77,12 +93,18 @@ pub fn read_sharded(index: &Path) -> Result<Vec<(String, Tensor)>> {
     let dir = index.parent().unwrap_or(Path::new("."));
     let files: Vec<&String> = {
         let mut seen = HashSet::new();
-        idx.weight_map.values().filter(|f| seen.insert(*f)).collect()
+        idx.weight_map
+            .values()
+            .filter(|f| seen.insert(*f))
+            .collect()
     };
     let mut out = Vec::with_capacity(idx.weight_map.len());
     for file in files {
         if file.contains('/') || file.contains("..") {
-            return Err(ModelError::weights(index, format!("shard file name `{file}` must be a plain file name")));
+            return Err(ModelError::weights(
+                index,
+                format!("shard file name `{file}` must be a plain file name"),
+            ));
         }
         let tensors = read_tensors(&dir.join(file))?;
         for (k, t) in tensors {
@@ -99,7 +121,13 @@ pub fn read_sharded(index: &Path) -> Result<Vec<(String, Tensor)>> {
     }
     let got: HashSet<&str> = out.iter().map(|(k, _)| k.as_str()).collect();
     if let Some(k) = idx.weight_map.keys().find(|k| !got.contains(k.as_str())) {
-        return Err(ModelError::weights(index, format!("`{k}` is listed in the index but missing from {}", idx.weight_map[k])));
+        return Err(ModelError::weights(
+            index,
+            format!(
+                "`{k}` is listed in the index but missing from {}",
+                idx.weight_map[k]
+            ),
+        ));
     }
     Ok(out)
 }
@@ -122,7 +150,10 @@ impl KeyMap {
 
     /// Keep only the keys under `prefix`, with the prefix removed.
     pub fn select_prefix(prefix: &str) -> Self {
-        KeyMap { rules: vec![(prefix.to_string(), String::new())], select: true }
+        KeyMap {
+            rules: vec![(prefix.to_string(), String::new())],
+            select: true,
+        }
     }
 
     /// Also rewrite keys starting with `from` to start with `to`.
@@ -133,7 +164,10 @@ impl KeyMap {
 
     /// Put `prefix` in front of every key (e.g. a bare ViT checkpoint into LaMed's vision tower).
     pub fn add_prefix(prefix: &str) -> Self {
-        KeyMap { rules: vec![(String::new(), prefix.to_string())], select: false }
+        KeyMap {
+            rules: vec![(String::new(), prefix.to_string())],
+            select: false,
+        }
     }
 
     pub fn apply(&self, key: &str) -> Option<String> {
@@ -182,8 +216,11 @@ impl fmt::Display for LoadReport {
         }
         list(f, "missing from the checkpoint", &self.missing)?;
         list(f, "unexpected in the checkpoint", &self.unexpected)?;
-        let shapes: Vec<String> =
-            self.mismatched.iter().map(|(k, m, c)| format!("{k}: model {m:?}, checkpoint {c:?}")).collect();
+        let shapes: Vec<String> = self
+            .mismatched
+            .iter()
+            .map(|(k, m, c)| format!("{k}: model {m:?}, checkpoint {c:?}"))
+            .collect();
         list(f, "shape mismatch", &shapes)?;
         write!(f, "  ({} parameters matched)", self.loaded)
     }
@@ -203,13 +240,20 @@ pub struct LoadOptions {
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        LoadOptions { strict: true, key_map: KeyMap::identity(), allow_missing: Vec::new() }
+        LoadOptions {
+            strict: true,
+            key_map: KeyMap::identity(),
+            allow_missing: Vec::new(),
+        }
     }
 }
 
 impl LoadOptions {
     pub fn lenient() -> Self {
-        LoadOptions { strict: false, ..Default::default() }
+        LoadOptions {
+            strict: false,
+            ..Default::default()
+        }
     }
     pub fn with_key_map(mut self, key_map: KeyMap) -> Self {
         self.key_map = key_map;
@@ -223,7 +267,11 @@ impl LoadOptions {
 
 /// Copies checkpoint tensors into the variables of `vs` by name (after the key map), converting dtype and
 /// device to the variable's. In strict mode nothing is copied unless everything matches.
-pub fn load_into(vs: &VarStore, tensors: Vec<(String, Tensor)>, opts: &LoadOptions) -> Result<LoadReport> {
+pub fn load_into(
+    vs: &VarStore,
+    tensors: Vec<(String, Tensor)>,
+    opts: &LoadOptions,
+) -> Result<LoadReport> {
     load_into_vars(&vs.variables(), tensors, opts)
 }
 
@@ -237,7 +285,9 @@ pub fn load_into_vars(
     let mut matched: Vec<(Tensor, Tensor)> = Vec::new();
     let mut seen = HashSet::new();
     for (key, t) in tensors {
-        let Some(name) = opts.key_map.apply(&key) else { continue };
+        let Some(name) = opts.key_map.apply(&key) else {
+            continue;
+        };
         match vars.get(&name) {
             None => report.unexpected.push(key),
             Some(var) => {
@@ -253,7 +303,12 @@ pub fn load_into_vars(
     let mut missing: Vec<String> = vars
         .keys()
         .filter(|k| !seen.contains(*k))
-        .filter(|k| !opts.allow_missing.iter().any(|p| k.starts_with(p.as_str()) || k.contains(p.as_str())))
+        .filter(|k| {
+            !opts
+                .allow_missing
+                .iter()
+                .any(|p| k.starts_with(p.as_str()) || k.contains(p.as_str()))
+        })
         .cloned()
         .collect();
     missing.sort();
@@ -280,7 +335,9 @@ pub fn load_into_vars(
 pub fn load_file_into(vs: &VarStore, path: &Path, opts: &LoadOptions) -> Result<LoadReport> {
     let tensors = read_tensors(path)?;
     load_into(vs, tensors, opts).map_err(|e| match e {
-        ModelError::StateDict(r) => ModelError::weights(path, format!("does not match the model:\n{r}")),
+        ModelError::StateDict(r) => {
+            ModelError::weights(path, format!("does not match the model:\n{r}"))
+        }
         other => other,
     })
 }
@@ -326,7 +383,11 @@ fn to_host(name: &str, t: &Tensor) -> Result<HostTensor> {
         Kind::Int8 => (Dtype::I8, 1),
         Kind::Uint8 => (Dtype::U8, 1),
         Kind::Bool => (Dtype::BOOL, 1),
-        k => return Err(ModelError::Input(format!("tensor `{name}`: dtype {k:?} cannot be written to safetensors"))),
+        k => {
+            return Err(ModelError::Input(format!(
+                "tensor `{name}`: dtype {k:?} cannot be written to safetensors"
+            )))
+        }
     };
     let t = t.detach().to_device(tch::Device::Cpu).contiguous();
     let numel = t.numel();
@@ -337,22 +398,30 @@ fn to_host(name: &str, t: &Tensor) -> Result<HostTensor> {
 }
 
 fn tmp_path(path: &Path) -> PathBuf {
-    let mut name = path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    let mut name = path
+        .file_name()
+        .map(|n| n.to_os_string())
+        .unwrap_or_default();
     name.push(format!(".tmp-{}", std::process::id()));
     path.with_file_name(name)
 }
 
 /// Writes one HF-compatible safetensors file (metadata `format: pt`), atomically.
 pub fn save_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
-    let host: Vec<(String, HostTensor)> =
-        tensors.iter().map(|(k, t)| Ok((k.clone(), to_host(k, t)?))).collect::<Result<_>>()?;
+    let host: Vec<(String, HostTensor)> = tensors
+        .iter()
+        .map(|(k, t)| Ok((k.clone(), to_host(k, t)?)))
+        .collect::<Result<_>>()?;
     write_host(path, &host)
 }
 
 fn write_host(path: &Path, host: &[(String, HostTensor)]) -> Result<()> {
     let mut seen = HashSet::new();
     if let Some((dup, _)) = host.iter().find(|(k, _)| !seen.insert(k.as_str())) {
-        return Err(ModelError::weights(path, format!("key `{dup}` given twice")));
+        return Err(ModelError::weights(
+            path,
+            format!("key `{dup}` given twice"),
+        ));
     }
     let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
     let tmp = tmp_path(path);
@@ -364,7 +433,11 @@ fn write_host(path: &Path, host: &[(String, HostTensor)]) -> Result<()> {
 /// Writes a sharded HF checkpoint into `dir`: `model-0000i-of-0000n.safetensors` files of at most
 /// `max_shard_bytes` each (a larger tensor gets a file of its own) and `model.safetensors.index.json`,
 /// written last. A single shard is written as plain `model.safetensors`, as `save_pretrained` does.
-pub fn save_sharded(dir: &Path, tensors: &[(String, Tensor)], max_shard_bytes: usize) -> Result<()> {
+pub fn save_sharded(
+    dir: &Path,
+    tensors: &[(String, Tensor)],
+    max_shard_bytes: usize,
+) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| ModelError::io(dir, e))?;
     let mut shards: Vec<Vec<(String, HostTensor)>> = vec![Vec::new()];
     let mut size = 0usize;
@@ -392,10 +465,16 @@ pub fn save_sharded(dir: &Path, tensors: &[(String, Tensor)], max_shard_bytes: u
             weight_map.insert(k.clone(), file.clone());
         }
     }
-    let index = ShardIndex { metadata: serde_json::json!({ "total_size": total }), weight_map };
+    let index = ShardIndex {
+        metadata: serde_json::json!({ "total_size": total }),
+        weight_map,
+    };
     let path = dir.join("model.safetensors.index.json");
     let tmp = tmp_path(&path);
-    let text = serde_json::to_string_pretty(&index).map_err(|source| ModelError::Json { path: path.clone(), source })?;
+    let text = serde_json::to_string_pretty(&index).map_err(|source| ModelError::Json {
+        path: path.clone(),
+        source,
+    })?;
     std::fs::write(&tmp, text).map_err(|e| ModelError::io(&tmp, e))?;
     std::fs::rename(&tmp, &path).map_err(|e| ModelError::io(&path, e))
 }

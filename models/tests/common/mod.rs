@@ -29,7 +29,8 @@ pub fn read(path: &Path) -> HashMap<String, Tensor> {
 }
 
 pub fn get<'a>(map: &'a HashMap<String, Tensor>, key: &str) -> &'a Tensor {
-    map.get(key).unwrap_or_else(|| panic!("fixture has no tensor `{key}`"))
+    map.get(key)
+        .unwrap_or_else(|| panic!("fixture has no tensor `{key}`"))
 }
 
 /// max |a - b|, after both are moved to f64 on the CPU.
@@ -42,17 +43,38 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
 
 /// Asserts max |a - b| <= atol.
 pub fn assert_close(what: &str, ours: &Tensor, oracle: &Tensor, atol: f64) {
-    assert_eq!(ours.size(), oracle.size(), "{what}: shape {:?} vs oracle {:?}", ours.size(), oracle.size());
+    assert_eq!(
+        ours.size(),
+        oracle.size(),
+        "{what}: shape {:?} vs oracle {:?}",
+        ours.size(),
+        oracle.size()
+    );
     let d = max_abs_diff(ours, oracle);
     assert!(d <= atol, "{what}: max abs diff {d:e} > {atol:e}");
 }
 
 /// Asserts max |a - b| <= rtol * max |b| (relative to the tensor's scale, for gradients).
 pub fn assert_rel_close(what: &str, ours: &Tensor, oracle: &Tensor, rtol: f64) {
-    assert_eq!(ours.size(), oracle.size(), "{what}: shape {:?} vs oracle {:?}", ours.size(), oracle.size());
+    assert_eq!(
+        ours.size(),
+        oracle.size(),
+        "{what}: shape {:?} vs oracle {:?}",
+        ours.size(),
+        oracle.size()
+    );
     let d = max_abs_diff(ours, oracle);
-    let scale = oracle.detach().to_kind(Kind::Double).abs().max().double_value(&[]).max(1e-12);
-    assert!(d <= rtol * scale, "{what}: max abs diff {d:e} > {rtol:e} x scale {scale:e}");
+    let scale = oracle
+        .detach()
+        .to_kind(Kind::Double)
+        .abs()
+        .max()
+        .double_value(&[])
+        .max(1e-12);
+    assert!(
+        d <= rtol * scale,
+        "{what}: max abs diff {d:e} > {rtol:e} x scale {scale:e}"
+    );
 }
 
 /// Compares the gradient of every trainable variable of `vs` with the oracle's `grad.<name>` tensors, and
