@@ -128,7 +128,7 @@ impl Embedding {
 }
 
 /// The activation functions HF configs name (`hidden_act`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Activation {
     /// Exact (erf) GELU, `nn.GELU()`.

@@ -1,1 +1,792 @@
-//! (in progress)
+//! The decoder-only language models M3D-LaMed builds on (Llama-2/3, Phi-3), behind one interface, with what
+//! they share: the KV cache, rotary position embeddings, the causal + padding attention mask, the attention
+//! kernel and greedy decoding.
+//!
+//! Semantics follow HF transformers' `LlamaForCausalLM` / `Phi3ForCausalLM` (v5): RoPE with the
+//! `rotate_half` convention and frequencies computed in f32, additive masks filled with the dtype's minimum,
+//! softmax in f32, GQA by repeating the key/value heads, and, when an attention mask is given, position ids
+//! derived from it the way `generate` does (`cumsum(mask) - 1`, so left padding is handled).
+
+use std::path::Path;
+
+use tch::{Device, Kind, Tensor};
+
+use crate::builder::VarBuilder;
+use crate::error::{read_json, ModelError, Result};
+
+/// An HF config.json of a supported decoder, by `model_type`.
+#[derive(Debug, Clone, serde::Deserialize, serde::Serialize)]
+#[serde(tag = "model_type")]
+pub enum LlmConfig {
+    #[serde(rename = "llama")]
+    Llama(crate::llama::LlamaConfig),
+    #[serde(rename = "phi3")]
+    Phi3(crate::phi3::Phi3Config),
+}
+
+impl LlmConfig {
+    /// Reads and validates an HF `config.json` (head counts, RoPE type).
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let cfg: LlmConfig = read_json(path)?;
+        cfg.validate()
+            .map_err(|e| ModelError::Config(format!("{}: {e}", path.display())))?;
+        Ok(cfg)
+    }
+
+    /// Checks what serde cannot: head counts that divide, a supported RoPE.
+    pub fn validate(&self) -> Result<()> {
+        match self {
+            LlmConfig::Llama(c) => c.validate(),
+            LlmConfig::Phi3(c) => c.validate(),
+        }
+    }
+
+    pub fn hidden_size(&self) -> i64 {
+        match self {
+            LlmConfig::Llama(c) => c.hidden_size,
+            LlmConfig::Phi3(c) => c.hidden_size,
+        }
+    }
+
+    pub fn vocab_size(&self) -> i64 {
+        match self {
+            LlmConfig::Llama(c) => c.vocab_size,
+            LlmConfig::Phi3(c) => c.vocab_size,
+        }
+    }
+
+    /// For a resized vocabulary (LaMed adds its special tokens before building the model).
+    pub fn set_vocab_size(&mut self, n: i64) {
+        match self {
+            LlmConfig::Llama(c) => c.vocab_size = n,
+            LlmConfig::Phi3(c) => c.vocab_size = n,
+        }
+    }
+
+    pub fn num_hidden_layers(&self) -> i64 {
+        match self {
+            LlmConfig::Llama(c) => c.num_hidden_layers,
+            LlmConfig::Phi3(c) => c.num_hidden_layers,
+        }
+    }
+
+    pub fn tie_word_embeddings(&self) -> bool {
+        match self {
+            LlmConfig::Llama(c) => c.tie_word_embeddings,
+            LlmConfig::Phi3(c) => c.tie_word_embeddings,
+        }
+    }
+
+    pub fn bos_token_id(&self) -> Option<i64> {
+        match self {
+            LlmConfig::Llama(c) => c.bos_token_id,
+            LlmConfig::Phi3(c) => c.bos_token_id,
+        }
+    }
+
+    /// Every id `eos_token_id` names (HF allows one id or a list).
+    pub fn eos_token_ids(&self) -> Vec<i64> {
+        let ids = match self {
+            LlmConfig::Llama(c) => &c.eos_token_id,
+            LlmConfig::Phi3(c) => &c.eos_token_id,
+        };
+        ids.as_ref().map(TokenIds::to_vec).unwrap_or_default()
+    }
+
+    pub fn pad_token_id(&self) -> Option<i64> {
+        match self {
+            LlmConfig::Llama(c) => c.pad_token_id,
+            LlmConfig::Phi3(c) => c.pad_token_id,
+        }
+    }
+
+    /// Selects the attention kernel (not part of HF's config.json; SDPA by default).
+    pub fn set_attn_implementation(&mut self, imp: AttentionImpl) {
+        match self {
+            LlmConfig::Llama(c) => c.attn_implementation = imp,
+            LlmConfig::Phi3(c) => c.attn_implementation = imp,
+        }
+    }
+}
+
+/// `eos_token_id` and friends: HF configs give one id or a list.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(untagged)]
+pub enum TokenIds {
+    One(i64),
+    Many(Vec<i64>),
+}
+
+impl TokenIds {
+    pub fn to_vec(&self) -> Vec<i64> {
+        match self {
+            TokenIds::One(i) => vec![*i],
+            TokenIds::Many(v) => v.clone(),
+        }
+    }
+}
+
+/// How attention probabilities are computed. Both give the same numbers up to rounding.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AttentionImpl {
+    /// `softmax(q k^T * scale + mask)` materialised, softmax in f32: HF's `eager` path, bit for bit in spirit.
+    Eager,
+    /// libtorch's fused `scaled_dot_product_attention` (flash / memory-efficient kernels on GPU), which
+    /// avoids storing the (T x T) probabilities for backward.
+    #[default]
+    #[serde(alias = "flash_attention_2", alias = "flash_attention_3")]
+    Sdpa,
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Rotary position embeddings.
+
+/// One RoPE settings dict, in either the transformers 4.x form (`rope_scaling`, with `type` or `rope_type`,
+/// next to a top-level `rope_theta`) or the 5.x form (`rope_parameters`, which also carries `rope_theta`).
+#[derive(Debug, Clone, Default, PartialEq, serde::Deserialize, serde::Serialize)]
+pub struct RopeParameters {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_type: Option<String>,
+    /// The 4.x spelling of `rope_type`.
+    #[serde(default, rename = "type", skip_serializing_if = "Option::is_none")]
+    pub legacy_type: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_theta: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub factor: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub low_freq_factor: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub high_freq_factor: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub original_max_position_embeddings: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partial_rotary_factor: Option<f64>,
+}
+
+impl RopeParameters {
+    /// `{"rope_type": "linear", "factor": factor}`.
+    pub fn linear(factor: f64) -> Self {
+        RopeParameters {
+            rope_type: Some("linear".into()),
+            factor: Some(factor),
+            ..Default::default()
+        }
+    }
+
+    /// `{"rope_type": "dynamic", "factor": factor}` (dynamic NTK scaling).
+    pub fn dynamic(factor: f64) -> Self {
+        RopeParameters {
+            rope_type: Some("dynamic".into()),
+            factor: Some(factor),
+            ..Default::default()
+        }
+    }
+
+    /// Llama-3.1's frequency-dependent scaling.
+    pub fn llama3(factor: f64, low_freq_factor: f64, high_freq_factor: f64, original: i64) -> Self {
+        RopeParameters {
+            rope_type: Some("llama3".into()),
+            factor: Some(factor),
+            low_freq_factor: Some(low_freq_factor),
+            high_freq_factor: Some(high_freq_factor),
+            original_max_position_embeddings: Some(original),
+            ..Default::default()
+        }
+    }
+}
+
+/// A resolved RoPE variant.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RopeScaling {
+    None,
+    /// Position interpolation: every frequency divided by `factor`.
+    Linear {
+        factor: f64,
+    },
+    /// Dynamic NTK: the base grows once a sequence exceeds `max_position_embeddings`.
+    Dynamic {
+        factor: f64,
+    },
+    Llama3 {
+        factor: f64,
+        low_freq_factor: f64,
+        high_freq_factor: f64,
+        original_max_position_embeddings: i64,
+    },
+}
+
+/// The RoPE of a model: base, head dimension and scaling.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RopeSpec {
+    pub theta: f64,
+    pub head_dim: i64,
+    pub max_position_embeddings: i64,
+    pub scaling: RopeScaling,
+}
+
+/// Merges the old and new config forms into one [`RopeSpec`]; `rope_parameters` wins over `rope_scaling`
+/// (as in transformers 5), and an explicit `rope_theta` inside the dict wins over the top-level one.
+pub(crate) fn resolve_rope(
+    model: &str,
+    top_level_theta: Option<f64>,
+    rope_scaling: Option<&RopeParameters>,
+    rope_parameters: Option<&RopeParameters>,
+    head_dim: i64,
+    max_position_embeddings: i64,
+) -> Result<RopeSpec> {
+    let empty = RopeParameters::default();
+    let p = rope_parameters.or(rope_scaling).unwrap_or(&empty);
+    let theta = p.rope_theta.or(top_level_theta).unwrap_or(10_000.0);
+    let partial = p.partial_rotary_factor.unwrap_or(1.0);
+    if partial != 1.0 {
+        return Err(ModelError::Config(format!(
+            "{model}: partial_rotary_factor {partial} is not supported (only 1.0)"
+        )));
+    }
+    let kind = p
+        .rope_type
+        .as_deref()
+        .or(p.legacy_type.as_deref())
+        .unwrap_or("default");
+    let need = |name: &str, v: Option<f64>| {
+        v.ok_or_else(|| ModelError::Config(format!("{model}: RoPE type `{kind}` needs `{name}`")))
+    };
+    let scaling = match kind {
+        "default" => RopeScaling::None,
+        "linear" => RopeScaling::Linear {
+            factor: need("factor", p.factor)?,
+        },
+        "dynamic" => RopeScaling::Dynamic {
+            factor: need("factor", p.factor)?,
+        },
+        "llama3" => RopeScaling::Llama3 {
+            factor: need("factor", p.factor)?,
+            low_freq_factor: need("low_freq_factor", p.low_freq_factor)?,
+            high_freq_factor: need("high_freq_factor", p.high_freq_factor)?,
+            original_max_position_embeddings: p
+                .original_max_position_embeddings
+                .unwrap_or(max_position_embeddings),
+        },
+        other => {
+            return Err(ModelError::Config(format!(
+                "{model}: RoPE type `{other}` is not supported (default, linear, dynamic, llama3)"
+            )))
+        }
+    };
+    if let RopeScaling::Llama3 {
+        low_freq_factor,
+        high_freq_factor,
+        ..
+    } = scaling
+    {
+        if high_freq_factor <= low_freq_factor {
+            return Err(ModelError::Config(format!(
+                "{model}: llama3 RoPE needs high_freq_factor > low_freq_factor"
+            )));
+        }
+    }
+    if head_dim <= 0 || head_dim % 2 != 0 {
+        return Err(ModelError::Config(format!(
+            "{model}: RoPE needs an even head_dim, got {head_dim}"
+        )));
+    }
+    Ok(RopeSpec {
+        theta,
+        head_dim,
+        max_position_embeddings,
+        scaling,
+    })
+}
+
+/// Rotary embedding with HF's `rotate_half` convention: dimension `i` pairs with `i + head_dim / 2`.
+/// The inverse frequencies are not a checkpoint tensor (HF keeps them as a non-persistent buffer).
+#[derive(Debug)]
+pub struct RotaryEmbedding {
+    spec: RopeSpec,
+    inv_freq: Tensor,
+}
+
+impl RotaryEmbedding {
+    pub fn new(spec: RopeSpec, device: Device) -> Self {
+        let inv_freq = Self::inv_freq(&spec, spec.theta).to_device(device);
+        RotaryEmbedding { spec, inv_freq }
+    }
+
+    /// `1 / theta^(2i / d)` in f32 (the same float ops as transformers), with the configured scaling.
+    fn inv_freq(spec: &RopeSpec, base: f64) -> Tensor {
+        let dim = spec.head_dim;
+        let exponent = Tensor::arange_start_step(0, dim, 2, (Kind::Int64, Device::Cpu))
+            .to_kind(Kind::Float)
+            / (dim as f64);
+        let inv_freq = Tensor::pow_scalar(base, &exponent).reciprocal();
+        match spec.scaling {
+            RopeScaling::None | RopeScaling::Dynamic { .. } => inv_freq,
+            RopeScaling::Linear { factor } => inv_freq / factor,
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            } => {
+                let old_len = original_max_position_embeddings as f64;
+                let low_freq_wavelen = old_len / low_freq_factor;
+                let high_freq_wavelen = old_len / high_freq_factor;
+                let wavelen = inv_freq.reciprocal() * (2.0 * std::f64::consts::PI);
+                // Long wavelengths are interpolated by `factor`, short ones kept, the band between blended.
+                let scaled =
+                    (&inv_freq / factor).where_self(&wavelen.gt(low_freq_wavelen), &inv_freq);
+                let smooth = (wavelen.reciprocal() * old_len - low_freq_factor)
+                    / (high_freq_factor - low_freq_factor);
+                let smoothed = (-&smooth + 1.0) * &scaled / factor + &smooth * &scaled;
+                let medium = wavelen
+                    .lt(high_freq_wavelen)
+                    .logical_not()
+                    .logical_and(&wavelen.gt(low_freq_wavelen).logical_not());
+                smoothed.where_self(&medium, &scaled)
+            }
+        }
+    }
+
+    /// `(cos, sin)` of shape (B or 1, 1, T, head_dim) in `kind`, for `position_ids` (B or 1, T).
+    pub fn cos_sin(&self, position_ids: &Tensor, kind: Kind) -> (Tensor, Tensor) {
+        let inv_freq = match self.spec.scaling {
+            RopeScaling::Dynamic { factor } => {
+                let seq_len = position_ids.max().int64_value(&[]) + 1;
+                let max_pos = self.spec.max_position_embeddings;
+                if seq_len > max_pos {
+                    let dim = self.spec.head_dim as f64;
+                    let base = self.spec.theta
+                        * ((factor * seq_len as f64 / max_pos as f64) - (factor - 1.0))
+                            .powf(dim / (dim - 2.0));
+                    Self::inv_freq(&self.spec, base).to_device(self.inv_freq.device())
+                } else {
+                    self.inv_freq.shallow_clone()
+                }
+            }
+            _ => self.inv_freq.shallow_clone(),
+        };
+        let freqs = position_ids.to_kind(Kind::Float).unsqueeze(-1) * inv_freq;
+        let emb = Tensor::cat(&[&freqs, &freqs], -1).unsqueeze(1);
+        (emb.cos().to_kind(kind), emb.sin().to_kind(kind))
+    }
+
+    pub fn spec(&self) -> &RopeSpec {
+        &self.spec
+    }
+}
+
+fn rotate_half(x: &Tensor) -> Tensor {
+    let half = x.size()[x.dim() - 1] / 2;
+    let x1 = x.narrow(-1, 0, half);
+    let x2 = x.narrow(-1, half, half);
+    Tensor::cat(&[&x2.neg(), &x1], -1)
+}
+
+/// `x * cos + rotate_half(x) * sin` for x (B, heads, T, D).
+pub fn apply_rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
+    x * cos + rotate_half(x) * sin
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// KV cache, masks, attention.
+
+/// Keys (after RoPE) and values of every layer for the tokens seen so far, (B, kv_heads, T_past, head_dim).
+#[derive(Debug)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+}
+
+impl KvCache {
+    pub fn new(num_layers: usize) -> Self {
+        KvCache {
+            layers: (0..num_layers).map(|_| None).collect(),
+        }
+    }
+
+    /// Number of cached positions (0 when empty).
+    pub fn seq_len(&self) -> i64 {
+        self.layers
+            .first()
+            .and_then(|l| l.as_ref())
+            .map(|(k, _)| k.size()[2])
+            .unwrap_or(0)
+    }
+
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// Forgets everything (reuse the allocation pattern for a new prompt).
+    pub fn clear(&mut self) {
+        self.layers.iter_mut().for_each(|l| *l = None);
+    }
+
+    /// Appends this step's keys/values for `layer` and returns all of them.
+    pub(crate) fn append(
+        &mut self,
+        layer: usize,
+        k: Tensor,
+        v: Tensor,
+    ) -> Result<(Tensor, Tensor)> {
+        let n = self.layers.len();
+        let slot = self.layers.get_mut(layer).ok_or_else(|| {
+            ModelError::Input(format!(
+                "KV cache has {n} layers, the model asked for layer {layer}"
+            ))
+        })?;
+        let (k, v) = match slot.take() {
+            None => (k, v),
+            Some((pk, pv)) => {
+                if pk.size()[0] != k.size()[0] {
+                    return Err(ModelError::Input(format!(
+                        "KV cache holds batch {}, got batch {}",
+                        pk.size()[0],
+                        k.size()[0]
+                    )));
+                }
+                (Tensor::f_cat(&[&pk, &k], 2)?, Tensor::f_cat(&[&pv, &v], 2)?)
+            }
+        };
+        *slot = Some((k.shallow_clone(), v.shallow_clone()));
+        Ok((k, v))
+    }
+}
+
+/// What every layer of one forward needs besides its input: RoPE angles and the attention bias.
+pub(crate) struct DecoderInputs {
+    pub cos: Tensor,
+    pub sin: Tensor,
+    pub bias: AttnBias,
+}
+
+/// The attention bias of one forward: an additive (B, 1, T, T_total) mask (0 where allowed, the dtype's
+/// minimum where not), or plain causal attention without a mask, or none at all (one new token, no padding).
+pub(crate) enum AttnBias {
+    Mask(Tensor),
+    Causal,
+    Nothing,
+}
+
+/// The most negative finite value of `kind`, which HF fills masked scores with (a fully masked row then
+/// becomes uniform instead of NaN).
+fn dtype_min(kind: Kind) -> f64 {
+    match kind {
+        Kind::Half => -65504.0,
+        Kind::BFloat16 => -3.389_531_389_251_535_5e38,
+        Kind::Double => f64::MIN,
+        _ => f32::MIN as f64,
+    }
+}
+
+/// Position ids, RoPE angles and attention bias for `t_new` new tokens after `past` cached ones.
+/// `sliding_window`: keys further than this behind the query are masked (Phi-3).
+pub(crate) fn prepare_decoder_inputs(
+    rope: &RotaryEmbedding,
+    embeds: &Tensor,
+    attention_mask: Option<&Tensor>,
+    past: i64,
+    sliding_window: Option<i64>,
+) -> Result<DecoderInputs> {
+    let (b, t) = (embeds.size()[0], embeds.size()[1]);
+    let total = past + t;
+    let device = embeds.device();
+    let kind = embeds.kind();
+    let keep = match attention_mask {
+        None => None,
+        Some(m) => {
+            if m.size() != [b, total] {
+                return Err(ModelError::Input(format!(
+                    "attention_mask must be (batch {b}, cached {past} + new {t}), got {:?}",
+                    m.size()
+                )));
+            }
+            Some(m.to_device(device).ne(0))
+        }
+    };
+    let position_ids = match &keep {
+        // As `generate` does: positions count real tokens only, so left-padded rows start at 0.
+        Some(keep) => {
+            let pos = keep.to_kind(Kind::Int64).cumsum(-1, Kind::Int64) - 1;
+            pos.masked_fill(&keep.logical_not(), 1).narrow(1, past, t)
+        }
+        None => Tensor::arange_start(past, total, (Kind::Int64, device)).unsqueeze(0),
+    };
+    let (cos, sin) = rope.cos_sin(&position_ids, kind);
+    let window_active = sliding_window.is_some_and(|w| total > w);
+    let bias = if keep.is_none() && !window_active {
+        if t == 1 {
+            AttnBias::Nothing
+        } else if past == 0 {
+            AttnBias::Causal
+        } else {
+            AttnBias::Mask(additive_mask(None, b, t, past, None, kind, device))
+        }
+    } else {
+        let window = sliding_window.filter(|_| window_active);
+        AttnBias::Mask(additive_mask(
+            keep.as_ref(),
+            b,
+            t,
+            past,
+            window,
+            kind,
+            device,
+        ))
+    };
+    Ok(DecoderInputs { cos, sin, bias })
+}
+
+fn additive_mask(
+    keep: Option<&Tensor>,
+    b: i64,
+    t: i64,
+    past: i64,
+    window: Option<i64>,
+    kind: Kind,
+    device: Device,
+) -> Tensor {
+    let total = past + t;
+    // Causality is by cache index (not position id), as in HF.
+    let q = Tensor::arange_start(past, total, (Kind::Int64, device)).unsqueeze(1);
+    let k = Tensor::arange(total, (Kind::Int64, device)).unsqueeze(0);
+    let mut allowed = k.le_tensor(&q);
+    if let Some(w) = window {
+        allowed = allowed.logical_and(&k.gt_tensor(&(&q - w)));
+    }
+    let mut allowed = allowed.view([1, 1, t, total]);
+    if let Some(keep) = keep {
+        allowed = allowed.logical_and(&keep.view([b, 1, 1, total]));
+    }
+    Tensor::zeros(allowed.size(), (kind, device))
+        .masked_fill(&allowed.logical_not(), dtype_min(kind))
+}
+
+/// Scaled dot-product attention of q (B, H, T, D) over k, v (B, KVH, S, D); returns (B, T, H * D).
+pub(crate) fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    bias: &AttnBias,
+    dropout: f64,
+    train: bool,
+    imp: AttentionImpl,
+) -> Tensor {
+    let (b, h, t, d) = (q.size()[0], q.size()[1], q.size()[2], q.size()[3]);
+    let n_rep = h / k.size()[1];
+    let k = repeat_kv(k, n_rep);
+    let v = repeat_kv(v, n_rep);
+    let scale = 1.0 / (d as f64).sqrt();
+    let p = if train { dropout } else { 0.0 };
+    let out = match imp {
+        AttentionImpl::Sdpa => {
+            let (mask, causal) = match bias {
+                AttnBias::Mask(m) => (Some(m), false),
+                AttnBias::Causal => (None, true),
+                AttnBias::Nothing => (None, false),
+            };
+            Tensor::scaled_dot_product_attention(q, &k, &v, mask, p, causal, scale, false)
+        }
+        AttentionImpl::Eager => {
+            let mut scores = q.matmul(&k.transpose(2, 3)) * scale;
+            match bias {
+                AttnBias::Mask(m) => scores += m,
+                AttnBias::Causal => {
+                    let m = additive_mask(None, b, t, 0, None, scores.kind(), scores.device());
+                    scores += m
+                }
+                AttnBias::Nothing => {}
+            }
+            let probs = scores.softmax(-1, Kind::Float).to_kind(q.kind());
+            crate::layers::dropout(probs, p, train).matmul(&v)
+        }
+    };
+    out.transpose(1, 2).contiguous().view([b, t, h * d])
+}
+
+/// (B, KVH, S, D) -> (B, KVH * n_rep, S, D), each kv head repeated for its group of query heads.
+fn repeat_kv(x: &Tensor, n_rep: i64) -> Tensor {
+    if n_rep == 1 {
+        return x.shallow_clone();
+    }
+    let (b, kvh, s, d) = (x.size()[0], x.size()[1], x.size()[2], x.size()[3]);
+    x.unsqueeze(2)
+        .expand([b, kvh, n_rep, s, d], false)
+        .reshape([b, kvh * n_rep, s, d])
+}
+
+/// Checks and reads (B, T) token ids.
+pub(crate) fn check_ids(ids: &Tensor) -> Result<()> {
+    if ids.dim() != 2 || !matches!(ids.kind(), Kind::Int64 | Kind::Int) {
+        return Err(ModelError::Input(format!(
+            "token ids must be (batch, seq) int64, got {:?} {:?}",
+            ids.size(),
+            ids.kind()
+        )));
+    }
+    Ok(())
+}
+
+/// Checks (B, T, hidden) input embeddings.
+pub(crate) fn check_embeds(embeds: &Tensor, hidden: i64) -> Result<()> {
+    if embeds.dim() != 3 || embeds.size()[2] != hidden {
+        return Err(ModelError::Shape {
+            name: "inputs_embeds".into(),
+            expected: vec![-1, -1, hidden],
+            got: embeds.size(),
+        });
+    }
+    Ok(())
+}
+
+/// Token embedding with HF's `padding_idx`: the pad row receives no gradient.
+pub(crate) fn embed(weight: &Tensor, ids: &Tensor, padding_idx: Option<i64>) -> Result<Tensor> {
+    check_ids(ids)?;
+    Ok(Tensor::f_embedding(
+        weight,
+        ids,
+        padding_idx.unwrap_or(-1),
+        false,
+        false,
+    )?)
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// The model interface.
+
+/// A causal language model of any supported family.
+pub enum CausalLm {
+    Llama(crate::llama::Llama),
+    Phi3(crate::phi3::Phi3),
+}
+
+impl CausalLm {
+    /// `vb` is the root of an HF causal-LM checkpoint: keys `model.*` and `lm_head.*`.
+    pub fn new(vb: &VarBuilder, cfg: &LlmConfig) -> Result<Self> {
+        Ok(match cfg {
+            LlmConfig::Llama(c) => CausalLm::Llama(crate::llama::Llama::new(vb, c)?),
+            LlmConfig::Phi3(c) => CausalLm::Phi3(crate::phi3::Phi3::new(vb, c)?),
+        })
+    }
+
+    /// (B, T) ids -> (B, T, H). Panics on ids outside the vocabulary; see [`CausalLm::try_embed_tokens`].
+    pub fn embed_tokens(&self, ids: &Tensor) -> Tensor {
+        match self {
+            CausalLm::Llama(m) => m.embed_tokens(ids),
+            CausalLm::Phi3(m) => m.embed_tokens(ids),
+        }
+    }
+
+    pub fn try_embed_tokens(&self, ids: &Tensor) -> Result<Tensor> {
+        match self {
+            CausalLm::Llama(m) => m.try_embed_tokens(ids),
+            CausalLm::Phi3(m) => m.try_embed_tokens(ids),
+        }
+    }
+
+    /// The embedding matrix (vocab, hidden), e.g. to initialise rows of added tokens.
+    pub fn embed_weight(&self) -> &Tensor {
+        match self {
+            CausalLm::Llama(m) => m.embed_weight(),
+            CausalLm::Phi3(m) => m.embed_weight(),
+        }
+    }
+
+    /// Last hidden state after the final norm, (B, T, H).
+    ///
+    /// `attention_mask` (B, T_total): 1 for real tokens, 0 for padding, covering cached and new tokens.
+    /// Causal masking is always applied. Position ids continue from the cache length, or, with a mask,
+    /// count real tokens only (HF `generate`'s rule, which makes left padding work).
+    pub fn forward_embeds(
+        &self,
+        embeds: &Tensor,
+        attention_mask: Option<&Tensor>,
+        cache: Option<&mut KvCache>,
+        train: bool,
+    ) -> Result<Tensor> {
+        match self {
+            CausalLm::Llama(m) => m.forward_embeds(embeds, attention_mask, cache, train),
+            CausalLm::Phi3(m) => m.forward_embeds(embeds, attention_mask, cache, train),
+        }
+    }
+
+    /// `lm_head` (or the tied embedding) applied to hidden states.
+    pub fn logits(&self, hidden: &Tensor) -> Tensor {
+        match self {
+            CausalLm::Llama(m) => m.logits(hidden),
+            CausalLm::Phi3(m) => m.logits(hidden),
+        }
+    }
+
+    /// Token ids -> logits (B, T, vocab).
+    pub fn forward(
+        &self,
+        ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        cache: Option<&mut KvCache>,
+        train: bool,
+    ) -> Result<Tensor> {
+        let embeds = self.try_embed_tokens(ids)?;
+        let hidden = self.forward_embeds(&embeds, attention_mask, cache, train)?;
+        Ok(self.logits(&hidden))
+    }
+
+    pub fn config(&self) -> &LlmConfig {
+        match self {
+            CausalLm::Llama(m) => m.llm_config(),
+            CausalLm::Phi3(m) => m.llm_config(),
+        }
+    }
+
+    /// An empty cache with one slot per layer.
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(self.config().num_hidden_layers().max(0) as usize)
+    }
+}
+
+/// The prompt of [`greedy_generate`], batch 1: token ids (1, T) or input embeddings (1, T, H).
+pub enum GenerateInput {
+    Ids(Tensor),
+    Embeds(Tensor),
+}
+
+/// Greedy decoding with a KV cache (one prefill, then one token per step), stopping after an id in
+/// `eos_ids` (which is returned, as HF `generate` does) or after `max_new_tokens`. Returns only new tokens.
+pub fn greedy_generate(
+    model: &CausalLm,
+    prompt: GenerateInput,
+    max_new_tokens: usize,
+    eos_ids: &[i64],
+) -> Result<Vec<i64>> {
+    tch::no_grad(|| {
+        let embeds = match prompt {
+            GenerateInput::Ids(ids) => model.try_embed_tokens(&ids)?,
+            GenerateInput::Embeds(e) => e,
+        };
+        check_embeds(&embeds, model.config().hidden_size())?;
+        if embeds.size()[0] != 1 || embeds.size()[1] == 0 {
+            return Err(ModelError::Input(format!(
+                "greedy_generate takes one non-empty prompt, got {:?}",
+                embeds.size()
+            )));
+        }
+        let mut cache = model.new_cache();
+        let mut out = Vec::with_capacity(max_new_tokens);
+        let mut hidden = model.forward_embeds(&embeds, None, Some(&mut cache), false)?;
+        while out.len() < max_new_tokens {
+            let last = hidden.narrow(1, hidden.size()[1] - 1, 1);
+            let next = model.logits(&last).argmax(-1, false).int64_value(&[0, 0]);
+            out.push(next);
+            if eos_ids.contains(&next) || out.len() == max_new_tokens {
+                break;
+            }
+            let ids = Tensor::from_slice(&[next])
+                .view([1, 1])
+                .to_device(embeds.device());
+            let step = model.try_embed_tokens(&ids)?;
+            hidden = model.forward_embeds(&step, None, Some(&mut cache), false)?;
+        }
+        Ok(out)
+    })
+}

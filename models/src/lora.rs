@@ -164,8 +164,15 @@ pub fn freeze_base(vs: &VarStore, also_train: &[&str]) -> i64 {
 
 const PEFT_PREFIX: &str = "base_model.model.";
 
-/// Writes the adapters of `vs` alone, as PEFT's `save_pretrained` does.
-pub fn save_adapter(dir: &Path, vs: &VarStore, cfg: &LoraConfig) -> Result<()> {
+/// Writes the adapters of `vs` alone, as PEFT's `save_pretrained` does. `target_modules` is written as the
+/// full names of the adapted modules, so PEFT re-creates exactly these adapters whatever rule chose them.
+/// `task_type` is PEFT's (`CAUSAL_LM` for LaMed; `None` for a plain module).
+pub fn save_adapter(
+    dir: &Path,
+    vs: &VarStore,
+    cfg: &LoraConfig,
+    task_type: Option<&str>,
+) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| ModelError::io(dir, e))?;
     let tensors: Vec<(String, Tensor)> = state_dict(vs)
         .into_iter()
@@ -177,26 +184,26 @@ pub fn save_adapter(dir: &Path, vs: &VarStore, cfg: &LoraConfig) -> Result<()> {
             "the model has no LoRA adapters to save".into(),
         ));
     }
-    let (target_modules, exclude): (serde_json::Value, serde_json::Value) = match &cfg.target_regex
-    {
-        Some(re) => (re.clone().into(), serde_json::Value::Null),
-        None => (cfg.target_modules.clone().into(), serde_json::Value::Null),
-    };
+    let modules: std::collections::BTreeSet<&str> = tensors
+        .iter()
+        .filter_map(|(k, _)| k.strip_prefix(PEFT_PREFIX)?.strip_suffix(".lora_A.weight"))
+        .collect();
     let config = serde_json::json!({
         "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
+        "task_type": task_type,
         "r": cfg.r,
         "lora_alpha": cfg.alpha,
         "lora_dropout": cfg.dropout,
-        "target_modules": target_modules,
-        "exclude_modules": exclude,
+        "target_modules": modules,
+        "exclude_modules": null,
         "bias": "none",
         "fan_in_fan_out": false,
         "use_rslora": cfg.use_rslora,
+        "use_dora": false,
         "inference_mode": true,
         "init_lora_weights": true,
         "modules_to_save": null,
-        "m3d_exclude_substrings": cfg.exclude,
+        "base_model_name_or_path": null,
     });
     let cfg_path = dir.join("adapter_config.json");
     let text = serde_json::to_string_pretty(&config).map_err(|source| ModelError::Json {
@@ -219,7 +226,15 @@ struct PeftConfigFile {
     #[serde(default)]
     use_rslora: bool,
     #[serde(default)]
-    m3d_exclude_substrings: Vec<String>,
+    use_dora: bool,
+    #[serde(default)]
+    fan_in_fan_out: bool,
+    #[serde(default)]
+    bias: Option<String>,
+    #[serde(default)]
+    rank_pattern: serde_json::Map<String, serde_json::Value>,
+    #[serde(default)]
+    alpha_pattern: serde_json::Map<String, serde_json::Value>,
 }
 
 /// Reads a PEFT adapter folder's `adapter_config.json`.
@@ -231,6 +246,22 @@ pub fn read_adapter_config(dir: &Path) -> Result<LoraConfig> {
             "{}: peft_type {:?} is not LORA",
             path.display(),
             f.peft_type
+        )));
+    }
+    let unsupported = [
+        (f.use_dora, "use_dora"),
+        (f.fan_in_fan_out, "fan_in_fan_out"),
+        (
+            f.bias.as_deref().is_some_and(|b| b != "none"),
+            "bias other than \"none\"",
+        ),
+        (!f.rank_pattern.is_empty(), "rank_pattern"),
+        (!f.alpha_pattern.is_empty(), "alpha_pattern"),
+    ];
+    if let Some((_, what)) = unsupported.iter().find(|(on, _)| *on) {
+        return Err(ModelError::Config(format!(
+            "{}: {what} is not supported",
+            path.display()
         )));
     }
     let (target_modules, target_regex) = match f.target_modules {
@@ -249,7 +280,7 @@ pub fn read_adapter_config(dir: &Path) -> Result<LoraConfig> {
         dropout: f.lora_dropout,
         target_modules,
         target_regex,
-        exclude: f.m3d_exclude_substrings,
+        exclude: Vec::new(),
         use_rslora: f.use_rslora,
     };
     cfg.validate()?;

@@ -222,7 +222,7 @@ impl fmt::Display for LoadReport {
             .map(|(k, m, c)| format!("{k}: model {m:?}, checkpoint {c:?}"))
             .collect();
         list(f, "shape mismatch", &shapes)?;
-        write!(f, "  ({} parameters matched)", self.loaded)
+        write!(f, "  ({} parameters match)", self.loaded)
     }
 }
 
@@ -236,6 +236,9 @@ pub struct LoadOptions {
     /// Model parameters that may be absent from the checkpoint (by prefix or substring), e.g. `lora_` when
     /// loading base weights into a model with adapters, or the parts a stage adds.
     pub allow_missing: Vec<String>,
+    /// Checkpoint keys (by prefix or substring, after the key map) that are skipped without complaint, e.g.
+    /// BERT's `embeddings.position_ids` buffer that older transformers versions saved.
+    pub ignore_unexpected: Vec<String>,
 }
 
 impl Default for LoadOptions {
@@ -244,6 +247,7 @@ impl Default for LoadOptions {
             strict: true,
             key_map: KeyMap::identity(),
             allow_missing: Vec::new(),
+            ignore_unexpected: Vec::new(),
         }
     }
 }
@@ -261,6 +265,10 @@ impl LoadOptions {
     }
     pub fn allow_missing(mut self, pattern: &str) -> Self {
         self.allow_missing.push(pattern.to_string());
+        self
+    }
+    pub fn ignore_unexpected(mut self, pattern: &str) -> Self {
+        self.ignore_unexpected.push(pattern.to_string());
         self
     }
 }
@@ -289,6 +297,10 @@ pub fn load_into_vars(
             continue;
         };
         match vars.get(&name) {
+            None if opts
+                .ignore_unexpected
+                .iter()
+                .any(|p| name.starts_with(p.as_str()) || name.contains(p.as_str())) => {}
             None => report.unexpected.push(key),
             Some(var) => {
                 seen.insert(name.clone());
@@ -315,6 +327,7 @@ pub fn load_into_vars(
     report.missing = missing;
     report.unexpected.sort();
     report.mismatched.sort();
+    report.loaded = matched.len();
     if opts.strict && !report.is_clean() {
         return Err(ModelError::StateDict(report));
     }
@@ -324,7 +337,6 @@ pub fn load_into_vars(
         }
         Ok(())
     })?;
-    report.loaded = vars.len() - report.missing.len();
     if !report.is_clean() {
         tracing::warn!("lenient load:\n{report}");
     }
