@@ -273,7 +273,11 @@ impl BertAttention {
             false,
         );
         let y = y.transpose(1, 2).reshape([b, t, h]);
-        let y = dropout(self.output_dense.forward_t(&y, train), self.hidden_dropout, train);
+        let y = dropout(
+            self.output_dense.forward_t(&y, train),
+            self.hidden_dropout,
+            train,
+        );
         self.output_layer_norm.forward(&(y + x))
     }
 }
@@ -305,7 +309,11 @@ impl BertLayer {
     pub fn forward_t(&self, x: &Tensor, bias: &Tensor, train: bool) -> Tensor {
         let a = self.attention.forward_t(x, bias, train);
         let y = self.act.forward(&self.intermediate.forward_t(&a, train));
-        let y = dropout(self.output_dense.forward_t(&y, train), self.hidden_dropout, train);
+        let y = dropout(
+            self.output_dense.forward_t(&y, train),
+            self.hidden_dropout,
+            train,
+        );
         self.output_layer_norm.forward(&(y + a))
     }
 }
@@ -363,9 +371,7 @@ impl Bert {
                 &zeros
             }
         };
-        let mut x = self
-            .embeddings
-            .forward_t(input_ids, token_type_ids, train);
+        let mut x = self.embeddings.forward_t(input_ids, token_type_ids, train);
         // HF's additive mask: 0 where attended, the dtype's minimum on padding keys. Unlike a boolean mask
         // this stays finite for an all-padding row (uniform attention, as HF's eager path gives).
         let kind = x.kind();
@@ -398,7 +404,10 @@ impl Bert {
             )));
         }
         check_ids("input_ids", input_ids, self.cfg.vocab_size)?;
-        for (name, t) in [("attention_mask", Some(attention_mask)), ("token_type_ids", token_type_ids)] {
+        for (name, t) in [
+            ("attention_mask", Some(attention_mask)),
+            ("token_type_ids", token_type_ids),
+        ] {
             if let Some(t) = t {
                 if t.size() != s {
                     return Err(ModelError::Shape {

@@ -136,7 +136,9 @@ impl<'a> VarBuilder<'a> {
     }
 
     fn placeholder(&self, dims: &[i64]) -> Result<Tensor> {
-        Ok(Tensor::f_zeros([1], (self.kind(), self.device()))?.f_expand(dims, false)?)
+        // A 0-d element expands to any shape, including the 0-d one of scalar parameters (`logit_scale`).
+        let one = Tensor::f_zeros(Vec::<i64>::new().as_slice(), (self.kind(), self.device()))?;
+        Ok(one.f_expand(dims, false)?)
     }
 }
 

@@ -197,8 +197,7 @@ impl LamedConfig {
             Some(s) => return Err(bad(format!("unknown segmentation_module `{s}`"))),
             None => None,
         };
-        let seg_id = get_i64("seg_token_id")
-            .unwrap_or(llm.vocab_size() - 1);
+        let seg_id = get_i64("seg_token_id").unwrap_or(llm.vocab_size() - 1);
         let im_patch = get_i64("img_token_id").unwrap_or(seg_id - 3);
         let select_feature = match value.get("vision_select_feature").and_then(|v| v.as_str()) {
             None | Some("patch") => SelectFeature::Patch,
@@ -246,7 +245,9 @@ impl LamedConfig {
             ));
         }
         if self.vision_select_feature == SelectFeature::Patch && !self.vision.cls_token {
-            return bad("select feature `patch` drops a CLS token the vision tower does not have".into());
+            return bad(
+                "select feature `patch` drops a CLS token the vision tower does not have".into(),
+            );
         }
         let layers = self.vision.num_layers;
         if self.vision_select_layer >= 0 || self.vision_select_layer < -layers.max(1) {
@@ -335,6 +336,7 @@ pub struct LamedSegOutput {
     pub bce: Tensor,
 }
 
+/// What [`Lamed::forward_t`] computes.
 #[derive(Debug)]
 pub struct LamedOutput {
     /// (B, T, vocab).
@@ -354,9 +356,13 @@ pub struct LamedSeg {
     pub seg_module: SegVol,
 }
 
+/// M3D-LaMed (`LamedLlamaForCausalLM` / `LamedPhi3ForCausalLM`).
 pub struct Lamed {
+    /// `model.vision_tower.vision_tower`.
     pub vision_tower: ViT3d,
+    /// `model.mm_projector`.
     pub mm_projector: Projector,
+    /// `model.*` (embeddings, decoder layers, norm) and `lm_head`.
     pub llm: CausalLm,
     pub seg: Option<LamedSeg>,
     cfg: LamedConfig,
@@ -523,9 +529,7 @@ impl Lamed {
             .to_kind(Kind::Float)
             .flatten(1, -1)
             .sum_dim_intlist(1, false, Kind::Float);
-        let sample_ids: Vec<i64> = (0..b)
-            .filter(|&i| sums.double_value(&[i]) != 0.0)
-            .collect();
+        let sample_ids: Vec<i64> = (0..b).filter(|&i| sums.double_value(&[i]) != 0.0).collect();
         if sample_ids.is_empty() {
             return Ok(None);
         }
@@ -536,9 +540,11 @@ impl Lamed {
             &input_ids.index_select(0, &idx),
             train,
         )?;
-        let out = seg
-            .seg_module
-            .forward_t(&images.index_select(0, &idx).to_kind(self.param_kind()), Some(&prompts), train)?;
+        let out = seg.seg_module.forward_t(
+            &images.index_select(0, &idx).to_kind(self.param_kind()),
+            Some(&prompts),
+            train,
+        )?;
         let target = segs.index_select(0, &idx);
         let (dice, bce) = segvol::seg_losses(&out.logits, &target)?;
         Ok(Some(LamedSegOutput {
@@ -609,7 +615,11 @@ impl Lamed {
             .as_ref()
             .ok_or_else(|| ModelError::Config("this LaMed has no segmentation module".into()))?;
         let generated = self.generate(input_ids, Some(images), max_new_tokens, eos_ids)?;
-        if !generated.iter().skip(1).any(|&id| id == self.cfg.tokens.seg) {
+        if !generated
+            .iter()
+            .skip(1)
+            .any(|&id| id == self.cfg.tokens.seg)
+        {
             return Ok((generated, None));
         }
         let logits = tch::no_grad(|| -> Result<Tensor> {
@@ -645,10 +655,18 @@ pub fn causal_lm_loss(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
     }
     let (b, t, v) = (s[0], s[1], s[2]);
     if t < 2 {
-        return Err(ModelError::Input("the LM loss needs at least 2 positions".into()));
+        return Err(ModelError::Input(
+            "the LM loss needs at least 2 positions".into(),
+        ));
     }
-    let pred = logits.narrow(1, 0, t - 1).to_kind(Kind::Float).reshape([b * (t - 1), v]);
-    let target = labels.narrow(1, 1, t - 1).reshape([b * (t - 1)]).to_kind(Kind::Int64);
+    let pred = logits
+        .narrow(1, 0, t - 1)
+        .to_kind(Kind::Float)
+        .reshape([b * (t - 1), v]);
+    let target = labels
+        .narrow(1, 1, t - 1)
+        .reshape([b * (t - 1)])
+        .to_kind(Kind::Int64);
     Ok(pred.f_cross_entropy_loss(&target, None::<Tensor>, Reduction::Mean, IGNORE_INDEX, 0.0)?)
 }
 
@@ -754,9 +772,10 @@ pub fn collate(examples: &[LamedExample], device: Device) -> Result<(Tensor, Ten
         .first()
         .map(|e| e.input_ids.len())
         .ok_or_else(|| ModelError::Input("empty batch".into()))?;
-    if examples.iter().any(|e| {
-        e.input_ids.len() != t || e.attention_mask.len() != t || e.labels.len() != t
-    }) {
+    if examples
+        .iter()
+        .any(|e| e.input_ids.len() != t || e.attention_mask.len() != t || e.labels.len() != t)
+    {
         return Err(ModelError::Input(
             "examples of a batch must have one length".into(),
         ));

@@ -28,8 +28,10 @@ impl LlmConfig {
     /// Reads and validates an HF `config.json` (head counts, RoPE type).
     pub fn from_file(path: &Path) -> Result<Self> {
         let cfg: LlmConfig = read_json(path)?;
-        cfg.validate()
-            .map_err(|e| ModelError::Config(format!("{}: {e}", path.display())))?;
+        cfg.validate().map_err(|e| match e {
+            ModelError::Config(m) => ModelError::Config(format!("{}: {m}", path.display())),
+            other => other,
+        })?;
         Ok(cfg)
     }
 

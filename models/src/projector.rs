@@ -11,7 +11,7 @@
 use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
-use tch::Tensor;
+use tch::{Kind, Tensor};
 
 use crate::builder::VarBuilder;
 use crate::error::{ModelError, Result};
@@ -313,22 +313,30 @@ impl SpatialPoolingProjector {
         }
         let b = size[0];
         let p = self.pool;
-        Ok(match self.pooling {
+        // libtorch's CPU pooling kernels have no bf16/f16 variant; the CUDA ones accumulate in f32 and round
+        // once, which is exactly what pooling an f32 copy and casting back does.
+        let kind = xs.kind();
+        let x = match kind {
+            Kind::BFloat16 | Kind::Half => xs.to_kind(Kind::Float),
+            _ => xs.shallow_clone(),
+        };
+        let pooled = match self.pooling {
             PoolingType::Spatial => {
                 // Token k of the ViT is grid cell (k / (h w), k / w % h, k % w): a (d, h, w) reshape of the
                 // sequence, channels moved in front for the pooling op.
                 let [d, h, w] = self.grid;
-                let x = xs.transpose(1, 2).reshape([b, self.in_dim, d, h, w]);
+                let x = x.transpose(1, 2).reshape([b, self.in_dim, d, h, w]);
                 let x = x.f_avg_pool3d([p, p, p], [p, p, p], [0, 0, 0], false, true, None)?;
                 x.flatten(2, 4).transpose(1, 2)
             }
             PoolingType::Sequence => {
                 let k = p * p * p;
-                xs.transpose(1, 2)
+                x.transpose(1, 2)
                     .f_avg_pool1d([k], [k], [0], false, true)?
                     .transpose(1, 2)
             }
-        })
+        };
+        Ok(pooled.to_kind(kind))
     }
 
     pub fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {

@@ -173,7 +173,9 @@ impl SegVolConfig {
             return bad("the image encoder has no CLS token (classification=False)".into());
         }
         if d % 8 != 0 {
-            return bad(format!("width {d} must be divisible by 8 (upscaling to C/4, C/8)"));
+            return bad(format!(
+                "width {d} must be divisible by 8 (upscaling to C/4, C/8)"
+            ));
         }
         if self.attention_downsample_rate < 1 || d % self.attention_downsample_rate != 0 {
             return bad(format!(
@@ -431,7 +433,8 @@ impl PositionEmbeddingRandom {
         // Reference: scale (1.0) * randn. Only 3 x C/2 values, so shape-only builds may allocate it.
         let init = Tensor::f_randn([3, num_pos_feats], (vb.kind(), vb.device()))?;
         Ok(PositionEmbeddingRandom {
-            positional_encoding_gaussian_matrix: vb.buffer("positional_encoding_gaussian_matrix", init)?,
+            positional_encoding_gaussian_matrix: vb
+                .buffer("positional_encoding_gaussian_matrix", init)?,
         })
     }
 
@@ -510,9 +513,15 @@ impl PromptEncoder {
         let m = cfg.mask_in_chans;
         let pe_layer = PositionEmbeddingRandom::new(&vb.pp("pe_layer"), d / 2)?;
         let point_embeddings = (0..4)
-            .map(|i| vb.pp("point_embeddings").pp(i).var("weight", &[1, d], STANDARD_NORMAL))
+            .map(|i| {
+                vb.pp("point_embeddings")
+                    .pp(i)
+                    .var("weight", &[1, d], STANDARD_NORMAL)
+            })
             .collect::<Result<Vec<_>>>()?;
-        let not_a_point_embed = vb.pp("not_a_point_embed").var("weight", &[1, d], STANDARD_NORMAL)?;
+        let not_a_point_embed =
+            vb.pp("not_a_point_embed")
+                .var("weight", &[1, d], STANDARD_NORMAL)?;
         let ds = vb.pp("mask_downscaling");
         // Conv2d(1, m/4, 2, 2), LayerNorm2d, GELU, Conv2d(m/4, m, 2, 2), LayerNorm2d, GELU, Conv2d(m, C, 1);
         // Conv2d weights are (out, in, kh, kw).
@@ -528,7 +537,9 @@ impl PromptEncoder {
             ),
             (conv(6, [d, m, 1, 1])?, None),
         ];
-        let no_mask_embed = vb.pp("no_mask_embed").var("weight", &[1, d], STANDARD_NORMAL)?;
+        let no_mask_embed = vb
+            .pp("no_mask_embed")
+            .var("weight", &[1, d], STANDARD_NORMAL)?;
         Ok(PromptEncoder {
             pe_layer,
             point_embeddings,
@@ -622,9 +633,11 @@ impl MaskDecoder {
         Ok(MaskDecoder {
             transformer: TwoWayTransformer::new(&vb.pp("transformer"), cfg)?,
             iou_token: vb.pp("iou_token").var("weight", &[1, d], STANDARD_NORMAL)?,
-            mask_tokens: vb
-                .pp("mask_tokens")
-                .var("weight", &[num_mask_tokens, d], STANDARD_NORMAL)?,
+            mask_tokens: vb.pp("mask_tokens").var(
+                "weight",
+                &[num_mask_tokens, d],
+                STANDARD_NORMAL,
+            )?,
             upscale1: ConvParams::transposed(&up.pp(0), d, d / 4)?,
             upscale_norm: MapLayerNorm::new(&up.pp(1), &[d / 4, 2 * g[0], 2 * g[1], 2 * g[2]])?,
             upscale2: ConvParams::transposed(&up.pp(3), d / 4, d / 8)?,
@@ -647,7 +660,15 @@ impl MaskDecoder {
 
     fn upscale(&self, src: &Tensor) -> Tensor {
         let conv = |x: &Tensor, p: &ConvParams| {
-            x.conv_transpose3d(&p.weight, Some(&p.bias), [2, 2, 2], [0, 0, 0], [0, 0, 0], 1, [1, 1, 1])
+            x.conv_transpose3d(
+                &p.weight,
+                Some(&p.bias),
+                [2, 2, 2],
+                [0, 0, 0],
+                [0, 0, 0],
+                1,
+                [1, 1, 1],
+            )
         };
         let x = conv(src, &self.upscale1);
         let x = self.upscale_norm.forward(&x).gelu("none");
@@ -698,7 +719,7 @@ impl MaskDecoder {
                 .forward(text)
                 .unsqueeze(1)
                 .matmul(&flat);
-            masks = masks + sim;
+            masks += sim;
         }
         let masks = masks.reshape([b, n_out - 1, us[2], us[3], us[4]]);
         let iou_pred = self.iou_prediction_head.forward(&iou_token_out);
@@ -852,7 +873,8 @@ pub fn dice_loss(logits: &Tensor, target: &Tensor) -> Result<Tensor> {
     let p = logits.to_kind(Kind::Float).sigmoid().reshape([b, -1]);
     let t = clean_target(target).reshape([b, -1]);
     let num = (&p * &t).sum_dim_intlist(1, false, Kind::Float);
-    let den = p.sum_dim_intlist(1, false, Kind::Float) + t.sum_dim_intlist(1, false, Kind::Float) + 1.0;
+    let den =
+        p.sum_dim_intlist(1, false, Kind::Float) + t.sum_dim_intlist(1, false, Kind::Float) + 1.0;
     let dice: Tensor = 1.0 - num * 2.0 / den;
     Ok(dice.mean(Kind::Float))
 }
@@ -860,12 +882,14 @@ pub fn dice_loss(logits: &Tensor, target: &Tensor) -> Result<Tensor> {
 /// `BCELoss` (LaMed/src/model/loss.py): `BCEWithLogitsLoss` (mean over every voxel), target -1 -> 0.
 pub fn bce_loss(logits: &Tensor, target: &Tensor) -> Result<Tensor> {
     check_pair(logits, target)?;
-    Ok(logits.to_kind(Kind::Float).binary_cross_entropy_with_logits(
-        &clean_target(target),
-        None::<Tensor>,
-        None::<Tensor>,
-        Reduction::Mean,
-    ))
+    Ok(logits
+        .to_kind(Kind::Float)
+        .binary_cross_entropy_with_logits(
+            &clean_target(target),
+            None::<Tensor>,
+            None::<Tensor>,
+            Reduction::Mean,
+        ))
 }
 
 /// Dice + BCE, LaMed's segmentation loss (weights 1 and 1). Returns (dice, bce).

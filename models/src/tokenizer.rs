@@ -73,9 +73,7 @@ impl Tokenizer {
                 path: file.clone(),
                 message: e.to_string(),
             })?;
-        let from_file_padding = inner
-            .get_padding()
-            .map(|p| (p.pad_token.clone(), p.pad_id));
+        let from_file_padding = inner.get_padding().map(|p| (p.pad_token.clone(), p.pad_id));
         inner.with_padding(None);
         inner
             .with_truncation(None)

@@ -213,3 +213,34 @@ fn llama_runs_in_bf16() {
         assert!(!bool::try_from(logits.isnan().any()).unwrap());
     }
 }
+
+/// LaMed's LoRA lands on every Linear of the decoder (7 per layer) and not on `lm_head`; fresh adapters
+/// (B = 0) leave the logits unchanged.
+#[test]
+fn llama_lora_targets_every_decoder_linear() {
+    let dir = parity_dir().join("llama_gqa");
+    let cfg = LlmConfig::from_file(&dir.join("config.json")).unwrap();
+    let vs = VarStore::new(Device::Cpu);
+    let vb = VarBuilder::new(&vs).with_lora(Some(m3d_models::lora::LoraConfig::m3d_lamed()));
+    let model = CausalLm::new(&vb, &cfg).unwrap();
+    let opts = m3d_models::weights::LoadOptions::default().allow_missing("lora_");
+    m3d_models::weights::load_file_into(&vs, &dir.join("weights.safetensors"), &opts).unwrap();
+    let mut adapted: Vec<String> = vs
+        .variables()
+        .into_keys()
+        .filter(|k| k.contains(".lora_A."))
+        .collect();
+    adapted.sort();
+    assert_eq!(adapted.len(), 7 * 2, "{adapted:?}");
+    assert!(adapted.iter().all(|k| k.starts_with("model.layers.")));
+    let io = common::read(&dir.join("io.safetensors"));
+    let ids = common::get(&io, "input_ids");
+    let mask = common::get(&io, "attention_mask");
+    let logits = model.forward(ids, Some(mask), None, false).unwrap();
+    common::assert_close(
+        "logits with fresh LoRA",
+        &logits,
+        common::get(&io, "logits"),
+        1e-4,
+    );
+}

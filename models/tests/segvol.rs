@@ -5,6 +5,7 @@ mod common;
 
 use std::collections::HashMap;
 
+use m3d_models::precision::Precision;
 use m3d_models::segvol::{self, SegVol, SegVolConfig};
 use m3d_models::weights::{load_file_into, LoadOptions};
 use m3d_models::{ModelError, VarBuilder};
@@ -35,7 +36,10 @@ pub fn assert_grads_same_support(
                 let scale = oracle.abs().max().double_value(&[]);
                 let diff = common::max_abs_diff(&g, oracle);
                 if scale < 1e-8 {
-                    assert!(diff < 1e-8, "{key}: {diff:e} on an analytically zero gradient");
+                    assert!(
+                        diff < 1e-8,
+                        "{key}: {diff:e} on an analytically zero gradient"
+                    );
                 } else {
                     common::assert_rel_close(&key, &g, oracle, rtol);
                     worst = worst.max(diff / scale);
@@ -55,10 +59,9 @@ pub fn assert_grads_same_support(
 #[test]
 fn segvol_matches_torch() {
     let dir = common::run_oracle("seg_oracle.py", &[]);
-    let cfg: SegVolConfig = serde_json::from_str(
-        &std::fs::read_to_string(dir.path().join("config.json")).unwrap(),
-    )
-    .unwrap();
+    let cfg: SegVolConfig =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("config.json")).unwrap())
+            .unwrap();
     let vs = VarStore::new(Device::Cpu);
     let model = SegVol::new(&VarBuilder::new(&vs), &cfg).unwrap();
     load_file_into(
@@ -123,8 +126,14 @@ fn m3d_preset_shapes_and_parameter_count() {
         shape("mask_decoder.output_upscaling.1.weight"),
         [192, 16, 32, 32]
     );
-    assert_eq!(shape("mask_decoder.output_upscaling.3.weight"), [192, 96, 2, 2, 2]);
-    assert_eq!(shape("mask_decoder.txt_align_upscaled_embedding.weight"), [96, 768]);
+    assert_eq!(
+        shape("mask_decoder.output_upscaling.3.weight"),
+        [192, 96, 2, 2, 2]
+    );
+    assert_eq!(
+        shape("mask_decoder.txt_align_upscaled_embedding.weight"),
+        [96, 768]
+    );
     assert_eq!(
         shape("mask_decoder.transformer.layers.0.cross_attn_token_to_image.q_proj.weight"),
         [384, 768]
@@ -133,7 +142,10 @@ fn m3d_preset_shapes_and_parameter_count() {
         shape("prompt_encoder.pe_layer.positional_encoding_gaussian_matrix"),
         [3, 384]
     );
-    assert_eq!(shape("prompt_encoder.mask_downscaling.6.weight"), [768, 16, 1, 1]);
+    assert_eq!(
+        shape("prompt_encoder.mask_downscaling.6.weight"),
+        [768, 16, 1, 1]
+    );
     assert_eq!(
         shape("image_encoder.patch_embedding.position_embeddings"),
         [1, 2048, 768]
@@ -179,4 +191,26 @@ fn wrong_text_width_is_a_typed_error() {
         model.forward(&image, None),
         Err(ModelError::Shape { .. })
     ));
+}
+
+#[test]
+fn runs_in_bf16() {
+    let cfg = SegVolConfig::debug();
+    let mut vs = VarStore::new(Device::Cpu);
+    let model = SegVol::new(&VarBuilder::new(&vs), &cfg).unwrap();
+    Precision::Bf16.apply(&mut vs).unwrap();
+    let opts = (Kind::BFloat16, Device::Cpu);
+    let image = Tensor::randn([2, 1, 8, 32, 32], opts);
+    let text = Tensor::randn([2, 32], opts);
+    let out = model.forward_t(&image, Some(&text), true).unwrap();
+    assert_eq!(out.logits.kind(), Kind::BFloat16);
+    assert_eq!(out.logits.size(), [2, 1, 8, 32, 32]);
+    let target = Tensor::rand([2, 1, 8, 32, 32], opts).gt(0.5);
+    let (dice, bce) = segvol::seg_losses(&out.logits, &target).unwrap();
+    assert_eq!(dice.kind(), Kind::Float);
+    let loss = dice + bce;
+    assert!(loss.double_value(&[]).is_finite());
+    loss.backward();
+    let g = vs.variables()["mask_decoder.txt_align_upscaled_embedding.weight"].grad();
+    assert_eq!(g.kind(), Kind::BFloat16);
 }

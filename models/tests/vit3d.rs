@@ -56,6 +56,13 @@ fn parity(variant: &str) {
     );
     loss.backward();
     assert_grads(&vs, &io, 1e-4);
+    let mut worst: f64 = 0.0;
+    for (name, var) in vs.variables() {
+        let o = get(&io, &format!("grad.{name}"));
+        let scale = o.abs().max().double_value(&[]).max(1e-12);
+        worst = worst.max(max_abs_diff(&var.grad(), o) / scale);
+    }
+    println!("{variant}: max grad rel diff {worst:e}");
 }
 
 /// The random tensors the oracle multiplied its outputs by (stored as `seed.*`).
