@@ -463,7 +463,9 @@ pub fn save_sharded(
         }
         size += n;
         total += n;
-        shards.last_mut().map(|s| s.push((k.clone(), h)));
+        if let Some(s) = shards.last_mut() {
+            s.push((k.clone(), h));
+        }
     }
     if shards.len() == 1 {
         return write_host(&dir.join("model.safetensors"), &shards[0]);
