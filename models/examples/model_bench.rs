@@ -6,6 +6,14 @@
 //! (`{"model": "vit" | "clip" | "lamed", "config": {...}, "lora": {...} | null}`), `weights.safetensors` and
 //! `inputs.safetensors`. Weights load strictly, so both sides run the same parameters on the same inputs.
 //! Prints one JSON line: the loss and the seconds of every timed iteration.
+//!
+//! usage: model_bench --synthetic <clip-m3d | vit-m3d | lamed-llama2-7b | lamed-llama3-8b | lamed-phi3>
+//!            [--batch B] [--device cpu|cuda] [--precision f32|bf16] [--iters N] [--warmup W] [--peak-tflops P]
+//!
+//! Full-size models with random weights and random inputs (what `bench/gpu/models.sh` runs): samples/s,
+//! tokens/s and model FLOPs utilisation. FLOPs per step follow the PaLM convention, 6·N·T per component
+//! (N = its non-embedding parameters, T = the tokens it sees) plus 12·L·d·T² for attention; MFU divides by
+//! `--peak-tflops` (dense bf16 peak of the device).
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -14,6 +22,7 @@ use anyhow::{bail, Context, Result};
 use m3d_models::clip::{M3dClip, M3dClipConfig, SingleProcess};
 use m3d_models::lamed::{Lamed, LamedBatch, LamedConfig};
 use m3d_models::lora::{self, LoraConfig};
+use m3d_models::precision::Precision;
 use m3d_models::vit3d::{ViT3d, ViT3dConfig};
 use m3d_models::weights;
 use m3d_models::VarBuilder;
@@ -94,8 +103,209 @@ fn build(dir: &Path, vs: &VarStore) -> Result<Step> {
     Ok(step)
 }
 
+fn arg<T: std::str::FromStr>(args: &[String], name: &str, default: T) -> Result<T>
+where
+    T::Err: std::error::Error + Send + Sync + 'static,
+{
+    match args.iter().position(|a| a == name) {
+        Some(i) => Ok(args
+            .get(i + 1)
+            .with_context(|| format!("{name} needs a value"))?
+            .parse()?),
+        None => Ok(default),
+    }
+}
+
+/// (label, ViT tokens per sample or 0, LLM/text tokens per sample, attention layers/width per component).
+struct Synthetic {
+    step: Step,
+    samples: i64,
+    flops: f64,
+    tokens: i64,
+}
+
+fn nonembedding_params(vs: &VarStore, select: impl Fn(&str) -> bool) -> f64 {
+    vs.variables()
+        .iter()
+        .filter(|(k, _)| select(k) && !k.contains("embed") && !k.contains("position"))
+        .map(|(_, t)| t.numel() as f64)
+        .sum()
+}
+
+fn synthetic(case: &str, batch: i64, vs: &mut VarStore, precision: Precision) -> Result<Synthetic> {
+    let dev = vs.device();
+    let b = batch;
+    let s = match case {
+        "clip-m3d" | "vit-m3d" => {
+            let cfg = M3dClipConfig::m3d();
+            let v = cfg.vision.clone();
+            let t = cfg.max_text_len;
+            let images = Tensor::randn(
+                [b, 1, v.img_size[0], v.img_size[1], v.img_size[2]],
+                (Kind::Float, dev),
+            )
+            .to_kind(precision.kind());
+            let nv = v.num_tokens();
+            let attn =
+                |layers: i64, d: i64, tok: i64| 12.0 * (layers * d) as f64 * (tok * tok) as f64;
+            if case == "vit-m3d" {
+                let model = ViT3d::new(&VarBuilder::new(vs), &v)?;
+                precision.apply(vs)?;
+                let n = nonembedding_params(vs, |_| true);
+                let flops =
+                    b as f64 * (6.0 * n * nv as f64 + attn(v.num_layers, v.hidden_size, nv));
+                let step: Step =
+                    Box::new(move || Ok(model.f_forward_t(&images, true)?.0.mean(Kind::Float)));
+                Synthetic {
+                    step,
+                    samples: b,
+                    flops,
+                    tokens: b * nv,
+                }
+            } else {
+                let model = M3dClip::new(&VarBuilder::new(vs), &cfg)?;
+                precision.apply(vs)?;
+                let ids = Tensor::randint_low(1000, 30000, [b, t], (Kind::Int64, dev));
+                let mask = Tensor::ones([b, t], (Kind::Int64, dev));
+                let nvis = nonembedding_params(vs, |k| k.starts_with("vision_encoder."));
+                let ntxt = nonembedding_params(vs, |k| k.starts_with("language_encoder."));
+                let flops = b as f64
+                    * (6.0 * nvis * nv as f64
+                        + attn(v.num_layers, v.hidden_size, nv)
+                        + 6.0 * ntxt * t as f64
+                        + attn(cfg.text.num_hidden_layers, cfg.text.hidden_size, t));
+                let step: Step = Box::new(move || {
+                    Ok(model.forward_loss(&images, &ids, &mask, &SingleProcess, true)?)
+                });
+                Synthetic {
+                    step,
+                    samples: b,
+                    flops,
+                    tokens: b * (nv + t),
+                }
+            }
+        }
+        "lamed-llama2-7b" | "lamed-llama3-8b" | "lamed-phi3" => {
+            let cfg = match case {
+                "lamed-llama2-7b" => LamedConfig::llama2_7b(),
+                "lamed-llama3-8b" => LamedConfig::llama3_8b(),
+                _ => LamedConfig::phi3_mini(),
+            };
+            let model = Lamed::new(
+                &VarBuilder::new(vs).with_lora(Some(LoraConfig::m3d_lamed())),
+                &cfg,
+            )?;
+            precision.apply(vs)?;
+            lora::freeze_base(vs, &["mm_projector", "seg_projector", "seg_module"]);
+            let v = &cfg.vision;
+            let t = 512i64;
+            let n_img = cfg.num_image_tokens();
+            let ids = Tensor::randint_low(100, 20000, [b, t], (Kind::Int64, dev));
+            let _ = ids.narrow(1, 1, n_img).fill_(cfg.tokens.im_patch);
+            let labels = ids.copy();
+            let _ = labels
+                .narrow(1, 0, n_img + 1)
+                .fill_(m3d_models::lamed::IGNORE_INDEX);
+            let batch_in = LamedBatch {
+                images: Tensor::randn(
+                    [b, 1, v.img_size[0], v.img_size[1], v.img_size[2]],
+                    (Kind::Float, dev),
+                ),
+                input_ids: ids,
+                attention_mask: Some(Tensor::ones([b, t], (Kind::Int64, dev))),
+                labels: Some(labels),
+                segs: None,
+            };
+            let nvis = nonembedding_params(vs, |k| k.contains("vision_tower"));
+            let nllm = nonembedding_params(vs, |k| {
+                (k.starts_with("model.layers.") || k.starts_with("lm_head")) && !k.contains("lora_")
+            });
+            let nv = v.num_tokens();
+            let (layers, d) = (cfg.llm.num_hidden_layers(), cfg.llm.hidden_size());
+            let flops = b as f64
+                * (6.0 * nvis * nv as f64
+                    + 12.0 * (v.num_layers * v.hidden_size) as f64 * (nv * nv) as f64
+                    + 6.0 * nllm * t as f64
+                    + 12.0 * (layers * d) as f64 * (t * t) as f64);
+            let step: Step = Box::new(move || {
+                let out = model.forward_t(&batch_in, true)?;
+                out.loss.context("labels given, so a loss")
+            });
+            Synthetic {
+                step,
+                samples: b,
+                flops,
+                tokens: b * t,
+            }
+        }
+        other => bail!("unknown synthetic case `{other}`"),
+    };
+    Ok(s)
+}
+
+fn run_synthetic(args: &[String], case: &str) -> Result<()> {
+    let batch: i64 = arg(args, "--batch", 1)?;
+    let device = match arg::<String>(args, "--device", "cpu".into())?.as_str() {
+        "cpu" => Device::Cpu,
+        "cuda" => Device::Cuda(0),
+        other => bail!("--device {other}: expected cpu or cuda"),
+    };
+    if device.is_cuda() && !tch::Cuda::is_available() {
+        bail!("--device cuda, but libtorch finds no CUDA device");
+    }
+    let precision: Precision = arg(args, "--precision", Precision::default_for(device))?;
+    let (iters, warmup): (usize, usize) = (arg(args, "--iters", 10)?, arg(args, "--warmup", 2)?);
+    let peak: f64 = arg(args, "--peak-tflops", 0.0)?;
+    let mut vs = VarStore::new(device);
+    let s = synthetic(case, batch, &mut vs, precision)?;
+    let params: f64 = vs.variables().values().map(|t| t.numel() as f64).sum();
+    let trainable: Vec<Tensor> = vs
+        .variables()
+        .into_values()
+        .filter(|t| t.requires_grad())
+        .collect();
+    let mut times = Vec::new();
+    for i in 0..warmup + iters {
+        let t0 = Instant::now();
+        for p in &trainable {
+            let mut g = p.grad();
+            if g.defined() {
+                let _ = g.zero_();
+            }
+        }
+        let l = (s.step)()?;
+        l.backward();
+        let _ = l.double_value(&[]); // synchronises with the device
+        if i >= warmup {
+            times.push(t0.elapsed().as_secs_f64());
+        }
+    }
+    times.sort_by(f64::total_cmp);
+    let median = times
+        .get(times.len() / 2)
+        .copied()
+        .context("--iters must be at least 1")?;
+    let tflops = s.flops / median / 1e12;
+    println!(
+        "{}",
+        serde_json::json!({
+            "case": case, "device": format!("{device:?}"), "precision": precision, "batch": batch,
+            "params": params, "trainable": trainable.iter().map(|t| t.numel() as f64).sum::<f64>(),
+            "step_s": median, "samples_per_s": s.samples as f64 / median,
+            "tokens_per_s": s.tokens as f64 / median, "model_tflops": tflops,
+            "mfu": if peak > 0.0 { serde_json::json!(tflops / peak) } else { serde_json::Value::Null },
+            "max_memory_bytes": serde_json::Value::Null,
+        })
+    );
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
+    if let Some(i) = args.iter().position(|a| a == "--synthetic") {
+        let case = args.get(i + 1).context("--synthetic needs a case")?.clone();
+        return run_synthetic(&args, &case);
+    }
     let dir = PathBuf::from(
         args.get(1)
             .context("usage: model_bench <dir> [--iters N] [--warmup W] [--threads T]")?,
