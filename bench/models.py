@@ -6,7 +6,7 @@ exactly those (strictly, by name) and runs the same loss. Rounds alternate betwe
 hits both; each side reports per-iteration wall time of zero-grad + forward + loss + backward.
 
 usage: bench/models.py [--threads T] [--rounds R] [--iters N] [--cases a,b,...] [--markdown]
-cases: clip-tiny, vit-full (M3D-CLIP's ViT at batch 1), lamed-tiny-lora
+cases: clip-tiny, vit-full (M3D-CLIP's ViT at batch 1), lamed-tiny-lora (M3D's LoRA rule)
 """
 import argparse
 import json
@@ -75,7 +75,53 @@ def case_clip_tiny():
     return spec, model, {"images": images, "input_ids": ids, "attention_mask": mask}, step, 10
 
 
-CASES = {"clip-tiny": case_clip_tiny, "vit-full": case_vit_full}
+def case_lamed_tiny_lora():
+    """The LaMed of the parity test (Llama hidden 64 x 2 layers, ViT width 32, SegVol debug) with LoRA r 16 on
+    every LLM Linear (M3D's rule), projector and segmentation parts trained in full; batch 4 x 64 tokens,
+    every sample with a [SEG] answer and a mask (LM + Dice + BCE loss)."""
+    import lamed_oracle as lo
+    from peft import LoraConfig, get_peft_model
+    from torch import nn
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    lm = LlamaForCausalLM(lo.tiny_llm_config(lo.TOK_LEN + 4))
+    lo.attach(lm, 64, dict(img=[8, 32, 32], patch=[4, 8, 8], hidden=32, mlp=64, layers=2, heads=4),
+              lo.debug_config())
+    state = {k: v.detach().contiguous() for k, v in lm.state_dict().items() if ".norm_cross_attn." not in k}
+    excluded = ("vision_tower", "mm_projector", "embed_tokens", "lm_head", "seg_projector", "seg_module")
+    targets = [n for n, m in lm.named_modules() if isinstance(m, nn.Linear) and not any(x in n for x in excluded)]
+    peft_model = get_peft_model(lm, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=targets,
+                                               init_lora_weights=False))
+    for name in ("mm_projector", "seg_projector", "seg_module"):
+        getattr(lm.model, name).requires_grad_(True)
+    peft_model.train()
+    for m in lm.modules():  # dropout off on both sides, so the losses can be compared
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+    g = torch.Generator().manual_seed(1)
+    b, t, n_img = 4, 64, 4
+    ids = torch.randint(3, lo.TOK_LEN, (b, t), generator=g)
+    ids[:, 0] = lo.BOS
+    ids[:, 1:1 + n_img] = lo.IM_PATCH
+    ids[:, 40] = lo.SEG
+    labels = ids.clone()
+    labels[:, :1 + n_img + 8] = -100
+    mask = torch.ones(b, t, dtype=torch.long)
+    images = torch.randn(b, 1, 8, 32, 32, generator=g)
+    segs = (torch.rand(b, 1, 8, 32, 32, generator=g) > 0.6).float()
+
+    def step():
+        o, _, _, dice, bce, _ = lo.lamed_forward(lm, ids, mask, labels, images, segs)
+        return o.loss + dice + bce
+
+    lora = dict(r=16, alpha=32.0, dropout=0.0, target_modules=["all-linear"], exclude=list(excluded))
+    spec = dict(model="lamed", config="debug", lora=lora)
+    inputs = dict(images=images, input_ids=ids, attention_mask=mask, labels=labels, segs=segs)
+    return spec, peft_model, inputs, step, 10, state
+
+
+CASES = {"clip-tiny": case_clip_tiny, "vit-full": case_vit_full, "lamed-tiny-lora": case_lamed_tiny_lora}
 
 
 def time_torch(step, model, iters, warmup):
@@ -112,15 +158,17 @@ def main():
     exe = bench_binary()
     rows = []
     for name in args.cases.split(","):
-        spec, model, inputs, step, default_iters = CASES[name]()
+        spec, model, inputs, step, default_iters, *state = CASES[name]()
         iters = args.iters or default_iters
         with tempfile.TemporaryDirectory() as d:
             d = Path(d)
-            state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-            save_file(state, str(d / "weights.safetensors"))
+            if state:  # a PEFT-wrapped model: base weights as the plain model had them, adapter saved by peft
+                save_file(state[0], str(d / "weights.safetensors"))
+                model.save_pretrained(str(d / "adapter"))
+            else:
+                sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+                save_file(sd, str(d / "weights.safetensors"))
             save_file({k: v.contiguous() for k, v in inputs.items()}, str(d / "inputs.safetensors"))
-            if hasattr(model, "peft_adapter_dir"):
-                model.peft_adapter_dir(d / "adapter")
             (d / "bench.json").write_text(json.dumps(spec))
             theirs, ours = [], []
             for _ in range(args.rounds):

@@ -73,7 +73,11 @@ fn build(dir: &Path, vs: &VarStore) -> Result<Step> {
             Box::new(move || Ok(model.forward_loss(&images, &ids, &mask, &SingleProcess, true)?))
         }
         "lamed" => {
-            let cfg: LamedConfig = serde_json::from_value(spec.config)?;
+            // "debug" names the parity tests' tiny LaMed; otherwise a full LamedConfig.
+            let cfg: LamedConfig = match spec.config.as_str() {
+                Some("debug") => LamedConfig::debug(),
+                _ => serde_json::from_value(spec.config)?,
+            };
             let model = Lamed::new(&vb, &cfg)?;
             let batch = LamedBatch {
                 images: input(&inputs, "images")?,

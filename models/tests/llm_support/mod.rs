@@ -15,8 +15,10 @@ use tch::{Device, Kind, Tensor};
 use crate::common;
 
 /// Runs `tests/oracle/<script> <dir> args..` into a fresh folder of the cargo test tmpdir and returns it.
+/// The folder is per process: nextest runs every test in its own process, concurrently, and a shared
+/// folder would be rewritten under a test that is reading it.
 pub fn run_oracle_into(name: &str, script: &str, args: &[&str]) -> PathBuf {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("create oracle dir");
     let mut all = vec![dir.to_str().expect("utf-8 tmpdir")];
