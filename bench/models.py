@@ -41,7 +41,8 @@ def case_vit_full():
     torch.manual_seed(0)
     model = M3dViT(cfg).train()
     x = torch.randn(1, 1, 32, 256, 256)
-    return dict(model="vit", config=cfg, lora=None), model, {"x": x}, lambda: model(x)[0].mean(), 2
+    w = torch.randn(1, 2049, 768)  # a fixed random read-out: the mean of a LayerNorm output is ~0
+    return dict(model="vit", config=cfg, lora=None), model, {"x": x, "w": w}, lambda: (model(x)[0] * w).mean(), 2
 
 
 def case_clip_tiny():

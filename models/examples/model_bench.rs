@@ -59,8 +59,8 @@ fn build(dir: &Path, vs: &VarStore) -> Result<Step> {
         "vit" => {
             let cfg: ViT3dConfig = serde_json::from_value(spec.config)?;
             let model = ViT3d::new(&vb, &cfg)?;
-            let x = input(&inputs, "x")?;
-            Box::new(move || Ok(model.f_forward_t(&x, true)?.0.mean(Kind::Float)))
+            let (x, w) = (input(&inputs, "x")?, input(&inputs, "w")?);
+            Box::new(move || Ok((model.f_forward_t(&x, true)?.0 * &w).mean(Kind::Float)))
         }
         "clip" => {
             let cfg: M3dClipConfig = serde_json::from_value(spec.config)?;
@@ -298,7 +298,6 @@ fn run_synthetic(args: &[String], case: &str) -> Result<()> {
             "step_s": median, "samples_per_s": s.samples as f64 / median,
             "tokens_per_s": s.tokens as f64 / median, "model_tflops": tflops,
             "mfu": if peak > 0.0 { serde_json::json!(tflops / peak) } else { serde_json::Value::Null },
-            "max_memory_bytes": serde_json::Value::Null,
         })
     );
     Ok(())

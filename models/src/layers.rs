@@ -32,8 +32,21 @@ impl Linear {
         Ok(Linear { weight, bias, lora })
     }
 
-    /// `train` switches the LoRA dropout on; the base layer has none.
+    /// `train` switches the LoRA dropout on; the base layer has none. Inside
+    /// [`autocast`](crate::precision::autocast) the product runs in the autocast kind (weights cast on the
+    /// fly, gradients flowing back to them in their own kind).
     pub fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
+        if let Some(kind) = crate::precision::autocast_kind() {
+            if kind != self.weight.kind() && xs.is_floating_point() {
+                let xs = xs.to_kind(kind);
+                let bias = self.bias.as_ref().map(|b| b.to_kind(kind));
+                let ys = xs.linear(&self.weight.to_kind(kind), bias.as_ref());
+                return match &self.lora {
+                    Some(lora) => ys + lora.forward_t(&xs, train).to_kind(kind),
+                    None => ys,
+                };
+            }
+        }
         let ys = xs.linear(&self.weight, self.bias.as_ref());
         match &self.lora {
             Some(lora) => ys + lora.forward_t(xs, train),

@@ -494,7 +494,9 @@ pub(crate) fn prepare_decoder_inputs(
     let (b, t) = (embeds.size()[0], embeds.size()[1]);
     let total = past + t;
     let device = embeds.device();
-    let kind = embeds.kind();
+    // Under bf16 autocast q and k come out of the projections in bf16: RoPE tables and the additive mask
+    // must be in the kind attention runs in, not the f32 of the residual stream.
+    let kind = crate::precision::autocast_kind().unwrap_or(embeds.kind());
     let keep = match attention_mask {
         None => None,
         Some(m) => {

@@ -710,15 +710,12 @@ impl MaskDecoder {
                 .collect::<Vec<_>>(),
             1,
         );
-        let mut masks = hyper_in.matmul(&flat);
+        let mut masks = crate::precision::matmul(&hyper_in, &flat);
         if let Some(text) = text_embedding {
             // SegVol's text term: the projected text embedding's dot product with every upscaled voxel
             // feature, added to every mask.
-            let sim = self
-                .txt_align_upscaled_embedding
-                .forward(text)
-                .unsqueeze(1)
-                .matmul(&flat);
+            let text = self.txt_align_upscaled_embedding.forward(text).unsqueeze(1);
+            let sim = crate::precision::matmul(&text, &flat);
             masks += sim;
         }
         let masks = masks.reshape([b, n_out - 1, us[2], us[3], us[4]]);
