@@ -6,7 +6,8 @@ exactly those (strictly, by name) and runs the same loss. Rounds alternate betwe
 hits both; each side reports per-iteration wall time of zero-grad + forward + loss + backward.
 
 usage: bench/models.py [--threads T] [--rounds R] [--iters N] [--cases a,b,...] [--markdown]
-cases: clip-tiny, vit-full (M3D-CLIP's ViT at batch 1), lamed-tiny-lora (M3D's LoRA rule)
+cases: clip-tiny, vit-full (M3D-CLIP's ViT at batch 1; vit-full-sdpa: MONAI's fused-attention path),
+       lamed-tiny-lora (M3D's LoRA rule)
 """
 import argparse
 import json
@@ -33,13 +34,18 @@ def bench_binary():
     return exe
 
 
-def case_vit_full():
+def case_vit_full(sdpa=False):
+    """M3D-CLIP's ViT at batch 1. MONAI's default attention materialises the 2049 x 2049 scores (what the
+    reference runs); with `sdpa` MONAI's `use_flash_attention` path calls torch's fused
+    scaled_dot_product_attention, the kernel m3d uses: the same-kernels comparison."""
     from vit3d_oracle import M3dViT
 
     cfg = dict(in_channels=1, img_size=[32, 256, 256], patch_size=[4, 16, 16], hidden_size=768, mlp_dim=3072,
                num_layers=12, num_heads=12, dropout_rate=0.0, qkv_bias=False, cls_token=True)
     torch.manual_seed(0)
     model = M3dViT(cfg).train()
+    for blk in model.blocks:
+        blk.attn.use_flash_attention = sdpa
     x = torch.randn(1, 1, 32, 256, 256)
     w = torch.randn(1, 2049, 768)  # a fixed random read-out: the mean of a LayerNorm output is ~0
     return dict(model="vit", config=cfg, lora=None), model, {"x": x, "w": w}, lambda: (model(x)[0] * w).mean(), 2
@@ -122,7 +128,8 @@ def case_lamed_tiny_lora():
     return spec, peft_model, inputs, step, 10, state
 
 
-CASES = {"clip-tiny": case_clip_tiny, "vit-full": case_vit_full, "lamed-tiny-lora": case_lamed_tiny_lora}
+CASES = {"clip-tiny": case_clip_tiny, "vit-full": case_vit_full, "vit-full-sdpa": lambda: case_vit_full(True),
+         "lamed-tiny-lora": case_lamed_tiny_lora}
 
 
 def time_torch(step, model, iters, warmup):

@@ -8,7 +8,8 @@
 //! Prints one JSON line: the loss and the seconds of every timed iteration.
 //!
 //! usage: model_bench --synthetic <clip-m3d | vit-m3d | lamed-llama2-7b | lamed-llama3-8b | lamed-phi3>
-//!            [--batch B] [--device cpu|cuda] [--precision f32|bf16] [--iters N] [--warmup W] [--peak-tflops P]
+//!            [--batch B] [--device cpu|cuda] [--precision f32|bf16|bf16-autocast] [--iters N] [--warmup W]
+//!            [--peak-tflops P]
 //!
 //! Full-size models with random weights and random inputs (what `bench/gpu/models.sh` runs): samples/s,
 //! tokens/s and model FLOPs utilisation. FLOPs per step follow the PaLM convention, 6·N·T per component
@@ -277,7 +278,7 @@ fn run_synthetic(args: &[String], case: &str) -> Result<()> {
                 let _ = g.zero_();
             }
         }
-        let l = (s.step)()?;
+        let l = precision.run(|| (s.step)())?;
         l.backward();
         let _ = l.double_value(&[]); // synchronises with the device
         if i >= warmup {

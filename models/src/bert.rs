@@ -13,7 +13,7 @@ use tch::{Kind, Tensor};
 
 use crate::builder::VarBuilder;
 use crate::error::{ModelError, Result};
-use crate::layers::{dropout, Activation, Embedding, LayerNorm, Linear};
+use crate::layers::{check_token_ids, dropout, dtype_min, Activation, Embedding, LayerNorm, Linear};
 use crate::weights::LoadOptions;
 
 /// The fields of an HF BERT `config.json` this model uses; absent fields take `transformers.BertConfig`'s
@@ -392,18 +392,13 @@ impl Bert {
         train: bool,
     ) -> Result<Tensor> {
         let s = input_ids.size();
-        if s.len() != 2 || s[0] < 1 || s[1] < 1 {
-            return Err(ModelError::Input(format!(
-                "BERT input_ids must be (B, T) with B, T >= 1, got {s:?}"
-            )));
-        }
+        check_token_ids("BERT input_ids", input_ids, self.cfg.vocab_size)?;
         if s[1] > self.cfg.max_position_embeddings {
             return Err(ModelError::Input(format!(
                 "BERT input of {} tokens exceeds max_position_embeddings {}",
                 s[1], self.cfg.max_position_embeddings
             )));
         }
-        check_ids("input_ids", input_ids, self.cfg.vocab_size)?;
         for (name, t) in [
             ("attention_mask", Some(attention_mask)),
             ("token_type_ids", token_type_ids),
@@ -419,7 +414,7 @@ impl Bert {
             }
         }
         if let Some(t) = token_type_ids {
-            check_ids("token_type_ids", t, self.cfg.type_vocab_size)?;
+            check_token_ids("BERT token_type_ids", t, self.cfg.type_vocab_size)?;
         }
         Ok(self.forward_t(input_ids, attention_mask, token_type_ids, train))
     }
@@ -429,31 +424,5 @@ impl Bert {
         self.pooler
             .as_ref()
             .map(|p| p.forward(&last_hidden_state.select(1, 0)).tanh())
-    }
-}
-
-fn check_ids(name: &str, ids: &Tensor, n: i64) -> Result<()> {
-    if !matches!(ids.kind(), Kind::Int64 | Kind::Int) {
-        return Err(ModelError::Input(format!(
-            "BERT {name} must be integer, got {:?}",
-            ids.kind()
-        )));
-    }
-    let (lo, hi) = (ids.min().int64_value(&[]), ids.max().int64_value(&[]));
-    if lo < 0 || hi >= n {
-        return Err(ModelError::Input(format!(
-            "BERT {name} out of range [0, {n}): min {lo}, max {hi}"
-        )));
-    }
-    Ok(())
-}
-
-/// `torch.finfo(kind).min`.
-fn dtype_min(kind: Kind) -> f64 {
-    match kind {
-        Kind::BFloat16 => -3.389_531_389_251_535e38,
-        Kind::Half => -65504.0,
-        Kind::Double => f64::MIN,
-        _ => f32::MIN as f64,
     }
 }

@@ -34,7 +34,7 @@ use crate::layers::{dropout, Linear};
 use crate::llama::LlamaConfig;
 use crate::llm::{greedy_generate, CausalLm, GenerateInput, LlmConfig};
 use crate::phi3::Phi3Config;
-use crate::projector::{build_projector, Projector, ProjectorConfig};
+use crate::projector::{build_projector, Projector, ProjectorConfig, ProjectorType};
 use crate::segvol::{self, SegVol, SegVolConfig};
 use crate::vit3d::{ViT3d, ViT3dConfig};
 
@@ -156,9 +156,15 @@ impl LamedConfig {
         cfg
     }
 
-    /// Image tokens the prompt must reserve after BOS (`proj_out_num`, 256 for M3D).
+    /// Image tokens the prompt must reserve after BOS (`proj_out_num`, 256 for M3D): what the projector
+    /// makes of the patches, plus the CLS token when it is selected and the projector keeps every token.
     pub fn num_image_tokens(&self) -> i64 {
-        self.projector.num_output_tokens()
+        self.projector.num_output_tokens() + i64::from(self.projects_cls_token())
+    }
+
+    /// Whether the selected features include a CLS token (which the projector then passes on).
+    fn projects_cls_token(&self) -> bool {
+        self.vision_select_feature == SelectFeature::ClsPatch && self.vision.cls_token
     }
 
     /// Reads the reference's flat `config.json` (`model_type` `lamed_llama` / `lamed_phi3`, with
@@ -247,6 +253,12 @@ impl LamedConfig {
         if self.vision_select_feature == SelectFeature::Patch && !self.vision.cls_token {
             return bad(
                 "select feature `patch` drops a CLS token the vision tower does not have".into(),
+            );
+        }
+        if self.projects_cls_token() && p.mm_projector_type == ProjectorType::Spp {
+            return bad(
+                "the spp projector pools the patch grid and cannot take the CLS token of `cls_patch`"
+                    .into(),
             );
         }
         let layers = self.vision.num_layers;
@@ -438,7 +450,7 @@ impl Lamed {
         images: Option<&Tensor>,
         train: bool,
     ) -> Result<Tensor> {
-        let embeds = self.llm.try_embed_tokens(input_ids)?;
+        let embeds = self.llm.embed_tokens(input_ids)?;
         let Some(images) = images else {
             return Ok(embeds);
         };
@@ -464,6 +476,14 @@ impl Lamed {
             });
         }
         let feats = self.encode_images(images, train)?.to_kind(embeds.kind());
+        // The splice must keep the sequence length, or the mask and labels no longer line up.
+        if feats.size().get(1) != Some(&n) {
+            return Err(ModelError::Shape {
+                name: "projected image tokens".into(),
+                expected: vec![b, n, embeds.size()[2]],
+                got: feats.size(),
+            });
+        }
         Ok(Tensor::cat(
             &[
                 embeds.narrow(1, 0, 1),
@@ -565,7 +585,15 @@ impl Lamed {
         ids: &Tensor,
         train: bool,
     ) -> Result<Tensor> {
-        let (n, t) = (ids.size()[0], ids.size()[1]);
+        let (s, h) = (ids.size(), self.cfg.llm.hidden_size());
+        if s.len() != 2 || s[1] < 1 || hidden.size() != [s[0], s[1], h] {
+            return Err(ModelError::Shape {
+                name: format!("hidden states for [SEG] ids of shape {s:?}"),
+                expected: vec![s.first().copied().unwrap_or(-1), s.get(1).copied().unwrap_or(-1), h],
+                got: hidden.size(),
+            });
+        }
+        let (n, t) = (s[0], s[1]);
         // weights[i, p] = 1 / count_i where ids[i, p + 1] is [SEG].
         let next_is_seg = Tensor::cat(
             &[
@@ -627,7 +655,7 @@ impl Lamed {
             let gen = Tensor::from_slice(&generated)
                 .view([1, -1])
                 .to_device(self.device());
-            let embeds = Tensor::cat(&[prompt, self.llm.try_embed_tokens(&gen)?], 1);
+            let embeds = Tensor::cat(&[prompt, self.llm.embed_tokens(&gen)?], 1);
             let hidden = self.llm.forward_embeds(&embeds, None, None, false)?;
             // Only generated positions count: their hidden states and the ids that follow them.
             let p = input_ids.size()[1];

@@ -1,10 +1,13 @@
-//! The building blocks every model shares, with PyTorch's parameter names (`weight`, `bias`) and numerics.
+//! The building blocks every model shares, with PyTorch's parameter names (`weight`, `bias`) and numerics:
+//! `nn.Linear` (with LoRA and the autocast compute kind), `nn.LayerNorm`, HF's RMSNorm, `nn.Embedding`,
+//! the activations HF configs name and dropout; plus the token-id check and the attention-mask fill value
+//! the encoders and decoders use alike.
 
 use tch::nn::Init;
 use tch::{Kind, Tensor};
 
 use crate::builder::{torch_default_init, VarBuilder};
-use crate::error::Result;
+use crate::error::{ModelError, Result};
 use crate::lora::LoraAdapter;
 
 /// `nn.Linear`, optionally with a LoRA adapter (added when the builder's LoRA config selects this module).
@@ -36,20 +39,19 @@ impl Linear {
     /// [`autocast`](crate::precision::autocast) the product runs in the autocast kind (weights cast on the
     /// fly, gradients flowing back to them in their own kind).
     pub fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
-        if let Some(kind) = crate::precision::autocast_kind() {
-            if kind != self.weight.kind() && xs.is_floating_point() {
-                let xs = xs.to_kind(kind);
-                let bias = self.bias.as_ref().map(|b| b.to_kind(kind));
-                let ys = xs.linear(&self.weight.to_kind(kind), bias.as_ref());
-                return match &self.lora {
-                    Some(lora) => ys + lora.forward_t(&xs, train).to_kind(kind),
-                    None => ys,
-                };
-            }
-        }
-        let ys = xs.linear(&self.weight, self.bias.as_ref());
+        // Every operand goes to the autocast kind, also when the weight already has it and the input does
+        // not (bf16 parameters fed an f32 activation), as torch's autocast does. `to_kind` to the same
+        // kind is free.
+        let kind = crate::precision::autocast_kind().filter(|_| xs.is_floating_point());
+        let cast = |t: &Tensor| match kind {
+            Some(k) => t.to_kind(k),
+            None => t.shallow_clone(),
+        };
+        let xs = cast(xs);
+        let bias = self.bias.as_ref().map(cast);
+        let ys = xs.linear(&cast(&self.weight), bias.as_ref());
         match &self.lora {
-            Some(lora) => ys + lora.forward_t(xs, train),
+            Some(lora) => ys + lora.forward_t(&xs, train),
             None => ys,
         }
     }
@@ -172,4 +174,34 @@ pub fn dropout(xs: Tensor, p: f64, train: bool) -> Tensor {
     } else {
         xs
     }
+}
+
+/// `torch.finfo(kind).min`: what HF fills masked attention scores with (a fully masked row then becomes
+/// uniform instead of NaN, as it would with -inf).
+pub(crate) fn dtype_min(kind: Kind) -> f64 {
+    match kind {
+        Kind::Half => -65504.0,
+        Kind::BFloat16 => -3.389_531_389_251_535_5e38,
+        Kind::Double => f64::MIN,
+        _ => f32::MIN as f64,
+    }
+}
+
+/// Checks (B, T) token ids, B and T >= 1, against a vocabulary of `n`: an id outside it would otherwise be
+/// a libtorch panic on the CPU and an unrecoverable device-side assert on CUDA.
+pub(crate) fn check_token_ids(name: &str, ids: &Tensor, n: i64) -> Result<()> {
+    let s = ids.size();
+    if s.len() != 2 || s[0] < 1 || s[1] < 1 || !matches!(ids.kind(), Kind::Int64 | Kind::Int) {
+        return Err(ModelError::Input(format!(
+            "{name} must be (batch, seq) integers with batch, seq >= 1, got {s:?} {:?}",
+            ids.kind()
+        )));
+    }
+    let (lo, hi) = (ids.min().int64_value(&[]), ids.max().int64_value(&[]));
+    if lo < 0 || hi >= n {
+        return Err(ModelError::Input(format!(
+            "{name} out of range [0, {n}): min {lo}, max {hi}"
+        )));
+    }
+    Ok(())
 }

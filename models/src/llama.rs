@@ -1,19 +1,17 @@
 //! Llama (Touvron et al. 2023, "Llama 2"; Meta 2024, "The Llama 3 Herd of Models") as HF transformers'
-//! `LlamaForCausalLM` lays it out: pre-norm decoder blocks of RMSNorm, rotary grouped-query self-attention
-//! and a SwiGLU MLP, a final RMSNorm and `lm_head` (tied to `model.embed_tokens` when
-//! `tie_word_embeddings`). Parameter names are the HF checkpoint keys (`model.layers.N.self_attn.q_proj`, ...).
+//! `LlamaForCausalLM` configures it: [`LlamaConfig`] reads the published config.json (both the
+//! transformers 4 `rope_scaling` and the 5 `rope_parameters` forms) into the shared decoder of
+//! [`crate::llm`], with separate `q_proj`/`k_proj`/`v_proj`/`o_proj` and `gate_proj`/`up_proj`/`down_proj`
+//! (optional biases), no residual dropout, and RoPE default, linear, dynamic or llama3. Parameter names are
+//! the HF checkpoint keys (`model.layers.N.self_attn.q_proj.weight`, ...).
 //!
 //! M3D-LaMed uses Llama-2-7B-chat ([`LlamaConfig::llama2_7b`]) or Llama-3-8B-Instruct
-//! ([`LlamaConfig::llama3_8b`]) as its language model.
+//! ([`LlamaConfig::llama3_8b`]) as its language model; build it with [`crate::llm::CausalLm`].
 
-use tch::Tensor;
-
-use crate::builder::VarBuilder;
-use crate::error::{ModelError, Result};
-use crate::layers::{Activation, Embedding, Linear, RmsNorm};
+use crate::error::Result;
+use crate::layers::Activation;
 use crate::llm::{
-    apply_rotary, attention, check_embeds, embed, prepare_decoder_inputs, resolve_rope,
-    AttentionImpl, DecoderInputs, KvCache, LlmConfig, RopeParameters, RopeSpec, RotaryEmbedding,
+    check_heads, resolve_rope, AttentionImpl, DecoderSpec, ProjLayout, RopeParameters, RopeSpec,
     TokenIds,
 };
 
@@ -148,7 +146,12 @@ impl LlamaConfig {
         )
     }
 
+    /// Checks what serde cannot: head counts that divide, a supported RoPE.
     pub fn validate(&self) -> Result<()> {
+        self.spec().map(|_| ())
+    }
+
+    pub(crate) fn spec(&self) -> Result<DecoderSpec> {
         check_heads(
             "llama",
             self.hidden_size,
@@ -156,268 +159,27 @@ impl LlamaConfig {
             self.num_kv_heads(),
             self.head_dim,
         )?;
-        self.rope().map(|_| ())
-    }
-}
-
-/// Head counts must be positive and group evenly; without an explicit `head_dim` the heads tile `hidden`.
-pub(crate) fn check_heads(
-    model: &str,
-    hidden: i64,
-    heads: i64,
-    kv_heads: i64,
-    head_dim: Option<i64>,
-) -> Result<()> {
-    if heads <= 0 || kv_heads <= 0 || heads % kv_heads != 0 {
-        return Err(ModelError::Config(format!(
-            "{model}: num_attention_heads {heads} must be a positive multiple of num_key_value_heads {kv_heads}"
-        )));
-    }
-    if head_dim.is_none() && hidden % heads != 0 {
-        return Err(ModelError::Config(format!(
-            "{model}: hidden_size {hidden} is not divisible by num_attention_heads {heads}"
-        )));
-    }
-    Ok(())
-}
-
-/// `self_attn`: separate q/k/v/o projections, RoPE on q and k, grouped-query attention.
-#[derive(Debug)]
-pub struct LlamaAttention {
-    pub q_proj: Linear,
-    pub k_proj: Linear,
-    pub v_proj: Linear,
-    pub o_proj: Linear,
-    num_heads: i64,
-    num_kv_heads: i64,
-    head_dim: i64,
-    dropout: f64,
-    imp: AttentionImpl,
-}
-
-impl LlamaAttention {
-    pub fn new(vb: &VarBuilder, cfg: &LlamaConfig) -> Result<Self> {
-        let (h, kvh, d) = (cfg.num_attention_heads, cfg.num_kv_heads(), cfg.head_dim());
-        let bias = cfg.attention_bias;
-        Ok(LlamaAttention {
-            q_proj: Linear::new(&vb.pp("q_proj"), cfg.hidden_size, h * d, bias)?,
-            k_proj: Linear::new(&vb.pp("k_proj"), cfg.hidden_size, kvh * d, bias)?,
-            v_proj: Linear::new(&vb.pp("v_proj"), cfg.hidden_size, kvh * d, bias)?,
-            o_proj: Linear::new(&vb.pp("o_proj"), h * d, cfg.hidden_size, bias)?,
-            num_heads: h,
-            num_kv_heads: kvh,
-            head_dim: d,
-            dropout: cfg.attention_dropout,
-            imp: cfg.attn_implementation,
+        Ok(DecoderSpec {
+            vocab_size: self.vocab_size,
+            hidden_size: self.hidden_size,
+            intermediate_size: self.intermediate_size,
+            num_hidden_layers: self.num_hidden_layers,
+            num_heads: self.num_attention_heads,
+            num_kv_heads: self.num_kv_heads(),
+            head_dim: self.head_dim(),
+            act: self.hidden_act,
+            rms_norm_eps: self.rms_norm_eps,
+            attention_dropout: self.attention_dropout,
+            resid_pdrop: 0.0,
+            sliding_window: None,
+            tie_word_embeddings: self.tie_word_embeddings,
+            pad_token_id: self.pad_token_id,
+            attn_implementation: self.attn_implementation,
+            rope: self.rope()?,
+            layout: ProjLayout::Separate {
+                attention_bias: self.attention_bias,
+                mlp_bias: self.mlp_bias,
+            },
         })
-    }
-
-    pub(crate) fn forward_t(
-        &self,
-        xs: &Tensor,
-        inputs: &DecoderInputs,
-        cache: Option<(&mut KvCache, usize)>,
-        train: bool,
-    ) -> Result<Tensor> {
-        let (b, t) = (xs.size()[0], xs.size()[1]);
-        let heads = |x: Tensor, n: i64| x.view([b, t, n, self.head_dim]).transpose(1, 2);
-        let q = heads(self.q_proj.forward_t(xs, train), self.num_heads);
-        let k = heads(self.k_proj.forward_t(xs, train), self.num_kv_heads);
-        let v = heads(self.v_proj.forward_t(xs, train), self.num_kv_heads);
-        let q = apply_rotary(&q, &inputs.cos, &inputs.sin);
-        let k = apply_rotary(&k, &inputs.cos, &inputs.sin);
-        let (k, v) = match cache {
-            Some((cache, layer)) => cache.append(layer, k, v)?,
-            None => (k, v),
-        };
-        let out = attention(&q, &k, &v, &inputs.bias, self.dropout, train, self.imp);
-        Ok(self.o_proj.forward_t(&out, train))
-    }
-}
-
-/// `mlp`: `down_proj(act(gate_proj(x)) * up_proj(x))` (SwiGLU with `hidden_act` = silu).
-#[derive(Debug)]
-pub struct LlamaMlp {
-    pub gate_proj: Linear,
-    pub up_proj: Linear,
-    pub down_proj: Linear,
-    act: Activation,
-}
-
-impl LlamaMlp {
-    pub fn new(vb: &VarBuilder, cfg: &LlamaConfig) -> Result<Self> {
-        let (h, i, bias) = (cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias);
-        Ok(LlamaMlp {
-            gate_proj: Linear::new(&vb.pp("gate_proj"), h, i, bias)?,
-            up_proj: Linear::new(&vb.pp("up_proj"), h, i, bias)?,
-            down_proj: Linear::new(&vb.pp("down_proj"), i, h, bias)?,
-            act: cfg.hidden_act,
-        })
-    }
-
-    pub fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
-        let gate = self.act.forward(&self.gate_proj.forward_t(xs, train));
-        self.down_proj
-            .forward_t(&(gate * self.up_proj.forward_t(xs, train)), train)
-    }
-}
-
-/// `model.layers.N`: pre-norm residual attention and MLP.
-#[derive(Debug)]
-pub struct LlamaDecoderLayer {
-    pub self_attn: LlamaAttention,
-    pub mlp: LlamaMlp,
-    pub input_layernorm: RmsNorm,
-    pub post_attention_layernorm: RmsNorm,
-}
-
-impl LlamaDecoderLayer {
-    pub fn new(vb: &VarBuilder, cfg: &LlamaConfig) -> Result<Self> {
-        let (h, eps) = (cfg.hidden_size, cfg.rms_norm_eps);
-        Ok(LlamaDecoderLayer {
-            self_attn: LlamaAttention::new(&vb.pp("self_attn"), cfg)?,
-            mlp: LlamaMlp::new(&vb.pp("mlp"), cfg)?,
-            input_layernorm: RmsNorm::new(&vb.pp("input_layernorm"), h, eps)?,
-            post_attention_layernorm: RmsNorm::new(&vb.pp("post_attention_layernorm"), h, eps)?,
-        })
-    }
-
-    pub(crate) fn forward_t(
-        &self,
-        xs: &Tensor,
-        inputs: &DecoderInputs,
-        cache: Option<(&mut KvCache, usize)>,
-        train: bool,
-    ) -> Result<Tensor> {
-        let attn =
-            self.self_attn
-                .forward_t(&self.input_layernorm.forward(xs), inputs, cache, train)?;
-        let xs = xs + attn;
-        let mlp = self
-            .mlp
-            .forward_t(&self.post_attention_layernorm.forward(&xs), train);
-        Ok(xs + mlp)
-    }
-}
-
-/// `model`: embeddings, decoder layers, final norm.
-#[derive(Debug)]
-pub struct LlamaModel {
-    pub embed_tokens: Embedding,
-    pub layers: Vec<LlamaDecoderLayer>,
-    pub norm: RmsNorm,
-    rotary: RotaryEmbedding,
-    padding_idx: Option<i64>,
-    hidden_size: i64,
-}
-
-impl LlamaModel {
-    pub fn new(vb: &VarBuilder, cfg: &LlamaConfig) -> Result<Self> {
-        cfg.validate()?;
-        let layers = (0..cfg.num_hidden_layers)
-            .map(|i| LlamaDecoderLayer::new(&vb.pp("layers").pp(i), cfg))
-            .collect::<Result<Vec<_>>>()?;
-        Ok(LlamaModel {
-            embed_tokens: Embedding::new(&vb.pp("embed_tokens"), cfg.vocab_size, cfg.hidden_size)?,
-            layers,
-            norm: RmsNorm::new(&vb.pp("norm"), cfg.hidden_size, cfg.rms_norm_eps)?,
-            rotary: RotaryEmbedding::new(cfg.rope()?, vb.device()),
-            padding_idx: cfg.pad_token_id,
-            hidden_size: cfg.hidden_size,
-        })
-    }
-
-    pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
-        embed(&self.embed_tokens.weight, ids, self.padding_idx)
-    }
-
-    /// Hidden states after the final norm; see [`crate::llm::CausalLm::forward_embeds`].
-    pub fn forward_embeds(
-        &self,
-        embeds: &Tensor,
-        attention_mask: Option<&Tensor>,
-        mut cache: Option<&mut KvCache>,
-        train: bool,
-    ) -> Result<Tensor> {
-        check_embeds(embeds, self.hidden_size)?;
-        let past = cache.as_ref().map_or(0, |c| c.seq_len());
-        let inputs = prepare_decoder_inputs(&self.rotary, embeds, attention_mask, past, None)?;
-        let mut xs = embeds.shallow_clone();
-        for (i, layer) in self.layers.iter().enumerate() {
-            let layer_cache = cache.as_deref_mut().map(|c| (c, i));
-            xs = layer.forward_t(&xs, &inputs, layer_cache, train)?;
-        }
-        Ok(self.norm.forward(&xs))
-    }
-}
-
-/// `LlamaForCausalLM`: [`LlamaModel`] under `model.` and `lm_head` (absent when tied).
-#[derive(Debug)]
-pub struct Llama {
-    pub model: LlamaModel,
-    pub lm_head: Option<Linear>,
-    cfg: LlmConfig,
-}
-
-impl Llama {
-    pub fn new(vb: &VarBuilder, cfg: &LlamaConfig) -> Result<Self> {
-        let model = LlamaModel::new(&vb.pp("model"), cfg)?;
-        let lm_head = if cfg.tie_word_embeddings {
-            None
-        } else {
-            Some(Linear::new(
-                &vb.pp("lm_head"),
-                cfg.hidden_size,
-                cfg.vocab_size,
-                false,
-            )?)
-        };
-        Ok(Llama {
-            model,
-            lm_head,
-            cfg: LlmConfig::Llama(cfg.clone()),
-        })
-    }
-
-    pub fn llm_config(&self) -> &LlmConfig {
-        &self.cfg
-    }
-
-    pub fn embed_weight(&self) -> &Tensor {
-        &self.model.embed_tokens.weight
-    }
-
-    /// Panics on ids outside the vocabulary; see [`Llama::try_embed_tokens`].
-    pub fn embed_tokens(&self, ids: &Tensor) -> Tensor {
-        let padding_idx = self.model.padding_idx.unwrap_or(-1);
-        Tensor::embedding(
-            &self.model.embed_tokens.weight,
-            ids,
-            padding_idx,
-            false,
-            false,
-        )
-    }
-
-    pub fn try_embed_tokens(&self, ids: &Tensor) -> Result<Tensor> {
-        self.model.embed(ids)
-    }
-
-    pub fn forward_embeds(
-        &self,
-        embeds: &Tensor,
-        attention_mask: Option<&Tensor>,
-        cache: Option<&mut KvCache>,
-        train: bool,
-    ) -> Result<Tensor> {
-        self.model
-            .forward_embeds(embeds, attention_mask, cache, train)
-    }
-
-    pub fn logits(&self, hidden: &Tensor) -> Tensor {
-        match &self.lm_head {
-            Some(head) => head.forward(hidden),
-            None => hidden.linear::<&Tensor>(&self.model.embed_tokens.weight, None),
-        }
     }
 }

@@ -1,6 +1,8 @@
-//! The decoder-only language models M3D-LaMed builds on (Llama-2/3, Phi-3), behind one interface, with what
-//! they share: the KV cache, rotary position embeddings, the causal + padding attention mask, the attention
-//! kernel and greedy decoding.
+//! The decoder-only language models M3D-LaMed builds on (Llama-2/3, Phi-3), as one [`CausalLm`]: the
+//! decoder both families share (pre-norm layers of RMSNorm, rotary grouped-query attention and a gated MLP),
+//! the KV cache, the causal + padding (+ sliding-window) attention mask, the attention kernel and greedy
+//! decoding. The family modules ([`crate::llama`], [`crate::phi3`]) only read their config.json into a
+//! `DecoderSpec`: how projections are stored (separate or fused), biases, dropout, window and RoPE.
 //!
 //! Semantics follow HF transformers' `LlamaForCausalLM` / `Phi3ForCausalLM` (v5): RoPE with the
 //! `rotate_half` convention and frequencies computed in f32, additive masks filled with the dtype's minimum,
@@ -13,6 +15,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::builder::VarBuilder;
 use crate::error::{read_json, ModelError, Result};
+use crate::layers::{check_token_ids, dropout, dtype_min, Activation, Embedding, Linear, RmsNorm};
 
 /// An HF config.json of a supported decoder, by `model_type`.
 #[derive(Debug, Clone, serde::Deserialize, serde::Serialize)]
@@ -37,9 +40,14 @@ impl LlmConfig {
 
     /// Checks what serde cannot: head counts that divide, a supported RoPE.
     pub fn validate(&self) -> Result<()> {
+        self.spec().map(|_| ())
+    }
+
+    /// The validated decoder shape [`CausalLm`] is built from.
+    pub(crate) fn spec(&self) -> Result<DecoderSpec> {
         match self {
-            LlmConfig::Llama(c) => c.validate(),
-            LlmConfig::Phi3(c) => c.validate(),
+            LlmConfig::Llama(c) => c.spec(),
+            LlmConfig::Phi3(c) => c.spec(),
         }
     }
 
@@ -425,31 +433,35 @@ impl KvCache {
         self.layers.iter_mut().for_each(|l| *l = None);
     }
 
-    /// Appends this step's keys/values for `layer` and returns all of them.
-    pub(crate) fn append(
-        &mut self,
-        layer: usize,
-        k: Tensor,
-        v: Tensor,
-    ) -> Result<(Tensor, Tensor)> {
+    /// Errors unless this cache can take a forward of `batch` sequences through `num_layers` layers: checked
+    /// before the first layer runs, so a refused step leaves the cache as it was.
+    fn check(&self, num_layers: usize, batch: i64) -> Result<()> {
+        if self.layers.len() != num_layers {
+            return Err(ModelError::Input(format!(
+                "KV cache has {} layers, the model {num_layers}",
+                self.layers.len()
+            )));
+        }
+        match self.layers.first().and_then(|l| l.as_ref()) {
+            Some((k, _)) if k.size()[0] != batch => Err(ModelError::Input(format!(
+                "KV cache holds batch {}, got batch {batch}",
+                k.size()[0]
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    /// Appends this step's keys/values for `layer` (checked by [`KvCache::check`]) and returns all of them.
+    fn append(&mut self, layer: usize, k: Tensor, v: Tensor) -> Result<(Tensor, Tensor)> {
         let n = self.layers.len();
         let slot = self.layers.get_mut(layer).ok_or_else(|| {
             ModelError::Input(format!(
                 "KV cache has {n} layers, the model asked for layer {layer}"
             ))
         })?;
-        let (k, v) = match slot.take() {
+        let (k, v) = match slot.as_ref() {
             None => (k, v),
-            Some((pk, pv)) => {
-                if pk.size()[0] != k.size()[0] {
-                    return Err(ModelError::Input(format!(
-                        "KV cache holds batch {}, got batch {}",
-                        pk.size()[0],
-                        k.size()[0]
-                    )));
-                }
-                (Tensor::f_cat(&[&pk, &k], 2)?, Tensor::f_cat(&[&pv, &v], 2)?)
-            }
+            Some((pk, pv)) => (Tensor::f_cat(&[pk, &k], 2)?, Tensor::f_cat(&[pv, &v], 2)?),
         };
         *slot = Some((k.shallow_clone(), v.shallow_clone()));
         Ok((k, v))
@@ -457,34 +469,23 @@ impl KvCache {
 }
 
 /// What every layer of one forward needs besides its input: RoPE angles and the attention bias.
-pub(crate) struct DecoderInputs {
-    pub cos: Tensor,
-    pub sin: Tensor,
-    pub bias: AttnBias,
+struct DecoderInputs {
+    cos: Tensor,
+    sin: Tensor,
+    bias: AttnBias,
 }
 
 /// The attention bias of one forward: an additive (B, 1, T, T_total) mask (0 where allowed, the dtype's
 /// minimum where not), or plain causal attention without a mask, or none at all (one new token, no padding).
-pub(crate) enum AttnBias {
+enum AttnBias {
     Mask(Tensor),
     Causal,
     Nothing,
 }
 
-/// The most negative finite value of `kind`, which HF fills masked scores with (a fully masked row then
-/// becomes uniform instead of NaN).
-fn dtype_min(kind: Kind) -> f64 {
-    match kind {
-        Kind::Half => -65504.0,
-        Kind::BFloat16 => -3.389_531_389_251_535_5e38,
-        Kind::Double => f64::MIN,
-        _ => f32::MIN as f64,
-    }
-}
-
 /// Position ids, RoPE angles and attention bias for `t_new` new tokens after `past` cached ones.
 /// `sliding_window`: keys further than this behind the query are masked (Phi-3).
-pub(crate) fn prepare_decoder_inputs(
+fn prepare_decoder_inputs(
     rope: &RotaryEmbedding,
     embeds: &Tensor,
     attention_mask: Option<&Tensor>,
@@ -568,7 +569,7 @@ fn additive_mask(
 }
 
 /// Scaled dot-product attention of q (B, H, T, D) over k, v (B, KVH, S, D); returns (B, T, H * D).
-pub(crate) fn attention(
+fn attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
@@ -620,106 +621,388 @@ fn repeat_kv(x: &Tensor, n_rep: i64) -> Tensor {
         .reshape([b, kvh * n_rep, s, d])
 }
 
-/// Checks and reads (B, T) token ids.
-pub(crate) fn check_ids(ids: &Tensor) -> Result<()> {
-    if ids.dim() != 2 || !matches!(ids.kind(), Kind::Int64 | Kind::Int) {
-        return Err(ModelError::Input(format!(
-            "token ids must be (batch, seq) int64, got {:?} {:?}",
-            ids.size(),
-            ids.kind()
-        )));
-    }
-    Ok(())
-}
-
-/// Checks (B, T, hidden) input embeddings.
-pub(crate) fn check_embeds(embeds: &Tensor, hidden: i64) -> Result<()> {
-    if embeds.dim() != 3 || embeds.size()[2] != hidden {
+/// Checks (B, T, hidden) input embeddings, T >= 1.
+fn check_embeds(embeds: &Tensor, hidden: i64) -> Result<()> {
+    let s = embeds.size();
+    if s.len() != 3 || s[1] < 1 || s[2] != hidden || !embeds.is_floating_point() {
         return Err(ModelError::Shape {
-            name: "inputs_embeds".into(),
+            name: format!("inputs_embeds ({:?})", embeds.kind()),
             expected: vec![-1, -1, hidden],
-            got: embeds.size(),
+            got: s,
         });
     }
     Ok(())
 }
 
-/// Token embedding with HF's `padding_idx`: the pad row receives no gradient.
-pub(crate) fn embed(weight: &Tensor, ids: &Tensor, padding_idx: Option<i64>) -> Result<Tensor> {
-    check_ids(ids)?;
-    Ok(Tensor::f_embedding(
-        weight,
-        ids,
-        padding_idx.unwrap_or(-1),
-        false,
-        false,
-    )?)
+// ---------------------------------------------------------------------------------------------------------
+// The decoder both families share. Llama and Phi-3 differ only in how the projections are stored (separate
+// or fused), in biases, residual dropout and the sliding window; everything else is one code path.
+
+/// Head counts must be positive and group evenly; without an explicit `head_dim` the heads tile `hidden`.
+pub(crate) fn check_heads(
+    model: &str,
+    hidden: i64,
+    heads: i64,
+    kv_heads: i64,
+    head_dim: Option<i64>,
+) -> Result<()> {
+    if heads <= 0 || kv_heads <= 0 || heads % kv_heads != 0 {
+        return Err(ModelError::Config(format!(
+            "{model}: num_attention_heads {heads} must be a positive multiple of num_key_value_heads {kv_heads}"
+        )));
+    }
+    if head_dim.is_none() && hidden % heads != 0 {
+        return Err(ModelError::Config(format!(
+            "{model}: hidden_size {hidden} is not divisible by num_attention_heads {heads}"
+        )));
+    }
+    Ok(())
+}
+
+/// How a family stores its projections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ProjLayout {
+    /// Llama: `q_proj`/`k_proj`/`v_proj`/`o_proj` and `gate_proj`/`up_proj`/`down_proj`, optional biases.
+    Separate { attention_bias: bool, mlp_bias: bool },
+    /// Phi-3: `qkv_proj` and `gate_up_proj`, no biases.
+    Fused,
+}
+
+/// A validated decoder shape, whichever family's config.json it was read from.
+#[derive(Debug, Clone)]
+pub(crate) struct DecoderSpec {
+    pub vocab_size: i64,
+    pub hidden_size: i64,
+    pub intermediate_size: i64,
+    pub num_hidden_layers: i64,
+    pub num_heads: i64,
+    pub num_kv_heads: i64,
+    pub head_dim: i64,
+    pub act: Activation,
+    pub rms_norm_eps: f64,
+    pub attention_dropout: f64,
+    /// Dropout on both residual branches of a layer (Phi-3's `resid_pdrop`; 0 for Llama).
+    pub resid_pdrop: f64,
+    pub sliding_window: Option<i64>,
+    pub tie_word_embeddings: bool,
+    /// Also the embedding's `padding_idx`: that row gets no gradient, as in HF.
+    pub pad_token_id: Option<i64>,
+    pub attn_implementation: AttentionImpl,
+    pub rope: RopeSpec,
+    pub layout: ProjLayout,
+}
+
+/// The q/k/v projections of [`SelfAttention`], in either layout.
+#[derive(Debug)]
+pub enum QkvProj {
+    Separate {
+        q_proj: Linear,
+        k_proj: Linear,
+        v_proj: Linear,
+    },
+    /// One `qkv_proj`: q rows, then k, then v. LoRA adapts it as one module, as PEFT does.
+    Fused { qkv_proj: Linear },
+}
+
+/// `self_attn`: q/k/v projections, RoPE on q and k, grouped-query attention, `o_proj`.
+#[derive(Debug)]
+pub struct SelfAttention {
+    pub qkv: QkvProj,
+    pub o_proj: Linear,
+    num_heads: i64,
+    num_kv_heads: i64,
+    head_dim: i64,
+    dropout: f64,
+    imp: AttentionImpl,
+}
+
+impl SelfAttention {
+    fn new(vb: &VarBuilder, s: &DecoderSpec) -> Result<Self> {
+        let (hidden, h, kvh, d) = (s.hidden_size, s.num_heads, s.num_kv_heads, s.head_dim);
+        let (qkv, o_bias) = match s.layout {
+            ProjLayout::Separate {
+                attention_bias: bias,
+                ..
+            } => (
+                QkvProj::Separate {
+                    q_proj: Linear::new(&vb.pp("q_proj"), hidden, h * d, bias)?,
+                    k_proj: Linear::new(&vb.pp("k_proj"), hidden, kvh * d, bias)?,
+                    v_proj: Linear::new(&vb.pp("v_proj"), hidden, kvh * d, bias)?,
+                },
+                bias,
+            ),
+            ProjLayout::Fused => (
+                QkvProj::Fused {
+                    qkv_proj: Linear::new(&vb.pp("qkv_proj"), hidden, (h + 2 * kvh) * d, false)?,
+                },
+                false,
+            ),
+        };
+        Ok(SelfAttention {
+            qkv,
+            o_proj: Linear::new(&vb.pp("o_proj"), h * d, hidden, o_bias)?,
+            num_heads: h,
+            num_kv_heads: kvh,
+            head_dim: d,
+            dropout: s.attention_dropout,
+            imp: s.attn_implementation,
+        })
+    }
+
+    fn forward_t(
+        &self,
+        xs: &Tensor,
+        inputs: &DecoderInputs,
+        cache: Option<(&mut KvCache, usize)>,
+        train: bool,
+    ) -> Result<Tensor> {
+        let (b, t) = (xs.size()[0], xs.size()[1]);
+        let (h, kvh, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let (q, k, v) = match &self.qkv {
+            QkvProj::Separate {
+                q_proj,
+                k_proj,
+                v_proj,
+            } => (
+                q_proj.forward_t(xs, train),
+                k_proj.forward_t(xs, train),
+                v_proj.forward_t(xs, train),
+            ),
+            QkvProj::Fused { qkv_proj } => {
+                let qkv = qkv_proj.forward_t(xs, train);
+                (
+                    qkv.narrow(-1, 0, h * d),
+                    qkv.narrow(-1, h * d, kvh * d),
+                    qkv.narrow(-1, (h + kvh) * d, kvh * d),
+                )
+            }
+        };
+        let heads = |x: &Tensor, n: i64| x.reshape([b, t, n, d]).transpose(1, 2);
+        let q = apply_rotary(&heads(&q, h), &inputs.cos, &inputs.sin);
+        let k = apply_rotary(&heads(&k, kvh), &inputs.cos, &inputs.sin);
+        let v = heads(&v, kvh);
+        let (k, v) = match cache {
+            Some((cache, layer)) => cache.append(layer, k, v)?,
+            None => (k, v),
+        };
+        let out = attention(&q, &k, &v, &inputs.bias, self.dropout, train, self.imp);
+        Ok(self.o_proj.forward_t(&out, train))
+    }
+}
+
+/// The gate and up projections of [`GatedMlp`], in either layout.
+#[derive(Debug)]
+pub enum GateUpProj {
+    Separate { gate_proj: Linear, up_proj: Linear },
+    /// One `gate_up_proj`: gate rows, then up rows.
+    Fused { gate_up_proj: Linear },
+}
+
+/// `mlp`: `down_proj(act(gate) * up)` (SwiGLU with `hidden_act` = silu).
+#[derive(Debug)]
+pub struct GatedMlp {
+    pub gate_up: GateUpProj,
+    pub down_proj: Linear,
+    act: Activation,
+}
+
+impl GatedMlp {
+    fn new(vb: &VarBuilder, s: &DecoderSpec) -> Result<Self> {
+        let (h, i) = (s.hidden_size, s.intermediate_size);
+        let (gate_up, bias) = match s.layout {
+            ProjLayout::Separate { mlp_bias: bias, .. } => (
+                GateUpProj::Separate {
+                    gate_proj: Linear::new(&vb.pp("gate_proj"), h, i, bias)?,
+                    up_proj: Linear::new(&vb.pp("up_proj"), h, i, bias)?,
+                },
+                bias,
+            ),
+            ProjLayout::Fused => (
+                GateUpProj::Fused {
+                    gate_up_proj: Linear::new(&vb.pp("gate_up_proj"), h, 2 * i, false)?,
+                },
+                false,
+            ),
+        };
+        Ok(GatedMlp {
+            gate_up,
+            down_proj: Linear::new(&vb.pp("down_proj"), i, h, bias)?,
+            act: s.act,
+        })
+    }
+
+    fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
+        let (gate, up) = match &self.gate_up {
+            GateUpProj::Separate { gate_proj, up_proj } => {
+                (gate_proj.forward_t(xs, train), up_proj.forward_t(xs, train))
+            }
+            GateUpProj::Fused { gate_up_proj } => {
+                let gate_up = gate_up_proj.forward_t(xs, train);
+                let i = gate_up.size()[gate_up.dim() - 1] / 2;
+                (gate_up.narrow(-1, 0, i), gate_up.narrow(-1, i, i))
+            }
+        };
+        self.down_proj
+            .forward_t(&(self.act.forward(&gate) * up), train)
+    }
+}
+
+/// `model.layers.N`: pre-norm residual attention and MLP, each branch with residual dropout.
+#[derive(Debug)]
+pub struct DecoderLayer {
+    pub self_attn: SelfAttention,
+    pub mlp: GatedMlp,
+    pub input_layernorm: RmsNorm,
+    pub post_attention_layernorm: RmsNorm,
+    resid_pdrop: f64,
+}
+
+impl DecoderLayer {
+    fn new(vb: &VarBuilder, s: &DecoderSpec) -> Result<Self> {
+        let (h, eps) = (s.hidden_size, s.rms_norm_eps);
+        Ok(DecoderLayer {
+            self_attn: SelfAttention::new(&vb.pp("self_attn"), s)?,
+            mlp: GatedMlp::new(&vb.pp("mlp"), s)?,
+            input_layernorm: RmsNorm::new(&vb.pp("input_layernorm"), h, eps)?,
+            post_attention_layernorm: RmsNorm::new(&vb.pp("post_attention_layernorm"), h, eps)?,
+            resid_pdrop: s.resid_pdrop,
+        })
+    }
+
+    fn forward_t(
+        &self,
+        xs: &Tensor,
+        inputs: &DecoderInputs,
+        cache: Option<(&mut KvCache, usize)>,
+        train: bool,
+    ) -> Result<Tensor> {
+        let attn =
+            self.self_attn
+                .forward_t(&self.input_layernorm.forward(xs), inputs, cache, train)?;
+        let xs = xs + dropout(attn, self.resid_pdrop, train);
+        let mlp = self
+            .mlp
+            .forward_t(&self.post_attention_layernorm.forward(&xs), train);
+        Ok(&xs + dropout(mlp, self.resid_pdrop, train))
+    }
+}
+
+/// `model`: embeddings, decoder layers, final norm (HF's `LlamaModel` / `Phi3Model`).
+#[derive(Debug)]
+pub struct DecoderModel {
+    pub embed_tokens: Embedding,
+    pub layers: Vec<DecoderLayer>,
+    pub norm: RmsNorm,
+    rotary: RotaryEmbedding,
+}
+
+impl DecoderModel {
+    fn new(vb: &VarBuilder, s: &DecoderSpec) -> Result<Self> {
+        let layers = (0..s.num_hidden_layers)
+            .map(|i| DecoderLayer::new(&vb.pp("layers").pp(i), s))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(DecoderModel {
+            embed_tokens: Embedding::new(&vb.pp("embed_tokens"), s.vocab_size, s.hidden_size)?,
+            layers,
+            norm: RmsNorm::new(&vb.pp("norm"), s.hidden_size, s.rms_norm_eps)?,
+            rotary: RotaryEmbedding::new(s.rope.clone(), vb.device()),
+        })
+    }
 }
 
 // ---------------------------------------------------------------------------------------------------------
 // The model interface.
 
-/// A causal language model of any supported family.
-pub enum CausalLm {
-    Llama(crate::llama::Llama),
-    Phi3(crate::phi3::Phi3),
+/// A causal language model of any supported family (HF `LlamaForCausalLM` / `Phi3ForCausalLM`):
+/// [`DecoderModel`] under `model.` and `lm_head` (absent when the embeddings are tied).
+#[derive(Debug)]
+pub struct CausalLm {
+    pub model: DecoderModel,
+    pub lm_head: Option<Linear>,
+    spec: DecoderSpec,
+    cfg: LlmConfig,
 }
 
 impl CausalLm {
     /// `vb` is the root of an HF causal-LM checkpoint: keys `model.*` and `lm_head.*`.
     pub fn new(vb: &VarBuilder, cfg: &LlmConfig) -> Result<Self> {
-        Ok(match cfg {
-            LlmConfig::Llama(c) => CausalLm::Llama(crate::llama::Llama::new(vb, c)?),
-            LlmConfig::Phi3(c) => CausalLm::Phi3(crate::phi3::Phi3::new(vb, c)?),
+        let spec = cfg.spec()?;
+        let model = DecoderModel::new(&vb.pp("model"), &spec)?;
+        let lm_head = if spec.tie_word_embeddings {
+            None
+        } else {
+            Some(Linear::new(
+                &vb.pp("lm_head"),
+                spec.hidden_size,
+                spec.vocab_size,
+                false,
+            )?)
+        };
+        Ok(CausalLm {
+            model,
+            lm_head,
+            spec,
+            cfg: cfg.clone(),
         })
     }
 
-    /// (B, T) ids -> (B, T, H). Panics on ids outside the vocabulary; see [`CausalLm::try_embed_tokens`].
-    pub fn embed_tokens(&self, ids: &Tensor) -> Tensor {
-        match self {
-            CausalLm::Llama(m) => m.embed_tokens(ids),
-            CausalLm::Phi3(m) => m.embed_tokens(ids),
-        }
-    }
-
-    pub fn try_embed_tokens(&self, ids: &Tensor) -> Result<Tensor> {
-        match self {
-            CausalLm::Llama(m) => m.try_embed_tokens(ids),
-            CausalLm::Phi3(m) => m.try_embed_tokens(ids),
-        }
+    /// (B, T) ids -> (B, T, H), with HF's `padding_idx` (the pad row receives no gradient). Ids outside the
+    /// vocabulary are an error here rather than a device-side assert on CUDA.
+    pub fn embed_tokens(&self, ids: &Tensor) -> Result<Tensor> {
+        check_token_ids("input_ids", ids, self.spec.vocab_size)?;
+        Ok(Tensor::f_embedding(
+            &self.model.embed_tokens.weight,
+            ids,
+            self.spec.pad_token_id.unwrap_or(-1),
+            false,
+            false,
+        )?)
     }
 
     /// The embedding matrix (vocab, hidden), e.g. to initialise rows of added tokens.
     pub fn embed_weight(&self) -> &Tensor {
-        match self {
-            CausalLm::Llama(m) => m.embed_weight(),
-            CausalLm::Phi3(m) => m.embed_weight(),
-        }
+        &self.model.embed_tokens.weight
     }
 
     /// Last hidden state after the final norm, (B, T, H).
     ///
     /// `attention_mask` (B, T_total): 1 for real tokens, 0 for padding, covering cached and new tokens.
     /// Causal masking is always applied. Position ids continue from the cache length, or, with a mask,
-    /// count real tokens only (HF `generate`'s rule, which makes left padding work).
+    /// count real tokens only (HF `generate`'s rule, which makes left padding work). Embeddings of another
+    /// floating kind than the parameters (an f32 prompt for a bf16 model) are cast to it.
     pub fn forward_embeds(
         &self,
         embeds: &Tensor,
         attention_mask: Option<&Tensor>,
-        cache: Option<&mut KvCache>,
+        mut cache: Option<&mut KvCache>,
         train: bool,
     ) -> Result<Tensor> {
-        match self {
-            CausalLm::Llama(m) => m.forward_embeds(embeds, attention_mask, cache, train),
-            CausalLm::Phi3(m) => m.forward_embeds(embeds, attention_mask, cache, train),
+        check_embeds(embeds, self.spec.hidden_size)?;
+        if let Some(c) = cache.as_deref() {
+            c.check(self.model.layers.len(), embeds.size()[0])?;
         }
+        let embeds = embeds.to_kind(self.embed_weight().kind());
+        let past = cache.as_ref().map_or(0, |c| c.seq_len());
+        let inputs = prepare_decoder_inputs(
+            &self.model.rotary,
+            &embeds,
+            attention_mask,
+            past,
+            self.spec.sliding_window,
+        )?;
+        let mut xs = embeds;
+        for (i, layer) in self.model.layers.iter().enumerate() {
+            let layer_cache = cache.as_deref_mut().map(|c| (c, i));
+            xs = layer.forward_t(&xs, &inputs, layer_cache, train)?;
+        }
+        Ok(self.model.norm.forward(&xs))
     }
 
     /// `lm_head` (or the tied embedding) applied to hidden states.
     pub fn logits(&self, hidden: &Tensor) -> Tensor {
-        match self {
-            CausalLm::Llama(m) => m.logits(hidden),
-            CausalLm::Phi3(m) => m.logits(hidden),
+        match &self.lm_head {
+            Some(head) => head.forward(hidden),
+            None => hidden.linear::<&Tensor>(self.embed_weight(), None),
         }
     }
 
@@ -731,21 +1014,18 @@ impl CausalLm {
         cache: Option<&mut KvCache>,
         train: bool,
     ) -> Result<Tensor> {
-        let embeds = self.try_embed_tokens(ids)?;
+        let embeds = self.embed_tokens(ids)?;
         let hidden = self.forward_embeds(&embeds, attention_mask, cache, train)?;
         Ok(self.logits(&hidden))
     }
 
     pub fn config(&self) -> &LlmConfig {
-        match self {
-            CausalLm::Llama(m) => m.llm_config(),
-            CausalLm::Phi3(m) => m.llm_config(),
-        }
+        &self.cfg
     }
 
     /// An empty cache with one slot per layer.
     pub fn new_cache(&self) -> KvCache {
-        KvCache::new(self.config().num_hidden_layers().max(0) as usize)
+        KvCache::new(self.model.layers.len())
     }
 }
 
@@ -765,7 +1045,7 @@ pub fn greedy_generate(
 ) -> Result<Vec<i64>> {
     tch::no_grad(|| {
         let embeds = match prompt {
-            GenerateInput::Ids(ids) => model.try_embed_tokens(&ids)?,
+            GenerateInput::Ids(ids) => model.embed_tokens(&ids)?,
             GenerateInput::Embeds(e) => e,
         };
         check_embeds(&embeds, model.config().hidden_size())?;
@@ -788,7 +1068,7 @@ pub fn greedy_generate(
             let ids = Tensor::from_slice(&[next])
                 .view([1, 1])
                 .to_device(embeds.device());
-            let step = model.try_embed_tokens(&ids)?;
+            let step = model.embed_tokens(&ids)?;
             hidden = model.forward_embeds(&step, None, Some(&mut cache), false)?;
         }
         Ok(out)

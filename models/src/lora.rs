@@ -134,11 +134,14 @@ impl LoraAdapter {
         })
     }
 
+    /// The adapter's term for `xs`, in the kind of `xs`: under bf16 autocast the f32 factors are cast on the
+    /// fly (their gradients stay f32), as torch's autocast runs PEFT's `lora_A`/`lora_B` Linears.
     pub fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
+        let kind = xs.kind();
+        let a = self.a.to_kind(kind);
+        let b = self.b.to_kind(kind);
         let xs = crate::layers::dropout(xs.shallow_clone(), self.dropout, train);
-        xs.linear::<Tensor>(&self.a, None)
-            .linear::<Tensor>(&self.b, None)
-            * self.scaling
+        xs.linear::<Tensor>(&a, None).linear::<Tensor>(&b, None) * self.scaling
     }
 }
 

@@ -101,17 +101,12 @@ impl SegVolConfig {
     /// `config.patch_size` are the only inputs it takes).
     pub fn for_image(img_size: [i64; 3], patch_size: [i64; 3]) -> Self {
         SegVolConfig {
+            // The ViT-B shape of the M3D-CLIP encoder, without a CLS token (MONAI's `classification=False`).
             image_encoder: ViT3dConfig {
-                in_channels: 1,
                 img_size,
                 patch_size,
-                hidden_size: 768,
-                mlp_dim: 3072,
-                num_layers: 12,
-                num_heads: 12,
-                dropout_rate: 0.0,
-                qkv_bias: false,
                 cls_token: false,
+                ..ViT3dConfig::m3d_clip()
             },
             mask_in_chans: 16,
             num_multimask_outputs: 3,
@@ -128,25 +123,14 @@ impl SegVolConfig {
     pub fn debug() -> Self {
         SegVolConfig {
             image_encoder: ViT3dConfig {
-                in_channels: 1,
                 img_size: [8, 32, 32],
-                patch_size: [4, 8, 8],
-                hidden_size: 32,
-                mlp_dim: 64,
-                num_layers: 2,
-                num_heads: 4,
-                dropout_rate: 0.0,
-                qkv_bias: false,
                 cls_token: false,
+                ..ViT3dConfig::debug()
             },
-            mask_in_chans: 16,
-            num_multimask_outputs: 3,
-            transformer_depth: 2,
             transformer_mlp_dim: 48,
             transformer_num_heads: 4,
-            attention_downsample_rate: 2,
-            iou_head_depth: 3,
             iou_head_hidden_dim: 16,
+            ..Self::m3d()
         }
     }
 
@@ -794,7 +778,17 @@ impl SegVol {
         text_emb: Option<&Tensor>,
     ) -> Result<SegVolOutput> {
         let c = self.cfg.embed_dim();
-        let b = image_embedding.size()[0];
+        let [g0, g1, g2] = self.cfg.grid();
+        let s = image_embedding.size();
+        // The upscaling LayerNorm is sized for this grid: any other shape could only fail inside libtorch.
+        if s.len() != 5 || s[0] < 1 || s[1..] != [c, g0, g1, g2] {
+            return Err(ModelError::Shape {
+                name: "SegVol image embedding (B, C, d, h, w)".into(),
+                expected: vec![-1, c, g0, g1, g2],
+                got: s,
+            });
+        }
+        let b = s[0];
         if let Some(t) = text_emb {
             let ts = t.size();
             if ts.len() != 2 || ts[0] != b || ts[1] != c {

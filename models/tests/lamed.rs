@@ -9,10 +9,11 @@ use std::sync::Mutex;
 
 use m3d_models::lamed::{
     build_example, causal_lm_loss, collate, extend_llm_checkpoint, extend_token_rows, Lamed,
-    LamedBatch, LamedConfig, LamedExample, LamedTokens, IGNORE_INDEX,
+    LamedBatch, LamedConfig, LamedExample, LamedTokens, SelectFeature, IGNORE_INDEX,
 };
 use m3d_models::llm::LlmConfig;
 use m3d_models::precision::Precision;
+use m3d_models::projector::ProjectorType;
 use m3d_models::weights::{load_file_into, read_tensors, LoadOptions};
 use m3d_models::{ModelError, VarBuilder};
 use tch::nn::VarStore;
@@ -23,42 +24,6 @@ static SERIAL: Mutex<()> = Mutex::new(());
 
 fn serial() -> std::sync::MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// Same contract as tests/segvol.rs: gradients exist exactly where torch has them, and agree.
-fn assert_grads_same_support(vs: &VarStore, fixture: &HashMap<String, Tensor>, rtol: f64) -> f64 {
-    let mut worst = 0f64;
-    let mut compared = 0;
-    for (name, var) in vs.variables() {
-        if !var.requires_grad() {
-            continue;
-        }
-        let key = format!("grad.{name}");
-        let g = var.grad();
-        match fixture.get(&key) {
-            Some(oracle) => {
-                assert!(g.defined(), "no gradient for `{name}` (torch has one)");
-                let scale = oracle.abs().max().double_value(&[]);
-                let diff = common::max_abs_diff(&g, oracle);
-                if scale < 1e-8 {
-                    assert!(
-                        diff < 1e-8,
-                        "{key}: {diff:e} on an analytically zero gradient"
-                    );
-                } else {
-                    common::assert_rel_close(&key, &g, oracle, rtol);
-                    worst = worst.max(diff / scale);
-                }
-                compared += 1;
-            }
-            None => assert!(
-                !g.defined() || g.abs().max().double_value(&[]) == 0.0,
-                "`{name}` has a gradient, torch has none"
-            ),
-        }
-    }
-    assert!(compared > 100, "only {compared} gradients compared");
-    worst
 }
 
 /// max |a - b| over the positions where `mask` (B, T) is 1, for (B, T, X) tensors.
@@ -170,7 +135,7 @@ fn lamed_matches_transformers() {
     common::assert_rel_close("total loss", loss, common::get(&io, "loss"), 1e-5);
 
     loss.backward();
-    let worst = assert_grads_same_support(&vs, &io, 1e-4);
+    let worst = common::assert_grads_same_support(&vs, &io, 1e-4, 100);
 
     let prompt = common::get(&io, "gen_prompt");
     let images = common::get(&io, "images").narrow(0, 0, 1);
@@ -182,16 +147,6 @@ fn lamed_matches_transformers() {
          |lm loss| = {:e}, worst grad rel diff = {worst:e}, generated {generated:?}",
         common::max_abs_diff(lm_loss, common::get(&io, "lm_loss"))
     );
-}
-
-fn vm_rss_bytes() -> i64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<i64>().ok())
-        .map(|kb| kb * 1024)
-        .unwrap_or(0)
 }
 
 #[test]
@@ -207,7 +162,7 @@ fn parameter_counts_of_published_configs_without_allocating() {
         ("phi3_mini", LamedConfig::phi3_mini()),
     ];
     for (name, cfg) in presets {
-        let before = vm_rss_bytes();
+        let before = common::rss_kb() << 10;
         let vs = VarStore::new(Device::Cpu);
         let model = Lamed::new(&VarBuilder::shape_only(&vs), &cfg).unwrap();
         let vars = vs.variables();
@@ -218,7 +173,7 @@ fn parameter_counts_of_published_configs_without_allocating() {
             .filter(|(k, _)| k.ends_with("positional_encoding_gaussian_matrix"))
             .map(|(_, t)| t.numel() as i64)
             .sum();
-        let grown = vm_rss_bytes() - before;
+        let grown = (common::rss_kb() << 10) - before;
         let want = &counts[name];
         println!(
             "{name}: {state} values in the state dict ({} parameters), {} keys, RSS +{} MiB",
@@ -400,4 +355,37 @@ fn trains_in_bf16() {
     loss.backward();
     let g = vs.variables()["model.seg_projector.0.weight"].grad();
     assert!(g.defined() && g.abs().max().double_value(&[]) > 0.0);
+}
+
+/// `cls_patch` with a projector that keeps every token hands the LLM the CLS token too, so the prompt
+/// reserves one more `<im_patch>` (before, the splice grew the sequence by one and the attention mask and
+/// labels no longer lined up with it); `spp` cannot pool a CLS token and is refused. Hidden states that do
+/// not match their ids are an error for the `[SEG]` prompts, not a libtorch panic.
+#[test]
+fn cls_patch_image_tokens_and_seg_prompt_checks() {
+    let _guard = serial();
+    let mut cfg = LamedConfig::debug();
+    cfg.vision_select_feature = SelectFeature::ClsPatch;
+    assert!(matches!(cfg.validate(), Err(ModelError::Config(m)) if m.contains("spp")));
+    cfg.projector.mm_projector_type = ProjectorType::Linear;
+    cfg.validate().unwrap();
+    let n = cfg.num_image_tokens();
+    assert_eq!(n, cfg.vision.num_patches() + 1);
+    let vs = VarStore::new(Device::Cpu);
+    let model = Lamed::new(&VarBuilder::new(&vs), &cfg).unwrap();
+    let mut ids = vec![1i64];
+    ids.extend(std::iter::repeat_n(cfg.tokens.im_patch, n as usize));
+    ids.extend([5, 6]);
+    let t = ids.len() as i64;
+    let ids = Tensor::from_slice(&ids).view([1, t]);
+    let images = Tensor::zeros([1, 1, 8, 32, 32], (Kind::Float, Device::Cpu));
+    let embeds = model.input_embeds(&ids, Some(&images), false).unwrap();
+    assert_eq!(embeds.size(), [1, t, 64]);
+
+    let seg = model.seg.as_ref().unwrap();
+    let short = Tensor::zeros([1, t - 1, 64], (Kind::Float, Device::Cpu));
+    assert!(matches!(
+        model.seg_prompts(seg, &short, &ids, false),
+        Err(ModelError::Shape { .. })
+    ));
 }

@@ -9,40 +9,31 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use m3d_models::llama::LlamaConfig;
-use m3d_models::llm::{AttentionImpl, CausalLm, LlmConfig, RopeScaling};
+use m3d_models::llm::{
+    greedy_generate, AttentionImpl, CausalLm, GenerateInput, LlmConfig, RopeParameters, RopeScaling,
+};
 use m3d_models::ModelError;
 use m3d_models::VarBuilder;
 use tch::nn::VarStore;
-use tch::{Device, Kind};
+use tch::{Device, Kind, Tensor};
 
-use llm_support::{check_parity, check_shape_only_count, load, run_oracle_into};
+use llm_support::{check_parity_both_kernels, check_shape_only_count, load};
 
 fn parity_dir() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        run_oracle_into(
-            "llama-parity",
-            "llm_parity.py",
-            &[
-                "llama_mha",
-                "llama_gqa",
-                "llama_linear",
-                "llama_llama3",
-                "llama_dynamic",
-                "llama_tied",
-            ],
-        )
-    })
+    let cases = [
+        "llama_mha",
+        "llama_gqa",
+        "llama_linear",
+        "llama_llama3",
+        "llama_dynamic",
+        "llama_tied",
+    ];
+    llm_support::parity_dir(&DIR, "llama-parity", &cases)
 }
 
 fn parity(case: &str) {
-    let dir = parity_dir().join(case);
-    for imp in [AttentionImpl::Eager, AttentionImpl::Sdpa] {
-        let (d_logits, d_grad) = check_parity(&dir, imp);
-        println!(
-            "{case} {imp:?}: logits max abs diff {d_logits:.2e}, grads max rel diff {d_grad:.2e}"
-        );
-    }
+    check_parity_both_kernels(parity_dir(), case);
 }
 
 #[test]
@@ -88,7 +79,7 @@ fn llama_dynamic_rope_matches_transformers() {
 fn llama_tied_embeddings_match_transformers() {
     let (vs, model) = load(&parity_dir().join("llama_tied"), AttentionImpl::Sdpa);
     assert!(!vs.variables().contains_key("lm_head.weight"));
-    assert!(matches!(&model, CausalLm::Llama(m) if m.lm_head.is_none()));
+    assert!(model.lm_head.is_none());
     parity("llama_tied");
 }
 
@@ -172,9 +163,7 @@ fn llama_config_forms_and_errors() {
 /// transformers builds on the meta device, with nothing allocated.
 #[test]
 fn llama_shape_only_parameter_counts_match_transformers() {
-    let dir = run_oracle_into("llama-counts", "llm_param_count.py", &[]);
-    let counts: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("counts.json")).unwrap()).unwrap();
+    let counts = llm_support::published_param_counts("llama-counts");
     let n2 = check_shape_only_count(
         &counts,
         "llama2_7b",
@@ -243,4 +232,55 @@ fn llama_lora_targets_every_decoder_linear() {
         common::get(&io, "logits"),
         1e-4,
     );
+}
+
+/// What a caller can get wrong is a typed error, not a libtorch panic: an empty sequence (before, a panic
+/// in the dynamic RoPE), ids outside the vocabulary; and f32 prompt embeddings run in a bf16 model (before,
+/// a dtype-mismatch panic in the first projection), giving the tokens the bf16 ids give.
+#[test]
+fn llama_rejects_bad_inputs_and_casts_prompt_embeddings() {
+    tch::manual_seed(0);
+    let cfg = LlmConfig::Llama(LlamaConfig {
+        rope_scaling: Some(RopeParameters::dynamic(2.0)),
+        ..LlamaConfig::debug()
+    });
+    let mut vs = VarStore::new(Device::Cpu);
+    let model = CausalLm::new(&VarBuilder::new(&vs), &cfg).unwrap();
+    let ids = |v: &[i64]| Tensor::from_slice(v).view([1, -1]);
+    let empty = Tensor::zeros([1, 0], (Kind::Int64, Device::Cpu));
+    let err = model.forward(&empty, None, None, false).unwrap_err();
+    assert!(matches!(err, ModelError::Input(_)), "{err}");
+    let empty_embeds = Tensor::zeros([1, 0, 64], (Kind::Float, Device::Cpu));
+    let err = model
+        .forward_embeds(&empty_embeds, None, None, false)
+        .unwrap_err();
+    assert!(matches!(err, ModelError::Shape { .. }), "{err}");
+    for bad in [[1, 128], [1, -1]] {
+        let err = model.forward(&ids(&bad), None, None, false).unwrap_err();
+        assert!(err.to_string().contains("out of range"), "{err}");
+    }
+
+    // A refused cached step (another batch size) leaves the cache usable (before, the first layer's
+    // entries were dropped on the way to the error).
+    let mut cache = model.new_cache();
+    model
+        .forward(&ids(&[1, 5, 7]), None, Some(&mut cache), false)
+        .unwrap();
+    let batch2 = Tensor::from_slice(&[3i64, 4]).view([2, 1]);
+    let err = model
+        .forward(&batch2, None, Some(&mut cache), false)
+        .unwrap_err();
+    assert!(matches!(err, ModelError::Input(_)), "{err}");
+    assert_eq!(cache.seq_len(), 3);
+    model
+        .forward(&ids(&[9]), None, Some(&mut cache), false)
+        .unwrap();
+    assert_eq!(cache.seq_len(), 4);
+
+    vs.bfloat16();
+    let prompt = ids(&[1, 5, 7]);
+    let from_ids = greedy_generate(&model, GenerateInput::Ids(prompt.shallow_clone()), 4, &[]).unwrap();
+    let embeds = model.embed_tokens(&prompt).unwrap().to_kind(Kind::Float);
+    let from_f32 = greedy_generate(&model, GenerateInput::Embeds(embeds), 4, &[]).unwrap();
+    assert_eq!(from_f32, from_ids);
 }

@@ -12,21 +12,15 @@ use m3d_models::llm::{AttentionImpl, LlmConfig};
 use m3d_models::phi3::Phi3Config;
 use m3d_models::ModelError;
 
-use llm_support::{check_parity, check_shape_only_count, load, run_oracle_into};
+use llm_support::{check_parity_both_kernels, check_shape_only_count, load};
 
 fn parity_dir() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| run_oracle_into("phi3-parity", "llm_parity.py", &["phi3", "phi3_mha"]))
+    llm_support::parity_dir(&DIR, "phi3-parity", &["phi3", "phi3_mha"])
 }
 
 fn parity(case: &str) {
-    let dir = parity_dir().join(case);
-    for imp in [AttentionImpl::Eager, AttentionImpl::Sdpa] {
-        let (d_logits, d_grad) = check_parity(&dir, imp);
-        println!(
-            "{case} {imp:?}: logits max abs diff {d_logits:.2e}, grads max rel diff {d_grad:.2e}"
-        );
-    }
+    check_parity_both_kernels(parity_dir(), case);
 }
 
 #[test]
@@ -113,9 +107,7 @@ fn phi3_config_published_and_rejected_forms() {
 
 #[test]
 fn phi3_shape_only_parameter_count_matches_transformers() {
-    let dir = run_oracle_into("phi3-counts", "llm_param_count.py", &[]);
-    let counts: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("counts.json")).unwrap()).unwrap();
+    let counts = llm_support::published_param_counts("phi3-counts");
     let n = check_shape_only_count(
         &counts,
         "phi3_mini_4k",

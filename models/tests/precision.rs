@@ -171,3 +171,49 @@ fn lamed_under_autocast_is_close_to_f32() {
         "lamed",
     );
 }
+
+/// LoRA adapters under autocast: their f32 factors meet a bf16 activation (before, a dtype-mismatch panic in
+/// libtorch), here on Phi-3's fused `qkv_proj` / `gate_up_proj` with LaMed's LoRA. Non-zero `lora_B` so the
+/// adapters contribute; their gradients stay f32.
+#[test]
+fn lora_under_autocast_is_close_to_f32() {
+    tch::manual_seed(0);
+    let cfg = LlmConfig::Phi3(Phi3Config::debug());
+    let vs = VarStore::new(Device::Cpu);
+    let vb = VarBuilder::new(&vs).with_lora(Some(m3d_models::lora::LoraConfig::m3d_lamed()));
+    let model = CausalLm::new(&vb, &cfg).unwrap();
+    let mut adapted = 0;
+    tch::no_grad(|| {
+        for (name, mut t) in vs.variables() {
+            if name.contains(".lora_B.") {
+                let _ = t.normal_(0.0, 0.02);
+                adapted += 1;
+            }
+        }
+    });
+    assert_eq!(adapted, 2 * 4, "qkv_proj, o_proj, gate_up_proj, down_proj per layer");
+    let ids = Tensor::randint_low(3, cfg.vocab_size(), [2, 9], (Kind::Int64, Device::Cpu));
+    compare(
+        &vs,
+        || {
+            let logits = model.forward(&ids, None, None, false).unwrap();
+            logits
+                .to_kind(Kind::Float)
+                .log_softmax(-1, Kind::Float)
+                .narrow(2, 0, 7)
+                .mean(Kind::Float)
+        },
+        "phi3 + lora",
+    );
+}
+
+/// Inside an autocast region a Linear whose weights already have the autocast kind still casts its input
+/// (before, an f32 activation met bf16 weights and libtorch panicked).
+#[test]
+fn autocast_casts_the_input_of_bf16_weights() {
+    let mut vs = VarStore::new(Device::Cpu);
+    let lin = Linear::new(&VarBuilder::new(&vs).pp("l"), 8, 4, true).unwrap();
+    vs.bfloat16();
+    let y = autocast(Some(Kind::BFloat16), || lin.forward(&cpu_f(&[2, 8])));
+    assert_eq!(y.kind(), Kind::BFloat16);
+}

@@ -3,58 +3,12 @@
 //! gradients of Dice + BCE w.r.t. every parameter and the text prompt.
 mod common;
 
-use std::collections::HashMap;
-
 use m3d_models::precision::Precision;
 use m3d_models::segvol::{self, SegVol, SegVolConfig};
 use m3d_models::weights::{load_file_into, LoadOptions};
 use m3d_models::{ModelError, VarBuilder};
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
-
-/// Compares the gradient of every trainable variable with the oracle's `grad.<name>`: a variable has a
-/// gradient here exactly when it has one in torch (the reference leaves the IoU head and the unused prompt
-/// embeddings without one), and then they agree within `rtol` of the oracle's scale. Gradients that are zero
-/// analytically (attention key biases: softmax ignores a shift shared by all keys) are float noise on both
-/// sides and only need to stay below 1e-8. Returns the largest relative difference of the others.
-pub fn assert_grads_same_support(
-    vs: &VarStore,
-    fixture: &HashMap<String, Tensor>,
-    rtol: f64,
-) -> f64 {
-    let mut worst = 0f64;
-    let mut compared = 0;
-    for (name, var) in vs.variables() {
-        if !var.requires_grad() {
-            continue;
-        }
-        let key = format!("grad.{name}");
-        let g = var.grad();
-        match fixture.get(&key) {
-            Some(oracle) => {
-                assert!(g.defined(), "no gradient for `{name}` (torch has one)");
-                let scale = oracle.abs().max().double_value(&[]);
-                let diff = common::max_abs_diff(&g, oracle);
-                if scale < 1e-8 {
-                    assert!(
-                        diff < 1e-8,
-                        "{key}: {diff:e} on an analytically zero gradient"
-                    );
-                } else {
-                    common::assert_rel_close(&key, &g, oracle, rtol);
-                    worst = worst.max(diff / scale);
-                }
-                compared += 1;
-            }
-            None => assert!(
-                !g.defined() || g.abs().max().double_value(&[]) == 0.0,
-                "`{name}` has a gradient, torch has none"
-            ),
-        }
-    }
-    assert!(compared > 0, "no gradients compared");
-    worst
-}
 
 #[test]
 fn segvol_matches_torch() {
@@ -105,7 +59,7 @@ fn segvol_matches_torch() {
         common::get(&io, "grad.text"),
         1e-4,
     );
-    let worst = assert_grads_same_support(&vs, &io, 1e-4);
+    let worst = common::assert_grads_same_support(&vs, &io, 1e-4, 1);
     println!("segvol: max |logits - oracle| = {d_logits:e}, worst grad rel diff = {worst:e}");
 }
 
@@ -191,6 +145,16 @@ fn wrong_text_width_is_a_typed_error() {
         model.forward(&image, None),
         Err(ModelError::Shape { .. })
     ));
+    // Precomputed features on another grid than the decoder's (before, a libtorch panic in the upscaling
+    // LayerNorm).
+    let features = Tensor::zeros([1, 32, 2, 4, 2], (Kind::Float, Device::Cpu));
+    let err = model
+        .forward_decoder(&features, [8, 32, 16], None)
+        .unwrap_err();
+    assert!(matches!(err, ModelError::Shape { .. }), "{err}");
+    let features = Tensor::zeros([1, 32, 2, 4, 4], (Kind::Float, Device::Cpu));
+    let out = model.forward_decoder(&features, [8, 32, 32], None).unwrap();
+    assert_eq!(out.logits.size(), [1, 1, 8, 32, 32]);
 }
 
 #[test]

@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 use std::time::Instant;
 
 use m3d_models::llm::{AttentionImpl, CausalLm, LlmConfig};
@@ -25,6 +26,29 @@ pub fn run_oracle_into(name: &str, script: &str, args: &[&str]) -> PathBuf {
     all.extend_from_slice(args);
     m3d_testkit::run_python(&common::oracle_dir().join(script), &all);
     dir
+}
+
+/// The folder of `llm_parity.py` run for `cases`, once per test binary (`cell` is that binary's static).
+pub fn parity_dir(cell: &'static OnceLock<PathBuf>, name: &str, cases: &[&str]) -> &'static Path {
+    cell.get_or_init(|| run_oracle_into(name, "llm_parity.py", cases))
+}
+
+/// [`check_parity`] of `dir/case` with both attention kernels.
+pub fn check_parity_both_kernels(dir: &Path, case: &str) {
+    for imp in [AttentionImpl::Eager, AttentionImpl::Sdpa] {
+        let (d_logits, d_grad) = check_parity(&dir.join(case), imp);
+        println!(
+            "{case} {imp:?}: logits max abs diff {d_logits:.2e}, grads max rel diff {d_grad:.2e}"
+        );
+    }
+}
+
+/// `llm_param_count.py`'s counts, key sets and shapes of the published configs (transformers on the meta
+/// device).
+pub fn published_param_counts(name: &str) -> serde_json::Value {
+    let dir = run_oracle_into(name, "llm_param_count.py", &[]);
+    serde_json::from_str(&std::fs::read_to_string(dir.join("counts.json")).expect("counts.json"))
+        .expect("counts.json is JSON")
 }
 
 /// Our model from an oracle folder (config.json + weights.safetensors, strict).
@@ -70,25 +94,15 @@ pub fn check_parity(dir: &Path, imp: AttentionImpl) -> (f64, f64) {
     (d_logits, max_rel_grad(&vs, &io))
 }
 
-/// VmRSS of this process in kB.
-pub fn rss_kb() -> i64 {
-    let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS line")
-}
-
 /// Builds `cfg` shape-only and checks, against `llm_param_count.py`'s entry `preset`, the parameter count,
 /// the key set and every shape; also that nothing was allocated (RSS growth < 200 MB, build < 1 s).
 pub fn check_shape_only_count(counts: &serde_json::Value, preset: &str, cfg: &LlmConfig) -> i64 {
-    let rss_before = rss_kb();
+    let rss_before = common::rss_kb();
     let start = Instant::now();
     let vs = VarStore::new(Device::Cpu);
     let model = CausalLm::new(&VarBuilder::shape_only(&vs), cfg).expect("shape-only build");
     let elapsed = start.elapsed();
-    let grown_mb = (rss_kb() - rss_before) as f64 / 1024.0;
+    let grown_mb = (common::rss_kb() - rss_before) as f64 / 1024.0;
     let vars = vs.variables();
     let ours: i64 = vars
         .values()
