@@ -13,7 +13,9 @@ use tch::{Kind, Tensor};
 
 use crate::builder::VarBuilder;
 use crate::error::{ModelError, Result};
-use crate::layers::{check_token_ids, dropout, dtype_min, Activation, Embedding, LayerNorm, Linear};
+use crate::layers::{
+    check_token_ids, dropout, dtype_min, Activation, Embedding, LayerNorm, Linear,
+};
 use crate::weights::LoadOptions;
 
 /// The fields of an HF BERT `config.json` this model uses; absent fields take `transformers.BertConfig`'s

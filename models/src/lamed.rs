@@ -589,7 +589,11 @@ impl Lamed {
         if s.len() != 2 || s[1] < 1 || hidden.size() != [s[0], s[1], h] {
             return Err(ModelError::Shape {
                 name: format!("hidden states for [SEG] ids of shape {s:?}"),
-                expected: vec![s.first().copied().unwrap_or(-1), s.get(1).copied().unwrap_or(-1), h],
+                expected: vec![
+                    s.first().copied().unwrap_or(-1),
+                    s.get(1).copied().unwrap_or(-1),
+                    h,
+                ],
                 got: hidden.size(),
             });
         }

@@ -663,7 +663,10 @@ pub(crate) fn check_heads(
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum ProjLayout {
     /// Llama: `q_proj`/`k_proj`/`v_proj`/`o_proj` and `gate_proj`/`up_proj`/`down_proj`, optional biases.
-    Separate { attention_bias: bool, mlp_bias: bool },
+    Separate {
+        attention_bias: bool,
+        mlp_bias: bool,
+    },
     /// Phi-3: `qkv_proj` and `gate_up_proj`, no biases.
     Fused,
 }
@@ -793,9 +796,14 @@ impl SelfAttention {
 /// The gate and up projections of [`GatedMlp`], in either layout.
 #[derive(Debug)]
 pub enum GateUpProj {
-    Separate { gate_proj: Linear, up_proj: Linear },
+    Separate {
+        gate_proj: Linear,
+        up_proj: Linear,
+    },
     /// One `gate_up_proj`: gate rows, then up rows.
-    Fused { gate_up_proj: Linear },
+    Fused {
+        gate_up_proj: Linear,
+    },
 }
 
 /// `mlp`: `down_proj(act(gate) * up)` (SwiGLU with `hidden_act` = silu).

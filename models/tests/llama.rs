@@ -279,7 +279,8 @@ fn llama_rejects_bad_inputs_and_casts_prompt_embeddings() {
 
     vs.bfloat16();
     let prompt = ids(&[1, 5, 7]);
-    let from_ids = greedy_generate(&model, GenerateInput::Ids(prompt.shallow_clone()), 4, &[]).unwrap();
+    let from_ids =
+        greedy_generate(&model, GenerateInput::Ids(prompt.shallow_clone()), 4, &[]).unwrap();
     let embeds = model.embed_tokens(&prompt).unwrap().to_kind(Kind::Float);
     let from_f32 = greedy_generate(&model, GenerateInput::Embeds(embeds), 4, &[]).unwrap();
     assert_eq!(from_f32, from_ids);

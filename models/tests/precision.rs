@@ -191,7 +191,11 @@ fn lora_under_autocast_is_close_to_f32() {
             }
         }
     });
-    assert_eq!(adapted, 2 * 4, "qkv_proj, o_proj, gate_up_proj, down_proj per layer");
+    assert_eq!(
+        adapted,
+        2 * 4,
+        "qkv_proj, o_proj, gate_up_proj, down_proj per layer"
+    );
     let ids = Tensor::randint_low(3, cfg.vocab_size(), [2, 9], (Kind::Int64, Device::Cpu));
     compare(
         &vs,
