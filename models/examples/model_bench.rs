@@ -248,6 +248,39 @@ fn synthetic(case: &str, batch: i64, vs: &mut VarStore, precision: Precision) ->
     Ok(s)
 }
 
+/// `warmup + iters` forward + backward passes of `step` (gradients of the trainable variables of `vs`
+/// zeroed before each); returns the seconds of the timed passes and the last loss.
+fn time_steps(
+    vs: &VarStore,
+    step: impl Fn() -> Result<Tensor>,
+    warmup: usize,
+    iters: usize,
+) -> Result<(Vec<f64>, f64)> {
+    let trainable: Vec<Tensor> = vs
+        .variables()
+        .into_values()
+        .filter(|t| t.requires_grad())
+        .collect();
+    let mut times = Vec::with_capacity(iters);
+    let mut loss = f64::NAN;
+    for i in 0..warmup + iters {
+        let t0 = Instant::now();
+        for p in &trainable {
+            let mut g = p.grad();
+            if g.defined() {
+                let _ = g.zero_();
+            }
+        }
+        let l = step()?;
+        l.backward();
+        loss = l.double_value(&[]); // synchronises with the device
+        if i >= warmup {
+            times.push(t0.elapsed().as_secs_f64());
+        }
+    }
+    Ok((times, loss))
+}
+
 fn run_synthetic(args: &[String], case: &str) -> Result<()> {
     let batch: i64 = arg(args, "--batch", 1)?;
     let device = match arg::<String>(args, "--device", "cpu".into())?.as_str() {
@@ -264,27 +297,13 @@ fn run_synthetic(args: &[String], case: &str) -> Result<()> {
     let mut vs = VarStore::new(device);
     let s = synthetic(case, batch, &mut vs, precision)?;
     let params: f64 = vs.variables().values().map(|t| t.numel() as f64).sum();
-    let trainable: Vec<Tensor> = vs
+    let trainable: f64 = vs
         .variables()
-        .into_values()
+        .values()
         .filter(|t| t.requires_grad())
-        .collect();
-    let mut times = Vec::new();
-    for i in 0..warmup + iters {
-        let t0 = Instant::now();
-        for p in &trainable {
-            let mut g = p.grad();
-            if g.defined() {
-                let _ = g.zero_();
-            }
-        }
-        let l = precision.run(|| (s.step)())?;
-        l.backward();
-        let _ = l.double_value(&[]); // synchronises with the device
-        if i >= warmup {
-            times.push(t0.elapsed().as_secs_f64());
-        }
-    }
+        .map(|t| t.numel() as f64)
+        .sum();
+    let (mut times, _) = time_steps(&vs, || precision.run(|| (s.step)()), warmup, iters)?;
     times.sort_by(f64::total_cmp);
     let median = times
         .get(times.len() / 2)
@@ -295,7 +314,7 @@ fn run_synthetic(args: &[String], case: &str) -> Result<()> {
         "{}",
         serde_json::json!({
             "case": case, "device": format!("{device:?}"), "precision": precision, "batch": batch,
-            "params": params, "trainable": trainable.iter().map(|t| t.numel() as f64).sum::<f64>(),
+            "params": params, "trainable": trainable,
             "step_s": median, "samples_per_s": s.samples as f64 / median,
             "tokens_per_s": s.tokens as f64 / median, "model_tflops": tflops,
             "mfu": if peak > 0.0 { serde_json::json!(tflops / peak) } else { serde_json::Value::Null },
@@ -314,47 +333,17 @@ fn main() -> Result<()> {
         args.get(1)
             .context("usage: model_bench <dir> [--iters N] [--warmup W] [--threads T]")?,
     );
-    let flag = |name: &str, default: usize| -> Result<usize> {
-        match args.iter().position(|a| a == name) {
-            Some(i) => Ok(args
-                .get(i + 1)
-                .with_context(|| format!("{name} needs a value"))?
-                .parse()?),
-            None => Ok(default),
-        }
-    };
-    let (iters, warmup, threads) = (
-        flag("--iters", 5)?,
-        flag("--warmup", 1)?,
-        flag("--threads", 0)?,
+    let (iters, warmup, threads): (usize, usize, i32) = (
+        arg(&args, "--iters", 5)?,
+        arg(&args, "--warmup", 1)?,
+        arg(&args, "--threads", 0)?,
     );
     if threads > 0 {
-        tch::set_num_threads(threads as i32);
+        tch::set_num_threads(threads);
     }
     let vs = VarStore::new(Device::Cpu);
     let step = build(&dir, &vs)?;
-    let params: Vec<Tensor> = vs
-        .variables()
-        .into_values()
-        .filter(|t| t.requires_grad())
-        .collect();
-    let mut times = Vec::new();
-    let mut loss = f64::NAN;
-    for i in 0..warmup + iters {
-        let t0 = Instant::now();
-        for p in &params {
-            let mut g = p.grad();
-            if g.defined() {
-                let _ = g.zero_();
-            }
-        }
-        let l = step()?;
-        l.backward();
-        loss = l.double_value(&[]);
-        if i >= warmup {
-            times.push(t0.elapsed().as_secs_f64());
-        }
-    }
+    let (times, loss) = time_steps(&vs, step, warmup, iters)?;
     println!(
         "{}",
         serde_json::json!({ "loss": loss, "times": times, "threads": tch::get_num_threads() })

@@ -27,6 +27,16 @@ pub enum LlmConfig {
     Phi3(crate::phi3::Phi3Config),
 }
 
+/// The same expression for every family: the configs share these field names (HF's).
+macro_rules! each_family {
+    ($cfg:expr, $c:ident => $body:expr) => {
+        match $cfg {
+            LlmConfig::Llama($c) => $body,
+            LlmConfig::Phi3($c) => $body,
+        }
+    };
+}
+
 impl LlmConfig {
     /// Reads and validates an HF `config.json` (head counts, RoPE type).
     pub fn from_file(path: &Path) -> Result<Self> {
@@ -45,77 +55,46 @@ impl LlmConfig {
 
     /// The validated decoder shape [`CausalLm`] is built from.
     pub(crate) fn spec(&self) -> Result<DecoderSpec> {
-        match self {
-            LlmConfig::Llama(c) => c.spec(),
-            LlmConfig::Phi3(c) => c.spec(),
-        }
+        each_family!(self, c => c.spec())
     }
 
     pub fn hidden_size(&self) -> i64 {
-        match self {
-            LlmConfig::Llama(c) => c.hidden_size,
-            LlmConfig::Phi3(c) => c.hidden_size,
-        }
+        each_family!(self, c => c.hidden_size)
     }
 
     pub fn vocab_size(&self) -> i64 {
-        match self {
-            LlmConfig::Llama(c) => c.vocab_size,
-            LlmConfig::Phi3(c) => c.vocab_size,
-        }
+        each_family!(self, c => c.vocab_size)
     }
 
     /// For a resized vocabulary (LaMed adds its special tokens before building the model).
     pub fn set_vocab_size(&mut self, n: i64) {
-        match self {
-            LlmConfig::Llama(c) => c.vocab_size = n,
-            LlmConfig::Phi3(c) => c.vocab_size = n,
-        }
+        each_family!(self, c => c.vocab_size = n)
     }
 
     pub fn num_hidden_layers(&self) -> i64 {
-        match self {
-            LlmConfig::Llama(c) => c.num_hidden_layers,
-            LlmConfig::Phi3(c) => c.num_hidden_layers,
-        }
+        each_family!(self, c => c.num_hidden_layers)
     }
 
     pub fn tie_word_embeddings(&self) -> bool {
-        match self {
-            LlmConfig::Llama(c) => c.tie_word_embeddings,
-            LlmConfig::Phi3(c) => c.tie_word_embeddings,
-        }
+        each_family!(self, c => c.tie_word_embeddings)
     }
 
     pub fn bos_token_id(&self) -> Option<i64> {
-        match self {
-            LlmConfig::Llama(c) => c.bos_token_id,
-            LlmConfig::Phi3(c) => c.bos_token_id,
-        }
+        each_family!(self, c => c.bos_token_id)
     }
 
     /// Every id `eos_token_id` names (HF allows one id or a list).
     pub fn eos_token_ids(&self) -> Vec<i64> {
-        let ids = match self {
-            LlmConfig::Llama(c) => &c.eos_token_id,
-            LlmConfig::Phi3(c) => &c.eos_token_id,
-        };
-        ids.as_ref().map(TokenIds::to_vec).unwrap_or_default()
+        each_family!(self, c => c.eos_token_id.as_ref().map(TokenIds::to_vec).unwrap_or_default())
     }
 
     pub fn pad_token_id(&self) -> Option<i64> {
-        match self {
-            LlmConfig::Llama(c) => c.pad_token_id,
-            LlmConfig::Phi3(c) => c.pad_token_id,
-        }
+        each_family!(self, c => c.pad_token_id)
     }
 
     /// Selects the attention kernel (not part of HF's config.json; SDPA by default).
     pub fn set_attn_implementation(&mut self, imp: AttentionImpl) {
-        match self {
-            LlmConfig::Llama(c) => c.attn_implementation = imp,
-            LlmConfig::Phi3(c) => c.attn_implementation = imp,
-        }
+        each_family!(self, c => c.attn_implementation = imp)
     }
 }
 

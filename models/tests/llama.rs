@@ -263,7 +263,7 @@ fn llama_rejects_bad_inputs_and_casts_prompt_embeddings() {
     // A refused cached step (another batch size) leaves the cache usable (before, the first layer's
     // entries were dropped on the way to the error).
     let mut cache = model.new_cache();
-    model
+    let _ = model
         .forward(&ids(&[1, 5, 7]), None, Some(&mut cache), false)
         .unwrap();
     let batch2 = Tensor::from_slice(&[3i64, 4]).view([2, 1]);
@@ -272,7 +272,7 @@ fn llama_rejects_bad_inputs_and_casts_prompt_embeddings() {
         .unwrap_err();
     assert!(matches!(err, ModelError::Input(_)), "{err}");
     assert_eq!(cache.seq_len(), 3);
-    model
+    let _ = model
         .forward(&ids(&[9]), None, Some(&mut cache), false)
         .unwrap();
     assert_eq!(cache.seq_len(), 4);

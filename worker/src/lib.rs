@@ -1,7 +1,14 @@
-//! Data plane of a training job: turns decoded shard samples into libtorch tensors (and, from the next
-//! milestones on, owns the models, the collectives and the training loop).
+//! Data plane of a training job: turns decoded shard samples into libtorch tensors, and the training
+//! components the loop is built from: [`optim::AdamW`] (torch's update, f32 master weights),
+//! [`schedule`] (transformers' warmup + cosine), [`grad`] (clipping as torch, loss normalisation for
+//! gradient accumulation), [`metrics`] (JSONL) and [`plot`] (loss curves to PNG).
 //!
 //! **Invariant: `worker` knows nothing about Kubernetes or about how shards were produced**; it reads them only
 //! through `m3d-shards`.
 
 pub mod batch;
+pub mod grad;
+pub mod metrics;
+pub mod optim;
+pub mod plot;
+pub mod schedule;

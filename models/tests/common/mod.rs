@@ -41,8 +41,8 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
     (a - b).abs().max().double_value(&[])
 }
 
-/// Asserts max |a - b| <= atol.
-pub fn assert_close(what: &str, ours: &Tensor, oracle: &Tensor, atol: f64) {
+/// max |ours - oracle| after checking that the shapes agree (a mismatch names `what`).
+fn diff_same_shape(what: &str, ours: &Tensor, oracle: &Tensor) -> f64 {
     assert_eq!(
         ours.size(),
         oracle.size(),
@@ -50,20 +50,18 @@ pub fn assert_close(what: &str, ours: &Tensor, oracle: &Tensor, atol: f64) {
         ours.size(),
         oracle.size()
     );
-    let d = max_abs_diff(ours, oracle);
+    max_abs_diff(ours, oracle)
+}
+
+/// Asserts max |a - b| <= atol.
+pub fn assert_close(what: &str, ours: &Tensor, oracle: &Tensor, atol: f64) {
+    let d = diff_same_shape(what, ours, oracle);
     assert!(d <= atol, "{what}: max abs diff {d:e} > {atol:e}");
 }
 
 /// Asserts max |a - b| <= rtol * max |b| (relative to the tensor's scale, for gradients).
 pub fn assert_rel_close(what: &str, ours: &Tensor, oracle: &Tensor, rtol: f64) {
-    assert_eq!(
-        ours.size(),
-        oracle.size(),
-        "{what}: shape {:?} vs oracle {:?}",
-        ours.size(),
-        oracle.size()
-    );
-    let d = max_abs_diff(ours, oracle);
+    let d = diff_same_shape(what, ours, oracle);
     let scale = oracle
         .detach()
         .to_kind(Kind::Double)

@@ -1,0 +1,417 @@
+//! The recipe schema: one struct per YAML section, every field optional unless stated, every default written
+//! in its doc comment (and in `docs/recipes.md`, which a test keeps in step with these structs).
+//!
+//! Every struct denies unknown fields, so a misspelt key is an error that names the key, its line and the
+//! file instead of a silently ignored setting.
+
+use serde::{Deserialize, Serialize};
+
+/// A whole training recipe.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Recipe {
+    /// Name of the run, used in log lines and as the default output folder (`runs/<name>`). Default: the
+    /// recipe file's stem (`clip-tiny` for `recipes/clip-tiny.yaml`), or `run` for a recipe from a string.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// The model to train. Required.
+    pub model: ModelSection,
+    /// The training data. Required (at least one task).
+    pub data: DataSection,
+    /// Optimisation: steps, batch sizes, optimizer, schedule, precision.
+    #[serde(default)]
+    pub train: TrainSection,
+    /// The workers of the job.
+    #[serde(default)]
+    pub workers: WorkersSection,
+    /// Checkpointing.
+    #[serde(default)]
+    pub checkpoint: CheckpointSection,
+    /// Where the run writes metrics, logs and the final weights.
+    #[serde(default)]
+    pub output: OutputSection,
+}
+
+/// Which model family a recipe trains.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ModelKind {
+    /// M3D-CLIP: 3-D ViT + BERT, contrastive loss.
+    Clip,
+    /// M3D-LaMed: ViT + projector + causal LLM (+ optional SegVol).
+    Lamed,
+}
+
+/// `model:` the model to build and where its initial weights come from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSection {
+    /// `clip` or `lamed`. Required.
+    pub kind: ModelKind,
+    /// A named size: `clip`: `m3d` (the published M3D-CLIP) or `debug`; `lamed`: `llama2-7b`, `llama3-8b`,
+    /// `phi3-mini` or `debug`. Default: `debug` (the tiny test size); ignored when `config` is given.
+    #[serde(default = "default_preset")]
+    pub preset: String,
+    /// Path or URL of an HF-style `config.json` that replaces the preset. Default: none.
+    #[serde(default)]
+    pub config: Option<String>,
+    /// Path or URL of the HF `tokenizer.json` (folder or file). Default: none (synthetic token ids are
+    /// only possible with the `debug` preset).
+    #[serde(default)]
+    pub tokenizer: Option<String>,
+    /// Weights loaded, in order, before training. Default: none (random initialisation).
+    #[serde(default)]
+    pub init_from: Vec<InitFrom>,
+    /// LoRA adapters on the LLM (LaMed stage 2). Default: none (no adapters).
+    #[serde(default)]
+    pub lora: Option<LoraSection>,
+    /// Trainable parameters, by name prefix (`model.mm_projector.` for LaMed stage 1). Empty: every
+    /// parameter is trained, except the base weights LoRA freezes. With LoRA, the adapters are always
+    /// trainable and these prefixes are added to them. Default: `[]`.
+    #[serde(default)]
+    pub trainable: Vec<String>,
+    /// LaMed only: build the segmentation module (`[SEG]` token, SegVol). Default: `false`.
+    #[serde(default)]
+    pub segmentation: bool,
+}
+
+fn default_preset() -> String {
+    "debug".into()
+}
+
+/// One checkpoint to load into the model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InitFrom {
+    /// Path or URL of a checkpoint file or HF folder (safetensors, sharded or `.bin`). Required.
+    pub path: String,
+    /// Keep only the keys starting with this prefix, prefix removed (`vision_encoder.` takes the ViT out of
+    /// an M3D-CLIP checkpoint). Default: none (every key).
+    #[serde(default)]
+    pub select_prefix: Option<String>,
+    /// Prefix added to every (selected) key (`model.vision_tower.vision_tower.` puts that ViT into LaMed).
+    /// Default: none.
+    #[serde(default)]
+    pub add_prefix: Option<String>,
+    /// Whether the load must cover the model's parameters exactly (missing, unexpected and mis-shaped keys
+    /// are errors). With `false`, the keys the checkpoint has are loaded and the rest is reported. Default:
+    /// `true`.
+    #[serde(default = "yes")]
+    pub strict: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// `model.lora:` LoRA as PEFT configures it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoraSection {
+    /// Rank. Default: `16` (M3D).
+    #[serde(default = "default_lora_r")]
+    pub r: i64,
+    /// Scale numerator: adapters add `(alpha / r) · B A x`. Default: `32` (M3D).
+    #[serde(default = "default_lora_alpha")]
+    pub alpha: f64,
+    /// Dropout on the adapter input. Default: `0.05` (M3D).
+    #[serde(default = "default_lora_dropout")]
+    pub dropout: f64,
+    /// Module names (PEFT's list rule). Empty: M3D's choice, every Linear of the LLM. Default: `[]`.
+    #[serde(default)]
+    pub target_modules: Vec<String>,
+    /// rsLoRA scaling `alpha / sqrt(r)`. Default: `false`.
+    #[serde(default)]
+    pub use_rslora: bool,
+}
+
+fn default_lora_r() -> i64 {
+    16
+}
+fn default_lora_alpha() -> f64 {
+    32.0
+}
+fn default_lora_dropout() -> f64 {
+    0.05
+}
+
+/// `data:` which shards to train on and how samples are made.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataSection {
+    /// The tasks mixed into training. Required, at least one.
+    pub tasks: Vec<TaskData>,
+    /// Longest text in tokens; longer ones are truncated. Default: `512`.
+    #[serde(default = "default_max_text_len")]
+    pub max_text_len: usize,
+    /// Random training augmentation of the volumes (M3D's flips, intensity scale/shift). Default: `true`.
+    #[serde(default = "yes")]
+    pub augment: bool,
+    /// Batches decoded ahead of the training step, per worker. Default: `4`.
+    #[serde(default = "default_read_ahead")]
+    pub read_ahead: usize,
+    /// Bytes of shards a worker keeps in its local cache. Default: `1073741824` (1 GiB).
+    #[serde(default = "default_cache_bytes")]
+    pub cache_bytes: u64,
+}
+
+fn default_max_text_len() -> usize {
+    512
+}
+fn default_read_ahead() -> usize {
+    4
+}
+fn default_cache_bytes() -> u64 {
+    1 << 30
+}
+
+/// One task of `data.tasks`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TaskData {
+    /// Task name: `cap` (captions), `vqa`, `seg` or `refseg`. Required.
+    pub task: String,
+    /// Shard dataset URLs (folders with a `manifest.json`: a path, `file://` or `s3://`). Required, at least
+    /// one.
+    pub shards: Vec<String>,
+    /// Relative share of this task in the mixed sample order. Default: `1.0`.
+    #[serde(default = "default_weight")]
+    pub weight: f64,
+}
+
+fn default_weight() -> f64 {
+    1.0
+}
+
+/// The shape of the learning-rate schedule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Schedule {
+    /// Linear warmup from 0, then half a cosine down to 0 (transformers' `get_cosine_schedule_with_warmup`).
+    Cosine,
+    /// Linear warmup from 0, then constant.
+    Constant,
+}
+
+/// Numeric precision of training.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Precision {
+    /// f32 everywhere.
+    #[serde(rename = "f32")]
+    F32,
+    /// bf16 parameters and activations, f32 master weights and optimizer state (DeepSpeed's bf16 mode).
+    #[serde(rename = "bf16")]
+    Bf16,
+    /// f32 parameters, bf16 matrix products (torch.autocast / accelerate `mixed_precision="bf16"`).
+    #[serde(rename = "bf16-autocast")]
+    Bf16Autocast,
+}
+
+/// `train:` optimisation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainSection {
+    /// Seed of parameter initialisation, data order and dropout. Default: `42`.
+    #[serde(default = "default_seed")]
+    pub seed: u64,
+    /// Passes over the data. Default: `1`. `max_steps`, when set, wins (transformers' rule).
+    #[serde(default = "default_epochs")]
+    pub epochs: u32,
+    /// Optimizer steps to run, overriding `epochs`. Default: none.
+    #[serde(default)]
+    pub max_steps: Option<u64>,
+    /// Samples per optimizer step, over all workers. Default: `8`.
+    #[serde(default = "default_global_batch")]
+    pub global_batch: usize,
+    /// Samples per forward pass on one worker. Default: none, which means `global_batch / workers.min` (no
+    /// accumulation at the smallest world size). Gradient accumulation is derived:
+    /// `global_batch / (micro_batch × world size)`, which must be a whole number for every world size in
+    /// `workers.min..=workers.max`.
+    #[serde(default)]
+    pub micro_batch: Option<usize>,
+    /// Peak learning rate. Default: `1e-4`.
+    #[serde(default = "default_lr")]
+    pub lr: f64,
+    /// Decoupled (AdamW) weight decay. Default: `0.0` (transformers' default).
+    #[serde(default)]
+    pub weight_decay: f64,
+    /// Parameters without weight decay: regexes searched in the lower-cased parameter name. Default:
+    /// transformers Trainer's rule — `bias`, `layernorm`, `rmsnorm`, `(?:^|\.)norm(?:$|\.)`,
+    /// `_norm(?:$|\.)` — plus `(?:^|\.)norm\d+\.` and `norm_final_attn\.` for the LayerNorms of MONAI's ViT
+    /// and SegVol, which the Trainer excludes by module type.
+    #[serde(default = "default_no_decay")]
+    pub no_decay: Vec<String>,
+    /// Adam betas. Default: `[0.9, 0.999]`.
+    #[serde(default = "default_betas")]
+    pub betas: [f64; 2],
+    /// Adam epsilon (added outside the square root). Default: `1e-8`.
+    #[serde(default = "default_eps")]
+    pub eps: f64,
+    /// Share of the steps spent warming up linearly from 0: `ceil(ratio × total steps)` steps, as
+    /// transformers computes it. Default: `0.03` (M3D).
+    #[serde(default = "default_warmup_ratio")]
+    pub warmup_ratio: f64,
+    /// `cosine` or `constant` (after warmup). Default: `cosine`.
+    #[serde(default = "default_schedule")]
+    pub schedule: Schedule,
+    /// Gradient clipping by the total 2-norm; `null` turns it off. Default: `1.0` (transformers' default).
+    #[serde(default = "default_max_grad_norm")]
+    pub max_grad_norm: Option<f64>,
+    /// `f32`, `bf16` or `bf16-autocast`. Default: none, which means `f32` on the CPU and `bf16` on CUDA.
+    #[serde(default)]
+    pub precision: Option<Precision>,
+    /// Steps between metrics lines. Default: `10`.
+    #[serde(default = "default_log_every")]
+    pub log_every: u64,
+}
+
+fn default_seed() -> u64 {
+    42
+}
+fn default_epochs() -> u32 {
+    1
+}
+fn default_global_batch() -> usize {
+    8
+}
+fn default_lr() -> f64 {
+    1e-4
+}
+/// The default of `train.no_decay`.
+pub fn default_no_decay() -> Vec<String> {
+    [
+        r"bias",
+        r"layernorm",
+        r"rmsnorm",
+        r"(?:^|\.)norm(?:$|\.)",
+        r"_norm(?:$|\.)",
+        r"(?:^|\.)norm\d+\.",
+        r"norm_final_attn\.",
+    ]
+    .into_iter()
+    .map(String::from)
+    .collect()
+}
+fn default_betas() -> [f64; 2] {
+    [0.9, 0.999]
+}
+fn default_eps() -> f64 {
+    1e-8
+}
+fn default_warmup_ratio() -> f64 {
+    0.03
+}
+fn default_schedule() -> Schedule {
+    Schedule::Cosine
+}
+fn default_max_grad_norm() -> Option<f64> {
+    Some(1.0)
+}
+fn default_log_every() -> u64 {
+    10
+}
+
+impl Default for TrainSection {
+    fn default() -> Self {
+        TrainSection {
+            seed: default_seed(),
+            epochs: default_epochs(),
+            max_steps: None,
+            global_batch: default_global_batch(),
+            micro_batch: None,
+            lr: default_lr(),
+            weight_decay: 0.0,
+            no_decay: default_no_decay(),
+            betas: default_betas(),
+            eps: default_eps(),
+            warmup_ratio: default_warmup_ratio(),
+            schedule: default_schedule(),
+            max_grad_norm: default_max_grad_norm(),
+            precision: None,
+            log_every: default_log_every(),
+        }
+    }
+}
+
+/// Where workers compute.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceKind {
+    Cpu,
+    Cuda,
+}
+
+/// `workers:` the data-parallel world.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkersSection {
+    /// Fewest workers the job runs with. Default: `1`.
+    #[serde(default = "default_min_workers")]
+    pub min: usize,
+    /// Most workers the job uses. Default: none, which means `min` (a fixed world size).
+    #[serde(default)]
+    pub max: Option<usize>,
+    /// `cpu` or `cuda` (one GPU per worker). Default: `cpu`.
+    #[serde(default = "default_device")]
+    pub device: DeviceKind,
+}
+
+fn default_min_workers() -> usize {
+    1
+}
+fn default_device() -> DeviceKind {
+    DeviceKind::Cpu
+}
+
+impl Default for WorkersSection {
+    fn default() -> Self {
+        WorkersSection {
+            min: default_min_workers(),
+            max: None,
+            device: default_device(),
+        }
+    }
+}
+
+/// `checkpoint:` when and where training state is saved.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointSection {
+    /// Folder URL of the checkpoints. Default: none, which means `<output.run>/checkpoints`.
+    #[serde(default)]
+    pub url: Option<String>,
+    /// Optimizer steps between checkpoints; `0` saves only at the end. Default: `0`.
+    #[serde(default)]
+    pub every: u64,
+    /// How many of the most recent checkpoints are kept. Default: `2`.
+    #[serde(default = "default_keep_last")]
+    pub keep_last: usize,
+    /// Also keep every checkpoint whose step is a multiple of this. Default: none.
+    #[serde(default)]
+    pub keep_every: Option<u64>,
+}
+
+fn default_keep_last() -> usize {
+    2
+}
+
+impl Default for CheckpointSection {
+    fn default() -> Self {
+        CheckpointSection {
+            url: None,
+            every: 0,
+            keep_last: default_keep_last(),
+            keep_every: None,
+        }
+    }
+}
+
+/// `output:` where the run's results go.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutputSection {
+    /// Folder URL of the run (metrics JSONL, logs, final weights). Default: none, which means
+    /// `runs/<name>`.
+    #[serde(default)]
+    pub run: Option<String>,
+}
