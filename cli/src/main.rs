@@ -13,6 +13,8 @@ use m3d_data_prep::seg::{SegOptions, SegSource};
 use m3d_data_prep::vqa::VqaOptions;
 use m3d_data_prep::{convert_volumes, ConvertOptions, ConvertReport};
 
+mod control;
+
 // See cli/Cargo.toml: volume-sized buffers must be reused, not returned to the kernel after every item.
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -45,6 +47,10 @@ enum Command {
     /// Convert M3D-Data into volume shards, synthesise data, inspect shards.
     #[command(name = "data-prep", subcommand)]
     DataPrep(DataPrep),
+    /// Run a job's coordinator (gRPC control plane: rendezvous, data plan, failures, checkpoints).
+    Coordinator(control::CoordinatorArgs),
+    /// Show a running job's status, from its coordinator.
+    Status(control::StatusArgs),
 }
 
 #[derive(Subcommand)]
@@ -277,6 +283,8 @@ fn parse_size(s: &str) -> Result<(usize, usize)> {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
+        Command::Coordinator(a) => return control::coordinator(a),
+        Command::Status(a) => return control::status(a),
         Command::DataPrep(cmd) => match cmd {
             DataPrep::Synth {
                 dir,

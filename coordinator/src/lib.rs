@@ -1,3 +1,31 @@
-//! Control plane: plans a training job (ranks, data shards per worker, checkpoints, restarts).
+//! Control plane of a training job: rendezvous, ranks, the data plan, failure detection and restart rounds,
+//! checkpoint barrier and commit, and the job's persisted state.
 //!
-//! Empty until the distributed runtime lands (issue 4). **Invariant: the coordinator never touches tensors.**
+//! Layers:
+//! - [`plan`]: the data plan, a pure function of `(seed, epoch)`, the global batch, the rank and the world size.
+//! - [`job`]: the domain ([`job::Coordinator`] implements [`job::ControlPlane`]): the job's state machine, plain
+//!   Rust types, no gRPC. The job document (`job.json` under the state URL, written through `m3d_shards::Store`,
+//!   atomically) lets a restarted coordinator continue.
+//! - [`grpc`] (server, token check) and [`client`]: the thin adapters to `m3d.v1`.
+//!   **Invariant: only these two modules (and `m3d-proto`) touch prost types.**
+//!
+//! **Invariant: the coordinator never touches tensors.**
+
+pub mod client;
+pub mod config;
+pub mod error;
+pub mod grpc;
+pub mod job;
+pub mod plan;
+
+pub use client::{spawn_heartbeats, Client, ClientError, Heartbeats};
+pub use config::JobConfig;
+pub use error::{CoordError, PlanError};
+pub use grpc::{serve, CoordinatorService, Token};
+pub use job::{
+    Assignment, CheckpointRef, ControlPlane, Coordinator, DataPlan, HeartbeatReply, JobPhase,
+    JobStatus, Peer, Progress, WorkerAction, WorkerInfo,
+};
+pub use plan::{EpochOrder, PlanSpec, StepPlan};
+/// gRPC status codes, as [`ClientError::code`] reports them.
+pub use tonic::Code;
