@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use m3d_recipes::{schema_paths, ModelKind, Precision, Recipe, RecipeError, Schedule};
 
 fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+    m3d_testkit::workspace_root()
 }
 
 const MINIMAL: &str = "model:\n  kind: clip\ndata:\n  tasks:\n    - task: cap\n      shards: [s]\n";

@@ -10,8 +10,7 @@ fn python_readers_agree_with_truth() {
     let py = common::python();
     let dir = tempfile::tempdir().unwrap();
     m3d_synth::write_all(dir.path(), &m3d_synth::SynthConfig::default()).unwrap();
-    let script =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/oracle/check_synth.py");
+    let script = m3d_testkit::package_dir().join("tests/oracle/check_synth.py");
     let out = Command::new(&py)
         .arg(&script)
         .arg(dir.path())

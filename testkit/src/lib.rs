@@ -10,9 +10,23 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// The workspace root (this crate lives one level below it).
+/// The folder of the package whose test is running: `CARGO_MANIFEST_DIR` as cargo and nextest set it when they
+/// run a test. Read at run time, not baked in at compile time: a build reused from a clone in another folder
+/// (same relative paths, older sources) would otherwise point into that folder.
+pub fn package_dir() -> PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).to_path_buf())
+}
+
+/// The workspace root: the nearest folder at or above [`package_dir`] holding `Cargo.lock`.
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+    let start = package_dir();
+    start
+        .ancestors()
+        .find(|d| d.join("Cargo.lock").is_file())
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| start.join(".."))
 }
 
 /// The Python oracle interpreter: `M3D_PYTHON`, or else `<workspace>/.venv/bin/python` (made by scripts/setup.sh).

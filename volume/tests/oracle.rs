@@ -99,7 +99,7 @@ impl Oracle {
     fn run(self) {
         let jobs = self.dir.path().join("jobs.txt");
         std::fs::write(&jobs, &self.jobs).unwrap();
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/oracle/volume_oracle.py");
+        let script = m3d_testkit::package_dir().join("tests/oracle/volume_oracle.py");
         let out = Command::new(python())
             .arg(&script)
             .arg(&jobs)

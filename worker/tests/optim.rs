@@ -191,7 +191,7 @@ fn bf16_gradients_accumulate_in_f32() {
 
 #[test]
 fn built_from_a_recipe() {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../recipes/clip-tiny.yaml");
+    let path = m3d_testkit::workspace_root().join("recipes/clip-tiny.yaml");
     let recipe = m3d_recipes::Recipe::load(&path, &["train.betas=[0.8, 0.9]".into()]).unwrap();
     let opt = AdamW::from_recipe(&recipe.train, params(Kind::Float)).unwrap();
     assert_eq!(opt.groups()[0].weight_decay, 0.1);

@@ -3,7 +3,6 @@
 //! parameter groups, 6 steps with clipping and the scheduled learning rate.
 
 use std::collections::HashMap;
-use std::path::Path;
 
 use m3d_worker::grad::clip_grad_norm;
 use m3d_worker::optim::{AdamW, AdamWConfig};
@@ -12,7 +11,7 @@ use tch::{Kind, Tensor};
 
 fn run_oracle() -> (tempfile::TempDir, HashMap<String, Tensor>) {
     let dir = tempfile::tempdir().unwrap();
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/oracle/optim_oracle.py");
+    let script = m3d_testkit::package_dir().join("tests/oracle/optim_oracle.py");
     m3d_testkit::run_python(&script, &[dir.path().to_str().unwrap()]);
     let io = m3d_models::weights::read_tensors(&dir.path().join("io.safetensors"))
         .unwrap()

@@ -6,9 +6,7 @@ use std::path::Path;
 /// Runs `tests/oracle/<script> <args..>` and panics with its output unless it succeeds.
 pub fn run_oracle(script: &str, args: &[&str]) -> String {
     m3d_testkit::run_python(
-        &Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/oracle")
-            .join(script),
+        &m3d_testkit::package_dir().join("tests/oracle").join(script),
         args,
     )
 }

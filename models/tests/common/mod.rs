@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use tch::{Kind, Tensor};
 
 pub fn oracle_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/oracle")
+    m3d_testkit::package_dir().join("tests/oracle")
 }
 
 /// Runs `tests/oracle/<script> <out> args...` and returns `out` (kept alive by the returned TempDir).

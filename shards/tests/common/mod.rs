@@ -99,9 +99,7 @@ pub fn sample(i: usize, volume_id: &str, task: Task) -> SampleRecord {
 pub use m3d_testkit::python;
 
 pub fn oracle_script(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/oracle")
-        .join(name)
+    m3d_testkit::package_dir().join("tests/oracle").join(name)
 }
 
 /// Writes a dataset (volume shards, one sample shard, manifest last) into `store`.
