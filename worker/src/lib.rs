@@ -1,7 +1,9 @@
 //! Data plane of a training job: turns decoded shard samples into libtorch tensors, and the training
 //! components the loop is built from: [`optim::AdamW`] (torch's update, f32 master weights),
 //! [`schedule`] (transformers' warmup + cosine), [`grad`] (clipping as torch, loss normalisation for
-//! gradient accumulation), [`metrics`] (JSONL) and [`plot`] (loss curves to PNG).
+//! gradient accumulation), [`metrics`] (JSONL), [`plot`] (loss curves to PNG) and [`step`] (the
+//! data-parallel step: CLIP gathering over a collective, the gradient reduction each loss needs, bucketed
+//! all-reduce, clipping, AdamW).
 //!
 //! **Invariant: `worker` knows nothing about Kubernetes or about how shards were produced**; it reads them only
 //! through `m3d-shards`.
@@ -12,3 +14,4 @@ pub mod metrics;
 pub mod optim;
 pub mod plot;
 pub mod schedule;
+pub mod step;

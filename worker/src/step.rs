@@ -1,0 +1,308 @@
+//! The data-parallel training step: gathering CLIP features over a [`Collective`] ([`CollectiveGather`]),
+//! reducing gradients with the reduction that matches the loss ([`reduce_grads`], [`GradReduction`]), and
+//! one optimizer step ([`DataParallelStep::train_step`]: zero grads → loss → backward → bucketed all-reduce →
+//! clipping → AdamW at the scheduled lr).
+//!
+//! ## Which reduction equals single-process training on the concatenated batch
+//!
+//! Write θ for the parameters, rank r's batch slice as x_r, and the single-process loss on the concatenated
+//! batch as L(θ). After the all-reduce every rank must hold ∂L/∂θ.
+//!
+//! **Per-sample / per-token losses** (the LM loss): L = Σ_r S_r / N, where S_r is the sum of rank r's
+//! token losses and N the scored tokens of the *global* batch ([`global_count`]). Rank r back-propagates
+//! S_r / N, whose gradient is exactly rank r's share, so the shares must be **summed**:
+//! [`GradReduction::Sum`]. (Averaging would need S_r · W / N.)
+//!
+//! **The global CLIP loss** does not split into per-rank shares: L = L(f_0, …, f_{W−1}, s) depends on the
+//! features f_q of every rank and on the logit scale s. libtorch through `tch` has no custom autograd
+//! function, so [`CollectiveGather`] uses open_clip's construction: all-gather the features without
+//! gradient and put this rank's own, gradient-carrying tensor back in its slot. Every rank then computes
+//! the same value L, and its backward gives
+//!
+//! - ∂L/∂f_r · ∂f_r/∂θ for the parameters *before* the gather (the encoders and projections): only this
+//!   rank's share — the shares must be **summed** over ranks;
+//! - the full ∂L/∂s for the parameters used *after* the gather (`logit_scale`): identical on every rank — it
+//!   must be **averaged**, a sum counts it W times.
+//!
+//! No single reduction fits both, so the bare construction (selected with [`GatherGrad::Local`]) is only
+//! exact when nothing after the gather is trained. [`GatherGrad::AllRanks`] (the default) fixes this inside
+//! the gather: the local slot is `f + (f − f.detach())·(W − 1)`, bit for bit the value f but with gradient
+//! W·∂L/∂f_r. Because every rank computes the same L, W·∂L/∂f_r is exactly the gradient that
+//! `torch.distributed.nn.all_gather` gives (its backward sums the slot's gradient over the ranks), so the
+//! pre-gather parameters receive W × their share and the post-gather ones the full gradient, and
+//! [`GradReduction::Mean`] — DDP's average, as in the reference — gives ∂L/∂θ for every parameter. With
+//! `local_loss` the ranks compute different losses and this shortcut does not hold: use the global loss.
+//!
+//! `worker/tests/data_parallel.rs` checks both cases against one process on the whole batch (3 AdamW steps
+//! with weight decay and clipping) and shows that the other reduction measurably differs.
+
+use std::cell::RefCell;
+
+use m3d_collectives::{Bucketer, Collective, CollectiveError, ReduceOp};
+use m3d_models::clip::Gather;
+use tch::{Kind, Tensor};
+
+use crate::grad::{clip_grad_norm, GradError};
+use crate::optim::{AdamW, OptimError};
+use crate::schedule::LrSchedule;
+
+/// Errors of a data-parallel step.
+#[derive(Debug, thiserror::Error)]
+pub enum StepError {
+    #[error("collective on rank {rank}: {source}")]
+    Collective {
+        rank: usize,
+        #[source]
+        source: CollectiveError,
+    },
+    #[error(transparent)]
+    Optim(#[from] OptimError),
+    #[error(transparent)]
+    Grad(#[from] GradError),
+    #[error(transparent)]
+    Model(#[from] m3d_models::ModelError),
+    #[error(transparent)]
+    Tch(#[from] tch::TchError),
+    #[error("the loss is not a scalar: shape {0:?}")]
+    NotScalar(Vec<i64>),
+}
+
+fn coll(rank: usize) -> impl Fn(CollectiveError) -> StepError {
+    move |source| StepError::Collective { rank, source }
+}
+
+/// How gradients are combined over the ranks (see the module docs for which loss needs which).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GradReduction {
+    /// Sum of the ranks' gradients: each rank back-propagated its share of the global loss (the LM loss
+    /// normalised by the global token count).
+    Sum,
+    /// Average of the ranks' gradients (DDP): each rank back-propagated the whole loss, or W × its share
+    /// (the CLIP loss through [`CollectiveGather`] with [`GatherGrad::AllRanks`]).
+    Mean,
+}
+
+impl From<GradReduction> for ReduceOp {
+    fn from(r: GradReduction) -> ReduceOp {
+        match r {
+            GradReduction::Sum => ReduceOp::Sum,
+            GradReduction::Mean => ReduceOp::Mean,
+        }
+    }
+}
+
+/// All-reduces `grads` in place through `bucketer` (planned over the same list, in the same order, on
+/// every rank).
+pub fn reduce_grads(
+    comm: &mut dyn Collective,
+    bucketer: &mut Bucketer,
+    grads: &mut [Tensor],
+    reduction: GradReduction,
+) -> Result<(), StepError> {
+    let rank = comm.rank();
+    bucketer
+        .all_reduce(comm, grads, reduction.into())
+        .map_err(coll(rank))
+}
+
+/// The sum of a count over the ranks (e.g. the scored tokens of the global batch, [`GradReduction::Sum`]'s
+/// normaliser for the LM loss). Exact up to 2^53.
+pub fn global_count(comm: &mut dyn Collective, local: i64) -> Result<i64, StepError> {
+    let rank = comm.rank();
+    let mut t = Tensor::from_slice(&[local as f64]);
+    comm.all_reduce(&mut t, ReduceOp::Sum).map_err(coll(rank))?;
+    Ok(t.f_double_value(&[0])?.round() as i64)
+}
+
+/// What gradient the local slot of a [`CollectiveGather`] carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum GatherGrad {
+    /// W·∂L/∂f_r, as `torch.distributed.nn.all_gather` when every rank computes the same loss: exact with
+    /// [`GradReduction::Mean`] for every parameter.
+    #[default]
+    AllRanks,
+    /// ∂L/∂f_r (open_clip without `gather_with_grad`): exact with [`GradReduction::Sum`] only when no
+    /// parameter is used after the gather (M3D-CLIP's `logit_scale` is).
+    Local,
+}
+
+/// [`Gather`] over a [`Collective`]: the other ranks' features without gradient, this rank's own tensor
+/// in its slot (see the module docs).
+///
+/// [`Gather::all_gather`] cannot return an error; a failed collective is recorded, a placeholder of the
+/// right shape returned (this rank's tensor repeated), and every later gather skipped. Call
+/// [`CollectiveGather::finish`] after the loss: it returns the error, so a broken step is never applied.
+pub struct CollectiveGather<'a> {
+    comm: RefCell<&'a mut dyn Collective>,
+    mode: GatherGrad,
+    error: RefCell<Option<CollectiveError>>,
+}
+
+impl<'a> CollectiveGather<'a> {
+    pub fn new(comm: &'a mut dyn Collective, mode: GatherGrad) -> Self {
+        CollectiveGather {
+            comm: RefCell::new(comm),
+            mode,
+            error: RefCell::new(None),
+        }
+    }
+
+    /// The first collective error of any gather, if one failed.
+    pub fn finish(self) -> Result<(), StepError> {
+        let rank = self.comm.borrow().rank();
+        match self.error.into_inner() {
+            Some(e) => Err(StepError::Collective { rank, source: e }),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Gather for CollectiveGather<'_> {
+    fn all_gather(&self, t: &Tensor) -> Tensor {
+        let (rank, world) = {
+            let c = self.comm.borrow();
+            (c.rank() as i64, c.world_size() as i64)
+        };
+        if world == 1 {
+            return t.shallow_clone();
+        }
+        let placeholder = || {
+            t.repeat(
+                [world]
+                    .into_iter()
+                    .chain(t.size().into_iter().skip(1).map(|_| 1))
+                    .collect::<Vec<i64>>(),
+            )
+        };
+        if self.error.borrow().is_some() {
+            return placeholder();
+        }
+        let gathered = tch::no_grad(|| self.comm.borrow_mut().all_gather(&t.detach()));
+        let gathered = match gathered {
+            Ok(g) => g,
+            Err(e) => {
+                *self.error.borrow_mut() = Some(e);
+                return placeholder();
+            }
+        };
+        let b = t.size().first().copied().unwrap_or(1);
+        let local = match self.mode {
+            GatherGrad::Local => t.shallow_clone(),
+            // Value: t + 0 = t exactly; gradient: 1 + (W - 1) = W.
+            GatherGrad::AllRanks => t + (t - t.detach()) * (world - 1) as f64,
+        };
+        let mut parts = Vec::with_capacity(3);
+        if rank > 0 {
+            parts.push(gathered.narrow(0, 0, rank * b));
+        }
+        parts.push(local);
+        if rank + 1 < world {
+            parts.push(gathered.narrow(0, (rank + 1) * b, (world - rank - 1) * b));
+        }
+        Tensor::cat(&parts, 0)
+    }
+
+    fn rank(&self) -> i64 {
+        self.comm.borrow().rank() as i64
+    }
+
+    fn world_size(&self) -> i64 {
+        self.comm.borrow().world_size() as i64
+    }
+}
+
+/// Settings of [`DataParallelStep`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepOptions {
+    pub reduction: GradReduction,
+    /// Clip the reduced gradients to this total norm (`None`: no clipping).
+    pub max_grad_norm: Option<f64>,
+    /// Gradient bucket size for the all-reduce.
+    pub bucket_bytes: usize,
+}
+
+impl Default for StepOptions {
+    fn default() -> Self {
+        StepOptions {
+            reduction: GradReduction::Mean,
+            max_grad_norm: Some(1.0),
+            bucket_bytes: 25 << 20,
+        }
+    }
+}
+
+/// What one step did.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepOutput {
+    /// This rank's loss (for the CLIP loss the same on every rank; for an LM share, this rank's share).
+    pub loss: f64,
+    /// The total gradient norm after the all-reduce, before clipping (the same on every rank).
+    pub grad_norm: f64,
+    pub lr: f64,
+}
+
+/// The training step of one rank; keeps the gradient buckets planned on the first step.
+#[derive(Debug)]
+pub struct DataParallelStep {
+    opts: StepOptions,
+    plan: Option<(Vec<String>, Bucketer)>,
+}
+
+impl DataParallelStep {
+    pub fn new(opts: StepOptions) -> Self {
+        DataParallelStep { opts, plan: None }
+    }
+
+    pub fn options(&self) -> &StepOptions {
+        &self.opts
+    }
+
+    /// One optimizer step `step` (0-based): zero the gradients, `loss_fn` (given the collective, for
+    /// gathering or global counts) → backward → all-reduce the trainable gradients in buckets
+    /// ([`StepOptions::reduction`]) → clip → AdamW at `schedule.lr(step)`.
+    pub fn train_step<F>(
+        &mut self,
+        comm: &mut dyn Collective,
+        opt: &mut AdamW,
+        schedule: &LrSchedule,
+        step: u64,
+        loss_fn: F,
+    ) -> Result<StepOutput, StepError>
+    where
+        F: FnOnce(&mut dyn Collective) -> Result<Tensor, StepError>,
+    {
+        opt.zero_grad();
+        let loss = loss_fn(comm)?;
+        if loss.numel() != 1 {
+            return Err(StepError::NotScalar(loss.size()));
+        }
+        loss.f_backward()?;
+        let loss_value = loss.f_to_kind(Kind::Double)?.f_double_value(&[])?;
+        let named = opt.grads();
+        let names: Vec<String> = named.iter().map(|(n, _)| n.clone()).collect();
+        let mut grads: Vec<Tensor> = named.into_iter().map(|(_, g)| g).collect();
+        let rank = comm.rank();
+        // Replan when the set of parameters with gradients changes (the same on every rank: same model).
+        let bucketer = match &mut self.plan {
+            Some((planned, b)) if *planned == names => b,
+            plan => {
+                let b = Bucketer::new(&grads, self.opts.bucket_bytes).map_err(coll(rank))?;
+                &mut plan.insert((names, b)).1
+            }
+        };
+        reduce_grads(comm, bucketer, &mut grads, self.opts.reduction)?;
+        let grad_norm = match self.opts.max_grad_norm {
+            Some(max) => clip_grad_norm(&grads, max)?,
+            None => crate::grad::total_norm(&grads)?
+                .map(|t| t.double_value(&[]))
+                .unwrap_or(0.0),
+        };
+        let lr = schedule.lr(step);
+        opt.step(lr)?;
+        Ok(StepOutput {
+            loss: loss_value,
+            grad_norm,
+            lr,
+        })
+    }
+}
