@@ -82,7 +82,8 @@ impl VerifyReport {
 
 /// Fetches a shard and checks it against its manifest entry: size, then crc32 when the manifest has it (fast,
 /// catches corruption in transit and at rest), else sha256.
-fn fetch_checked(store: &Store, entry: &ShardEntry) -> Result<Bytes, ShardError> {
+/// The one place shard bytes are verified on read (also used by the worker's shard cache).
+pub fn fetch_checked(store: &Store, entry: &ShardEntry) -> Result<Bytes, ShardError> {
     let bytes = store.get(&entry.key)?;
     if let Some(expected) = entry.crc32 {
         let actual = crc32fast::hash(&bytes);

@@ -14,7 +14,7 @@ pub mod parquet_io;
 pub mod schema;
 pub mod store;
 
-pub use dataset::{decode_sample_into, ShardDataset, VerifyReport};
+pub use dataset::{decode_sample_into, fetch_checked, ShardDataset, VerifyReport};
 pub use encode::ImageDtype;
 pub use error::ShardError;
 pub use manifest::{sha256_hex, Manifest, ShardEntry, Totals};

@@ -1,4 +1,5 @@
-//! Data plane of a training job: turns decoded shard samples into libtorch tensors, and the training
+//! Data plane of a training job: [`data::ShardLoader`] (decoded samples by global index, shard LRU cache and
+//! read-ahead), turns decoded shard samples into libtorch tensors, and the training
 //! components the loop is built from: [`optim::AdamW`] (torch's update, f32 master weights),
 //! [`schedule`] (transformers' warmup + cosine), [`grad`] (clipping as torch, loss normalisation for
 //! gradient accumulation), [`metrics`] (JSONL), [`plot`] (loss curves to PNG) and [`step`] (the
@@ -9,6 +10,7 @@
 //! through `m3d-shards`.
 
 pub mod batch;
+pub mod data;
 pub mod grad;
 pub mod metrics;
 pub mod optim;

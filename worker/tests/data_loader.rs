@@ -1,0 +1,283 @@
+//! `ShardLoader` on a tiny synthetic dataset written with `m3d-shards` directly: same values as the shard
+//! crate's own decoding, store reads bounded by distinct shards, eviction under a small cache, errors that
+//! name the sample, and read-ahead observed through the loader's counters.
+
+use m3d_shards::encode::{encode_image, pack_mask};
+use m3d_shards::manifest::{sample_shard_key, volume_shard_key};
+use m3d_shards::{
+    decode_sample_into, ImageDtype, Manifest, MaskRecord, SampleRecord, ShardDataset, ShardEntry,
+    Store, Task, VolumeRecord, WriteOptions,
+};
+use m3d_worker::data::{LoadError, LoaderOptions, ShardLoader};
+
+const SHAPE: [u32; 4] = [1, 2, 4, 4];
+const SHARDS: usize = 3;
+const PER_SHARD: usize = 2;
+
+fn volume(s: usize, v: usize) -> VolumeRecord {
+    let n: usize = SHAPE.iter().map(|&x| x as usize).product();
+    let spatial = n;
+    let image: Vec<f32> = (0..n)
+        .map(|i| ((i * 7 + s * 13 + v * 29) % 31) as f32 / 30.0)
+        .collect();
+    let dtype = if s % 2 == 0 {
+        ImageDtype::F16
+    } else {
+        ImageDtype::U8
+    };
+    let bytes = encode_image(&image, dtype);
+    let masks = (0..2)
+        .map(|k| {
+            let m: Vec<u8> = (0..spatial)
+                .map(|i| u8::from((i + k + s + v) % 3 == 0))
+                .collect();
+            let (bits, voxels) = pack_mask(&m);
+            MaskRecord {
+                class_index: k as u32 + 1,
+                label: format!("class {k}"),
+                voxels,
+                bits,
+            }
+        })
+        .collect();
+    VolumeRecord {
+        volume_id: format!("{s:03}/case_{v}"),
+        dataset: "seg".into(),
+        source: format!("synthetic/{s}/{v}"),
+        shape: SHAPE,
+        dtype,
+        image_crc32: VolumeRecord::crc32(&bytes),
+        image: bytes,
+        masks,
+    }
+}
+
+fn sample(i: usize, volume_id: &str) -> SampleRecord {
+    SampleRecord {
+        sample_id: format!("s{i:03}"),
+        dataset: "seg".into(),
+        task: Task::Seg,
+        split: "train".into(),
+        volume_id: volume_id.to_string(),
+        mask_index: (i % 2 == 0).then_some((i as u32 / 2) % 2),
+        question: None,
+        answer: Some(format!("answer {i}")),
+        answer_choice: None,
+        question_type: None,
+        class_name: Some("liver".into()),
+        bbox: None,
+        report: None,
+        source_row: None,
+    }
+}
+
+/// Writes 3 volume shards of 2 volumes and 12 samples (2 per volume); returns the dataset URL.
+fn write_dataset(dir: &std::path::Path) -> String {
+    let url = dir.to_str().unwrap_or_default().to_string();
+    let store = Store::open(&url).unwrap();
+    let opts = WriteOptions {
+        rows_per_row_group: 1,
+        ..Default::default()
+    };
+    let mut manifest = Manifest::new("seg", "m3d-worker tests");
+    let mut samples = Vec::new();
+    for s in 0..SHARDS {
+        let vols: Vec<VolumeRecord> = (0..PER_SHARD).map(|v| volume(s, v)).collect();
+        let key = volume_shard_key(s);
+        let bytes = m3d_shards::write_volume_shard(&vols, &opts).unwrap();
+        manifest
+            .volume_shards
+            .push(ShardEntry::describe(&key, vols.len() as u64, &bytes));
+        store.put(&key, bytes).unwrap();
+        for v in &vols {
+            for _ in 0..2 {
+                samples.push(sample(samples.len(), &v.volume_id));
+            }
+        }
+    }
+    let key = sample_shard_key(0);
+    let bytes = m3d_shards::write_sample_shard(&samples, &opts).unwrap();
+    manifest
+        .sample_shards
+        .push(ShardEntry::describe(&key, samples.len() as u64, &bytes));
+    store.put(&key, bytes).unwrap();
+    manifest.count_samples(&samples);
+    manifest.update_totals();
+    manifest.save(&store).unwrap();
+    url
+}
+
+/// The reference: decode sample `i` through `ShardDataset` alone.
+fn reference(ds: &ShardDataset, i: usize) -> (Vec<f32>, Option<Vec<f32>>) {
+    let s = &ds.samples()[i];
+    let vol = (0..ds.num_volume_shards())
+        .flat_map(|k| ds.stream_volumes(k).unwrap())
+        .map(|r| r.unwrap())
+        .find(|r| r.volume_id == s.volume_id)
+        .unwrap();
+    let mut image = vec![0.0; vol.numel()];
+    let mut mask = s.mask_index.map(|_| vec![0.0; vol.spatial_numel()]);
+    decode_sample_into(
+        &vol,
+        s.mask_index,
+        None,
+        &mut Vec::new(),
+        &mut image,
+        mask.as_deref_mut(),
+    )
+    .unwrap();
+    (image, mask)
+}
+
+fn opts(cache_bytes: usize, prefetch_depth: usize) -> LoaderOptions {
+    LoaderOptions {
+        cache_bytes,
+        prefetch_depth,
+    }
+}
+
+#[test]
+fn matches_shard_dataset_decoding_with_one_read_per_distinct_shard() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = write_dataset(dir.path());
+    let ds = ShardDataset::open(&url).unwrap();
+    let loader = ShardLoader::open(&url, opts(1 << 20, 0)).unwrap();
+    assert_eq!(loader.len(), SHARDS * PER_SHARD * 2);
+    assert_eq!(loader.stats().index_reads, SHARDS as u64);
+    assert_eq!(loader.stats().shard_reads, 0);
+
+    // Every sample, shuffled, with a repeat: all three shards, each read once.
+    let indices: Vec<u64> = vec![11, 0, 5, 6, 1, 10, 3, 2, 9, 4, 8, 7, 0];
+    let got = loader.load(&indices).unwrap();
+    assert_eq!(got.len(), indices.len());
+    for (g, &i) in got.iter().zip(&indices) {
+        assert_eq!(g.index, i);
+        assert_eq!(&g.sample, &ds.samples()[i as usize]);
+        assert_eq!(g.shape, [1, 2, 4, 4]);
+        let (image, mask) = reference(&ds, i as usize);
+        assert_eq!(g.image, image, "image of sample {i}");
+        assert_eq!(g.mask, mask, "mask of sample {i}");
+    }
+    assert!(got.iter().any(|g| g.mask.is_some()) && got.iter().any(|g| g.mask.is_none()));
+    let st = loader.stats();
+    assert_eq!(st.shard_reads, SHARDS as u64);
+    assert_eq!(st.cache_misses, SHARDS as u64);
+
+    // Again: all from the cache, identical output.
+    let again = loader.load(&indices).unwrap();
+    assert_eq!(again, got);
+    let st = loader.stats();
+    assert_eq!(st.shard_reads, SHARDS as u64);
+    assert_eq!(st.cache_hits, SHARDS as u64);
+    assert_eq!(st.evictions, 0);
+}
+
+#[test]
+fn a_cache_smaller_than_the_working_set_evicts_and_stays_correct() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = write_dataset(dir.path());
+    let big = ShardLoader::open(&url, opts(1 << 20, 0)).unwrap();
+    let all: Vec<u64> = (0..big.len() as u64).collect();
+    let expected = big.load(&all).unwrap();
+    let one_shard = big.cached_bytes() / SHARDS;
+    assert!(one_shard > 0);
+
+    // Room for one shard only.
+    let small = ShardLoader::open(&url, opts(one_shard + one_shard / 2, 0)).unwrap();
+    // Within one call each shard is still read only once.
+    assert_eq!(small.load(&all).unwrap(), expected);
+    assert_eq!(small.stats().shard_reads, SHARDS as u64);
+    assert_eq!(small.cached_shards().len(), 1);
+    assert!(small.stats().evictions >= SHARDS as u64 - 1);
+    // Per-sample calls over the whole dataset twice: shards are evicted and re-read, values unchanged.
+    for _ in 0..2 {
+        for &i in &all {
+            let got = small.load(&[i]).unwrap();
+            assert_eq!(got[0], expected[i as usize], "sample {i}");
+        }
+    }
+    let st = small.stats();
+    assert!(
+        st.shard_reads > SHARDS as u64 + 1,
+        "expected re-reads, {st:?}"
+    );
+    assert!(small.cached_bytes() <= one_shard + one_shard / 2);
+
+    // A zero-byte cache keeps nothing but still serves.
+    let none = ShardLoader::open(&url, opts(0, 0)).unwrap();
+    assert_eq!(none.load(&all).unwrap(), expected);
+    assert!(none.cached_shards().is_empty());
+}
+
+#[test]
+fn a_missing_sample_index_is_an_error_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = write_dataset(dir.path());
+    let loader = ShardLoader::open(&url, opts(1 << 20, 1)).unwrap();
+    let err = loader.load(&[0, 1, 12]).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            LoadError::SampleOutOfRange {
+                index: 12,
+                len: 12,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("sample index 12"), "{err}");
+    // Nothing was read for the failed batch.
+    assert_eq!(loader.stats().shard_reads, 0);
+    assert!(loader.prefetch(&[u64::MAX]).is_err());
+}
+
+#[test]
+fn a_corrupted_shard_is_an_error_naming_its_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = write_dataset(dir.path());
+    let loader = ShardLoader::open(&url, opts(1 << 20, 0)).unwrap();
+    let key = volume_shard_key(1);
+    let path = dir.path().join(&key);
+    let mut bytes = std::fs::read(&path).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    std::fs::write(&path, bytes).unwrap();
+    // Shard 0 still serves; shard 1 (samples 4..8) fails naming the shard.
+    assert_eq!(loader.load(&[0, 1]).unwrap().len(), 2);
+    let err = loader.load(&[4]).unwrap_err();
+    assert!(
+        matches!(&err, LoadError::Shard { shard: 1, key: k, .. } if *k == key),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains(&key), "{err}");
+}
+
+#[test]
+fn prefetch_fills_the_cache_so_the_next_load_hits() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = write_dataset(dir.path());
+    let loader = ShardLoader::open(&url, opts(1 << 20, 2)).unwrap();
+    // Step 0 touches shard 0; step 1 (announced ahead) touches shards 1 and 2.
+    let step0 = [0u64, 3];
+    let step1 = [4u64, 9, 5];
+    assert!(loader.prefetch(&step1).unwrap());
+    let first = loader.load(&step0).unwrap();
+    assert_eq!(first.len(), 2);
+    loader.wait_prefetched();
+    assert_eq!(loader.last_prefetch_error(), None);
+    let before = loader.stats();
+    assert_eq!(before.prefetch_reads, 2);
+    let second = loader.load(&step1).unwrap();
+    let after = loader.stats();
+    assert_eq!(after.shard_reads, before.shard_reads, "{after:?}");
+    assert_eq!(after.cache_misses, before.cache_misses);
+    assert_eq!(after.cache_hits, before.cache_hits + 2);
+    // Same values as a loader that never prefetched.
+    let plain = ShardLoader::open(&url, opts(1 << 20, 0)).unwrap();
+    assert_eq!(plain.load(&step1).unwrap(), second);
+    assert_eq!(plain.load(&step0).unwrap(), first);
+    // Read-ahead disabled: requests are dropped, counted.
+    assert!(!plain.prefetch(&step1).unwrap());
+    assert_eq!(plain.stats().prefetch_dropped, 1);
+}
