@@ -677,6 +677,16 @@ impl Lamed {
 /// HF's causal-LM loss: logits at t score labels at t + 1; [`IGNORE_INDEX`] skipped; mean over the scored
 /// tokens (NaN when none is scored, as in HF); in f32.
 pub fn causal_lm_loss(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
+    shifted_cross_entropy(logits, labels, Reduction::Mean)
+}
+
+/// [`causal_lm_loss`] summed instead of averaged over the scored tokens, for callers that normalise by a
+/// count of their own (the worker divides by the scored tokens of a whole accumulation across ranks).
+pub fn causal_lm_loss_sum(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
+    shifted_cross_entropy(logits, labels, Reduction::Sum)
+}
+
+fn shifted_cross_entropy(logits: &Tensor, labels: &Tensor, reduction: Reduction) -> Result<Tensor> {
     let s = logits.size();
     if s.len() != 3 || labels.size() != s[..2] {
         return Err(ModelError::Shape {
@@ -699,7 +709,7 @@ pub fn causal_lm_loss(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
         .narrow(1, 1, t - 1)
         .reshape([b * (t - 1)])
         .to_kind(Kind::Int64);
-    Ok(pred.f_cross_entropy_loss(&target, None::<Tensor>, Reduction::Mean, IGNORE_INDEX, 0.0)?)
+    Ok(pred.f_cross_entropy_loss(&target, None::<Tensor>, reduction, IGNORE_INDEX, 0.0)?)
 }
 
 /// A base checkpoint's (vocab, H) embedding or LM-head matrix grown for LaMed, as the reference's

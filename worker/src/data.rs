@@ -308,15 +308,8 @@ impl ShardLoader {
         });
         // Volume id -> shard; the first shard wins if an id were ever stored twice.
         let mut volume_shard: HashMap<String, usize> = HashMap::new();
-        for (shard, entry) in shared.entries.iter().enumerate() {
-            let reader = fetch_checked(&shared.store, entry)
-                .map_err(|e| shared.shard_error(shard, e))?
-                .with_images(false)
-                .with_masks(false);
-            for rec in reader {
-                let rec = rec.map_err(|e| shared.shard_error(shard, e))?;
-                volume_shard.entry(rec.volume_id).or_insert(shard);
-            }
+        for (volume_id, shard) in dataset.volume_index().map_err(open_err)? {
+            volume_shard.entry(volume_id).or_insert(shard);
         }
         let index_reads = shared.entries.len() as u64;
         let samples = dataset.samples().to_vec();

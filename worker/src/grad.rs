@@ -19,7 +19,7 @@
 //! A contrastive loss (M3D-CLIP) does not split this way at all: each micro-batch only sees its own
 //! negatives, so accumulation changes the objective (as it does in the reference with HF's accumulation).
 
-use tch::{Kind, Reduction, Tensor};
+use tch::{Kind, Tensor};
 
 use m3d_models::lamed::IGNORE_INDEX;
 
@@ -32,6 +32,8 @@ pub enum GradError {
     NoTokens(i64),
     #[error(transparent)]
     Tch(#[from] tch::TchError),
+    #[error(transparent)]
+    Model(#[from] m3d_models::ModelError),
 }
 
 /// `torch.nn.utils.clip_grad_norm_(params, max_norm)` over the given gradients: the total 2-norm over all
@@ -109,16 +111,6 @@ pub fn token_sum_loss(
     if normaliser < 1 {
         return Err(GradError::NoTokens(normaliser));
     }
-    let (b, t, v) = (s[0], s[1], s[2]);
-    let pred = logits
-        .narrow(1, 0, t - 1)
-        .to_kind(Kind::Float)
-        .reshape([b * (t - 1), v]);
-    let target = labels
-        .narrow(1, 1, t - 1)
-        .reshape([b * (t - 1)])
-        .to_kind(Kind::Int64);
-    let sum =
-        pred.f_cross_entropy_loss(&target, None::<Tensor>, Reduction::Sum, IGNORE_INDEX, 0.0)?;
+    let sum = m3d_models::lamed::causal_lm_loss_sum(logits, labels)?;
     Ok(sum.f_div_scalar(normaliser as f64)?)
 }
