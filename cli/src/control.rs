@@ -86,7 +86,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 
 /// The token from `--token-file` or `M3D_TOKEN`. Read here, never passed on a command line (which `ps` shows)
 /// and never printed.
-fn load_token(file: Option<&PathBuf>) -> Result<Option<Token>> {
+pub fn load_token(file: Option<&PathBuf>) -> Result<Option<Token>> {
     if let Some(f) = file {
         let text = std::fs::read_to_string(f)
             .with_context(|| format!("reading the token file {}", f.display()))?;
@@ -101,7 +101,7 @@ fn load_token(file: Option<&PathBuf>) -> Result<Option<Token>> {
         .and_then(Token::new))
 }
 
-fn runtime() -> Result<tokio::runtime::Runtime> {
+pub fn runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("m3d-coordinator")
@@ -117,6 +117,7 @@ pub fn coordinator(a: CoordinatorArgs) -> Result<()> {
         heartbeat_timeout: a.heartbeat_timeout,
         max_restarts: a.restarts,
         plan: PlanSpec {
+            max_steps: None,
             samples: a.samples,
             global_batch: a.global_batch,
             seed: a.seed,

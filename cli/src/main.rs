@@ -14,6 +14,7 @@ use m3d_data_prep::vqa::VqaOptions;
 use m3d_data_prep::{convert_volumes, ConvertOptions, ConvertReport};
 
 mod control;
+mod train;
 
 // See cli/Cargo.toml: volume-sized buffers must be reused, not returned to the kernel after every item.
 #[global_allocator]
@@ -51,6 +52,12 @@ enum Command {
     Coordinator(control::CoordinatorArgs),
     /// Show a running job's status, from its coordinator.
     Status(control::StatusArgs),
+    /// Run a whole training job on this machine: the coordinator and N worker processes.
+    Train(train::TrainArgs),
+    /// Run one worker of a job (as a cluster does, one per GPU or pod).
+    Worker(train::WorkerArgs),
+    /// Render loss / learning-rate curves of metrics files to a PNG.
+    Plot(train::PlotArgs),
 }
 
 #[derive(Subcommand)]
@@ -285,6 +292,9 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Coordinator(a) => return control::coordinator(a),
         Command::Status(a) => return control::status(a),
+        Command::Train(a) => return train::train(a),
+        Command::Worker(a) => return train::worker(a),
+        Command::Plot(a) => return train::plot(a),
         Command::DataPrep(cmd) => match cmd {
             DataPrep::Synth {
                 dir,

@@ -380,6 +380,7 @@ fn plan_to_pb(p: &PlanSpec) -> pb::DataPlanSpec {
         epochs: p.epochs,
         steps_per_epoch: p.steps_per_epoch(),
         total_steps: p.total_steps(),
+        max_steps: p.max_steps.unwrap_or(0),
     }
 }
 
@@ -389,6 +390,7 @@ pub(crate) fn plan_from_pb(p: &pb::DataPlanSpec) -> PlanSpec {
         global_batch: p.global_batch,
         seed: p.seed,
         epochs: p.epochs,
+        max_steps: (p.max_steps > 0).then_some(p.max_steps),
     }
 }
 

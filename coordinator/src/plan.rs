@@ -24,8 +24,12 @@ pub struct PlanSpec {
     pub global_batch: u64,
     /// Seed of the sample order.
     pub seed: u64,
-    /// Epochs to train.
+    /// Epochs the sample order covers.
     pub epochs: u64,
+    /// Stop after this many global steps, before the end of `epochs` (transformers' `max_steps`). Default:
+    /// none (every step of every epoch).
+    #[serde(default)]
+    pub max_steps: Option<u64>,
 }
 
 /// One step of one rank's plan.
@@ -65,9 +69,18 @@ impl PlanSpec {
         self.samples.checked_div(self.global_batch).unwrap_or(0)
     }
 
-    /// Global steps in the whole job.
+    /// Global steps in the whole job: every step of every epoch, or `max_steps` when that is fewer.
     pub fn total_steps(&self) -> u64 {
-        self.steps_per_epoch().saturating_mul(self.epochs)
+        let all = self.steps_per_epoch().saturating_mul(self.epochs);
+        self.max_steps.map_or(all, |m| m.min(all))
+    }
+
+    /// The spec that runs exactly `max_steps` steps: as many epochs as they need, stopped at `max_steps`.
+    pub fn with_max_steps(mut self, max_steps: u64) -> PlanSpec {
+        let spe = self.steps_per_epoch().max(1);
+        self.epochs = max_steps.div_ceil(spe).max(1);
+        self.max_steps = Some(max_steps);
+        self
     }
 
     /// `(epoch, step in epoch)` of a global step.

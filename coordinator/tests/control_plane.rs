@@ -22,6 +22,7 @@ fn cfg(min: u32, max: u32, rendezvous: Duration, heartbeat: Duration, restarts: 
         heartbeat_timeout: heartbeat,
         max_restarts: restarts,
         plan: PlanSpec {
+            max_steps: None,
             samples: 100,
             global_batch: 12,
             seed: 5,

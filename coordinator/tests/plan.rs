@@ -6,6 +6,7 @@ use m3d_coordinator::{JobConfig, PlanError, PlanSpec};
 
 fn spec(samples: u64, global_batch: u64) -> PlanSpec {
     PlanSpec {
+        max_steps: None,
         samples,
         global_batch,
         seed: 9,

@@ -24,6 +24,7 @@ async fn job_state_on_s3_survives_a_coordinator_restart() {
         heartbeat_timeout: Duration::from_secs(60),
         max_restarts: 1,
         plan: PlanSpec {
+            max_steps: None,
             samples: 64,
             global_batch: 4,
             seed: 1,

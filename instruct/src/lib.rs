@@ -206,6 +206,28 @@ impl Templates {
         Ok(t)
     }
 
+    /// Every text the templates can produce words from (templates with their placeholders, and the term
+    /// phrases), e.g. for building a vocabulary that covers every prompt.
+    pub fn all_texts(&self) -> Vec<String> {
+        let mut out = self.caption.clone();
+        for qa in [
+            &self.rec_cls,
+            &self.rec_des,
+            &self.reg_cls,
+            &self.reg_des,
+            &self.seg_cls,
+            &self.seg_des,
+        ] {
+            out.extend(qa.questions.iter().cloned());
+            out.extend(qa.answers.iter().cloned());
+        }
+        for (class, phrases) in &self.terms {
+            out.push(class.clone());
+            out.extend(phrases.iter().cloned());
+        }
+        out
+    }
+
     /// Every family must have at least one question and one answer, and use only known placeholders.
     pub fn validate(&self) -> Result<(), String> {
         if self.caption.is_empty() {

@@ -20,7 +20,7 @@ use crate::weights::LoadOptions;
 
 /// The fields of an HF BERT `config.json` this model uses; absent fields take `transformers.BertConfig`'s
 /// defaults (which are bert-base-uncased).
-#[derive(Debug, Clone, serde::Deserialize)]
+#[derive(Debug, Clone, serde::Deserialize, serde::Serialize)]
 pub struct BertConfig {
     #[serde(default = "d::vocab_size")]
     pub vocab_size: i64,

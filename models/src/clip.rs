@@ -62,7 +62,7 @@ impl Gather for SingleProcess {
 }
 
 /// The M3D-CLIP hyper-parameters.
-#[derive(Debug, Clone, serde::Deserialize)]
+#[derive(Debug, Clone, serde::Deserialize, serde::Serialize)]
 pub struct M3dClipConfig {
     pub vision: ViT3dConfig,
     pub text: BertConfig,
@@ -149,6 +149,22 @@ impl M3dClipConfig {
             logit_scale: LogitScale::Raw,
             local_loss: false,
             max_text_len: 512,
+        }
+    }
+
+    /// A tiny M3D-CLIP for CPU recipes: [`ViT3dConfig::tiny`] and a 2-layer BERT of width 64 over a
+    /// vocabulary of `vocab_size` (a word-level one built from the captions), texts of up to 32 tokens.
+    pub fn tiny(vocab_size: i64) -> Self {
+        M3dClipConfig {
+            vision: ViT3dConfig::tiny(),
+            text: BertConfig {
+                vocab_size,
+                hidden_size: 64,
+                intermediate_size: 128,
+                ..BertConfig::debug()
+            },
+            max_text_len: 32,
+            ..Self::debug()
         }
     }
 

@@ -142,6 +142,29 @@ impl LamedConfig {
         Self::m3d(LlmConfig::Phi3(Phi3Config::phi3_mini_4k()), 32011, true)
     }
 
+    /// A tiny LaMed for CPU recipes: [`ViT3dConfig::tiny`] on M3D's 32x256x256 input, the `spp` projector
+    /// pooling its 4x8x8 patches to 32 image tokens, and the debug Llama (width 64, 2 layers, 128
+    /// positions) over a tokenizer of `tokenizer_len` entries (+ the 4 LaMed tokens; ids 0 `<unk>` = pad, 1 `<s>`,
+    /// 2 `</s>` as Llama-2's); SegVol (debug size,
+    /// on the same input) when `seg`.
+    pub fn tiny(tokenizer_len: i64, seg: bool) -> Self {
+        let mut cfg = Self::m3d(LlmConfig::Llama(LlamaConfig::debug()), tokenizer_len, seg);
+        cfg.vision = ViT3dConfig::tiny();
+        cfg.projector = ProjectorConfig {
+            image_size: cfg.vision.img_size,
+            patch_size: cfg.vision.patch_size,
+            mm_hidden_size: cfg.vision.hidden_size,
+            ..ProjectorConfig::m3d(cfg.llm.hidden_size())
+        };
+        cfg.seg = seg.then(|| {
+            let mut s = SegVolConfig::debug();
+            s.image_encoder.img_size = cfg.vision.img_size;
+            s.image_encoder.patch_size = cfg.vision.patch_size;
+            s
+        });
+        cfg
+    }
+
     /// A tiny LaMed for tests: Llama debug LLM (hidden 64, tokenizer 128 -> vocab 132), vision 8x32x32 with
     /// 4x8x8 patches (grid 2x4x4, width 32) -> 4 image tokens, SegVol debug on the same images.
     pub fn debug() -> Self {

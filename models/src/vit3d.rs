@@ -58,6 +58,18 @@ impl ViT3dConfig {
         }
     }
 
+    /// A tiny ViT on M3D's full 32x256x256 input for CPU recipes: 8x32x32 patches (grid 4x8x8 = 256
+    /// patches, as many as M3D-LaMed's image tokens before pooling), width 64, 2 layers.
+    pub fn tiny() -> Self {
+        ViT3dConfig {
+            img_size: [32, 256, 256],
+            patch_size: [8, 32, 32],
+            hidden_size: 64,
+            mlp_dim: 128,
+            ..Self::debug()
+        }
+    }
+
     /// A tiny configuration for tests: 8x16x16 volumes, 4x8x8 patches (2x2x2 = 8 patches), hidden 32.
     pub fn debug() -> Self {
         ViT3dConfig {

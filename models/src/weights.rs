@@ -156,6 +156,15 @@ impl KeyMap {
         }
     }
 
+    /// Keep only the keys under `from`, with `from` replaced by `to` (e.g. the ViT of an M3D-CLIP checkpoint,
+    /// `vision_encoder.`, into LaMed's `model.vision_tower.vision_tower.`).
+    pub fn move_prefix(from: &str, to: &str) -> Self {
+        KeyMap {
+            rules: vec![(from.to_string(), to.to_string())],
+            select: true,
+        }
+    }
+
     /// Also rewrite keys starting with `from` to start with `to`.
     pub fn rename(mut self, from: &str, to: &str) -> Self {
         self.rules.push((from.to_string(), to.to_string()));

@@ -72,8 +72,8 @@ fn parse_error(file: &str, e: &serde_yaml::Error) -> RecipeError {
     }
 }
 
-const CLIP_PRESETS: &[&str] = &["m3d", "debug"];
-const LAMED_PRESETS: &[&str] = &["llama2-7b", "llama3-8b", "phi3-mini", "debug"];
+const CLIP_PRESETS: &[&str] = &["m3d", "tiny", "debug"];
+const LAMED_PRESETS: &[&str] = &["llama2-7b", "llama3-8b", "phi3-mini", "tiny", "debug"];
 const TASKS: &[&str] = &["cap", "vqa", "seg", "refseg"];
 
 impl Recipe {
@@ -365,17 +365,8 @@ impl Recipe {
             }
         }
         // batch arithmetic, for every world size the job may run with
-        if t.micro_batch.is_none() && t.global_batch % w.min != 0 {
-            return bad(
-                "train.global_batch",
-                format!(
-                    "{} does not split over workers.min = {} workers (set train.micro_batch)",
-                    t.global_batch, w.min
-                ),
-            );
-        }
-        let micro = self.micro_batch();
         for world in self.world_sizes() {
+            let micro = self.micro_batch(world);
             if t.global_batch % (micro * world) != 0 {
                 return bad(
                     "train.global_batch",
@@ -386,6 +377,21 @@ impl Recipe {
                         micro * world
                     ),
                 );
+            }
+        }
+        if self.model.kind == ModelKind::Clip {
+            if let Some(micro) = t.micro_batch {
+                if self.world_sizes().any(|w| micro * w != t.global_batch) {
+                    return bad(
+                        "train.micro_batch",
+                        format!(
+                            "M3D-CLIP's contrastive loss compares every pair of the global batch in one pass, so it \
+                             cannot be accumulated: micro_batch {micro} × world size must equal global_batch {} \
+                             for every world size; leave train.micro_batch unset",
+                            t.global_batch
+                        ),
+                    );
+                }
             }
         }
         // checkpoint
@@ -413,18 +419,19 @@ impl Recipe {
         min..=self.workers.max.unwrap_or(min).max(min)
     }
 
-    /// Samples per forward pass on one worker (`train.micro_batch`, or `global_batch / workers.min`).
-    pub fn micro_batch(&self) -> usize {
+    /// Samples per forward pass on one worker at world size `world`: `train.micro_batch`, or
+    /// `global_batch / world` (no accumulation).
+    pub fn micro_batch(&self, world: usize) -> usize {
         self.train
             .micro_batch
-            .unwrap_or(self.train.global_batch / self.workers.min.max(1))
+            .unwrap_or(self.train.global_batch / world.max(1))
             .max(1)
     }
 
     /// Micro-batches accumulated per optimizer step at world size `world`:
     /// `global_batch / (micro_batch × world)`.
     pub fn grad_accum(&self, world: usize) -> Result<usize, RecipeError> {
-        let micro = self.micro_batch();
+        let micro = self.micro_batch(world);
         let per_step = micro * world;
         if world == 0
             || !self.world_sizes().contains(&world)
@@ -502,6 +509,7 @@ pub fn schema_paths() -> Vec<String> {
                 shards: vec!["x".into()],
                 weight: 1.0,
             }],
+            split: "train".into(),
             max_text_len: 512,
             augment: true,
             read_ahead: 4,

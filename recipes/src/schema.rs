@@ -48,15 +48,17 @@ pub enum ModelKind {
 pub struct ModelSection {
     /// `clip` or `lamed`. Required.
     pub kind: ModelKind,
-    /// A named size: `clip`: `m3d` (the published M3D-CLIP) or `debug`; `lamed`: `llama2-7b`, `llama3-8b`,
-    /// `phi3-mini` or `debug`. Default: `debug` (the tiny test size); ignored when `config` is given.
+    /// A named size: `clip`: `m3d` (the published M3D-CLIP), `tiny` (M3D's 32x256x256 input, a few
+    /// thousand parameters per layer) or `debug`; `lamed`: `llama2-7b`, `llama3-8b`, `phi3-mini`, `tiny`
+    /// or `debug`. Default: `debug` (the tiny test size); ignored when `config` is given.
     #[serde(default = "default_preset")]
     pub preset: String,
     /// Path or URL of an HF-style `config.json` that replaces the preset. Default: none.
     #[serde(default)]
     pub config: Option<String>,
-    /// Path or URL of the HF `tokenizer.json` (folder or file). Default: none (synthetic token ids are
-    /// only possible with the `debug` preset).
+    /// Path of the HF `tokenizer.json` (folder or file). Default: none, which is only allowed with the
+    /// `debug` and `tiny` presets: a word-level vocabulary is then built from the training texts (the same
+    /// on every worker) and written to `<run>/tokenizer.json`.
     #[serde(default)]
     pub tokenizer: Option<String>,
     /// Weights loaded, in order, before training. Default: none (random initialisation).
@@ -141,6 +143,9 @@ fn default_lora_dropout() -> f64 {
 pub struct DataSection {
     /// The tasks mixed into training. Required, at least one.
     pub tasks: Vec<TaskData>,
+    /// Which split of the shards is trained on (samples of other splits are left out). Default: `train`.
+    #[serde(default = "default_split")]
+    pub split: String,
     /// Longest text in tokens; longer ones are truncated. Default: `512`.
     #[serde(default = "default_max_text_len")]
     pub max_text_len: usize,
@@ -155,6 +160,9 @@ pub struct DataSection {
     pub cache_bytes: u64,
 }
 
+fn default_split() -> String {
+    "train".into()
+}
 fn default_max_text_len() -> usize {
     512
 }
@@ -174,7 +182,9 @@ pub struct TaskData {
     /// Shard dataset URLs (folders with a `manifest.json`: a path, `file://` or `s3://`). Required, at least
     /// one.
     pub shards: Vec<String>,
-    /// Relative share of this task in the mixed sample order. Default: `1.0`.
+    /// How often each sample of this task is drawn per epoch: the task contributes `ceil(weight × samples)`
+    /// entries to the epoch's order (a weight below 1 takes a prefix of its samples, in shard order).
+    /// Default: `1.0`.
     #[serde(default = "default_weight")]
     pub weight: f64,
 }
@@ -223,10 +233,11 @@ pub struct TrainSection {
     /// Samples per optimizer step, over all workers. Default: `8`.
     #[serde(default = "default_global_batch")]
     pub global_batch: usize,
-    /// Samples per forward pass on one worker. Default: none, which means `global_batch / workers.min` (no
-    /// accumulation at the smallest world size). Gradient accumulation is derived:
+    /// Samples per forward pass on one worker. Default: none, which means `global_batch / world size` (no
+    /// accumulation at any world size). Gradient accumulation is derived:
     /// `global_batch / (micro_batch × world size)`, which must be a whole number for every world size in
-    /// `workers.min..=workers.max`.
+    /// `workers.min..=workers.max`. M3D-CLIP cannot accumulate (its loss compares all pairs of the global
+    /// batch at once): leave it unset there.
     #[serde(default)]
     pub micro_batch: Option<usize>,
     /// Peak learning rate. Default: `1e-4`.

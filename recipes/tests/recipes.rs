@@ -33,7 +33,7 @@ fn tiny_recipes_parse_and_validate() {
         for w in r.world_sizes() {
             let k = r.grad_accum(w).unwrap();
             assert_eq!(
-                k * w * r.micro_batch(),
+                k * w * r.micro_batch(w),
                 r.train.global_batch,
                 "{file} at {w}"
             );
@@ -43,8 +43,16 @@ fn tiny_recipes_parse_and_validate() {
         assert_eq!(again, r, "{file}");
     }
     let clip = Recipe::load(&root().join("recipes/clip-tiny.yaml"), &[]).unwrap();
-    assert_eq!(clip.grad_accum(1).unwrap(), 6);
-    assert_eq!(clip.grad_accum(3).unwrap(), 2);
+    assert_eq!(clip.grad_accum(1).unwrap(), 1);
+    assert_eq!(clip.grad_accum(3).unwrap(), 1);
+    assert_eq!(clip.micro_batch(3), 4);
+    // CLIP cannot accumulate: a micro-batch that needs accumulation at some world size is refused.
+    let e = Recipe::load(
+        &root().join("recipes/clip-tiny.yaml"),
+        &["train.micro_batch=2".to_string()],
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("train.micro_batch"), "{e}");
     assert!(clip.grad_accum(4).is_err(), "outside workers.min..=max");
     let s2 = Recipe::load(&root().join("recipes/lamed-stage2-tiny.yaml"), &[]).unwrap();
     assert_eq!(s2.model.lora.as_ref().unwrap().r, 8);
@@ -70,7 +78,8 @@ fn defaults_are_the_documented_ones() {
     );
     assert_eq!((t.precision, t.log_every), (None, 10));
     assert_eq!(r.precision(), Precision::F32);
-    assert_eq!(r.micro_batch(), 8);
+    assert_eq!(r.micro_batch(1), 8);
+    assert_eq!(r.micro_batch(2), 4);
     assert_eq!(r.grad_accum(1).unwrap(), 1);
     assert_eq!(r.model.preset, "debug");
     assert_eq!(r.data.max_text_len, 512);

@@ -9,11 +9,17 @@
 //! **Invariant: `worker` knows nothing about Kubernetes or about how shards were produced**; it reads them only
 //! through `m3d-shards`.
 
+pub mod augment;
 pub mod batch;
 pub mod data;
+pub mod dataset;
 pub mod grad;
+pub mod job;
 pub mod metrics;
 pub mod optim;
 pub mod plot;
+pub mod role;
 pub mod schedule;
 pub mod step;
+pub mod train;
+pub mod vocab;

@@ -271,13 +271,39 @@ impl DataParallelStep {
     where
         F: FnOnce(&mut dyn Collective) -> Result<Tensor, StepError>,
     {
+        let mut once = Some(loss_fn);
+        self.train_step_accum(comm, opt, schedule, step, 1, |comm, _| match once.take() {
+            Some(f) => f(comm),
+            None => unreachable!("one micro-batch"),
+        })
+    }
+
+    /// [`DataParallelStep::train_step`] over `micro_batches` accumulated micro-batches: `loss_fn(comm, i)` is
+    /// called and back-propagated for each `i`, the gradients add up, and one all-reduce and one update
+    /// follow. The losses must be normalised for the sum (e.g. the LM loss over the global token count, see
+    /// [`crate::grad`]); [`StepOutput::loss`] is their sum.
+    pub fn train_step_accum<F>(
+        &mut self,
+        comm: &mut dyn Collective,
+        opt: &mut AdamW,
+        schedule: &LrSchedule,
+        step: u64,
+        micro_batches: usize,
+        mut loss_fn: F,
+    ) -> Result<StepOutput, StepError>
+    where
+        F: FnMut(&mut dyn Collective, usize) -> Result<Tensor, StepError>,
+    {
         opt.zero_grad();
-        let loss = loss_fn(comm)?;
-        if loss.numel() != 1 {
-            return Err(StepError::NotScalar(loss.size()));
+        let mut loss_value = 0.0;
+        for i in 0..micro_batches.max(1) {
+            let loss = loss_fn(comm, i)?;
+            if loss.numel() != 1 {
+                return Err(StepError::NotScalar(loss.size()));
+            }
+            loss.f_backward()?;
+            loss_value += loss.f_to_kind(Kind::Double)?.f_double_value(&[])?;
         }
-        loss.f_backward()?;
-        let loss_value = loss.f_to_kind(Kind::Double)?.f_double_value(&[])?;
         let named = opt.grads();
         let names: Vec<String> = named.iter().map(|(n, _)| n.clone()).collect();
         let mut grads: Vec<Tensor> = named.into_iter().map(|(_, g)| g).collect();

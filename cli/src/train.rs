@@ -1,0 +1,374 @@
+//! `m3d train`, `m3d worker` and `m3d plot`: the training roles. `m3d train` runs a whole job on this
+//! machine — the coordinator in this process, serving gRPC on a loopback port, and N `m3d worker`
+//! processes that it supervises (a worker that dies is started again under the same id, and the
+//! coordinator turns that into a restart round).
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use m3d_coordinator::{ControlPlane, Coordinator, JobConfig, JobPhase, PlanSpec, Token};
+use m3d_recipes::Recipe;
+use m3d_worker::dataset::TrainData;
+use m3d_worker::role::{run_worker, WorkerExit, WorkerOptions};
+use rand::RngCore;
+
+use crate::control::{load_token, parse_duration, runtime};
+
+#[derive(Args)]
+pub struct TrainArgs {
+    /// The recipe (YAML; see docs/recipes.md).
+    recipe: PathBuf,
+    /// Worker processes to start (default: the recipe's workers.min).
+    #[arg(long)]
+    workers: Option<usize>,
+    /// Override a recipe value, e.g. --set train.lr=2e-4 (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    sets: Vec<String>,
+    /// A worker silent for this long has failed.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    heartbeat_timeout: Duration,
+    /// Restart rounds allowed after failures.
+    #[arg(long, default_value_t = 3)]
+    restarts: u32,
+    /// Timeout of the workers' collective operations.
+    #[arg(long, default_value = "120s", value_parser = parse_duration)]
+    collective_timeout: Duration,
+}
+
+#[derive(Args)]
+pub struct WorkerArgs {
+    /// Coordinator URL, e.g. http://10.0.0.5:7070.
+    #[arg(long)]
+    coordinator: String,
+    /// The job's recipe (the same file the coordinator was started with).
+    #[arg(long)]
+    recipe: PathBuf,
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    sets: Vec<String>,
+    /// This worker's id, stable across its restarts (default: host name and process id).
+    #[arg(long)]
+    worker_id: Option<String>,
+    /// Host name for rank ordering (default: the machine's host name).
+    #[arg(long)]
+    host: Option<String>,
+    /// Address the collective ring listens on; peers connect to it.
+    #[arg(long, default_value = "127.0.0.1")]
+    bind: IpAddr,
+    #[arg(long, default_value = "120s", value_parser = parse_duration)]
+    collective_timeout: Duration,
+    /// File holding the bearer token (else M3D_TOKEN).
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+}
+
+#[derive(Args)]
+pub struct PlotArgs {
+    /// Metrics files (JSONL) or run folders; several are drawn as one figure.
+    inputs: Vec<PathBuf>,
+    /// The PNG to write.
+    #[arg(long, short)]
+    out: PathBuf,
+}
+
+fn host_name() -> String {
+    std::fs::read_to_string("/etc/hostname")
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+/// The run folder of a recipe; only local folders for now (metrics and final weights are files).
+fn run_dir(recipe: &Recipe) -> Result<PathBuf> {
+    let url = recipe.run_url();
+    let path = url.strip_prefix("file://").unwrap_or(&url);
+    if path.contains("://") {
+        bail!("output.run `{url}`: the run folder must be a local path");
+    }
+    Ok(PathBuf::from(path))
+}
+
+/// The data plan of a recipe over its training set.
+pub fn plan_for(recipe: &Recipe, data: &TrainData) -> Result<PlanSpec> {
+    let spec = PlanSpec {
+        samples: data.len(),
+        global_batch: recipe.train.global_batch as u64,
+        seed: recipe.train.seed,
+        epochs: u64::from(recipe.train.epochs),
+        max_steps: None,
+    };
+    spec.validate()
+        .with_context(|| format!("recipe `{}`", recipe.name()))?;
+    Ok(match recipe.train.max_steps {
+        Some(m) => spec.with_max_steps(m),
+        None => spec,
+    })
+}
+
+pub fn worker(a: WorkerArgs) -> Result<()> {
+    let recipe = Recipe::load(&a.recipe, &a.sets)?;
+    let token = load_token(a.token_file.as_ref())?;
+    let host = a.host.unwrap_or_else(host_name);
+    let opts = WorkerOptions {
+        coordinator: a.coordinator,
+        token,
+        worker_id: a
+            .worker_id
+            .unwrap_or_else(|| format!("{host}-{}", std::process::id())),
+        host,
+        bind: a.bind,
+        collective_timeout: a.collective_timeout,
+        run: run_dir(&recipe)?,
+    };
+    match run_worker(&recipe, &opts).with_context(|| format!("worker `{}`", opts.worker_id))? {
+        WorkerExit::Finished => tracing::info!(worker = %opts.worker_id, "finished"),
+        WorkerExit::Stopped => tracing::info!(worker = %opts.worker_id, "the job is over"),
+    }
+    Ok(())
+}
+
+struct Supervised {
+    id: String,
+    child: Child,
+    starts: u32,
+    exited_ok: bool,
+}
+
+fn spawn_worker(
+    exe: &Path,
+    id: &str,
+    url: &str,
+    recipe: &Path,
+    token: &str,
+    logs: &Path,
+    timeout: Duration,
+) -> Result<Child> {
+    let log_path = logs.join(format!("{id}.log"));
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .with_context(|| format!("opening {}", log_path.display()))?;
+    let err = log.try_clone()?;
+    Command::new(exe)
+        .args(["worker", "--coordinator", url, "--worker-id", id])
+        .arg("--recipe")
+        .arg(recipe)
+        .arg("--collective-timeout")
+        .arg(format!("{}ms", timeout.as_millis()))
+        // The token goes through the environment, never the command line (`ps` shows that).
+        .env("M3D_TOKEN", token)
+        .stdin(Stdio::null())
+        .stdout(log)
+        .stderr(err)
+        .spawn()
+        .with_context(|| format!("starting worker {id} ({})", exe.display()))
+}
+
+pub fn train(a: TrainArgs) -> Result<()> {
+    let started = Instant::now();
+    let recipe = Recipe::load(&a.recipe, &a.sets)?;
+    let workers = a.workers.unwrap_or(recipe.workers.min);
+    if !recipe.world_sizes().contains(&workers) || recipe.grad_accum(workers).is_err() {
+        bail!(
+            "--workers {workers}: recipe `{}` runs with workers.min..=workers.max = {:?} workers whose number \
+             divides global_batch {}",
+            recipe.name(),
+            recipe.world_sizes(),
+            recipe.train.global_batch
+        );
+    }
+    let run = run_dir(&recipe)?;
+    std::fs::create_dir_all(run.join("logs"))
+        .with_context(|| format!("creating {}", run.display()))?;
+    // The effective recipe (overrides applied) is what every worker reads.
+    let effective = run.join("recipe.yaml");
+    std::fs::write(&effective, recipe.to_yaml())
+        .with_context(|| format!("writing {}", effective.display()))?;
+    let data = TrainData::open(&recipe)?;
+    let plan = plan_for(&recipe, &data)?;
+    drop(data);
+    let state = run.join("coordinator");
+    if state.exists() {
+        // A new `m3d train` is a new job (resuming one is `--resume`, with checkpoints).
+        std::fs::remove_dir_all(&state).with_context(|| format!("clearing {}", state.display()))?;
+    }
+    let cfg = JobConfig {
+        min_workers: workers as u32,
+        max_workers: workers as u32,
+        rendezvous_timeout: Duration::from_secs(120),
+        heartbeat_timeout: a.heartbeat_timeout,
+        max_restarts: a.restarts,
+        plan,
+    };
+    let mut secret = [0u8; 24];
+    rand::rng().fill_bytes(&mut secret);
+    let token_text: String = secret.iter().map(|b| format!("{b:02x}")).collect();
+    let token = Token::new(&token_text);
+    let exe = std::env::current_exe().context("locating the m3d executable")?;
+    let rt = runtime()?;
+    let state_url = state.display().to_string();
+    let coord = rt
+        .block_on(Coordinator::open(cfg, Some(&state_url)))
+        .with_context(|| format!("opening the job state at {state_url}"))?;
+    let (listener, addr) = rt
+        .block_on(m3d_coordinator::grpc::bind("127.0.0.1:0".parse()?))
+        .context("binding the coordinator")?;
+    let url = format!("http://{addr}");
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = {
+        let coord = coord.clone();
+        rt.spawn(async move {
+            m3d_coordinator::serve(coord, listener, token, async {
+                let _ = stop_rx.await;
+            })
+            .await
+        })
+    };
+    println!(
+        "m3d train {}: {} worker(s), {} steps of {} samples ({} in the training set); coordinator {url}; run {}",
+        recipe.name(),
+        workers,
+        plan.total_steps(),
+        plan.global_batch,
+        plan.samples,
+        run.display()
+    );
+    let logs = run.join("logs");
+    let mut children = Vec::new();
+    for i in 0..workers {
+        let id = format!("w{i}");
+        let child = spawn_worker(
+            &exe,
+            &id,
+            &url,
+            &effective,
+            &token_text,
+            &logs,
+            a.collective_timeout,
+        )?;
+        println!("worker {id} pid {}", child.id());
+        children.push(Supervised {
+            id,
+            child,
+            starts: 1,
+            exited_ok: false,
+        });
+    }
+    let mut last_step = 0;
+    let outcome: Result<()> = loop {
+        std::thread::sleep(Duration::from_millis(200));
+        let status = coord.status();
+        if status.step != last_step && status.phase == JobPhase::Running {
+            last_step = status.step;
+            if last_step % recipe.train.log_every.max(1) == 0 {
+                println!(
+                    "step {}/{}  loss {:.4}",
+                    status.step, status.total_steps, status.last_loss
+                );
+            }
+        }
+        if status.phase == JobPhase::Failed {
+            break Err(anyhow::anyhow!(
+                "the job failed: {}",
+                status.failure.unwrap_or_default()
+            ));
+        }
+        let mut failed_worker = None;
+        for w in children.iter_mut().filter(|w| !w.exited_ok) {
+            if let Some(code) = w.child.try_wait()? {
+                if code.success() {
+                    w.exited_ok = true;
+                } else if status.phase.is_final() {
+                    failed_worker = Some(format!("worker {} exited with {code}", w.id));
+                } else if w.starts > a.restarts {
+                    failed_worker = Some(format!(
+                        "worker {} exited with {code} after {} starts; see {}",
+                        w.id,
+                        w.starts,
+                        logs.join(format!("{}.log", w.id)).display()
+                    ));
+                } else {
+                    println!(
+                        "worker {} exited with {code}; starting it again (round {} restarts)",
+                        w.id, status.generation
+                    );
+                    w.child = spawn_worker(
+                        &exe,
+                        &w.id,
+                        &url,
+                        &effective,
+                        &token_text,
+                        &logs,
+                        a.collective_timeout,
+                    )?;
+                    w.starts += 1;
+                    println!("worker {} pid {}", w.id, w.child.id());
+                }
+            }
+        }
+        if let Some(f) = failed_worker {
+            break Err(anyhow::anyhow!(f));
+        }
+        if children.iter().all(|w| w.exited_ok) {
+            if status.phase == JobPhase::Completed {
+                break Ok(());
+            }
+            break Err(anyhow::anyhow!(
+                "every worker exited but the job is {}",
+                status.phase
+            ));
+        }
+    };
+    for w in children.iter_mut().filter(|w| !w.exited_ok) {
+        let _ = w.child.kill();
+        let _ = w.child.wait();
+    }
+    let _ = stop_tx.send(());
+    let _ = rt.block_on(server);
+    outcome?;
+    let status = coord.status();
+    let metrics = run.join("metrics.jsonl");
+    let png = run.join("loss.png");
+    m3d_worker::plot::plot_files(
+        std::slice::from_ref(&metrics),
+        &png,
+        m3d_worker::plot::PlotSize::default(),
+    )
+    .with_context(|| format!("plotting {}", metrics.display()))?;
+    println!(
+        "done: {} steps in {:.1} s, final loss {:.4}, {} restart(s); final weights {}, metrics {}, plot {}",
+        status.step,
+        started.elapsed().as_secs_f64(),
+        status.last_loss,
+        status.restarts,
+        run.join("final").display(),
+        metrics.display(),
+        png.display()
+    );
+    Ok(())
+}
+
+pub fn plot(a: PlotArgs) -> Result<()> {
+    let files: Vec<PathBuf> = a
+        .inputs
+        .iter()
+        .map(|p| {
+            if p.is_dir() {
+                p.join("metrics.jsonl")
+            } else {
+                p.clone()
+            }
+        })
+        .collect();
+    if files.is_empty() {
+        bail!("give at least one metrics file or run folder");
+    }
+    m3d_worker::plot::plot_files(&files, &a.out, m3d_worker::plot::PlotSize::default())?;
+    println!("wrote {}", a.out.display());
+    Ok(())
+}

@@ -1,0 +1,184 @@
+//! The training set of a recipe: its tasks' shard datasets behind one global sample index, which is what the
+//! coordinator's data plan permutes. Entry `i` of the index is a (shard dataset, sample) pair; the order is
+//! a pure function of the recipe and the shards (tasks in recipe order, datasets in listed order, samples
+//! in shard order, each task repeated `ceil(weight × samples)` times), so every worker derives the same
+//! index without talking to the others.
+
+use m3d_recipes::Recipe;
+use m3d_shards::schema::{SampleRecord, Task};
+
+use crate::data::{LoadError, LoadedSample, LoaderOptions, ShardLoader};
+
+/// Errors opening or reading the training set.
+#[derive(Debug, thiserror::Error)]
+pub enum DatasetError {
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    #[error("data.tasks.{task_index} (`{task}`): {reason}")]
+    Task {
+        task_index: usize,
+        task: String,
+        reason: String,
+    },
+    #[error("sample index {index} is outside the training set of {len} samples")]
+    OutOfRange { index: u64, len: u64 },
+}
+
+/// Which stored tasks a recipe task name trains on.
+pub fn task_matches(name: &str, task: Task) -> bool {
+    match name {
+        "cap" => task == Task::Caption,
+        "vqa" => matches!(task, Task::VqaClosed | Task::VqaOpen | Task::VqaYesNo),
+        "seg" => matches!(task, Task::Seg | Task::Rec | Task::Reg),
+        "refseg" => task == Task::RefSeg,
+        _ => false,
+    }
+}
+
+struct Source {
+    /// Index into `data.tasks`.
+    task: usize,
+    loader: ShardLoader,
+}
+
+/// The recipe's training samples behind one index.
+pub struct TrainData {
+    sources: Vec<Source>,
+    /// (source, sample index within the source's loader).
+    entries: Vec<(u32, u64)>,
+}
+
+impl std::fmt::Debug for TrainData {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TrainData")
+            .field("sources", &self.sources.len())
+            .field("len", &self.entries.len())
+            .finish()
+    }
+}
+
+impl TrainData {
+    /// Opens every shard dataset of `recipe.data.tasks` (indexing each once) and builds the index from the
+    /// samples of split `data.split` whose task the recipe names. A task that contributes no sample is an
+    /// error naming it.
+    pub fn open(recipe: &Recipe) -> Result<TrainData, DatasetError> {
+        let d = &recipe.data;
+        let datasets: usize = d.tasks.iter().map(|t| t.shards.len()).sum();
+        let opts = LoaderOptions {
+            cache_bytes: (d.cache_bytes as usize / datasets.max(1)).max(1),
+            prefetch_depth: d.read_ahead,
+        };
+        let mut sources = Vec::new();
+        let mut entries = Vec::new();
+        for (ti, t) in d.tasks.iter().enumerate() {
+            let mut task_entries: Vec<(u32, u64)> = Vec::new();
+            for url in &t.shards {
+                let loader = ShardLoader::open(url, opts.clone())?;
+                let src = sources.len() as u32;
+                task_entries.extend(
+                    loader
+                        .samples()
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, s)| s.split == d.split && task_matches(&t.task, s.task))
+                        .map(|(i, _)| (src, i as u64)),
+                );
+                sources.push(Source { task: ti, loader });
+            }
+            if task_entries.is_empty() {
+                return Err(DatasetError::Task {
+                    task_index: ti,
+                    task: t.task.clone(),
+                    reason: format!(
+                        "no `{}` sample of split `{}` in {}",
+                        t.task,
+                        d.split,
+                        t.shards.join(", ")
+                    ),
+                });
+            }
+            let n = (t.weight * task_entries.len() as f64).ceil() as usize;
+            entries.extend((0..n).map(|j| task_entries[j % task_entries.len()]));
+        }
+        Ok(TrainData { sources, entries })
+    }
+
+    /// Samples in one epoch of the index.
+    pub fn len(&self) -> u64 {
+        self.entries.len() as u64
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    fn entry(&self, index: u64) -> Result<(u32, u64), DatasetError> {
+        self.entries
+            .get(index as usize)
+            .copied()
+            .ok_or(DatasetError::OutOfRange {
+                index,
+                len: self.len(),
+            })
+    }
+
+    /// The sample record at global index `index`.
+    pub fn record(&self, index: u64) -> Result<&SampleRecord, DatasetError> {
+        let (src, i) = self.entry(index)?;
+        Ok(&self.sources[src as usize].loader.samples()[i as usize])
+    }
+
+    /// Every text of the training samples (reports, questions, answers), for building a vocabulary.
+    pub fn texts(&self) -> impl Iterator<Item = &str> {
+        self.entries.iter().flat_map(move |&(src, i)| {
+            let s = &self.sources[src as usize].loader.samples()[i as usize];
+            [&s.report, &s.question, &s.answer, &s.answer_choice]
+                .into_iter()
+                .flatten()
+                .map(String::as_str)
+        })
+    }
+
+    /// Which `data.tasks` entry a global index belongs to.
+    pub fn task_of(&self, index: u64) -> Result<usize, DatasetError> {
+        let (src, _) = self.entry(index)?;
+        Ok(self.sources[src as usize].task)
+    }
+
+    fn by_source(&self, indices: &[u64]) -> Result<Vec<Vec<(usize, u64)>>, DatasetError> {
+        let mut groups: Vec<Vec<(usize, u64)>> = vec![Vec::new(); self.sources.len()];
+        for (pos, &index) in indices.iter().enumerate() {
+            let (src, i) = self.entry(index)?;
+            groups[src as usize].push((pos, i));
+        }
+        Ok(groups)
+    }
+
+    /// Loads the samples at `indices` (global), in that order. [`LoadedSample::index`] is the index within its
+    /// shard dataset.
+    pub fn load(&self, indices: &[u64]) -> Result<Vec<LoadedSample>, DatasetError> {
+        let mut out: Vec<Option<LoadedSample>> = vec![None; indices.len()];
+        for (src, group) in self.by_source(indices)?.into_iter().enumerate() {
+            if group.is_empty() {
+                continue;
+            }
+            let local: Vec<u64> = group.iter().map(|&(_, i)| i).collect();
+            let loaded = self.sources[src].loader.load(&local)?;
+            for ((pos, _), sample) in group.into_iter().zip(loaded) {
+                out[pos] = Some(sample);
+            }
+        }
+        Ok(out.into_iter().flatten().collect())
+    }
+
+    /// Starts reading the shards of `indices` in the background (see [`ShardLoader::prefetch`]).
+    pub fn prefetch(&self, indices: &[u64]) -> Result<(), DatasetError> {
+        for (src, group) in self.by_source(indices)?.into_iter().enumerate() {
+            if !group.is_empty() {
+                let local: Vec<u64> = group.iter().map(|&(_, i)| i).collect();
+                self.sources[src].loader.prefetch(&local)?;
+            }
+        }
+        Ok(())
+    }
+}

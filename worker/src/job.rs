@@ -1,0 +1,506 @@
+//! What a recipe trains: the tokenizer, the model with its initial weights, trainable parameters and
+//! precision ([`TrainModel::build`]), and how a list of loaded samples becomes a batch and a loss
+//! ([`TrainModel::clip_batch`], [`TrainModel::lamed_batch`]). Everything here is the same on every rank and
+//! depends only on the recipe, the shards and the seed, so ranks built independently agree (the loop still
+//! broadcasts rank 0's parameters, as DDP does, before the first step).
+
+use std::path::{Path, PathBuf};
+
+use m3d_instruct::{instruction, Family, Templates};
+use m3d_models::clip::{M3dClip, M3dClipConfig};
+use m3d_models::lamed::{
+    build_example, collate, Lamed, LamedBatch, LamedConfig, ADDED_TOKENS, IGNORE_INDEX,
+};
+use m3d_models::lora::{freeze_base, LoraConfig};
+use m3d_models::precision::Precision;
+use m3d_models::tokenizer::{Padding, Tokenizer};
+use m3d_models::weights::{load_into, read_tensors, KeyMap, LoadOptions};
+use m3d_models::{ModelError, VarBuilder};
+use m3d_recipes::{DeviceKind, ModelKind, Recipe};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use tch::nn::VarStore;
+use tch::{Device, Kind, Tensor};
+
+use crate::augment::AugmentParams;
+use crate::batch::{stack_volumes, BatchError};
+use crate::data::LoadedSample;
+use crate::dataset::TrainData;
+use crate::vocab::{word_level_tokenizer, write_tokenizer, VocabStyle};
+
+/// Errors building the model or a batch.
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error(transparent)]
+    Batch(#[from] BatchError),
+    #[error(transparent)]
+    Tch(#[from] tch::TchError),
+    #[error("model.{field}: {reason}")]
+    Recipe { field: String, reason: String },
+    #[error("model.init_from.{index} ({path}): {source}")]
+    InitFrom {
+        index: usize,
+        path: String,
+        #[source]
+        source: ModelError,
+    },
+    #[error("sample `{sample}`: {reason}")]
+    Sample { sample: String, reason: String },
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn recipe_err(field: &str, reason: impl Into<String>) -> JobError {
+    JobError::Recipe {
+        field: field.into(),
+        reason: reason.into(),
+    }
+}
+
+/// The network being trained.
+pub enum Net {
+    Clip(Box<M3dClip>),
+    Lamed(Box<Lamed>),
+}
+
+/// A per-sample random generator keyed by (seed, epoch, global index, purpose): the same draw whichever rank
+/// loads the sample and whatever the world size.
+pub fn sample_rng(seed: u64, epoch: u64, index: u64, purpose: u64) -> ChaCha8Rng {
+    let mut z = seed ^ 0x6d33_642d_7361_6d70;
+    for v in [epoch, index, purpose] {
+        z = splitmix(z ^ v);
+    }
+    ChaCha8Rng::seed_from_u64(z)
+}
+
+fn splitmix(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+const PURPOSE_PROMPT: u64 = 1;
+
+/// Resolves the recipe's tokenizer: `model.tokenizer`; else the `tokenizer.json` of the first `init_from`
+/// folder that has one (stage 2 continues with stage 1's vocabulary); else, for the `tiny` and `debug`
+/// presets only, a word-level vocabulary built from the training texts, written under `scratch`. Returns it
+/// with the path it was read from.
+pub fn resolve_tokenizer(
+    recipe: &Recipe,
+    data: &TrainData,
+    scratch: &Path,
+) -> Result<Tokenizer, JobError> {
+    let m = &recipe.model;
+    if let Some(p) = &m.tokenizer {
+        return Ok(Tokenizer::from_file(Path::new(p))?);
+    }
+    for init in &m.init_from {
+        let folder = Path::new(&init.path);
+        if folder.join("tokenizer.json").is_file() {
+            return Ok(Tokenizer::from_file(folder)?);
+        }
+    }
+    if !matches!(m.preset.as_str(), "tiny" | "debug") || m.config.is_some() {
+        return Err(recipe_err(
+            "tokenizer",
+            format!(
+                "preset `{}` needs its published tokenizer: set model.tokenizer to its tokenizer.json",
+                m.preset
+            ),
+        ));
+    }
+    let style = match m.kind {
+        ModelKind::Clip => VocabStyle::Bert,
+        ModelKind::Lamed => VocabStyle::Llama,
+    };
+    let mut texts: Vec<&str> = data.texts().collect();
+    let templates = Templates::default();
+    let template_texts = templates.all_texts();
+    texts.extend(template_texts.iter().map(String::as_str));
+    let json = word_level_tokenizer(texts, style);
+    std::fs::create_dir_all(scratch).map_err(|source| JobError::Io {
+        path: scratch.to_path_buf(),
+        source,
+    })?;
+    let path = scratch.join("tokenizer.json");
+    write_tokenizer(&path, &json).map_err(|source| JobError::Io {
+        path: path.clone(),
+        source,
+    })?;
+    Ok(Tokenizer::from_file(&path)?)
+}
+
+/// The model of a recipe, ready to train.
+pub struct TrainModel {
+    pub vs: VarStore,
+    pub net: Net,
+    /// For LaMed: with the 4 LaMed tokens added and a pad token set.
+    pub tokenizer: Tokenizer,
+    /// The model configuration as JSON (written next to the final weights).
+    pub config: serde_json::Value,
+    pub lora: Option<LoraConfig>,
+    pub precision: Precision,
+    pub device: Device,
+    max_text_len: usize,
+    augment: bool,
+    seed: u64,
+    templates: Templates,
+}
+
+impl TrainModel {
+    /// Builds the recipe's model on `device`: seeded initialisation, `init_from` loads in order, LoRA
+    /// injection and freezing, precision.
+    pub fn build(recipe: &Recipe, tokenizer: Tokenizer, device: Device) -> Result<Self, JobError> {
+        let m = &recipe.model;
+        if m.config.is_some() {
+            return Err(recipe_err(
+                "config",
+                "a config.json model is not supported by the trainer yet; use a preset",
+            ));
+        }
+        tch::manual_seed(recipe.train.seed as i64);
+        let mut vs = VarStore::new(device);
+        let mut tokenizer = tokenizer;
+        let lora = m.lora.as_ref().map(|l| LoraConfig {
+            r: l.r,
+            alpha: l.alpha,
+            dropout: l.dropout,
+            target_modules: if l.target_modules.is_empty() {
+                LoraConfig::m3d_lamed().target_modules
+            } else {
+                l.target_modules.clone()
+            },
+            use_rslora: l.use_rslora,
+            ..LoraConfig::m3d_lamed()
+        });
+        let vb = VarBuilder::new(&vs).with_lora(lora.clone());
+        let (net, config) = match m.kind {
+            ModelKind::Clip => {
+                if lora.is_some() {
+                    return Err(recipe_err(
+                        "lora",
+                        "M3D-CLIP is trained in full, without LoRA",
+                    ));
+                }
+                let vocab = tokenizer.vocab_size(true) as i64;
+                let mut cfg = match m.preset.as_str() {
+                    "tiny" => M3dClipConfig::tiny(vocab),
+                    "debug" => M3dClipConfig::debug(),
+                    "m3d" => M3dClipConfig::m3d(),
+                    other => {
+                        return Err(recipe_err(
+                            "preset",
+                            format!("unknown M3D-CLIP preset `{other}` (m3d, tiny, debug)"),
+                        ))
+                    }
+                };
+                if m.preset == "debug" {
+                    cfg.text.vocab_size = vocab;
+                }
+                if cfg.text.vocab_size < vocab {
+                    return Err(recipe_err(
+                        "tokenizer",
+                        format!(
+                            "{} has {vocab} tokens, the text encoder only {}",
+                            tokenizer.path().display(),
+                            cfg.text.vocab_size
+                        ),
+                    ));
+                }
+                cfg.max_text_len = recipe.data.max_text_len as i64;
+                let clip = M3dClip::new(&vb, &cfg)?;
+                let json = serde_json::to_value(&cfg).unwrap_or_default();
+                (Net::Clip(Box::new(clip)), json)
+            }
+            ModelKind::Lamed => {
+                let base_len = tokenizer.vocab_size(true) as i64;
+                // The reference adds <im_patch>, <bx_start>, <bx_end> as special tokens and [SEG] as a
+                // normal one, in this order, so their ids follow the base vocabulary.
+                let (special, normal) = ADDED_TOKENS.split_at(3);
+                tokenizer.add_special_tokens(special);
+                tokenizer.add_tokens(normal);
+                if tokenizer.pad_token().is_none() {
+                    let unk = ["<unk>", "[UNK]"]
+                        .into_iter()
+                        .find(|t| tokenizer.token_to_id(t).is_some())
+                        .ok_or_else(|| {
+                            recipe_err(
+                                "tokenizer",
+                                "the tokenizer has neither a pad nor an unk token",
+                            )
+                        })?;
+                    tokenizer.set_pad_token(unk)?;
+                }
+                let cfg = match m.preset.as_str() {
+                    "tiny" => LamedConfig::tiny(base_len, m.segmentation),
+                    "debug" => LamedConfig::debug(),
+                    "llama2-7b" => LamedConfig::llama2_7b(),
+                    "llama3-8b" => LamedConfig::llama3_8b(),
+                    "phi3-mini" => LamedConfig::phi3_mini(),
+                    other => {
+                        return Err(recipe_err(
+                            "preset",
+                            format!(
+                                "unknown LaMed preset `{other}` (llama2-7b, llama3-8b, phi3-mini, tiny, debug)"
+                            ),
+                        ))
+                    }
+                };
+                if cfg.tokens.im_patch != base_len {
+                    return Err(recipe_err(
+                        "tokenizer",
+                        format!(
+                            "{} has {base_len} tokens; preset `{}` expects {}",
+                            tokenizer.path().display(),
+                            m.preset,
+                            cfg.tokens.im_patch
+                        ),
+                    ));
+                }
+                let lamed = Lamed::new(&vb, &cfg)?;
+                let json = serde_json::to_value(&cfg).unwrap_or_default();
+                (Net::Lamed(Box::new(lamed)), json)
+            }
+        };
+        for (index, init) in m.init_from.iter().enumerate() {
+            let err = |source| JobError::InitFrom {
+                index,
+                path: init.path.clone(),
+                source,
+            };
+            let file = weights_file(Path::new(&init.path));
+            let tensors = read_tensors(&file).map_err(err)?;
+            let key_map = match (&init.select_prefix, &init.add_prefix) {
+                (Some(s), Some(a)) => KeyMap::move_prefix(s, a),
+                (Some(s), None) => KeyMap::select_prefix(s),
+                (None, Some(a)) => KeyMap::add_prefix(a),
+                (None, None) => KeyMap::identity(),
+            };
+            let mut opts = if init.strict {
+                LoadOptions::default()
+            } else {
+                LoadOptions::lenient()
+            }
+            .with_key_map(key_map);
+            if lora.is_some() {
+                opts = opts.allow_missing("lora_");
+            }
+            let report = load_into(&vs, tensors, &opts).map_err(err)?;
+            tracing::info!(path = %init.path, loaded = report.loaded, missing = report.missing.len(), "initial weights");
+        }
+        // Trainable parameters.
+        let prefixes: Vec<&str> = m.trainable.iter().map(String::as_str).collect();
+        if lora.is_some() {
+            freeze_base(&vs, &prefixes);
+        } else if !prefixes.is_empty() {
+            for (name, t) in vs.variables() {
+                let _ = t.set_requires_grad(prefixes.iter().any(|p| name.starts_with(p)));
+            }
+        }
+        if !vs.variables().values().any(|t| t.requires_grad()) {
+            return Err(recipe_err(
+                "trainable",
+                format!("no parameter starts with any of {:?}", m.trainable),
+            ));
+        }
+        let precision = match recipe.precision() {
+            m3d_recipes::Precision::F32 => Precision::F32,
+            m3d_recipes::Precision::Bf16 => Precision::Bf16,
+            m3d_recipes::Precision::Bf16Autocast => Precision::Bf16Autocast,
+        };
+        precision.apply(&mut vs)?;
+        Ok(TrainModel {
+            vs,
+            net,
+            tokenizer,
+            config,
+            lora,
+            precision,
+            device,
+            max_text_len: recipe.data.max_text_len,
+            augment: recipe.data.augment,
+            seed: recipe.train.seed,
+            templates: Templates::default(),
+        })
+    }
+
+    /// Images of `samples` (global indices alongside) as one (B, C, D, H, W) batch on the device, each
+    /// augmented by its own draw when the recipe augments.
+    fn images(
+        &self,
+        samples: &[(u64, LoadedSample)],
+        epoch: u64,
+        expected: [i64; 3],
+    ) -> Result<Tensor, JobError> {
+        for (_, s) in samples {
+            let dhw = [s.shape[1] as i64, s.shape[2] as i64, s.shape[3] as i64];
+            if dhw != expected {
+                return Err(JobError::Sample {
+                    sample: s.sample.sample_id.clone(),
+                    reason: format!(
+                        "volume is {:?} (D, H, W); the model takes {expected:?}",
+                        dhw
+                    ),
+                });
+            }
+        }
+        let views: Vec<(&[f32], [usize; 4])> = samples
+            .iter()
+            .map(|(_, s)| (s.image.as_slice(), s.shape))
+            .collect();
+        let mut images = stack_volumes(&views)?;
+        if self.augment {
+            let parts: Vec<Tensor> = samples
+                .iter()
+                .enumerate()
+                .map(|(i, (index, _))| {
+                    AugmentParams::draw(self.seed, epoch, *index).apply(&images.get(i as i64))
+                })
+                .collect();
+            images = Tensor::stack(&parts, 0);
+        }
+        Ok(images.to_device(self.device).to_kind(self.precision.kind()))
+    }
+
+    /// A CLIP batch: images, and the reports tokenised to `data.max_text_len` with max-length padding (the
+    /// reference's `padding="max_length"`).
+    pub fn clip_batch(
+        &self,
+        samples: &[(u64, LoadedSample)],
+        epoch: u64,
+    ) -> Result<(Tensor, Tensor, Tensor), JobError> {
+        let Net::Clip(clip) = &self.net else {
+            return Err(recipe_err("kind", "not a CLIP model"));
+        };
+        let texts = samples
+            .iter()
+            .map(|(_, s)| {
+                s.sample.report.as_deref().ok_or_else(|| JobError::Sample {
+                    sample: s.sample.sample_id.clone(),
+                    reason: "caption sample without a report".into(),
+                })
+            })
+            .collect::<Result<Vec<&str>, JobError>>()?;
+        let enc =
+            self.tokenizer
+                .encode_batch(&texts, self.max_text_len, Padding::MaxLength, true)?;
+        let images = self.images(samples, epoch, clip.config().vision.img_size)?;
+        Ok((
+            images,
+            enc.input_ids.to_device(self.device),
+            enc.attention_mask.to_device(self.device),
+        ))
+    }
+
+    /// A LaMed batch as the reference's datasets build it: the instruction of each sample (its stored
+    /// question, or a prompt template drawn per (seed, epoch, sample)), `<im_patch>` × N before it, the answer
+    /// after a space; labels on the answer only. Returns the batch and its scored tokens.
+    pub fn lamed_batch(
+        &self,
+        samples: &[(u64, LoadedSample)],
+        epoch: u64,
+    ) -> Result<(LamedBatch, i64), JobError> {
+        let Net::Lamed(lamed) = &self.net else {
+            return Err(recipe_err("kind", "not a LaMed model"));
+        };
+        let cfg = lamed.config();
+        let image_tokens = "<im_patch>".repeat(cfg.num_image_tokens() as usize);
+        let pad = self.tokenizer.pad_token().map(|(_, id)| id).unwrap_or(0);
+        let eos = self
+            .tokenizer
+            .token_to_id("</s>")
+            .or_else(|| self.tokenizer.token_to_id("[SEP]"))
+            .unwrap_or(pad);
+        let mut examples = Vec::with_capacity(samples.len());
+        for (index, s) in samples {
+            let mut rng = sample_rng(self.seed, epoch, *index, PURPOSE_PROMPT);
+            let family = if rng.random_bool(0.5) {
+                Family::Cls
+            } else {
+                Family::Des
+            };
+            let inst = instruction(&s.sample, &self.templates, family, &mut rng).map_err(|e| {
+                JobError::Sample {
+                    sample: s.sample.sample_id.clone(),
+                    reason: e.to_string(),
+                }
+            })?;
+            let question = format!("{image_tokens}{}", inst.question);
+            let q_ids = self.tokenizer.encode(&question, true)?;
+            let full_ids = self
+                .tokenizer
+                .encode(&format!("{question} {}", inst.answer), true)?;
+            examples.push(build_example(
+                &q_ids,
+                &full_ids,
+                self.max_text_len,
+                pad,
+                eos,
+            )?);
+        }
+        let (input_ids, attention_mask, labels) = collate(&examples, self.device)?;
+        let scored = labels
+            .ne(IGNORE_INDEX)
+            .sum(Kind::Int64)
+            .f_int64_value(&[])?;
+        let images = self.images(samples, epoch, cfg.vision.img_size)?;
+        Ok((
+            LamedBatch {
+                images,
+                input_ids,
+                attention_mask: Some(attention_mask),
+                labels: Some(labels),
+                segs: None,
+            },
+            scored,
+        ))
+    }
+
+    /// Names and values of every parameter (for saving), sorted by name.
+    pub fn state_dict(&self) -> Vec<(String, Tensor)> {
+        m3d_models::weights::state_dict(&self.vs)
+    }
+}
+
+/// The device a worker trains on: the CPU, or the GPU of its local rank.
+pub fn device_for(kind: DeviceKind, local_rank: u32) -> Result<Device, JobError> {
+    match kind {
+        DeviceKind::Cpu => Ok(Device::Cpu),
+        DeviceKind::Cuda => {
+            let n = tch::Cuda::device_count();
+            if (local_rank as i64) < n {
+                Ok(Device::Cuda(local_rank as usize))
+            } else {
+                Err(recipe_err(
+                    "workers.device",
+                    format!("cuda: local rank {local_rank} but {n} GPUs are visible"),
+                ))
+            }
+        }
+    }
+}
+
+/// `path` itself when it is a file; in a folder, the HF weight file it holds.
+pub fn weights_file(path: &Path) -> PathBuf {
+    if path.is_dir() {
+        for name in [
+            "model.safetensors",
+            "model.safetensors.index.json",
+            "pytorch_model.bin",
+        ] {
+            if path.join(name).is_file() {
+                return path.join(name);
+            }
+        }
+        path.join("model.safetensors")
+    } else {
+        path.to_path_buf()
+    }
+}

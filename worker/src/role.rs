@@ -1,0 +1,229 @@
+//! The worker role of a job ([`run_worker`], `m3d worker`): register with the coordinator, form the ring with
+//! the round's peers, heartbeat in the background, train the round ([`crate::train::run_round`]) with the
+//! coordinator as its [`Control`], and on a broken round register again for the restart round — until the
+//! job is over.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use m3d_collectives::RingListener;
+use m3d_coordinator::job::{Progress, WorkerAction, WorkerInfo};
+use m3d_coordinator::plan::StepPlan;
+use m3d_coordinator::{spawn_heartbeats, Client, ClientError, Code, Heartbeats, Token};
+use m3d_recipes::Recipe;
+
+use crate::dataset::TrainData;
+use crate::job::resolve_tokenizer;
+use crate::train::{run_round, Control, RoundEnd, RoundInfo, RunDir, TrainError};
+
+/// Errors that end a worker process.
+#[derive(Debug, thiserror::Error)]
+pub enum RoleError {
+    #[error(transparent)]
+    Train(#[from] TrainError),
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("forming the ring of round {generation}: {source}")]
+    Ring {
+        generation: u64,
+        #[source]
+        source: m3d_collectives::CollectiveError,
+    },
+    #[error("peer `{worker}` gave an unusable collective address `{addr}`")]
+    PeerAddr { worker: String, addr: String },
+}
+
+/// How a worker joins its job.
+#[derive(Debug, Clone)]
+pub struct WorkerOptions {
+    pub coordinator: String,
+    pub token: Option<Token>,
+    /// Stable across restarts of this worker (a pod name, `w0`).
+    pub worker_id: String,
+    /// Host name used for rank ordering (ranks of a host are contiguous).
+    pub host: String,
+    /// Address the ring listens on (port 0: any); peers must be able to reach it.
+    pub bind: IpAddr,
+    /// Timeout of the ring's rendezvous and of every collective operation.
+    pub collective_timeout: Duration,
+    /// The run folder (`output.run`).
+    pub run: PathBuf,
+}
+
+/// How the worker ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WorkerExit {
+    /// Every step trained.
+    Finished,
+    /// The coordinator said the job is over before this worker finished (it failed, or completed without it).
+    Stopped,
+}
+
+struct Coordinated<'a> {
+    rt: &'a tokio::runtime::Runtime,
+    client: Client,
+    worker_id: String,
+    generation: u64,
+    heartbeats: Heartbeats,
+}
+
+fn control_err(e: ClientError) -> TrainError {
+    TrainError::Control(e.to_string())
+}
+
+impl Control for Coordinated<'_> {
+    fn plan(&mut self, start: u64, steps: u32) -> Result<Vec<StepPlan>, TrainError> {
+        let p = self
+            .rt
+            .block_on(
+                self.client
+                    .data_plan(&self.worker_id, self.generation, start, steps),
+            )
+            .map_err(control_err)?;
+        Ok(p.steps)
+    }
+
+    fn report(&mut self, step: u64, loss: f64, samples: u64) -> Result<WorkerAction, TrainError> {
+        self.rt
+            .block_on(self.client.report_progress(
+                &self.worker_id,
+                self.generation,
+                Progress {
+                    step,
+                    loss,
+                    samples,
+                },
+            ))
+            .map_err(control_err)
+    }
+
+    fn action(&self) -> WorkerAction {
+        *self.heartbeats.actions.borrow()
+    }
+}
+
+/// Runs the worker until the job is over.
+pub fn run_worker(recipe: &Recipe, opts: &WorkerOptions) -> Result<WorkerExit, RoleError> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .map_err(|source| RoleError::Io {
+            what: "starting the runtime".into(),
+            source,
+        })?;
+    let data = TrainData::open(recipe).map_err(TrainError::from)?;
+    let scratch = std::env::temp_dir().join(format!(
+        "m3d-worker-{}-{}",
+        opts.worker_id,
+        std::process::id()
+    ));
+    let tokenizer = resolve_tokenizer(recipe, &data, &scratch).map_err(TrainError::from)?;
+    let run = RunDir(opts.run.clone());
+    let mut client = rt.block_on(Client::connect(&opts.coordinator, opts.token.clone()))?;
+    loop {
+        let listener =
+            RingListener::bind(SocketAddr::new(opts.bind, 0)).map_err(|source| RoleError::Io {
+                what: format!("binding the collective listener on {}", opts.bind),
+                source,
+            })?;
+        let addr = listener.local_addr().map_err(|source| RoleError::Io {
+            what: "reading the collective listener's address".into(),
+            source,
+        })?;
+        let info = WorkerInfo {
+            worker_id: opts.worker_id.clone(),
+            host: opts.host.clone(),
+            collective_addr: addr.to_string(),
+            gpus: 0,
+            nccl_unique_id: Vec::new(),
+        };
+        let a = match rt.block_on(client.register(&info)) {
+            Ok(a) => a,
+            Err(e) if matches!(e.code(), Some(Code::FailedPrecondition | Code::Aborted)) => {
+                // Either the job is over, or a round is training without this worker (it joins the next).
+                let status = rt.block_on(client.status())?;
+                if status.phase.is_final() {
+                    return Ok(WorkerExit::Stopped);
+                }
+                tracing::info!(worker = %opts.worker_id, reason = %e, "not admitted yet; retrying");
+                std::thread::sleep(Duration::from_secs(1));
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
+        tracing::info!(worker = %opts.worker_id, rank = a.rank, world = a.world_size, generation = a.generation, resume = a.resume_step, "joined round");
+        let peers = rt.block_on(client.all_peers(&opts.worker_id, a.generation))?;
+        let addrs = peers
+            .iter()
+            .map(|p| {
+                p.collective_addr
+                    .parse::<SocketAddr>()
+                    .map_err(|_| RoleError::PeerAddr {
+                        worker: p.worker_id.clone(),
+                        addr: p.collective_addr.clone(),
+                    })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let heartbeats = {
+            let _guard = rt.enter();
+            spawn_heartbeats(
+                client.clone(),
+                opts.worker_id.clone(),
+                a.generation,
+                a.heartbeat_interval,
+            )
+        };
+        let mut comm = match listener.join(
+            a.rank as usize,
+            a.world_size as usize,
+            &addrs,
+            opts.collective_timeout,
+        ) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(worker = %opts.worker_id, generation = a.generation, error = %e, "ring not formed; registering again");
+                continue;
+            }
+        };
+        let round = RoundInfo {
+            rank: a.rank,
+            world_size: a.world_size,
+            local_rank: a.local_rank,
+            generation: a.generation,
+            resume_step: a.resume_step,
+            plan: a.plan,
+        };
+        let mut control = Coordinated {
+            rt: &rt,
+            client: client.clone(),
+            worker_id: opts.worker_id.clone(),
+            generation: a.generation,
+            heartbeats,
+        };
+        match run_round(
+            recipe,
+            &data,
+            &tokenizer,
+            &run,
+            &round,
+            &mut comm,
+            &mut control,
+        )? {
+            RoundEnd::Finished => return Ok(WorkerExit::Finished),
+            RoundEnd::Stop => return Ok(WorkerExit::Stopped),
+            RoundEnd::Reregister(reason) => {
+                tracing::warn!(worker = %opts.worker_id, generation = a.generation, %reason, "round broken; registering again");
+                drop(comm);
+                client = control.client;
+            }
+        }
+    }
+}

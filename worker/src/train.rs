@@ -1,0 +1,356 @@
+//! The training loop of one rank for one round of a job ([`run_round`]): it asks a [`Control`] (the
+//! coordinator, in a real job) for its slice of each global batch, loads it through [`TrainData`] with
+//! read-ahead, runs the data-parallel step, writes metrics (rank 0), reports progress, and saves the final
+//! weights (rank 0) before reporting the last step — so a job the coordinator calls completed has them.
+//!
+//! A broken round (a peer gone, the coordinator asking everyone to register again) ends the round with
+//! [`RoundEnd::Reregister`] rather than an error: the caller joins the restart round. Bad data, a bad recipe
+//! or an I/O failure are errors.
+
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use m3d_collectives::{Collective, ReduceOp};
+use m3d_coordinator::job::WorkerAction;
+use m3d_coordinator::plan::{PlanSpec, StepPlan};
+use m3d_models::tokenizer::Tokenizer;
+use m3d_recipes::{ModelKind, Recipe};
+use tch::Tensor;
+
+use crate::dataset::{DatasetError, TrainData};
+use crate::grad::token_sum_loss;
+use crate::job::{device_for, JobError, Net, TrainModel};
+use crate::metrics::{Meter, MetricsError, MetricsLine, MetricsWriter};
+use crate::optim::{AdamW, OptimError};
+use crate::schedule::LrSchedule;
+use crate::step::{
+    global_count, CollectiveGather, DataParallelStep, GatherGrad, GradReduction, StepError,
+    StepOptions,
+};
+
+/// Errors that end a worker (as opposed to a broken round, which it survives).
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error(transparent)]
+    Data(#[from] DatasetError),
+    #[error(transparent)]
+    Job(#[from] JobError),
+    #[error(transparent)]
+    Step(#[from] StepError),
+    #[error(transparent)]
+    Optim(#[from] OptimError),
+    #[error(transparent)]
+    Metrics(#[from] MetricsError),
+    #[error(transparent)]
+    Model(#[from] m3d_models::ModelError),
+    #[error("recipe: {0}")]
+    Recipe(String),
+    #[error("coordinator: {0}")]
+    Control(String),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "round {generation} resumes at step {step}, but restoring a checkpoint is not implemented yet"
+    )]
+    NoResume { generation: u64, step: u64 },
+}
+
+/// This rank's place in a formed round.
+#[derive(Debug, Clone)]
+pub struct RoundInfo {
+    pub rank: u32,
+    pub world_size: u32,
+    pub local_rank: u32,
+    pub generation: u64,
+    pub resume_step: u64,
+    pub plan: PlanSpec,
+}
+
+/// What the loop needs from the control plane.
+pub trait Control {
+    /// This rank's samples for global steps `start..start + steps`.
+    fn plan(&mut self, start: u64, steps: u32) -> Result<Vec<StepPlan>, TrainError>;
+    /// Reports that global steps `..step` are done; returns what to do next.
+    fn report(&mut self, step: u64, loss: f64, samples: u64) -> Result<WorkerAction, TrainError>;
+    /// The latest word from the control plane's own channel (heartbeats), without blocking.
+    fn action(&self) -> WorkerAction;
+}
+
+/// How a round ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RoundEnd {
+    /// Every step is done (and, on rank 0, the final weights are saved).
+    Finished,
+    /// The round broke (the reason says why): join the next one.
+    Reregister(String),
+    /// The job is over (completed or failed elsewhere).
+    Stop,
+}
+
+/// Where a run writes: `<run>/metrics.jsonl`, `<run>/final/`.
+#[derive(Debug, Clone)]
+pub struct RunDir(pub PathBuf);
+
+impl RunDir {
+    pub fn metrics(&self) -> PathBuf {
+        self.0.join("metrics.jsonl")
+    }
+    pub fn final_dir(&self) -> PathBuf {
+        self.0.join("final")
+    }
+}
+
+/// Steps of plan requested from the control plane at a time.
+const PLAN_CHUNK: u32 = 16;
+
+fn io(path: &Path) -> impl Fn(std::io::Error) -> TrainError + '_ {
+    move |source| TrainError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Keeps the metrics lines of steps before `resume_step` (a restart round rewrites what follows).
+fn truncate_metrics(path: &Path, resume_step: u64) -> Result<(), TrainError> {
+    if !path.exists() {
+        return Ok(());
+    }
+    let kept: Vec<MetricsLine> = crate::metrics::read_metrics(path)?
+        .into_iter()
+        .filter(|l| l.step <= resume_step)
+        .collect();
+    let tmp = path.with_extension("jsonl.tmp");
+    let mut text = String::new();
+    for l in &kept {
+        text.push_str(&serde_json::to_string(l).unwrap_or_default());
+        text.push('\n');
+    }
+    std::fs::write(&tmp, text).map_err(io(&tmp))?;
+    std::fs::rename(&tmp, path).map_err(io(path))
+}
+
+/// A collective failure breaks the round; anything else ends the worker.
+fn classify(e: StepError) -> Result<RoundEnd, TrainError> {
+    match e {
+        StepError::Collective { .. } => Ok(RoundEnd::Reregister(e.to_string())),
+        e => Err(e.into()),
+    }
+}
+
+/// Saves the final weights, configuration, tokenizer and (with LoRA) the PEFT adapter into `dir`, through a
+/// temporary folder renamed into place, so `dir` is either absent or complete.
+fn save_final(model: &TrainModel, dir: &Path) -> Result<(), TrainError> {
+    let parent = dir.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).map_err(io(parent))?;
+    let tmp = parent.join(format!(".final.tmp{}", std::process::id()));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
+    }
+    std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
+    m3d_models::weights::save_safetensors(&tmp.join("model.safetensors"), &model.state_dict())?;
+    let cfg = serde_json::to_vec_pretty(&model.config).unwrap_or_default();
+    std::fs::write(tmp.join("config.json"), cfg).map_err(io(&tmp))?;
+    let tok = model.tokenizer.path();
+    std::fs::copy(tok, tmp.join("tokenizer.json")).map_err(io(tok))?;
+    if let Some(lora) = &model.lora {
+        m3d_models::lora::save_adapter(&tmp.join("adapter"), &model.vs, lora, Some("CAUSAL_LM"))?;
+    }
+    if dir.exists() {
+        std::fs::remove_dir_all(dir).map_err(io(dir))?;
+    }
+    std::fs::rename(&tmp, dir).map_err(io(dir))
+}
+
+/// Runs one round: builds the model, broadcasts rank 0's parameters, trains from `round.resume_step` to
+/// the end of the job.
+pub fn run_round(
+    recipe: &Recipe,
+    data: &TrainData,
+    tokenizer: &Tokenizer,
+    run: &RunDir,
+    round: &RoundInfo,
+    comm: &mut dyn Collective,
+    control: &mut dyn Control,
+) -> Result<RoundEnd, TrainError> {
+    let rank = round.rank;
+    let world = round.world_size as usize;
+    let total = round.plan.total_steps();
+    if round.resume_step > 0 {
+        return Err(TrainError::NoResume {
+            generation: round.generation,
+            step: round.resume_step,
+        });
+    }
+    let accum = recipe
+        .grad_accum(world)
+        .map_err(|e| TrainError::Recipe(e.to_string()))?;
+    let device = device_for(recipe.workers.device, round.local_rank)?;
+    let model = TrainModel::build(recipe, tokenizer.clone(), device)?;
+    // DDP's start: every rank begins from rank 0's parameters.
+    let mut vars: Vec<(String, Tensor)> = model.vs.variables().into_iter().collect();
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    for (_, v) in &vars {
+        let mut buf = v.detach().copy();
+        if let Err(e) = comm.broadcast(&mut buf, 0) {
+            return Ok(RoundEnd::Reregister(format!(
+                "broadcasting the initial parameters: {e}"
+            )));
+        }
+        tch::no_grad(|| v.detach().copy_(&buf));
+    }
+    let mut opt = AdamW::from_recipe(&recipe.train, AdamW::trainable(&model.vs))?;
+    let schedule = LrSchedule::from_recipe(&recipe.train, total);
+    let reduction = match recipe.model.kind {
+        ModelKind::Clip => GradReduction::Mean,
+        ModelKind::Lamed => GradReduction::Sum,
+    };
+    let mut stepper = DataParallelStep::new(StepOptions {
+        reduction,
+        max_grad_norm: recipe.train.max_grad_norm,
+        ..StepOptions::default()
+    });
+    let mut metrics = if rank == 0 {
+        truncate_metrics(&run.metrics(), round.resume_step)?;
+        Some(MetricsWriter::open(&run.metrics())?)
+    } else {
+        None
+    };
+    let mut meter = Meter::new();
+    let mut plans: VecDeque<StepPlan> = VecDeque::new();
+    let mut next_plan = round.resume_step;
+    let log_every = recipe.train.log_every.max(1);
+
+    for step in round.resume_step..total {
+        match control.action() {
+            WorkerAction::Continue => {}
+            WorkerAction::Reregister => {
+                return Ok(RoundEnd::Reregister(
+                    "the coordinator ended the round".into(),
+                ))
+            }
+            WorkerAction::Stop => return Ok(RoundEnd::Stop),
+        }
+        while plans.len() < 2 && next_plan < total {
+            let n = PLAN_CHUNK.min((total - next_plan) as u32);
+            let got = control.plan(next_plan, n)?;
+            next_plan += got.len() as u64;
+            if got.is_empty() {
+                return Err(TrainError::Control(format!(
+                    "empty data plan for step {next_plan}"
+                )));
+            }
+            plans.extend(got);
+        }
+        let Some(plan) = plans.pop_front() else {
+            return Err(TrainError::Control(format!("no data plan for step {step}")));
+        };
+        if plan.step != step {
+            return Err(TrainError::Control(format!(
+                "data plan for step {} where step {step} was expected",
+                plan.step
+            )));
+        }
+        let wait = Instant::now();
+        let loaded = data.load(&plan.samples)?;
+        let data_wait = wait.elapsed();
+        if let Some(next) = plans.front() {
+            data.prefetch(&next.samples)?;
+        }
+        let samples: Vec<(u64, _)> = plan.samples.iter().copied().zip(loaded).collect();
+        let micro = samples.len() / accum.max(1);
+        let out = match &model.net {
+            Net::Clip(clip) => {
+                let (images, ids, mask) = model.clip_batch(&samples, plan.epoch)?;
+                let r = stepper.train_step(comm, &mut opt, &schedule, step, |comm| {
+                    let gather = CollectiveGather::new(comm, GatherGrad::AllRanks);
+                    let loss = model
+                        .precision
+                        .run(|| clip.forward_loss(&images, &ids, &mask, &gather, true));
+                    gather.finish()?;
+                    Ok(loss?)
+                });
+                meter.add(samples.len() as u64 * world as u64, 0, data_wait);
+                match r {
+                    Ok(o) => o,
+                    Err(e) => return classify(e),
+                }
+            }
+            Net::Lamed(lamed) => {
+                let mut batches = Vec::with_capacity(accum);
+                let mut local_tokens = 0;
+                for chunk in samples.chunks(micro.max(1)) {
+                    let (mut b, scored) = model.lamed_batch(chunk, plan.epoch)?;
+                    local_tokens += scored;
+                    let labels = b.labels.take();
+                    batches.push((b, labels));
+                }
+                let tokens = match global_count(comm, local_tokens) {
+                    Ok(t) => t,
+                    Err(e) => return classify(e),
+                };
+                let r = stepper.train_step_accum(
+                    comm,
+                    &mut opt,
+                    &schedule,
+                    step,
+                    batches.len(),
+                    |_, i| {
+                        let (b, labels) = &batches[i];
+                        let out = model.precision.run(|| lamed.forward_t(b, true))?;
+                        let labels = labels
+                            .as_ref()
+                            .ok_or_else(|| StepError::NotScalar(Vec::new()))?;
+                        Ok(token_sum_loss(&out.logits, labels, tokens.max(1))?)
+                    },
+                );
+                meter.add(
+                    samples.len() as u64 * world as u64,
+                    tokens as u64,
+                    data_wait,
+                );
+                match r {
+                    Ok(mut o) => {
+                        // Each rank holds its share of the global loss; the logged loss is their sum.
+                        let mut t = Tensor::from_slice(&[o.loss]);
+                        if let Err(e) = comm.all_reduce(&mut t, ReduceOp::Sum) {
+                            return Ok(RoundEnd::Reregister(e.to_string()));
+                        }
+                        o.loss = t.double_value(&[0]);
+                        o
+                    }
+                    Err(e) => return classify(e),
+                }
+            }
+        };
+        let done = step + 1;
+        if let Some(w) = metrics.as_mut() {
+            if done % log_every == 0 || done == total {
+                let mut line = MetricsLine::new(done, out.loss, out.lr).with_rates(&mut meter);
+                line.grad_norm = Some(out.grad_norm);
+                line.extra.insert("epoch".into(), plan.epoch as f64);
+                line.extra.insert("world_size".into(), world as f64);
+                w.write(&line)?;
+            }
+        }
+        if done == total && rank == 0 {
+            save_final(&model, &run.final_dir())?;
+        }
+        let global_samples = done * round.plan.global_batch;
+        match control.report(done, out.loss, global_samples)? {
+            WorkerAction::Continue => {}
+            WorkerAction::Reregister => {
+                return Ok(RoundEnd::Reregister(
+                    "the coordinator ended the round".into(),
+                ))
+            }
+            WorkerAction::Stop if done == total => return Ok(RoundEnd::Finished),
+            WorkerAction::Stop => return Ok(RoundEnd::Stop),
+        }
+    }
+    Ok(RoundEnd::Finished)
+}
