@@ -1,4 +1,5 @@
-//! `m3d coordinator` and `m3d status`: the control-plane roles (no libtorch: the coordinator never touches tensors).
+//! `m3d coordinator` and `m3d status`: the control-plane roles (the coordinator never touches tensors; with
+//! `--recipe` it reads the shard indexes to size the data plan).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -31,6 +32,13 @@ pub struct CoordinatorArgs {
     /// Restart rounds allowed after failures; one more failure fails the job.
     #[arg(long, default_value_t = 3)]
     restarts: u32,
+    /// Take the data plan (samples, global batch, seed, epochs, max steps) from this recipe and its shards,
+    /// instead of --samples / --global-batch / --seed / --epochs.
+    #[arg(long, conflicts_with_all = ["samples", "global_batch", "seed", "epochs"])]
+    recipe: Option<PathBuf>,
+    /// Overrides of the recipe's values (as `m3d train --set`).
+    #[arg(long = "set", value_name = "KEY=VALUE", requires = "recipe")]
+    sets: Vec<String>,
     /// Samples in the training set (the data plan's range 0..N).
     #[arg(long, default_value_t = 1024)]
     samples: u64,
@@ -110,19 +118,27 @@ pub fn runtime() -> Result<tokio::runtime::Runtime> {
 }
 
 pub fn coordinator(a: CoordinatorArgs) -> Result<()> {
-    let cfg = JobConfig {
-        min_workers: a.min_workers,
-        max_workers: a.max_workers.unwrap_or(a.min_workers),
-        rendezvous_timeout: a.rendezvous_timeout,
-        heartbeat_timeout: a.heartbeat_timeout,
-        max_restarts: a.restarts,
-        plan: PlanSpec {
+    let plan = match &a.recipe {
+        Some(path) => {
+            let recipe = m3d_recipes::Recipe::load(path, &a.sets)?;
+            let data = m3d_worker::dataset::TrainData::open(&recipe)?;
+            crate::train::plan_for(&recipe, &data)?
+        }
+        None => PlanSpec {
             max_steps: None,
             samples: a.samples,
             global_batch: a.global_batch,
             seed: a.seed,
             epochs: a.epochs,
         },
+    };
+    let cfg = JobConfig {
+        min_workers: a.min_workers,
+        max_workers: a.max_workers.unwrap_or(a.min_workers),
+        rendezvous_timeout: a.rendezvous_timeout,
+        heartbeat_timeout: a.heartbeat_timeout,
+        max_restarts: a.restarts,
+        plan,
     };
     let token = load_token(a.token_file.as_ref())?;
     runtime()?.block_on(async move {

@@ -58,6 +58,15 @@ enum Command {
     Worker(train::WorkerArgs),
     /// Render loss / learning-rate curves of metrics files to a PNG.
     Plot(train::PlotArgs),
+    /// Evaluate a trained model on held-out shards.
+    #[command(subcommand)]
+    Eval(Eval),
+}
+
+#[derive(Subcommand)]
+enum Eval {
+    /// M3D-CLIP image-text retrieval (R@1/5/10 in both directions).
+    Retrieval(train::EvalRetrievalArgs),
 }
 
 #[derive(Subcommand)]
@@ -295,6 +304,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Train(a) => return train::train(a),
         Command::Worker(a) => return train::worker(a),
         Command::Plot(a) => return train::plot(a),
+        Command::Eval(Eval::Retrieval(a)) => return train::eval_retrieval(a),
         Command::DataPrep(cmd) => match cmd {
             DataPrep::Synth {
                 dir,

@@ -63,6 +63,26 @@ pub struct WorkerArgs {
     /// File holding the bearer token (else M3D_TOKEN).
     #[arg(long)]
     token_file: Option<PathBuf>,
+    /// libtorch intra-op threads (default: this host's cores divided among its workers in the round).
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
+#[derive(Args)]
+pub struct EvalRetrievalArgs {
+    /// A saved M3D-CLIP (a run's `final/` folder: config.json, tokenizer.json, model.safetensors).
+    #[arg(long)]
+    model: PathBuf,
+    /// The caption shard dataset.
+    #[arg(long)]
+    shards: String,
+    /// The split whose image-text pairs are retrieved (M3D-Bench uses `hard_test`).
+    #[arg(long, default_value = "test")]
+    split: String,
+    #[arg(long, default_value_t = 16)]
+    batch: usize,
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -123,13 +143,22 @@ pub fn worker(a: WorkerArgs) -> Result<()> {
         bind: a.bind,
         collective_timeout: a.collective_timeout,
         run: run_dir(&recipe)?,
+        threads: a.threads,
     };
-    match run_worker(&recipe, &opts).with_context(|| format!("worker `{}`", opts.worker_id))? {
-        WorkerExit::Finished => tracing::info!(worker = %opts.worker_id, "finished"),
-        WorkerExit::Stopped => tracing::info!(worker = %opts.worker_id, "the job is over"),
+    match run_worker(&recipe, &opts) {
+        Ok(WorkerExit::Finished) => tracing::info!(worker = %opts.worker_id, "finished"),
+        Ok(WorkerExit::Stopped) => tracing::info!(worker = %opts.worker_id, "the job is over"),
+        Err(e) => {
+            // Bad data, a bad recipe, a refused token: starting the worker again would fail the same way.
+            eprintln!("error: worker `{}`: {e:#}", opts.worker_id);
+            std::process::exit(FATAL_EXIT);
+        }
     }
     Ok(())
 }
+
+/// Exit status of a worker that failed in a way a restart cannot fix (the supervisor stops the job).
+pub const FATAL_EXIT: i32 = 3;
 
 struct Supervised {
     id: String,
@@ -283,6 +312,12 @@ pub fn train(a: TrainArgs) -> Result<()> {
             if let Some(code) = w.child.try_wait()? {
                 if code.success() {
                     w.exited_ok = true;
+                } else if code.code() == Some(FATAL_EXIT) {
+                    failed_worker = Some(format!(
+                        "worker {} failed; see {}",
+                        w.id,
+                        logs.join(format!("{}.log", w.id)).display()
+                    ));
                 } else if status.phase.is_final() {
                     failed_worker = Some(format!("worker {} exited with {code}", w.id));
                 } else if w.starts > a.restarts {
@@ -370,5 +405,28 @@ pub fn plot(a: PlotArgs) -> Result<()> {
     }
     m3d_worker::plot::plot_files(&files, &a.out, m3d_worker::plot::PlotSize::default())?;
     println!("wrote {}", a.out.display());
+    Ok(())
+}
+
+pub fn eval_retrieval(a: EvalRetrievalArgs) -> Result<()> {
+    let r = m3d_worker::eval::clip_retrieval(&a.model, &a.shards, &a.split, a.batch)
+        .with_context(|| format!("evaluating {}", a.model.display()))?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+    } else {
+        println!(
+            "retrieval on {} pairs of `{}` (chance R@1 {:.3}):\n  image->text R@1 {:.3}  R@5 {:.3}  R@10 {:.3}\n  \
+             text->image R@1 {:.3}  R@5 {:.3}  R@10 {:.3}",
+            r.pairs,
+            a.split,
+            1.0 / r.pairs as f64,
+            r.image_to_text_r1,
+            r.image_to_text_r5,
+            r.image_to_text_r10,
+            r.text_to_image_r1,
+            r.text_to_image_r5,
+            r.text_to_image_r10
+        );
+    }
     Ok(())
 }

@@ -154,6 +154,9 @@ impl M3dClipConfig {
 
     /// A tiny M3D-CLIP for CPU recipes: [`ViT3dConfig::tiny`] and a 2-layer BERT of width 64 over a
     /// vocabulary of `vocab_size` (a word-level one built from the captions), texts of up to 32 tokens.
+    /// Its logit scale is [`LogitScale::Exp`] (temperature 0.07): under the reference's raw scale logits stay
+    /// within ±2.66, and a tiny model trained from scratch does not leave its initial state, where every
+    /// image (and every text) has nearly the same feature, within the few hundred steps of a CPU recipe.
     pub fn tiny(vocab_size: i64) -> Self {
         M3dClipConfig {
             vision: ViT3dConfig::tiny(),
@@ -164,6 +167,7 @@ impl M3dClipConfig {
                 ..BertConfig::debug()
             },
             max_text_len: 32,
+            logit_scale: LogitScale::Exp,
             ..Self::debug()
         }
     }

@@ -507,6 +507,7 @@ pub fn schema_paths() -> Vec<String> {
             tasks: vec![TaskData {
                 task: "cap".into(),
                 shards: vec!["x".into()],
+                volumes: vec!["y".into()],
                 weight: 1.0,
             }],
             split: "train".into(),

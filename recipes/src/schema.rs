@@ -182,6 +182,10 @@ pub struct TaskData {
     /// Shard dataset URLs (folders with a `manifest.json`: a path, `file://` or `s3://`). Required, at least
     /// one.
     pub shards: Vec<String>,
+    /// Shard datasets holding the volumes this task's samples refer to, when its own shards store none
+    /// (M3D-VQA's samples name M3D-Cap volumes: `volumes: [<cap shards>]`). Default: `[]`.
+    #[serde(default)]
+    pub volumes: Vec<String>,
     /// How often each sample of this task is drawn per epoch: the task contributes `ceil(weight × samples)`
     /// entries to the epoch's order (a weight below 1 takes a prefix of its samples, in shard order).
     /// Default: `1.0`.

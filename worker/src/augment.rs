@@ -125,11 +125,12 @@ impl AugmentParams {
         let mut out = self.apply_geometry(image);
         // `tensor * python_float` in MONAI: the scalar is rounded to the tensor's kind, exactly as tch's
         // tensor-scalar ops do, so the arithmetic matches bit for bit.
+        // Out of place on purpose: with no geometric change `out` shares the caller's storage.
         if let Some(f) = self.scale {
-            out = out * (1.0 + f);
+            out = &out * (1.0 + f);
         }
         if let Some(o) = self.shift {
-            out = out + o;
+            out = &out + o;
         }
         out
     }

@@ -150,7 +150,9 @@ struct Counters {
 
 /// What the loader and its read-ahead thread share.
 struct Shared {
-    store: Store,
+    /// The stores of the datasets the volume shards come from, and each shard's store.
+    stores: Vec<Store>,
+    entry_store: Vec<usize>,
     entries: Vec<ShardEntry>,
     cache_bytes: usize,
     state: Mutex<CacheState>,
@@ -246,7 +248,8 @@ impl Shared {
                 ShardError::Invalid(format!("only {} volume shards", self.entries.len())),
             )
         })?;
-        let reader = fetch_checked(&self.store, entry).map_err(|e| self.shard_error(shard, e))?;
+        let store = &self.stores[self.entry_store.get(shard).copied().unwrap_or(0)];
+        let reader = fetch_checked(store, entry).map_err(|e| self.shard_error(shard, e))?;
         let mut by_id = HashMap::new();
         let mut bytes = 0;
         for rec in reader {
@@ -290,27 +293,55 @@ impl ShardLoader {
     /// Opens the dataset at `url` (any `Store` URL) and indexes its volume shards (one read of each, without
     /// decoding images).
     pub fn open(url: &str, opts: LoaderOptions) -> Result<Self, LoadError> {
-        let open_err = |source| LoadError::Open {
-            url: url.to_string(),
-            source,
+        Self::open_with_volumes(url, &[], opts)
+    }
+
+    /// [`ShardLoader::open`] for a dataset whose samples refer to volumes stored in other shard datasets too
+    /// (M3D-VQA's samples name M3D-Cap volumes): the volume shards of `url` and of every `volume_urls`
+    /// dataset are indexed; a volume id found in several is taken from the first.
+    pub fn open_with_volumes(
+        url: &str,
+        volume_urls: &[String],
+        opts: LoaderOptions,
+    ) -> Result<Self, LoadError> {
+        let open_err = |url: &str| {
+            let url = url.to_string();
+            move |source| LoadError::Open { url, source }
         };
-        let dataset = ShardDataset::open(url).map_err(open_err)?;
-        let store = dataset.store().clone();
-        let manifest: &Manifest = dataset.manifest();
-        let entries = manifest.volume_shards.clone();
+        let dataset = ShardDataset::open(url).map_err(open_err(url))?;
+        let mut stores = Vec::new();
+        let mut entries: Vec<ShardEntry> = Vec::new();
+        let mut entry_store = Vec::new();
+        // Volume id -> shard; the first shard wins if an id were ever stored twice.
+        let mut volume_shard: HashMap<String, usize> = HashMap::new();
+        let mut add = |ds: &ShardDataset, url: &str| -> Result<(), LoadError> {
+            let offset = entries.len();
+            let manifest: &Manifest = ds.manifest();
+            entry_store.extend(std::iter::repeat_n(
+                stores.len(),
+                manifest.volume_shards.len(),
+            ));
+            entries.extend(manifest.volume_shards.iter().cloned());
+            stores.push(ds.store().clone());
+            for (volume_id, shard) in ds.volume_index().map_err(open_err(url))? {
+                volume_shard.entry(volume_id).or_insert(shard + offset);
+            }
+            Ok(())
+        };
+        add(&dataset, url)?;
+        for vurl in volume_urls {
+            let ds = ShardDataset::open(vurl).map_err(open_err(vurl))?;
+            add(&ds, vurl)?;
+        }
         let shared = Arc::new(Shared {
-            store,
+            stores,
+            entry_store,
             entries,
             cache_bytes: opts.cache_bytes,
             state: Mutex::new(CacheState::default()),
             cv: Condvar::new(),
             counters: Counters::default(),
         });
-        // Volume id -> shard; the first shard wins if an id were ever stored twice.
-        let mut volume_shard: HashMap<String, usize> = HashMap::new();
-        for (volume_id, shard) in dataset.volume_index().map_err(open_err)? {
-            volume_shard.entry(volume_id).or_insert(shard);
-        }
         let index_reads = shared.entries.len() as u64;
         let samples = dataset.samples().to_vec();
         let sample_shard = samples
@@ -337,7 +368,7 @@ impl ShardLoader {
                     }
                 })
                 .map_err(|e| {
-                    open_err(ShardError::Io {
+                    open_err(url)(ShardError::Io {
                         path: "<prefetch thread>".into(),
                         source: e,
                     })

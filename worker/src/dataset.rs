@@ -73,7 +73,7 @@ impl TrainData {
         for (ti, t) in d.tasks.iter().enumerate() {
             let mut task_entries: Vec<(u32, u64)> = Vec::new();
             for url in &t.shards {
-                let loader = ShardLoader::open(url, opts.clone())?;
+                let loader = ShardLoader::open_with_volumes(url, &t.volumes, opts.clone())?;
                 let src = sources.len() as u32;
                 task_entries.extend(
                     loader

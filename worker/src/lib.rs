@@ -13,6 +13,7 @@ pub mod augment;
 pub mod batch;
 pub mod data;
 pub mod dataset;
+pub mod eval;
 pub mod grad;
 pub mod job;
 pub mod metrics;

@@ -7,11 +7,11 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use m3d_collectives::RingListener;
+use m3d_collectives::{nccl_available, Collective, Nccl, NcclId, RingListener};
 use m3d_coordinator::job::{Progress, WorkerAction, WorkerInfo};
 use m3d_coordinator::plan::StepPlan;
 use m3d_coordinator::{spawn_heartbeats, Client, ClientError, Code, Heartbeats, Token};
-use m3d_recipes::Recipe;
+use m3d_recipes::{DeviceKind, Recipe};
 
 use crate::dataset::TrainData;
 use crate::job::resolve_tokenizer;
@@ -55,6 +55,8 @@ pub struct WorkerOptions {
     pub collective_timeout: Duration,
     /// The run folder (`output.run`).
     pub run: PathBuf,
+    /// libtorch intra-op threads (default: this host's cores divided among its ranks).
+    pub threads: Option<usize>,
 }
 
 /// How the worker ended.
@@ -111,6 +113,9 @@ impl Control for Coordinated<'_> {
 
 /// Runs the worker until the job is over.
 pub fn run_worker(recipe: &Recipe, opts: &WorkerOptions) -> Result<WorkerExit, RoleError> {
+    if let Some(t) = opts.threads {
+        tch::set_num_threads(t.max(1) as i32);
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -138,12 +143,26 @@ pub fn run_worker(recipe: &Recipe, opts: &WorkerOptions) -> Result<WorkerExit, R
             what: "reading the collective listener's address".into(),
             source,
         })?;
+        // On GPUs the collectives are NCCL's: every worker offers a unique id, rank 0's is handed to all.
+        let cuda = recipe.workers.device == DeviceKind::Cuda;
+        let nccl_id = if cuda {
+            nccl_available().map_err(|source| RoleError::Ring {
+                generation: 0,
+                source,
+            })?;
+            Some(NcclId::new().map_err(|source| RoleError::Ring {
+                generation: 0,
+                source,
+            })?)
+        } else {
+            None
+        };
         let info = WorkerInfo {
             worker_id: opts.worker_id.clone(),
             host: opts.host.clone(),
             collective_addr: addr.to_string(),
-            gpus: 0,
-            nccl_unique_id: Vec::new(),
+            gpus: u32::from(cuda),
+            nccl_unique_id: nccl_id.map(|id| id.as_bytes().to_vec()).unwrap_or_default(),
         };
         let a = match rt.block_on(client.register(&info)) {
             Ok(a) => a,
@@ -181,18 +200,39 @@ pub fn run_worker(recipe: &Recipe, opts: &WorkerOptions) -> Result<WorkerExit, R
                 a.heartbeat_interval,
             )
         };
-        let mut comm = match listener.join(
-            a.rank as usize,
-            a.world_size as usize,
-            &addrs,
-            opts.collective_timeout,
-        ) {
+        let joined: Result<Box<dyn Collective>, _> = if cuda {
+            NcclId::from_bytes(&a.nccl_unique_id).and_then(|id| {
+                Nccl::new(
+                    a.rank as usize,
+                    a.world_size as usize,
+                    &id,
+                    a.local_rank as usize,
+                )
+                .map(|c| Box::new(c) as Box<dyn Collective>)
+            })
+        } else {
+            listener
+                .join(
+                    a.rank as usize,
+                    a.world_size as usize,
+                    &addrs,
+                    opts.collective_timeout,
+                )
+                .map(|c| Box::new(c) as Box<dyn Collective>)
+        };
+        let mut comm = match joined {
             Ok(c) => c,
             Err(e) => {
                 tracing::warn!(worker = %opts.worker_id, generation = a.generation, error = %e, "ring not formed; registering again");
                 continue;
             }
         };
+        // Each rank of this host gets its share of the cores for libtorch's intra-op threads (as torchrun's
+        // OMP_NUM_THREADS); more would oversubscribe the CPUs the ranks share.
+        if opts.threads.is_none() {
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            tch::set_num_threads((cores / a.local_world_size.max(1) as usize).max(1) as i32);
+        }
         let round = RoundInfo {
             rank: a.rank,
             world_size: a.world_size,
@@ -214,7 +254,7 @@ pub fn run_worker(recipe: &Recipe, opts: &WorkerOptions) -> Result<WorkerExit, R
             &tokenizer,
             &run,
             &round,
-            &mut comm,
+            comm.as_mut(),
             &mut control,
         )? {
             RoundEnd::Finished => return Ok(WorkerExit::Finished),

@@ -459,10 +459,10 @@ fn augment_mask_follows_the_image_geometry() {
         let expect = {
             let mut t = geometric.apply(&image);
             if let Some(f) = params.scale {
-                t = t * (1.0 + f);
+                t = &t * (1.0 + f);
             }
             if let Some(o) = params.shift {
-                t = t + o;
+                t = &t + o;
             }
             t
         };
@@ -472,4 +472,9 @@ fn augment_mask_follows_the_image_geometry() {
         }
     }
     assert!(seen_change > 50, "too few geometric changes: {seen_change}");
+    // Applying never writes into the caller's tensors (identity geometry shares storage).
+    let before = image.copy();
+    let out = p(0, [false; 3], Some(0.05), Some(0.05)).apply(&image);
+    assert!(same(&image, &before), "apply changed its input");
+    assert!(!same(&out, &before));
 }

@@ -1,0 +1,447 @@
+//! `m3d train`, `m3d worker` and `m3d coordinator --recipe` as real processes on synthetic M3D data: data
+//! parallelism is exact (2 workers with batch B equal 1 worker with 2B, for CLIP's gathered loss and for
+//! LaMed stage-2 LoRA with gradient accumulation), the loss curve does not depend on the number of workers,
+//! tiny models learn, a worker killed with SIGKILL is detected and the job restarts and completes, and a
+//! worker without the job's token is refused.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{m3d_bin, m3d_ok, workspace_root};
+
+/// Synthetic M3D-Cap and M3D-VQA shards in `dir` (cap at `dir/shards/cap`, vqa at `dir/shards/vqa`).
+fn synth_shards(dir: &Path, cap_cases: usize) -> (String, String) {
+    let raw = dir.join("raw");
+    let cap = dir.join("shards/cap");
+    let vqa = dir.join("shards/vqa");
+    let s = |p: &Path| p.display().to_string();
+    m3d_ok(&[
+        "data-prep",
+        "synth",
+        &s(&raw),
+        "--cap-cases",
+        &cap_cases.to_string(),
+        "--slice-size",
+        "64x64",
+    ]);
+    m3d_ok(&[
+        "data-prep",
+        "cap",
+        "--src",
+        &s(&raw.join("M3D_Cap")),
+        "--out",
+        &s(&cap),
+    ]);
+    m3d_ok(&[
+        "data-prep",
+        "vqa",
+        "--src",
+        &s(&raw.join("M3D_VQA")),
+        "--out",
+        &s(&vqa),
+        "--cap",
+        &s(&cap),
+    ]);
+    (s(&cap), s(&vqa))
+}
+
+fn recipe(name: &str) -> String {
+    workspace_root()
+        .join("recipes")
+        .join(name)
+        .display()
+        .to_string()
+}
+
+/// Runs `m3d train <recipe> --workers n --set ...` into `run`; returns stdout.
+fn train(recipe_file: &str, workers: usize, run: &Path, sets: &[String]) -> String {
+    let mut args: Vec<String> = vec![
+        "train".into(),
+        recipe_file.into(),
+        "--workers".into(),
+        workers.to_string(),
+        "--set".into(),
+        format!("output.run={}", run.display()),
+    ];
+    for s in sets {
+        args.push("--set".into());
+        args.push(s.clone());
+    }
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    m3d_ok(&refs)
+}
+
+/// The largest absolute difference between two safetensors files, key by key (they must hold the same keys).
+fn max_param_diff(a: &Path, b: &Path) -> f64 {
+    let script = std::env::temp_dir().join(format!("m3d-diff-{}.py", std::process::id()));
+    std::fs::write(
+        &script,
+        "import sys, json\nfrom safetensors.numpy import load_file\n\
+         a, b = load_file(sys.argv[1]), load_file(sys.argv[2])\n\
+         assert sorted(a) == sorted(b), (sorted(set(a) ^ set(b)))\n\
+         print(json.dumps(max(float(abs(a[k].astype('float64') - b[k].astype('float64')).max()) for k in a)))\n",
+    )
+    .unwrap();
+    let out = m3d_testkit::run_python(
+        &script,
+        &[&a.display().to_string(), &b.display().to_string()],
+    );
+    out.trim().parse().expect("a number")
+}
+
+fn losses(run: &Path) -> Vec<(u64, f64)> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .expect("metrics")
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).expect("json line");
+            (v["step"].as_u64().unwrap(), v["loss"].as_f64().unwrap())
+        })
+        .collect()
+}
+
+fn clip_sets(cap: &str, steps: u64, global: usize) -> Vec<String> {
+    vec![
+        format!("data.tasks.0.shards=[{cap}]"),
+        format!("train.max_steps={steps}"),
+        format!("train.global_batch={global}"),
+        "train.log_every=1".into(),
+        "train.warmup_ratio=0".into(),
+        "workers.max=3".into(),
+    ]
+}
+
+#[test]
+fn clip_two_workers_equal_one_worker_with_twice_the_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cap, _) = synth_shards(dir.path(), 16);
+    // Augmentation on: each sample's draw depends on (seed, epoch, sample), not on the rank that loads it.
+    let sets = clip_sets(&cap, 4, 12);
+    let one = dir.path().join("one");
+    let two = dir.path().join("two");
+    train(&recipe("clip-tiny.yaml"), 1, &one, &sets);
+    let out = train(&recipe("clip-tiny.yaml"), 2, &two, &sets);
+    assert!(out.contains("2 worker(s)"), "{out}");
+    let d = max_param_diff(
+        &one.join("final/model.safetensors"),
+        &two.join("final/model.safetensors"),
+    );
+    assert!(d < 1e-5, "parameters differ by {d}");
+    // The comparison can fail: a different seed moves the parameters far more than the tolerance.
+    let other = dir.path().join("other");
+    let mut reseeded = sets.clone();
+    reseeded.push("train.seed=7".into());
+    train(&recipe("clip-tiny.yaml"), 2, &other, &reseeded);
+    let d_other = max_param_diff(
+        &one.join("final/model.safetensors"),
+        &other.join("final/model.safetensors"),
+    );
+    assert!(d_other > 1e-3, "a different seed gave {d_other}");
+}
+
+#[test]
+fn clip_loss_curve_is_the_same_for_one_two_and_three_workers() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cap, _) = synth_shards(dir.path(), 16);
+    let sets = clip_sets(&cap, 5, 12);
+    let curves: Vec<Vec<(u64, f64)>> = [1, 2, 3]
+        .iter()
+        .map(|&w| {
+            let run = dir.path().join(format!("w{w}"));
+            train(&recipe("clip-tiny.yaml"), w, &run, &sets);
+            losses(&run)
+        })
+        .collect();
+    assert_eq!(curves[0].len(), 5);
+    for c in &curves[1..] {
+        assert_eq!(c.len(), curves[0].len());
+        for ((s1, l1), (s2, l2)) in curves[0].iter().zip(c) {
+            assert_eq!(s1, s2);
+            assert!((l1 - l2).abs() < 1e-5, "step {s1}: {l1} vs {l2}");
+        }
+    }
+    // The loss moves from step to step (the comparison is not between constants).
+    let spread = curves[0]
+        .iter()
+        .map(|p| p.1)
+        .fold(f64::NEG_INFINITY, f64::max)
+        - curves[0].iter().map(|p| p.1).fold(f64::INFINITY, f64::min);
+    assert!(spread > 1e-4, "loss barely moved: {:?}", curves[0]);
+}
+
+#[test]
+fn lamed_stage2_lora_two_workers_equal_one_and_lowers_the_answer_loss() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cap, vqa) = synth_shards(dir.path(), 16);
+    let stage1 = dir.path().join("stage1");
+    train(
+        &recipe("lamed-stage1-tiny.yaml"),
+        1,
+        &stage1,
+        &[
+            format!("data.tasks.0.shards=[{cap}]"),
+            format!("data.tasks.1.shards=[{vqa}]"),
+            format!("data.tasks.1.volumes=[{cap}]"),
+            "train.max_steps=2".into(),
+        ],
+    );
+    assert!(stage1.join("final/tokenizer.json").is_file());
+    let sets = |steps: u64| {
+        vec![
+            format!("data.tasks.0.shards=[{cap}]"),
+            format!("data.tasks.1.shards=[{vqa}]"),
+            format!("data.tasks.1.volumes=[{cap}]"),
+            format!("model.init_from.0.path={}", stage1.join("final").display()),
+            "model.lora.dropout=0".into(),
+            format!("train.max_steps={steps}"),
+            "train.log_every=1".into(),
+        ]
+    };
+    // global batch 4, micro-batch 2: one worker accumulates 2 micro-batches, two workers 1 each.
+    let one = dir.path().join("one");
+    let two = dir.path().join("two");
+    train(&recipe("lamed-stage2-tiny.yaml"), 1, &one, &sets(3));
+    train(&recipe("lamed-stage2-tiny.yaml"), 2, &two, &sets(3));
+    let d = max_param_diff(
+        &one.join("final/model.safetensors"),
+        &two.join("final/model.safetensors"),
+    );
+    assert!(d < 1e-5, "parameters differ by {d}");
+    assert!(two.join("final/adapter/adapter_config.json").is_file());
+    // Learning: the answer loss falls over a short run.
+    let long = dir.path().join("long");
+    train(&recipe("lamed-stage2-tiny.yaml"), 2, &long, &sets(40));
+    let l = losses(&long);
+    let first: f64 = l[..5].iter().map(|p| p.1).sum::<f64>() / 5.0;
+    let last: f64 = l[l.len() - 5..].iter().map(|p| p.1).sum::<f64>() / 5.0;
+    assert!(last < 0.85 * first, "answer loss {first} -> {last}");
+}
+
+struct Proc {
+    child: Child,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn coordinator(args: &[String], envs: &[(&str, &str)], log: &Path) -> (Proc, String) {
+    let mut cmd = Command::new(m3d_bin());
+    cmd.args(["coordinator", "--listen", "127.0.0.1:0"])
+        .args(args)
+        .env_remove("M3D_TOKEN")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::from(std::fs::File::create(log).unwrap()));
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().expect("spawn coordinator");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("m3d coordinator listening on ")
+        .unwrap_or_else(|| panic!("unexpected {line:?}"))
+        .to_string();
+    (Proc { child }, format!("http://{addr}"))
+}
+
+fn worker(url: &str, recipe_args: &[String], id: &str, token: Option<&str>, log: &Path) -> Proc {
+    let mut cmd = Command::new(m3d_bin());
+    cmd.args(["worker", "--coordinator", url, "--worker-id", id])
+        .args(recipe_args)
+        .env_remove("M3D_TOKEN")
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(std::fs::File::create(log).unwrap()));
+    if let Some(t) = token {
+        cmd.env("M3D_TOKEN", t);
+    }
+    Proc {
+        child: cmd.spawn().expect("spawn worker"),
+    }
+}
+
+fn status(url: &str, token: &str) -> serde_json::Value {
+    let out = Command::new(m3d_bin())
+        .args(["status", "--coordinator", url, "--json"])
+        .env("M3D_TOKEN", token)
+        .output()
+        .unwrap();
+    serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
+}
+
+fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) -> Duration {
+    let t0 = Instant::now();
+    while !f() {
+        assert!(t0.elapsed() < timeout, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    t0.elapsed()
+}
+
+#[test]
+fn killed_worker_is_detected_and_the_job_restarts_and_completes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cap, _) = synth_shards(dir.path(), 16);
+    let run = dir.path().join("run");
+    let recipe_args: Vec<String> = [
+        vec!["--recipe".to_string(), recipe("clip-tiny.yaml")],
+        [
+            format!("data.tasks.0.shards=[{cap}]"),
+            "train.max_steps=40".into(),
+            "train.log_every=1".into(),
+            format!("output.run={}", run.display()),
+        ]
+        .iter()
+        .flat_map(|s| ["--set".to_string(), s.clone()])
+        .collect(),
+    ]
+    .concat();
+    let token = "s3cret-token-value";
+    let mut coord_args = recipe_args.clone();
+    coord_args.extend(
+        [
+            "--state",
+            &dir.path().join("state").display().to_string(),
+            "--min-workers",
+            "2",
+            "--heartbeat-timeout",
+            "3s",
+            "--exit-on-finish",
+        ]
+        .map(String::from),
+    );
+    let coord_log = dir.path().join("coordinator.log");
+    let (_coord, url) = coordinator(&coord_args, &[("M3D_TOKEN", token)], &coord_log);
+    let w0 = worker(
+        &url,
+        &recipe_args,
+        "w0",
+        Some(token),
+        &dir.path().join("w0.log"),
+    );
+    let mut w1 = worker(
+        &url,
+        &recipe_args,
+        "w1",
+        Some(token),
+        &dir.path().join("w1.log"),
+    );
+    wait_for("step 3", Duration::from_secs(120), || {
+        status(&url, token)["step"].as_u64().unwrap_or(0) >= 3
+    });
+    w1.child.kill().unwrap(); // SIGKILL
+    w1.child.wait().unwrap();
+    let detected = wait_for("the restart round", Duration::from_secs(30), || {
+        status(&url, token)["restarts"].as_u64().unwrap_or(0) >= 1
+    });
+    assert!(
+        detected < Duration::from_secs(3) + Duration::from_millis(1500),
+        "detected after {detected:?}"
+    );
+    // The replacement joins the restart round and the job runs to the end.
+    let _w1 = worker(
+        &url,
+        &recipe_args,
+        "w1",
+        Some(token),
+        &dir.path().join("w1b.log"),
+    );
+    wait_for("completion", Duration::from_secs(300), || {
+        status(&url, token)["phase"] == "completed"
+    });
+    drop(w0);
+    let l = losses(&run);
+    assert_eq!(l.last().map(|p| p.0), Some(40));
+    assert!(run.join("final/model.safetensors").is_file());
+    for log in ["coordinator.log", "w0.log", "w1.log", "w1b.log"] {
+        let text = std::fs::read_to_string(dir.path().join(log)).unwrap_or_default();
+        assert!(!text.contains(token), "{log} shows the token");
+    }
+}
+
+#[test]
+fn worker_without_the_token_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cap, _) = synth_shards(dir.path(), 16);
+    let recipe_args: Vec<String> = vec![
+        "--recipe".into(),
+        recipe("clip-tiny.yaml"),
+        "--set".into(),
+        format!("data.tasks.0.shards=[{cap}]"),
+        "--set".into(),
+        format!("output.run={}", dir.path().join("run").display()),
+    ];
+    let mut coord_args = recipe_args.clone();
+    coord_args.extend([
+        "--state".to_string(),
+        dir.path().join("state").display().to_string(),
+    ]);
+    let token = "another-s3cret";
+    let (_coord, url) = coordinator(
+        &coord_args,
+        &[("M3D_TOKEN", token)],
+        &dir.path().join("c.log"),
+    );
+    for (id, presented) in [("nobody", None), ("wrong", Some("not-the-token"))] {
+        let log = dir.path().join(format!("{id}.log"));
+        let mut w = worker(&url, &recipe_args, id, presented, &log);
+        let code = w.child.wait().unwrap();
+        assert!(!code.success(), "{id} was accepted");
+        let text = std::fs::read_to_string(&log).unwrap();
+        assert!(
+            text.contains("Unauthenticated") || text.contains("unauthenticated"),
+            "{id}: {text}"
+        );
+    }
+    let s = status(&url, token);
+    assert_eq!(s["waiting"].as_u64(), Some(0), "{s}");
+    assert_eq!(s["phase"], "pending");
+}
+
+/// Tiny M3D-CLIP trained on synthetic pairs retrieves better than chance.
+#[test]
+fn tiny_clip_learns_retrieval() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cap, _) = synth_shards(dir.path(), 80);
+    let run = dir.path().join("run");
+    train(
+        &recipe("clip-tiny.yaml"),
+        1,
+        &run,
+        &[
+            format!("data.tasks.0.shards=[{cap}]"),
+            "train.max_steps=400".into(),
+            "train.lr=5e-4".into(),
+            "train.warmup_ratio=0.05".into(),
+            "train.weight_decay=0".into(),
+            "data.augment=false".into(),
+        ],
+    );
+    let out = m3d_ok(&[
+        "eval",
+        "retrieval",
+        "--model",
+        &run.join("final").display().to_string(),
+        "--shards",
+        &cap,
+        "--split",
+        "train",
+        "--json",
+    ]);
+    let r: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let pairs = r["pairs"].as_f64().unwrap();
+    let chance = 1.0 / pairs;
+    let r1 = r["image_to_text_r1"].as_f64().unwrap();
+    assert!(r1 > 5.0 * chance, "R@1 {r1} vs chance {chance}: {r}");
+    let _ = PathBuf::new();
+}
