@@ -35,6 +35,7 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -128,7 +129,6 @@ def train(args):
     import numpy as np
     import torch
     import torch.distributed as dist
-    import warnings
     from monai.data import set_track_meta
     from torch.nn.parallel import DistributedDataParallel as DDP
     from torch.utils.data import DataLoader, DistributedSampler
@@ -308,6 +308,7 @@ def compare(args):
         shutil.copy2(args.m3d, exe)
     results = {"ours": [], "reference": []}
     gb = None
+    load_before = os.getloadavg()[0]
     for r in range(1, args.rounds + 1):
         run = work / f"ours-{r}"
         shutil.rmtree(run, ignore_errors=True)
@@ -349,7 +350,8 @@ def compare(args):
     dev = args.device if args.device == "cpu" else f"{args.device} x {w}"
     print(f"\n{w} workers, {args.steps} steps of {gb} samples, {dev}, first {args.skip} steps skipped, "
           f"{args.rounds} round(s) alternating; threads per rank = {max(1, len(os.sched_getaffinity(0)) // w)}"
-          f" of {len(os.sched_getaffinity(0))} cores\n")
+          f" of {len(os.sched_getaffinity(0))} cores; reference DataLoader: {args.num_workers} worker(s) per rank, "
+          f"persistent; 1-min load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after\n")
     print("| side | round | median step (s) | mean step (s) | samples/s | data wait | final loss | run wall (s) |")
     print("|---|---|---|---|---|---|---|---|")
     pooled = {}

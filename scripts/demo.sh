@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Sets up (see setup.sh) and runs the main job on the embedded defaults: synthesise M3D-Data in the published
-# layouts, convert all four datasets into shards in a local object store (./out/shards), verify every checksum
-# and render a volume of each to PNG. Training replaces this job in a later milestone.
+# layouts, convert it into shards in a local object store (./out/shards), then train on this machine's CPUs
+# with a coordinator and two worker processes: tiny M3D-CLIP pretraining, then LaMed stage 1 (projector) and
+# stage 2 (LoRA), each writing metrics, a loss plot and its final weights under ./runs.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/setup.sh
@@ -12,9 +13,11 @@ rm -rf "$OUT/synth"
 "$M3D_BIN" data-prep vqa    --src "$OUT/synth/M3D_VQA"    --out "$OUT/shards/vqa" --cap "$OUT/shards/cap"
 "$M3D_BIN" data-prep seg    --src "$OUT/synth/M3D_Seg"    --out "$OUT/shards/seg"
 "$M3D_BIN" data-prep refseg --src "$OUT/synth/M3D_RefSeg" --out "$OUT/shards/refseg"
-for ds in cap seg refseg; do
-  "$M3D_BIN" data-prep inspect "$OUT/shards/$ds" --verify --png "$OUT/$ds.png"
-done
-"$M3D_BIN" data-prep inspect "$OUT/shards/vqa" --show-samples 2
-"$M3D_BIN" data-prep inspect "$OUT/shards/seg" --show-samples 3 --describe | tail -n 12
-echo "demo done: shards in $OUT/shards, renders in $OUT/*.png"
+"$M3D_BIN" data-prep inspect "$OUT/shards/cap" --verify --png "$OUT/cap.png"
+sets=(--set "data.tasks.0.shards=[$OUT/shards/cap]")
+lamed_sets=("${sets[@]}" --set "data.tasks.1.shards=[$OUT/shards/vqa]" --set "data.tasks.1.volumes=[$OUT/shards/cap]")
+"$M3D_BIN" train recipes/clip-tiny.yaml --workers 2 "${sets[@]}"
+"$M3D_BIN" eval retrieval --model runs/clip-tiny/final --shards "$OUT/shards/cap" --split train
+"$M3D_BIN" train recipes/lamed-stage1-tiny.yaml --workers 2 "${lamed_sets[@]}"
+"$M3D_BIN" train recipes/lamed-stage2-tiny.yaml --workers 2 "${lamed_sets[@]}"
+echo "demo done: shards in $OUT/shards; runs (metrics.jsonl, loss.png, final/) in runs/{clip-tiny,lamed-stage1-tiny,lamed-stage2-tiny}"

@@ -4,7 +4,7 @@
 //! coordinator turns that into a restart round).
 
 use std::net::IpAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -37,6 +37,9 @@ pub struct TrainArgs {
     /// Timeout of the workers' collective operations.
     #[arg(long, default_value = "120s", value_parser = parse_duration)]
     collective_timeout: Duration,
+    /// libtorch intra-op threads per worker (default: this machine's cores divided among the workers).
+    #[arg(long)]
+    threads: Option<usize>,
 }
 
 #[derive(Args)]
@@ -167,35 +170,43 @@ struct Supervised {
     exited_ok: bool,
 }
 
-fn spawn_worker(
-    exe: &Path,
-    id: &str,
-    url: &str,
-    recipe: &Path,
-    token: &str,
-    logs: &Path,
+/// How the supervisor starts a worker process.
+struct Launch {
+    exe: PathBuf,
+    url: String,
+    recipe: PathBuf,
+    token: String,
+    logs: PathBuf,
     timeout: Duration,
-) -> Result<Child> {
-    let log_path = logs.join(format!("{id}.log"));
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&log_path)
-        .with_context(|| format!("opening {}", log_path.display()))?;
-    let err = log.try_clone()?;
-    Command::new(exe)
-        .args(["worker", "--coordinator", url, "--worker-id", id])
-        .arg("--recipe")
-        .arg(recipe)
-        .arg("--collective-timeout")
-        .arg(format!("{}ms", timeout.as_millis()))
-        // The token goes through the environment, never the command line (`ps` shows that).
-        .env("M3D_TOKEN", token)
-        .stdin(Stdio::null())
-        .stdout(log)
-        .stderr(err)
-        .spawn()
-        .with_context(|| format!("starting worker {id} ({})", exe.display()))
+    threads: Option<usize>,
+}
+
+impl Launch {
+    fn spawn(&self, id: &str) -> Result<Child> {
+        let log_path = self.logs.join(format!("{id}.log"));
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .with_context(|| format!("opening {}", log_path.display()))?;
+        let err = log.try_clone()?;
+        let mut cmd = Command::new(&self.exe);
+        cmd.args(["worker", "--coordinator", &self.url, "--worker-id", id]);
+        if let Some(t) = self.threads {
+            cmd.arg("--threads").arg(t.to_string());
+        }
+        cmd.arg("--recipe")
+            .arg(&self.recipe)
+            .arg("--collective-timeout")
+            .arg(format!("{}ms", self.timeout.as_millis()))
+            // The token goes through the environment, never the command line (`ps` shows that).
+            .env("M3D_TOKEN", &self.token)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(err)
+            .spawn()
+            .with_context(|| format!("starting worker {id} ({})", self.exe.display()))
+    }
 }
 
 pub fn train(a: TrainArgs) -> Result<()> {
@@ -268,18 +279,19 @@ pub fn train(a: TrainArgs) -> Result<()> {
         run.display()
     );
     let logs = run.join("logs");
+    let launch = Launch {
+        exe,
+        url: url.clone(),
+        recipe: effective.clone(),
+        token: token_text,
+        logs: logs.clone(),
+        timeout: a.collective_timeout,
+        threads: a.threads,
+    };
     let mut children = Vec::new();
     for i in 0..workers {
         let id = format!("w{i}");
-        let child = spawn_worker(
-            &exe,
-            &id,
-            &url,
-            &effective,
-            &token_text,
-            &logs,
-            a.collective_timeout,
-        )?;
+        let child = launch.spawn(&id)?;
         println!("worker {id} pid {}", child.id());
         children.push(Supervised {
             id,
@@ -332,15 +344,7 @@ pub fn train(a: TrainArgs) -> Result<()> {
                         "worker {} exited with {code}; starting it again (round {} restarts)",
                         w.id, status.generation
                     );
-                    w.child = spawn_worker(
-                        &exe,
-                        &w.id,
-                        &url,
-                        &effective,
-                        &token_text,
-                        &logs,
-                        a.collective_timeout,
-                    )?;
+                    w.child = launch.spawn(&w.id)?;
                     w.starts += 1;
                     println!("worker {} pid {}", w.id, w.child.id());
                 }
