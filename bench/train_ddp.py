@@ -346,6 +346,7 @@ def compare(args):
         print(f"round {r} reference: median {sr['median_s']:.3f} s, wait {100 * sr['wait_share']:.1f} %, "
               f"wall {wall_ref:.1f} s", file=sys.stderr)
 
+    exe.unlink(missing_ok=True)
     (work / "results.json").write_text(json.dumps(results, indent=1))
     dev = args.device if args.device == "cpu" else f"{args.device} x {w}"
     print(f"\n{w} workers, {args.steps} steps of {gb} samples, {dev}, first {args.skip} steps skipped, "

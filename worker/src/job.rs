@@ -148,10 +148,33 @@ pub struct TrainModel {
     pub lora: Option<LoraConfig>,
     pub precision: Precision,
     pub device: Device,
+    /// Turns loaded samples into this model's batches (a copy runs on the batch-building thread).
+    pub batcher: Batcher,
+}
+
+/// What a batch of a LaMed model needs to know about it.
+#[derive(Debug, Clone)]
+struct LamedSpec {
+    num_image_tokens: usize,
+    pad: i64,
+    eos: i64,
+}
+
+/// Builds batches from loaded samples: everything it needs is copied out of the model, so it can run on
+/// another thread while the model trains (the reference's DataLoader workers).
+#[derive(Clone)]
+pub struct Batcher {
+    tokenizer: Tokenizer,
     max_text_len: usize,
     augment: bool,
     seed: u64,
     templates: Templates,
+    device: Device,
+    kind: Kind,
+    /// (D, H, W) the vision tower takes.
+    image_size: [i64; 3],
+    /// `None` for CLIP.
+    lamed: Option<LamedSpec>,
 }
 
 impl TrainModel {
@@ -316,6 +339,35 @@ impl TrainModel {
             m3d_recipes::Precision::Bf16Autocast => Precision::Bf16Autocast,
         };
         precision.apply(&mut vs)?;
+        let (image_size, lamed) = match &net {
+            Net::Clip(c) => (c.config().vision.img_size, None),
+            Net::Lamed(l) => {
+                let pad = tokenizer.pad_token().map(|(_, id)| id).unwrap_or(0);
+                let eos = tokenizer
+                    .token_to_id("</s>")
+                    .or_else(|| tokenizer.token_to_id("[SEP]"))
+                    .unwrap_or(pad);
+                (
+                    l.config().vision.img_size,
+                    Some(LamedSpec {
+                        num_image_tokens: l.config().num_image_tokens() as usize,
+                        pad,
+                        eos,
+                    }),
+                )
+            }
+        };
+        let batcher = Batcher {
+            tokenizer: tokenizer.clone(),
+            max_text_len: recipe.data.max_text_len,
+            augment: recipe.data.augment,
+            seed: recipe.train.seed,
+            templates: Templates::default(),
+            device,
+            kind: precision.kind(),
+            image_size,
+            lamed,
+        };
         Ok(TrainModel {
             vs,
             net,
@@ -324,21 +376,26 @@ impl TrainModel {
             lora,
             precision,
             device,
-            max_text_len: recipe.data.max_text_len,
-            augment: recipe.data.augment,
-            seed: recipe.train.seed,
-            templates: Templates::default(),
+            batcher,
         })
+    }
+
+    /// Names and values of every parameter (for saving), sorted by name.
+    pub fn state_dict(&self) -> Vec<(String, Tensor)> {
+        m3d_models::weights::state_dict(&self.vs)
+    }
+}
+
+impl Batcher {
+    /// Whether this builds LaMed batches (else CLIP's).
+    pub fn is_lamed(&self) -> bool {
+        self.lamed.is_some()
     }
 
     /// Images of `samples` (global indices alongside) as one (B, C, D, H, W) batch on the device, each
     /// augmented by its own draw when the recipe augments.
-    fn images(
-        &self,
-        samples: &[(u64, LoadedSample)],
-        epoch: u64,
-        expected: [i64; 3],
-    ) -> Result<Tensor, JobError> {
+    fn images(&self, samples: &[(u64, LoadedSample)], epoch: u64) -> Result<Tensor, JobError> {
+        let expected = self.image_size;
         for (_, s) in samples {
             let dhw = [s.shape[1] as i64, s.shape[2] as i64, s.shape[3] as i64];
             if dhw != expected {
@@ -366,7 +423,7 @@ impl TrainModel {
                 .collect();
             images = Tensor::stack(&parts, 0);
         }
-        Ok(images.to_device(self.device).to_kind(self.precision.kind()))
+        Ok(images.to_device(self.device).to_kind(self.kind))
     }
 
     /// A CLIP batch: images, and the reports tokenised to `data.max_text_len` with max-length padding (the
@@ -376,9 +433,9 @@ impl TrainModel {
         samples: &[(u64, LoadedSample)],
         epoch: u64,
     ) -> Result<(Tensor, Tensor, Tensor), JobError> {
-        let Net::Clip(clip) = &self.net else {
+        if self.lamed.is_some() {
             return Err(recipe_err("kind", "not a CLIP model"));
-        };
+        }
         let texts = samples
             .iter()
             .map(|(_, s)| {
@@ -391,7 +448,7 @@ impl TrainModel {
         let enc =
             self.tokenizer
                 .encode_batch(&texts, self.max_text_len, Padding::MaxLength, true)?;
-        let images = self.images(samples, epoch, clip.config().vision.img_size)?;
+        let images = self.images(samples, epoch)?;
         Ok((
             images,
             enc.input_ids.to_device(self.device),
@@ -407,17 +464,11 @@ impl TrainModel {
         samples: &[(u64, LoadedSample)],
         epoch: u64,
     ) -> Result<(LamedBatch, i64), JobError> {
-        let Net::Lamed(lamed) = &self.net else {
+        let Some(spec) = &self.lamed else {
             return Err(recipe_err("kind", "not a LaMed model"));
         };
-        let cfg = lamed.config();
-        let image_tokens = "<im_patch>".repeat(cfg.num_image_tokens() as usize);
-        let pad = self.tokenizer.pad_token().map(|(_, id)| id).unwrap_or(0);
-        let eos = self
-            .tokenizer
-            .token_to_id("</s>")
-            .or_else(|| self.tokenizer.token_to_id("[SEP]"))
-            .unwrap_or(pad);
+        let image_tokens = "<im_patch>".repeat(spec.num_image_tokens);
+        let (pad, eos) = (spec.pad, spec.eos);
         let mut examples = Vec::with_capacity(samples.len());
         for (index, s) in samples {
             let mut rng = sample_rng(self.seed, epoch, *index, PURPOSE_PROMPT);
@@ -450,7 +501,7 @@ impl TrainModel {
             .ne(IGNORE_INDEX)
             .sum(Kind::Int64)
             .f_int64_value(&[])?;
-        let images = self.images(samples, epoch, cfg.vision.img_size)?;
+        let images = self.images(samples, epoch)?;
         Ok((
             LamedBatch {
                 images,
@@ -461,11 +512,6 @@ impl TrainModel {
             },
             scored,
         ))
-    }
-
-    /// Names and values of every parameter (for saving), sorted by name.
-    pub fn state_dict(&self) -> Vec<(String, Tensor)> {
-        m3d_models::weights::state_dict(&self.vs)
     }
 }
 

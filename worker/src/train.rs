@@ -9,18 +9,21 @@
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::time::Instant;
 
 use m3d_collectives::{Collective, ReduceOp};
 use m3d_coordinator::job::WorkerAction;
 use m3d_coordinator::plan::{PlanSpec, StepPlan};
+use m3d_models::lamed::LamedBatch;
 use m3d_models::tokenizer::Tokenizer;
 use m3d_recipes::{ModelKind, Recipe};
 use tch::Tensor;
 
+use crate::data::LoadedSample;
 use crate::dataset::{DatasetError, TrainData};
 use crate::grad::token_sum_loss;
-use crate::job::{device_for, JobError, Net, TrainModel};
+use crate::job::{device_for, Batcher, JobError, Net, TrainModel};
 use crate::metrics::{Meter, MetricsError, MetricsLine, MetricsWriter};
 use crate::optim::{AdamW, OptimError};
 use crate::schedule::LrSchedule;
@@ -220,137 +223,269 @@ pub fn run_round(
     } else {
         None
     };
-    let mut meter = Meter::new();
-    let mut plans: VecDeque<StepPlan> = VecDeque::new();
-    let mut next_plan = round.resume_step;
-    let log_every = recipe.train.log_every.max(1);
+    let depth = recipe.data.read_ahead.max(1);
+    let micro = recipe.global_batch_per_rank(world) / accum.max(1);
+    let (plan_tx, plan_rx) = sync_channel::<StepPlan>(depth + PLAN_CHUNK as usize);
+    let (ready_tx, ready_rx) = sync_channel::<Result<(StepPlan, Built), TrainError>>(depth);
+    let batcher = model.batcher.clone();
+    std::thread::scope(|scope| {
+        // The batch builder: loads, decodes, augments and tokenises the next steps while this thread trains
+        // (the reference's DataLoader workers). It stops when the plans stop or the trainer hangs up.
+        std::thread::Builder::new()
+            .name("m3d-batches".into())
+            .spawn_scoped(scope, move || {
+                for plan in plan_rx {
+                    let built = build_batch(data, &batcher, &plan, micro).map(|b| (plan, b));
+                    let failed = built.is_err();
+                    if ready_tx.send(built).is_err() || failed {
+                        break;
+                    }
+                }
+            })
+            .map_err(|e| TrainError::Io {
+                path: PathBuf::from("<batch thread>"),
+                source: e,
+            })?;
+        let mut lp = Loop {
+            recipe,
+            data,
+            round,
+            run,
+            comm,
+            control,
+            model: &model,
+            opt: &mut opt,
+            schedule: &schedule,
+            stepper: &mut stepper,
+            metrics: metrics.as_mut(),
+            plan_tx: Some(plan_tx),
+            ready_rx,
+            next_plan: round.resume_step,
+            sent: round.resume_step,
+            depth: depth as u64,
+            total,
+        };
+        let end = lp.run();
+        // Hang up on the builder (it may be blocked sending a batch) before the scope joins it.
+        drop(lp);
+        end
+    })
+}
 
-    for step in round.resume_step..total {
-        match control.action() {
-            WorkerAction::Continue => {}
-            WorkerAction::Reregister => {
-                return Ok(RoundEnd::Reregister(
-                    "the coordinator ended the round".into(),
-                ))
+/// A batch built ahead of its step.
+enum Built {
+    Clip {
+        images: Tensor,
+        ids: Tensor,
+        mask: Tensor,
+    },
+    Lamed {
+        micro: Vec<(LamedBatch, Tensor)>,
+        tokens: i64,
+    },
+}
+
+fn build_batch(
+    data: &TrainData,
+    batcher: &Batcher,
+    plan: &StepPlan,
+    micro: usize,
+) -> Result<Built, TrainError> {
+    let loaded = data.load(&plan.samples)?;
+    let samples: Vec<(u64, LoadedSample)> = plan.samples.iter().copied().zip(loaded).collect();
+    if !batcher.is_lamed() {
+        let (images, ids, mask) = batcher.clip_batch(&samples, plan.epoch)?;
+        return Ok(Built::Clip { images, ids, mask });
+    }
+    let mut out = Vec::new();
+    let mut tokens = 0;
+    for chunk in samples.chunks(micro.max(1)) {
+        let (mut b, scored) = batcher.lamed_batch(chunk, plan.epoch)?;
+        tokens += scored;
+        let labels = b
+            .labels
+            .take()
+            .ok_or_else(|| TrainError::Recipe("a LaMed batch without labels".into()))?;
+        out.push((b, labels));
+    }
+    Ok(Built::Lamed { micro: out, tokens })
+}
+
+/// The state of one round's step loop.
+struct Loop<'a> {
+    recipe: &'a Recipe,
+    data: &'a TrainData,
+    round: &'a RoundInfo,
+    run: &'a RunDir,
+    comm: &'a mut dyn Collective,
+    control: &'a mut dyn Control,
+    model: &'a TrainModel,
+    opt: &'a mut AdamW,
+    schedule: &'a LrSchedule,
+    stepper: &'a mut DataParallelStep,
+    metrics: Option<&'a mut MetricsWriter>,
+    plan_tx: Option<SyncSender<StepPlan>>,
+    ready_rx: Receiver<Result<(StepPlan, Built), TrainError>>,
+    /// First step whose plan has not been fetched from the control plane.
+    next_plan: u64,
+    /// First step whose plan has not been handed to the batch builder.
+    sent: u64,
+    depth: u64,
+    total: u64,
+}
+
+impl Loop<'_> {
+    /// Hands the builder the plans of the steps up to `step + depth`, fetching them from the control plane
+    /// in chunks, and starts reading their shards.
+    fn feed(&mut self, step: u64, plans: &mut VecDeque<StepPlan>) -> Result<(), TrainError> {
+        let until = (step + self.depth).min(self.total);
+        while self.sent < until {
+            if plans.is_empty() {
+                let n = PLAN_CHUNK.min((self.total - self.next_plan) as u32);
+                let got = self.control.plan(self.next_plan, n)?;
+                if got.is_empty() {
+                    return Err(TrainError::Control(format!(
+                        "empty data plan for step {}",
+                        self.next_plan
+                    )));
+                }
+                self.next_plan += got.len() as u64;
+                plans.extend(got);
             }
-            WorkerAction::Stop => return Ok(RoundEnd::Stop),
-        }
-        while plans.len() < 2 && next_plan < total {
-            let n = PLAN_CHUNK.min((total - next_plan) as u32);
-            let got = control.plan(next_plan, n)?;
-            next_plan += got.len() as u64;
-            if got.is_empty() {
+            let Some(plan) = plans.pop_front() else {
+                break;
+            };
+            if plan.step != self.sent {
                 return Err(TrainError::Control(format!(
-                    "empty data plan for step {next_plan}"
+                    "data plan for step {} where step {} was expected",
+                    plan.step, self.sent
                 )));
             }
-            plans.extend(got);
-        }
-        let Some(plan) = plans.pop_front() else {
-            return Err(TrainError::Control(format!("no data plan for step {step}")));
-        };
-        if plan.step != step {
-            return Err(TrainError::Control(format!(
-                "data plan for step {} where step {step} was expected",
-                plan.step
-            )));
-        }
-        let wait = Instant::now();
-        let loaded = data.load(&plan.samples)?;
-        let data_wait = wait.elapsed();
-        if let Some(next) = plans.front() {
-            data.prefetch(&next.samples)?;
-        }
-        let samples: Vec<(u64, _)> = plan.samples.iter().copied().zip(loaded).collect();
-        let micro = samples.len() / accum.max(1);
-        let out = match &model.net {
-            Net::Clip(clip) => {
-                let (images, ids, mask) = model.clip_batch(&samples, plan.epoch)?;
-                let r = stepper.train_step(comm, &mut opt, &schedule, step, |comm| {
-                    let gather = CollectiveGather::new(comm, GatherGrad::AllRanks);
-                    let loss = model
-                        .precision
-                        .run(|| clip.forward_loss(&images, &ids, &mask, &gather, true));
-                    gather.finish()?;
-                    Ok(loss?)
-                });
-                meter.add(samples.len() as u64 * world as u64, 0, data_wait);
-                match r {
-                    Ok(o) => o,
-                    Err(e) => return classify(e),
+            self.data.prefetch(&plan.samples)?;
+            if let Some(tx) = &self.plan_tx {
+                if tx.send(plan).is_err() {
+                    break;
                 }
             }
-            Net::Lamed(lamed) => {
-                let mut batches = Vec::with_capacity(accum);
-                let mut local_tokens = 0;
-                for chunk in samples.chunks(micro.max(1)) {
-                    let (mut b, scored) = model.lamed_batch(chunk, plan.epoch)?;
-                    local_tokens += scored;
-                    let labels = b.labels.take();
-                    batches.push((b, labels));
-                }
-                let tokens = match global_count(comm, local_tokens) {
-                    Ok(t) => t,
-                    Err(e) => return classify(e),
-                };
-                let r = stepper.train_step_accum(
-                    comm,
-                    &mut opt,
-                    &schedule,
-                    step,
-                    batches.len(),
-                    |_, i| {
-                        let (b, labels) = &batches[i];
-                        let out = model.precision.run(|| lamed.forward_t(b, true))?;
-                        let labels = labels
-                            .as_ref()
-                            .ok_or_else(|| StepError::NotScalar(Vec::new()))?;
-                        Ok(token_sum_loss(&out.logits, labels, tokens.max(1))?)
-                    },
-                );
-                meter.add(
-                    samples.len() as u64 * world as u64,
-                    tokens as u64,
-                    data_wait,
-                );
-                match r {
-                    Ok(mut o) => {
-                        // Each rank holds its share of the global loss; the logged loss is their sum.
-                        let mut t = Tensor::from_slice(&[o.loss]);
-                        if let Err(e) = comm.all_reduce(&mut t, ReduceOp::Sum) {
-                            return Ok(RoundEnd::Reregister(e.to_string()));
-                        }
-                        o.loss = t.double_value(&[0]);
-                        o
-                    }
-                    Err(e) => return classify(e),
-                }
-            }
-        };
-        let done = step + 1;
-        if let Some(w) = metrics.as_mut() {
-            if done % log_every == 0 || done == total {
-                let mut line = MetricsLine::new(done, out.loss, out.lr).with_rates(&mut meter);
-                line.grad_norm = Some(out.grad_norm);
-                line.extra.insert("epoch".into(), plan.epoch as f64);
-                line.extra.insert("world_size".into(), world as f64);
-                w.write(&line)?;
-            }
+            self.sent += 1;
         }
-        if done == total && rank == 0 {
-            save_final(&model, &run.final_dir())?;
-        }
-        let global_samples = done * round.plan.global_batch;
-        match control.report(done, out.loss, global_samples)? {
-            WorkerAction::Continue => {}
-            WorkerAction::Reregister => {
-                return Ok(RoundEnd::Reregister(
-                    "the coordinator ended the round".into(),
-                ))
-            }
-            WorkerAction::Stop if done == total => return Ok(RoundEnd::Finished),
-            WorkerAction::Stop => return Ok(RoundEnd::Stop),
-        }
+        Ok(())
     }
-    Ok(RoundEnd::Finished)
+
+    fn run(&mut self) -> Result<RoundEnd, TrainError> {
+        let world = self.round.world_size as usize;
+        let rank = self.round.rank;
+        let log_every = self.recipe.train.log_every.max(1);
+        let mut meter = Meter::new();
+        let mut plans: VecDeque<StepPlan> = VecDeque::new();
+        for step in self.round.resume_step..self.total {
+            match self.control.action() {
+                WorkerAction::Continue => {}
+                WorkerAction::Reregister => {
+                    return Ok(RoundEnd::Reregister(
+                        "the coordinator ended the round".into(),
+                    ))
+                }
+                WorkerAction::Stop => return Ok(RoundEnd::Stop),
+            }
+            self.feed(step, &mut plans)?;
+            let wait = Instant::now();
+            let (plan, built) = self.ready_rx.recv().map_err(|_| {
+                TrainError::Control("the batch builder stopped without an error".into())
+            })??;
+            let data_wait = wait.elapsed();
+            if plan.step != step {
+                return Err(TrainError::Control(format!(
+                    "batch for step {} where step {step} was expected",
+                    plan.step
+                )));
+            }
+            let samples = plan.samples.len() as u64 * world as u64;
+            let model = self.model;
+            let out = match (&model.net, built) {
+                (Net::Clip(clip), Built::Clip { images, ids, mask }) => {
+                    let r = self.stepper.train_step(
+                        &mut *self.comm,
+                        self.opt,
+                        self.schedule,
+                        step,
+                        |comm| {
+                            let gather = CollectiveGather::new(comm, GatherGrad::AllRanks);
+                            let loss = model
+                                .precision
+                                .run(|| clip.forward_loss(&images, &ids, &mask, &gather, true));
+                            gather.finish()?;
+                            Ok(loss?)
+                        },
+                    );
+                    meter.add(samples, 0, data_wait);
+                    match r {
+                        Ok(o) => o,
+                        Err(e) => return classify(e),
+                    }
+                }
+                (Net::Lamed(lamed), Built::Lamed { micro, tokens }) => {
+                    let tokens = match global_count(&mut *self.comm, tokens) {
+                        Ok(t) => t,
+                        Err(e) => return classify(e),
+                    };
+                    let r = self.stepper.train_step_accum(
+                        &mut *self.comm,
+                        self.opt,
+                        self.schedule,
+                        step,
+                        micro.len(),
+                        |_, i| {
+                            let (b, labels) = &micro[i];
+                            let out = model.precision.run(|| lamed.forward_t(b, true))?;
+                            Ok(token_sum_loss(&out.logits, labels, tokens.max(1))?)
+                        },
+                    );
+                    meter.add(samples, tokens as u64, data_wait);
+                    match r {
+                        Ok(mut o) => {
+                            // Each rank holds its share of the global loss; the logged loss is their sum.
+                            let mut t = Tensor::from_slice(&[o.loss]);
+                            if let Err(e) = self.comm.all_reduce(&mut t, ReduceOp::Sum) {
+                                return Ok(RoundEnd::Reregister(e.to_string()));
+                            }
+                            o.loss = t.double_value(&[0]);
+                            o
+                        }
+                        Err(e) => return classify(e),
+                    }
+                }
+                _ => {
+                    return Err(TrainError::Recipe(
+                        "the batch does not fit the model".into(),
+                    ))
+                }
+            };
+            let done = step + 1;
+            if let Some(w) = self.metrics.as_deref_mut() {
+                if done % log_every == 0 || done == self.total {
+                    let mut line = MetricsLine::new(done, out.loss, out.lr).with_rates(&mut meter);
+                    line.grad_norm = Some(out.grad_norm);
+                    line.extra.insert("epoch".into(), plan.epoch as f64);
+                    line.extra.insert("world_size".into(), world as f64);
+                    w.write(&line)?;
+                }
+            }
+            if done == self.total && rank == 0 {
+                save_final(model, &self.run.final_dir())?;
+            }
+            let global_samples = done * self.round.plan.global_batch;
+            match self.control.report(done, out.loss, global_samples)? {
+                WorkerAction::Continue => {}
+                WorkerAction::Reregister => {
+                    return Ok(RoundEnd::Reregister(
+                        "the coordinator ended the round".into(),
+                    ))
+                }
+                WorkerAction::Stop if done == self.total => return Ok(RoundEnd::Finished),
+                WorkerAction::Stop => return Ok(RoundEnd::Stop),
+            }
+        }
+        Ok(RoundEnd::Finished)
+    }
 }

@@ -196,7 +196,8 @@ fn built_from_a_recipe() {
     let opt = AdamW::from_recipe(&recipe.train, params(Kind::Float)).unwrap();
     assert_eq!(opt.groups()[0].weight_decay, 0.1);
     assert_eq!(opt.group_params(1), vec!["a.bias", "norm.weight"]);
+    // warmup_ratio 0.05 of 60 steps = 3 warmup steps, then the peak lr 5e-4.
     let s = m3d_worker::schedule::LrSchedule::from_recipe(&recipe.train, 60);
-    assert_eq!(s.warmup, 6);
-    assert_eq!(s.lr(6), 1e-3);
+    assert_eq!(s.warmup, 3);
+    assert_eq!(s.lr(3), 5e-4);
 }
