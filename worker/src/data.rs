@@ -16,6 +16,7 @@ use m3d_shards::{
     decode_sample_into, Manifest, SampleRecord, ShardDataset, ShardEntry, ShardError, Store,
     VolumeRecord, VolumeShardReader,
 };
+use m3d_volume::augment::AugmentParams;
 
 /// Errors of the loader; each names the dataset URL, shard key or sample it concerns.
 #[derive(Debug, thiserror::Error)]
@@ -442,6 +443,16 @@ impl ShardLoader {
     /// shard is looked up once per call, so a call reads the store at most once per distinct shard even when
     /// the cache is smaller than that working set.
     pub fn load(&self, indices: &[u64]) -> Result<Vec<LoadedSample>, LoadError> {
+        self.load_augmented(indices, &[])
+    }
+
+    /// [`ShardLoader::load`] with the reference's training augmentation of each sample (`augment[i]` for
+    /// `indices[i]`; missing or `None`: none), fused into the decoding pass (`m3d_volume::augment`).
+    pub fn load_augmented(
+        &self,
+        indices: &[u64],
+        augment: &[Option<AugmentParams>],
+    ) -> Result<Vec<LoadedSample>, LoadError> {
         // Validate every index before any I/O so a bad index fails fast and names itself.
         let order = self.shards_for(indices)?;
         let mut shards: HashMap<usize, Arc<ShardVolumes>> = HashMap::new();
@@ -450,7 +461,7 @@ impl ShardLoader {
         }
         let mut scratch = Vec::new();
         let mut out = Vec::with_capacity(indices.len());
-        for &index in indices {
+        for (pos, &index) in indices.iter().enumerate() {
             let (shard, sample) = self.shard_of(index)?;
             let vol = shards
                 .get(&shard)
@@ -470,7 +481,7 @@ impl ShardLoader {
             let shape = decode_sample_into(
                 vol,
                 sample.mask_index,
-                None,
+                augment.get(pos).and_then(Option::as_ref),
                 &mut scratch,
                 &mut image,
                 mask.as_deref_mut(),

@@ -6,6 +6,7 @@
 
 use m3d_recipes::Recipe;
 use m3d_shards::schema::{SampleRecord, Task};
+use m3d_volume::augment::AugmentParams;
 
 use crate::data::{LoadError, LoadedSample, LoaderOptions, ShardLoader};
 
@@ -154,16 +155,24 @@ impl TrainData {
         Ok(groups)
     }
 
-    /// Loads the samples at `indices` (global), in that order. [`LoadedSample::index`] is the index within its
-    /// shard dataset.
-    pub fn load(&self, indices: &[u64]) -> Result<Vec<LoadedSample>, DatasetError> {
+    /// Loads the samples at `indices` (global), in that order, each augmented with `augment[i]` when given
+    /// (see [`ShardLoader::load_augmented`]). [`LoadedSample::index`] is the index within its shard dataset.
+    pub fn load(
+        &self,
+        indices: &[u64],
+        augment: &[Option<AugmentParams>],
+    ) -> Result<Vec<LoadedSample>, DatasetError> {
         let mut out: Vec<Option<LoadedSample>> = vec![None; indices.len()];
         for (src, group) in self.by_source(indices)?.into_iter().enumerate() {
             if group.is_empty() {
                 continue;
             }
             let local: Vec<u64> = group.iter().map(|&(_, i)| i).collect();
-            let loaded = self.sources[src].loader.load(&local)?;
+            let params: Vec<Option<AugmentParams>> = group
+                .iter()
+                .map(|&(pos, _)| augment.get(pos).copied().flatten())
+                .collect();
+            let loaded = self.sources[src].loader.load_augmented(&local, &params)?;
             for ((pos, _), sample) in group.into_iter().zip(loaded) {
                 out[pos] = Some(sample);
             }

@@ -17,12 +17,12 @@ use m3d_models::tokenizer::{Padding, Tokenizer};
 use m3d_models::weights::{load_into, read_tensors, KeyMap, LoadOptions};
 use m3d_models::{ModelError, VarBuilder};
 use m3d_recipes::{DeviceKind, ModelKind, Recipe};
+use m3d_volume::augment::{AugmentConfig, AugmentParams};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
-use crate::augment::AugmentParams;
 use crate::batch::{stack_volumes, BatchError};
 use crate::data::LoadedSample;
 use crate::dataset::TrainData;
@@ -87,6 +87,16 @@ fn splitmix(mut z: u64) -> u64 {
 }
 
 const PURPOSE_PROMPT: u64 = 1;
+const PURPOSE_AUGMENT: u64 = 2;
+
+/// The reference's augmentation of sample `index` in `epoch` (MONAI's RandRotate90, RandFlip × 3,
+/// RandScaleIntensity, RandShiftIntensity with M3D's settings), drawn from its own generator.
+pub fn augment_params(seed: u64, epoch: u64, index: u64) -> AugmentParams {
+    AugmentParams::sample(
+        &AugmentConfig::default(),
+        &mut sample_rng(seed, epoch, index, PURPOSE_AUGMENT),
+    )
+}
 
 /// Resolves the recipe's tokenizer: `model.tokenizer`; else the `tokenizer.json` of the first `init_from`
 /// folder that has one (stage 2 continues with stage 1's vocabulary); else, for the `tiny` and `debug`
@@ -387,14 +397,22 @@ impl TrainModel {
 }
 
 impl Batcher {
+    /// Each sample's augmentation in `epoch` (none when the recipe does not augment).
+    pub fn augmentation(&self, indices: &[u64], epoch: u64) -> Vec<Option<AugmentParams>> {
+        indices
+            .iter()
+            .map(|&i| self.augment.then(|| augment_params(self.seed, epoch, i)))
+            .collect()
+    }
+
     /// Whether this builds LaMed batches (else CLIP's).
     pub fn is_lamed(&self) -> bool {
         self.lamed.is_some()
     }
 
-    /// Images of `samples` (global indices alongside) as one (B, C, D, H, W) batch on the device, each
-    /// augmented by its own draw when the recipe augments.
-    fn images(&self, samples: &[(u64, LoadedSample)], epoch: u64) -> Result<Tensor, JobError> {
+    /// Images of `samples` (global indices alongside; augmented, if at all, while decoding) as one
+    /// (B, C, D, H, W) batch on the device.
+    fn images(&self, samples: &[(u64, LoadedSample)]) -> Result<Tensor, JobError> {
         let expected = self.image_size;
         for (_, s) in samples {
             let dhw = [s.shape[1] as i64, s.shape[2] as i64, s.shape[3] as i64];
@@ -412,17 +430,7 @@ impl Batcher {
             .iter()
             .map(|(_, s)| (s.image.as_slice(), s.shape))
             .collect();
-        let mut images = stack_volumes(&views)?;
-        if self.augment {
-            let parts: Vec<Tensor> = samples
-                .iter()
-                .enumerate()
-                .map(|(i, (index, _))| {
-                    AugmentParams::draw(self.seed, epoch, *index).apply(&images.get(i as i64))
-                })
-                .collect();
-            images = Tensor::stack(&parts, 0);
-        }
+        let images = stack_volumes(&views)?;
         Ok(images.to_device(self.device).to_kind(self.kind))
     }
 
@@ -431,7 +439,6 @@ impl Batcher {
     pub fn clip_batch(
         &self,
         samples: &[(u64, LoadedSample)],
-        epoch: u64,
     ) -> Result<(Tensor, Tensor, Tensor), JobError> {
         if self.lamed.is_some() {
             return Err(recipe_err("kind", "not a CLIP model"));
@@ -448,7 +455,7 @@ impl Batcher {
         let enc =
             self.tokenizer
                 .encode_batch(&texts, self.max_text_len, Padding::MaxLength, true)?;
-        let images = self.images(samples, epoch)?;
+        let images = self.images(samples)?;
         Ok((
             images,
             enc.input_ids.to_device(self.device),
@@ -501,7 +508,7 @@ impl Batcher {
             .ne(IGNORE_INDEX)
             .sum(Kind::Int64)
             .f_int64_value(&[])?;
-        let images = self.images(samples, epoch)?;
+        let images = self.images(samples)?;
         Ok((
             LamedBatch {
                 images,
@@ -548,5 +555,29 @@ pub fn weights_file(path: &Path) -> PathBuf {
         path.join("model.safetensors")
     } else {
         path.to_path_buf()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn augmentation_is_a_function_of_seed_epoch_and_sample() {
+        let a = augment_params(42, 3, 17);
+        assert_eq!(a, augment_params(42, 3, 17));
+        // Over many samples the draws differ and hit the reference's rates (rotation p = 0.5).
+        let draws: Vec<AugmentParams> = (0..2000).map(|i| augment_params(42, 3, i)).collect();
+        let rotated = draws.iter().filter(|p| p.rot90_k > 0).count() as f64 / 2000.0;
+        assert!((rotated - 0.5).abs() < 0.05, "{rotated}");
+        assert_ne!(
+            (0..50)
+                .map(|i| augment_params(42, 3, i))
+                .collect::<Vec<_>>(),
+            (0..50)
+                .map(|i| augment_params(42, 4, i))
+                .collect::<Vec<_>>(),
+            "the epoch changes the draws"
+        );
     }
 }

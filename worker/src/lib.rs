@@ -9,7 +9,6 @@
 //! **Invariant: `worker` knows nothing about Kubernetes or about how shards were produced**; it reads them only
 //! through `m3d-shards`.
 
-pub mod augment;
 pub mod batch;
 pub mod data;
 pub mod dataset;

@@ -291,10 +291,13 @@ fn build_batch(
     plan: &StepPlan,
     micro: usize,
 ) -> Result<Built, TrainError> {
-    let loaded = data.load(&plan.samples)?;
+    let loaded = data.load(
+        &plan.samples,
+        &batcher.augmentation(&plan.samples, plan.epoch),
+    )?;
     let samples: Vec<(u64, LoadedSample)> = plan.samples.iter().copied().zip(loaded).collect();
     if !batcher.is_lamed() {
-        let (images, ids, mask) = batcher.clip_batch(&samples, plan.epoch)?;
+        let (images, ids, mask) = batcher.clip_batch(&samples)?;
         return Ok(Built::Clip { images, ids, mask });
     }
     let mut out = Vec::new();
