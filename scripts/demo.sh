@@ -16,8 +16,8 @@ rm -rf "$OUT/synth"
 "$M3D_BIN" data-prep inspect "$OUT/shards/cap" --verify --png "$OUT/cap.png"
 sets=(--set "data.tasks.0.shards=[$OUT/shards/cap]")
 lamed_sets=("${sets[@]}" --set "data.tasks.1.shards=[$OUT/shards/vqa]" --set "data.tasks.1.volumes=[$OUT/shards/cap]")
-"$M3D_BIN" train recipes/clip-tiny.yaml --workers 2 "${sets[@]}"
+"$M3D_BIN" train recipes/clip-tiny.yaml --workers 2 --fresh "${sets[@]}"
 "$M3D_BIN" eval retrieval --model runs/clip-tiny/final --shards "$OUT/shards/cap" --split train
-"$M3D_BIN" train recipes/lamed-stage1-tiny.yaml --workers 2 "${lamed_sets[@]}"
-"$M3D_BIN" train recipes/lamed-stage2-tiny.yaml --workers 2 "${lamed_sets[@]}"
+"$M3D_BIN" train recipes/lamed-stage1-tiny.yaml --workers 2 --fresh "${lamed_sets[@]}"
+"$M3D_BIN" train recipes/lamed-stage2-tiny.yaml --workers 2 --fresh "${lamed_sets[@]}"
 echo "demo done: shards in $OUT/shards; runs (metrics.jsonl, loss.png, final/) in runs/{clip-tiny,lamed-stage1-tiny,lamed-stage2-tiny}"

@@ -133,6 +133,7 @@ pub fn coordinator(a: CoordinatorArgs) -> Result<()> {
         },
     };
     let cfg = JobConfig {
+        initial_checkpoint: None,
         min_workers: a.min_workers,
         max_workers: a.max_workers.unwrap_or(a.min_workers),
         rendezvous_timeout: a.rendezvous_timeout,

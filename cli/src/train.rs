@@ -10,8 +10,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use m3d_coordinator::{ControlPlane, Coordinator, JobConfig, JobPhase, PlanSpec, Token};
+use m3d_coordinator::{
+    CheckpointRef, ControlPlane, Coordinator, JobConfig, JobPhase, PlanSpec, Token,
+};
 use m3d_recipes::Recipe;
+use m3d_shards::store::Store;
+use m3d_worker::checkpoint;
 use m3d_worker::dataset::TrainData;
 use m3d_worker::role::{run_worker, WorkerExit, WorkerOptions};
 use rand::RngCore;
@@ -40,6 +44,13 @@ pub struct TrainArgs {
     /// libtorch intra-op threads per worker (default: this machine's cores divided among the workers).
     #[arg(long)]
     threads: Option<usize>,
+    /// Continue from the latest committed checkpoint under the recipe's checkpoint URL (any number of
+    /// workers: the sample sequence continues exactly).
+    #[arg(long, conflicts_with = "fresh")]
+    resume: bool,
+    /// Delete the checkpoints a previous run left under the checkpoint URL and start from step 0.
+    #[arg(long)]
+    fresh: bool,
 }
 
 #[derive(Args)]
@@ -209,6 +220,36 @@ impl Launch {
     }
 }
 
+/// Where a new job starts: the latest committed checkpoint with `--resume`; step 0 otherwise, refusing to
+/// mix a new run with an old run's checkpoints unless `--fresh` deletes them.
+fn start_point(recipe: &Recipe, resume: bool, fresh: bool) -> Result<Option<CheckpointRef>> {
+    let base = recipe.checkpoint_url();
+    let store =
+        Store::open(&base).with_context(|| format!("opening the checkpoint store {base}"))?;
+    let steps = checkpoint::committed_steps(&store)?;
+    if resume {
+        let Some(&step) = steps.last() else {
+            bail!("--resume: no committed checkpoint under {base}");
+        };
+        return Ok(Some(CheckpointRef {
+            step,
+            url: checkpoint::step_url(&base, step),
+        }));
+    }
+    if !steps.is_empty() {
+        if !fresh {
+            bail!(
+                "{base} holds checkpoints of a previous run (steps {steps:?}): pass --resume to continue it, or \
+                 --fresh to delete them and start again"
+            );
+        }
+        for (key, _) in store.list("")? {
+            store.delete(&key)?;
+        }
+    }
+    Ok(None)
+}
+
 pub fn train(a: TrainArgs) -> Result<()> {
     let started = Instant::now();
     let recipe = Recipe::load(&a.recipe, &a.sets)?;
@@ -237,7 +278,9 @@ pub fn train(a: TrainArgs) -> Result<()> {
         // A new `m3d train` is a new job (resuming one is `--resume`, with checkpoints).
         std::fs::remove_dir_all(&state).with_context(|| format!("clearing {}", state.display()))?;
     }
+    let initial_checkpoint = start_point(&recipe, a.resume, a.fresh)?;
     let cfg = JobConfig {
+        initial_checkpoint: initial_checkpoint.clone(),
         min_workers: workers as u32,
         max_workers: workers as u32,
         rendezvous_timeout: Duration::from_secs(120),
@@ -269,6 +312,9 @@ pub fn train(a: TrainArgs) -> Result<()> {
             .await
         })
     };
+    if let Some(c) = &initial_checkpoint {
+        println!("resuming from step {} ({})", c.step, c.url);
+    }
     println!(
         "m3d train {}: {} worker(s), {} steps of {} samples ({} in the training set); coordinator {url}; run {}",
         recipe.name(),

@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use crate::error::CoordError;
+use crate::job::CheckpointRef;
 use crate::plan::PlanSpec;
 
 /// How a job's rounds are formed and watched.
@@ -18,6 +19,9 @@ pub struct JobConfig {
     /// Restart rounds allowed after failures; one more failure fails the job.
     pub max_restarts: u32,
     pub plan: PlanSpec,
+    /// A committed checkpoint a new job starts from (`m3d train --resume`); ignored when the job state
+    /// already exists (it knows its own last checkpoint).
+    pub initial_checkpoint: Option<CheckpointRef>,
 }
 
 impl JobConfig {

@@ -427,6 +427,22 @@ fn tmp_path(path: &Path) -> PathBuf {
     path.with_file_name(name)
 }
 
+/// The bytes of a safetensors file holding `tensors` (metadata `format: pt`): the state copied to host
+/// memory, e.g. to stage a checkpoint while training goes on.
+pub fn safetensors_bytes(tensors: &[(String, Tensor)]) -> Result<Vec<u8>> {
+    let host: Vec<(String, HostTensor)> = tensors
+        .iter()
+        .map(|(k, t)| Ok((k.clone(), to_host(k, t)?)))
+        .collect::<Result<_>>()?;
+    let mut seen = HashSet::new();
+    if let Some((dup, _)) = host.iter().find(|(k, _)| !seen.insert(k.as_str())) {
+        return Err(ModelError::Input(format!("key `{dup}` given twice")));
+    }
+    let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
+    safetensors::serialize(host.iter().map(|(k, t)| (k.as_str(), t)), Some(meta))
+        .map_err(|e| ModelError::Input(format!("serialising safetensors: {e}")))
+}
+
 /// Writes one HF-compatible safetensors file (metadata `format: pt`), atomically.
 pub fn save_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
     let host: Vec<(String, HostTensor)> = tensors

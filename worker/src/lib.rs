@@ -10,6 +10,7 @@
 //! through `m3d-shards`.
 
 pub mod batch;
+pub mod checkpoint;
 pub mod data;
 pub mod dataset;
 pub mod eval;

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use m3d_collectives::{nccl_available, Collective, Nccl, NcclId, RingListener};
-use m3d_coordinator::job::{Progress, WorkerAction, WorkerInfo};
+use m3d_coordinator::job::{CheckpointRef, Progress, WorkerAction, WorkerInfo};
 use m3d_coordinator::plan::StepPlan;
 use m3d_coordinator::{spawn_heartbeats, Client, ClientError, Code, Heartbeats, Token};
 use m3d_recipes::{DeviceKind, Recipe};
@@ -108,6 +108,20 @@ impl Control for Coordinated<'_> {
 
     fn action(&self) -> WorkerAction {
         *self.heartbeats.actions.borrow()
+    }
+
+    fn commit(&mut self, step: u64, url: &str) -> Result<(), TrainError> {
+        self.rt
+            .block_on(self.client.commit_checkpoint(
+                &self.worker_id,
+                self.generation,
+                &CheckpointRef {
+                    step,
+                    url: url.to_string(),
+                },
+            ))
+            .map_err(control_err)?;
+        Ok(())
     }
 }
 
@@ -239,6 +253,7 @@ pub fn run_worker(recipe: &Recipe, opts: &WorkerOptions) -> Result<WorkerExit, R
             local_rank: a.local_rank,
             generation: a.generation,
             resume_step: a.resume_step,
+            resume_checkpoint: a.resume_checkpoint.as_ref().map(|c| c.url.clone()),
             plan: a.plan,
         };
         let mut control = Coordinated {

@@ -17,9 +17,12 @@ use m3d_coordinator::job::WorkerAction;
 use m3d_coordinator::plan::{PlanSpec, StepPlan};
 use m3d_models::lamed::LamedBatch;
 use m3d_models::tokenizer::Tokenizer;
+use m3d_models::weights::LoadOptions;
 use m3d_recipes::{ModelKind, Recipe};
+use m3d_shards::store::Store;
 use tch::Tensor;
 
+use crate::checkpoint::{self, CheckpointError, CheckpointState, Staged, Uploader};
 use crate::data::LoadedSample;
 use crate::dataset::{DatasetError, TrainData};
 use crate::grad::token_sum_loss;
@@ -57,10 +60,16 @@ pub enum TrainError {
         #[source]
         source: std::io::Error,
     },
-    #[error(
-        "round {generation} resumes at step {step}, but restoring a checkpoint is not implemented yet"
-    )]
+    #[error("round {generation} resumes at step {step} but names no checkpoint")]
     NoResume { generation: u64, step: u64 },
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    #[error("checkpoint {url} holds step {found}, the round resumes at step {expected}")]
+    WrongCheckpoint {
+        url: String,
+        found: u64,
+        expected: u64,
+    },
 }
 
 /// This rank's place in a formed round.
@@ -71,6 +80,8 @@ pub struct RoundInfo {
     pub local_rank: u32,
     pub generation: u64,
     pub resume_step: u64,
+    /// URL of the committed checkpoint the round resumes from (`None` when it starts at step 0).
+    pub resume_checkpoint: Option<String>,
     pub plan: PlanSpec,
 }
 
@@ -82,6 +93,8 @@ pub trait Control {
     fn report(&mut self, step: u64, loss: f64, samples: u64) -> Result<WorkerAction, TrainError>;
     /// The latest word from the control plane's own channel (heartbeats), without blocking.
     fn action(&self) -> WorkerAction;
+    /// Records that the checkpoint of `step` at `url` is complete (written and committed in the store).
+    fn commit(&mut self, step: u64, url: &str) -> Result<(), TrainError>;
 }
 
 /// How a round ended.
@@ -107,6 +120,9 @@ impl RunDir {
         self.0.join("final")
     }
 }
+
+/// Attempts of a checkpoint upload before the worker gives up.
+const CHECKPOINT_ATTEMPTS: u32 = 4;
 
 /// Steps of plan requested from the control plane at a time.
 const PLAN_CHUNK: u32 = 16;
@@ -183,12 +199,6 @@ pub fn run_round(
     let rank = round.rank;
     let world = round.world_size as usize;
     let total = round.plan.total_steps();
-    if round.resume_step > 0 {
-        return Err(TrainError::NoResume {
-            generation: round.generation,
-            step: round.resume_step,
-        });
-    }
     let accum = recipe
         .grad_accum(world)
         .map_err(|e| TrainError::Recipe(e.to_string()))?;
@@ -207,6 +217,32 @@ pub fn run_round(
         tch::no_grad(|| v.detach().copy_(&buf));
     }
     let mut opt = AdamW::from_recipe(&recipe.train, AdamW::trainable(&model.vs))?;
+    if round.resume_step > 0 {
+        let url = round
+            .resume_checkpoint
+            .as_deref()
+            .ok_or(TrainError::NoResume {
+                generation: round.generation,
+                step: round.resume_step,
+            })?;
+        let (base, _) = url.rsplit_once('/').unwrap_or((url, ""));
+        let store = Store::open(base).map_err(|source| CheckpointError::Store {
+            url: base.to_string(),
+            source,
+        })?;
+        let scratch = std::env::temp_dir().join("m3d-resume");
+        let loaded = checkpoint::load(&store, round.resume_step, &scratch)?;
+        if loaded.state.step != round.resume_step {
+            return Err(TrainError::WrongCheckpoint {
+                url: url.to_string(),
+                found: loaded.state.step,
+                expected: round.resume_step,
+            });
+        }
+        m3d_models::weights::load_into(&model.vs, loaded.model, &LoadOptions::default())?;
+        opt.load_state_dict(&loaded.optimizer)?;
+        tracing::info!(step = round.resume_step, %url, "resumed from checkpoint");
+    }
     let schedule = LrSchedule::from_recipe(&recipe.train, total);
     let reduction = match recipe.model.kind {
         ModelKind::Clip => GradReduction::Mean,
@@ -220,6 +256,21 @@ pub fn run_round(
     let mut metrics = if rank == 0 {
         truncate_metrics(&run.metrics(), round.resume_step)?;
         Some(MetricsWriter::open(&run.metrics())?)
+    } else {
+        None
+    };
+    let checkpoint_base = recipe.checkpoint_url();
+    let uploader = if rank == 0 && recipe.checkpoint.every > 0 {
+        let store = Store::open(&checkpoint_base).map_err(|source| CheckpointError::Store {
+            url: checkpoint_base.clone(),
+            source,
+        })?;
+        Some(Uploader::new(
+            store,
+            recipe.checkpoint.keep_last,
+            recipe.checkpoint.keep_every,
+            CHECKPOINT_ATTEMPTS,
+        ))
     } else {
         None
     };
@@ -264,6 +315,8 @@ pub fn run_round(
             sent: round.resume_step,
             depth: depth as u64,
             total,
+            uploader,
+            checkpoint_base,
         };
         let end = lp.run();
         // Hang up on the builder (it may be blocked sending a batch) before the scope joins it.
@@ -335,6 +388,9 @@ struct Loop<'a> {
     sent: u64,
     depth: u64,
     total: u64,
+    /// Rank 0's checkpoint uploads.
+    uploader: Option<Uploader>,
+    checkpoint_base: String,
 }
 
 impl Loop<'_> {
@@ -472,6 +528,44 @@ impl Loop<'_> {
                     line.extra.insert("epoch".into(), plan.epoch as f64);
                     line.extra.insert("world_size".into(), world as f64);
                     w.write(&line)?;
+                }
+            }
+            if let Some(up) = self.uploader.as_mut() {
+                // A finished upload is committed with the coordinator (the next restart round resumes
+                // from it); a new checkpoint is staged every `checkpoint.every` steps.
+                if let Some(step) = up.poll()? {
+                    let url = checkpoint::step_url(&self.checkpoint_base, step);
+                    self.control.commit(step, &url)?;
+                }
+                let every = self.recipe.checkpoint.every;
+                if every > 0 && done % every == 0 && done < self.total {
+                    let stall = Instant::now();
+                    let (epoch, step_in_epoch) = self.round.plan.position(done);
+                    let state = CheckpointState {
+                        step: done,
+                        epoch,
+                        step_in_epoch,
+                        world_size: world as u32,
+                        plan: self.round.plan,
+                        recipe: self.recipe.to_yaml(),
+                        version: env!("CARGO_PKG_VERSION").to_string(),
+                    };
+                    let staged = Staged::new(&state, &model.state_dict(), &self.opt.state_dict())?;
+                    if let Some(prev) = up.submit(staged)? {
+                        let url = checkpoint::step_url(&self.checkpoint_base, prev);
+                        self.control.commit(prev, &url)?;
+                    }
+                    tracing::info!(
+                        step = done,
+                        stall_s = stall.elapsed().as_secs_f64(),
+                        "checkpoint staged"
+                    );
+                }
+                if done == self.total {
+                    if let Some(step) = up.wait()? {
+                        let url = checkpoint::step_url(&self.checkpoint_base, step);
+                        self.control.commit(step, &url)?;
+                    }
                 }
             }
             if done == self.total && rank == 0 {

@@ -1,0 +1,255 @@
+//! Checkpoints with real processes: a job killed with SIGKILL and resumed (with the same or another number of
+//! workers) ends exactly where an uninterrupted job ends; a worker killed mid-run makes the job restart from
+//! its last committed checkpoint by itself; an uncommitted checkpoint is never loaded.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{m3d, m3d_bin, m3d_ok, workspace_root};
+
+fn synth_cap(dir: &Path) -> String {
+    let raw = dir.join("raw");
+    let cap = dir.join("cap");
+    m3d_ok(&[
+        "data-prep",
+        "synth",
+        raw.to_str().unwrap(),
+        "--cap-cases",
+        "16",
+        "--slice-size",
+        "64x64",
+    ]);
+    m3d_ok(&[
+        "data-prep",
+        "cap",
+        "--src",
+        raw.join("M3D_Cap").to_str().unwrap(),
+        "--out",
+        cap.to_str().unwrap(),
+    ]);
+    cap.display().to_string()
+}
+
+fn args(run: &Path, cap: &str, workers: usize, extra: &[&str]) -> Vec<String> {
+    let mut a: Vec<String> = vec![
+        "train".into(),
+        workspace_root()
+            .join("recipes/clip-tiny.yaml")
+            .display()
+            .to_string(),
+        "--workers".into(),
+        workers.to_string(),
+    ];
+    for s in [
+        format!("output.run={}", run.display()),
+        format!("data.tasks.0.shards=[{cap}]"),
+        "train.max_steps=12".into(),
+        "train.log_every=1".into(),
+        "checkpoint.every=4".into(),
+        "workers.max=3".into(),
+    ] {
+        a.push("--set".into());
+        a.push(s);
+    }
+    a.extend(extra.iter().map(|s| s.to_string()));
+    a
+}
+
+fn train_ok(a: &[String]) -> String {
+    let refs: Vec<&str> = a.iter().map(String::as_str).collect();
+    m3d_ok(&refs)
+}
+
+fn losses(run: &Path) -> Vec<(u64, f64)> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .expect("metrics")
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            (v["step"].as_u64().unwrap(), v["loss"].as_f64().unwrap())
+        })
+        .collect()
+}
+
+fn losses_or_empty(run: &Path) -> Vec<(u64, f64)> {
+    if run.join("metrics.jsonl").exists() {
+        losses(run)
+    } else {
+        Vec::new()
+    }
+}
+
+fn max_diff(a: &Path, b: &Path) -> f64 {
+    let script = std::env::temp_dir().join(format!("m3d-ckdiff-{}.py", std::process::id()));
+    std::fs::write(
+        &script,
+        "import sys, json\nfrom safetensors.numpy import load_file\n\
+         a, b = load_file(sys.argv[1]), load_file(sys.argv[2])\n\
+         assert sorted(a) == sorted(b)\n\
+         print(json.dumps(max(float(abs(a[k].astype('float64') - b[k].astype('float64')).max()) for k in a)))\n",
+    )
+    .unwrap();
+    m3d_testkit::run_python(&script, &[a.to_str().unwrap(), b.to_str().unwrap()])
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// Starts `m3d train` in its own process group, waits until `until` exists, then SIGKILLs the whole group
+/// (supervisor, coordinator and workers at once, as a lost node would).
+fn train_and_kill(a: &[String], until: &Path) {
+    let mut child = Command::new(m3d_bin())
+        .args(a)
+        .process_group(0)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    while !until.exists() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(180),
+            "{} never appeared",
+            until.display()
+        );
+        if let Some(s) = child.try_wait().unwrap() {
+            panic!("m3d train ended ({s}) before {} appeared", until.display());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let pgid = child.id();
+    let _ = Command::new("kill")
+        .args(["-9", &format!("-{pgid}")])
+        .status();
+    let _ = child.wait();
+    std::thread::sleep(Duration::from_millis(300));
+}
+
+#[test]
+fn killed_job_resumes_exactly_with_the_same_or_another_number_of_workers() {
+    let dir = tempfile::tempdir().unwrap();
+    let cap = synth_cap(dir.path());
+    let whole = dir.path().join("whole");
+    train_ok(&args(&whole, &cap, 2, &[]));
+    let reference = losses(&whole);
+    assert_eq!(reference.len(), 12);
+    for (name, first, then) in [("same", 2, 2), ("fewer", 2, 1), ("more", 1, 3)] {
+        let run = dir.path().join(name);
+        train_and_kill(
+            &args(&run, &cap, first, &[]),
+            &run.join("checkpoints/step-000000008/COMMIT"),
+        );
+        let out = train_ok(&args(&run, &cap, then, &["--resume"]));
+        assert!(out.contains("resuming from step 8"), "{name}: {out}");
+        let l = losses(&run);
+        // Steps 1..=12 once each: none repeated, none missing.
+        assert_eq!(
+            l.iter().map(|p| p.0).collect::<Vec<_>>(),
+            (1..=12).collect::<Vec<_>>(),
+            "{name}"
+        );
+        let tol = if first == then { 0.0 } else { 1e-5 };
+        for ((s, a), (_, b)) in reference.iter().zip(&l) {
+            assert!((a - b).abs() <= tol, "{name}: step {s}: {a} vs {b}");
+        }
+        let d = max_diff(
+            &whole.join("final/model.safetensors"),
+            &run.join("final/model.safetensors"),
+        );
+        if first == then {
+            assert_eq!(
+                d, 0.0,
+                "{name}: a resumed run with the same workers is bit-identical"
+            );
+        } else {
+            // Another world size sums in another order; see train_cli.rs for the noise-driven parameters.
+            assert!(d < 1e-4, "{name}: {d}");
+        }
+    }
+}
+
+#[test]
+fn killed_worker_makes_the_job_restart_from_the_last_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    let cap = synth_cap(dir.path());
+    let run = dir.path().join("run");
+    let a = args(&run, &cap, 2, &["--heartbeat-timeout", "3s"]);
+    let mut child = Command::new(m3d_bin())
+        .args(&a)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut lines = stdout.lines();
+    let mut w1 = None;
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        if let Some(pid) = line.strip_prefix("worker w1 pid ") {
+            w1 = Some(pid.trim().to_string());
+            break;
+        }
+    }
+    let w1 = w1.expect("worker w1's pid");
+    // Step 4's checkpoint is uploaded in the background and committed with the coordinator at the end of the
+    // first step after the upload finished: wait until training is past that point.
+    let commit = run.join("checkpoints/step-000000004/COMMIT");
+    let t0 = Instant::now();
+    while !commit.exists() || losses_or_empty(&run).len() < 6 {
+        assert!(t0.elapsed() < Duration::from_secs(120));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Command::new("kill").args(["-9", &w1]).status().unwrap();
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    let status = child.wait().unwrap();
+    let text = rest.join("\n");
+    assert!(status.success(), "{text}");
+    assert!(text.contains("1 restart(s)"), "{text}");
+    let logs = std::fs::read_to_string(run.join("logs/w0.log")).unwrap();
+    assert!(logs.contains("resumed from checkpoint"), "{logs}");
+    let l = losses(&run);
+    assert_eq!(l.last().map(|p| p.0), Some(12));
+    assert_eq!(
+        l.iter().map(|p| p.0).collect::<Vec<_>>(),
+        (1..=12).collect::<Vec<_>>(),
+        "the metrics of the broken round past the checkpoint are replaced"
+    );
+}
+
+#[test]
+fn an_uncommitted_checkpoint_is_never_loaded() {
+    let dir = tempfile::tempdir().unwrap();
+    let cap = synth_cap(dir.path());
+    let run = dir.path().join("run");
+    train_ok(&args(&run, &cap, 1, &[]));
+    // A writer killed mid-upload leaves files without a commit record at a later step.
+    let partial = run.join("checkpoints/step-000000011");
+    std::fs::create_dir_all(&partial).unwrap();
+    std::fs::write(partial.join("model.safetensors"), b"half").unwrap();
+    let out = train_ok(&args(&run, &cap, 1, &["--resume"]));
+    assert!(out.contains("resuming from step 8"), "{out}");
+    // A committed checkpoint whose file changed is refused with its name.
+    std::fs::write(
+        run.join("checkpoints/step-000000008/model.safetensors"),
+        b"corrupt",
+    )
+    .unwrap();
+    let refs: Vec<String> = args(&run, &cap, 1, &["--resume"]);
+    let refs: Vec<&str> = refs.iter().map(String::as_str).collect();
+    let out = m3d(&refs);
+    assert!(!out.status.success());
+    let logs = std::fs::read_to_string(run.join("logs/w0.log")).unwrap();
+    assert!(
+        logs.contains("step-000000008/model.safetensors") && logs.contains("SHA-256"),
+        "{logs}"
+    );
+    // Without --resume, old checkpoints are not silently mixed with a new run.
+    let out = m3d(&refs[..refs.len() - 1]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--resume"));
+    let _ = PathBuf::new();
+}

@@ -1,0 +1,146 @@
+//! Checkpoint files in a store: a checkpoint exists only once its commit record is written, every file is
+//! checked against the record when loaded, retention keeps the last K and every M-th, and interrupted writes
+//! are cleaned up.
+
+use bytes::Bytes;
+use m3d_coordinator::plan::PlanSpec;
+use m3d_shards::store::Store;
+use m3d_worker::checkpoint::{
+    committed_steps, load, retain, step_dir, write, CheckpointState, Staged, Uploader,
+};
+use tch::{Kind, Tensor};
+
+fn state(step: u64) -> CheckpointState {
+    CheckpointState {
+        step,
+        epoch: 0,
+        step_in_epoch: step,
+        world_size: 2,
+        plan: PlanSpec {
+            samples: 100,
+            global_batch: 4,
+            seed: 1,
+            epochs: 1,
+            max_steps: None,
+        },
+        recipe: "model: {}\n".into(),
+        version: "test".into(),
+    }
+}
+
+fn tensors(v: f32) -> Vec<(String, Tensor)> {
+    vec![
+        (
+            "a.weight".into(),
+            Tensor::from_slice(&[v, v + 1.0, v + 2.0]).view([3, 1]),
+        ),
+        ("b.step".into(), Tensor::from_slice(&[7i64])),
+    ]
+}
+
+fn staged(step: u64) -> Staged {
+    Staged::new(
+        &state(step),
+        &tensors(step as f32),
+        &tensors(-(step as f32)),
+    )
+    .unwrap()
+}
+
+#[test]
+fn only_committed_checkpoints_exist_and_load_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path().to_str().unwrap()).unwrap();
+    write(&store, &staged(10)).unwrap();
+    // An interrupted write: files but no commit record.
+    store
+        .put(
+            &format!("{}/model.safetensors", step_dir(20)),
+            Bytes::from_static(b"partial"),
+        )
+        .unwrap();
+    assert_eq!(committed_steps(&store).unwrap(), vec![10]);
+    let scratch = dir.path().join("scratch");
+    let l = load(&store, 10, &scratch).unwrap();
+    assert_eq!(l.state, state(10));
+    let get = |v: &[(String, Tensor)], k: &str| {
+        v.iter()
+            .find(|(n, _)| n == k)
+            .map(|(_, t)| t.shallow_clone())
+            .unwrap()
+    };
+    assert_eq!(get(&l.model, "a.weight").double_value(&[2, 0]), 12.0);
+    assert_eq!(get(&l.optimizer, "a.weight").double_value(&[0, 0]), -10.0);
+    assert_eq!(get(&l.optimizer, "b.step").kind(), Kind::Int64);
+    let e = load(&store, 20, &scratch).err().unwrap().to_string();
+    assert!(e.contains("not committed"), "{e}");
+    // A file changed after the commit is named.
+    store
+        .put(
+            &format!("{}/optimizer.safetensors", step_dir(10)),
+            Bytes::from_static(b"tampered"),
+        )
+        .unwrap();
+    let e = load(&store, 10, &scratch).err().unwrap().to_string();
+    assert!(
+        e.contains("optimizer.safetensors") && e.contains("SHA-256"),
+        "{e}"
+    );
+}
+
+#[test]
+fn retention_keeps_the_last_and_every_mth() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path().to_str().unwrap()).unwrap();
+    for step in [10, 20, 30, 40, 50] {
+        write(&store, &staged(step)).unwrap();
+    }
+    store
+        .put(
+            &format!("{}/state.json", step_dir(35)),
+            Bytes::from_static(b"{}"),
+        )
+        .unwrap();
+    let deleted = retain(&store, 2, Some(20)).unwrap();
+    assert_eq!(deleted, vec![10, 30]);
+    assert_eq!(committed_steps(&store).unwrap(), vec![20, 40, 50]);
+    let left: Vec<String> = store
+        .list("")
+        .unwrap()
+        .into_iter()
+        .map(|(k, _)| k)
+        .collect();
+    assert!(
+        !left.iter().any(|k| k.starts_with("step-000000010/")
+            || k.starts_with("step-000000030/")
+            || k.starts_with("step-000000035/")),
+        "{left:?}"
+    );
+}
+
+#[test]
+fn uploads_run_one_at_a_time_and_report_their_step() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path().to_str().unwrap()).unwrap();
+    let mut up = Uploader::new(store.clone(), 1, None, 2);
+    assert_eq!(up.submit(staged(1)).unwrap(), None);
+    // The second submit waits for the first and hands back its step.
+    assert_eq!(up.submit(staged(2)).unwrap(), Some(1));
+    assert_eq!(up.wait().unwrap(), Some(2));
+    assert_eq!(up.wait().unwrap(), None);
+    assert_eq!(committed_steps(&store).unwrap(), vec![2], "keep_last 1");
+}
+
+#[test]
+fn a_failing_store_is_retried_then_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("ckpt");
+    let store = Store::open(root.to_str().unwrap()).unwrap();
+    // A file where the step folder must go: every write fails.
+    std::fs::create_dir_all(&root).unwrap();
+    std::fs::write(root.join(step_dir(3)), b"not a folder").unwrap();
+    let mut up = Uploader::new(store, 1, None, 3);
+    up.submit(staged(3)).unwrap();
+    let e = up.wait().unwrap_err().to_string();
+    assert!(e.contains("after 3 attempts"), "{e}");
+}
