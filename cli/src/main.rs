@@ -58,6 +58,11 @@ enum Command {
     Worker(train::WorkerArgs),
     /// Render loss / learning-rate curves of metrics files to a PNG.
     Plot(train::PlotArgs),
+    /// Write plain weights (HF safetensors, or the vision encoder alone) from a run or a checkpoint.
+    Export(train::ExportArgs),
+    /// Fold a run's LoRA adapters into its base weights.
+    #[command(name = "merge-lora")]
+    MergeLora(train::MergeLoraArgs),
     /// Evaluate a trained model on held-out shards.
     #[command(subcommand)]
     Eval(Eval),
@@ -304,6 +309,8 @@ fn run(cli: Cli) -> Result<()> {
         Command::Train(a) => return train::train(a),
         Command::Worker(a) => return train::worker(a),
         Command::Plot(a) => return train::plot(a),
+        Command::Export(a) => return train::export(a),
+        Command::MergeLora(a) => return train::merge_lora(a),
         Command::Eval(Eval::Retrieval(a)) => return train::eval_retrieval(a),
         Command::DataPrep(cmd) => match cmd {
             DataPrep::Synth {

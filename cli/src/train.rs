@@ -17,6 +17,7 @@ use m3d_recipes::Recipe;
 use m3d_shards::store::Store;
 use m3d_worker::checkpoint;
 use m3d_worker::dataset::TrainData;
+use m3d_worker::export::ExportKind;
 use m3d_worker::role::{run_worker, WorkerExit, WorkerOptions};
 use rand::RngCore;
 
@@ -97,6 +98,31 @@ pub struct EvalRetrievalArgs {
     batch: usize,
     #[arg(long)]
     json: bool,
+}
+
+#[derive(Args)]
+pub struct ExportArgs {
+    /// A run's `final/` folder or a checkpoint folder (`.../checkpoints/step-000000020`).
+    #[arg(long)]
+    from: PathBuf,
+    /// The folder to write.
+    #[arg(long)]
+    out: PathBuf,
+    /// Only the vision encoder, in M3D's `pretrained_ViT` layout (MONAI keys without a prefix).
+    #[arg(long, conflicts_with = "merge_lora")]
+    vision_encoder: bool,
+    /// Fold LoRA adapters into their base weights (as PEFT's merge_and_unload).
+    #[arg(long)]
+    merge_lora: bool,
+}
+
+#[derive(Args)]
+pub struct MergeLoraArgs {
+    /// A run's `final/` folder (with `adapter/`) or a checkpoint folder of a LoRA run.
+    #[arg(long)]
+    from: PathBuf,
+    #[arg(long)]
+    out: PathBuf,
 }
 
 #[derive(Args)]
@@ -479,4 +505,29 @@ pub fn eval_retrieval(a: EvalRetrievalArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+pub fn export(a: ExportArgs) -> Result<()> {
+    let kind = if a.vision_encoder {
+        ExportKind::VisionEncoder
+    } else {
+        ExportKind::Full {
+            merge_lora: a.merge_lora,
+        }
+    };
+    let files = m3d_worker::export::export(&a.from, &a.out, kind)
+        .with_context(|| format!("exporting {}", a.from.display()))?;
+    for f in files {
+        println!("wrote {}", f.display());
+    }
+    Ok(())
+}
+
+pub fn merge_lora(a: MergeLoraArgs) -> Result<()> {
+    export(ExportArgs {
+        from: a.from,
+        out: a.out,
+        vision_encoder: false,
+        merge_lora: true,
+    })
 }

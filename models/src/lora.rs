@@ -330,17 +330,24 @@ pub fn load_adapter(dir: &Path, vs: &VarStore) -> Result<LoraConfig> {
 /// The plain state dict with every adapter folded in (`W' = W + scaling · B A`) and no `lora_` keys: what
 /// PEFT's `merge_and_unload` gives. The model itself is unchanged.
 pub fn merged_state_dict(vs: &VarStore, cfg: &LoraConfig) -> Result<Vec<(String, Tensor)>> {
-    let vars = vs.variables();
+    Ok(merge_tensors(&state_dict(vs), cfg.scaling()))
+}
+
+/// [`merged_state_dict`] on named tensors (e.g. a saved checkpoint with its adapters): every `<m>.weight` with
+/// `<m>.lora_A.weight` and `<m>.lora_B.weight` becomes `W + scaling · B A`, and the `lora_` keys are dropped.
+pub fn merge_tensors(tensors: &[(String, Tensor)], scaling: f64) -> Vec<(String, Tensor)> {
+    let by_name: std::collections::HashMap<&str, &Tensor> =
+        tensors.iter().map(|(k, t)| (k.as_str(), t)).collect();
     let mut out = Vec::new();
-    for (k, t) in state_dict(vs) {
-        if is_lora_key(&k) {
+    for (k, t) in tensors {
+        if is_lora_key(k) {
             continue;
         }
         let module = k.strip_suffix(".weight");
         let adapter = module.and_then(|m| {
             Some((
-                vars.get(&format!("{m}.lora_A.weight"))?,
-                vars.get(&format!("{m}.lora_B.weight"))?,
+                *by_name.get(format!("{m}.lora_A.weight").as_str())?,
+                *by_name.get(format!("{m}.lora_B.weight").as_str())?,
             ))
         });
         let t = match adapter {
@@ -348,12 +355,12 @@ pub fn merged_state_dict(vs: &VarStore, cfg: &LoraConfig) -> Result<Vec<(String,
                 let delta = b
                     .to_kind(tch::Kind::Float)
                     .matmul(&a.to_kind(tch::Kind::Float))
-                    * cfg.scaling();
+                    * scaling;
                 (t.to_kind(tch::Kind::Float) + delta).to_kind(t.kind())
             }),
             None => t.detach(),
         };
-        out.push((k, t));
+        out.push((k.clone(), t));
     }
-    Ok(out)
+    out
 }

@@ -253,3 +253,228 @@ fn an_uncommitted_checkpoint_is_never_loaded() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("--resume"));
     let _ = PathBuf::new();
 }
+
+/// `m3d coordinator` killed with SIGKILL and started again on the same address and state: the workers wait
+/// for it and the job runs to the end.
+#[test]
+fn restarted_coordinator_continues_the_job() {
+    let dir = tempfile::tempdir().unwrap();
+    let cap = synth_cap(dir.path());
+    let run = dir.path().join("run");
+    let recipe = workspace_root()
+        .join("recipes/clip-tiny.yaml")
+        .display()
+        .to_string();
+    let mut recipe_args: Vec<String> = vec!["--recipe".into(), recipe];
+    for s in [
+        format!("output.run={}", run.display()),
+        format!("data.tasks.0.shards=[{cap}]"),
+        "train.max_steps=30".into(),
+        "train.log_every=1".into(),
+        "checkpoint.every=10".into(),
+    ] {
+        recipe_args.push("--set".into());
+        recipe_args.push(s);
+    }
+    let port = m3d_testkit::free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let state = dir.path().join("state").display().to_string();
+    let start_coordinator = || {
+        let mut c = Command::new(m3d_bin());
+        c.args(["coordinator", "--listen", &listen, "--state", &state])
+            .args([
+                "--min-workers",
+                "2",
+                "--heartbeat-timeout",
+                "10s",
+                "--exit-on-finish",
+            ])
+            .args(&recipe_args)
+            .env_remove("M3D_TOKEN")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        c.spawn().unwrap()
+    };
+    let mut coordinator = start_coordinator();
+    let url = format!("http://{listen}");
+    let mut workers: Vec<std::process::Child> = ["w0", "w1"]
+        .iter()
+        .map(|id| {
+            Command::new(m3d_bin())
+                .args(["worker", "--coordinator", &url, "--worker-id", id])
+                .args(&recipe_args)
+                .env_remove("M3D_TOKEN")
+                .stdout(Stdio::null())
+                .stderr(Stdio::from(
+                    std::fs::File::create(dir.path().join(format!("{id}.log"))).unwrap(),
+                ))
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let t0 = Instant::now();
+    while losses_or_empty(&run).len() < 5 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "training did not start"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    coordinator.kill().unwrap();
+    coordinator.wait().unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    let mut coordinator = start_coordinator();
+    for w in workers.iter_mut() {
+        let s = w.wait().unwrap();
+        assert!(s.success(), "a worker failed: {s}");
+    }
+    let _ = coordinator.wait();
+    let l = losses(&run);
+    assert_eq!(l.last().map(|p| p.0), Some(30));
+    assert!(run.join("final/model.safetensors").is_file());
+    let log = std::fs::read_to_string(dir.path().join("w0.log")).unwrap();
+    assert!(log.contains("coordinator unreachable; retrying"), "{log}");
+}
+
+/// `m3d merge-lora` folds the adapters exactly as `W + (alpha / r) B A`, and `m3d export --vision-encoder`
+/// writes M3D-CLIP's ViT in the `pretrained_ViT` layout that MONAI's ViT loads.
+#[test]
+fn export_and_merge_lora_write_weights_the_oracle_loads() {
+    let dir = tempfile::tempdir().unwrap();
+    let cap = synth_cap(dir.path());
+    let raw = dir.path().join("raw");
+    let vqa = dir.path().join("vqa");
+    m3d_ok(&[
+        "data-prep",
+        "vqa",
+        "--src",
+        raw.join("M3D_VQA").to_str().unwrap(),
+        "--out",
+        vqa.to_str().unwrap(),
+        "--cap",
+        &cap,
+    ]);
+    let recipe = |name: &str| {
+        workspace_root()
+            .join("recipes")
+            .join(name)
+            .display()
+            .to_string()
+    };
+    let lamed_sets = |run: &Path, extra: &[String]| {
+        let mut a = vec![];
+        for s in [
+            format!("output.run={}", run.display()),
+            format!("data.tasks.0.shards=[{cap}]"),
+            format!("data.tasks.1.shards=[{}]", vqa.display()),
+            format!("data.tasks.1.volumes=[{cap}]"),
+            "train.max_steps=2".into(),
+        ]
+        .into_iter()
+        .chain(extra.iter().cloned())
+        {
+            a.push("--set".to_string());
+            a.push(s);
+        }
+        a
+    };
+    let stage1 = dir.path().join("stage1");
+    let mut a = vec!["train".to_string(), recipe("lamed-stage1-tiny.yaml")];
+    a.extend(lamed_sets(&stage1, &[]));
+    train_ok(&a);
+    let stage2 = dir.path().join("stage2");
+    let mut a = vec!["train".to_string(), recipe("lamed-stage2-tiny.yaml")];
+    a.extend(lamed_sets(
+        &stage2,
+        &[
+            format!("model.init_from.0.path={}", stage1.join("final").display()),
+            "checkpoint.every=0".into(),
+        ],
+    ));
+    train_ok(&a);
+    let merged = dir.path().join("merged");
+    m3d_ok(&[
+        "merge-lora",
+        "--from",
+        stage2.join("final").to_str().unwrap(),
+        "--out",
+        merged.to_str().unwrap(),
+    ]);
+    assert!(merged.join("config.json").is_file() && merged.join("tokenizer.json").is_file());
+    let script = dir.path().join("merge_oracle.py");
+    std::fs::write(
+        &script,
+        r#"
+import json, sys
+import torch
+from safetensors.torch import load_file
+src, adapter, merged = sys.argv[1], sys.argv[2], sys.argv[3]
+w = load_file(src)
+cfg = json.load(open(adapter))
+scale = cfg["lora_alpha"] / cfg["r"]
+m = load_file(merged)
+assert not any("lora_" in k for k in m), "lora keys left"
+base = {k: v for k, v in w.items() if "lora_" not in k}
+assert sorted(base) == sorted(m), sorted(set(base) ^ set(m))
+worst, n = 0.0, 0
+for k, v in base.items():
+    mod = k[: -len(".weight")] if k.endswith(".weight") else None
+    a, b = (w.get(f"{mod}.lora_A.weight"), w.get(f"{mod}.lora_B.weight")) if mod else (None, None)
+    want = v + scale * (b @ a) if a is not None else v
+    n += a is not None
+    worst = max(worst, (want - m[k]).abs().max().item())
+print(json.dumps({"worst": worst, "merged": n}))
+"#,
+    )
+    .unwrap();
+    let out = m3d_testkit::run_python(
+        &script,
+        &[
+            stage2.join("final/model.safetensors").to_str().unwrap(),
+            stage2
+                .join("final/adapter/adapter_config.json")
+                .to_str()
+                .unwrap(),
+            merged.join("model.safetensors").to_str().unwrap(),
+        ],
+    );
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert!(v["merged"].as_u64().unwrap() >= 14, "{v}");
+    assert!(v["worst"].as_f64().unwrap() < 1e-6, "{v}");
+
+    // The CLIP vision encoder alone, loaded into MONAI's ViT.
+    let clip = dir.path().join("clip");
+    train_ok(&args(&clip, &cap, 1, &[]));
+    let vit = dir.path().join("vit");
+    m3d_ok(&[
+        "export",
+        "--vision-encoder",
+        "--from",
+        clip.join("final").to_str().unwrap(),
+        "--out",
+        vit.to_str().unwrap(),
+    ]);
+    let script = dir.path().join("vit_oracle.py");
+    std::fs::write(
+        &script,
+        r#"
+import json, sys
+from safetensors.torch import load_file
+from monai.networks.nets import ViT
+sd = load_file(sys.argv[1])
+net = ViT(in_channels=1, img_size=(32, 256, 256), patch_size=(8, 32, 32), hidden_size=64, mlp_dim=128,
+          num_layers=2, num_heads=4, proj_type="perceptron", classification=True, dropout_rate=0.0)
+missing, unexpected = net.load_state_dict(sd, strict=False)
+missing = [k for k in missing if not k.startswith("classification_head") and "norm_cross_attn" not in k]
+print(json.dumps({"missing": missing, "unexpected": list(unexpected), "keys": len(sd)}))
+"#,
+    )
+    .unwrap();
+    let out = m3d_testkit::run_python(
+        &script,
+        &[vit.join("pretrained_ViT.safetensors").to_str().unwrap()],
+    );
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v["missing"], serde_json::json!([]), "{v}");
+    assert_eq!(v["unexpected"], serde_json::json!([]), "{v}");
+}

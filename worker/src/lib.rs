@@ -14,6 +14,7 @@ pub mod checkpoint;
 pub mod data;
 pub mod dataset;
 pub mod eval;
+pub mod export;
 pub mod grad;
 pub mod job;
 pub mod metrics;

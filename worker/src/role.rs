@@ -80,30 +80,66 @@ fn control_err(e: ClientError) -> TrainError {
     TrainError::Control(e.to_string())
 }
 
+/// How long a worker keeps retrying a coordinator that does not answer (restarting, or its pod being moved)
+/// before giving up.
+const COORDINATOR_PATIENCE: Duration = Duration::from_secs(60);
+
+/// A coordinator that is down or restarting, as opposed to one that refused the call.
+fn transient(e: &ClientError) -> bool {
+    matches!(e, ClientError::Connect { .. }) || e.code() == Some(Code::Unavailable)
+}
+
+impl Coordinated<'_> {
+    /// Runs `call` (given a client) until it succeeds, fails for a reason other than an unreachable
+    /// coordinator, or [`COORDINATOR_PATIENCE`] has passed.
+    fn retrying<T, F, Fut>(&mut self, what: &str, mut call: F) -> Result<T, TrainError>
+    where
+        F: FnMut(Client) -> Fut,
+        Fut: std::future::Future<Output = Result<T, ClientError>>,
+    {
+        let deadline = std::time::Instant::now() + COORDINATOR_PATIENCE;
+        let mut delay = Duration::from_millis(100);
+        loop {
+            match self.rt.block_on(call(self.client.clone())) {
+                Ok(v) => return Ok(v),
+                Err(e) if transient(&e) && std::time::Instant::now() < deadline => {
+                    tracing::warn!(worker = %self.worker_id, %what, error = %e, "coordinator unreachable; retrying");
+                    std::thread::sleep(delay);
+                    delay = (delay * 2).min(Duration::from_secs(2));
+                }
+                Err(e) => return Err(control_err(e)),
+            }
+        }
+    }
+}
+
 impl Control for Coordinated<'_> {
     fn plan(&mut self, start: u64, steps: u32) -> Result<Vec<StepPlan>, TrainError> {
-        let p = self
-            .rt
-            .block_on(
-                self.client
-                    .data_plan(&self.worker_id, self.generation, start, steps),
-            )
-            .map_err(control_err)?;
+        let (id, generation) = (self.worker_id.clone(), self.generation);
+        let p = self.retrying("data plan", |mut c| {
+            let id = id.clone();
+            async move { c.data_plan(&id, generation, start, steps).await }
+        })?;
         Ok(p.steps)
     }
 
     fn report(&mut self, step: u64, loss: f64, samples: u64) -> Result<WorkerAction, TrainError> {
-        self.rt
-            .block_on(self.client.report_progress(
-                &self.worker_id,
-                self.generation,
-                Progress {
-                    step,
-                    loss,
-                    samples,
-                },
-            ))
-            .map_err(control_err)
+        let (id, generation) = (self.worker_id.clone(), self.generation);
+        self.retrying("progress report", |mut c| {
+            let id = id.clone();
+            async move {
+                c.report_progress(
+                    &id,
+                    generation,
+                    Progress {
+                        step,
+                        loss,
+                        samples,
+                    },
+                )
+                .await
+            }
+        })
     }
 
     fn action(&self) -> WorkerAction {
@@ -111,16 +147,15 @@ impl Control for Coordinated<'_> {
     }
 
     fn commit(&mut self, step: u64, url: &str) -> Result<(), TrainError> {
-        self.rt
-            .block_on(self.client.commit_checkpoint(
-                &self.worker_id,
-                self.generation,
-                &CheckpointRef {
-                    step,
-                    url: url.to_string(),
-                },
-            ))
-            .map_err(control_err)?;
+        let (id, generation) = (self.worker_id.clone(), self.generation);
+        let checkpoint = CheckpointRef {
+            step,
+            url: url.to_string(),
+        };
+        self.retrying("checkpoint commit", |mut c| {
+            let (id, checkpoint) = (id.clone(), checkpoint.clone());
+            async move { c.commit_checkpoint(&id, generation, &checkpoint).await }
+        })?;
         Ok(())
     }
 }

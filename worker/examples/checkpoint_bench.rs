@@ -1,0 +1,108 @@
+//! Checkpoint save/load timing for `bench/checkpoint.sh`: builds M3D-CLIP (`--preset m3d|tiny`) with AdamW state
+//! for every parameter, then times (1) staging to host memory (what the training loop waits for), (2) writing
+//! the staged checkpoint with its commit record to a local folder store, (3) loading it back with every
+//! file checked. Prints one JSON line.
+//!
+//! `cargo run --release -p m3d-worker --example checkpoint_bench -- --preset m3d --dir /tmp/ck --rounds 3 [--keep]`
+//! (`--keep` leaves the last checkpoint in `--dir` for the torch side of the benchmark).
+
+use std::time::Instant;
+
+use m3d_models::clip::{M3dClip, M3dClipConfig};
+use m3d_models::VarBuilder;
+use m3d_shards::store::Store;
+use m3d_worker::checkpoint::{load, write, CheckpointState, Staged};
+use m3d_worker::optim::{AdamW, AdamWConfig};
+use tch::nn::VarStore;
+use tch::{Device, Kind};
+
+fn arg(name: &str, default: &str) -> String {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1).cloned())
+        .unwrap_or_else(|| default.to_string())
+}
+
+fn main() {
+    let preset = arg("--preset", "tiny");
+    let dir = std::path::PathBuf::from(arg("--dir", "/tmp/m3d-ckpt-bench"));
+    let rounds: usize = arg("--rounds", "3").parse().expect("--rounds");
+    let cfg = match preset.as_str() {
+        "m3d" => M3dClipConfig::m3d(),
+        _ => M3dClipConfig::tiny(1000),
+    };
+    tch::manual_seed(0);
+    let vs = VarStore::new(Device::Cpu);
+    let _clip = M3dClip::new(&VarBuilder::new(&vs), &cfg).expect("model");
+    let params = AdamW::trainable(&vs);
+    let shared = params
+        .iter()
+        .map(|(n, t)| (n.clone(), t.shallow_clone()))
+        .collect();
+    let mut opt = AdamW::with_no_decay(AdamWConfig::default(), 0.1, &[], shared).expect("opt");
+    // One step so every parameter has its moments.
+    let loss = params
+        .iter()
+        .map(|(_, p)| p.sum(Kind::Float))
+        .fold(tch::Tensor::from(0f32), |a, b| a + b);
+    loss.backward();
+    opt.step(1e-4).expect("step");
+    let model = m3d_models::weights::state_dict(&vs);
+    let state = CheckpointState {
+        step: 1,
+        epoch: 0,
+        step_in_epoch: 1,
+        world_size: 1,
+        plan: m3d_coordinator::plan::PlanSpec {
+            samples: 1,
+            global_batch: 1,
+            seed: 0,
+            epochs: 1,
+            max_steps: None,
+        },
+        recipe: String::new(),
+        version: "bench".into(),
+    };
+    let (mut stage, mut save, mut read) = (Vec::new(), Vec::new(), Vec::new());
+    let mut bytes = 0;
+    for _ in 0..rounds {
+        let _ = std::fs::remove_dir_all(&dir);
+        let store = Store::open(dir.to_str().expect("utf-8 dir")).expect("store");
+        let t = Instant::now();
+        let staged = Staged::new(&state, &model, &opt.state_dict()).expect("stage");
+        stage.push(t.elapsed().as_secs_f64());
+        bytes = staged.bytes();
+        let t = Instant::now();
+        write(&store, &staged).expect("write");
+        save.push(t.elapsed().as_secs_f64() + stage.last().copied().unwrap_or(0.0));
+        drop(staged);
+        let t = Instant::now();
+        let l = load(&store, 1, &dir.join("scratch")).expect("load");
+        // Touch the data so lazy reads would be counted.
+        let s: f64 = l
+            .model
+            .iter()
+            .map(|(_, t)| t.sum(Kind::Double).double_value(&[]))
+            .sum();
+        read.push(t.elapsed().as_secs_f64());
+        assert!(s.is_finite());
+    }
+    let med = |v: &mut Vec<f64>| {
+        v.sort_by(|a, b| a.total_cmp(b));
+        v[v.len() / 2]
+    };
+    println!(
+        "{}",
+        serde_json::json!({
+            "preset": preset,
+            "bytes": bytes,
+            "stage_s": med(&mut stage),
+            "save_s": med(&mut save),
+            "load_s": med(&mut read),
+        })
+    );
+    if !std::env::args().any(|a| a == "--keep") {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

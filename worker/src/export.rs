@@ -1,0 +1,121 @@
+//! Plain weights out of a run: `m3d export` and `m3d merge-lora`. The input is a run's `final/` folder or a
+//! checkpoint folder (`model.safetensors`, with `adapter/` when the run trained LoRA); the output is an HF-style
+//! folder (`model.safetensors`, sharded with an index past 5 GB, plus `config.json` and `tokenizer.json` when the
+//! input has them), or the vision encoder alone in the layout of M3D's `pretrained_ViT.bin` (MONAI ViT keys
+//! without a prefix), which LaMed stage 1 starts from.
+
+use std::path::{Path, PathBuf};
+
+use m3d_models::lora::{is_lora_key, merge_tensors, read_adapter_config};
+use m3d_models::weights::{read_tensors, save_safetensors, save_sharded};
+use m3d_models::ModelError;
+use tch::Tensor;
+
+use crate::job::weights_file;
+
+/// Errors of an export.
+#[derive(Debug, thiserror::Error)]
+pub enum ExportError {
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {reason}")]
+    Input { path: PathBuf, reason: String },
+}
+
+/// What to write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExportKind {
+    /// Every parameter; LoRA adapters folded into their base weights when `merge_lora`, else kept as they are.
+    Full { merge_lora: bool },
+    /// The vision encoder alone, keys without their prefix (`pretrained_ViT.safetensors`).
+    VisionEncoder,
+}
+
+/// Prefixes of the vision encoder in M3D-CLIP and in LaMed checkpoints.
+const VISION_PREFIXES: [&str; 2] = ["vision_encoder.", "model.vision_tower.vision_tower."];
+
+/// Shards of an exported model are at most this large (HF's default for `save_pretrained` is 5 GB).
+const MAX_SHARD_BYTES: usize = 5 << 30;
+
+/// Writes the export of `from` into `out`; returns the files written.
+pub fn export(from: &Path, out: &Path, kind: ExportKind) -> Result<Vec<PathBuf>, ExportError> {
+    let file = weights_file(from);
+    let tensors = read_tensors(&file)?;
+    std::fs::create_dir_all(out).map_err(|source| ExportError::Io {
+        path: out.to_path_buf(),
+        source,
+    })?;
+    let mut written = Vec::new();
+    match kind {
+        ExportKind::VisionEncoder => {
+            let Some(prefix) = VISION_PREFIXES
+                .iter()
+                .find(|p| tensors.iter().any(|(k, _)| k.starts_with(*p)))
+            else {
+                return Err(ExportError::Input {
+                    path: file,
+                    reason: format!("no vision encoder (no key starts with {VISION_PREFIXES:?})"),
+                });
+            };
+            let vision: Vec<(String, Tensor)> = tensors
+                .iter()
+                .filter_map(|(k, t)| Some((k.strip_prefix(prefix)?.to_string(), t.shallow_clone())))
+                .collect();
+            let path = out.join("pretrained_ViT.safetensors");
+            save_safetensors(&path, &vision)?;
+            written.push(path);
+        }
+        ExportKind::Full { merge_lora } => {
+            let has_lora = tensors.iter().any(|(k, _)| is_lora_key(k));
+            let tensors = if merge_lora {
+                if !has_lora {
+                    return Err(ExportError::Input {
+                        path: file,
+                        reason: "no LoRA adapter to merge (no `lora_A`/`lora_B` keys)".into(),
+                    });
+                }
+                let cfg = read_adapter_config(&from.join("adapter"))?;
+                merge_tensors(&tensors, cfg.scaling())
+            } else {
+                tensors
+            };
+            save_sharded(out, &tensors, MAX_SHARD_BYTES)?;
+            for entry in std::fs::read_dir(out).map_err(|source| ExportError::Io {
+                path: out.to_path_buf(),
+                source,
+            })? {
+                let p = entry
+                    .map_err(|source| ExportError::Io {
+                        path: out.to_path_buf(),
+                        source,
+                    })?
+                    .path();
+                if p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with("model"))
+                {
+                    written.push(p);
+                }
+            }
+            for name in ["config.json", "tokenizer.json"] {
+                let src = from.join(name);
+                if src.is_file() {
+                    let dst = out.join(name);
+                    std::fs::copy(&src, &dst).map_err(|source| ExportError::Io {
+                        path: src.clone(),
+                        source,
+                    })?;
+                    written.push(dst);
+                }
+            }
+        }
+    }
+    written.sort();
+    Ok(written)
+}
