@@ -5,7 +5,6 @@
 mod common;
 
 use std::io::{BufRead, BufReader};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -100,16 +99,27 @@ fn max_diff(a: &Path, b: &Path) -> f64 {
         .unwrap()
 }
 
-/// Starts `m3d train` in its own process group, waits until `until` exists, then SIGKILLs the whole group
-/// (supervisor, coordinator and workers at once, as a lost node would).
+/// Starts `m3d train`, waits until `until` exists, then SIGKILLs the supervisor (with the coordinator in it)
+/// and every worker it started, as a lost node would lose them.
 fn train_and_kill(a: &[String], until: &Path) {
     let mut child = Command::new(m3d_bin())
         .args(a)
-        .process_group(0)
-        .stdout(Stdio::null())
+        .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let pids = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let reader = {
+        let pids = pids.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some((_, pid)) = line.split_once(" pid ") {
+                    pids.lock().unwrap().push(pid.trim().to_string());
+                }
+            }
+        })
+    };
     let t0 = Instant::now();
     while !until.exists() {
         assert!(
@@ -122,11 +132,11 @@ fn train_and_kill(a: &[String], until: &Path) {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    let pgid = child.id();
-    let _ = Command::new("kill")
-        .args(["-9", &format!("-{pgid}")])
-        .status();
+    let mut kill = vec!["-9".to_string(), child.id().to_string()];
+    kill.extend(pids.lock().unwrap().iter().cloned());
+    let _ = Command::new("kill").args(&kill).status();
     let _ = child.wait();
+    let _ = reader.join();
     std::thread::sleep(Duration::from_millis(300));
 }
 
