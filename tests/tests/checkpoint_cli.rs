@@ -9,29 +9,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{m3d, m3d_bin, m3d_ok, workspace_root};
+use common::{losses, m3d, m3d_bin, m3d_ok, param_diff_of, synth_cap_vqa, workspace_root, Keys};
 
 fn synth_cap(dir: &Path) -> String {
-    let raw = dir.join("raw");
-    let cap = dir.join("cap");
-    m3d_ok(&[
-        "data-prep",
-        "synth",
-        raw.to_str().unwrap(),
-        "--cap-cases",
-        "16",
-        "--slice-size",
-        "64x64",
-    ]);
-    m3d_ok(&[
-        "data-prep",
-        "cap",
-        "--src",
-        raw.join("M3D_Cap").to_str().unwrap(),
-        "--out",
-        cap.to_str().unwrap(),
-    ]);
-    cap.display().to_string()
+    synth_cap_vqa(dir, 16).0
 }
 
 fn args(run: &Path, cap: &str, workers: usize, extra: &[&str]) -> Vec<String> {
@@ -62,41 +43,6 @@ fn args(run: &Path, cap: &str, workers: usize, extra: &[&str]) -> Vec<String> {
 fn train_ok(a: &[String]) -> String {
     let refs: Vec<&str> = a.iter().map(String::as_str).collect();
     m3d_ok(&refs)
-}
-
-fn losses(run: &Path) -> Vec<(u64, f64)> {
-    std::fs::read_to_string(run.join("metrics.jsonl"))
-        .expect("metrics")
-        .lines()
-        .map(|l| {
-            let v: serde_json::Value = serde_json::from_str(l).unwrap();
-            (v["step"].as_u64().unwrap(), v["loss"].as_f64().unwrap())
-        })
-        .collect()
-}
-
-fn losses_or_empty(run: &Path) -> Vec<(u64, f64)> {
-    if run.join("metrics.jsonl").exists() {
-        losses(run)
-    } else {
-        Vec::new()
-    }
-}
-
-fn max_diff(a: &Path, b: &Path) -> f64 {
-    let script = std::env::temp_dir().join(format!("m3d-ckdiff-{}.py", std::process::id()));
-    std::fs::write(
-        &script,
-        "import sys, json\nfrom safetensors.numpy import load_file\n\
-         a, b = load_file(sys.argv[1]), load_file(sys.argv[2])\n\
-         assert sorted(a) == sorted(b)\n\
-         print(json.dumps(max(float(abs(a[k].astype('float64') - b[k].astype('float64')).max()) for k in a)))\n",
-    )
-    .unwrap();
-    m3d_testkit::run_python(&script, &[a.to_str().unwrap(), b.to_str().unwrap()])
-        .trim()
-        .parse()
-        .unwrap()
 }
 
 /// Starts `m3d train`, waits until `until` exists, then SIGKILLs the supervisor (with the coordinator in it)
@@ -167,7 +113,8 @@ fn killed_job_resumes_exactly_with_the_same_or_another_number_of_workers() {
         for ((s, a), (_, b)) in reference.iter().zip(&l) {
             assert!((a - b).abs() <= tol, "{name}: step {s}: {a} vs {b}");
         }
-        let d = max_diff(
+        let d = param_diff_of(
+            Keys::All,
             &whole.join("final/model.safetensors"),
             &run.join("final/model.safetensors"),
         );
@@ -210,7 +157,7 @@ fn killed_worker_makes_the_job_restart_from_the_last_commit() {
     // first step after the upload finished: wait until training is past that point.
     let commit = run.join("checkpoints/step-000000004/COMMIT");
     let t0 = Instant::now();
-    while !commit.exists() || losses_or_empty(&run).len() < 6 {
+    while !commit.exists() || losses(&run).len() < 6 {
         assert!(t0.elapsed() < Duration::from_secs(120));
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -323,7 +270,7 @@ fn restarted_coordinator_continues_the_job() {
         })
         .collect();
     let t0 = Instant::now();
-    while losses_or_empty(&run).len() < 5 {
+    while losses(&run).len() < 5 {
         assert!(
             t0.elapsed() < Duration::from_secs(120),
             "training did not start"
@@ -351,19 +298,7 @@ fn restarted_coordinator_continues_the_job() {
 #[test]
 fn export_and_merge_lora_write_weights_the_oracle_loads() {
     let dir = tempfile::tempdir().unwrap();
-    let cap = synth_cap(dir.path());
-    let raw = dir.path().join("raw");
-    let vqa = dir.path().join("vqa");
-    m3d_ok(&[
-        "data-prep",
-        "vqa",
-        "--src",
-        raw.join("M3D_VQA").to_str().unwrap(),
-        "--out",
-        vqa.to_str().unwrap(),
-        "--cap",
-        &cap,
-    ]);
+    let (cap, vqa) = synth_cap_vqa(dir.path(), 16);
     let recipe = |name: &str| {
         workspace_root()
             .join("recipes")
@@ -376,7 +311,7 @@ fn export_and_merge_lora_write_weights_the_oracle_loads() {
         for s in [
             format!("output.run={}", run.display()),
             format!("data.tasks.0.shards=[{cap}]"),
-            format!("data.tasks.1.shards=[{}]", vqa.display()),
+            format!("data.tasks.1.shards=[{vqa}]"),
             format!("data.tasks.1.volumes=[{cap}]"),
             "train.max_steps=2".into(),
         ]

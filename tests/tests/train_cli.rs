@@ -11,43 +11,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{m3d_bin, m3d_ok, workspace_root};
-
-/// Synthetic M3D-Cap and M3D-VQA shards in `dir` (cap at `dir/shards/cap`, vqa at `dir/shards/vqa`).
-fn synth_shards(dir: &Path, cap_cases: usize) -> (String, String) {
-    let raw = dir.join("raw");
-    let cap = dir.join("shards/cap");
-    let vqa = dir.join("shards/vqa");
-    let s = |p: &Path| p.display().to_string();
-    m3d_ok(&[
-        "data-prep",
-        "synth",
-        &s(&raw),
-        "--cap-cases",
-        &cap_cases.to_string(),
-        "--slice-size",
-        "64x64",
-    ]);
-    m3d_ok(&[
-        "data-prep",
-        "cap",
-        "--src",
-        &s(&raw.join("M3D_Cap")),
-        "--out",
-        &s(&cap),
-    ]);
-    m3d_ok(&[
-        "data-prep",
-        "vqa",
-        "--src",
-        &s(&raw.join("M3D_VQA")),
-        "--out",
-        &s(&vqa),
-        "--cap",
-        &s(&cap),
-    ]);
-    (s(&cap), s(&vqa))
-}
+use common::{
+    losses, m3d_bin, m3d_ok, param_diff_of, synth_cap_vqa as synth_shards, workspace_root, Keys,
+};
 
 fn recipe(name: &str) -> String {
     workspace_root()
@@ -75,57 +41,6 @@ fn train(recipe_file: &str, workers: usize, run: &Path, sets: &[String]) -> Stri
     m3d_ok(&refs)
 }
 
-/// The largest absolute difference between two safetensors files, key by key (they must hold the same keys),
-/// leaving out the parameters whose gradient is (nearly) pure rounding noise, which Adam normalises into
-/// updates of up to ±lr whose sign depends on the order of floating-point sums — any change of batch layout
-/// moves them, in torch's DDP as here; [`noisy_diff`] bounds them separately:
-/// - BERT's attention key biases: their true gradient is exactly zero (a softmax does not change when the
-///   same value is added to every key), so they receive rounding noise of ~1e-10;
-/// - BERT's token-type embeddings: one row shared by every token of the batch, whose gradient is a sum over
-///   all of them that nearly cancels (measured: 3.2e-5 apart after 4 steps at lr 5e-4, while every other
-///   parameter agrees within 2.5e-6).
-fn max_param_diff(a: &Path, b: &Path) -> f64 {
-    param_diff(a, b, false)
-}
-
-fn noisy_diff(a: &Path, b: &Path) -> f64 {
-    param_diff(a, b, true)
-}
-
-fn param_diff(a: &Path, b: &Path, noisy: bool) -> f64 {
-    let script = std::env::temp_dir().join(format!("m3d-diff-{}.py", std::process::id()));
-    std::fs::write(
-        &script,
-        "import sys, json\nfrom safetensors.numpy import load_file\n\
-         a, b = load_file(sys.argv[1]), load_file(sys.argv[2])\n\
-         assert sorted(a) == sorted(b), (sorted(set(a) ^ set(b)))\n\
-         noisy = sys.argv[3] == '1'\n\
-         keys = [k for k in a if (k.endswith('attention.self.key.bias') or 'token_type_embeddings' in k) == noisy]\n\
-         print(json.dumps(max([float(abs(a[k].astype('float64') - b[k].astype('float64')).max()) for k in keys] + [0.0])))\n",
-    )
-    .unwrap();
-    let out = m3d_testkit::run_python(
-        &script,
-        &[
-            &a.display().to_string(),
-            &b.display().to_string(),
-            if noisy { "1" } else { "0" },
-        ],
-    );
-    out.trim().parse().expect("a number")
-}
-
-fn losses(run: &Path) -> Vec<(u64, f64)> {
-    std::fs::read_to_string(run.join("metrics.jsonl"))
-        .expect("metrics")
-        .lines()
-        .map(|l| {
-            let v: serde_json::Value = serde_json::from_str(l).expect("json line");
-            (v["step"].as_u64().unwrap(), v["loss"].as_f64().unwrap())
-        })
-        .collect()
-}
-
 fn clip_sets(cap: &str, steps: u64, global: usize) -> Vec<String> {
     vec![
         format!("data.tasks.0.shards=[{cap}]"),
@@ -148,12 +63,14 @@ fn clip_two_workers_equal_one_worker_with_twice_the_batch() {
     train(&recipe("clip-tiny.yaml"), 1, &one, &sets);
     let out = train(&recipe("clip-tiny.yaml"), 2, &two, &sets);
     assert!(out.contains("2 worker(s)"), "{out}");
-    let d = max_param_diff(
+    let d = param_diff_of(
+        Keys::Quiet,
         &one.join("final/model.safetensors"),
         &two.join("final/model.safetensors"),
     );
     assert!(d < 1e-5, "parameters differ by {d}");
-    let noisy = noisy_diff(
+    let noisy = param_diff_of(
+        Keys::Noisy,
         &one.join("final/model.safetensors"),
         &two.join("final/model.safetensors"),
     );
@@ -163,7 +80,8 @@ fn clip_two_workers_equal_one_worker_with_twice_the_batch() {
     let mut reseeded = sets.clone();
     reseeded.push("train.seed=7".into());
     train(&recipe("clip-tiny.yaml"), 2, &other, &reseeded);
-    let d_other = max_param_diff(
+    let d_other = param_diff_of(
+        Keys::Quiet,
         &one.join("final/model.safetensors"),
         &other.join("final/model.safetensors"),
     );
@@ -233,7 +151,8 @@ fn lamed_stage2_lora_two_workers_equal_one_and_lowers_the_answer_loss() {
     let two = dir.path().join("two");
     train(&recipe("lamed-stage2-tiny.yaml"), 1, &one, &sets(3));
     train(&recipe("lamed-stage2-tiny.yaml"), 2, &two, &sets(3));
-    let d = max_param_diff(
+    let d = param_diff_of(
+        Keys::Quiet,
         &one.join("final/model.safetensors"),
         &two.join("final/model.safetensors"),
     );

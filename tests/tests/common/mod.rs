@@ -86,3 +86,97 @@ pub fn synth_small(dir: &Path) {
 pub fn s(p: &Path) -> &str {
     p.to_str().expect("utf-8 path")
 }
+
+/// Synthetic M3D-Cap and M3D-VQA shards in `dir` (`dir/shards/cap`, `dir/shards/vqa`), from `cap_cases` cases
+/// with 64x64 slices; returns their URLs.
+pub fn synth_cap_vqa(dir: &Path, cap_cases: usize) -> (String, String) {
+    let raw = dir.join("raw");
+    let cap = dir.join("shards/cap");
+    let vqa = dir.join("shards/vqa");
+    let p = |p: &Path| p.display().to_string();
+    m3d_ok(&[
+        "data-prep",
+        "synth",
+        &p(&raw),
+        "--cap-cases",
+        &cap_cases.to_string(),
+        "--slice-size",
+        "64x64",
+    ]);
+    m3d_ok(&[
+        "data-prep",
+        "cap",
+        "--src",
+        &p(&raw.join("M3D_Cap")),
+        "--out",
+        &p(&cap),
+    ]);
+    m3d_ok(&[
+        "data-prep",
+        "vqa",
+        "--src",
+        &p(&raw.join("M3D_VQA")),
+        "--out",
+        &p(&vqa),
+        "--cap",
+        &p(&cap),
+    ]);
+    (p(&cap), p(&vqa))
+}
+
+/// (step, loss) of every line of a run's `metrics.jsonl` (empty when there is none yet).
+pub fn losses(run: &Path) -> Vec<(u64, f64)> {
+    let Ok(text) = std::fs::read_to_string(run.join("metrics.jsonl")) else {
+        return Vec::new();
+    };
+    text.lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).expect("json line");
+            (v["step"].as_u64().unwrap(), v["loss"].as_f64().unwrap())
+        })
+        .collect()
+}
+
+/// Which parameters a comparison of two weight files covers.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Keys {
+    All,
+    /// All but [`Keys::Noisy`].
+    Quiet,
+    /// The parameters whose gradient is (nearly) pure rounding noise, which Adam normalises into updates of
+    /// up to ±lr whose sign depends on the order of floating-point sums — any change of batch layout moves
+    /// them, in torch's DDP as here:
+    /// - BERT's attention key biases: their true gradient is exactly zero (a softmax does not change when the
+    ///   same value is added to every key), so they receive rounding noise of ~1e-10;
+    /// - BERT's token-type embeddings: one row shared by every token of the batch, whose gradient is a sum
+    ///   over all of them that nearly cancels (measured: 3.2e-5 apart after 4 steps at lr 5e-4, while every
+    ///   other parameter agrees within 2.5e-6).
+    Noisy,
+}
+
+/// The largest absolute difference between the `keys` of two safetensors files (which must hold the same
+/// keys), computed by the Python oracle.
+pub fn param_diff_of(keys: Keys, a: &Path, b: &Path) -> f64 {
+    let script = std::env::temp_dir().join(format!("m3d-diff-{}.py", std::process::id()));
+    std::fs::write(
+        &script,
+        "import sys, json\nfrom safetensors.numpy import load_file\n\
+         a, b = load_file(sys.argv[1]), load_file(sys.argv[2])\n\
+         assert sorted(a) == sorted(b), (sorted(set(a) ^ set(b)))\n\
+         which = sys.argv[3]\n\
+         noisy = lambda k: k.endswith('attention.self.key.bias') or 'token_type_embeddings' in k\n\
+         keys = [k for k in a if which == 'all' or noisy(k) == (which == 'noisy')]\n\
+         print(json.dumps(max([float(abs(a[k].astype('float64') - b[k].astype('float64')).max()) for k in keys] + [0.0])))\n",
+    )
+    .expect("write the diff script");
+    let which = match keys {
+        Keys::All => "all",
+        Keys::Quiet => "quiet",
+        Keys::Noisy => "noisy",
+    };
+    let out = m3d_testkit::run_python(
+        &script,
+        &[&a.display().to_string(), &b.display().to_string(), which],
+    );
+    out.trim().parse().expect("a number")
+}
