@@ -233,12 +233,12 @@ fn restarted_coordinator_continues_the_job() {
         recipe_args.push("--set".into());
         recipe_args.push(s);
     }
-    let port = m3d_testkit::free_port();
-    let listen = format!("127.0.0.1:{port}");
     let state = dir.path().join("state").display().to_string();
-    let start_coordinator = || {
+    // Started on port 0 the first time (no race for a free port with parallel tests), then again on the
+    // address it got; returns the child once it prints that address.
+    let start_coordinator = |listen: &str| {
         let mut c = Command::new(m3d_bin());
-        c.args(["coordinator", "--listen", &listen, "--state", &state])
+        c.args(["coordinator", "--listen", listen, "--state", &state])
             .args([
                 "--min-workers",
                 "2",
@@ -248,11 +248,21 @@ fn restarted_coordinator_continues_the_job() {
             ])
             .args(&recipe_args)
             .env_remove("M3D_TOKEN")
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .stderr(Stdio::null());
-        c.spawn().unwrap()
+        let mut child = c.spawn().unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let addr = line
+            .trim()
+            .strip_prefix("m3d coordinator listening on ")
+            .unwrap_or_else(|| panic!("coordinator on {listen} did not start: {line:?}"))
+            .to_string();
+        (child, addr)
     };
-    let mut coordinator = start_coordinator();
+    let (mut coordinator, listen) = start_coordinator("127.0.0.1:0");
     let url = format!("http://{listen}");
     let mut workers: Vec<std::process::Child> = ["w0", "w1"]
         .iter()
@@ -280,7 +290,7 @@ fn restarted_coordinator_continues_the_job() {
     coordinator.kill().unwrap();
     coordinator.wait().unwrap();
     std::thread::sleep(Duration::from_secs(2));
-    let mut coordinator = start_coordinator();
+    let (mut coordinator, _) = start_coordinator(&listen);
     for w in workers.iter_mut() {
         let s = w.wait().unwrap();
         assert!(s.success(), "a worker failed: {s}");
