@@ -370,10 +370,75 @@ pub fn state_dict(vs: &VarStore) -> Vec<(String, Tensor)> {
     v
 }
 
-struct HostTensor {
+/// A tensor copied to host memory in safetensors' terms (dtype, shape, little-endian bytes).
+pub struct HostTensor {
     dtype: safetensors::Dtype,
     shape: Vec<usize>,
     data: Vec<u8>,
+}
+
+impl HostTensor {
+    /// Bytes of data.
+    pub fn len(&self) -> usize {
+        self.data.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.data.is_empty()
+    }
+}
+
+/// Copies `tensors` to host memory (one copy each; what a checkpoint stages while training goes on).
+pub fn to_host_tensors(tensors: &[(String, Tensor)]) -> Result<Vec<(String, HostTensor)>> {
+    tensors
+        .iter()
+        .map(|(k, t)| Ok((k.clone(), to_host(k, t)?)))
+        .collect()
+}
+
+/// The bytes of a safetensors file holding host tensors (metadata `format: pt`).
+pub fn serialize_host(host: &[(String, HostTensor)]) -> Result<Vec<u8>> {
+    let mut seen = HashSet::new();
+    if let Some((dup, _)) = host.iter().find(|(k, _)| !seen.insert(k.as_str())) {
+        return Err(ModelError::Input(format!("key `{dup}` given twice")));
+    }
+    let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
+    safetensors::serialize(host.iter().map(|(k, t)| (k.as_str(), t)), Some(meta))
+        .map_err(|e| ModelError::Input(format!("serialising safetensors: {e}")))
+}
+
+/// The tensors of a safetensors file held in memory (`origin` names it in errors), on the CPU.
+pub fn read_safetensors_bytes(bytes: &[u8], origin: &Path) -> Result<Vec<(String, Tensor)>> {
+    use safetensors::Dtype;
+    let st = safetensors::SafeTensors::deserialize(bytes)
+        .map_err(|e| ModelError::weights(origin, e.to_string()))?;
+    st.tensors()
+        .into_iter()
+        .map(|(name, view)| {
+            let kind = match view.dtype() {
+                Dtype::F32 => Kind::Float,
+                Dtype::F16 => Kind::Half,
+                Dtype::BF16 => Kind::BFloat16,
+                Dtype::F64 => Kind::Double,
+                Dtype::I64 => Kind::Int64,
+                Dtype::I32 => Kind::Int,
+                Dtype::I16 => Kind::Int16,
+                Dtype::I8 => Kind::Int8,
+                Dtype::U8 => Kind::Uint8,
+                Dtype::BOOL => Kind::Bool,
+                d => {
+                    return Err(ModelError::weights(
+                        origin,
+                        format!("tensor `{name}`: unsupported dtype {d:?}"),
+                    ))
+                }
+            };
+            let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
+            let t = Tensor::f_from_data_size(view.data(), &shape, kind)
+                .map_err(|e| ModelError::weights(origin, format!("tensor `{name}`: {e}")))?;
+            Ok((name, t))
+        })
+        .collect()
 }
 
 impl safetensors::View for &HostTensor {
@@ -430,17 +495,7 @@ fn tmp_path(path: &Path) -> PathBuf {
 /// The bytes of a safetensors file holding `tensors` (metadata `format: pt`): the state copied to host
 /// memory, e.g. to stage a checkpoint while training goes on.
 pub fn safetensors_bytes(tensors: &[(String, Tensor)]) -> Result<Vec<u8>> {
-    let host: Vec<(String, HostTensor)> = tensors
-        .iter()
-        .map(|(k, t)| Ok((k.clone(), to_host(k, t)?)))
-        .collect::<Result<_>>()?;
-    let mut seen = HashSet::new();
-    if let Some((dup, _)) = host.iter().find(|(k, _)| !seen.insert(k.as_str())) {
-        return Err(ModelError::Input(format!("key `{dup}` given twice")));
-    }
-    let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
-    safetensors::serialize(host.iter().map(|(k, t)| (k.as_str(), t)), Some(meta))
-        .map_err(|e| ModelError::Input(format!("serialising safetensors: {e}")))
+    serialize_host(&to_host_tensors(tensors)?)
 }
 
 /// Writes one HF-compatible safetensors file (metadata `format: pt`), atomically.

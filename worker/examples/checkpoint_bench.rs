@@ -78,7 +78,7 @@ fn main() {
         save.push(t.elapsed().as_secs_f64() + stage.last().copied().unwrap_or(0.0));
         drop(staged);
         let t = Instant::now();
-        let l = load(&store, 1, &dir.join("scratch")).expect("load");
+        let l = load(&store, 1).expect("load");
         // Touch the data so lazy reads would be counted.
         let s: f64 = l
             .model

@@ -10,7 +10,7 @@
 //!                                       so rank 0 writes them)
 //! step-000000020/optimizer.safetensors  AdamW's state, by name (`<param>.exp_avg`, `.exp_avg_sq`, `.step`)
 //! step-000000020/state.json             step, data-plan position and spec, world size, recipe, code version
-//! step-000000020/COMMIT                 written last: size and SHA-256 of each file above
+//! step-000000020/COMMIT                 written last: size and CRC-32 of each file above
 //! ```
 //!
 //! A folder without `COMMIT` (a writer killed mid-upload) is never loaded, and a file that does not match its
@@ -26,9 +26,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use m3d_coordinator::plan::PlanSpec;
+use m3d_models::weights::{read_safetensors_bytes, serialize_host, to_host_tensors, HostTensor};
 use m3d_shards::store::Store;
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use tch::Tensor;
 
 /// Errors writing or reading checkpoints.
@@ -92,7 +92,9 @@ pub struct CheckpointState {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct FileRecord {
     bytes: u64,
-    sha256: String,
+    /// CRC-32 (IEEE) of the file: catches truncated, partial and corrupted files at several GB/s, where a
+    /// cryptographic hash would cost seconds per checkpoint (this guards against accidents, not attackers).
+    crc32: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -101,15 +103,26 @@ struct CommitRecord {
     files: std::collections::BTreeMap<String, FileRecord>,
 }
 
-/// A checkpoint copied to host memory, ready to upload.
-#[derive(Debug, Clone)]
+/// A checkpoint copied to host memory, ready to upload. Staging is one copy of each tensor (the only part
+/// that stops training); serialising and checksumming happen on the upload thread.
 pub struct Staged {
     pub step: u64,
-    files: Vec<(&'static str, Bytes)>,
+    model: Vec<(String, HostTensor)>,
+    optimizer: Vec<(String, HostTensor)>,
+    state: Vec<u8>,
+}
+
+impl std::fmt::Debug for Staged {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Staged")
+            .field("step", &self.step)
+            .field("bytes", &self.bytes())
+            .finish()
+    }
 }
 
 impl Staged {
-    /// Copies the parameters and optimizer state to host memory (the only part that stops training).
+    /// Copies the parameters and optimizer state to host memory.
     pub fn new(
         state: &CheckpointState,
         model: &[(String, Tensor)],
@@ -123,23 +136,29 @@ impl Staged {
             })?;
         Ok(Staged {
             step: state.step,
-            files: vec![
-                (
-                    MODEL,
-                    Bytes::from(m3d_models::weights::safetensors_bytes(model)?),
-                ),
-                (
-                    OPTIMIZER,
-                    Bytes::from(m3d_models::weights::safetensors_bytes(optimizer)?),
-                ),
-                (STATE, Bytes::from(state_json)),
-            ],
+            model: to_host_tensors(model)?,
+            optimizer: to_host_tensors(optimizer)?,
+            state: state_json,
         })
     }
 
     /// Host memory the staged copy holds.
     pub fn bytes(&self) -> usize {
-        self.files.iter().map(|(_, b)| b.len()).sum()
+        self.model
+            .iter()
+            .chain(&self.optimizer)
+            .map(|(_, t)| t.len())
+            .sum::<usize>()
+            + self.state.len()
+    }
+
+    /// The files of the checkpoint, serialised.
+    fn files(&self) -> Result<Vec<(&'static str, Bytes)>, CheckpointError> {
+        Ok(vec![
+            (MODEL, Bytes::from(serialize_host(&self.model)?)),
+            (OPTIMIZER, Bytes::from(serialize_host(&self.optimizer)?)),
+            (STATE, Bytes::from(self.state.clone())),
+        ])
     }
 }
 
@@ -150,8 +169,8 @@ fn store_err(store: &Store) -> impl Fn(m3d_shards::ShardError) -> CheckpointErro
     }
 }
 
-fn sha256(bytes: &[u8]) -> String {
-    hex::encode(Sha256::digest(bytes))
+fn crc32(bytes: &[u8]) -> u32 {
+    crc32fast::hash(bytes)
 }
 
 /// Writes a staged checkpoint: its files, then the commit record. Until the record lands the checkpoint does
@@ -162,7 +181,7 @@ pub fn write(store: &Store, staged: &Staged) -> Result<(), CheckpointError> {
         step: staged.step,
         files: Default::default(),
     };
-    for (name, bytes) in &staged.files {
+    for (name, bytes) in &staged.files()? {
         store
             .put(&format!("{dir}/{name}"), bytes.clone())
             .map_err(store_err(store))?;
@@ -170,7 +189,7 @@ pub fn write(store: &Store, staged: &Staged) -> Result<(), CheckpointError> {
             name.to_string(),
             FileRecord {
                 bytes: bytes.len() as u64,
-                sha256: sha256(bytes),
+                crc32: crc32(bytes),
             },
         );
     }
@@ -256,9 +275,8 @@ pub struct Loaded {
     pub optimizer: Vec<(String, Tensor)>,
 }
 
-/// Reads the committed checkpoint of `step`, checking every file against the commit record (`scratch`: a local
-/// folder the safetensors files pass through).
-pub fn load(store: &Store, step: u64, scratch: &Path) -> Result<Loaded, CheckpointError> {
+/// Reads the committed checkpoint of `step`, checking every file against the commit record.
+pub fn load(store: &Store, step: u64) -> Result<Loaded, CheckpointError> {
     let dir = step_dir(step);
     let invalid = |key: &str, reason: String| CheckpointError::Invalid {
         url: store.url().to_string(),
@@ -279,15 +297,15 @@ pub fn load(store: &Store, step: u64, scratch: &Path) -> Result<Loaded, Checkpoi
             .get(name)
             .ok_or_else(|| invalid(&commit_key, format!("no record of `{name}`")))?;
         let bytes = store.get(&key).map_err(store_err(store))?;
-        if bytes.len() as u64 != want.bytes || sha256(&bytes) != want.sha256 {
+        if bytes.len() as u64 != want.bytes || crc32(&bytes) != want.crc32 {
             return Err(invalid(
                 &key,
                 format!(
-                    "{} bytes with SHA-256 {}, the commit record says {} bytes with {}",
+                    "{} bytes with CRC-32 {:08x}, the commit record says {} bytes with {:08x}",
                     bytes.len(),
-                    sha256(&bytes),
+                    crc32(&bytes),
                     want.bytes,
-                    want.sha256
+                    want.crc32
                 ),
             ));
         }
@@ -295,20 +313,12 @@ pub fn load(store: &Store, step: u64, scratch: &Path) -> Result<Loaded, Checkpoi
     };
     let state: CheckpointState = serde_json::from_slice(&fetch(STATE)?)
         .map_err(|e| invalid(&format!("{dir}/{STATE}"), e.to_string()))?;
-    std::fs::create_dir_all(scratch).map_err(|source| CheckpointError::Io {
-        path: scratch.to_path_buf(),
-        source,
-    })?;
     let read = |name: &str| -> Result<Vec<(String, Tensor)>, CheckpointError> {
         let bytes = fetch(name)?;
-        let path = scratch.join(format!("{}-{name}", std::process::id()));
-        std::fs::write(&path, &bytes).map_err(|source| CheckpointError::Io {
-            path: path.clone(),
-            source,
-        })?;
-        let t = m3d_models::weights::read_safetensors(&path);
-        let _ = std::fs::remove_file(&path);
-        Ok(t?)
+        Ok(read_safetensors_bytes(
+            &bytes,
+            Path::new(&format!("{}/{dir}/{name}", store.url())),
+        )?)
     };
     Ok(Loaded {
         state,

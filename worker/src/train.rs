@@ -230,8 +230,7 @@ pub fn run_round(
             url: base.to_string(),
             source,
         })?;
-        let scratch = std::env::temp_dir().join("m3d-resume");
-        let loaded = checkpoint::load(&store, round.resume_step, &scratch)?;
+        let loaded = checkpoint::load(&store, round.resume_step)?;
         if loaded.state.step != round.resume_step {
             return Err(TrainError::WrongCheckpoint {
                 url: url.to_string(),
