@@ -433,3 +433,83 @@ print(json.dumps({"missing": missing, "unexpected": list(unexpected), "keys": le
     assert_eq!(v["missing"], serde_json::json!([]), "{v}");
     assert_eq!(v["unexpected"], serde_json::json!([]), "{v}");
 }
+
+/// Checkpoints written straight to an S3-protocol server (moto on loopback) and a killed job resumed from
+/// them: the same final parameters as the job that was never interrupted.
+#[test]
+fn checkpoints_in_s3_resume_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let cap = synth_cap(dir.path());
+    let s3 = m3d_testkit::S3Server::start(&dir.path().join("moto.log"));
+    s3.create_bucket("m3d-ckpt");
+    let env = [
+        ("AWS_ACCESS_KEY_ID", "AKIAM3DTEST".to_string()),
+        ("AWS_SECRET_ACCESS_KEY", "m3d-test-secret".to_string()),
+        ("AWS_REGION", "us-east-1".to_string()),
+        ("AWS_ENDPOINT_URL", s3.endpoint()),
+    ];
+    let run_with = |run: &Path, url: &str, extra: &[&str]| {
+        let mut a = args(run, &cap, 2, extra);
+        a.push("--set".into());
+        a.push(format!("checkpoint.url={url}"));
+        a
+    };
+    let m3d_env = |a: &[String]| {
+        let out = Command::new(m3d_bin())
+            .args(a)
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let whole = dir.path().join("whole");
+    m3d_env(&run_with(&whole, "s3://m3d-ckpt/whole", &[]));
+    // The same job, killed (with its workers) two steps after step 8's checkpoint was due.
+    let part = dir.path().join("part");
+    let mut child = Command::new(m3d_bin())
+        .args(run_with(&part, "s3://m3d-ckpt/part", &[]))
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut pids = vec![child.id().to_string()];
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    while pids.len() < 3 {
+        let line = lines.next().expect("worker pids").unwrap();
+        if let Some((_, pid)) = line.split_once(" pid ") {
+            pids.push(pid.trim().to_string());
+        }
+    }
+    let t0 = Instant::now();
+    while losses(&part).len() < 10 {
+        assert!(t0.elapsed() < Duration::from_secs(120), "no progress");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut kill = vec!["-9".to_string()];
+    kill.extend(pids);
+    Command::new("kill").args(&kill).status().unwrap();
+    let _ = child.wait();
+    std::thread::sleep(Duration::from_millis(300));
+    let out = m3d_env(&run_with(&part, "s3://m3d-ckpt/part", &["--resume"]));
+    assert!(
+        out.contains("resuming from step 8 (s3://m3d-ckpt/part/step-000000008)"),
+        "{out}"
+    );
+    assert_eq!(
+        param_diff_of(
+            Keys::All,
+            &whole.join("final/model.safetensors"),
+            &part.join("final/model.safetensors"),
+        ),
+        0.0
+    );
+    let log = std::fs::read_to_string(part.join("logs/w0.log")).unwrap();
+    assert!(!log.contains("m3d-test-secret"));
+}
