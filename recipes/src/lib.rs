@@ -428,11 +428,6 @@ impl Recipe {
             .max(1)
     }
 
-    /// Samples each of `world` ranks trains on per optimizer step: `global_batch / world`.
-    pub fn global_batch_per_rank(&self, world: usize) -> usize {
-        self.train.global_batch / world.max(1)
-    }
-
     /// Micro-batches accumulated per optimizer step at world size `world`:
     /// `global_batch / (micro_batch × world)`.
     pub fn grad_accum(&self, world: usize) -> Result<usize, RecipeError> {

@@ -9,7 +9,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{losses, m3d, m3d_bin, m3d_ok, param_diff_of, synth_cap_vqa, workspace_root, Keys};
+use common::{
+    listening_address, losses, m3d, m3d_bin, m3d_ok, param_diff_of, synth_cap_vqa, workspace_root,
+    Keys,
+};
 
 fn synth_cap(dir: &Path) -> String {
     synth_cap_vqa(dir, 16).0
@@ -251,15 +254,7 @@ fn restarted_coordinator_continues_the_job() {
             .stdout(Stdio::piped())
             .stderr(Stdio::null());
         let mut child = c.spawn().unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let addr = line
-            .trim()
-            .strip_prefix("m3d coordinator listening on ")
-            .unwrap_or_else(|| panic!("coordinator on {listen} did not start: {line:?}"))
-            .to_string();
+        let addr = listening_address(&mut child);
         (child, addr)
     };
     let (mut coordinator, listen) = start_coordinator("127.0.0.1:0");

@@ -4,11 +4,10 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 
-use common::m3d_bin;
+use common::{listening_address, m3d_bin};
 use m3d_coordinator::{
     CheckpointRef, Client, Code, JobPhase, Progress, Token, WorkerAction, WorkerInfo,
 };
@@ -38,16 +37,7 @@ impl Coordinator {
             cmd.env(k, v);
         }
         let mut child = cmd.spawn().expect("spawn m3d coordinator");
-        let stdout = child.stdout.take().expect("stdout");
-        let mut line = String::new();
-        BufReader::new(stdout)
-            .read_line(&mut line)
-            .expect("address line");
-        let addr = line
-            .trim()
-            .strip_prefix("m3d coordinator listening on ")
-            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-            .to_string();
+        let addr = listening_address(&mut child);
         Coordinator {
             child,
             url: format!("http://{addr}"),

@@ -6,13 +6,13 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{
-    losses, m3d_bin, m3d_ok, param_diff_of, synth_cap_vqa as synth_shards, workspace_root, Keys,
+    listening_address, losses, m3d_bin, m3d_ok, param_diff_of, synth_cap_vqa as synth_shards,
+    workspace_root, Keys,
 };
 
 fn recipe(name: &str) -> String {
@@ -189,15 +189,7 @@ fn coordinator(args: &[String], envs: &[(&str, &str)], log: &Path) -> (Proc, Str
         cmd.env(k, v);
     }
     let mut child = cmd.spawn().expect("spawn coordinator");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line
-        .trim()
-        .strip_prefix("m3d coordinator listening on ")
-        .unwrap_or_else(|| panic!("unexpected {line:?}"))
-        .to_string();
+    let addr = listening_address(&mut child);
     (Proc { child }, format!("http://{addr}"))
 }
 

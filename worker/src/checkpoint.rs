@@ -176,12 +176,21 @@ fn crc32(bytes: &[u8]) -> u32 {
 /// Writes a staged checkpoint: its files, then the commit record. Until the record lands the checkpoint does
 /// not exist for [`committed_steps`] and [`load`].
 pub fn write(store: &Store, staged: &Staged) -> Result<(), CheckpointError> {
-    let dir = step_dir(staged.step);
+    write_files(store, staged.step, &staged.files()?)
+}
+
+/// [`write`] of already serialised files (an upload retried does not serialise again).
+fn write_files(
+    store: &Store,
+    step: u64,
+    files: &[(&'static str, Bytes)],
+) -> Result<(), CheckpointError> {
+    let dir = step_dir(step);
     let mut record = CommitRecord {
-        step: staged.step,
+        step,
         files: Default::default(),
     };
-    for (name, bytes) in &staged.files()? {
+    for (name, bytes) in files {
         store
             .put(&format!("{dir}/{name}"), bytes.clone())
             .map_err(store_err(store))?;
@@ -201,20 +210,24 @@ pub fn write(store: &Store, staged: &Staged) -> Result<(), CheckpointError> {
 
 /// Steps of the committed checkpoints under `store`, ascending.
 pub fn committed_steps(store: &Store) -> Result<Vec<u64>, CheckpointError> {
-    let mut steps: Vec<u64> = store
-        .list("")
-        .map_err(store_err(store))?
-        .into_iter()
-        .filter_map(|(key, _)| {
-            let (dir, file) = key.rsplit_once('/')?;
-            let dir = dir.rsplit('/').next()?;
-            (file == COMMIT).then_some(())?;
-            dir.strip_prefix("step-")?.parse::<u64>().ok()
-        })
+    Ok(committed_in(&store.list("").map_err(store_err(store))?))
+}
+
+/// The step of a key under a step folder (`step-000000020/...`).
+fn step_of(key: &str) -> Option<u64> {
+    key.split('/').next()?.strip_prefix("step-")?.parse().ok()
+}
+
+/// Committed steps among listed keys, ascending.
+fn committed_in(keys: &[(String, u64)]) -> Vec<u64> {
+    let mut steps: Vec<u64> = keys
+        .iter()
+        .filter(|(key, _)| key.ends_with(&format!("/{COMMIT}")))
+        .filter_map(|(key, _)| step_of(key))
         .collect();
     steps.sort_unstable();
     steps.dedup();
-    Ok(steps)
+    steps
 }
 
 /// Deletes the committed checkpoints that are neither among the last `keep_last` nor a multiple of
@@ -225,13 +238,13 @@ pub fn retain(
     keep_last: usize,
     keep_every: Option<u64>,
 ) -> Result<Vec<u64>, CheckpointError> {
-    let steps = committed_steps(store)?;
+    let all = store.list("").map_err(store_err(store))?;
+    let steps = committed_in(&all);
     let Some(&newest) = steps.last() else {
         return Ok(Vec::new());
     };
     let keep_from = steps.len().saturating_sub(keep_last.max(1));
     let mut deleted = Vec::new();
-    let all = store.list("").map_err(store_err(store))?;
     for (i, &step) in steps.iter().enumerate() {
         let kept = i >= keep_from || keep_every.is_some_and(|m| m > 0 && step % m == 0);
         if kept {
@@ -253,12 +266,7 @@ pub fn retain(
     }
     // Leftovers of interrupted writes older than the newest commit.
     for (key, _) in &all {
-        let Some(step) = key
-            .split('/')
-            .next()
-            .and_then(|d| d.strip_prefix("step-"))
-            .and_then(|s| s.parse::<u64>().ok())
-        else {
+        let Some(step) = step_of(key) else {
             continue;
         };
         if step < newest && !steps.contains(&step) {
@@ -332,6 +340,34 @@ pub fn step_url(base: &str, step: u64) -> String {
     format!("{}/{}", base.trim_end_matches('/'), step_dir(step))
 }
 
+/// Writes a checkpoint's files, retrying a failed write up to `attempts` times with exponential backoff.
+fn upload(
+    store: &Store,
+    step: u64,
+    files: &[(&'static str, Bytes)],
+    attempts: u32,
+) -> Result<u64, CheckpointError> {
+    let mut attempt = 0;
+    loop {
+        match write_files(store, step, files) {
+            Ok(()) => return Ok(step),
+            Err(e) => {
+                attempt += 1;
+                tracing::warn!(step, attempt, error = %e, "checkpoint upload failed");
+                if attempt >= attempts.max(1) {
+                    return Err(CheckpointError::Upload {
+                        step,
+                        url: store.url().to_string(),
+                        attempts: attempt,
+                        last: e.to_string(),
+                    });
+                }
+                std::thread::sleep(Duration::from_millis(200 << attempt.min(6)));
+            }
+        }
+    }
+}
+
 /// Uploads staged checkpoints on a background thread, one at a time (a new one waits for the previous, so
 /// at most one staged copy is in memory), retrying failed writes with exponential backoff, then applying the
 /// retention rule.
@@ -350,40 +386,14 @@ impl Uploader {
             .name("m3d-checkpoint".into())
             .spawn(move || {
                 for staged in rx {
-                    let mut last = String::new();
-                    let mut result = Err(CheckpointError::Upload {
-                        step: staged.step,
-                        url: store.url().to_string(),
-                        attempts: 0,
-                        last: String::new(),
-                    });
-                    for attempt in 0..attempts.max(1) {
-                        if attempt > 0 {
-                            std::thread::sleep(Duration::from_millis(200 << attempt.min(6)));
-                        }
-                        match write(&store, &staged) {
-                            Ok(()) => {
-                                result = Ok(staged.step);
-                                break;
-                            }
-                            Err(e) => {
-                                tracing::warn!(step = staged.step, attempt, error = %e, "checkpoint upload failed");
-                                last = e.to_string();
-                                result = Err(CheckpointError::Upload {
-                                    step: staged.step,
-                                    url: store.url().to_string(),
-                                    attempts: attempt + 1,
-                                    last: last.clone(),
-                                });
-                            }
-                        }
-                    }
+                    let result = staged
+                        .files()
+                        .and_then(|files| upload(&store, staged.step, &files, attempts));
                     if result.is_ok() {
                         if let Err(e) = retain(&store, keep_last, keep_every) {
                             tracing::warn!(error = %e, "checkpoint retention failed");
                         }
                     }
-                    let _ = last;
                     if done_tx.send(result).is_err() {
                         return;
                     }

@@ -15,7 +15,7 @@ use tch::{Device, Kind, Tensor};
 use crate::batch::stack_volumes;
 use crate::data::{LoaderOptions, ShardLoader};
 use crate::dataset::task_matches;
-use crate::job::{weights_file, JobError};
+use crate::job::JobError;
 
 /// Retrieval scores over `pairs` image-text pairs, in [0, 1].
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
@@ -83,7 +83,7 @@ pub fn load_clip(
     let tokenizer = Tokenizer::from_file(model_dir)?;
     let vs = VarStore::new(device);
     let clip = M3dClip::new(&VarBuilder::new(&vs), &cfg)?;
-    load_file_into(&vs, &weights_file(model_dir), &LoadOptions::default())?;
+    load_file_into(&vs, model_dir, &LoadOptions::default())?;
     Ok((vs, clip, tokenizer))
 }
 

@@ -11,8 +11,6 @@ use m3d_models::weights::{read_tensors, save_safetensors, save_sharded};
 use m3d_models::ModelError;
 use tch::Tensor;
 
-use crate::job::weights_file;
-
 /// Errors of an export.
 #[derive(Debug, thiserror::Error)]
 pub enum ExportError {
@@ -45,8 +43,8 @@ const MAX_SHARD_BYTES: usize = 5 << 30;
 
 /// Writes the export of `from` into `out`; returns the files written.
 pub fn export(from: &Path, out: &Path, kind: ExportKind) -> Result<Vec<PathBuf>, ExportError> {
-    let file = weights_file(from);
-    let tensors = read_tensors(&file)?;
+    let file = from.to_path_buf();
+    let tensors = read_tensors(from)?;
     std::fs::create_dir_all(out).map_err(|source| ExportError::Io {
         path: out.to_path_buf(),
         source,

@@ -308,8 +308,7 @@ impl TrainModel {
                 path: init.path.clone(),
                 source,
             };
-            let file = weights_file(Path::new(&init.path));
-            let tensors = read_tensors(&file).map_err(err)?;
+            let tensors = read_tensors(Path::new(&init.path)).map_err(err)?;
             let key_map = match (&init.select_prefix, &init.add_prefix) {
                 (Some(s), Some(a)) => KeyMap::move_prefix(s, a),
                 (Some(s), None) => KeyMap::select_prefix(s),
@@ -537,24 +536,6 @@ pub fn device_for(kind: DeviceKind, local_rank: u32) -> Result<Device, JobError>
                 ))
             }
         }
-    }
-}
-
-/// `path` itself when it is a file; in a folder, the HF weight file it holds.
-pub fn weights_file(path: &Path) -> PathBuf {
-    if path.is_dir() {
-        for name in [
-            "model.safetensors",
-            "model.safetensors.index.json",
-            "pytorch_model.bin",
-        ] {
-            if path.join(name).is_file() {
-                return path.join(name);
-            }
-        }
-        path.join("model.safetensors")
-    } else {
-        path.to_path_buf()
     }
 }
 

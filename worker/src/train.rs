@@ -199,7 +199,8 @@ pub fn run_round(
     let rank = round.rank;
     let world = round.world_size as usize;
     let total = round.plan.total_steps();
-    let accum = recipe
+    // The world size must split the global batch into whole micro-batches.
+    recipe
         .grad_accum(world)
         .map_err(|e| TrainError::Recipe(e.to_string()))?;
     let device = device_for(recipe.workers.device, round.local_rank)?;
@@ -274,7 +275,7 @@ pub fn run_round(
         None
     };
     let depth = recipe.data.read_ahead.max(1);
-    let micro = recipe.global_batch_per_rank(world) / accum.max(1);
+    let micro = recipe.micro_batch(world);
     let (plan_tx, plan_rx) = sync_channel::<StepPlan>(depth + PLAN_CHUNK as usize);
     let (ready_tx, ready_rx) = sync_channel::<Result<(StepPlan, Built), TrainError>>(depth);
     let batcher = model.batcher.clone();

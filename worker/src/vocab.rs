@@ -10,6 +10,11 @@ use std::collections::BTreeSet;
 use std::path::Path;
 
 use serde_json::{json, Value};
+use tokenizers::normalizers::bert::BertNormalizer;
+use tokenizers::pre_tokenizers::bert::BertPreTokenizer;
+use tokenizers::{
+    NormalizedString, Normalizer, OffsetReferential, OffsetType, PreTokenizedString, PreTokenizer,
+};
 
 /// Which special tokens and template the vocabulary gets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,40 +35,25 @@ impl VocabStyle {
     }
 }
 
-/// The pre-tokenisation the vocabulary is built with: lower-cased, accents stripped, split on whitespace
-/// and around punctuation (BERT's rules, as the `tokenizers` normaliser and pre-tokeniser apply them).
-fn words(text: &str) -> impl Iterator<Item = String> + '_ {
-    use unicode_normalization::UnicodeNormalization;
-    let folded: String = text
-        .nfd()
-        .filter(|c| !unicode_normalization::char::is_combining_mark(*c))
-        .flat_map(char::to_lowercase)
-        .collect();
-    let mut out = Vec::new();
-    let mut cur = String::new();
-    for c in folded.chars() {
-        if c.is_whitespace() || c.is_control() {
-            if !cur.is_empty() {
-                out.push(std::mem::take(&mut cur));
-            }
-        } else if is_punctuation(c) {
-            if !cur.is_empty() {
-                out.push(std::mem::take(&mut cur));
-            }
-            out.push(c.to_string());
-        } else {
-            cur.push(c);
-        }
+/// The words of `text` as the tokenizer this module writes will see them: `tokenizers`' own BERT normaliser
+/// (lower-cased, accents stripped) and pre-tokeniser (split on whitespace and around punctuation), the same
+/// components `tokenizer.json` names, so every word of the texts is in the vocabulary.
+fn words(text: &str) -> Vec<String> {
+    let mut normalized = NormalizedString::from(text);
+    if BertNormalizer::new(true, true, Some(true), true)
+        .normalize(&mut normalized)
+        .is_err()
+    {
+        return Vec::new();
     }
-    if !cur.is_empty() {
-        out.push(cur);
+    let mut pre = PreTokenizedString::from(normalized);
+    if BertPreTokenizer.pre_tokenize(&mut pre).is_err() {
+        return Vec::new();
     }
-    out.into_iter()
-}
-
-/// BERT's punctuation test: ASCII symbols plus Unicode punctuation.
-fn is_punctuation(c: char) -> bool {
-    c.is_ascii_punctuation() || (!c.is_alphanumeric() && !c.is_whitespace() && !c.is_control())
+    pre.get_splits(OffsetReferential::Original, OffsetType::Byte)
+        .into_iter()
+        .map(|(word, _, _)| word.to_string())
+        .collect()
 }
 
 /// A `tokenizer.json` whose vocabulary is the specials of `style` followed by every word of `texts`, sorted.

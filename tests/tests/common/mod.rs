@@ -2,8 +2,9 @@
 //! processes, and make small synthetic datasets.
 #![allow(dead_code)]
 
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output};
 
 pub use m3d_testkit::workspace_root;
 
@@ -179,4 +180,21 @@ pub fn param_diff_of(keys: Keys, a: &Path, b: &Path) -> f64 {
         &[&a.display().to_string(), &b.display().to_string(), which],
     );
     out.trim().parse().expect("a number")
+}
+
+/// The address a started `m3d coordinator` (stdout piped) listens on: its first line of stdout.
+pub fn listening_address(child: &mut Child) -> String {
+    let mut line = String::new();
+    BufReader::new(
+        child
+            .stdout
+            .take()
+            .expect("the coordinator's stdout is piped"),
+    )
+    .read_line(&mut line)
+    .expect("the address line");
+    line.trim()
+        .strip_prefix("m3d coordinator listening on ")
+        .unwrap_or_else(|| panic!("the coordinator did not start: {line:?}"))
+        .to_string()
 }
