@@ -286,9 +286,10 @@ fn restarted_coordinator_continues_the_job() {
     coordinator.wait().unwrap();
     std::thread::sleep(Duration::from_secs(2));
     let (mut coordinator, _) = start_coordinator(&listen);
-    for w in workers.iter_mut() {
+    for (id, w) in ["w0", "w1"].iter().zip(workers.iter_mut()) {
         let s = w.wait().unwrap();
-        assert!(s.success(), "a worker failed: {s}");
+        let log = std::fs::read_to_string(dir.path().join(format!("{id}.log"))).unwrap_or_default();
+        assert!(s.success(), "worker {id} failed: {s}\n{log}");
     }
     let _ = coordinator.wait();
     let l = losses(&run);

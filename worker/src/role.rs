@@ -107,6 +107,9 @@ impl Coordinated<'_> {
                     std::thread::sleep(delay);
                     delay = (delay * 2).min(Duration::from_secs(2));
                 }
+                Err(e) if matches!(e.code(), Some(Code::Aborted | Code::NotFound)) => {
+                    return Err(TrainError::RoundOver(e.to_string()))
+                }
                 Err(e) => return Err(control_err(e)),
             }
         }

@@ -54,6 +54,10 @@ pub enum TrainError {
     Recipe(String),
     #[error("coordinator: {0}")]
     Control(String),
+    /// The coordinator no longer counts this worker in the round (a stale generation, an unknown worker):
+    /// the round is over for it, and it registers again.
+    #[error("coordinator ended the round: {0}")]
+    RoundOver(String),
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -318,7 +322,10 @@ pub fn run_round(
             uploader,
             checkpoint_base,
         };
-        let end = lp.run();
+        let end = match lp.run() {
+            Err(TrainError::RoundOver(reason)) => Ok(RoundEnd::Reregister(reason)),
+            end => end,
+        };
         // Hang up on the builder (it may be blocked sending a batch) before the scope joins it.
         drop(lp);
         end
