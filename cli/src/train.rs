@@ -52,6 +52,11 @@ pub struct TrainArgs {
     /// Delete the checkpoints a previous run left under the checkpoint URL and start from step 0.
     #[arg(long)]
     fresh: bool,
+    /// Start from another run's weights (repeatable): the n-th flag sets `model.init_from.<n>.path`, keeping
+    /// that entry's prefix mapping, or adds an entry. A committed checkpoint (`.../checkpoints/step-N`, or a
+    /// checkpoint folder for its latest), a `final/` or HF folder, a weight file, or an `s3://` folder.
+    #[arg(long, value_name = "URL")]
+    init_from: Vec<String>,
 }
 
 #[derive(Args)]
@@ -278,7 +283,21 @@ fn start_point(recipe: &Recipe, resume: bool, fresh: bool) -> Result<Option<Chec
 
 pub fn train(a: TrainArgs) -> Result<()> {
     let started = Instant::now();
-    let recipe = Recipe::load(&a.recipe, &a.sets)?;
+    let mut recipe = Recipe::load(&a.recipe, &a.sets)?;
+    for (i, url) in a.init_from.iter().enumerate() {
+        match recipe.model.init_from.get_mut(i) {
+            Some(entry) => entry.path = url.clone(),
+            None => recipe.model.init_from.push(m3d_recipes::InitFrom {
+                path: url.clone(),
+                select_prefix: None,
+                add_prefix: None,
+                strict: true,
+            }),
+        }
+    }
+    if !a.init_from.is_empty() {
+        recipe.validate(&format!("{} with --init-from", a.recipe.display()))?;
+    }
     let workers = a.workers.unwrap_or(recipe.workers.min);
     if !recipe.world_sizes().contains(&workers) || recipe.grad_accum(workers).is_err() {
         bail!(

@@ -5,11 +5,11 @@
 //! **Invariant: a written weight file is complete or absent** — files are written under a temporary name and
 //! renamed into place.
 
-use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
 
+use bytes::Bytes;
 use tch::nn::VarStore;
 use tch::{Kind, Tensor};
 
@@ -370,11 +370,12 @@ pub fn state_dict(vs: &VarStore) -> Vec<(String, Tensor)> {
     v
 }
 
-/// A tensor copied to host memory in safetensors' terms (dtype, shape, little-endian bytes).
+/// A tensor copied to host memory in safetensors' terms (dtype, shape, little-endian bytes). The bytes are
+/// reference-counted, so handing them to an upload (and retrying it) copies nothing.
 pub struct HostTensor {
     dtype: safetensors::Dtype,
     shape: Vec<usize>,
-    data: Vec<u8>,
+    data: Bytes,
 }
 
 impl HostTensor {
@@ -388,23 +389,125 @@ impl HostTensor {
     }
 }
 
-/// Copies `tensors` to host memory (one copy each; what a checkpoint stages while training goes on).
+/// Copies `tensors` to host memory, one copy each.
 pub fn to_host_tensors(tensors: &[(String, Tensor)]) -> Result<Vec<(String, HostTensor)>> {
+    to_host_tensors_into(tensors, Vec::new())
+}
+
+/// Below this many bytes a staging copy runs on the calling thread: starting threads costs more.
+const PARALLEL_STAGING_BYTES: usize = 64 << 20;
+
+/// [`to_host_tensors`] into the buffers of `spare`, an earlier copy of the same tensors that nothing shares
+/// any more (a finished checkpoint upload): this is the part of a checkpoint that stops training, and fresh
+/// memory costs a page fault per 4 KiB, which made staging run at a third of memory bandwidth. Large states
+/// are also spread over the machine's cores. A spare buffer that is still shared or of another size is not
+/// reused.
+pub fn to_host_tensors_into(
+    tensors: &[(String, Tensor)],
+    spare: Vec<(String, HostTensor)>,
+) -> Result<Vec<(String, HostTensor)>> {
+    let size = |t: &Tensor| t.numel() * t.kind().elt_size_in_bytes();
+    let mut spare: HashMap<String, Bytes> = spare.into_iter().map(|(k, h)| (k, h.data)).collect();
+    let total: usize = tensors.iter().map(|(_, t)| size(t)).sum();
+    let threads = if total < PARALLEL_STAGING_BYTES {
+        1
+    } else {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+            .min(tensors.len().max(1))
+    };
+    if threads <= 1 {
+        return tensors
+            .iter()
+            .map(|(k, t)| Ok((k.clone(), to_host(k, t, spare.remove(k))?)))
+            .collect();
+    }
+    // Balance by bytes: tensor i goes to the thread with the least assigned so far (largest first).
+    let mut order: Vec<usize> = (0..tensors.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(size(&tensors[i].1)));
+    let mut load = vec![0usize; threads];
+    type Work = (usize, String, Tensor, Option<Bytes>);
+    let mut work: Vec<Vec<Work>> = (0..threads).map(|_| Vec::new()).collect();
+    for i in order {
+        let (w, _) = load
+            .iter()
+            .enumerate()
+            .min_by_key(|(_, l)| **l)
+            .unwrap_or((0, &0));
+        load[w] += size(&tensors[i].1);
+        // A shallow clone is a new handle to the same storage, which may move to another thread.
+        let name = &tensors[i].0;
+        work[w].push((
+            i,
+            name.clone(),
+            tensors[i].1.shallow_clone(),
+            spare.remove(name),
+        ));
+    }
+    let mut out: Vec<Option<HostTensor>> = (0..tensors.len()).map(|_| None).collect();
+    std::thread::scope(|s| -> Result<()> {
+        let handles: Vec<_> = work
+            .into_iter()
+            .map(|chunk| {
+                s.spawn(move || {
+                    chunk
+                        .into_iter()
+                        .map(|(i, name, t, reuse)| Ok((i, to_host(&name, &t, reuse)?)))
+                        .collect::<Result<Vec<_>>>()
+                })
+            })
+            .collect();
+        for h in handles {
+            let done = h
+                .join()
+                .map_err(|_| ModelError::Input("a staging thread panicked".into()))??;
+            for (i, host) in done {
+                out[i] = Some(host);
+            }
+        }
+        Ok(())
+    })?;
     tensors
         .iter()
-        .map(|(k, t)| Ok((k.clone(), to_host(k, t)?)))
+        .zip(out)
+        .map(|((k, _), h)| {
+            h.map(|h| (k.clone(), h))
+                .ok_or_else(|| ModelError::Input(format!("tensor `{k}` was not staged")))
+        })
         .collect()
 }
 
-/// The bytes of a safetensors file holding host tensors (metadata `format: pt`).
-pub fn serialize_host(host: &[(String, HostTensor)]) -> Result<Vec<u8>> {
-    let mut seen = HashSet::new();
-    if let Some((dup, _)) = host.iter().find(|(k, _)| !seen.insert(k.as_str())) {
-        return Err(ModelError::Input(format!("key `{dup}` given twice")));
+/// A safetensors file holding host tensors (metadata `format: pt`) as a list of buffers: the header, then each
+/// tensor's bytes, shared with `host` rather than copied. Written one after the other they are the file.
+pub fn safetensors_parts(host: &[(String, HostTensor)]) -> Result<Vec<Bytes>> {
+    let mut header = serde_json::Map::new();
+    header.insert("__metadata__".into(), serde_json::json!({ "format": "pt" }));
+    let mut offset = 0usize;
+    for (k, t) in host {
+        let entry = serde_json::json!({
+            "dtype": t.dtype,
+            "shape": t.shape,
+            "data_offsets": [offset, offset + t.data.len()],
+        });
+        if header.insert(k.clone(), entry).is_some() || k == "__metadata__" {
+            return Err(ModelError::Input(format!("key `{k}` given twice")));
+        }
+        offset += t.data.len();
     }
-    let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
-    safetensors::serialize(host.iter().map(|(k, t)| (k.as_str(), t)), Some(meta))
-        .map_err(|e| ModelError::Input(format!("serialising safetensors: {e}")))
+    let mut json = serde_json::to_vec(&serde_json::Value::Object(header))
+        .map_err(|e| ModelError::Input(format!("serialising a safetensors header: {e}")))?;
+    // The format pads the header with spaces so that the data starts 8-byte aligned.
+    while (json.len() + 8) % 8 != 0 {
+        json.push(b' ');
+    }
+    let mut head = Vec::with_capacity(8 + json.len());
+    head.extend_from_slice(&(json.len() as u64).to_le_bytes());
+    head.extend_from_slice(&json);
+    let mut parts = Vec::with_capacity(host.len() + 1);
+    parts.push(Bytes::from(head));
+    parts.extend(host.iter().map(|(_, t)| t.data.clone()));
+    Ok(parts)
 }
 
 /// The tensors of a safetensors file held in memory (`origin` names it in errors), on the CPU.
@@ -448,15 +551,15 @@ impl safetensors::View for &HostTensor {
     fn shape(&self) -> &[usize] {
         &self.shape
     }
-    fn data(&self) -> Cow<'_, [u8]> {
-        Cow::Borrowed(&self.data)
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        std::borrow::Cow::Borrowed(&self.data)
     }
     fn data_len(&self) -> usize {
         self.data.len()
     }
 }
 
-fn to_host(name: &str, t: &Tensor) -> Result<HostTensor> {
+fn to_host(name: &str, t: &Tensor, reuse: Option<Bytes>) -> Result<HostTensor> {
     use safetensors::Dtype;
     let (dtype, elt) = match t.kind() {
         Kind::Float => (Dtype::F32, 4),
@@ -477,9 +580,21 @@ fn to_host(name: &str, t: &Tensor) -> Result<HostTensor> {
     };
     let t = t.detach().to_device(tch::Device::Cpu).contiguous();
     let numel = t.numel();
-    let mut data = vec![0u8; numel * elt];
-    t.f_copy_data_u8(&mut data, numel)?;
     let shape = t.size().iter().map(|&d| d as usize).collect();
+    let reused = reuse
+        .filter(|b| b.len() == numel * elt)
+        .and_then(|b| b.try_into_mut().ok());
+    let data = match reused {
+        Some(mut buf) => {
+            t.f_copy_data_u8(&mut buf, numel)?;
+            buf.freeze()
+        }
+        None => {
+            let mut data = vec![0u8; numel * elt];
+            t.f_copy_data_u8(&mut data, numel)?;
+            Bytes::from(data)
+        }
+    };
     Ok(HostTensor { dtype, shape, data })
 }
 
@@ -492,19 +607,9 @@ fn tmp_path(path: &Path) -> PathBuf {
     path.with_file_name(name)
 }
 
-/// The bytes of a safetensors file holding `tensors` (metadata `format: pt`): the state copied to host
-/// memory, e.g. to stage a checkpoint while training goes on.
-pub fn safetensors_bytes(tensors: &[(String, Tensor)]) -> Result<Vec<u8>> {
-    serialize_host(&to_host_tensors(tensors)?)
-}
-
 /// Writes one HF-compatible safetensors file (metadata `format: pt`), atomically.
 pub fn save_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
-    let host: Vec<(String, HostTensor)> = tensors
-        .iter()
-        .map(|(k, t)| Ok((k.clone(), to_host(k, t)?)))
-        .collect::<Result<_>>()?;
-    write_host(path, &host)
+    write_host(path, &to_host_tensors(tensors)?)
 }
 
 fn write_host(path: &Path, host: &[(String, HostTensor)]) -> Result<()> {
@@ -535,7 +640,7 @@ pub fn save_sharded(
     let mut size = 0usize;
     let mut total = 0usize;
     for (k, t) in tensors {
-        let h = to_host(k, t)?;
+        let h = to_host(k, t, None)?;
         let n = h.data.len();
         if size > 0 && size + n > max_shard_bytes {
             shards.push(Vec::new());

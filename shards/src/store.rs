@@ -120,8 +120,33 @@ fn is_not_found(e: &object_store::Error) -> bool {
 }
 
 impl Store {
-    /// Opens a store at `url` (see the type documentation for the accepted forms).
+    /// Opens a store at `url` (see the type documentation for the accepted forms). Requests to S3 are
+    /// retried as `object_store` does by default (up to 10 times within 3 minutes).
     pub fn open(url: &str) -> Result<Store, ShardError> {
+        Self::open_with_retry(url, None)
+    }
+
+    /// [`Store::open`] with a bound on each request's retries (`max_retries`, all within `timeout`), for a
+    /// caller that retries whole operations itself and must fail in bounded time (checkpoint uploads).
+    pub fn open_with_retries(
+        url: &str,
+        max_retries: usize,
+        timeout: std::time::Duration,
+    ) -> Result<Store, ShardError> {
+        Self::open_with_retry(
+            url,
+            Some(object_store::RetryConfig {
+                max_retries,
+                retry_timeout: timeout,
+                ..Default::default()
+            }),
+        )
+    }
+
+    fn open_with_retry(
+        url: &str,
+        retry: Option<object_store::RetryConfig>,
+    ) -> Result<Store, ShardError> {
         let open_err = |reason: String| ShardError::StoreOpen {
             url: url.to_string(),
             reason,
@@ -148,6 +173,9 @@ impl Store {
                     .with_allow_http(endpoint.starts_with("http://"))
                     .with_virtual_hosted_style_request(false)
                     .with_endpoint(endpoint);
+            }
+            if let Some(retry) = retry {
+                builder = builder.with_retry(retry);
             }
             let s3 = builder
                 .build()
@@ -270,16 +298,27 @@ impl Store {
     /// the local backend writes a temporary file and renames it; S3 objects appear when the (multipart,
     /// above [`MULTIPART_THRESHOLD`]) upload completes.
     pub fn put(&self, key: &str, bytes: Bytes) -> Result<(), ShardError> {
+        self.put_parts(key, vec![bytes])
+    }
+
+    /// [`Store::put`] of an object given as consecutive buffers (a file header and the tensors after it),
+    /// written in order without joining them first.
+    pub fn put_parts(&self, key: &str, parts: Vec<Bytes>) -> Result<(), ShardError> {
         let this = self.clone();
         let key = key.to_string();
-        self.run(async move { this.put_async(&key, bytes).await })
+        self.run(async move { this.put_parts_async(&key, parts).await })
     }
 
     /// Async variant of [`Store::put`].
     pub async fn put_async(&self, key: &str, bytes: Bytes) -> Result<(), ShardError> {
+        self.put_parts_async(key, vec![bytes]).await
+    }
+
+    /// Async variant of [`Store::put_parts`].
+    pub async fn put_parts_async(&self, key: &str, parts: Vec<Bytes>) -> Result<(), ShardError> {
         let path = object_path(key)?;
-        let multipart =
-            matches!(self.kind, StoreKind::S3 { .. }) && bytes.len() > MULTIPART_THRESHOLD;
+        let len: usize = parts.iter().map(Bytes::len).sum();
+        let multipart = matches!(self.kind, StoreKind::S3 { .. }) && len > MULTIPART_THRESHOLD;
         if multipart {
             let upload = self
                 .inner
@@ -287,15 +326,17 @@ impl Store {
                 .await
                 .map_err(|e| self.store_err("put", key, e))?;
             let mut writer = WriteMultipart::new_with_chunk_size(upload, MULTIPART_PART_SIZE);
-            let mut rest = bytes;
-            while !rest.is_empty() {
-                if let Err(e) = writer.wait_for_capacity(MULTIPART_CONCURRENCY).await {
-                    // Best effort: the upload failed already, so an abort error adds nothing.
-                    let _ = writer.abort().await;
-                    return Err(self.store_err("put", key, e));
+            for part in parts {
+                let mut rest = part;
+                while !rest.is_empty() {
+                    if let Err(e) = writer.wait_for_capacity(MULTIPART_CONCURRENCY).await {
+                        // Best effort: the upload failed already, so an abort error adds nothing.
+                        let _ = writer.abort().await;
+                        return Err(self.store_err("put", key, e));
+                    }
+                    let n = rest.len().min(MULTIPART_PART_SIZE);
+                    writer.put(rest.split_to(n));
                 }
-                let n = rest.len().min(MULTIPART_PART_SIZE);
-                writer.put(rest.split_to(n));
             }
             writer
                 .finish()
@@ -303,12 +344,40 @@ impl Store {
                 .map_err(|e| self.store_err("put", key, e))?;
         } else {
             self.inner
-                .put(&path, PutPayload::from_bytes(bytes))
+                .put(&path, PutPayload::from_iter(parts))
                 .await
                 .map_err(|e| self.store_err("put", key, e))?;
         }
         tracing::debug!(store = %self.url, key, multipart, "put");
         Ok(())
+    }
+
+    /// Writes `bytes` at `key` only if no object is there: a conditional put (`If-None-Match: *` on S3, an
+    /// exclusive create on a local folder), so that of two writers racing for a key exactly one wins.
+    /// Returns `false`, writing nothing, if the key exists. A store without conditional puts gets a plain
+    /// put after a check, which narrows the race without closing it.
+    pub fn put_if_absent(&self, key: &str, bytes: Bytes) -> Result<bool, ShardError> {
+        let path = object_path(key)?;
+        let this = self.clone();
+        let key = key.to_string();
+        self.run(async move {
+            let opts = object_store::PutOptions::from(object_store::PutMode::Create);
+            match this
+                .inner
+                .put_opts(&path, PutPayload::from_bytes(bytes.clone()), opts)
+                .await
+            {
+                Ok(_) => Ok(true),
+                Err(object_store::Error::AlreadyExists { .. }) => Ok(false),
+                Err(object_store::Error::NotImplemented) => {
+                    if this.get_opt_async(&key).await?.is_some() {
+                        return Ok(false);
+                    }
+                    this.put_async(&key, bytes).await.map(|()| true)
+                }
+                Err(e) => Err(this.store_err("put", &key, e)),
+            }
+        })
     }
 
     /// Reads the whole object at `key`; a missing object is [`ShardError::NotFound`].
@@ -435,6 +504,22 @@ mod tests {
         );
         assert_eq!(store.list("").unwrap().len(), 3);
         assert_eq!(store.list("missing/").unwrap(), vec![]);
+        assert!(!store
+            .put_if_absent("a/c.bin", Bytes::from_static(b"zz"))
+            .unwrap());
+        assert_eq!(store.get("a/c.bin").unwrap(), Bytes::from_static(b"xy"));
+        assert!(store
+            .put_if_absent("a/d.bin", Bytes::from_static(b"zz"))
+            .unwrap());
+        store.delete("a/d.bin").unwrap();
+        store
+            .put_parts(
+                "a/e.bin",
+                vec![Bytes::from_static(b"he"), Bytes::from_static(b"llo")],
+            )
+            .unwrap();
+        assert_eq!(store.get("a/e.bin").unwrap(), Bytes::from_static(b"hello"));
+        store.delete("a/e.bin").unwrap();
         store.delete("a/b.bin").unwrap();
         store.delete("a/b.bin").unwrap();
         assert_eq!(store.get_opt("a/b.bin").unwrap(), None);

@@ -73,6 +73,23 @@ fn dataset_round_trip_through_s3() {
     assert!(store.get("big/blob.bin").unwrap() == big.as_slice());
     store.delete("big/blob.bin").unwrap();
     assert_eq!(store.get_opt("big/blob.bin").unwrap(), None);
+    // The same object given as many buffers (a header and tensors) crosses part boundaries unjoined.
+    let parts: Vec<Bytes> = big
+        .chunks(5 * 1024 * 1024 + 3)
+        .map(Bytes::copy_from_slice)
+        .collect();
+    store.put_parts("big/parts.bin", parts).unwrap();
+    assert!(store.get("big/parts.bin").unwrap() == big.as_slice());
+    store.delete("big/parts.bin").unwrap();
+
+    // Conditional put (If-None-Match: *): the first writer wins, the second writes nothing.
+    assert!(store
+        .put_if_absent("commit", Bytes::from_static(b"one"))
+        .unwrap());
+    assert!(!store
+        .put_if_absent("commit", Bytes::from_static(b"two"))
+        .unwrap());
+    assert_eq!(store.get("commit").unwrap(), Bytes::from_static(b"one"));
 
     // The async variants work from the caller's runtime.
     let rt = tokio::runtime::Builder::new_current_thread()

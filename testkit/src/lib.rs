@@ -1,5 +1,6 @@
 //! Test support shared by every crate's tests (a dev-dependency only): where the Python oracle interpreter is,
-//! and a real S3-protocol server (moto, from the same venv) on loopback, killed when the test ends.
+//! a real S3-protocol server (moto, from the same venv) on loopback, killed when the test ends, and a TCP proxy
+//! that a test can cut to make a server unreachable mid-request without losing its state.
 //!
 //! Everything here panics with a clear message instead of returning errors: it only runs inside tests, and an
 //! oracle test must never pass without its oracle.
@@ -144,6 +145,33 @@ impl S3Server {
         assert!(resp.starts_with("HTTP/1.1 200"), "create bucket: {resp}");
     }
 
+    /// The keys under `prefix` in `bucket`, sorted, read with a plain request (moto does not check
+    /// signatures): what any S3 client would see, independent of the code under test.
+    pub fn keys(&self, bucket: &str, prefix: &str) -> Vec<String> {
+        let port = self.port;
+        let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect to moto");
+        s.set_read_timeout(Some(Duration::from_secs(30)))
+            .expect("set timeout");
+        write!(
+            s,
+            "GET /{bucket}?list-type=2&max-keys=1000&prefix={prefix} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\n\r\n"
+        )
+        .expect("send list request");
+        let mut resp = String::new();
+        s.read_to_string(&mut resp).expect("read list response");
+        assert!(
+            resp.starts_with("HTTP/1.0 200") || resp.starts_with("HTTP/1.1 200"),
+            "list: {resp}"
+        );
+        let mut keys: Vec<String> = resp
+            .split("<Key>")
+            .skip(1)
+            .filter_map(|k| k.split_once("</Key>").map(|(k, _)| k.to_string()))
+            .collect();
+        keys.sort();
+        keys
+    }
+
     /// Kills the server now (e.g. to test behaviour when the store disappears).
     pub fn stop(&mut self) {
         let _ = self.child.kill();
@@ -154,5 +182,73 @@ impl S3Server {
 impl Drop for S3Server {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// A TCP proxy on loopback in front of `target`: [`TcpProxy::cut`] closes every open connection and refuses
+/// new ones (to the client the server is gone), [`TcpProxy::restore`] lets them through again — while the
+/// server behind it keeps its state for the test to inspect.
+pub struct TcpProxy {
+    addr: std::net::SocketAddr,
+    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    open: std::sync::Arc<std::sync::Mutex<Vec<TcpStream>>>,
+}
+
+impl TcpProxy {
+    /// Starts the proxy to `target` (`host:port`).
+    pub fn start(target: &str) -> TcpProxy {
+        use std::sync::atomic::Ordering;
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind the proxy");
+        let addr = listener.local_addr().expect("proxy address");
+        let cut = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let open = std::sync::Arc::new(std::sync::Mutex::new(Vec::<TcpStream>::new()));
+        let target = target.to_string();
+        let (c, o) = (cut.clone(), open.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { continue };
+                if c.load(Ordering::SeqCst) {
+                    drop(client);
+                    continue;
+                }
+                let Ok(server) = TcpStream::connect(&target) else {
+                    continue;
+                };
+                let pipes = [
+                    (client.try_clone(), server.try_clone()),
+                    (server.try_clone(), client.try_clone()),
+                ];
+                if let Ok(mut list) = o.lock() {
+                    list.extend([client, server]);
+                }
+                for pipe in pipes {
+                    if let (Ok(mut from), Ok(mut to)) = pipe {
+                        std::thread::spawn(move || {
+                            let _ = std::io::copy(&mut from, &mut to);
+                            let _ = to.shutdown(std::net::Shutdown::Write);
+                        });
+                    }
+                }
+            }
+        });
+        TcpProxy { addr, cut, open }
+    }
+
+    /// `http://127.0.0.1:<port>` of the proxy.
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Closes every connection through the proxy and refuses new ones.
+    pub fn cut(&self) {
+        self.cut.store(true, std::sync::atomic::Ordering::SeqCst);
+        for s in self.open.lock().expect("proxy connections").drain(..) {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    /// Lets connections through again.
+    pub fn restore(&self) {
+        self.cut.store(false, std::sync::atomic::Ordering::SeqCst);
     }
 }

@@ -1,6 +1,8 @@
 //! Checkpoints with real processes: a job killed with SIGKILL and resumed (with the same or another number of
 //! workers) ends exactly where an uninterrupted job ends; a worker killed mid-run makes the job restart from
-//! its last committed checkpoint by itself; an uncommitted checkpoint is never loaded.
+//! its last committed checkpoint by itself; a job killed mid-upload resumes from the checkpoint before; an
+//! S3 server lost mid-upload fails the job clearly with nothing committed; an uncommitted checkpoint is never
+//! loaded.
 
 mod common;
 
@@ -13,6 +15,9 @@ use common::{
     listening_address, losses, m3d, m3d_bin, m3d_ok, param_diff_of, synth_cap_vqa, workspace_root,
     Keys,
 };
+
+/// The fault-injection variable of `m3d_worker::failpoint`.
+const FAILPOINTS: &str = "M3D_FAILPOINTS";
 
 fn synth_cap(dir: &Path) -> String {
     synth_cap_vqa(dir, 16).0
@@ -48,11 +53,12 @@ fn train_ok(a: &[String]) -> String {
     m3d_ok(&refs)
 }
 
-/// Starts `m3d train`, waits until `until` exists, then SIGKILLs the supervisor (with the coordinator in it)
-/// and every worker it started, as a lost node would lose them.
-fn train_and_kill(a: &[String], until: &Path) {
+/// Starts `m3d train` (with `env` added), waits until `until` exists, then SIGKILLs the supervisor (with the
+/// coordinator in it) and every worker it started, as a lost node would lose them.
+fn train_and_kill(a: &[String], until: &Path, env: &[(&str, &str)]) {
     let mut child = Command::new(m3d_bin())
         .args(a)
+        .envs(env.iter().copied())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -102,6 +108,7 @@ fn killed_job_resumes_exactly_with_the_same_or_another_number_of_workers() {
         train_and_kill(
             &args(&run, &cap, first, &[]),
             &run.join("checkpoints/step-000000008/COMMIT"),
+            &[],
         );
         let out = train_ok(&args(&run, &cap, then, &["--resume"]));
         assert!(out.contains("resuming from step 8"), "{name}: {out}");
@@ -178,6 +185,208 @@ fn killed_worker_makes_the_job_restart_from_the_last_commit() {
         l.iter().map(|p| p.0).collect::<Vec<_>>(),
         (1..=12).collect::<Vec<_>>(),
         "the metrics of the broken round past the checkpoint are replaced"
+    );
+}
+
+/// Each upload pauses between its files and its commit record (a fault-injection point), so the job can be
+/// killed while step 8's files are in place and its commit record is not: the resumed job starts from step 4
+/// and still ends exactly where the uninterrupted job ends.
+#[test]
+fn sigkill_during_an_upload_leaves_the_previous_checkpoint_in_use() {
+    let dir = tempfile::tempdir().unwrap();
+    let cap = synth_cap(dir.path());
+    let whole = dir.path().join("whole");
+    train_ok(&args(&whole, &cap, 2, &[]));
+    let run = dir.path().join("run");
+    let step8 = run.join("checkpoints/step-000000008");
+    train_and_kill(
+        &args(&run, &cap, 2, &[]),
+        &step8.join("optimizer.safetensors"),
+        &[(FAILPOINTS, "checkpoint-before-commit=1500")],
+    );
+    assert!(step8.join("model.safetensors").is_file());
+    assert!(
+        !step8.join("COMMIT").exists(),
+        "killed before its commit record"
+    );
+    assert!(run.join("checkpoints/step-000000004/COMMIT").is_file());
+    let out = train_ok(&args(&run, &cap, 2, &["--resume"]));
+    assert!(out.contains("resuming from step 4"), "{out}");
+    let l = losses(&run);
+    assert_eq!(
+        l.iter().map(|p| p.0).collect::<Vec<_>>(),
+        (1..=12).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        param_diff_of(
+            Keys::All,
+            &whole.join("final/model.safetensors"),
+            &run.join("final/model.safetensors"),
+        ),
+        0.0
+    );
+    // The abandoned step-8 files were replaced by a committed step 8 of the resumed run.
+    assert!(step8.join("COMMIT").is_file());
+}
+
+/// The S3 server becomes unreachable (a proxy in front of it is cut) while step 4's checkpoint is uploading:
+/// the upload is retried, then the job fails with an error naming the checkpoint and the store, in bounded
+/// time; the bucket holds no commit record, so nothing can be resumed from the half-written checkpoint.
+#[test]
+fn s3_unreachable_mid_upload_fails_clearly_and_commits_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let cap = synth_cap(dir.path());
+    let s3 = m3d_testkit::S3Server::start(&dir.path().join("moto.log"));
+    s3.create_bucket("m3d-ckpt");
+    let proxy = m3d_testkit::TcpProxy::start(&format!("127.0.0.1:{}", s3.port));
+    let endpoint = proxy.endpoint();
+    let env = [
+        ("AWS_ACCESS_KEY_ID", "AKIAM3DTEST"),
+        ("AWS_SECRET_ACCESS_KEY", "m3d-test-secret"),
+        ("AWS_REGION", "us-east-1"),
+        ("AWS_ENDPOINT_URL", endpoint.as_str()),
+    ];
+    let run = dir.path().join("run");
+    let a = args(
+        &run,
+        &cap,
+        2,
+        &["--set", "checkpoint.url=s3://m3d-ckpt/run"],
+    );
+    let mut child = Command::new(m3d_bin())
+        .args(&a)
+        .envs(env)
+        .env(FAILPOINTS, "checkpoint-before-commit=3000")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let err_reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = std::io::Read::read_to_string(&mut stderr, &mut s);
+        s
+    });
+    let t0 = Instant::now();
+    while !s3
+        .keys("m3d-ckpt", "run/step-000000004/")
+        .iter()
+        .any(|k| k.ends_with("optimizer.safetensors"))
+    {
+        assert!(t0.elapsed() < Duration::from_secs(120), "no upload began");
+        assert!(child.try_wait().unwrap().is_none(), "the job ended early");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    proxy.cut();
+    let cut_at = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if cut_at.elapsed() > Duration::from_secs(150) {
+            let _ = child.kill();
+            panic!("the job did not fail within 150 s of losing its store");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let failed_after = cut_at.elapsed();
+    let stderr = err_reader.join().unwrap();
+    assert!(!status.success(), "{stderr}");
+    let log = std::fs::read_to_string(run.join("logs/w0.log")).unwrap();
+    assert!(
+        log.contains("uploading checkpoint step 4 to s3://m3d-ckpt/run failed after 4 attempts"),
+        "{log}"
+    );
+    assert!(
+        log.matches("checkpoint upload failed").count() >= 3,
+        "retried: {log}"
+    );
+    assert!(
+        stderr.contains("w0"),
+        "the job's error names the failed worker: {stderr}"
+    );
+    assert!(!log.contains("m3d-test-secret") && !stderr.contains("m3d-test-secret"));
+    eprintln!("failed {failed_after:?} after the store went away");
+    proxy.restore();
+    let keys = s3.keys("m3d-ckpt", "run/");
+    assert!(
+        keys.iter().any(|k| k.starts_with("run/step-000000004/")),
+        "the files were written before the cut: {keys:?}"
+    );
+    assert!(
+        !keys.iter().any(|k| k.ends_with("/COMMIT")),
+        "nothing committed: {keys:?}"
+    );
+    let out = Command::new(m3d_bin())
+        .args(args(
+            &run,
+            &cap,
+            2,
+            &["--set", "checkpoint.url=s3://m3d-ckpt/run", "--resume"],
+        ))
+        .envs(env)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        e.contains("no committed checkpoint under s3://m3d-ckpt/run"),
+        "{e}"
+    );
+}
+
+/// LoRA dropout on (LaMed stage 2, p = 0.05): libtorch's generator is seeded per step, so a killed and
+/// resumed job draws the same dropout masks as the uninterrupted one and ends bit for bit where it ends.
+#[test]
+fn dropout_continues_exactly_after_a_resume() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cap, vqa) = synth_cap_vqa(dir.path(), 16);
+    let stage2 = |run: &Path, extra: &[&str]| {
+        let mut a = vec![
+            "train".to_string(),
+            workspace_root()
+                .join("recipes/lamed-stage2-tiny.yaml")
+                .display()
+                .to_string(),
+            "--workers".into(),
+            "2".into(),
+        ];
+        for s in [
+            format!("output.run={}", run.display()),
+            format!("data.tasks.0.shards=[{cap}]"),
+            format!("data.tasks.1.shards=[{vqa}]"),
+            format!("data.tasks.1.volumes=[{cap}]"),
+            "model.init_from=[]".into(),
+            "model.lora.dropout=0.05".into(),
+            "train.max_steps=8".into(),
+            "train.log_every=1".into(),
+            "checkpoint.every=2".into(),
+        ] {
+            a.push("--set".into());
+            a.push(s);
+        }
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    };
+    let whole = dir.path().join("whole");
+    train_ok(&stage2(&whole, &[]));
+    let run = dir.path().join("run");
+    train_and_kill(
+        &stage2(&run, &[]),
+        &run.join("checkpoints/step-000000004/COMMIT"),
+        &[],
+    );
+    let out = train_ok(&stage2(&run, &["--resume"]));
+    assert!(out.contains("resuming from step"), "{out}");
+    let (a, b) = (losses(&whole), losses(&run));
+    assert_eq!(a, b, "the same losses at every step");
+    assert_eq!(
+        param_diff_of(
+            Keys::All,
+            &whole.join("final/model.safetensors"),
+            &run.join("final/model.safetensors"),
+        ),
+        0.0
     );
 }
 
@@ -508,4 +717,96 @@ fn checkpoints_in_s3_resume_exactly() {
     );
     let log = std::fs::read_to_string(part.join("logs/w0.log")).unwrap();
     assert!(!log.contains("m3d-test-secret"));
+}
+
+/// `--init-from` starts LaMed stage 2 from a committed stage-1 checkpoint (not its final weights), keeping the
+/// recipe's mapping of that entry, with the tokenizer saved in the checkpoint: the parameters stage 2 does not
+/// train are exactly the checkpoint's. An uncommitted step folder is refused with its name.
+#[test]
+fn init_from_starts_a_new_stage_from_a_committed_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cap, vqa) = synth_cap_vqa(dir.path(), 16);
+    let lamed = |recipe: &str, run: &Path, extra: &[&str]| {
+        let mut a = vec![
+            "train".to_string(),
+            workspace_root()
+                .join("recipes")
+                .join(recipe)
+                .display()
+                .to_string(),
+        ];
+        for s in [
+            format!("output.run={}", run.display()),
+            format!("data.tasks.0.shards=[{cap}]"),
+            format!("data.tasks.1.shards=[{vqa}]"),
+            format!("data.tasks.1.volumes=[{cap}]"),
+            "train.max_steps=4".into(),
+            "checkpoint.every=2".into(),
+        ] {
+            a.push("--set".into());
+            a.push(s);
+        }
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    };
+    let stage1 = dir.path().join("stage1");
+    train_ok(&lamed("lamed-stage1-tiny.yaml", &stage1, &[]));
+    let ckpt = stage1.join("checkpoints/step-000000002");
+    assert!(
+        ckpt.join("tokenizer.json").is_file(),
+        "the checkpoint holds the tokenizer"
+    );
+    let stage2 = dir.path().join("stage2");
+    let out = train_ok(&lamed(
+        "lamed-stage2-tiny.yaml",
+        &stage2,
+        &["--init-from", ckpt.to_str().unwrap()],
+    ));
+    assert!(out.contains("loss"), "{out}");
+    let script = dir.path().join("compare.py");
+    std::fs::write(
+        &script,
+        r#"
+import json, sys
+from safetensors.numpy import load_file
+ckpt, final1, final2 = (load_file(p) for p in sys.argv[1:4])
+k = "model.embed_tokens.weight"
+print(json.dumps({"from_ckpt": float(abs(ckpt[k] - final2[k]).max()),
+                  "from_final": float(abs(final1[k] - final2[k]).max())}))
+"#,
+    )
+    .unwrap();
+    let out = m3d_testkit::run_python(
+        &script,
+        &[
+            ckpt.join("model.safetensors").to_str().unwrap(),
+            stage1.join("final/model.safetensors").to_str().unwrap(),
+            stage2.join("final/model.safetensors").to_str().unwrap(),
+        ],
+    );
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v["from_ckpt"].as_f64(), Some(0.0), "{v}");
+    assert!(
+        v["from_final"].as_f64().unwrap() > 1e-6,
+        "step 2 differs from step 4: {v}"
+    );
+
+    let missing = stage1.join("checkpoints/step-000000003");
+    let a = lamed(
+        "lamed-stage2-tiny.yaml",
+        &dir.path().join("bad"),
+        &["--init-from", missing.to_str().unwrap()],
+    );
+    let refs: Vec<&str> = a.iter().map(String::as_str).collect();
+    let out = m3d(&refs);
+    assert!(!out.status.success());
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stderr),
+        std::fs::read_to_string(dir.path().join("bad/logs/w0.log")).unwrap_or_default()
+    );
+    assert!(
+        text.contains("step-000000003/COMMIT") && text.contains("not committed"),
+        "{text}"
+    );
 }

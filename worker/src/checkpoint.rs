@@ -10,14 +10,17 @@
 //!                                       so rank 0 writes them)
 //! step-000000020/optimizer.safetensors  AdamW's state, by name (`<param>.exp_avg`, `.exp_avg_sq`, `.step`)
 //! step-000000020/state.json             step, data-plan position and spec, world size, recipe, code version
+//! step-000000020/tokenizer.json         the job's tokenizer (a checkpoint can start another stage by itself)
 //! step-000000020/COMMIT                 written last: size and CRC-32 of each file above
 //! ```
 //!
 //! A folder without `COMMIT` (a writer killed mid-upload) is never loaded, and a file that does not match its
-//! commit record is an error naming it. The learning-rate schedule is a function of the step, and the data
-//! order, augmentation and prompt wording are functions of (seed, epoch, sample), so these files are the whole
-//! state: a resumed run continues exactly, also with another number of workers. (Dropout draws from
-//! libtorch's generator, which is not saved: runs with dropout continue statistically, not bit for bit.)
+//! commit record is an error naming it. The commit record is a conditional put, so a second writer of the
+//! same step cannot replace it. The learning-rate schedule is a function of the step; the data order,
+//! augmentation and prompt wording are functions of (seed, epoch, sample); and libtorch's generator (dropout)
+//! is seeded from (seed, step, rank) at every step ([`crate::job::step_seed`]). So these files are the whole
+//! state, RNG states included: a resumed run continues exactly, also with another number of workers (where
+//! only dropout, drawn per rank, continues statistically rather than bit for bit).
 
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
@@ -26,7 +29,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use m3d_coordinator::plan::PlanSpec;
-use m3d_models::weights::{read_safetensors_bytes, serialize_host, to_host_tensors, HostTensor};
+use m3d_models::weights::{
+    read_safetensors_bytes, safetensors_parts, to_host_tensors_into, HostTensor,
+};
 use m3d_shards::store::Store;
 use serde::{Deserialize, Serialize};
 use tch::Tensor;
@@ -67,6 +72,7 @@ const COMMIT: &str = "COMMIT";
 const MODEL: &str = "model.safetensors";
 const OPTIMIZER: &str = "optimizer.safetensors";
 const STATE: &str = "state.json";
+const TOKENIZER: &str = "tokenizer.json";
 
 /// The folder of step `step`'s checkpoint.
 pub fn step_dir(step: u64) -> String {
@@ -110,6 +116,7 @@ pub struct Staged {
     model: Vec<(String, HostTensor)>,
     optimizer: Vec<(String, HostTensor)>,
     state: Vec<u8>,
+    tokenizer: Option<Bytes>,
 }
 
 impl std::fmt::Debug for Staged {
@@ -128,6 +135,19 @@ impl Staged {
         model: &[(String, Tensor)],
         optimizer: &[(String, Tensor)],
     ) -> Result<Staged, CheckpointError> {
+        Self::new_reusing(state, model, optimizer, None)
+    }
+
+    /// [`Staged::new`] into the memory of `spare`, an uploaded checkpoint (see [`Uploader::spare`]): every
+    /// checkpoint after the first copies into memory that is already mapped.
+    pub fn new_reusing(
+        state: &CheckpointState,
+        model: &[(String, Tensor)],
+        optimizer: &[(String, Tensor)],
+        spare: Option<Staged>,
+    ) -> Result<Staged, CheckpointError> {
+        let (spare_model, spare_optimizer) =
+            spare.map(|s| (s.model, s.optimizer)).unwrap_or_default();
         let state_json =
             serde_json::to_vec_pretty(state).map_err(|e| CheckpointError::Invalid {
                 url: String::new(),
@@ -136,10 +156,17 @@ impl Staged {
             })?;
         Ok(Staged {
             step: state.step,
-            model: to_host_tensors(model)?,
-            optimizer: to_host_tensors(optimizer)?,
+            model: to_host_tensors_into(model, spare_model)?,
+            optimizer: to_host_tensors_into(optimizer, spare_optimizer)?,
             state: state_json,
+            tokenizer: None,
         })
+    }
+
+    /// Adds the job's `tokenizer.json` to the checkpoint.
+    pub fn with_tokenizer(mut self, json: Bytes) -> Self {
+        self.tokenizer = Some(json);
+        self
     }
 
     /// Host memory the staged copy holds.
@@ -150,15 +177,20 @@ impl Staged {
             .map(|(_, t)| t.len())
             .sum::<usize>()
             + self.state.len()
+            + self.tokenizer.as_ref().map_or(0, Bytes::len)
     }
 
-    /// The files of the checkpoint, serialised.
-    fn files(&self) -> Result<Vec<(&'static str, Bytes)>, CheckpointError> {
-        Ok(vec![
-            (MODEL, Bytes::from(serialize_host(&self.model)?)),
-            (OPTIMIZER, Bytes::from(serialize_host(&self.optimizer)?)),
-            (STATE, Bytes::from(self.state.clone())),
-        ])
+    /// The files of the checkpoint, each as the buffers that make it up (shared with the staged copy, not
+    /// copied: serialising 2.4 GB into one buffer used to cost more than writing it).
+    fn files(&self) -> Result<Vec<(&'static str, Vec<Bytes>)>, CheckpointError> {
+        Ok([
+            (MODEL, safetensors_parts(&self.model)?),
+            (OPTIMIZER, safetensors_parts(&self.optimizer)?),
+            (STATE, vec![Bytes::from(self.state.clone())]),
+        ]
+        .into_iter()
+        .chain(self.tokenizer.clone().map(|t| (TOKENIZER, vec![t])))
+        .collect())
     }
 }
 
@@ -173,39 +205,120 @@ fn crc32(bytes: &[u8]) -> u32 {
     crc32fast::hash(bytes)
 }
 
+fn crc32_parts(parts: &[Bytes]) -> u32 {
+    let mut h = crc32fast::Hasher::new();
+    for p in parts {
+        h.update(p);
+    }
+    h.finalize()
+}
+
 /// Writes a staged checkpoint: its files, then the commit record. Until the record lands the checkpoint does
 /// not exist for [`committed_steps`] and [`load`].
 pub fn write(store: &Store, staged: &Staged) -> Result<(), CheckpointError> {
     write_files(store, staged.step, &staged.files()?)
 }
 
-/// [`write`] of already serialised files (an upload retried does not serialise again).
+/// [`write`] of a checkpoint's files (an upload retried reuses them). The files are checksummed and written
+/// concurrently, one thread each (the optimizer file is two thirds of the bytes, so this nearly halves the
+/// time); the commit record follows once all of them are in place, as a conditional put, so that a second
+/// writer of the same step (a rank 0 of an abandoned round still uploading) cannot replace it.
 fn write_files(
     store: &Store,
     step: u64,
-    files: &[(&'static str, Bytes)],
+    files: &[(&'static str, Vec<Bytes>)],
 ) -> Result<(), CheckpointError> {
     let dir = step_dir(step);
-    let mut record = CommitRecord {
+    let written: Vec<Result<(String, FileRecord), CheckpointError>> = std::thread::scope(|s| {
+        let handles: Vec<_> = files
+            .iter()
+            .map(|(name, parts)| {
+                let dir = &dir;
+                s.spawn(move || {
+                    let record = FileRecord {
+                        bytes: parts.iter().map(|p| p.len() as u64).sum(),
+                        crc32: crc32_parts(parts),
+                    };
+                    store
+                        .put_parts(&format!("{dir}/{name}"), parts.clone())
+                        .map_err(store_err(store))?;
+                    Ok((name.to_string(), record))
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join().unwrap_or_else(|_| {
+                    Err(CheckpointError::Upload {
+                        step,
+                        url: store.url().to_string(),
+                        attempts: 0,
+                        last: "a writer thread panicked".into(),
+                    })
+                })
+            })
+            .collect()
+    });
+    let record = CommitRecord {
         step,
-        files: Default::default(),
+        files: written.into_iter().collect::<Result<_, _>>()?,
     };
-    for (name, bytes) in files {
-        store
-            .put(&format!("{dir}/{name}"), bytes.clone())
-            .map_err(store_err(store))?;
-        record.files.insert(
-            name.to_string(),
-            FileRecord {
-                bytes: bytes.len() as u64,
-                crc32: crc32(bytes),
-            },
-        );
-    }
+    crate::failpoint::pause("checkpoint-before-commit");
     let commit = serde_json::to_vec_pretty(&record).unwrap_or_default();
+    let key = format!("{dir}/{COMMIT}");
+    if store
+        .put_if_absent(&key, Bytes::from(commit))
+        .map_err(store_err(store))?
+    {
+        return Ok(());
+    }
+    // Already committed: by this writer, if an earlier attempt's reply was lost; otherwise by another.
+    let existing = store.get(&key).map_err(store_err(store))?;
+    match serde_json::from_slice::<CommitRecord>(&existing) {
+        Ok(r) if r == record => Ok(()),
+        _ => Err(CheckpointError::Invalid {
+            url: store.url().to_string(),
+            key,
+            reason: "already committed by another writer with other contents".into(),
+        }),
+    }
+}
+
+/// Deletes every checkpoint after `step`, commit record first: a round that resumes from `step` abandons
+/// them (they belong to the timeline that broke, and were not committed with the coordinator). Returns the
+/// deleted steps.
+pub fn discard_after(store: &Store, step: u64) -> Result<Vec<u64>, CheckpointError> {
+    let all = store.list("").map_err(store_err(store))?;
+    let mut later: Vec<u64> = all
+        .iter()
+        .filter_map(|(k, _)| step_of(k))
+        .filter(|&s| s > step)
+        .collect();
+    later.sort_unstable();
+    later.dedup();
+    for &s in &later {
+        delete_step(store, s, &all)?;
+    }
+    Ok(later)
+}
+
+/// Deletes one step folder among the listed keys, commit record first, so that a half-deleted checkpoint is
+/// simply not committed.
+fn delete_step(store: &Store, step: u64, all: &[(String, u64)]) -> Result<(), CheckpointError> {
+    let dir = step_dir(step);
     store
-        .put(&format!("{dir}/{COMMIT}"), Bytes::from(commit))
-        .map_err(store_err(store))
+        .delete(&format!("{dir}/{COMMIT}"))
+        .map_err(store_err(store))?;
+    for (key, _) in all
+        .iter()
+        .filter(|(k, _)| k.starts_with(&format!("{dir}/")))
+    {
+        if !key.ends_with(COMMIT) {
+            store.delete(key).map_err(store_err(store))?;
+        }
+    }
+    Ok(())
 }
 
 /// Steps of the committed checkpoints under `store`, ascending.
@@ -250,18 +363,7 @@ pub fn retain(
         if kept {
             continue;
         }
-        let dir = step_dir(step);
-        store
-            .delete(&format!("{dir}/{COMMIT}"))
-            .map_err(store_err(store))?;
-        for (key, _) in all
-            .iter()
-            .filter(|(k, _)| k.starts_with(&format!("{dir}/")))
-        {
-            if !key.ends_with(COMMIT) {
-                store.delete(key).map_err(store_err(store))?;
-            }
-        }
+        delete_step(store, step, &all)?;
         deleted.push(step);
     }
     // Leftovers of interrupted writes older than the newest commit.
@@ -283,56 +385,152 @@ pub struct Loaded {
     pub optimizer: Vec<(String, Tensor)>,
 }
 
-/// Reads the committed checkpoint of `step`, checking every file against the commit record.
-pub fn load(store: &Store, step: u64) -> Result<Loaded, CheckpointError> {
-    let dir = step_dir(step);
-    let invalid = |key: &str, reason: String| CheckpointError::Invalid {
+/// The commit record of `step`, or an error saying the checkpoint is not committed.
+fn commit_record(store: &Store, step: u64) -> Result<CommitRecord, CheckpointError> {
+    let key = format!("{}/{COMMIT}", step_dir(step));
+    let invalid = |reason: String| CheckpointError::Invalid {
         url: store.url().to_string(),
-        key: key.to_string(),
+        key: key.clone(),
         reason,
     };
-    let commit_key = format!("{dir}/{COMMIT}");
     let commit = store
-        .get_opt(&commit_key)
+        .get_opt(&key)
         .map_err(store_err(store))?
-        .ok_or_else(|| invalid(&commit_key, "not committed (no commit record)".into()))?;
-    let record: CommitRecord =
-        serde_json::from_slice(&commit).map_err(|e| invalid(&commit_key, e.to_string()))?;
-    let fetch = |name: &str| -> Result<Bytes, CheckpointError> {
-        let key = format!("{dir}/{name}");
-        let want = record
-            .files
-            .get(name)
-            .ok_or_else(|| invalid(&commit_key, format!("no record of `{name}`")))?;
-        let bytes = store.get(&key).map_err(store_err(store))?;
-        if bytes.len() as u64 != want.bytes || crc32(&bytes) != want.crc32 {
-            return Err(invalid(
-                &key,
-                format!(
-                    "{} bytes with CRC-32 {:08x}, the commit record says {} bytes with {:08x}",
-                    bytes.len(),
-                    crc32(&bytes),
-                    want.bytes,
-                    want.crc32
-                ),
-            ));
-        }
-        Ok(bytes)
+        .ok_or_else(|| invalid("not committed (no commit record)".into()))?;
+    serde_json::from_slice(&commit).map_err(|e| invalid(e.to_string()))
+}
+
+/// Reads file `name` of a committed checkpoint, checked against its commit record; `None` if the record has
+/// no such file (`tokenizer.json` is optional).
+fn fetch(
+    store: &Store,
+    step: u64,
+    record: &CommitRecord,
+    name: &str,
+) -> Result<Option<Bytes>, CheckpointError> {
+    let key = format!("{}/{name}", step_dir(step));
+    let Some(want) = record.files.get(name) else {
+        return Ok(None);
     };
-    let state: CheckpointState = serde_json::from_slice(&fetch(STATE)?)
-        .map_err(|e| invalid(&format!("{dir}/{STATE}"), e.to_string()))?;
-    let read = |name: &str| -> Result<Vec<(String, Tensor)>, CheckpointError> {
-        let bytes = fetch(name)?;
-        Ok(read_safetensors_bytes(
-            &bytes,
-            Path::new(&format!("{}/{dir}/{name}", store.url())),
-        )?)
-    };
+    let bytes = store.get(&key).map_err(store_err(store))?;
+    if bytes.len() as u64 != want.bytes || crc32(&bytes) != want.crc32 {
+        return Err(CheckpointError::Invalid {
+            url: store.url().to_string(),
+            key,
+            reason: format!(
+                "{} bytes with CRC-32 {:08x}, the commit record says {} bytes with {:08x}",
+                bytes.len(),
+                crc32(&bytes),
+                want.bytes,
+                want.crc32
+            ),
+        });
+    }
+    Ok(Some(bytes))
+}
+
+fn fetch_required(
+    store: &Store,
+    step: u64,
+    record: &CommitRecord,
+    name: &str,
+) -> Result<Bytes, CheckpointError> {
+    fetch(store, step, record, name)?.ok_or_else(|| CheckpointError::Invalid {
+        url: store.url().to_string(),
+        key: format!("{}/{COMMIT}", step_dir(step)),
+        reason: format!("no record of `{name}`"),
+    })
+}
+
+fn read_weights(
+    store: &Store,
+    step: u64,
+    record: &CommitRecord,
+    name: &str,
+) -> Result<Vec<(String, Tensor)>, CheckpointError> {
+    let bytes = fetch_required(store, step, record, name)?;
+    let origin = format!("{}/{}/{name}", store.url(), step_dir(step));
+    Ok(read_safetensors_bytes(&bytes, Path::new(&origin))?)
+}
+
+/// Reads the committed checkpoint of `step`, checking every file against the commit record. The model and
+/// optimizer files are fetched and decoded concurrently.
+pub fn load(store: &Store, step: u64) -> Result<Loaded, CheckpointError> {
+    let record = commit_record(store, step)?;
+    let state_bytes = fetch_required(store, step, &record, STATE)?;
+    let state: CheckpointState =
+        serde_json::from_slice(&state_bytes).map_err(|e| CheckpointError::Invalid {
+            url: store.url().to_string(),
+            key: format!("{}/{STATE}", step_dir(step)),
+            reason: e.to_string(),
+        })?;
+    let (model, optimizer) = std::thread::scope(|s| {
+        let optimizer = s.spawn(|| read_weights(store, step, &record, OPTIMIZER));
+        let model = read_weights(store, step, &record, MODEL);
+        let optimizer = optimizer.join().unwrap_or_else(|_| {
+            Err(CheckpointError::Upload {
+                step,
+                url: store.url().to_string(),
+                attempts: 0,
+                last: "the reading thread panicked".into(),
+            })
+        });
+        (model, optimizer)
+    });
     Ok(Loaded {
         state,
-        model: read(MODEL)?,
-        optimizer: read(OPTIMIZER)?,
+        model: model?,
+        optimizer: optimizer?,
     })
+}
+
+/// A committed checkpoint found from a URL: the store of its checkpoint folder and its step.
+pub struct Found {
+    pub store: Store,
+    pub step: u64,
+}
+
+/// The committed checkpoint `url` names, if it names one: a step folder (`.../step-000000020`, which must be
+/// committed), or a checkpoint folder (its latest committed step). `Ok(None)` for anything else (e.g. a
+/// folder of plain weights).
+pub fn find(url: &str) -> Result<Option<Found>, CheckpointError> {
+    let trimmed = url.trim_end_matches('/');
+    let open = |u: &str| {
+        Store::open(u).map_err(|source| CheckpointError::Store {
+            url: u.to_string(),
+            source,
+        })
+    };
+    if let Some((base, last)) = trimmed.rsplit_once('/') {
+        if let Some(step) = step_of(last) {
+            let store = open(base)?;
+            commit_record(&store, step)?;
+            return Ok(Some(Found { store, step }));
+        }
+    }
+    let store = open(trimmed)?;
+    Ok(committed_steps(&store)?
+        .last()
+        .map(|&step| Found { store, step }))
+}
+
+impl Found {
+    /// The checkpoint's parameters (not its optimizer state), checked against the commit record.
+    pub fn model(&self) -> Result<Vec<(String, Tensor)>, CheckpointError> {
+        let record = commit_record(&self.store, self.step)?;
+        read_weights(&self.store, self.step, &record, MODEL)
+    }
+
+    /// The checkpoint's `tokenizer.json`, if it has one, checked against the commit record.
+    pub fn tokenizer(&self) -> Result<Option<Bytes>, CheckpointError> {
+        let record = commit_record(&self.store, self.step)?;
+        fetch(&self.store, self.step, &record, TOKENIZER)
+    }
+
+    /// `<checkpoint folder URL>/step-%09d`.
+    pub fn url(&self) -> String {
+        step_url(self.store.url(), self.step)
+    }
 }
 
 /// The URL of step `step`'s checkpoint under `base`.
@@ -344,7 +542,7 @@ pub fn step_url(base: &str, step: u64) -> String {
 fn upload(
     store: &Store,
     step: u64,
-    files: &[(&'static str, Bytes)],
+    files: &[(&'static str, Vec<Bytes>)],
     attempts: u32,
 ) -> Result<u64, CheckpointError> {
     let mut attempt = 0;
@@ -368,14 +566,15 @@ fn upload(
     }
 }
 
-/// Uploads staged checkpoints on a background thread, one at a time (a new one waits for the previous, so
-/// at most one staged copy is in memory), retrying failed writes with exponential backoff, then applying the
-/// retention rule.
+/// Uploads staged checkpoints on a background thread, one at a time, retrying failed writes with exponential
+/// backoff, then applying the retention rule. Memory stays bounded at one staged copy: a new checkpoint is
+/// staged after the previous upload finished, into that upload's memory ([`Uploader::spare`]).
 pub struct Uploader {
     tx: Option<SyncSender<Staged>>,
-    done: Receiver<Result<u64, CheckpointError>>,
+    done: Receiver<(Result<u64, CheckpointError>, Staged)>,
     thread: Option<JoinHandle<()>>,
     in_flight: Option<u64>,
+    spare: Option<Staged>,
 }
 
 impl Uploader {
@@ -394,7 +593,8 @@ impl Uploader {
                             tracing::warn!(error = %e, "checkpoint retention failed");
                         }
                     }
-                    if done_tx.send(result).is_err() {
+                    // The files' buffers were dropped above, so the staged memory is unshared again.
+                    if done_tx.send((result, staged)).is_err() {
                         return;
                     }
                 }
@@ -405,6 +605,7 @@ impl Uploader {
             done,
             thread,
             in_flight: None,
+            spare: None,
         }
     }
 
@@ -426,6 +627,20 @@ impl Uploader {
         Ok(previous)
     }
 
+    /// The memory of the last finished upload, for [`Staged::new_reusing`] (taken: `None` until the next
+    /// upload finishes).
+    pub fn spare(&mut self) -> Option<Staged> {
+        self.spare.take()
+    }
+
+    fn finished(
+        &mut self,
+        (result, staged): (Result<u64, CheckpointError>, Staged),
+    ) -> Result<Option<u64>, CheckpointError> {
+        self.spare = Some(staged);
+        result.map(Some)
+    }
+
     /// The finished upload's step, if one finished since the last call (does not block).
     pub fn poll(&mut self) -> Result<Option<u64>, CheckpointError> {
         if self.in_flight.is_none() {
@@ -434,7 +649,7 @@ impl Uploader {
         match self.done.try_recv() {
             Ok(r) => {
                 self.in_flight = None;
-                r.map(Some)
+                self.finished(r)
             }
             Err(_) => Ok(None),
         }
@@ -446,7 +661,7 @@ impl Uploader {
             return Ok(None);
         }
         match self.done.recv() {
-            Ok(r) => r.map(Some),
+            Ok(r) => self.finished(r),
             Err(_) => Err(CheckpointError::Upload {
                 step: 0,
                 url: String::new(),

@@ -14,9 +14,10 @@ use m3d_models::lamed::{
 use m3d_models::lora::{freeze_base, LoraConfig};
 use m3d_models::precision::Precision;
 use m3d_models::tokenizer::{Padding, Tokenizer};
-use m3d_models::weights::{load_into, read_tensors, KeyMap, LoadOptions};
+use m3d_models::weights::{load_into, read_safetensors_bytes, read_tensors, KeyMap, LoadOptions};
 use m3d_models::{ModelError, VarBuilder};
 use m3d_recipes::{DeviceKind, ModelKind, Recipe};
+use m3d_shards::store::Store;
 use m3d_volume::augment::{AugmentConfig, AugmentParams};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -24,6 +25,7 @@ use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
 use crate::batch::{stack_volumes, BatchError};
+use crate::checkpoint::{self, CheckpointError};
 use crate::data::LoadedSample;
 use crate::dataset::TrainData;
 use crate::vocab::{word_level_tokenizer, write_tokenizer, VocabStyle};
@@ -44,7 +46,7 @@ pub enum JobError {
         index: usize,
         path: String,
         #[source]
-        source: ModelError,
+        source: Box<CheckpointError>,
     },
     #[error("sample `{sample}`: {reason}")]
     Sample { sample: String, reason: String },
@@ -88,6 +90,18 @@ fn splitmix(mut z: u64) -> u64 {
 
 const PURPOSE_PROMPT: u64 = 1;
 const PURPOSE_AUGMENT: u64 = 2;
+const PURPOSE_DROPOUT: u64 = 3;
+
+/// The seed of libtorch's generator for optimizer step `step` on `rank`. Dropout draws from that generator;
+/// seeding it at every step makes its state a function of (seed, step, rank), so it needs no saving: a run
+/// resumed from a checkpoint draws exactly what the uninterrupted run drew (with the same world size).
+pub fn step_seed(seed: u64, step: u64, rank: u32) -> i64 {
+    let mut z = seed ^ 0x6d33_642d_7374_6570;
+    for v in [step, rank as u64, PURPOSE_DROPOUT] {
+        z = splitmix(z ^ v);
+    }
+    (z >> 1) as i64
+}
 
 /// The reference's augmentation of sample `index` in `epoch` (MONAI's RandRotate90, RandFlip × 3,
 /// RandScaleIntensity, RandShiftIntensity with M3D's settings), drawn from its own generator.
@@ -111,10 +125,38 @@ pub fn resolve_tokenizer(
     if let Some(p) = &m.tokenizer {
         return Ok(Tokenizer::from_file(Path::new(p))?);
     }
-    for init in &m.init_from {
-        let folder = Path::new(&init.path);
-        if folder.join("tokenizer.json").is_file() {
-            return Ok(Tokenizer::from_file(folder)?);
+    for (index, init) in m.init_from.iter().enumerate() {
+        let err = |source| JobError::InitFrom {
+            index,
+            path: init.path.clone(),
+            source: Box::new(source),
+        };
+        match InitSource::of(&init.path).map_err(err)? {
+            InitSource::Local(folder) if folder.join("tokenizer.json").is_file() => {
+                return Ok(Tokenizer::from_file(&folder)?);
+            }
+            InitSource::Local(_) => {}
+            source => {
+                if let Some(json) = source.tokenizer_json().map_err(err)? {
+                    let json: serde_json::Value = serde_json::from_slice(&json).map_err(|e| {
+                        err(CheckpointError::Invalid {
+                            url: init.path.clone(),
+                            key: "tokenizer.json".into(),
+                            reason: e.to_string(),
+                        })
+                    })?;
+                    std::fs::create_dir_all(scratch).map_err(|source| JobError::Io {
+                        path: scratch.to_path_buf(),
+                        source,
+                    })?;
+                    let path = scratch.join("tokenizer.json");
+                    write_tokenizer(&path, &json).map_err(|source| JobError::Io {
+                        path: path.clone(),
+                        source,
+                    })?;
+                    return Ok(Tokenizer::from_file(&path)?);
+                }
+            }
         }
     }
     if !matches!(m.preset.as_str(), "tiny" | "debug") || m.config.is_some() {
@@ -145,6 +187,88 @@ pub fn resolve_tokenizer(
         source,
     })?;
     Ok(Tokenizer::from_file(&path)?)
+}
+
+/// What `model.init_from.<i>.path` names: a committed m3d checkpoint (a step folder, or a checkpoint folder
+/// whose latest commit is taken; local or in a store), weights in a local file or folder (HF layouts, sharded
+/// or `.bin`), or a store folder (`s3://`, `file://`) holding `model.safetensors`.
+enum InitSource {
+    Checkpoint(checkpoint::Found),
+    Local(PathBuf),
+    Store(Store),
+}
+
+impl InitSource {
+    fn of(path: &str) -> Result<InitSource, CheckpointError> {
+        if !path.contains("://") {
+            let p = Path::new(path);
+            // Opening a store creates its folder: only look for checkpoints in folders that exist, or where a
+            // step folder is named (a missing one is then an error naming its commit record).
+            let step_folder = p
+                .file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("step-"));
+            if p.is_dir() || step_folder {
+                if let Some(found) = checkpoint::find(path)? {
+                    return Ok(InitSource::Checkpoint(found));
+                }
+            }
+            return Ok(InitSource::Local(p.to_path_buf()));
+        }
+        if let Some(found) = checkpoint::find(path)? {
+            return Ok(InitSource::Checkpoint(found));
+        }
+        Store::open(path)
+            .map(InitSource::Store)
+            .map_err(|source| CheckpointError::Store {
+                url: path.to_string(),
+                source,
+            })
+    }
+
+    fn weights(&self) -> Result<Vec<(String, Tensor)>, CheckpointError> {
+        match self {
+            InitSource::Checkpoint(found) => {
+                tracing::info!(checkpoint = %found.url(), "initial weights from a checkpoint");
+                found.model()
+            }
+            InitSource::Local(path) => Ok(read_tensors(path)?),
+            InitSource::Store(store) => {
+                let bytes =
+                    store
+                        .get("model.safetensors")
+                        .map_err(|source| CheckpointError::Store {
+                            url: store.url().to_string(),
+                            source,
+                        })?;
+                let origin = format!("{}/model.safetensors", store.url());
+                Ok(read_safetensors_bytes(&bytes, Path::new(&origin))?)
+            }
+        }
+    }
+
+    fn tokenizer_json(&self) -> Result<Option<bytes::Bytes>, CheckpointError> {
+        match self {
+            InitSource::Checkpoint(found) => found.tokenizer(),
+            InitSource::Local(path) => {
+                let file = path.join("tokenizer.json");
+                if !file.is_file() {
+                    return Ok(None);
+                }
+                std::fs::read(&file)
+                    .map(|b| Some(bytes::Bytes::from(b)))
+                    .map_err(|source| CheckpointError::Io { path: file, source })
+            }
+            InitSource::Store(store) => {
+                store
+                    .get_opt("tokenizer.json")
+                    .map_err(|source| CheckpointError::Store {
+                        url: store.url().to_string(),
+                        source,
+                    })
+            }
+        }
+    }
 }
 
 /// The model of a recipe, ready to train.
@@ -306,9 +430,11 @@ impl TrainModel {
             let err = |source| JobError::InitFrom {
                 index,
                 path: init.path.clone(),
-                source,
+                source: Box::new(source),
             };
-            let tensors = read_tensors(Path::new(&init.path)).map_err(err)?;
+            let tensors = InitSource::of(&init.path)
+                .and_then(|s| s.weights())
+                .map_err(err)?;
             let key_map = match (&init.select_prefix, &init.add_prefix) {
                 (Some(s), Some(a)) => KeyMap::move_prefix(s, a),
                 (Some(s), None) => KeyMap::select_prefix(s),
@@ -324,7 +450,7 @@ impl TrainModel {
             if lora.is_some() {
                 opts = opts.allow_missing("lora_");
             }
-            let report = load_into(&vs, tensors, &opts).map_err(err)?;
+            let report = load_into(&vs, tensors, &opts).map_err(|e| err(e.into()))?;
             tracing::info!(path = %init.path, loaded = report.loaded, missing = report.missing.len(), "initial weights");
         }
         // Trainable parameters.

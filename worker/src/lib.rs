@@ -15,6 +15,7 @@ pub mod data;
 pub mod dataset;
 pub mod eval;
 pub mod export;
+pub mod failpoint;
 pub mod grad;
 pub mod job;
 pub mod metrics;

@@ -10,7 +10,7 @@
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use m3d_collectives::{Collective, ReduceOp};
 use m3d_coordinator::job::WorkerAction;
@@ -127,6 +127,11 @@ impl RunDir {
 
 /// Attempts of a checkpoint upload before the worker gives up.
 const CHECKPOINT_ATTEMPTS: u32 = 4;
+/// Retries of each request inside one upload attempt, and the time they may take: the attempts above
+/// retry whole files with backoff, so a store that is down fails the job in about a minute, not after
+/// object_store's default three minutes per request.
+const CHECKPOINT_REQUEST_RETRIES: usize = 2;
+const CHECKPOINT_REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Steps of plan requested from the control plane at a time.
 const PLAN_CHUNK: u32 = 16;
@@ -265,10 +270,20 @@ pub fn run_round(
     };
     let checkpoint_base = recipe.checkpoint_url();
     let uploader = if rank == 0 && recipe.checkpoint.every > 0 {
-        let store = Store::open(&checkpoint_base).map_err(|source| CheckpointError::Store {
+        let store = Store::open_with_retries(
+            &checkpoint_base,
+            CHECKPOINT_REQUEST_RETRIES,
+            CHECKPOINT_REQUEST_TIMEOUT,
+        )
+        .map_err(|source| CheckpointError::Store {
             url: checkpoint_base.clone(),
             source,
         })?;
+        // Checkpoints after the one this round starts from belong to the timeline that broke.
+        let abandoned = checkpoint::discard_after(&store, round.resume_step)?;
+        if !abandoned.is_empty() {
+            tracing::info!(steps = ?abandoned, "deleted checkpoints of the abandoned round");
+        }
         Some(Uploader::new(
             store,
             recipe.checkpoint.keep_last,
@@ -467,6 +482,7 @@ impl Loop<'_> {
                 )));
             }
             let samples = plan.samples.len() as u64 * world as u64;
+            tch::manual_seed(crate::job::step_seed(self.recipe.train.seed, step, rank));
             let model = self.model;
             let out = match (&model.net, built) {
                 (Net::Clip(clip), Built::Clip { images, ids, mask }) => {
@@ -547,6 +563,12 @@ impl Loop<'_> {
                 let every = self.recipe.checkpoint.every;
                 if every > 0 && done % every == 0 && done < self.total {
                     let stall = Instant::now();
+                    // The previous upload finishes before the next staging copy is made: at most one
+                    // checkpoint is ever held in host memory.
+                    if let Some(prev) = up.wait()? {
+                        let url = checkpoint::step_url(&self.checkpoint_base, prev);
+                        self.control.commit(prev, &url)?;
+                    }
                     let (epoch, step_in_epoch) = self.round.plan.position(done);
                     let state = CheckpointState {
                         step: done,
@@ -557,7 +579,19 @@ impl Loop<'_> {
                         recipe: self.recipe.to_yaml(),
                         version: env!("CARGO_PKG_VERSION").to_string(),
                     };
-                    let staged = Staged::new(&state, &model.state_dict(), &self.opt.state_dict())?;
+                    let tokenizer = model.tokenizer.path();
+                    let tokenizer_json =
+                        std::fs::read(tokenizer).map_err(|source| CheckpointError::Io {
+                            path: tokenizer.to_path_buf(),
+                            source,
+                        })?;
+                    let staged = Staged::new_reusing(
+                        &state,
+                        &model.state_dict(),
+                        &self.opt.state_dict(),
+                        up.spare(),
+                    )?
+                    .with_tokenizer(tokenizer_json.into());
                     if let Some(prev) = up.submit(staged)? {
                         let url = checkpoint::step_url(&self.checkpoint_base, prev);
                         self.control.commit(prev, &url)?;
