@@ -510,38 +510,146 @@ pub fn safetensors_parts(host: &[(String, HostTensor)]) -> Result<Vec<Bytes>> {
     Ok(parts)
 }
 
+/// libtorch's kind for a safetensors dtype.
+fn kind_of(dtype: safetensors::Dtype, name: &str, origin: &Path) -> Result<Kind> {
+    use safetensors::Dtype;
+    Ok(match dtype {
+        Dtype::F32 => Kind::Float,
+        Dtype::F16 => Kind::Half,
+        Dtype::BF16 => Kind::BFloat16,
+        Dtype::F64 => Kind::Double,
+        Dtype::I64 => Kind::Int64,
+        Dtype::I32 => Kind::Int,
+        Dtype::I16 => Kind::Int16,
+        Dtype::I8 => Kind::Int8,
+        Dtype::U8 => Kind::Uint8,
+        Dtype::BOOL => Kind::Bool,
+        d => {
+            return Err(ModelError::weights(
+                origin,
+                format!("tensor `{name}`: unsupported dtype {d:?}"),
+            ))
+        }
+    })
+}
+
 /// The tensors of a safetensors file held in memory (`origin` names it in errors), on the CPU.
 pub fn read_safetensors_bytes(bytes: &[u8], origin: &Path) -> Result<Vec<(String, Tensor)>> {
-    use safetensors::Dtype;
     let st = safetensors::SafeTensors::deserialize(bytes)
         .map_err(|e| ModelError::weights(origin, e.to_string()))?;
     st.tensors()
         .into_iter()
         .map(|(name, view)| {
-            let kind = match view.dtype() {
-                Dtype::F32 => Kind::Float,
-                Dtype::F16 => Kind::Half,
-                Dtype::BF16 => Kind::BFloat16,
-                Dtype::F64 => Kind::Double,
-                Dtype::I64 => Kind::Int64,
-                Dtype::I32 => Kind::Int,
-                Dtype::I16 => Kind::Int16,
-                Dtype::I8 => Kind::Int8,
-                Dtype::U8 => Kind::Uint8,
-                Dtype::BOOL => Kind::Bool,
-                d => {
-                    return Err(ModelError::weights(
-                        origin,
-                        format!("tensor `{name}`: unsupported dtype {d:?}"),
-                    ))
-                }
-            };
+            let kind = kind_of(view.dtype(), &name, origin)?;
             let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
             let t = Tensor::f_from_data_size(view.data(), &shape, kind)
                 .map_err(|e| ModelError::weights(origin, format!("tensor `{name}`: {e}")))?;
             Ok((name, t))
         })
         .collect()
+}
+
+/// Largest safetensors header accepted (the format's own reader uses the same bound).
+const MAX_HEADER: u64 = 100_000_000;
+
+/// The tensors of a safetensors file of `len` bytes read from `reader` straight into their own memory, on the
+/// CPU: one copy, as `torch.load` makes, where [`read_safetensors_bytes`] needs the whole file in memory
+/// first. Every byte read is passed to `observe` in file order (for a checksum). `into(name)` may offer an
+/// existing tensor to read that entry into (a model's parameter, when resuming): used if it is a contiguous
+/// CPU tensor of the entry's shape and dtype, which saves allocating (and page-faulting) fresh memory and the
+/// copy into the parameter afterwards; it is then the tensor returned. The layout is checked as the format's
+/// own reader checks it: known dtypes, sizes that match shapes, data that covers the file exactly.
+// One unsafe block: the file is read into the fresh tensor's own storage (safe Rust would need a staging
+// buffer and a second copy, the cost this function exists to avoid).
+#[allow(unsafe_code)]
+pub fn read_safetensors_from(
+    reader: &mut dyn std::io::Read,
+    len: u64,
+    origin: &Path,
+    observe: &mut dyn FnMut(&[u8]),
+    into: &mut dyn FnMut(&str) -> Option<Tensor>,
+) -> Result<Vec<(String, Tensor)>> {
+    let bad = |m: String| ModelError::weights(origin, m);
+    let mut n = [0u8; 8];
+    reader
+        .read_exact(&mut n)
+        .map_err(|e| bad(format!("reading the header length: {e}")))?;
+    observe(&n);
+    let n = u64::from_le_bytes(n);
+    if n > MAX_HEADER || n > len.saturating_sub(8) {
+        return Err(bad(format!("a header of {n} bytes in a file of {len}")));
+    }
+    let mut header = vec![0u8; n as usize];
+    reader
+        .read_exact(&mut header)
+        .map_err(|e| bad(format!("reading the header: {e}")))?;
+    observe(&header);
+    let map: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(&header).map_err(|e| bad(format!("header: {e}")))?;
+    #[derive(serde::Deserialize)]
+    struct Entry {
+        dtype: safetensors::Dtype,
+        shape: Vec<usize>,
+        data_offsets: (u64, u64),
+    }
+    let mut entries = Vec::with_capacity(map.len());
+    for (name, v) in map {
+        if name == "__metadata__" {
+            continue;
+        }
+        let e: Entry =
+            serde_json::from_value(v).map_err(|e| bad(format!("header entry `{name}`: {e}")))?;
+        entries.push((name, e));
+    }
+    entries.sort_by_key(|(_, e)| e.data_offsets);
+    let data_len = len - 8 - n;
+    let mut at = 0u64;
+    let mut out = Vec::with_capacity(entries.len());
+    for (name, e) in entries {
+        let kind = kind_of(e.dtype, &name, origin)?;
+        let (begin, end) = e.data_offsets;
+        let numel: usize = e.shape.iter().product();
+        let nbytes = numel * kind.elt_size_in_bytes();
+        if begin != at || end < begin || end - begin != nbytes as u64 || end > data_len {
+            return Err(bad(format!(
+                "tensor `{name}`: data at {begin}..{end} where {nbytes} bytes at {at} were expected"
+            )));
+        }
+        let shape: Vec<i64> = e.shape.iter().map(|&d| d as i64).collect();
+        let offered = into(&name).filter(|t| {
+            t.size() == shape
+                && t.kind() == kind
+                && t.device() == tch::Device::Cpu
+                && t.is_contiguous()
+        });
+        let t = match offered {
+            Some(t) => t,
+            None => Tensor::f_empty(&shape, (kind, tch::Device::Cpu))?,
+        };
+        if nbytes > 0 {
+            // SAFETY: `t` is a contiguous CPU tensor of exactly `nbytes` bytes (checked above), written here
+            // as `copy_` would write it; any bit pattern is a valid value of these dtypes, except for bool,
+            // which is checked before the tensor is returned.
+            let buf = unsafe { std::slice::from_raw_parts_mut(t.data_ptr() as *mut u8, nbytes) };
+            reader
+                .read_exact(buf)
+                .map_err(|e| bad(format!("tensor `{name}`: {e}")))?;
+            if kind == Kind::Bool && buf.iter().any(|&b| b > 1) {
+                return Err(bad(format!(
+                    "tensor `{name}`: a bool that is neither 0 nor 1"
+                )));
+            }
+            observe(buf);
+        }
+        at = end;
+        out.push((name, t));
+    }
+    if at != data_len {
+        return Err(bad(format!(
+            "the tensors cover {at} of the file's {data_len} data bytes"
+        )));
+    }
+    Ok(out)
 }
 
 impl safetensors::View for &HostTensor {

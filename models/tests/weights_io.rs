@@ -293,9 +293,37 @@ fn staged_parts_form_a_safetensors_file() {
     assert_eq!(parts.len(), tensors.len() + 1);
     let bytes: Vec<u8> = parts.iter().flat_map(|p| p.iter().copied()).collect();
     let back = weights::read_safetensors_bytes(&bytes, Path::new("parts")).unwrap();
-    assert_same(&tensors, &back);
+    let want = sorted(tensors.iter().map(|p| p.clone_pair()).collect());
+    assert_same(&want, &sorted(back));
     let file = dir.path().join("parts.safetensors");
     std::fs::write(&file, &bytes).unwrap();
+    // Streamed from the file: every byte observed in order, one entry read into an offered tensor.
+    let offered = Tensor::zeros([1, 3], (Kind::Float, Device::Cpu));
+    let mut seen = Vec::new();
+    let streamed = weights::read_safetensors_from(
+        &mut std::fs::File::open(&file).unwrap(),
+        bytes.len() as u64,
+        &file,
+        &mut |b| seen.extend_from_slice(b),
+        &mut |n| (n == "extra.0").then(|| offered.shallow_clone()),
+    )
+    .unwrap();
+    assert!(seen == bytes, "observed bytes are the file");
+    assert_same(
+        &sorted(tensors.iter().map(|p| p.clone_pair()).collect()),
+        &sorted(streamed),
+    );
+    assert!(offered.equal(&tensors.iter().find(|p| p.0 == "extra.0").unwrap().1));
+    let cut = weights::read_safetensors_from(
+        &mut &bytes[..bytes.len() - 1],
+        bytes.len() as u64 - 1,
+        &file,
+        &mut |_| {},
+        &mut |_| None,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(cut.contains("parts.safetensors"), "{cut}");
     let script = dir.path().join("read_parts.py");
     std::fs::write(
         &script,

@@ -257,6 +257,29 @@ impl Store {
         &self.kind
     }
 
+    /// The file that holds `key` when this store is a local folder (for readers that stream a file into
+    /// memory they own rather than take a buffer); `None` for other backends or an invalid key.
+    pub fn local_path(&self, key: &str) -> Option<std::path::PathBuf> {
+        match &self.kind {
+            StoreKind::Local(root) => object_path(key).ok().map(|_| root.join(key)),
+            StoreKind::S3 { .. } => None,
+        }
+    }
+
+    /// Makes the object at `key` durable: on a local folder its file is flushed to disk (`fsync`), which a
+    /// put alone does not do; S3 objects are durable once written, so there this does nothing.
+    pub fn sync(&self, key: &str) -> Result<(), ShardError> {
+        let Some(path) = self.local_path(key) else {
+            return Ok(());
+        };
+        std::fs::File::open(&path)
+            .and_then(|f| f.sync_all())
+            .map_err(|source| ShardError::Io {
+                path: path.display().to_string(),
+                source,
+            })
+    }
+
     fn store_err(&self, op: &'static str, key: &str, source: object_store::Error) -> ShardError {
         if is_not_found(&source) {
             ShardError::NotFound {

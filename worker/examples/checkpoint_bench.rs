@@ -1,8 +1,8 @@
 //! Checkpoint save/load timing for `bench/checkpoint.sh`: builds M3D-CLIP (`--preset m3d|tiny`) with AdamW state
 //! for every parameter, then times (1) staging to host memory (what the training loop waits for; from the
 //! second round on into the previous round's memory, as in training), (2) writing
-//! the staged checkpoint with its commit record to a local folder store, (3) loading it back with every
-//! file checked. Prints one JSON line.
+//! the staged checkpoint with its commit record to a local folder store, (3) restoring it as a resume does:
+//! every file checked, the parameters into the model, AdamW's state into the optimizer. Prints one JSON line.
 //!
 //! `cargo run --release -p m3d-worker --example checkpoint_bench -- --preset m3d --dir /tmp/ck --rounds 3 [--keep]`
 //! (`--keep` leaves the last checkpoint in `--dir` for the torch side of the benchmark).
@@ -10,9 +10,10 @@
 use std::time::Instant;
 
 use m3d_models::clip::{M3dClip, M3dClipConfig};
+use m3d_models::weights::{self, LoadOptions};
 use m3d_models::VarBuilder;
 use m3d_shards::store::Store;
-use m3d_worker::checkpoint::{load, write, CheckpointState, Staged};
+use m3d_worker::checkpoint::{load_into, write, CheckpointState, Staged};
 use m3d_worker::optim::{AdamW, AdamWConfig};
 use tch::nn::VarStore;
 use tch::{Device, Kind};
@@ -81,16 +82,16 @@ fn main() {
         write(&store, &staged).expect("write");
         save.push(t.elapsed().as_secs_f64() + stage.last().copied().unwrap_or(0.0));
         spare = Some(staged);
+        // A resume: the parameters into the model (read straight into them), AdamW's state adopted.
+        let vars = vs.variables();
         let t = Instant::now();
-        let l = load(&store, 1).expect("load");
-        // Touch the data so lazy reads would be counted.
-        let s: f64 = l
-            .model
-            .iter()
-            .map(|(_, t)| t.sum(Kind::Double).double_value(&[]))
-            .sum();
+        let l = load_into(&store, 1, &mut |n| {
+            vars.get(n).map(tch::Tensor::shallow_clone)
+        })
+        .expect("load");
+        weights::load_into(&vs, l.model, &LoadOptions::default()).expect("into the model");
+        opt.load_state_dict(&l.optimizer).expect("optimizer state");
         read.push(t.elapsed().as_secs_f64());
-        assert!(s.is_finite());
     }
     let first_stage = stage.first().copied().unwrap_or(0.0);
     let med = |v: &mut Vec<f64>| {

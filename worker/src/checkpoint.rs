@@ -30,7 +30,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use m3d_coordinator::plan::PlanSpec;
 use m3d_models::weights::{
-    read_safetensors_bytes, safetensors_parts, to_host_tensors_into, HostTensor,
+    read_safetensors_bytes, read_safetensors_from, safetensors_parts, to_host_tensors_into,
+    HostTensor,
 };
 use m3d_shards::store::Store;
 use serde::{Deserialize, Serialize};
@@ -239,9 +240,12 @@ fn write_files(
                         bytes: parts.iter().map(|p| p.len() as u64).sum(),
                         crc32: crc32_parts(parts),
                     };
+                    let key = format!("{dir}/{name}");
                     store
-                        .put_parts(&format!("{dir}/{name}"), parts.clone())
+                        .put_parts(&key, parts.clone())
                         .map_err(store_err(store))?;
+                    // On disk before the commit record: a crash cannot leave a record of lost data.
+                    store.sync(&key).map_err(store_err(store))?;
                     Ok((name.to_string(), record))
                 })
             })
@@ -271,7 +275,7 @@ fn write_files(
         .put_if_absent(&key, Bytes::from(commit))
         .map_err(store_err(store))?
     {
-        return Ok(());
+        return store.sync(&key).map_err(store_err(store));
     }
     // Already committed: by this writer, if an earlier attempt's reply was lost; otherwise by another.
     let existing = store.get(&key).map_err(store_err(store))?;
@@ -447,7 +451,31 @@ fn read_weights(
     step: u64,
     record: &CommitRecord,
     name: &str,
+    into: &mut dyn FnMut(&str) -> Option<Tensor>,
 ) -> Result<Vec<(String, Tensor)>, CheckpointError> {
+    let key = format!("{}/{name}", step_dir(step));
+    if let (Some(path), Some(want)) = (store.local_path(&key), record.files.get(name)) {
+        // A local file streams straight into the tensors' memory, checksummed on the way: one copy
+        // instead of file -> buffer -> tensors.
+        let streamed = std::fs::File::open(&path).and_then(|f| Ok((f.metadata()?.len(), f)));
+        if let Ok((len, mut file)) = streamed {
+            if len == want.bytes {
+                let mut crc = crc32fast::Hasher::new();
+                let read = read_safetensors_from(
+                    &mut file,
+                    len,
+                    &path,
+                    &mut |b: &[u8]| crc.update(b),
+                    into,
+                );
+                if read.is_ok() && crc.finalize() == want.crc32 {
+                    return Ok(read?);
+                }
+            }
+        }
+        // Anything else (a changed size or checksum, an unreadable layout) is reported by the buffered
+        // path below, which names the file and what its commit record says.
+    }
     let bytes = fetch_required(store, step, record, name)?;
     let origin = format!("{}/{}/{name}", store.url(), step_dir(step));
     Ok(read_safetensors_bytes(&bytes, Path::new(&origin))?)
@@ -456,6 +484,17 @@ fn read_weights(
 /// Reads the committed checkpoint of `step`, checking every file against the commit record. The model and
 /// optimizer files are fetched and decoded concurrently.
 pub fn load(store: &Store, step: u64) -> Result<Loaded, CheckpointError> {
+    load_into(store, step, &mut |_| None)
+}
+
+/// [`load`], reading each parameter of a local checkpoint straight into the tensor `params(name)` offers
+/// (the model's own parameter, on the CPU; see [`read_safetensors_from`]), which the returned model tensors
+/// then are.
+pub fn load_into(
+    store: &Store,
+    step: u64,
+    params: &mut dyn FnMut(&str) -> Option<Tensor>,
+) -> Result<Loaded, CheckpointError> {
     let record = commit_record(store, step)?;
     let state_bytes = fetch_required(store, step, &record, STATE)?;
     let state: CheckpointState =
@@ -465,8 +504,8 @@ pub fn load(store: &Store, step: u64) -> Result<Loaded, CheckpointError> {
             reason: e.to_string(),
         })?;
     let (model, optimizer) = std::thread::scope(|s| {
-        let optimizer = s.spawn(|| read_weights(store, step, &record, OPTIMIZER));
-        let model = read_weights(store, step, &record, MODEL);
+        let optimizer = s.spawn(|| read_weights(store, step, &record, OPTIMIZER, &mut |_| None));
+        let model = read_weights(store, step, &record, MODEL, params);
         let optimizer = optimizer.join().unwrap_or_else(|_| {
             Err(CheckpointError::Upload {
                 step,
@@ -518,7 +557,7 @@ impl Found {
     /// The checkpoint's parameters (not its optimizer state), checked against the commit record.
     pub fn model(&self) -> Result<Vec<(String, Tensor)>, CheckpointError> {
         let record = commit_record(&self.store, self.step)?;
-        read_weights(&self.store, self.step, &record, MODEL)
+        read_weights(&self.store, self.step, &record, MODEL, &mut |_| None)
     }
 
     /// The checkpoint's `tokenizer.json`, if it has one, checked against the commit record.

@@ -240,7 +240,11 @@ pub fn run_round(
             url: base.to_string(),
             source,
         })?;
-        let loaded = checkpoint::load(&store, round.resume_step)?;
+        // Parameters are read straight into the model's own (CPU) tensors where the store is a folder.
+        let vars = model.vs.variables();
+        let loaded = checkpoint::load_into(&store, round.resume_step, &mut |name| {
+            vars.get(name).map(Tensor::shallow_clone)
+        })?;
         if loaded.state.step != round.resume_step {
             return Err(TrainError::WrongCheckpoint {
                 url: url.to_string(),
