@@ -478,6 +478,25 @@ pub fn to_host_tensors_into(
         .collect()
 }
 
+/// Host buffers of the given byte sizes, by name, every page already written: memory for
+/// [`to_host_tensors_into`] to copy into without page faults, prepared off the critical path.
+pub fn host_buffers(sizes: &[(String, usize)]) -> Vec<(String, HostTensor)> {
+    sizes
+        .iter()
+        .map(|(name, len)| {
+            (
+                name.clone(),
+                HostTensor {
+                    dtype: safetensors::Dtype::U8,
+                    shape: vec![*len],
+                    // A non-zero fill: zeroed memory would come from calloc untouched.
+                    data: Bytes::from(vec![0xA5u8; *len]),
+                },
+            )
+        })
+        .collect()
+}
+
 /// A safetensors file holding host tensors (metadata `format: pt`) as a list of buffers: the header, then each
 /// tensor's bytes, shared with `host` rather than copied. Written one after the other they are the file.
 pub fn safetensors_parts(host: &[(String, HostTensor)]) -> Result<Vec<Bytes>> {

@@ -30,8 +30,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use m3d_coordinator::plan::PlanSpec;
 use m3d_models::weights::{
-    read_safetensors_bytes, read_safetensors_from, safetensors_parts, to_host_tensors_into,
-    HostTensor,
+    host_buffers, read_safetensors_bytes, read_safetensors_from, safetensors_parts,
+    to_host_tensors_into, HostTensor,
 };
 use m3d_shards::store::Store;
 use serde::{Deserialize, Serialize};
@@ -168,6 +168,18 @@ impl Staged {
     pub fn with_tokenizer(mut self, json: Bytes) -> Self {
         self.tokenizer = Some(json);
         self
+    }
+
+    /// Memory for a first [`Staged::new_reusing`]: buffers of the given sizes (names and bytes of the
+    /// parameters and of the optimizer state), every page touched.
+    pub fn prepared(model: &[(String, usize)], optimizer: &[(String, usize)]) -> Staged {
+        Staged {
+            step: 0,
+            model: host_buffers(model),
+            optimizer: host_buffers(optimizer),
+            state: Vec::new(),
+            tokenizer: None,
+        }
     }
 
     /// Host memory the staged copy holds.
@@ -614,6 +626,7 @@ pub struct Uploader {
     thread: Option<JoinHandle<()>>,
     in_flight: Option<u64>,
     spare: Option<Staged>,
+    preparing: Option<Receiver<Staged>>,
 }
 
 impl Uploader {
@@ -645,6 +658,26 @@ impl Uploader {
             thread,
             in_flight: None,
             spare: None,
+            preparing: None,
+        }
+    }
+
+    /// Starts preparing host memory for the first checkpoint on a background thread: buffers of the sizes
+    /// of `model` and `optimizer` (names and bytes), every page touched. The first staging copy then runs
+    /// at memory speed instead of page-faulting fresh memory while training waits (5 s for full-size
+    /// M3D-CLIP's 2.4 GB on the benchmark machine, against 0.3 s into touched memory).
+    pub fn prepare(&mut self, model: Vec<(String, usize)>, optimizer: Vec<(String, usize)>) {
+        if self.spare.is_some() || self.preparing.is_some() {
+            return;
+        }
+        let (tx, rx) = sync_channel(1);
+        let spawned = std::thread::Builder::new()
+            .name("m3d-checkpoint-prep".into())
+            .spawn(move || {
+                let _ = tx.send(Staged::prepared(&model, &optimizer));
+            });
+        if spawned.is_ok() {
+            self.preparing = Some(rx);
         }
     }
 
@@ -666,10 +699,14 @@ impl Uploader {
         Ok(previous)
     }
 
-    /// The memory of the last finished upload, for [`Staged::new_reusing`] (taken: `None` until the next
-    /// upload finishes).
+    /// The memory of the last finished upload, or the memory [`Uploader::prepare`] made, for
+    /// [`Staged::new_reusing`] (taken: `None` until the next upload finishes).
     pub fn spare(&mut self) -> Option<Staged> {
-        self.spare.take()
+        if let Some(spare) = self.spare.take() {
+            return Some(spare);
+        }
+        // Waiting for memory being prepared costs no more than faulting it in here.
+        self.preparing.take().and_then(|rx| rx.recv().ok())
     }
 
     fn finished(

@@ -317,19 +317,29 @@ impl AdamW {
 
     /// The optimizer state as named tensors (copies, on the parameters' device).
     pub fn state_dict(&self) -> Vec<(String, Tensor)> {
+        self.state_view()
+            .into_iter()
+            .map(|(k, t)| (k, t.copy()))
+            .collect()
+    }
+
+    /// [`AdamW::state_dict`] without the copies: handles to the live state, which the next step changes in
+    /// place. For a caller that copies them at once (staging a checkpoint): copying 1.6 GB of moments first
+    /// doubled the time training waits.
+    pub fn state_view(&self) -> Vec<(String, Tensor)> {
         let mut out = Vec::new();
         for p in &self.params {
             if p.step > 0 {
                 out.push((format!("{}.step", p.name), Tensor::from(p.step)));
             }
             if let Some(m) = &p.exp_avg {
-                out.push((format!("{}.exp_avg", p.name), m.copy()));
+                out.push((format!("{}.exp_avg", p.name), m.shallow_clone()));
             }
             if let Some(v) = &p.exp_avg_sq {
-                out.push((format!("{}.exp_avg_sq", p.name), v.copy()));
+                out.push((format!("{}.exp_avg_sq", p.name), v.shallow_clone()));
             }
             if let Some(master) = &p.master {
-                out.push((format!("{}.master", p.name), master.copy()));
+                out.push((format!("{}.master", p.name), master.shallow_clone()));
             }
         }
         out

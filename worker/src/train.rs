@@ -558,6 +558,15 @@ impl Loop<'_> {
                 }
             }
             if let Some(up) = self.uploader.as_mut() {
+                if step == self.round.resume_step {
+                    // AdamW's state exists after the first step: prepare the first checkpoint's memory now.
+                    let sizes = |ts: Vec<(String, Tensor)>| -> Vec<(String, usize)> {
+                        ts.into_iter()
+                            .map(|(n, t)| (n, t.numel() * t.kind().elt_size_in_bytes()))
+                            .collect()
+                    };
+                    up.prepare(sizes(model.state_dict()), sizes(self.opt.state_view()));
+                }
                 // A finished upload is committed with the coordinator (the next restart round resumes
                 // from it); a new checkpoint is staged every `checkpoint.every` steps.
                 if let Some(step) = up.poll()? {
@@ -592,7 +601,7 @@ impl Loop<'_> {
                     let staged = Staged::new_reusing(
                         &state,
                         &model.state_dict(),
-                        &self.opt.state_dict(),
+                        &self.opt.state_view(),
                         up.spare(),
                     )?
                     .with_tokenizer(tokenizer_json.into());

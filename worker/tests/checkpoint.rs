@@ -6,7 +6,8 @@ use bytes::Bytes;
 use m3d_coordinator::plan::PlanSpec;
 use m3d_shards::store::Store;
 use m3d_worker::checkpoint::{
-    committed_steps, load, retain, step_dir, write, CheckpointState, Staged, Uploader,
+    committed_steps, discard_after, load, retain, step_dir, write, CheckpointState, Staged,
+    Uploader,
 };
 use tch::{Kind, Tensor};
 
@@ -142,4 +143,44 @@ fn a_failing_store_is_retried_then_reported() {
     up.submit(staged(3)).unwrap();
     let e = up.wait().unwrap_err().to_string();
     assert!(e.contains("after 3 attempts"), "{e}");
+}
+
+/// Staging reuses memory: prepared buffers (before the first checkpoint) and then each finished upload's
+/// buffers; what is written from reused memory is the new state, not the old one. A second writer of a
+/// committed step is refused; checkpoints after a round's starting step are discarded.
+#[test]
+fn staging_reuses_memory_and_commits_are_exclusive() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path().to_str().unwrap()).unwrap();
+    let mut up = Uploader::new(store.clone(), 5, None, 1);
+    let sizes = |t: Vec<(String, Tensor)>| -> Vec<(String, usize)> {
+        t.into_iter()
+            .map(|(n, t)| (n, t.numel() * t.kind().elt_size_in_bytes()))
+            .collect()
+    };
+    up.prepare(sizes(tensors(0.0)), sizes(tensors(0.0)));
+    for step in 1..=3u64 {
+        let spare = up.spare();
+        assert!(spare.is_some(), "step {step}: memory to reuse");
+        let s = Staged::new_reusing(
+            &state(step),
+            &tensors(step as f32),
+            &tensors(-(step as f32)),
+            spare,
+        )
+        .unwrap();
+        up.submit(s).unwrap();
+        assert_eq!(up.wait().unwrap(), Some(step));
+        let l = load(&store, step).unwrap();
+        assert_eq!(l.model[0].1.double_value(&[0, 0]), step as f64);
+        assert_eq!(l.optimizer[0].1.double_value(&[0, 0]), -(step as f64));
+    }
+    // The same step written again with other contents: the first commit stands.
+    let other = Staged::new(&state(3), &tensors(100.0), &tensors(100.0)).unwrap();
+    let e = write(&store, &other).unwrap_err().to_string();
+    assert!(e.contains("already committed by another writer"), "{e}");
+    // Rewriting identical contents (a retry whose reply was lost) is fine.
+    write(&store, &staged(3)).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(discard_after(&store, 1).unwrap(), vec![2, 3]);
+    assert_eq!(committed_steps(&store).unwrap(), vec![1]);
 }
