@@ -15,12 +15,7 @@ while [ $# -gt 0 ]; do
   esac
 done
 cargo build --release -p m3d
-DATA=out/bench/train
-if [ ! -f "$DATA/shards/manifest.json" ]; then
-  rm -rf "$DATA/raw" "$DATA/shards"
-  "$M3D_BIN" data-prep synth "$DATA/raw" --cap-cases 200 --slice-size 64x64 --seg-datasets 0 --refseg-cases 0
-  "$M3D_BIN" data-prep cap --src "$DATA/raw/M3D_Cap" --out "$DATA/shards"
-fi
+source bench/train_data.sh
 RUN=out/bench/resume/run
 rm -rf "$RUN"
 SETS=(--set "output.run=$RUN" --set "data.tasks.0.shards=[$DATA/shards]" --set train.max_steps=20

@@ -12,11 +12,6 @@ M3D_SKIP_BUILD=1 source scripts/setup.sh
 if [ "${M3D_BENCH_NO_BUILD:-0}" != "1" ] || [ ! -x "$M3D_BIN" ]; then
   cargo build --release -p m3d
 fi
-DATA=out/bench/train
-if [ ! -f "$DATA/shards/manifest.json" ]; then
-  rm -rf "$DATA/raw" "$DATA/shards"
-  "$M3D_BIN" data-prep synth "$DATA/raw" --cap-cases 200 --slice-size 64x64 --seg-datasets 0 --refseg-cases 0
-  "$M3D_BIN" data-prep cap --src "$DATA/raw/M3D_Cap" --out "$DATA/shards"
-fi
+source bench/train_data.sh
 exec env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE "$M3D_VENV/bin/python" bench/train_ddp.py compare \
   --m3d "$M3D_BIN" --shards "$DATA/shards" --work "$DATA/runs" "$@"

@@ -128,40 +128,37 @@ impl S3Server {
         format!("http://127.0.0.1:{}", self.port)
     }
 
-    /// Creates a bucket with a plain request (moto does not check signatures on bucket creation).
-    pub fn create_bucket(&self, bucket: &str) {
+    /// Sends one plain HTTP request to moto (which checks no signatures on these) and returns the response.
+    fn plain_request(&self, method: &str, target: &str) -> String {
         let port = self.port;
         let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect to moto");
         s.set_read_timeout(Some(Duration::from_secs(30)))
             .expect("set timeout");
         write!(
             s,
-            "PUT /{bucket} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            "{method} {target} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\nContent-Length: 0\r\n\r\n"
         )
-        .expect("send create-bucket request");
+        .expect("send a request to moto");
         let mut resp = String::new();
-        s.read_to_string(&mut resp)
-            .expect("read create-bucket response");
-        assert!(resp.starts_with("HTTP/1.1 200"), "create bucket: {resp}");
-    }
-
-    /// The keys under `prefix` in `bucket`, sorted, read with a plain request (moto does not check
-    /// signatures): what any S3 client would see, independent of the code under test.
-    pub fn keys(&self, bucket: &str, prefix: &str) -> Vec<String> {
-        let port = self.port;
-        let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect to moto");
-        s.set_read_timeout(Some(Duration::from_secs(30)))
-            .expect("set timeout");
-        write!(
-            s,
-            "GET /{bucket}?list-type=2&max-keys=1000&prefix={prefix} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\n\r\n"
-        )
-        .expect("send list request");
-        let mut resp = String::new();
-        s.read_to_string(&mut resp).expect("read list response");
+        s.read_to_string(&mut resp).expect("read moto's response");
         assert!(
             resp.starts_with("HTTP/1.0 200") || resp.starts_with("HTTP/1.1 200"),
-            "list: {resp}"
+            "{method} {target}: {resp}"
+        );
+        resp
+    }
+
+    /// Creates a bucket.
+    pub fn create_bucket(&self, bucket: &str) {
+        self.plain_request("PUT", &format!("/{bucket}"));
+    }
+
+    /// The keys under `prefix` in `bucket`, sorted, as any S3 client would list them, independent of the
+    /// code under test.
+    pub fn keys(&self, bucket: &str, prefix: &str) -> Vec<String> {
+        let resp = self.plain_request(
+            "GET",
+            &format!("/{bucket}?list-type=2&max-keys=1000&prefix={prefix}"),
         );
         let mut keys: Vec<String> = resp
             .split("<Key>")

@@ -23,6 +23,50 @@ fn synth_cap(dir: &Path) -> String {
     synth_cap_vqa(dir, 16).0
 }
 
+/// `m3d train recipes/<recipe>` (a LaMed recipe) on the synthetic Cap and VQA shards, with `sets` as `--set`s
+/// and `extra` flags after them.
+fn lamed_train(
+    recipe: &str,
+    run: &Path,
+    (cap, vqa): (&str, &str),
+    sets: &[String],
+    extra: &[&str],
+) -> Vec<String> {
+    let mut a = vec![
+        "train".to_string(),
+        workspace_root()
+            .join("recipes")
+            .join(recipe)
+            .display()
+            .to_string(),
+    ];
+    let data = [
+        format!("output.run={}", run.display()),
+        format!("data.tasks.0.shards=[{cap}]"),
+        format!("data.tasks.1.shards=[{vqa}]"),
+        format!("data.tasks.1.volumes=[{cap}]"),
+    ];
+    for s in data.iter().chain(sets) {
+        a.push("--set".into());
+        a.push(s.clone());
+    }
+    a.extend(extra.iter().map(|s| s.to_string()));
+    a
+}
+
+/// The largest difference between any parameter of two runs' final weights.
+fn final_diff(a: &Path, b: &Path) -> f64 {
+    param_diff_of(
+        Keys::All,
+        &a.join("final/model.safetensors"),
+        &b.join("final/model.safetensors"),
+    )
+}
+
+fn strings(v: &[&str]) -> Vec<String> {
+    v.iter().map(|s| s.to_string()).collect()
+}
+
 fn args(run: &Path, cap: &str, workers: usize, extra: &[&str]) -> Vec<String> {
     let mut a: Vec<String> = vec![
         "train".into(),
@@ -123,11 +167,7 @@ fn killed_job_resumes_exactly_with_the_same_or_another_number_of_workers() {
         for ((s, a), (_, b)) in reference.iter().zip(&l) {
             assert!((a - b).abs() <= tol, "{name}: step {s}: {a} vs {b}");
         }
-        let d = param_diff_of(
-            Keys::All,
-            &whole.join("final/model.safetensors"),
-            &run.join("final/model.safetensors"),
-        );
+        let d = final_diff(&whole, &run);
         if first == then {
             assert_eq!(
                 d, 0.0,
@@ -217,14 +257,7 @@ fn sigkill_during_an_upload_leaves_the_previous_checkpoint_in_use() {
         l.iter().map(|p| p.0).collect::<Vec<_>>(),
         (1..=12).collect::<Vec<_>>()
     );
-    assert_eq!(
-        param_diff_of(
-            Keys::All,
-            &whole.join("final/model.safetensors"),
-            &run.join("final/model.safetensors"),
-        ),
-        0.0
-    );
+    assert_eq!(final_diff(&whole, &run), 0.0);
     // The abandoned step-8 files were replaced by a committed step 8 of the resumed run.
     assert!(step8.join("COMMIT").is_file());
 }
@@ -341,32 +374,17 @@ fn s3_unreachable_mid_upload_fails_clearly_and_commits_nothing() {
 fn dropout_continues_exactly_after_a_resume() {
     let dir = tempfile::tempdir().unwrap();
     let (cap, vqa) = synth_cap_vqa(dir.path(), 16);
+    let sets = strings(&[
+        "model.init_from=[]",
+        "model.lora.dropout=0.05",
+        "train.max_steps=8",
+        "train.log_every=1",
+        "checkpoint.every=2",
+    ]);
     let stage2 = |run: &Path, extra: &[&str]| {
-        let mut a = vec![
-            "train".to_string(),
-            workspace_root()
-                .join("recipes/lamed-stage2-tiny.yaml")
-                .display()
-                .to_string(),
-            "--workers".into(),
-            "2".into(),
-        ];
-        for s in [
-            format!("output.run={}", run.display()),
-            format!("data.tasks.0.shards=[{cap}]"),
-            format!("data.tasks.1.shards=[{vqa}]"),
-            format!("data.tasks.1.volumes=[{cap}]"),
-            "model.init_from=[]".into(),
-            "model.lora.dropout=0.05".into(),
-            "train.max_steps=8".into(),
-            "train.log_every=1".into(),
-            "checkpoint.every=2".into(),
-        ] {
-            a.push("--set".into());
-            a.push(s);
-        }
-        a.extend(extra.iter().map(|s| s.to_string()));
-        a
+        let mut flags = vec!["--workers", "2"];
+        flags.extend(extra);
+        lamed_train("lamed-stage2-tiny.yaml", run, (&cap, &vqa), &sets, &flags)
     };
     let whole = dir.path().join("whole");
     train_ok(&stage2(&whole, &[]));
@@ -380,14 +398,7 @@ fn dropout_continues_exactly_after_a_resume() {
     assert!(out.contains("resuming from step"), "{out}");
     let (a, b) = (losses(&whole), losses(&run));
     assert_eq!(a, b, "the same losses at every step");
-    assert_eq!(
-        param_diff_of(
-            Keys::All,
-            &whole.join("final/model.safetensors"),
-            &run.join("final/model.safetensors"),
-        ),
-        0.0
-    );
+    assert_eq!(final_diff(&whole, &run), 0.0);
 }
 
 #[test]
@@ -514,44 +525,27 @@ fn restarted_coordinator_continues_the_job() {
 fn export_and_merge_lora_write_weights_the_oracle_loads() {
     let dir = tempfile::tempdir().unwrap();
     let (cap, vqa) = synth_cap_vqa(dir.path(), 16);
-    let recipe = |name: &str| {
-        workspace_root()
-            .join("recipes")
-            .join(name)
-            .display()
-            .to_string()
-    };
-    let lamed_sets = |run: &Path, extra: &[String]| {
-        let mut a = vec![];
-        for s in [
-            format!("output.run={}", run.display()),
-            format!("data.tasks.0.shards=[{cap}]"),
-            format!("data.tasks.1.shards=[{vqa}]"),
-            format!("data.tasks.1.volumes=[{cap}]"),
-            "train.max_steps=2".into(),
-        ]
-        .into_iter()
-        .chain(extra.iter().cloned())
-        {
-            a.push("--set".to_string());
-            a.push(s);
-        }
-        a
-    };
     let stage1 = dir.path().join("stage1");
-    let mut a = vec!["train".to_string(), recipe("lamed-stage1-tiny.yaml")];
-    a.extend(lamed_sets(&stage1, &[]));
-    train_ok(&a);
+    let two = strings(&["train.max_steps=2"]);
+    train_ok(&lamed_train(
+        "lamed-stage1-tiny.yaml",
+        &stage1,
+        (&cap, &vqa),
+        &two,
+        &[],
+    ));
     let stage2 = dir.path().join("stage2");
-    let mut a = vec!["train".to_string(), recipe("lamed-stage2-tiny.yaml")];
-    a.extend(lamed_sets(
+    train_ok(&lamed_train(
+        "lamed-stage2-tiny.yaml",
         &stage2,
+        (&cap, &vqa),
         &[
+            two[0].clone(),
             format!("model.init_from.0.path={}", stage1.join("final").display()),
             "checkpoint.every=0".into(),
         ],
+        &[],
     ));
-    train_ok(&a);
     let merged = dir.path().join("merged");
     m3d_ok(&[
         "merge-lora",
@@ -707,14 +701,7 @@ fn checkpoints_in_s3_resume_exactly() {
         out.contains("resuming from step 8 (s3://m3d-ckpt/part/step-000000008)"),
         "{out}"
     );
-    assert_eq!(
-        param_diff_of(
-            Keys::All,
-            &whole.join("final/model.safetensors"),
-            &part.join("final/model.safetensors"),
-        ),
-        0.0
-    );
+    assert_eq!(final_diff(&whole, &part), 0.0);
     let log = std::fs::read_to_string(part.join("logs/w0.log")).unwrap();
     assert!(!log.contains("m3d-test-secret"));
 }
@@ -726,28 +713,9 @@ fn checkpoints_in_s3_resume_exactly() {
 fn init_from_starts_a_new_stage_from_a_committed_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
     let (cap, vqa) = synth_cap_vqa(dir.path(), 16);
+    let sets = strings(&["train.max_steps=4", "checkpoint.every=2"]);
     let lamed = |recipe: &str, run: &Path, extra: &[&str]| {
-        let mut a = vec![
-            "train".to_string(),
-            workspace_root()
-                .join("recipes")
-                .join(recipe)
-                .display()
-                .to_string(),
-        ];
-        for s in [
-            format!("output.run={}", run.display()),
-            format!("data.tasks.0.shards=[{cap}]"),
-            format!("data.tasks.1.shards=[{vqa}]"),
-            format!("data.tasks.1.volumes=[{cap}]"),
-            "train.max_steps=4".into(),
-            "checkpoint.every=2".into(),
-        ] {
-            a.push("--set".into());
-            a.push(s);
-        }
-        a.extend(extra.iter().map(|s| s.to_string()));
-        a
+        lamed_train(recipe, run, (&cap, &vqa), &sets, extra)
     };
     let stage1 = dir.path().join("stage1");
     train_ok(&lamed("lamed-stage1-tiny.yaml", &stage1, &[]));

@@ -145,16 +145,7 @@ pub fn resolve_tokenizer(
                             reason: e.to_string(),
                         })
                     })?;
-                    std::fs::create_dir_all(scratch).map_err(|source| JobError::Io {
-                        path: scratch.to_path_buf(),
-                        source,
-                    })?;
-                    let path = scratch.join("tokenizer.json");
-                    write_tokenizer(&path, &json).map_err(|source| JobError::Io {
-                        path: path.clone(),
-                        source,
-                    })?;
-                    return Ok(Tokenizer::from_file(&path)?);
+                    return scratch_tokenizer(scratch, &json);
                 }
             }
         }
@@ -176,13 +167,18 @@ pub fn resolve_tokenizer(
     let templates = Templates::default();
     let template_texts = templates.all_texts();
     texts.extend(template_texts.iter().map(String::as_str));
-    let json = word_level_tokenizer(texts, style);
+    scratch_tokenizer(scratch, &word_level_tokenizer(texts, style))
+}
+
+/// Writes `json` as `<scratch>/tokenizer.json` (atomically: every worker of a host writes the same file) and
+/// loads it from there, so that the job's tokenizer has a file to copy into checkpoints and `final/`.
+fn scratch_tokenizer(scratch: &Path, json: &serde_json::Value) -> Result<Tokenizer, JobError> {
     std::fs::create_dir_all(scratch).map_err(|source| JobError::Io {
         path: scratch.to_path_buf(),
         source,
     })?;
     let path = scratch.join("tokenizer.json");
-    write_tokenizer(&path, &json).map_err(|source| JobError::Io {
+    write_tokenizer(&path, json).map_err(|source| JobError::Io {
         path: path.clone(),
         source,
     })?;
