@@ -145,8 +145,8 @@ impl LamedConfig {
     /// A tiny LaMed for CPU recipes: [`ViT3dConfig::tiny`] on M3D's 32x256x256 input, the `spp` projector
     /// pooling its 4x8x8 patches to 32 image tokens, and the debug Llama (width 64, 2 layers, 128
     /// positions) over a tokenizer of `tokenizer_len` entries (+ the 4 LaMed tokens; ids 0 `<unk>` = pad, 1 `<s>`,
-    /// 2 `</s>` as Llama-2's); SegVol (debug size,
-    /// on the same input) when `seg`.
+    /// 2 `</s>` as Llama-2's); when `seg`, SegVol with the debug prompt/mask decoder over an image encoder of
+    /// the vision tower's shape.
     pub fn tiny(tokenizer_len: i64, seg: bool) -> Self {
         let mut cfg = Self::m3d(LlmConfig::Llama(LlamaConfig::debug()), tokenizer_len, seg);
         cfg.vision = ViT3dConfig::tiny();
@@ -156,12 +156,18 @@ impl LamedConfig {
             mm_hidden_size: cfg.vision.hidden_size,
             ..ProjectorConfig::m3d(cfg.llm.hidden_size())
         };
-        cfg.seg = seg.then(|| {
-            let mut s = SegVolConfig::debug();
-            s.image_encoder.img_size = cfg.vision.img_size;
-            s.image_encoder.patch_size = cfg.vision.patch_size;
-            s
+        // SegVol's own image encoder is a copy of the vision tower's shape (its prompts come through
+        // `seg_projector`, which outputs the vision width), without the CLS token, as in M3D.
+        cfg.seg = seg.then(|| SegVolConfig {
+            image_encoder: ViT3dConfig {
+                cls_token: false,
+                ..cfg.vision.clone()
+            },
+            ..SegVolConfig::debug()
         });
+        // No dropout in the tiny preset's own layers, so that CPU runs compare exactly across world sizes
+        // (dropout draws per rank); LoRA's dropout is the recipe's.
+        cfg.seg_projector_dropout = 0.0;
         cfg
     }
 

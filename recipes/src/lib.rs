@@ -279,6 +279,17 @@ impl Recipe {
                     format!("CLIP trains on image-text pairs (`cap`), not `{}`", t.task),
                 );
             }
+            if matches!(t.task.as_str(), "seg" | "refseg") && !m.segmentation {
+                // Their masks would be loaded and silently left out of the loss.
+                return bad(
+                    &f("task"),
+                    format!(
+                        "`{}` samples carry masks, which train the segmentation module: set \
+                         model.segmentation: true",
+                        t.task
+                    ),
+                );
+            }
             if t.shards.is_empty() || t.shards.iter().any(|s| s.trim().is_empty()) {
                 return bad(
                     &f("shards"),

@@ -190,6 +190,16 @@ fn bad_types_and_values_are_refused() {
         .unwrap_err()
         .to_string()
         .contains("data.tasks.0.task"));
+    // Masks without the segmentation module would be left out of the loss.
+    let seg = "data:\n  tasks:\n    - task: cap\n      shards: [s]\n    - task: refseg\n      shards: [r]\n";
+    let text = format!("model:\n  kind: lamed\n{seg}");
+    let msg = Recipe::from_yaml_str(&text, "x").unwrap_err().to_string();
+    assert!(
+        msg.contains("data.tasks.1.task") && msg.contains("model.segmentation: true"),
+        "{msg}"
+    );
+    let text = format!("model:\n  kind: lamed\n  segmentation: true\n{seg}");
+    Recipe::from_yaml_str(&text, "x").unwrap_or_else(|e| panic!("{e}"));
 }
 
 #[test]

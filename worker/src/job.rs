@@ -288,6 +288,8 @@ struct LamedSpec {
     num_image_tokens: usize,
     pad: i64,
     eos: i64,
+    /// The model has the segmentation module: batches carry the samples' masks.
+    segmentation: bool,
 }
 
 /// Builds batches from loaded samples: everything it needs is copied out of the model, so it can run on
@@ -484,6 +486,7 @@ impl TrainModel {
                         num_image_tokens: l.config().num_image_tokens() as usize,
                         pad,
                         eos,
+                        segmentation: l.config().seg.is_some(),
                     }),
                 )
             }
@@ -586,12 +589,14 @@ impl Batcher {
 
     /// A LaMed batch as the reference's datasets build it: the instruction of each sample (its stored
     /// question, or a prompt template drawn per (seed, epoch, sample)), `<im_patch>` × N before it, the answer
-    /// after a space; labels on the answer only. Returns the batch and its scored tokens.
+    /// after a space; labels on the answer only; with the segmentation module, every sample's mask (zeros for
+    /// samples without one, which the model leaves out of the segmentation loss). Returns the batch, its
+    /// scored tokens and its samples with a non-empty mask.
     pub fn lamed_batch(
         &self,
         samples: &[(u64, LoadedSample)],
         epoch: u64,
-    ) -> Result<(LamedBatch, i64), JobError> {
+    ) -> Result<(LamedBatch, i64, i64), JobError> {
         let Some(spec) = &self.lamed else {
             return Err(recipe_err("kind", "not a LaMed model"));
         };
@@ -630,16 +635,43 @@ impl Batcher {
             .sum(Kind::Int64)
             .f_int64_value(&[])?;
         let images = self.images(samples)?;
+        let (segs, masked) = if spec.segmentation {
+            let (segs, masked) = self.masks(samples)?;
+            (Some(segs), masked)
+        } else {
+            (None, 0)
+        };
         Ok((
             LamedBatch {
                 images,
                 input_ids,
                 attention_mask: Some(attention_mask),
                 labels: Some(labels),
-                segs: None,
+                segs,
             },
             scored,
+            masked,
         ))
+    }
+
+    /// The samples' masks as (B, 1, D, H, W) on the training device, zeros where a sample has none, and how
+    /// many are not empty.
+    fn masks(&self, samples: &[(u64, LoadedSample)]) -> Result<(Tensor, i64), JobError> {
+        let spatial = |s: &LoadedSample| [1, s.shape[1], s.shape[2], s.shape[3]];
+        let zeros: Vec<f32> = samples
+            .iter()
+            .find(|(_, s)| s.mask.is_none())
+            .map(|(_, s)| vec![0.0; spatial(s).iter().product()])
+            .unwrap_or_default();
+        let views: Vec<(&[f32], [usize; 4])> = samples
+            .iter()
+            .map(|(_, s)| (s.mask.as_deref().unwrap_or(&zeros), spatial(s)))
+            .collect();
+        let masked = samples
+            .iter()
+            .filter(|(_, s)| s.mask.as_ref().is_some_and(|m| m.iter().any(|&v| v != 0.0)))
+            .count() as i64;
+        Ok((stack_volumes(&views)?.to_device(self.device), masked))
     }
 }
 

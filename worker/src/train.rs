@@ -361,6 +361,8 @@ enum Built {
     Lamed {
         micro: Vec<(LamedBatch, Tensor)>,
         tokens: i64,
+        /// Samples with a non-empty mask (segmentation).
+        masked: i64,
     },
 }
 
@@ -380,17 +382,22 @@ fn build_batch(
         return Ok(Built::Clip { images, ids, mask });
     }
     let mut out = Vec::new();
-    let mut tokens = 0;
+    let (mut tokens, mut masked) = (0, 0);
     for chunk in samples.chunks(micro.max(1)) {
-        let (mut b, scored) = batcher.lamed_batch(chunk, plan.epoch)?;
+        let (mut b, scored, with_mask) = batcher.lamed_batch(chunk, plan.epoch)?;
         tokens += scored;
+        masked += with_mask;
         let labels = b
             .labels
             .take()
             .ok_or_else(|| TrainError::Recipe("a LaMed batch without labels".into()))?;
         out.push((b, labels));
     }
-    Ok(Built::Lamed { micro: out, tokens })
+    Ok(Built::Lamed {
+        micro: out,
+        tokens,
+        masked,
+    })
 }
 
 /// The state of one round's step loop.
@@ -487,6 +494,8 @@ impl Loop<'_> {
             }
             let samples = plan.samples.len() as u64 * world as u64;
             tch::manual_seed(crate::job::step_seed(self.recipe.train.seed, step, rank));
+            // The step's global Dice and BCE (segmentation), for the metrics.
+            let mut seg_parts: Option<[f64; 2]> = None;
             let model = self.model;
             let out = match (&model.net, built) {
                 (Net::Clip(clip), Built::Clip { images, ids, mask }) => {
@@ -510,11 +519,29 @@ impl Loop<'_> {
                         Err(e) => return classify(e),
                     }
                 }
-                (Net::Lamed(lamed), Built::Lamed { micro, tokens }) => {
+                (
+                    Net::Lamed(lamed),
+                    Built::Lamed {
+                        micro,
+                        tokens,
+                        masked,
+                    },
+                ) => {
                     let tokens = match global_count(&mut *self.comm, tokens) {
                         Ok(t) => t,
                         Err(e) => return classify(e),
                     };
+                    // Dice + BCE are means over the step's masked samples (the reference's per-batch means),
+                    // counted over the global batch so that they do not depend on how it is split.
+                    let masked = if lamed.config().seg.is_some() {
+                        match global_count(&mut *self.comm, masked) {
+                            Ok(m) => m,
+                            Err(e) => return classify(e),
+                        }
+                    } else {
+                        0
+                    };
+                    let parts = std::cell::Cell::new([0.0f64; 2]);
                     let r = self.stepper.train_step_accum(
                         &mut *self.comm,
                         self.opt,
@@ -524,9 +551,28 @@ impl Loop<'_> {
                         |_, i| {
                             let (b, labels) = &micro[i];
                             let out = model.precision.run(|| lamed.forward_t(b, true))?;
-                            Ok(token_sum_loss(&out.logits, labels, tokens.max(1))?)
+                            let lm = token_sum_loss(&out.logits, labels, tokens.max(1))?;
+                            Ok(match &out.seg {
+                                Some(seg) if masked > 0 => {
+                                    let share = seg.sample_ids.len() as f64 / masked as f64;
+                                    let [d, c] = parts.get();
+                                    parts.set([
+                                        d + seg.dice.double_value(&[]) * share,
+                                        c + seg.bce.double_value(&[]) * share,
+                                    ]);
+                                    lm + (&seg.dice + &seg.bce) * share
+                                }
+                                _ => lm,
+                            })
                         },
                     );
+                    if masked > 0 {
+                        let mut t = Tensor::from_slice(&parts.get());
+                        if let Err(e) = self.comm.all_reduce(&mut t, ReduceOp::Sum) {
+                            return Ok(RoundEnd::Reregister(e.to_string()));
+                        }
+                        seg_parts = Some([t.double_value(&[0]), t.double_value(&[1])]);
+                    }
                     meter.add(samples, tokens as u64, data_wait);
                     match r {
                         Ok(mut o) => {
@@ -554,6 +600,10 @@ impl Loop<'_> {
                     line.grad_norm = Some(out.grad_norm);
                     line.extra.insert("epoch".into(), plan.epoch as f64);
                     line.extra.insert("world_size".into(), world as f64);
+                    if let Some([dice, bce]) = seg_parts {
+                        line.extra.insert("seg_dice".into(), dice);
+                        line.extra.insert("seg_bce".into(), bce);
+                    }
                     w.write(&line)?;
                 }
             }
