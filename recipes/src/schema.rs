@@ -404,6 +404,11 @@ pub struct CheckpointSection {
     /// Also keep every checkpoint whose step is a multiple of this. Default: none.
     #[serde(default)]
     pub keep_every: Option<u64>,
+    /// Write each commit record with a conditional put (`If-None-Match: *` on S3), so that of two writers of
+    /// one step exactly one wins. Set `false` for an S3-compatible store that refuses conditional puts.
+    /// Default: `true`.
+    #[serde(default = "yes")]
+    pub exclusive_commit: bool,
 }
 
 fn default_keep_last() -> usize {
@@ -417,6 +422,7 @@ impl Default for CheckpointSection {
             every: 0,
             keep_last: default_keep_last(),
             keep_every: None,
+            exclusive_commit: true,
         }
     }
 }

@@ -229,7 +229,7 @@ fn crc32_parts(parts: &[Bytes]) -> u32 {
 /// Writes a staged checkpoint: its files, then the commit record. Until the record lands the checkpoint does
 /// not exist for [`committed_steps`] and [`load`].
 pub fn write(store: &Store, staged: &Staged) -> Result<(), CheckpointError> {
-    write_files(store, staged.step, &staged.files()?)
+    write_files(store, staged.step, &staged.files()?, true)
 }
 
 /// [`write`] of a checkpoint's files (an upload retried reuses them). The files are checksummed and written
@@ -240,6 +240,7 @@ fn write_files(
     store: &Store,
     step: u64,
     files: &[(&'static str, Vec<Bytes>)],
+    exclusive_commit: bool,
 ) -> Result<(), CheckpointError> {
     let dir = step_dir(step);
     let written: Vec<Result<(String, FileRecord), CheckpointError>> = std::thread::scope(|s| {
@@ -283,6 +284,12 @@ fn write_files(
     crate::failpoint::pause("checkpoint-before-commit");
     let commit = serde_json::to_vec_pretty(&record).unwrap_or_default();
     let key = format!("{dir}/{COMMIT}");
+    if !exclusive_commit {
+        store
+            .put(&key, Bytes::from(commit))
+            .map_err(store_err(store))?;
+        return store.sync(&key).map_err(store_err(store));
+    }
     if store
         .put_if_absent(&key, Bytes::from(commit))
         .map_err(store_err(store))?
@@ -589,16 +596,41 @@ pub fn step_url(base: &str, step: u64) -> String {
     format!("{}/{}", base.trim_end_matches('/'), step_dir(step))
 }
 
+/// How an [`Uploader`] writes and keeps checkpoints.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct UploadOptions {
+    /// Retention: the last `keep_last` checkpoints, and every multiple of `keep_every`.
+    pub keep_last: usize,
+    pub keep_every: Option<u64>,
+    /// Attempts of a whole upload before it fails.
+    pub attempts: u32,
+    /// Write the commit record with a conditional put (off for S3-compatible stores that refuse
+    /// `If-None-Match`; a second writer of the same step then overwrites the first).
+    pub exclusive_commit: bool,
+}
+
+impl Default for UploadOptions {
+    fn default() -> Self {
+        UploadOptions {
+            keep_last: 2,
+            keep_every: None,
+            attempts: 4,
+            exclusive_commit: true,
+        }
+    }
+}
+
 /// Writes a checkpoint's files, retrying a failed write up to `attempts` times with exponential backoff.
 fn upload(
     store: &Store,
     step: u64,
     files: &[(&'static str, Vec<Bytes>)],
-    attempts: u32,
+    opts: &UploadOptions,
 ) -> Result<u64, CheckpointError> {
+    let attempts = opts.attempts;
     let mut attempt = 0;
     loop {
-        match write_files(store, step, files) {
+        match write_files(store, step, files, opts.exclusive_commit) {
             Ok(()) => return Ok(step),
             Err(e) => {
                 attempt += 1;
@@ -630,7 +662,7 @@ pub struct Uploader {
 }
 
 impl Uploader {
-    pub fn new(store: Store, keep_last: usize, keep_every: Option<u64>, attempts: u32) -> Self {
+    pub fn new(store: Store, opts: UploadOptions) -> Self {
         let (tx, rx) = sync_channel::<Staged>(0);
         let (done_tx, done) = sync_channel(1);
         let thread = std::thread::Builder::new()
@@ -639,9 +671,9 @@ impl Uploader {
                 for staged in rx {
                     let result = staged
                         .files()
-                        .and_then(|files| upload(&store, staged.step, &files, attempts));
+                        .and_then(|files| upload(&store, staged.step, &files, &opts));
                     if result.is_ok() {
-                        if let Err(e) = retain(&store, keep_last, keep_every) {
+                        if let Err(e) = retain(&store, opts.keep_last, opts.keep_every) {
                             tracing::warn!(error = %e, "checkpoint retention failed");
                         }
                     }

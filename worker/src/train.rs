@@ -22,7 +22,7 @@ use m3d_recipes::{ModelKind, Recipe};
 use m3d_shards::store::Store;
 use tch::Tensor;
 
-use crate::checkpoint::{self, CheckpointError, CheckpointState, Staged, Uploader};
+use crate::checkpoint::{self, CheckpointError, CheckpointState, Staged, UploadOptions, Uploader};
 use crate::data::LoadedSample;
 use crate::dataset::{DatasetError, TrainData};
 use crate::grad::token_sum_loss;
@@ -290,9 +290,12 @@ pub fn run_round(
         }
         Some(Uploader::new(
             store,
-            recipe.checkpoint.keep_last,
-            recipe.checkpoint.keep_every,
-            CHECKPOINT_ATTEMPTS,
+            UploadOptions {
+                keep_last: recipe.checkpoint.keep_last,
+                keep_every: recipe.checkpoint.keep_every,
+                attempts: CHECKPOINT_ATTEMPTS,
+                exclusive_commit: recipe.checkpoint.exclusive_commit,
+            },
         ))
     } else {
         None

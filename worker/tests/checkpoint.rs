@@ -7,7 +7,7 @@ use m3d_coordinator::plan::PlanSpec;
 use m3d_shards::store::Store;
 use m3d_worker::checkpoint::{
     committed_steps, discard_after, load, retain, step_dir, write, CheckpointState, Staged,
-    Uploader,
+    UploadOptions, Uploader,
 };
 use tch::{Kind, Tensor};
 
@@ -37,6 +37,14 @@ fn tensors(v: f32) -> Vec<(String, Tensor)> {
         ),
         ("b.step".into(), Tensor::from_slice(&[7i64])),
     ]
+}
+
+fn opts(keep_last: usize, attempts: u32) -> UploadOptions {
+    UploadOptions {
+        keep_last,
+        attempts,
+        ..UploadOptions::default()
+    }
 }
 
 fn staged(step: u64) -> Staged {
@@ -122,7 +130,7 @@ fn retention_keeps_the_last_and_every_mth() {
 fn uploads_run_one_at_a_time_and_report_their_step() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path().to_str().unwrap()).unwrap();
-    let mut up = Uploader::new(store.clone(), 1, None, 2);
+    let mut up = Uploader::new(store.clone(), opts(1, 2));
     assert_eq!(up.submit(staged(1)).unwrap(), None);
     // The second submit waits for the first and hands back its step.
     assert_eq!(up.submit(staged(2)).unwrap(), Some(1));
@@ -139,7 +147,7 @@ fn a_failing_store_is_retried_then_reported() {
     // A file where the step folder must go: every write fails.
     std::fs::create_dir_all(&root).unwrap();
     std::fs::write(root.join(step_dir(3)), b"not a folder").unwrap();
-    let mut up = Uploader::new(store, 1, None, 3);
+    let mut up = Uploader::new(store, opts(1, 3));
     up.submit(staged(3)).unwrap();
     let e = up.wait().unwrap_err().to_string();
     assert!(e.contains("after 3 attempts"), "{e}");
@@ -152,7 +160,7 @@ fn a_failing_store_is_retried_then_reported() {
 fn staging_reuses_memory_and_commits_are_exclusive() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path().to_str().unwrap()).unwrap();
-    let mut up = Uploader::new(store.clone(), 5, None, 1);
+    let mut up = Uploader::new(store.clone(), opts(5, 1));
     let sizes = |t: Vec<(String, Tensor)>| -> Vec<(String, usize)> {
         t.into_iter()
             .map(|(n, t)| (n, t.numel() * t.kind().elt_size_in_bytes()))
@@ -181,6 +189,22 @@ fn staging_reuses_memory_and_commits_are_exclusive() {
     assert!(e.contains("already committed by another writer"), "{e}");
     // Rewriting identical contents (a retry whose reply was lost) is fine.
     write(&store, &staged(3)).unwrap_or_else(|e| panic!("{e}"));
+    // Without exclusive commits (stores that refuse conditional puts) the last writer wins.
+    let mut plain = Uploader::new(
+        store.clone(),
+        UploadOptions {
+            exclusive_commit: false,
+            ..opts(5, 1)
+        },
+    );
+    plain
+        .submit(Staged::new(&state(3), &tensors(100.0), &tensors(100.0)).unwrap())
+        .unwrap();
+    assert_eq!(plain.wait().unwrap(), Some(3));
+    assert_eq!(
+        load(&store, 3).unwrap().model[0].1.double_value(&[0, 0]),
+        100.0
+    );
     assert_eq!(discard_after(&store, 1).unwrap(), vec![2, 3]);
     assert_eq!(committed_steps(&store).unwrap(), vec![1]);
 }
