@@ -2,7 +2,8 @@
 # Sets up (see setup.sh) and runs the main job on the embedded defaults: synthesise M3D-Data in the published
 # layouts, convert it into shards in a local object store (./out/shards), then train on this machine's CPUs
 # with a coordinator and two worker processes: tiny M3D-CLIP pretraining, then LaMed stage 1 (projector) and
-# stage 2 (LoRA), each writing metrics, a loss plot and its final weights under ./runs.
+# stage 2 (LoRA) — on captions and VQA, then on all four M3D tasks with the segmentation module — each writing
+# metrics, a loss plot and its final weights under ./runs.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/setup.sh
@@ -20,4 +21,6 @@ lamed_sets=("${sets[@]}" --set "data.tasks.1.shards=[$OUT/shards/vqa]" --set "da
 "$M3D_BIN" eval retrieval --model runs/clip-tiny/final --shards "$OUT/shards/cap" --split train
 "$M3D_BIN" train recipes/lamed-stage1-tiny.yaml --workers 2 --fresh "${lamed_sets[@]}"
 "$M3D_BIN" train recipes/lamed-stage2-tiny.yaml --workers 2 --fresh "${lamed_sets[@]}"
-echo "demo done: shards in $OUT/shards; runs (metrics.jsonl, loss.png, final/) in runs/{clip-tiny,lamed-stage1-tiny,lamed-stage2-tiny}"
+"$M3D_BIN" train recipes/lamed-stage2-seg-tiny.yaml --workers 2 --fresh "${lamed_sets[@]}" \
+  --set "data.tasks.2.shards=[$OUT/shards/seg]" --set "data.tasks.3.shards=[$OUT/shards/refseg]"
+echo "demo done: shards in $OUT/shards; runs (metrics.jsonl, loss.png, final/) in runs/{clip-tiny,lamed-stage1-tiny,lamed-stage2-tiny,lamed-stage2-seg-tiny}"

@@ -24,6 +24,7 @@ fn tiny_recipes_parse_and_validate() {
         ("clip-tiny.yaml", ModelKind::Clip, 1..=3),
         ("lamed-stage1-tiny.yaml", ModelKind::Lamed, 1..=2),
         ("lamed-stage2-tiny.yaml", ModelKind::Lamed, 1..=2),
+        ("lamed-stage2-seg-tiny.yaml", ModelKind::Lamed, 1..=2),
     ] {
         let path = root().join("recipes").join(file);
         let r = Recipe::load(&path, &[]).unwrap_or_else(|e| panic!("{e}"));

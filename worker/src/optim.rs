@@ -263,6 +263,31 @@ impl AdamW {
             .collect()
     }
 
+    /// Gives every trainable parameter without a gradient a zero one, as DeepSpeed does before its all-reduce
+    /// (the reference trains through DeepSpeed ZeRO-0): a parameter a rank's batch did not reach (the
+    /// segmentation module, for a batch without masks) must still take part in the all-reduce of every rank,
+    /// or the ranks' buckets differ.
+    pub fn fill_missing_grads(&mut self) -> Result<()> {
+        let missing: Vec<Tensor> = self
+            .params
+            .iter()
+            .filter(|p| grad_of(p).is_none())
+            .map(|p| p.param.shallow_clone())
+            .collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        // libtorch has no gradient setter in tch: back-propagate zero through each parameter instead.
+        let sums = missing
+            .iter()
+            .map(|t| t.f_sum(Kind::Float))
+            .collect::<std::result::Result<Vec<Tensor>, _>>()?;
+        let zero = Tensor::f_stack(&sums, 0)?.f_sum(Kind::Float)? * 0.0;
+        zero.f_backward()?;
+        self.accumulate_grads();
+        Ok(())
+    }
+
     /// Zeroes the gradients (and the f32 buffers).
     pub fn zero_grad(&mut self) {
         for p in &mut self.params {

@@ -304,11 +304,14 @@ impl DataParallelStep {
             loss.f_backward()?;
             loss_value += loss.f_to_kind(Kind::Double)?.f_double_value(&[])?;
         }
+        // Every trainable parameter takes part, used by this rank's batch or not: the same buckets on
+        // every rank.
+        opt.fill_missing_grads()?;
         let named = opt.grads();
         let names: Vec<String> = named.iter().map(|(n, _)| n.clone()).collect();
         let mut grads: Vec<Tensor> = named.into_iter().map(|(_, g)| g).collect();
         let rank = comm.rank();
-        // Replan when the set of parameters with gradients changes (the same on every rank: same model).
+        // Replan when the set of trainable parameters changes.
         let bucketer = match &mut self.plan {
             Some((planned, b)) if *planned == names => b,
             plan => {

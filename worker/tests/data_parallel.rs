@@ -473,3 +473,60 @@ fn lora_llm_two_ranks_equal_one_rank() {
         "the mean of per-rank means should not match, got {d:e}"
     );
 }
+
+// ------------------------------------------------------------------------------ parameters a rank leaves out
+
+/// A head only some samples reach (LaMed's segmentation module, for a batch without masks): when rank 1's half
+/// of the batch does not reach it, both ranks still all-reduce the same buckets and end with the parameters one
+/// rank trained on the whole batch ends with (the head's gradient comes from rank 0 alone).
+#[test]
+fn a_parameter_one_rank_does_not_use_still_trains_identically() {
+    let _g = rng_lock();
+    tch::manual_seed(7);
+    let build = || {
+        let vs = VarStore::new(Device::Cpu);
+        let root = vs.root();
+        let body = tch::nn::linear(&root / "body", 4, 4, Default::default());
+        let head = tch::nn::linear(&root / "head", 4, 1, Default::default());
+        (vs, body, head)
+    };
+    let init = params(&build().0);
+    let x = Tensor::randn([4, 4], (Kind::Float, Device::Cpu));
+    // Samples 0 and 1 (rank 0's half) reach the head; 2 and 3 (rank 1's) do not.
+    let reaches = [true, true, false, false];
+    drop(_g);
+    // Tensors are not `Sync`: each rank gets its own copies of the weights and the batch.
+    let input = |rows: Vec<usize>| (rows, deep_copy(&init), x.copy());
+    let run = |comm: &mut dyn Collective, (rows, init, x): (Vec<usize>, Named, Tensor)| -> Named {
+        let (vs, body, head) = build();
+        load(&vs, &init);
+        let mut opt = optimizer(&vs);
+        let mut stepper = DataParallelStep::new(StepOptions {
+            reduction: GradReduction::Sum,
+            ..StepOptions::default()
+        });
+        for step in 0..STEPS {
+            stepper
+                .train_step(comm, &mut opt, &schedule(1e-2), step, |_| {
+                    let mut terms = Vec::new();
+                    for &r in &rows {
+                        let h = tch::nn::Module::forward(&body, &x.narrow(0, r as i64, 1)).tanh();
+                        terms.push(h.square().sum(Kind::Float) / 4.0);
+                        if reaches[r] {
+                            terms.push(tch::nn::Module::forward(&head, &h).sum(Kind::Float) / 4.0);
+                        }
+                    }
+                    let loss = Tensor::stack(&terms, 0).sum(Kind::Float);
+                    Ok(loss)
+                })
+                .unwrap();
+        }
+        params(&vs)
+    };
+    let whole = one_rank(input(vec![0, 1, 2, 3]), run);
+    let halves = two_ranks([input(vec![0, 1]), input(vec![2, 3])], run);
+    for p in &halves {
+        assert!(max_diff(&whole, p) < 1e-6, "{}", max_diff(&whole, p));
+    }
+    assert!(max_diff(&init, &whole) > 1e-4, "the head and body trained");
+}
