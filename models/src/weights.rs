@@ -406,9 +406,8 @@ pub fn to_host_tensors_into(
     tensors: &[(String, Tensor)],
     spare: Vec<(String, HostTensor)>,
 ) -> Result<Vec<(String, HostTensor)>> {
-    let size = |t: &Tensor| t.numel() * t.kind().elt_size_in_bytes();
     let mut spare: HashMap<String, Bytes> = spare.into_iter().map(|(k, h)| (k, h.data)).collect();
-    let total: usize = tensors.iter().map(|(_, t)| size(t)).sum();
+    let total: usize = tensors.iter().map(|(_, t)| tensor_bytes(t)).sum();
     let threads = if total < PARALLEL_STAGING_BYTES {
         1
     } else {
@@ -425,7 +424,7 @@ pub fn to_host_tensors_into(
     }
     // Balance by bytes: tensor i goes to the thread with the least assigned so far (largest first).
     let mut order: Vec<usize> = (0..tensors.len()).collect();
-    order.sort_by_key(|&i| std::cmp::Reverse(size(&tensors[i].1)));
+    order.sort_by_key(|&i| std::cmp::Reverse(tensor_bytes(&tensors[i].1)));
     let mut load = vec![0usize; threads];
     type Work = (usize, String, Tensor, Option<Bytes>);
     let mut work: Vec<Vec<Work>> = (0..threads).map(|_| Vec::new()).collect();
@@ -435,7 +434,7 @@ pub fn to_host_tensors_into(
             .enumerate()
             .min_by_key(|(_, l)| **l)
             .unwrap_or((0, &0));
-        load[w] += size(&tensors[i].1);
+        load[w] += tensor_bytes(&tensors[i].1);
         // A shallow clone is a new handle to the same storage, which may move to another thread.
         let name = &tensors[i].0;
         work[w].push((
@@ -475,6 +474,19 @@ pub fn to_host_tensors_into(
             h.map(|h| (k.clone(), h))
                 .ok_or_else(|| ModelError::Input(format!("tensor `{k}` was not staged")))
         })
+        .collect()
+}
+
+/// Bytes of a tensor's data.
+pub fn tensor_bytes(t: &Tensor) -> usize {
+    t.numel() * t.kind().elt_size_in_bytes()
+}
+
+/// The byte size of each named tensor (its metadata only: sizes can be taken to another thread, tensors not).
+pub fn byte_sizes(tensors: &[(String, Tensor)]) -> Vec<(String, usize)> {
+    tensors
+        .iter()
+        .map(|(n, t)| (n.clone(), tensor_bytes(t)))
         .collect()
 }
 

@@ -123,7 +123,7 @@ impl Store {
     /// Opens a store at `url` (see the type documentation for the accepted forms). Requests to S3 are
     /// retried as `object_store` does by default (up to 10 times within 3 minutes).
     pub fn open(url: &str) -> Result<Store, ShardError> {
-        Self::open_with_retry(url, None)
+        Self::open_with(url, None)
     }
 
     /// [`Store::open`] with a bound on each request's retries (`max_retries`, all within `timeout`), for a
@@ -133,7 +133,7 @@ impl Store {
         max_retries: usize,
         timeout: std::time::Duration,
     ) -> Result<Store, ShardError> {
-        Self::open_with_retry(
+        Self::open_with(
             url,
             Some(object_store::RetryConfig {
                 max_retries,
@@ -143,10 +143,7 @@ impl Store {
         )
     }
 
-    fn open_with_retry(
-        url: &str,
-        retry: Option<object_store::RetryConfig>,
-    ) -> Result<Store, ShardError> {
+    fn open_with(url: &str, retry: Option<object_store::RetryConfig>) -> Result<Store, ShardError> {
         let open_err = |reason: String| ShardError::StoreOpen {
             url: url.to_string(),
             reason,

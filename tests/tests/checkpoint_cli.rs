@@ -12,9 +12,19 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{
-    listening_address, losses, m3d, m3d_bin, m3d_ok, param_diff_of, synth_cap_vqa, workspace_root,
-    Keys,
+    listening_address, losses, m3d, m3d_bin, m3d_env, m3d_ok, m3d_ok_env, param_diff_of,
+    synth_cap_vqa, workspace_root, Keys,
 };
+
+/// Credentials, region and endpoint of the test's S3 server, as the `m3d` processes read them.
+fn s3_env(endpoint: &str) -> [(&'static str, &str); 4] {
+    [
+        ("AWS_ACCESS_KEY_ID", "AKIAM3DTEST"),
+        ("AWS_SECRET_ACCESS_KEY", "m3d-test-secret"),
+        ("AWS_REGION", "us-east-1"),
+        ("AWS_ENDPOINT_URL", endpoint),
+    ]
+}
 
 /// The fault-injection variable of `m3d_worker::failpoint`.
 const FAILPOINTS: &str = "M3D_FAILPOINTS";
@@ -273,12 +283,7 @@ fn s3_unreachable_mid_upload_fails_clearly_and_commits_nothing() {
     s3.create_bucket("m3d-ckpt");
     let proxy = m3d_testkit::TcpProxy::start(&format!("127.0.0.1:{}", s3.port));
     let endpoint = proxy.endpoint();
-    let env = [
-        ("AWS_ACCESS_KEY_ID", "AKIAM3DTEST"),
-        ("AWS_SECRET_ACCESS_KEY", "m3d-test-secret"),
-        ("AWS_REGION", "us-east-1"),
-        ("AWS_ENDPOINT_URL", endpoint.as_str()),
-    ];
+    let env = s3_env(&endpoint);
     let run = dir.path().join("run");
     let a = args(
         &run,
@@ -350,16 +355,13 @@ fn s3_unreachable_mid_upload_fails_clearly_and_commits_nothing() {
         !keys.iter().any(|k| k.ends_with("/COMMIT")),
         "nothing committed: {keys:?}"
     );
-    let out = Command::new(m3d_bin())
-        .args(args(
-            &run,
-            &cap,
-            2,
-            &["--set", "checkpoint.url=s3://m3d-ckpt/run", "--resume"],
-        ))
-        .envs(env)
-        .output()
-        .unwrap();
+    let resume = args(
+        &run,
+        &cap,
+        2,
+        &["--set", "checkpoint.url=s3://m3d-ckpt/run", "--resume"],
+    );
+    let out = m3d_env(&resume.iter().map(String::as_str).collect::<Vec<_>>(), &env);
     assert!(!out.status.success());
     let e = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -641,39 +643,22 @@ fn checkpoints_in_s3_resume_exactly() {
     let cap = synth_cap(dir.path());
     let s3 = m3d_testkit::S3Server::start(&dir.path().join("moto.log"));
     s3.create_bucket("m3d-ckpt");
-    let env = [
-        ("AWS_ACCESS_KEY_ID", "AKIAM3DTEST".to_string()),
-        ("AWS_SECRET_ACCESS_KEY", "m3d-test-secret".to_string()),
-        ("AWS_REGION", "us-east-1".to_string()),
-        ("AWS_ENDPOINT_URL", s3.endpoint()),
-    ];
+    let endpoint = s3.endpoint();
+    let env = s3_env(&endpoint);
     let run_with = |run: &Path, url: &str, extra: &[&str]| {
         let mut a = args(run, &cap, 2, extra);
         a.push("--set".into());
         a.push(format!("checkpoint.url={url}"));
         a
     };
-    let m3d_env = |a: &[String]| {
-        let out = Command::new(m3d_bin())
-            .args(a)
-            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}\n{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
+    let ok = |a: &[String]| m3d_ok_env(&a.iter().map(String::as_str).collect::<Vec<_>>(), &env);
     let whole = dir.path().join("whole");
-    m3d_env(&run_with(&whole, "s3://m3d-ckpt/whole", &[]));
+    ok(&run_with(&whole, "s3://m3d-ckpt/whole", &[]));
     // The same job, killed (with its workers) two steps after step 8's checkpoint was due.
     let part = dir.path().join("part");
     let mut child = Command::new(m3d_bin())
         .args(run_with(&part, "s3://m3d-ckpt/part", &[]))
-        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .envs(env)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -696,7 +681,7 @@ fn checkpoints_in_s3_resume_exactly() {
     Command::new("kill").args(&kill).status().unwrap();
     let _ = child.wait();
     std::thread::sleep(Duration::from_millis(300));
-    let out = m3d_env(&run_with(&part, "s3://m3d-ckpt/part", &["--resume"]));
+    let out = ok(&run_with(&part, "s3://m3d-ckpt/part", &["--resume"]));
     assert!(
         out.contains("resuming from step 8 (s3://m3d-ckpt/part/step-000000008)"),
         "{out}"

@@ -70,15 +70,10 @@ fn main() {
     let mut bytes = 0;
     // As in training: the first checkpoint is staged into memory prepared in the background since the first
     // step (`Uploader::prepare`), every later one into the memory of the previous one.
-    let sizes = |ts: Vec<(String, tch::Tensor)>| -> Vec<(String, usize)> {
-        ts.into_iter()
-            .map(|(n, t)| (n, t.numel() * t.kind().elt_size_in_bytes()))
-            .collect()
-    };
     let t = Instant::now();
     let mut spare = Some(Staged::prepared(
-        &sizes(m3d_models::weights::state_dict(&vs)),
-        &sizes(opt.state_view()),
+        &weights::byte_sizes(&weights::state_dict(&vs)),
+        &weights::byte_sizes(&opt.state_view()),
     ));
     let prepare_s = t.elapsed().as_secs_f64();
     for _ in 0..rounds {

@@ -30,7 +30,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use m3d_coordinator::plan::PlanSpec;
 use m3d_models::weights::{
-    host_buffers, read_safetensors_bytes, read_safetensors_from, safetensors_parts,
+    byte_sizes, host_buffers, read_safetensors_bytes, read_safetensors_from, safetensors_parts,
     to_host_tensors_into, HostTensor,
 };
 use m3d_shards::store::Store;
@@ -284,16 +284,13 @@ fn write_files(
     crate::failpoint::pause("checkpoint-before-commit");
     let commit = serde_json::to_vec_pretty(&record).unwrap_or_default();
     let key = format!("{dir}/{COMMIT}");
-    if !exclusive_commit {
-        store
-            .put(&key, Bytes::from(commit))
-            .map_err(store_err(store))?;
-        return store.sync(&key).map_err(store_err(store));
+    let written = if exclusive_commit {
+        store.put_if_absent(&key, Bytes::from(commit))
+    } else {
+        store.put(&key, Bytes::from(commit)).map(|()| true)
     }
-    if store
-        .put_if_absent(&key, Bytes::from(commit))
-        .map_err(store_err(store))?
-    {
+    .map_err(store_err(store))?;
+    if written {
         return store.sync(&key).map_err(store_err(store));
     }
     // Already committed: by this writer, if an earlier attempt's reply was lost; otherwise by another.
@@ -695,13 +692,14 @@ impl Uploader {
     }
 
     /// Starts preparing host memory for the first checkpoint on a background thread: buffers of the sizes
-    /// of `model` and `optimizer` (names and bytes), every page touched. The first staging copy then runs
+    /// of `model` and `optimizer`'s tensors, every page touched. The first staging copy then runs
     /// at memory speed instead of page-faulting fresh memory while training waits (5 s for full-size
     /// M3D-CLIP's 2.4 GB on the benchmark machine, against 0.3 s into touched memory).
-    pub fn prepare(&mut self, model: Vec<(String, usize)>, optimizer: Vec<(String, usize)>) {
+    pub fn prepare(&mut self, model: &[(String, Tensor)], optimizer: &[(String, Tensor)]) {
         if self.spare.is_some() || self.preparing.is_some() {
             return;
         }
+        let (model, optimizer) = (byte_sizes(model), byte_sizes(optimizer));
         let (tx, rx) = sync_channel(1);
         let spawned = std::thread::Builder::new()
             .name("m3d-checkpoint-prep".into())

@@ -131,23 +131,11 @@ pub fn resolve_tokenizer(
             path: init.path.clone(),
             source: Box::new(source),
         };
-        match InitSource::of(&init.path).map_err(err)? {
-            InitSource::Local(folder) if folder.join("tokenizer.json").is_file() => {
-                return Ok(Tokenizer::from_file(&folder)?);
-            }
-            InitSource::Local(_) => {}
-            source => {
-                if let Some(json) = source.tokenizer_json().map_err(err)? {
-                    let json: serde_json::Value = serde_json::from_slice(&json).map_err(|e| {
-                        err(CheckpointError::Invalid {
-                            url: init.path.clone(),
-                            key: "tokenizer.json".into(),
-                            reason: e.to_string(),
-                        })
-                    })?;
-                    return scratch_tokenizer(scratch, &json);
-                }
-            }
+        if let Some(t) = InitSource::of(&init.path)
+            .map_err(err)?
+            .tokenizer(scratch, err)?
+        {
+            return Ok(t);
         }
     }
     if !matches!(m.preset.as_str(), "tiny" | "debug") || m.config.is_some() {
@@ -243,26 +231,46 @@ impl InitSource {
         }
     }
 
-    fn tokenizer_json(&self) -> Result<Option<bytes::Bytes>, CheckpointError> {
-        match self {
-            InitSource::Checkpoint(found) => found.tokenizer(),
-            InitSource::Local(path) => {
-                let file = path.join("tokenizer.json");
-                if !file.is_file() {
+    /// The tokenizer that came with these weights, if any: a local folder's `tokenizer.json` read in place,
+    /// a checkpoint's or a store folder's copied under `scratch` (the job's tokenizer needs a file).
+    fn tokenizer(
+        &self,
+        scratch: &Path,
+        err: impl Fn(CheckpointError) -> JobError,
+    ) -> Result<Option<Tokenizer>, JobError> {
+        let json = match self {
+            InitSource::Local(folder) => {
+                if !folder.join("tokenizer.json").is_file() {
                     return Ok(None);
                 }
-                std::fs::read(&file)
-                    .map(|b| Some(bytes::Bytes::from(b)))
-                    .map_err(|source| CheckpointError::Io { path: file, source })
+                return Ok(Some(Tokenizer::from_file(folder)?));
             }
-            InitSource::Store(store) => {
-                store
-                    .get_opt("tokenizer.json")
-                    .map_err(|source| CheckpointError::Store {
-                        url: store.url().to_string(),
-                        source,
-                    })
-            }
+            InitSource::Checkpoint(found) => found.tokenizer().map_err(&err)?,
+            InitSource::Store(store) => store.get_opt("tokenizer.json").map_err(|source| {
+                err(CheckpointError::Store {
+                    url: store.url().to_string(),
+                    source,
+                })
+            })?,
+        };
+        let Some(json) = json else {
+            return Ok(None);
+        };
+        let json: serde_json::Value = serde_json::from_slice(&json).map_err(|e| {
+            err(CheckpointError::Invalid {
+                url: self.url(),
+                key: "tokenizer.json".into(),
+                reason: e.to_string(),
+            })
+        })?;
+        scratch_tokenizer(scratch, &json).map(Some)
+    }
+
+    fn url(&self) -> String {
+        match self {
+            InitSource::Checkpoint(found) => found.url(),
+            InitSource::Local(path) => path.display().to_string(),
+            InitSource::Store(store) => store.url().to_string(),
         }
     }
 }

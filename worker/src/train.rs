@@ -12,6 +12,8 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
+
 use m3d_collectives::{Collective, ReduceOp};
 use m3d_coordinator::job::WorkerAction;
 use m3d_coordinator::plan::{PlanSpec, StepPlan};
@@ -300,6 +302,19 @@ pub fn run_round(
     } else {
         None
     };
+    // Every checkpoint carries the job's tokenizer; read once per round.
+    let tokenizer_json = match &uploader {
+        Some(_) => {
+            let path = model.tokenizer.path();
+            Some(Bytes::from(std::fs::read(path).map_err(|source| {
+                CheckpointError::Io {
+                    path: path.to_path_buf(),
+                    source,
+                }
+            })?))
+        }
+        None => None,
+    };
     let depth = recipe.data.read_ahead.max(1);
     let micro = recipe.micro_batch(world);
     let (plan_tx, plan_rx) = sync_channel::<StepPlan>(depth + PLAN_CHUNK as usize);
@@ -342,6 +357,7 @@ pub fn run_round(
             depth: depth as u64,
             total,
             uploader,
+            tokenizer_json,
             checkpoint_base,
         };
         let end = match lp.run() {
@@ -403,6 +419,19 @@ fn build_batch(
     })
 }
 
+/// Commits the checkpoint of a finished upload, if there is one, with the coordinator: restart rounds resume
+/// from it.
+fn commit_finished(
+    control: &mut dyn Control,
+    base: &str,
+    finished: Option<u64>,
+) -> Result<(), TrainError> {
+    match finished {
+        Some(step) => control.commit(step, &checkpoint::step_url(base, step)),
+        None => Ok(()),
+    }
+}
+
 /// The state of one round's step loop.
 struct Loop<'a> {
     recipe: &'a Recipe,
@@ -424,8 +453,9 @@ struct Loop<'a> {
     sent: u64,
     depth: u64,
     total: u64,
-    /// Rank 0's checkpoint uploads.
+    /// Rank 0's checkpoint uploads, and the tokenizer file each checkpoint includes.
     uploader: Option<Uploader>,
+    tokenizer_json: Option<Bytes>,
     checkpoint_base: String,
 }
 
@@ -613,28 +643,17 @@ impl Loop<'_> {
             if let Some(up) = self.uploader.as_mut() {
                 if step == self.round.resume_step {
                     // AdamW's state exists after the first step: prepare the first checkpoint's memory now.
-                    let sizes = |ts: Vec<(String, Tensor)>| -> Vec<(String, usize)> {
-                        ts.into_iter()
-                            .map(|(n, t)| (n, t.numel() * t.kind().elt_size_in_bytes()))
-                            .collect()
-                    };
-                    up.prepare(sizes(model.state_dict()), sizes(self.opt.state_view()));
+                    up.prepare(&model.state_dict(), &self.opt.state_view());
                 }
                 // A finished upload is committed with the coordinator (the next restart round resumes
                 // from it); a new checkpoint is staged every `checkpoint.every` steps.
-                if let Some(step) = up.poll()? {
-                    let url = checkpoint::step_url(&self.checkpoint_base, step);
-                    self.control.commit(step, &url)?;
-                }
+                commit_finished(&mut *self.control, &self.checkpoint_base, up.poll()?)?;
                 let every = self.recipe.checkpoint.every;
                 if every > 0 && done % every == 0 && done < self.total {
                     let stall = Instant::now();
                     // The previous upload finishes before the next staging copy is made: at most one
                     // checkpoint is ever held in host memory.
-                    if let Some(prev) = up.wait()? {
-                        let url = checkpoint::step_url(&self.checkpoint_base, prev);
-                        self.control.commit(prev, &url)?;
-                    }
+                    commit_finished(&mut *self.control, &self.checkpoint_base, up.wait()?)?;
                     let (epoch, step_in_epoch) = self.round.plan.position(done);
                     let state = CheckpointState {
                         step: done,
@@ -645,23 +664,20 @@ impl Loop<'_> {
                         recipe: self.recipe.to_yaml(),
                         version: env!("CARGO_PKG_VERSION").to_string(),
                     };
-                    let tokenizer = model.tokenizer.path();
-                    let tokenizer_json =
-                        std::fs::read(tokenizer).map_err(|source| CheckpointError::Io {
-                            path: tokenizer.to_path_buf(),
-                            source,
-                        })?;
-                    let staged = Staged::new_reusing(
+                    let mut staged = Staged::new_reusing(
                         &state,
                         &model.state_dict(),
                         &self.opt.state_view(),
                         up.spare(),
-                    )?
-                    .with_tokenizer(tokenizer_json.into());
-                    if let Some(prev) = up.submit(staged)? {
-                        let url = checkpoint::step_url(&self.checkpoint_base, prev);
-                        self.control.commit(prev, &url)?;
+                    )?;
+                    if let Some(json) = &self.tokenizer_json {
+                        staged = staged.with_tokenizer(json.clone());
                     }
+                    commit_finished(
+                        &mut *self.control,
+                        &self.checkpoint_base,
+                        up.submit(staged)?,
+                    )?;
                     tracing::info!(
                         step = done,
                         stall_s = stall.elapsed().as_secs_f64(),
@@ -669,10 +685,7 @@ impl Loop<'_> {
                     );
                 }
                 if done == self.total {
-                    if let Some(step) = up.wait()? {
-                        let url = checkpoint::step_url(&self.checkpoint_base, step);
-                        self.control.commit(step, &url)?;
-                    }
+                    commit_finished(&mut *self.control, &self.checkpoint_base, up.wait()?)?;
                 }
             }
             if done == self.total && rank == 0 {

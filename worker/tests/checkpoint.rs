@@ -161,12 +161,7 @@ fn staging_reuses_memory_and_commits_are_exclusive() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path().to_str().unwrap()).unwrap();
     let mut up = Uploader::new(store.clone(), opts(5, 1));
-    let sizes = |t: Vec<(String, Tensor)>| -> Vec<(String, usize)> {
-        t.into_iter()
-            .map(|(n, t)| (n, t.numel() * t.kind().elt_size_in_bytes()))
-            .collect()
-    };
-    up.prepare(sizes(tensors(0.0)), sizes(tensors(0.0)));
+    up.prepare(&tensors(0.0), &tensors(0.0));
     for step in 1..=3u64 {
         let spare = up.spare();
         assert!(spare.is_some(), "step {step}: memory to reuse");

@@ -28,18 +28,28 @@ pub fn m3d_bin() -> PathBuf {
     bin
 }
 
-/// Runs `m3d args...`, returning its output whatever the exit status.
+/// Runs `m3d args...` (warnings and errors logged), returning its output whatever the exit status.
 pub fn m3d(args: &[&str]) -> Output {
+    m3d_env(args, &[("RUST_LOG", "warn")])
+}
+
+/// Runs `m3d args...` with `env` added to the environment, returning its output whatever the exit status.
+pub fn m3d_env(args: &[&str], env: &[(&str, &str)]) -> Output {
     Command::new(m3d_bin())
         .args(args)
-        .env("RUST_LOG", "warn")
+        .envs(env.iter().copied())
         .output()
         .expect("spawn m3d")
 }
 
 /// Runs `m3d args...` and requires success.
 pub fn m3d_ok(args: &[&str]) -> String {
-    let out = m3d(args);
+    m3d_ok_env(args, &[("RUST_LOG", "warn")])
+}
+
+/// Runs `m3d args...` with `env` added and requires success.
+pub fn m3d_ok_env(args: &[&str], env: &[(&str, &str)]) -> String {
+    let out = m3d_env(args, env);
     assert!(
         out.status.success(),
         "m3d {args:?} failed\nstdout: {}\nstderr: {}",
