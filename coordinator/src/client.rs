@@ -30,8 +30,13 @@ pub enum ClientError {
         code: tonic::Code,
         message: String,
     },
+    /// The connection broke during a call (the coordinator died or restarted mid-answer): no answer came.
+    #[error("lost the connection to the coordinator at {url}: {reason}")]
+    Transport { url: String, reason: String },
     #[error("coordinator {url} answered an invalid message: {reason}")]
     Invalid { url: String, reason: String },
+    #[error("the token for {url} cannot be sent: {reason}")]
+    Token { url: String, reason: String },
 }
 
 impl ClientError {
@@ -40,6 +45,33 @@ impl ClientError {
         match self {
             ClientError::Rpc { code, .. } => Some(*code),
             _ => None,
+        }
+    }
+
+    /// Whether the coordinator may answer the same call later: it is down, restarting (its pod moved), or
+    /// shedding load — as opposed to having answered and refused it.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            ClientError::Connect { .. } | ClientError::Transport { .. } => true,
+            ClientError::Rpc { code, .. } => *code == tonic::Code::Unavailable,
+            ClientError::Invalid { .. } | ClientError::Token { .. } => false,
+        }
+    }
+
+    /// `s` as this client's error: a status the coordinator sent, or one tonic made up locally for a
+    /// connection that broke (those carry the transport error as their source; a received status has none).
+    fn from_status(url: &str, s: Status) -> ClientError {
+        use std::error::Error as _;
+        match s.source() {
+            Some(source) => ClientError::Transport {
+                url: url.to_string(),
+                reason: error_chain(source),
+            },
+            None => ClientError::Rpc {
+                url: url.to_string(),
+                code: s.code(),
+                message: s.message().to_string(),
+            },
         }
     }
 }
@@ -102,7 +134,7 @@ impl Client {
         token: Option<Token>,
     ) -> Result<Client, ClientError> {
         let auth = match token {
-            Some(t) => Some(t.header_value().map_err(|reason| ClientError::Connect {
+            Some(t) => Some(t.header_value().map_err(|reason| ClientError::Token {
                 url: url.to_string(),
                 reason,
             })?),
@@ -116,11 +148,7 @@ impl Client {
     }
 
     fn rpc_err(&self, s: Status) -> ClientError {
-        ClientError::Rpc {
-            url: self.url.to_string(),
-            code: s.code(),
-            message: s.message().to_string(),
-        }
+        ClientError::from_status(&self.url, s)
     }
 
     fn invalid(&self, reason: impl Into<String>) -> ClientError {
@@ -329,11 +357,7 @@ impl Client {
                 url: url.to_string(),
                 reason,
             }),
-            Err(s) => Err(ClientError::Rpc {
-                url: url.to_string(),
-                code: s.code(),
-                message: s.message().to_string(),
-            }),
+            Err(s) => Err(ClientError::from_status(&url, s)),
         }))
     }
 }

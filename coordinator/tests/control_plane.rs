@@ -310,6 +310,7 @@ async fn calls_without_the_right_token_are_unauthenticated() {
         let mut c = Client::connect(&server.url, token).await.expect("connect");
         let err = c.status().await.expect_err("no token");
         assert_eq!(err.code(), Some(tonic::Code::Unauthenticated), "{err}");
+        assert!(!err.is_transient(), "a refusal is final: {err}");
         assert!(!err.to_string().contains(secret));
         let err = c.register(&worker("a", "h")).await.expect_err("no token");
         assert_eq!(err.code(), Some(tonic::Code::Unauthenticated));
@@ -472,6 +473,9 @@ async fn a_reopened_coordinator_continues_the_job_from_its_state() {
     c.commit_checkpoint("a", 0, &ckpt).await.expect("commit");
     let before = c.status().await.expect("status");
     server.shutdown().await;
+    // A coordinator that is gone is worth waiting for (workers retry these), unlike one that refuses.
+    let err = c.status().await.expect_err("the coordinator is down");
+    assert!(err.is_transient(), "{err}");
     let doc: serde_json::Value = serde_json::from_slice(
         &std::fs::read(dir.path().join("job").join("job.json")).expect("job.json"),
     )

@@ -436,8 +436,9 @@ fn an_uncommitted_checkpoint_is_never_loaded() {
     let _ = PathBuf::new();
 }
 
-/// `m3d coordinator` killed with SIGKILL and started again on the same address and state: the workers wait
-/// for it and the job runs to the end.
+/// Workers started before their coordinator wait for it (pods start in any order); `m3d coordinator` killed
+/// with SIGKILL mid-run and started again on the same address and state: the workers wait for it again and
+/// the job runs to the end.
 #[test]
 fn restarted_coordinator_continues_the_job() {
     let dir = tempfile::tempdir().unwrap();
@@ -459,8 +460,7 @@ fn restarted_coordinator_continues_the_job() {
         recipe_args.push(s);
     }
     let state = dir.path().join("state").display().to_string();
-    // Started on port 0 the first time (no race for a free port with parallel tests), then again on the
-    // address it got; returns the child once it prints that address.
+    // Returns the child once it prints the address it listens on.
     let start_coordinator = |listen: &str| {
         let mut c = Command::new(m3d_bin());
         c.args(["coordinator", "--listen", listen, "--state", &state])
@@ -479,7 +479,11 @@ fn restarted_coordinator_continues_the_job() {
         let addr = listening_address(&mut child);
         (child, addr)
     };
-    let (mut coordinator, listen) = start_coordinator("127.0.0.1:0");
+    // A free port for the coordinator that starts after its workers.
+    let listen = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .unwrap()
+        .to_string();
     let url = format!("http://{listen}");
     let mut workers: Vec<std::process::Child> = ["w0", "w1"]
         .iter()
@@ -496,6 +500,8 @@ fn restarted_coordinator_continues_the_job() {
                 .unwrap()
         })
         .collect();
+    std::thread::sleep(Duration::from_secs(1));
+    let (mut coordinator, _) = start_coordinator(&listen);
     let t0 = Instant::now();
     while losses(&run).len() < 5 {
         assert!(
@@ -508,17 +514,35 @@ fn restarted_coordinator_continues_the_job() {
     coordinator.wait().unwrap();
     std::thread::sleep(Duration::from_secs(2));
     let (mut coordinator, _) = start_coordinator(&listen);
-    for (id, w) in ["w0", "w1"].iter().zip(workers.iter_mut()) {
-        let s = w.wait().unwrap();
-        let log = std::fs::read_to_string(dir.path().join(format!("{id}.log"))).unwrap_or_default();
-        assert!(s.success(), "worker {id} failed: {s}\n{log}");
+    let exits: Vec<_> = workers.iter_mut().map(|w| w.wait().unwrap()).collect();
+    if exits.iter().any(|s| !s.success()) {
+        let logs: Vec<String> = ["w0", "w1"]
+            .iter()
+            .zip(&exits)
+            .map(|(id, s)| {
+                let log = std::fs::read_to_string(dir.path().join(format!("{id}.log")));
+                format!("worker {id}: {s}\n{}", log.unwrap_or_default())
+            })
+            .collect();
+        panic!("a worker failed\n{}", logs.join("\n"));
     }
     let _ = coordinator.wait();
     let l = losses(&run);
     assert_eq!(l.last().map(|p| p.0), Some(30));
     assert!(run.join("final/model.safetensors").is_file());
-    let log = std::fs::read_to_string(dir.path().join("w0.log")).unwrap();
-    assert!(log.contains("coordinator unreachable; retrying"), "{log}");
+    for id in ["w0", "w1"] {
+        let log = std::fs::read_to_string(dir.path().join(format!("{id}.log"))).unwrap();
+        let waits: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains("coordinator unreachable; retrying"))
+            .collect();
+        // The wait before the coordinator first started, and at least one during its restart.
+        assert!(waits.iter().any(|l| l.contains("what=connecting")), "{log}");
+        assert!(
+            waits.iter().any(|l| !l.contains("what=connecting")),
+            "{log}"
+        );
+    }
 }
 
 /// `m3d merge-lora` folds the adapters exactly as `W + (alpha / r) B A`, and `m3d export --vision-encoder`

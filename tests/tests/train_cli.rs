@@ -351,8 +351,10 @@ fn killed_worker_is_detected_and_the_job_restarts_and_completes() {
     let detected = wait_for("the restart round", Duration::from_secs(30), || {
         status(&url, token)["restarts"].as_u64().unwrap_or(0) >= 1
     });
+    // Within the 3 s heartbeat timeout, give or take the `m3d status` polls on a loaded 2-core machine; a
+    // job that missed the death would hang until the 120 s collective timeout instead.
     assert!(
-        detected < Duration::from_secs(3) + Duration::from_millis(1500),
+        detected < Duration::from_secs(3) + Duration::from_secs(5),
         "detected after {detected:?}"
     );
     // The replacement joins the restart round and the job runs to the end.

@@ -84,35 +84,49 @@ fn control_err(e: ClientError) -> TrainError {
 /// before giving up.
 const COORDINATOR_PATIENCE: Duration = Duration::from_secs(60);
 
-/// A coordinator that is down or restarting, as opposed to one that refused the call.
-fn transient(e: &ClientError) -> bool {
-    matches!(e, ClientError::Connect { .. }) || e.code() == Some(Code::Unavailable)
+/// Runs `call` until it succeeds, fails for a reason other than an unreachable coordinator
+/// ([`ClientError::is_transient`]), or [`COORDINATOR_PATIENCE`] has passed: every call a worker makes goes
+/// through here, so a coordinator that restarts (or whose pod moves, or that starts after its workers) costs
+/// a wait, not the job.
+fn patiently<T, F, Fut>(
+    rt: &tokio::runtime::Runtime,
+    worker_id: &str,
+    what: &str,
+    mut call: F,
+) -> Result<T, ClientError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, ClientError>>,
+{
+    let deadline = std::time::Instant::now() + COORDINATOR_PATIENCE;
+    let mut delay = Duration::from_millis(100);
+    loop {
+        match rt.block_on(call()) {
+            Err(e) if e.is_transient() && std::time::Instant::now() < deadline => {
+                tracing::warn!(worker = %worker_id, %what, error = %e, "coordinator unreachable; retrying");
+                std::thread::sleep(delay);
+                delay = (delay * 2).min(Duration::from_secs(2));
+            }
+            done => return done,
+        }
+    }
 }
 
 impl Coordinated<'_> {
-    /// Runs `call` (given a client) until it succeeds, fails for a reason other than an unreachable
-    /// coordinator, or [`COORDINATOR_PATIENCE`] has passed.
+    /// [`patiently`] with this round's client; a coordinator that no longer knows the round ends it.
     fn retrying<T, F, Fut>(&mut self, what: &str, mut call: F) -> Result<T, TrainError>
     where
         F: FnMut(Client) -> Fut,
         Fut: std::future::Future<Output = Result<T, ClientError>>,
     {
-        let deadline = std::time::Instant::now() + COORDINATOR_PATIENCE;
-        let mut delay = Duration::from_millis(100);
-        loop {
-            match self.rt.block_on(call(self.client.clone())) {
-                Ok(v) => return Ok(v),
-                Err(e) if transient(&e) && std::time::Instant::now() < deadline => {
-                    tracing::warn!(worker = %self.worker_id, %what, error = %e, "coordinator unreachable; retrying");
-                    std::thread::sleep(delay);
-                    delay = (delay * 2).min(Duration::from_secs(2));
-                }
-                Err(e) if matches!(e.code(), Some(Code::Aborted | Code::NotFound)) => {
-                    return Err(TrainError::RoundOver(e.to_string()))
-                }
-                Err(e) => return Err(control_err(e)),
+        let client = &self.client;
+        patiently(self.rt, &self.worker_id, what, || call(client.clone())).map_err(|e| {
+            if matches!(e.code(), Some(Code::Aborted | Code::NotFound)) {
+                TrainError::RoundOver(e.to_string())
+            } else {
+                control_err(e)
             }
-        }
+        })
     }
 }
 
@@ -184,7 +198,9 @@ pub fn run_worker(recipe: &Recipe, opts: &WorkerOptions) -> Result<WorkerExit, R
     ));
     let tokenizer = resolve_tokenizer(recipe, &data, &scratch).map_err(TrainError::from)?;
     let run = RunDir(opts.run.clone());
-    let mut client = rt.block_on(Client::connect(&opts.coordinator, opts.token.clone()))?;
+    let mut client = patiently(&rt, &opts.worker_id, "connecting", || {
+        Client::connect(&opts.coordinator, opts.token.clone())
+    })?;
     loop {
         let listener =
             RingListener::bind(SocketAddr::new(opts.bind, 0)).map_err(|source| RoleError::Io {
@@ -216,11 +232,17 @@ pub fn run_worker(recipe: &Recipe, opts: &WorkerOptions) -> Result<WorkerExit, R
             gpus: u32::from(cuda),
             nccl_unique_id: nccl_id.map(|id| id.as_bytes().to_vec()).unwrap_or_default(),
         };
-        let a = match rt.block_on(client.register(&info)) {
+        let a = match patiently(&rt, &opts.worker_id, "registration", || {
+            let (mut c, info) = (client.clone(), &info);
+            async move { c.register(info).await }
+        }) {
             Ok(a) => a,
             Err(e) if matches!(e.code(), Some(Code::FailedPrecondition | Code::Aborted)) => {
                 // Either the job is over, or a round is training without this worker (it joins the next).
-                let status = rt.block_on(client.status())?;
+                let status = patiently(&rt, &opts.worker_id, "job status", || {
+                    let mut c = client.clone();
+                    async move { c.status().await }
+                })?;
                 if status.phase.is_final() {
                     return Ok(WorkerExit::Stopped);
                 }
@@ -231,7 +253,10 @@ pub fn run_worker(recipe: &Recipe, opts: &WorkerOptions) -> Result<WorkerExit, R
             Err(e) => return Err(e.into()),
         };
         tracing::info!(worker = %opts.worker_id, rank = a.rank, world = a.world_size, generation = a.generation, resume = a.resume_step, "joined round");
-        let peers = rt.block_on(client.all_peers(&opts.worker_id, a.generation))?;
+        let peers = patiently(&rt, &opts.worker_id, "peer list", || {
+            let (mut c, id) = (client.clone(), &opts.worker_id);
+            async move { c.all_peers(id, a.generation).await }
+        })?;
         let addrs = peers
             .iter()
             .map(|p| {
