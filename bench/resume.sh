@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Time from `m3d train recipes/clip-tiny.yaml --workers 2 --resume` to its first finished training step (process
-# start, shard index, vocabulary, coordinator, rendezvous, checkpoint load, one step), side by side with the time
-# from a fresh `m3d train --fresh` of the same job to its first step: the ratio is what resuming adds.
+# start, shard index, vocabulary, coordinator, rendezvous, checkpoint load, one step), side by side with
+#  * the reference way: `torchrun --nproc_per_node 2 bench/train_ddp.py train --resume`, PyTorch DDP training the
+#    identical model on the identical data (one float32 .npy per image), resuming as accelerate's load_state does
+#    (torch.load of model, optimizer, scheduler and RNG states, then skipping the consumed batches at the sampler);
+#  * each side's fresh start of the same job to its first step, so the ratios show what resuming itself adds.
 #   bash bench/resume.sh [--rounds 3]
 # Uses the synthetic data of bench/train.sh (made under out/bench/train/ if missing).
 set -euo pipefail
@@ -17,50 +20,72 @@ done
 cargo build --release -p m3d
 source bench/train_data.sh
 RUN=out/bench/resume/run
-rm -rf "$RUN"
+REF=out/bench/resume/ref
+rm -rf "$RUN" "$REF"
 SETS=(--set "output.run=$RUN" --set "data.tasks.0.shards=[$DATA/shards]" --set train.max_steps=20
       --set train.log_every=1 --set checkpoint.every=5)
-# A finished job with committed checkpoints at steps 5, 10 and 15 (--resume continues from 15).
+PY="env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE $M3D_VENV/bin/python"
+# Finished jobs with committed checkpoints at steps 5, 10 and 15 (--resume continues from 15), on both sides.
 "$M3D_BIN" train recipes/clip-tiny.yaml --workers 2 "${SETS[@]}" > /dev/null
-"$M3D_VENV/bin/python" - "$M3D_BIN" "$RUN" "$ROUNDS" "${SETS[@]}" <<'PY'
+$PY bench/train_ddp.py export --shards "$DATA/shards" --out out/bench/resume/ref_npy
+REF_CMD=($PY -m torch.distributed.run --standalone --nproc_per_node=2 bench/train_ddp.py train
+         --data out/bench/resume/ref_npy --m3d-final "$RUN/final" --steps 20 --out "$REF" --save-every 5)
+"${REF_CMD[@]}" > /dev/null 2>&1
+$PY - "$ROUNDS" "$RUN" "$REF" "${#REF_CMD[@]}" "${REF_CMD[@]}" "$M3D_BIN" "${SETS[@]}" <<'PY'
 import json, os, statistics, subprocess, sys, time
-m3d, run, rounds, sets = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4:]
-metrics = os.path.join(run, "metrics.jsonl")
+rounds, run, ref = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+n = int(sys.argv[4])
+ref_cmd, rest = sys.argv[5:5 + n], sys.argv[5 + n:]
+m3d, sets = rest[0], rest[1:]
 
-def steps():
+def steps(metrics):
     try:
         with open(metrics) as f:
             return [json.loads(l)["step"] for l in f if l.strip()]
     except FileNotFoundError:
         return []
 
-def first_step(flag, want):
-    """Seconds from launching `m3d train <flag>` until the metrics hold step `want`; the job then finishes."""
+def first_step(cmd, metrics, want):
+    """Seconds from launching `cmd` until `metrics` holds step `want`; the job then runs to its end."""
     # The previous job's lines from step `want` on would be taken for this job's.
     with open(metrics) as fh:
         keep = [l for l in fh if l.strip() and json.loads(l)["step"] < want]
     with open(metrics, "w") as fh:
         fh.writelines(keep)
     t = time.perf_counter()
-    p = subprocess.Popen([m3d, "train", "recipes/clip-tiny.yaml", "--workers", "2", flag, *sets],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    while want not in steps():
-        if p.poll() is not None and want not in steps():
-            raise SystemExit(f"m3d train {flag} ended ({p.returncode}) before step {want}")
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while want not in steps(metrics):
+        if p.poll() is not None and want not in steps(metrics):
+            raise SystemExit(f"{' '.join(cmd)} ended ({p.returncode}) before step {want}")
         time.sleep(0.005)
     took = time.perf_counter() - t
-    p.wait()
+    if p.wait() != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed ({p.returncode})")
     return took
 
-resume, fresh = [], []
+ours = [m3d, "train", "recipes/clip-tiny.yaml", "--workers", "2", *sets]
+sides = {
+    "m3d": (lambda flag: ours + [flag], os.path.join(run, "metrics.jsonl"), "--resume", "--fresh"),
+    "torchrun + DDP, accelerate-style": (lambda flag: ref_cmd + ([flag] if flag else []),
+                                         os.path.join(ref, "metrics.jsonl"), "--resume", None),
+}
+times = {name: ([], []) for name in sides}
+load = os.getloadavg()[0]
 for _ in range(rounds):
-    resume.append(first_step("--resume", 16))
-    fresh.append(first_step("--fresh", 1))
-    # --fresh deleted the checkpoints and ran to the end again, leaving new ones at 5, 10, 15.
-r, f = statistics.median(resume), statistics.median(fresh)
-print("| tiny CLIP, 2 workers | median (s) | runs (s) |")
-print("|---|---:|---|")
-print(f"| `--resume` (from step 15) to its first step | {r:.2f} | {', '.join(f'{x:.2f}' for x in resume)} |")
-print(f"| `--fresh` to its first step | {f:.2f} | {', '.join(f'{x:.2f}' for x in fresh)} |")
-print(f"| ratio resume / fresh | {r / f:.2f} | |")
+    for name, (cmd, metrics, resume, fresh) in sides.items():
+        times[name][0].append(first_step(cmd(resume), metrics, 16))
+        # A fresh start runs the whole job again, leaving new checkpoints at 5, 10, 15 for the next round.
+        times[name][1].append(first_step(cmd(fresh), metrics, 1))
+med = {name: (statistics.median(r), statistics.median(f)) for name, (r, f) in times.items()}
+print(f"tiny CLIP, 2 workers on CPU, {rounds} rounds alternating; 1-min load average {load:.1f} before, "
+      f"{os.getloadavg()[0]:.1f} after\n")
+print("| side | `--resume` (from step 15) to its first step, median (s) | runs (s) "
+      "| fresh start to its first step, median (s) | runs (s) | resume / fresh |")
+print("|---|---:|---|---:|---|---:|")
+for name, (r, f) in times.items():
+    mr, mf = med[name]
+    print(f"| {name} | {mr:.2f} | {', '.join(f'{x:.2f}' for x in r)} | {mf:.2f} | "
+          f"{', '.join(f'{x:.2f}' for x in f)} | {mr / mf:.2f} |")
+names = list(times)
+print(f"\nresume-to-first-step ratio m3d / reference: **{med[names[0]][0] / med[names[1]][0]:.2f}** (target <= 1)")
 PY

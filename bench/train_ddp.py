@@ -23,6 +23,7 @@ steps of each run are left out.
 usage:
   train_ddp.py export  --shards DIR --out NPYDIR             one .npy per train-split volume + index.json
   train_ddp.py train   --data NPYDIR --m3d-final RUN/final --steps N --out DIR [--device cpu|cuda]   (under torchrun)
+                       [--save-every K] [--resume]   checkpoints as accelerate's save_state / load_state do them
   train_ddp.py compare --m3d BIN --shards DIR --work DIR [--rounds R] [--steps N] [--workers W] [--device D]
 """
 import argparse
@@ -192,12 +193,20 @@ def train(args):
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    log = open(out / "metrics.jsonl", "w") if rank == 0 else None
-    epoch, it = 0, None
+    start = 0
+    if args.resume:
+        start = _load_state(out, model, opt, sched, rank, dev)
+    log = open(out / "metrics.jsonl", "a" if args.resume else "w") if rank == 0 else None
+    # Where `start` left the data: its epoch, and the batches of that epoch to skip without loading them
+    # (accelerate's skip_first_batches skips at the sampler, as here).
+    per_epoch = len(loader)
+    epoch, done = divmod(start, per_epoch)
     sampler.set_epoch(epoch)
-    it = iter(loader)
+    it = iter(loader) if done == 0 else iter(DataLoader(
+        ds, batch_size=per_rank, sampler=list(sampler)[done * per_rank:], num_workers=nw, drop_last=True,
+        pin_memory=cuda, prefetch_factor=args.prefetch if nw > 0 else None))
     prev = time.time()
-    for step in range(1, steps + 1):
+    for step in range(start + 1, steps + 1):
         t0 = time.time()
         try:
             batch = next(it)
@@ -227,10 +236,57 @@ def train(args):
                                   "step_s": t2 - t0, "since_prev_s": t2 - prev, "data_wait_s": t1 - t0}) + "\n")
             log.flush()
         prev = t2
+        # As m3d: the last step's state is the final weights, not a checkpoint to resume from.
+        if args.save_every and step % args.save_every == 0 and step < steps:
+            _save_state(out, step, model, opt, sched, rank)
     if log:
         log.close()
     dist.barrier()
     dist.destroy_process_group()
+
+
+def _save_state(out: Path, step: int, model, opt, sched, rank: int):
+    """accelerate's Accelerator.save_state: rank 0 torch.saves model, optimizer and scheduler state, every rank its
+    RNG states; written to a temporary folder and renamed once complete (accelerate itself has no such guard)."""
+    import torch
+    import torch.distributed as dist
+
+    final, tmp = out / f"checkpoint-{step}", out / f"checkpoint-{step}.tmp"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        torch.save(model.state_dict(), tmp / "pytorch_model.bin")
+        torch.save(opt.state_dict(), tmp / "optimizer.bin")
+        torch.save(sched.state_dict(), tmp / "scheduler.bin")
+    dist.barrier()
+    torch.save({"torch": torch.get_rng_state(), "python": __import__("random").getstate(),
+                "numpy": __import__("numpy").random.get_state()}, tmp / f"random_states_{rank}.pkl")
+    dist.barrier()
+    if rank == 0:
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+    dist.barrier()
+
+
+def _load_state(out: Path, model, opt, sched, rank: int, dev) -> int:
+    """accelerate's Accelerator.load_state of the newest checkpoint under `out`; returns its step."""
+    import random
+
+    import numpy as np
+    import torch
+
+    steps = [int(p.name.split("-")[1]) for p in out.glob("checkpoint-*") if p.name.split("-")[1].isdigit()]
+    if not steps:
+        sys.exit(f"no checkpoint under {out}")
+    ck = out / f"checkpoint-{max(steps)}"
+    model.load_state_dict(torch.load(ck / "pytorch_model.bin", map_location=dev))
+    opt.load_state_dict(torch.load(ck / "optimizer.bin", map_location=dev))
+    sched.load_state_dict(torch.load(ck / "scheduler.bin"))
+    rng = torch.load(ck / f"random_states_{rank}.pkl", weights_only=False)
+    torch.set_rng_state(rng["torch"])
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    return max(steps)
 
 
 def _clip_forward(self, images, ids, mask):
@@ -386,6 +442,8 @@ def main():
     t.add_argument("--threads", type=int, default=0, help="torch threads per rank (default cores / ranks)")
     t.add_argument("--num-workers", type=int, default=1, help="DataLoader worker processes per rank")
     t.add_argument("--prefetch", type=int, default=2, help="DataLoader prefetch_factor")
+    t.add_argument("--save-every", type=int, default=0, help="checkpoint every K steps under --out (0: never)")
+    t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint under --out")
     c = sub.add_parser("compare")
     c.add_argument("--m3d", required=True)
     c.add_argument("--shards", required=True)

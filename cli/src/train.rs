@@ -391,7 +391,8 @@ pub fn train(a: TrainArgs) -> Result<()> {
             exited_ok: false,
         });
     }
-    let mut last_step = 0;
+    // A resumed job starts at its checkpoint's step, which no worker has reported a loss for.
+    let mut last_step = coord.status().step;
     let outcome: Result<()> = loop {
         std::thread::sleep(Duration::from_millis(200));
         let status = coord.status();

@@ -7,7 +7,7 @@
 //! Output depends only on the indices asked for, never on what happens to be cached.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -64,6 +64,9 @@ pub enum LoadError {
         source: ShardError,
     },
 }
+
+/// Shards of one read-ahead request read at the same time.
+const READ_AHEAD_THREADS: usize = 4;
 
 /// Loader settings.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -216,6 +219,36 @@ impl Shared {
         result
     }
 
+    /// Reads (into the cache) those of `shards` not cached yet, up to [`READ_AHEAD_THREADS`] at a time: a
+    /// cold start (a new round, a resume) needs several shards at once, and on an object store each read
+    /// is mostly waiting. Failures are kept for [`ShardLoader::last_prefetch_error`]; the step that needs
+    /// the shard reads it again and reports the error itself.
+    fn read_all(&self, shards: &[usize]) {
+        let missing: Vec<usize> = {
+            let st = self.lock();
+            shards
+                .iter()
+                .copied()
+                .filter(|s| !st.entries.contains_key(s))
+                .collect()
+        };
+        let next = AtomicUsize::new(0);
+        let work = || {
+            while let Some(&shard) = missing.get(next.fetch_add(1, Ordering::Relaxed)) {
+                if let Err(e) = self.get(shard, true) {
+                    self.lock().last_prefetch_error = Some(e.to_string());
+                }
+            }
+        };
+        let helpers = READ_AHEAD_THREADS.min(missing.len()).saturating_sub(1);
+        std::thread::scope(|scope| {
+            for _ in 0..helpers {
+                scope.spawn(work);
+            }
+            work();
+        });
+    }
+
     fn insert(&self, st: &mut CacheState, shard: usize, vols: Arc<ShardVolumes>) {
         if vols.bytes > self.cache_bytes {
             return;
@@ -357,11 +390,7 @@ impl ShardLoader {
                 .spawn(move || {
                     // Ends when the loader drops its sender.
                     while let Ok(shards) = rx.recv() {
-                        for shard in shards {
-                            if let Err(e) = sh.get(shard, true) {
-                                sh.lock().last_prefetch_error = Some(e.to_string());
-                            }
-                        }
+                        sh.read_all(&shards);
                         let mut st = sh.lock();
                         st.pending_prefetch = st.pending_prefetch.saturating_sub(1);
                         drop(st);

@@ -214,6 +214,23 @@ pub fn run_round(
     recipe
         .grad_accum(world)
         .map_err(|e| TrainError::Recipe(e.to_string()))?;
+    // The first steps' shards are read while the model is built and the checkpoint loaded, as the
+    // reference's DataLoader workers start before its first step: on a cold cache that read is most of the
+    // time to the first step.
+    let depth = recipe.data.read_ahead.max(1);
+    let mut first_plans = VecDeque::new();
+    if round.resume_step < total {
+        let n = PLAN_CHUNK.min((total - round.resume_step) as u32);
+        match control.plan(round.resume_step, n) {
+            Ok(p) => first_plans.extend(p),
+            Err(TrainError::RoundOver(reason)) => return Ok(RoundEnd::Reregister(reason)),
+            Err(e) => return Err(e),
+        }
+        for p in first_plans.iter().take(depth) {
+            data.prefetch(&p.samples)?;
+        }
+    }
+    let prefetched_until = round.resume_step + first_plans.len().min(depth) as u64;
     let device = device_for(recipe.workers.device, round.local_rank)?;
     let model = TrainModel::build(recipe, tokenizer.clone(), device)?;
     // DDP's start: every rank begins from rank 0's parameters.
@@ -315,8 +332,8 @@ pub fn run_round(
         }
         None => None,
     };
-    let depth = recipe.data.read_ahead.max(1);
     let micro = recipe.micro_batch(world);
+    let first_plans_len = first_plans.len() as u64;
     let (plan_tx, plan_rx) = sync_channel::<StepPlan>(depth + PLAN_CHUNK as usize);
     let (ready_tx, ready_rx) = sync_channel::<Result<(StepPlan, Built), TrainError>>(depth);
     let batcher = model.batcher.clone();
@@ -352,7 +369,9 @@ pub fn run_round(
             metrics: metrics.as_mut(),
             plan_tx: Some(plan_tx),
             ready_rx,
-            next_plan: round.resume_step,
+            plans: first_plans,
+            next_plan: round.resume_step + first_plans_len,
+            prefetched_until,
             sent: round.resume_step,
             depth: depth as u64,
             total,
@@ -447,8 +466,12 @@ struct Loop<'a> {
     metrics: Option<&'a mut MetricsWriter>,
     plan_tx: Option<SyncSender<StepPlan>>,
     ready_rx: Receiver<Result<(StepPlan, Built), TrainError>>,
+    /// Plans fetched but not yet handed to the batch builder.
+    plans: VecDeque<StepPlan>,
     /// First step whose plan has not been fetched from the control plane.
     next_plan: u64,
+    /// Steps before this one had their shards queued for read-ahead before the loop began.
+    prefetched_until: u64,
     /// First step whose plan has not been handed to the batch builder.
     sent: u64,
     depth: u64,
@@ -462,10 +485,10 @@ struct Loop<'a> {
 impl Loop<'_> {
     /// Hands the builder the plans of the steps up to `step + depth`, fetching them from the control plane
     /// in chunks, and starts reading their shards.
-    fn feed(&mut self, step: u64, plans: &mut VecDeque<StepPlan>) -> Result<(), TrainError> {
+    fn feed(&mut self, step: u64) -> Result<(), TrainError> {
         let until = (step + self.depth).min(self.total);
         while self.sent < until {
-            if plans.is_empty() {
+            if self.plans.is_empty() {
                 let n = PLAN_CHUNK.min((self.total - self.next_plan) as u32);
                 let got = self.control.plan(self.next_plan, n)?;
                 if got.is_empty() {
@@ -475,9 +498,9 @@ impl Loop<'_> {
                     )));
                 }
                 self.next_plan += got.len() as u64;
-                plans.extend(got);
+                self.plans.extend(got);
             }
-            let Some(plan) = plans.pop_front() else {
+            let Some(plan) = self.plans.pop_front() else {
                 break;
             };
             if plan.step != self.sent {
@@ -486,7 +509,9 @@ impl Loop<'_> {
                     plan.step, self.sent
                 )));
             }
-            self.data.prefetch(&plan.samples)?;
+            if plan.step >= self.prefetched_until {
+                self.data.prefetch(&plan.samples)?;
+            }
             if let Some(tx) = &self.plan_tx {
                 if tx.send(plan).is_err() {
                     break;
@@ -502,7 +527,6 @@ impl Loop<'_> {
         let rank = self.round.rank;
         let log_every = self.recipe.train.log_every.max(1);
         let mut meter = Meter::new();
-        let mut plans: VecDeque<StepPlan> = VecDeque::new();
         for step in self.round.resume_step..self.total {
             match self.control.action() {
                 WorkerAction::Continue => {}
@@ -513,7 +537,7 @@ impl Loop<'_> {
                 }
                 WorkerAction::Stop => return Ok(RoundEnd::Stop),
             }
-            self.feed(step, &mut plans)?;
+            self.feed(step)?;
             let wait = Instant::now();
             let (plan, built) = self.ready_rx.recv().map_err(|_| {
                 TrainError::Control("the batch builder stopped without an error".into())

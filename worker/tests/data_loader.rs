@@ -253,6 +253,13 @@ fn a_corrupted_shard_is_an_error_naming_its_key() {
     assert!(err.to_string().contains(&key), "{err}");
 }
 
+fn plain_load(url: &str, indices: &[u64]) -> Vec<m3d_worker::data::LoadedSample> {
+    ShardLoader::open(url, opts(1 << 20, 0))
+        .unwrap()
+        .load(indices)
+        .unwrap()
+}
+
 #[test]
 fn prefetch_fills_the_cache_so_the_next_load_hits() {
     let dir = tempfile::tempdir().unwrap();
@@ -273,6 +280,21 @@ fn prefetch_fills_the_cache_so_the_next_load_hits() {
     assert_eq!(after.shard_reads, before.shard_reads, "{after:?}");
     assert_eq!(after.cache_misses, before.cache_misses);
     assert_eq!(after.cache_hits, before.cache_hits + 2);
+    // A request touching every shard of a new loader (a cold start) reads them concurrently, each once.
+    let cold = ShardLoader::open(&url, opts(1 << 20, 2)).unwrap();
+    let all: Vec<u64> = (0..cold.len() as u64).rev().collect();
+    assert!(cold.prefetch(&all).unwrap());
+    cold.wait_prefetched();
+    assert_eq!(cold.last_prefetch_error(), None);
+    let shards = cold.num_volume_shards() as u64;
+    let st = cold.stats();
+    assert_eq!(
+        (st.prefetch_reads, st.shard_reads),
+        (shards, shards),
+        "{st:?}"
+    );
+    assert_eq!(cold.load(&all).unwrap(), plain_load(&url, &all));
+    assert_eq!(cold.stats().cache_misses, 0);
     // Same values as a loader that never prefetched.
     let plain = ShardLoader::open(&url, opts(1 << 20, 0)).unwrap();
     assert_eq!(plain.load(&step1).unwrap(), second);
