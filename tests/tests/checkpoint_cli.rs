@@ -500,7 +500,32 @@ fn restarted_coordinator_continues_the_job() {
                 .unwrap()
         })
         .collect();
-    std::thread::sleep(Duration::from_secs(1));
+    // Each step waits on the workers' own logs, not on a clock, so that a loaded machine cannot reorder it.
+    // The coordinator starts once both workers are waiting for it (well within their 60 s patience).
+    let log_of = |id: &str| {
+        std::fs::read_to_string(dir.path().join(format!("{id}.log"))).unwrap_or_default()
+    };
+    let waits = |id: &str, connecting: bool| {
+        log_of(id).lines().any(|l| {
+            l.contains("coordinator unreachable; retrying")
+                && l.contains("what=connecting") == connecting
+        })
+    };
+    let until = |what: &str, done: &dyn Fn() -> bool| {
+        let t0 = Instant::now();
+        while !done() {
+            assert!(
+                t0.elapsed() < Duration::from_secs(45),
+                "timed out waiting for {what}\nw0:\n{}\nw1:\n{}",
+                log_of("w0"),
+                log_of("w1")
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    until("both workers to wait for the coordinator", &|| {
+        waits("w0", true) && waits("w1", true)
+    });
     let (mut coordinator, _) = start_coordinator(&listen);
     let t0 = Instant::now();
     while losses(&run).len() < 5 {
@@ -512,17 +537,17 @@ fn restarted_coordinator_continues_the_job() {
     }
     coordinator.kill().unwrap();
     coordinator.wait().unwrap();
-    std::thread::sleep(Duration::from_secs(2));
+    // Every step reports to the coordinator, so a worker soon waits for it mid-run; restart it then.
+    until("a worker to wait for the killed coordinator", &|| {
+        waits("w0", false) || waits("w1", false)
+    });
     let (mut coordinator, _) = start_coordinator(&listen);
     let exits: Vec<_> = workers.iter_mut().map(|w| w.wait().unwrap()).collect();
     if exits.iter().any(|s| !s.success()) {
         let logs: Vec<String> = ["w0", "w1"]
             .iter()
             .zip(&exits)
-            .map(|(id, s)| {
-                let log = std::fs::read_to_string(dir.path().join(format!("{id}.log")));
-                format!("worker {id}: {s}\n{}", log.unwrap_or_default())
-            })
+            .map(|(id, s)| format!("worker {id}: {s}\n{}", log_of(id)))
             .collect();
         panic!("a worker failed\n{}", logs.join("\n"));
     }
@@ -530,19 +555,6 @@ fn restarted_coordinator_continues_the_job() {
     let l = losses(&run);
     assert_eq!(l.last().map(|p| p.0), Some(30));
     assert!(run.join("final/model.safetensors").is_file());
-    for id in ["w0", "w1"] {
-        let log = std::fs::read_to_string(dir.path().join(format!("{id}.log"))).unwrap();
-        let waits: Vec<&str> = log
-            .lines()
-            .filter(|l| l.contains("coordinator unreachable; retrying"))
-            .collect();
-        // The wait before the coordinator first started, and at least one during its restart.
-        assert!(waits.iter().any(|l| l.contains("what=connecting")), "{log}");
-        assert!(
-            waits.iter().any(|l| !l.contains("what=connecting")),
-            "{log}"
-        );
-    }
 }
 
 /// `m3d merge-lora` folds the adapters exactly as `W + (alpha / r) B A`, and `m3d export --vision-encoder`
