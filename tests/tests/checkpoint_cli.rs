@@ -12,8 +12,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{
-    listening_address, losses, m3d, m3d_bin, m3d_env, m3d_ok, m3d_ok_env, param_diff_of,
-    synth_cap_vqa, workspace_root, Keys,
+    final_diff_of, listening_address, losses, m3d, m3d_bin, m3d_env, m3d_ok, m3d_ok_env,
+    synth_cap_vqa, wait_for, workspace_root, Keys,
 };
 
 /// Credentials, region and endpoint of the test's S3 server, as the `m3d` processes read them.
@@ -62,15 +62,6 @@ fn lamed_train(
     }
     a.extend(extra.iter().map(|s| s.to_string()));
     a
-}
-
-/// The largest difference between any parameter of two runs' final weights.
-fn final_diff(a: &Path, b: &Path) -> f64 {
-    param_diff_of(
-        Keys::All,
-        &a.join("final/model.safetensors"),
-        &b.join("final/model.safetensors"),
-    )
 }
 
 fn strings(v: &[&str]) -> Vec<String> {
@@ -177,7 +168,7 @@ fn killed_job_resumes_exactly_with_the_same_or_another_number_of_workers() {
         for ((s, a), (_, b)) in reference.iter().zip(&l) {
             assert!((a - b).abs() <= tol, "{name}: step {s}: {a} vs {b}");
         }
-        let d = final_diff(&whole, &run);
+        let d = final_diff_of(Keys::All, &whole, &run);
         if first == then {
             assert_eq!(
                 d, 0.0,
@@ -222,14 +213,7 @@ fn killed_worker_makes_the_job_restart_from_the_last_commit() {
             .and_then(|v| v["last_checkpoint"]["step"].as_u64())
             .is_some_and(|s| s >= 4)
     };
-    let t0 = Instant::now();
-    while !committed() {
-        assert!(
-            t0.elapsed() < Duration::from_secs(120),
-            "no commit of step 4"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for("the commit of step 4", Duration::from_secs(120), committed);
     Command::new("kill").args(["-9", &w1]).status().unwrap();
     let rest: Vec<String> = lines.map_while(Result::ok).collect();
     let status = child.wait().unwrap();
@@ -276,7 +260,7 @@ fn sigkill_during_an_upload_leaves_the_previous_checkpoint_in_use() {
         l.iter().map(|p| p.0).collect::<Vec<_>>(),
         (1..=12).collect::<Vec<_>>()
     );
-    assert_eq!(final_diff(&whole, &run), 0.0);
+    assert_eq!(final_diff_of(Keys::All, &whole, &run), 0.0);
     // The abandoned step-8 files were replaced by a committed step 8 of the resumed run.
     assert!(step8.join("COMMIT").is_file());
 }
@@ -409,7 +393,7 @@ fn dropout_continues_exactly_after_a_resume() {
     assert!(out.contains("resuming from step"), "{out}");
     let (a, b) = (losses(&whole), losses(&run));
     assert_eq!(a, b, "the same losses at every step");
-    assert_eq!(final_diff(&whole, &run), 0.0);
+    assert_eq!(final_diff_of(Keys::All, &whole, &run), 0.0);
 }
 
 #[test]
@@ -536,14 +520,9 @@ fn restarted_coordinator_continues_the_job() {
         waits("w0", true) && waits("w1", true)
     });
     let (mut coordinator, _) = start_coordinator(&listen);
-    let t0 = Instant::now();
-    while losses(&run).len() < 5 {
-        assert!(
-            t0.elapsed() < Duration::from_secs(120),
-            "training did not start"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for("step 5", Duration::from_secs(120), || {
+        losses(&run).len() >= 5
+    });
     coordinator.kill().unwrap();
     coordinator.wait().unwrap();
     // Every step reports to the coordinator, so a worker soon waits for it mid-run; restart it then.
@@ -718,11 +697,9 @@ fn checkpoints_in_s3_resume_exactly() {
     }
     // Killed once step 8's commit record is in the bucket (its upload runs behind the steps, so a step count
     // alone would race a slow server).
-    let t0 = Instant::now();
-    while s3.keys("m3d-ckpt", "part/step-000000008/COMMIT").is_empty() {
-        assert!(t0.elapsed() < Duration::from_secs(120), "no progress");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for("step 8's commit record", Duration::from_secs(120), || {
+        !s3.keys("m3d-ckpt", "part/step-000000008/COMMIT").is_empty()
+    });
     let mut kill = vec!["-9".to_string()];
     kill.extend(pids);
     Command::new("kill").args(&kill).status().unwrap();
@@ -733,7 +710,7 @@ fn checkpoints_in_s3_resume_exactly() {
         out.contains("resuming from step 8 (s3://m3d-ckpt/part/step-000000008)"),
         "{out}"
     );
-    assert_eq!(final_diff(&whole, &part), 0.0);
+    assert_eq!(final_diff_of(Keys::All, &whole, &part), 0.0);
     let log = std::fs::read_to_string(part.join("logs/w0.log")).unwrap();
     assert!(!log.contains("m3d-test-secret"));
 }

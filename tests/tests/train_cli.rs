@@ -8,11 +8,11 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::{
-    listening_address, losses, m3d_bin, m3d_ok, param_diff_of, synth_cap_vqa as synth_shards,
-    workspace_root, Keys,
+    final_diff_of, listening_address, losses, m3d_bin, m3d_ok, synth_cap_vqa as synth_shards,
+    wait_for, workspace_root, Keys,
 };
 
 fn recipe(name: &str) -> String {
@@ -63,28 +63,16 @@ fn clip_two_workers_equal_one_worker_with_twice_the_batch() {
     train(&recipe("clip-tiny.yaml"), 1, &one, &sets);
     let out = train(&recipe("clip-tiny.yaml"), 2, &two, &sets);
     assert!(out.contains("2 worker(s)"), "{out}");
-    let d = param_diff_of(
-        Keys::Quiet,
-        &one.join("final/model.safetensors"),
-        &two.join("final/model.safetensors"),
-    );
+    let d = final_diff_of(Keys::Quiet, &one, &two);
     assert!(d < 1e-5, "parameters differ by {d}");
-    let noisy = param_diff_of(
-        Keys::Noisy,
-        &one.join("final/model.safetensors"),
-        &two.join("final/model.safetensors"),
-    );
+    let noisy = final_diff_of(Keys::Noisy, &one, &two);
     assert!(noisy < 1e-4, "noise-driven parameters differ by {noisy}");
     // The comparison can fail: a different seed moves the parameters far more than the tolerance.
     let other = dir.path().join("other");
     let mut reseeded = sets.clone();
     reseeded.push("train.seed=7".into());
     train(&recipe("clip-tiny.yaml"), 2, &other, &reseeded);
-    let d_other = param_diff_of(
-        Keys::Quiet,
-        &one.join("final/model.safetensors"),
-        &other.join("final/model.safetensors"),
-    );
+    let d_other = final_diff_of(Keys::Quiet, &one, &other);
     assert!(d_other > 1e-3, "a different seed gave {d_other}");
 }
 
@@ -151,11 +139,7 @@ fn lamed_stage2_lora_two_workers_equal_one_and_lowers_the_answer_loss() {
     let two = dir.path().join("two");
     train(&recipe("lamed-stage2-tiny.yaml"), 1, &one, &sets(3));
     train(&recipe("lamed-stage2-tiny.yaml"), 2, &two, &sets(3));
-    let d = param_diff_of(
-        Keys::Quiet,
-        &one.join("final/model.safetensors"),
-        &two.join("final/model.safetensors"),
-    );
+    let d = final_diff_of(Keys::Quiet, &one, &two);
     assert!(d < 1e-5, "parameters differ by {d}");
     assert!(two.join("final/adapter/adapter_config.json").is_file());
     // Learning: the answer loss falls over a short run.
@@ -199,11 +183,7 @@ fn lamed_segmentation_trains_and_two_workers_equal_one() {
     let (one, two) = (dir.path().join("one"), dir.path().join("two"));
     train(&recipe("lamed-stage2-tiny.yaml"), 1, &one, &sets(3));
     train(&recipe("lamed-stage2-tiny.yaml"), 2, &two, &sets(3));
-    let d = param_diff_of(
-        Keys::All,
-        &one.join("final/model.safetensors"),
-        &two.join("final/model.safetensors"),
-    );
+    let d = final_diff_of(Keys::All, &one, &two);
     assert!(d < 1e-5, "parameters differ by {d}");
     let metrics = |run: &Path| -> Vec<serde_json::Value> {
         std::fs::read_to_string(run.join("metrics.jsonl"))
@@ -284,15 +264,6 @@ fn status(url: &str, token: &str) -> serde_json::Value {
         .output()
         .unwrap();
     serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
-}
-
-fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) -> Duration {
-    let t0 = Instant::now();
-    while !f() {
-        assert!(t0.elapsed() < timeout, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    t0.elapsed()
 }
 
 #[test]

@@ -333,7 +333,6 @@ pub fn run_round(
         None => None,
     };
     let micro = recipe.micro_batch(world);
-    let first_plans_len = first_plans.len() as u64;
     let (plan_tx, plan_rx) = sync_channel::<StepPlan>(depth + PLAN_CHUNK as usize);
     let (ready_tx, ready_rx) = sync_channel::<Result<(StepPlan, Built), TrainError>>(depth);
     let batcher = model.batcher.clone();
@@ -369,8 +368,8 @@ pub fn run_round(
             metrics: metrics.as_mut(),
             plan_tx: Some(plan_tx),
             ready_rx,
+            next_plan: round.resume_step + first_plans.len() as u64,
             plans: first_plans,
-            next_plan: round.resume_step + first_plans_len,
             prefetched_until,
             sent: round.resume_step,
             depth: depth as u64,

@@ -5,6 +5,7 @@
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output};
+use std::time::{Duration, Instant};
 
 pub use m3d_testkit::workspace_root;
 
@@ -190,6 +191,25 @@ pub fn param_diff_of(keys: Keys, a: &Path, b: &Path) -> f64 {
         &[&a.display().to_string(), &b.display().to_string(), which],
     );
     out.trim().parse().expect("a number")
+}
+
+/// The largest difference between the `keys` of two runs' final weights (`<run>/final/model.safetensors`).
+pub fn final_diff_of(keys: Keys, a: &Path, b: &Path) -> f64 {
+    param_diff_of(
+        keys,
+        &a.join("final/model.safetensors"),
+        &b.join("final/model.safetensors"),
+    )
+}
+
+/// Polls `done` until it holds, failing the test after `timeout`; returns how long that took.
+pub fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) -> Duration {
+    let t0 = Instant::now();
+    while !done() {
+        assert!(t0.elapsed() < timeout, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    t0.elapsed()
 }
 
 /// The address a started `m3d coordinator` (stdout piped) listens on: its first line of stdout.
