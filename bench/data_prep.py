@@ -65,7 +65,11 @@ def main():
     ap.add_argument("--cases", type=int, default=12)
     ap.add_argument("--slice-size", default="512x512")
     ap.add_argument("--rss-cases", type=int, default=4)
+    ap.add_argument("--resize-mode", choices=["trilinear", "area"], default="trilinear",
+                    help="Cap resize on both sides: the current reference script's (trilinear, MONAI mode "
+                         "'bilinear') or its first release's (area)")
     args = ap.parse_args()
+    ref_mode = {"trilinear": "bilinear", "area": "area"}[args.resize_mode]
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     import torch
 
@@ -80,7 +84,7 @@ def main():
     cap_root = os.path.join(raw, "M3D_Cap")
     series = series_dirs(cap_root)
     n = len(series)
-    results = {"volumes": n, "slice_size": args.slice_size}
+    results = {"volumes": n, "slice_size": args.slice_size, "resize_mode": args.resize_mode}
 
     # 1. conversion throughput, one core each.
     ref_out = os.path.join(args.work, "ref_npy")
@@ -88,10 +92,11 @@ def main():
     for image, sdir in series:
         dst = os.path.join(ref_out, image)
         os.makedirs(os.path.dirname(dst), exist_ok=True)
-        np.save(dst, reference_prep.cap_series(sdir))
+        np.save(dst, reference_prep.cap_series(sdir, ref_mode))
     ref_s = time.perf_counter() - t
     shards = os.path.join(args.work, "shards")
-    ours_s = run([m3d_bin(), "data-prep", "cap", "--src", cap_root, "--out", shards, "--threads", "1", "--force"])
+    ours_s = run([m3d_bin(), "data-prep", "cap", "--src", cap_root, "--out", shards, "--threads", "1", "--force",
+                "--resize-mode", args.resize_mode])
     results["convert"] = {"reference_s": ref_s, "m3d_s": ours_s, "reference_vol_per_s": n / ref_s,
                           "m3d_vol_per_s": n / ours_s, "ratio": ref_s / ours_s}
 

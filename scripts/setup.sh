@@ -35,6 +35,19 @@ fi
 ln -sfn "$M3D_VENV" "$M3D_ROOT/.venv"
 export PATH="$M3D_VENV/bin:$PATH"
 
+# buf (protobuf linter, pinned) from npm into the cache: tests/tests/proto_python_client.rs runs `buf lint` on proto/.
+M3D_BUF_VERSION="1.75.0"
+export M3D_BUF="$M3D_CACHE/npm/node_modules/.bin/buf"
+if [ "$("$M3D_BUF" --version 2>/dev/null || true)" != "$M3D_BUF_VERSION" ]; then
+  if ! command -v npm >/dev/null 2>&1; then
+    echo "[setup] ERROR: npm not found; it is needed to install buf $M3D_BUF_VERSION (install Node.js and npm)" >&2
+    return 1 2>/dev/null || exit 1
+  fi
+  echo "[setup] installing buf $M3D_BUF_VERSION into $M3D_CACHE/npm"
+  npm install --prefix "$M3D_CACHE/npm" --no-audit --no-fund --loglevel=error "@bufbuild/buf@$M3D_BUF_VERSION"
+  [ "$("$M3D_BUF" --version)" = "$M3D_BUF_VERSION" ] || { echo "[setup] ERROR: $M3D_BUF is not buf $M3D_BUF_VERSION" >&2; return 1 2>/dev/null || exit 1; }
+fi
+
 
 if [ "${M3D_SKIP_BUILD:-0}" != "1" ]; then
   echo "[setup] building the workspace (target dir $CARGO_TARGET_DIR)"

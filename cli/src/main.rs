@@ -14,6 +14,7 @@ use m3d_data_prep::vqa::VqaOptions;
 use m3d_data_prep::{convert_volumes, ConvertOptions, ConvertReport};
 
 mod control;
+mod report;
 mod train;
 
 // See cli/Cargo.toml: volume-sized buffers must be reused, not returned to the kernel after every item.
@@ -105,8 +106,9 @@ enum DataPrep {
         /// Split file (default <src>/M3D_Cap.json).
         #[arg(long)]
         split_file: Option<PathBuf>,
-        /// Resize mode; "area" is what the reference script does (MONAI's default).
-        #[arg(long, value_enum, default_value_t = Resize::Area)]
+        /// Resize mode: "trilinear" is the current reference script's (`mode="bilinear"`, since 2024-06-12);
+        /// "area" (MONAI's default) is its first release's (2024-04-28, no mode given).
+        #[arg(long, value_enum, default_value_t = Resize::Trilinear)]
         resize_mode: Resize,
     },
     /// Convert the M3D-VQA tables into sample shards referencing M3D-Cap volumes.
@@ -486,7 +488,7 @@ fn main() -> std::process::ExitCode {
     match run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", report::render(&e));
             std::process::ExitCode::FAILURE
         }
     }

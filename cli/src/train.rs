@@ -195,7 +195,11 @@ pub fn worker(a: WorkerArgs) -> Result<()> {
         Ok(WorkerExit::Stopped) => tracing::info!(worker = %opts.worker_id, "the job is over"),
         Err(e) => {
             // Bad data, a bad recipe, a refused token: starting the worker again would fail the same way.
-            eprintln!("error: worker `{}`: {e:#}", opts.worker_id);
+            eprintln!(
+                "error: worker `{}`: {}",
+                opts.worker_id,
+                crate::report::render(&anyhow::Error::new(e))
+            );
             std::process::exit(FATAL_EXIT);
         }
     }

@@ -5,9 +5,11 @@
 //!
 //! Prints a markdown table: size, mean time, algorithm and bus bandwidth (nccl-tests definitions).
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use m3d_collectives::{nccl_available, Collective, Nccl, NcclId, ReduceOp};
+use m3d_collectives::{
+    nccl_available, nccl_library, AbortSignal, Collective, Nccl, NcclId, ReduceOp,
+};
 use tch::{Device, Kind, Tensor};
 
 fn arg(args: &[String], name: &str) -> Option<String> {
@@ -34,7 +36,11 @@ fn main() -> anyhow::Result<()> {
         Some(other) => anyhow::bail!("unknown dtype {other}"),
     };
     let id_bytes = NcclId::new()?.as_bytes().to_vec();
-    println!("# NCCL all-reduce, {gpus} GPU(s), {kind:?}, {iters} iterations per size");
+    let lib = nccl_library()?;
+    println!(
+        "# NCCL {} ({}) all-reduce, {gpus} GPU(s), {kind:?}, {iters} iterations per size",
+        lib.version, lib.path
+    );
     println!("| size (MiB) | time (ms) | algbw (GB/s) | busbw (GB/s) |");
     println!("|---:|---:|---:|---:|");
     let results: Vec<anyhow::Result<Vec<(usize, f64)>>> = std::thread::scope(|s| {
@@ -43,7 +49,14 @@ fn main() -> anyhow::Result<()> {
                 let (id_bytes, sizes) = (&id_bytes, &sizes);
                 s.spawn(move || -> anyhow::Result<Vec<(usize, f64)>> {
                     let id = NcclId::from_bytes(id_bytes)?;
-                    let mut comm = Nccl::new(rank, gpus, &id, rank)?;
+                    let mut comm = Nccl::new(
+                        rank,
+                        gpus,
+                        &id,
+                        rank,
+                        Duration::from_secs(120),
+                        &AbortSignal::new(),
+                    )?;
                     let dev = Device::Cuda(rank);
                     let mut out = Vec::new();
                     for &mib in sizes {

@@ -71,6 +71,22 @@ pub enum CollectiveError {
         op: &'static str,
         detail: String,
     },
+    #[error(
+        "rank {rank}: {op} did not complete within {timeout:?}{detail}; the communicator was aborted (a peer is \
+         dead, stuck or never joined)"
+    )]
+    OpTimeout {
+        rank: usize,
+        op: &'static str,
+        timeout: Duration,
+        detail: String,
+    },
+    #[error("rank {rank}: {op} was aborted: {reason}")]
+    Aborted {
+        rank: usize,
+        op: &'static str,
+        reason: String,
+    },
     #[error("rank {rank}: this communicator failed earlier ({cause}); create a new one")]
     Poisoned { rank: usize, cause: String },
     #[error("bucketer: {0}")]

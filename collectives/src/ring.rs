@@ -12,13 +12,15 @@
 //! then copied verbatim to the others. Every rank therefore ends with identical bits.
 //!
 //! Failure: sockets carry read and write timeouts; any error poisons the communicator and shuts both sockets down,
-//! so the failure propagates around the ring at once instead of each rank waiting for its own timeout.
+//! so the failure propagates around the ring at once instead of each rank waiting for its own timeout. The
+//! rendezvous (connecting to the successor, accepting the predecessor) is polled by the crate's watchdog under one
+//! deadline, as NCCL's setup and operations are.
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use socket2::{Domain, Protocol, SockRef, Socket, Type};
 use tch::Tensor;
@@ -26,7 +28,8 @@ use tch::Tensor;
 use crate::element::{DType, Element};
 use crate::error::CollectiveError;
 use crate::raw;
-use crate::{Collective, ReduceOp, Result};
+use crate::watchdog::{FnWatched, Status, WaitError, Watchdog};
+use crate::{finish_reduce, Collective, ReduceOp, Result};
 
 /// Bytes per pipelined chunk: large enough that a syscall moves a lot, small enough to overlap sends and receives.
 pub const DEFAULT_CHUNK_BYTES: usize = 256 << 10;
@@ -179,14 +182,11 @@ impl RingListener {
         if world == 1 {
             return Ok(RingTcp::single(timeout));
         }
-        let deadline = Instant::now() + timeout;
+        // One deadline for the whole rendezvous (connect, accept, handshakes).
+        let dog = Watchdog::new("rendezvous", timeout);
         let succ = (rank + 1) % world;
         let pred = (rank + world - 1) % world;
-        let remaining = || {
-            deadline
-                .saturating_duration_since(Instant::now())
-                .max(Duration::from_millis(1))
-        };
+        let remaining = || dog.remaining().max(Duration::from_millis(1));
 
         // Connect to the successor; it may not listen yet, so retry until the deadline.
         let succ_addr = peers[succ];
@@ -198,28 +198,40 @@ impl RingListener {
                 timeout,
                 detail,
             };
-        let mut next = loop {
-            let attempt = Socket::new(
-                Domain::for_address(succ_addr),
-                Type::STREAM,
-                Some(Protocol::TCP),
-            )
-            .and_then(|s| {
-                s.set_send_buffer_size(SOCKET_BUFFER_BYTES)?;
-                s.set_recv_buffer_size(SOCKET_BUFFER_BYTES)?;
-                s.connect_timeout(&succ_addr.into(), remaining().min(Duration::from_secs(1)))?;
-                Ok(TcpStream::from(s))
-            });
-            match attempt {
-                Ok(s) => break s,
-                Err(e) if Instant::now() >= deadline => {
-                    return Err(rendezvous_timeout(
-                        succ,
-                        succ_addr,
-                        format!(" (last attempt: {e})"),
-                    ));
+        let mut last_attempt = None;
+        let mut connect = FnWatched {
+            poll: || {
+                let attempt = Socket::new(
+                    Domain::for_address(succ_addr),
+                    Type::STREAM,
+                    Some(Protocol::TCP),
+                )
+                .and_then(|s| {
+                    s.set_send_buffer_size(SOCKET_BUFFER_BYTES)?;
+                    s.set_recv_buffer_size(SOCKET_BUFFER_BYTES)?;
+                    s.connect_timeout(&succ_addr.into(), remaining().min(Duration::from_secs(1)))?;
+                    Ok(TcpStream::from(s))
+                });
+                match attempt {
+                    Ok(s) => Status::<_, std::convert::Infallible>::Done(s),
+                    Err(e) => {
+                        last_attempt = Some(e);
+                        Status::Pending
+                    }
                 }
-                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            },
+            abort: || {},
+        };
+        let connected = dog
+            .clone()
+            .sleeps(Duration::from_millis(20), Duration::from_millis(20))
+            .wait(&mut connect);
+        let mut next = match connected {
+            Ok(s) => s,
+            Err(_) => {
+                let detail =
+                    last_attempt.map_or_else(String::new, |e| format!(" (last attempt: {e})"));
+                return Err(rendezvous_timeout(succ, succ_addr, detail));
             }
         };
         let op = "rendezvous";
@@ -232,20 +244,27 @@ impl RingListener {
         self.listener
             .set_nonblocking(true)
             .map_err(|e| io(pred, e))?;
-        let (mut prev, from) = loop {
-            match self.listener.accept() {
-                Ok(pair) => break pair,
-                Err(e) if e.kind() == ErrorKind::WouldBlock => {
-                    if Instant::now() >= deadline {
-                        return Err(rendezvous_timeout(
-                            pred,
-                            peers[pred],
-                            " (it never connected)".into(),
-                        ));
-                    }
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-                Err(e) => return Err(io(pred, e)),
+        let mut accept = FnWatched {
+            poll: || match self.listener.accept() {
+                Ok(pair) => Status::Done(pair),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => Status::Pending,
+                Err(e) => Status::Failed(e),
+            },
+            abort: || {},
+        };
+        let accepted = dog
+            .clone()
+            .sleeps(Duration::from_millis(5), Duration::from_millis(5))
+            .wait(&mut accept);
+        let (mut prev, from) = match accepted {
+            Ok(pair) => pair,
+            Err(WaitError::Failed(e)) => return Err(io(pred, e)),
+            Err(_) => {
+                return Err(rendezvous_timeout(
+                    pred,
+                    peers[pred],
+                    " (it never connected)".into(),
+                ))
             }
         };
         prev.set_nonblocking(false).map_err(|e| io(pred, e))?;
@@ -799,16 +818,15 @@ impl Collective for RingTcp {
         self.world
     }
 
+    fn device(&self) -> tch::Device {
+        tch::Device::Cpu
+    }
+
     fn all_reduce(&mut self, tensor: &mut Tensor, op: ReduceOp) -> Result<()> {
         self.on_contiguous(tensor, "all_reduce", |me, t| {
             dispatch!(me, t, "all_reduce", |s| me.all_reduce_slice(s))
         })?;
-        if op == ReduceOp::Mean && self.world > 1 {
-            let _ = tensor
-                .f_div_scalar_(self.world as f64)
-                .map_err(torch(self.rank, "all_reduce"))?;
-        }
-        Ok(())
+        finish_reduce(tensor, op, self.world, self.rank)
     }
 
     fn all_gather(&mut self, tensor: &Tensor) -> Result<Tensor> {

@@ -1,11 +1,11 @@
-//! The workers' side of the wire: a client that speaks `m3d.v1` and hands out the domain types.
+//! The workers' side of the wire: a client that speaks `m3d.v2` and hands out the domain types.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{Stream, StreamExt};
-use m3d_proto::v1 as pb;
-use m3d_proto::v1::coordinator_client::CoordinatorClient;
+use m3d_proto::v2 as pb;
+use m3d_proto::v2::coordinator_service_client::CoordinatorServiceClient;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Status};
@@ -108,7 +108,7 @@ impl tonic::service::Interceptor for Auth {
 #[derive(Clone)]
 pub struct Client {
     url: Arc<str>,
-    rpc: CoordinatorClient<InterceptedService<Channel, Auth>>,
+    rpc: CoordinatorServiceClient<InterceptedService<Channel, Auth>>,
 }
 
 impl Client {
@@ -142,7 +142,7 @@ impl Client {
         };
         Ok(Client {
             url: Arc::from(url),
-            rpc: CoordinatorClient::with_interceptor(channel, Auth(auth))
+            rpc: CoordinatorServiceClient::with_interceptor(channel, Auth(auth))
                 .max_decoding_message_size(64 << 20),
         })
     }
@@ -203,7 +203,7 @@ impl Client {
     ) -> Result<HeartbeatReply, ClientError> {
         let r = self
             .rpc
-            .heartbeat(pb::HeartbeatRequest {
+            .send_heartbeat(pb::SendHeartbeatRequest {
                 worker_id: worker_id.to_string(),
                 generation,
             })
@@ -228,7 +228,7 @@ impl Client {
     ) -> Result<DataPlan, ClientError> {
         let r = self
             .rpc
-            .get_data_plan(pb::DataPlanRequest {
+            .get_data_plan(pb::GetDataPlanRequest {
                 worker_id: worker_id.to_string(),
                 generation,
                 start_step,
@@ -250,7 +250,7 @@ impl Client {
         loop {
             let r = self
                 .rpc
-                .get_peers(pb::PeersRequest {
+                .get_peers(pb::GetPeersRequest {
                     worker_id: worker_id.to_string(),
                     generation,
                     start_rank: out.len() as u32,
@@ -282,7 +282,7 @@ impl Client {
     ) -> Result<WorkerAction, ClientError> {
         let r = self
             .rpc
-            .report_progress(pb::ProgressRequest {
+            .report_progress(pb::ReportProgressRequest {
                 worker_id: worker_id.to_string(),
                 generation,
                 step: p.step,
@@ -303,7 +303,7 @@ impl Client {
     ) -> Result<u64, ClientError> {
         let r = self
             .rpc
-            .checkpoint_barrier(pb::CheckpointBarrierRequest {
+            .wait_checkpoint_barrier(pb::WaitCheckpointBarrierRequest {
                 worker_id: worker_id.to_string(),
                 generation,
                 step,
@@ -335,10 +335,11 @@ impl Client {
     pub async fn status(&mut self) -> Result<JobStatus, ClientError> {
         let r = self
             .rpc
-            .job_status(pb::JobStatusRequest {})
+            .get_job_status(pb::GetJobStatusRequest {})
             .await
-            .map_err(|s| self.rpc_err(s))?;
-        status_from_pb(r.into_inner()).map_err(|e| self.invalid(e))
+            .map_err(|s| self.rpc_err(s))?
+            .into_inner();
+        status_from_pb(r.status).map_err(|e| self.invalid(e))
     }
 
     /// The current status, then one item per change of the job.
@@ -347,13 +348,13 @@ impl Client {
     ) -> Result<impl Stream<Item = Result<JobStatus, ClientError>> + use<>, ClientError> {
         let stream = self
             .rpc
-            .watch(pb::WatchRequest {})
+            .watch_job_status(pb::WatchJobStatusRequest {})
             .await
             .map_err(|s| self.rpc_err(s))?
             .into_inner();
         let url = self.url.clone();
         Ok(stream.map(move |item| match item {
-            Ok(s) => status_from_pb(s).map_err(|reason| ClientError::Invalid {
+            Ok(s) => status_from_pb(s.status).map_err(|reason| ClientError::Invalid {
                 url: url.to_string(),
                 reason,
             }),

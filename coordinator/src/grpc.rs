@@ -1,13 +1,22 @@
 //! The thin gRPC adapters: the server over any [`ControlPlane`], the bearer-token check, and the conversions between
-//! the domain types and the `m3d.v1` messages. With `client`, the only code of this crate that touches prost types.
+//! the domain types and the `m3d.v2` messages. With `client`, the only code of this crate that touches prost types.
+//!
+//! The server speaks `m3d.v2` and, side by side on the same port and behind the same token check, the deprecated
+//! `m3d.v1`, whose messages are wire-identical to v2's under older names: a v1 call is re-encoded as its v2
+//! request, answered by the v2 implementation, and its answer re-encoded as the v1 response (`V1`).
 
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 
 use futures::Stream;
-use m3d_proto::v1 as pb;
-use m3d_proto::v1::coordinator_server::{Coordinator as CoordinatorRpc, CoordinatorServer};
+use m3d_proto::prost::Message;
+use m3d_proto::v1;
+use m3d_proto::v1::coordinator_server::{Coordinator as CoordinatorRpcV1, CoordinatorServer};
+use m3d_proto::v2 as pb;
+use m3d_proto::v2::coordinator_service_server::{
+    CoordinatorService as CoordinatorRpc, CoordinatorServiceServer,
+};
 use subtle::ConstantTimeEq;
 use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status};
@@ -88,11 +97,11 @@ impl<C: ControlPlane> CoordinatorService<C> {
         }
     }
 
-    /// The tonic server, with the bearer-token check when `token` is set. Streams are not limited to hyper's
-    /// default of 200 per connection: every worker of a round waits in `Register` at once, and a benchmark or a
-    /// proxy multiplexes thousands of them on a few connections.
+    /// The tonic server (`m3d.v2` and `m3d.v1`), with the bearer-token check on both when `token` is set. Streams
+    /// are not limited to hyper's default of 200 per connection: every worker of a round waits in `Register` at
+    /// once, and a benchmark or a proxy multiplexes thousands of them on a few connections.
     pub fn into_router(self, token: Option<Token>) -> tonic::transport::server::Router {
-        let svc = CoordinatorServer::new(self);
+        let svc = Arc::new(self);
         let interceptor = move |req: Request<()>| -> Result<Request<()>, Status> {
             if let Some(token) = &token {
                 let header = req.metadata().get("authorization").map(|v| v.as_bytes());
@@ -108,7 +117,11 @@ impl<C: ControlPlane> CoordinatorService<C> {
             .max_concurrent_streams(Some(1 << 16))
             .tcp_nodelay(true)
             .add_service(tonic::service::interceptor::InterceptedService::new(
-                svc,
+                CoordinatorServiceServer::from_arc(svc.clone()),
+                interceptor.clone(),
+            ))
+            .add_service(tonic::service::interceptor::InterceptedService::new(
+                CoordinatorServer::new(V1(svc)),
                 interceptor,
             ))
     }
@@ -135,7 +148,7 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<(tokio::net::TcpListener,
     Ok((l, a))
 }
 
-type StatusStream = Pin<Box<dyn Stream<Item = Result<pb::JobStatus, Status>> + Send>>;
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl<C: ControlPlane> CoordinatorRpc for CoordinatorService<C> {
@@ -159,10 +172,10 @@ impl<C: ControlPlane> CoordinatorRpc for CoordinatorService<C> {
         Ok(Response::new(assignment_to_pb(&a)))
     }
 
-    async fn heartbeat(
+    async fn send_heartbeat(
         &self,
-        req: Request<pb::HeartbeatRequest>,
-    ) -> Result<Response<pb::HeartbeatResponse>, Status> {
+        req: Request<pb::SendHeartbeatRequest>,
+    ) -> Result<Response<pb::SendHeartbeatResponse>, Status> {
         let r = req.into_inner();
         if r.worker_id.is_empty() {
             return Err(missing("worker_id"));
@@ -171,7 +184,7 @@ impl<C: ControlPlane> CoordinatorRpc for CoordinatorService<C> {
             .plane
             .heartbeat(&r.worker_id, r.generation)
             .map_err(to_status)?;
-        Ok(Response::new(pb::HeartbeatResponse {
+        Ok(Response::new(pb::SendHeartbeatResponse {
             action: action_to_pb(h.action) as i32,
             generation: h.generation,
             state: phase_to_pb(h.phase) as i32,
@@ -180,8 +193,8 @@ impl<C: ControlPlane> CoordinatorRpc for CoordinatorService<C> {
 
     async fn get_data_plan(
         &self,
-        req: Request<pb::DataPlanRequest>,
-    ) -> Result<Response<pb::DataPlanResponse>, Status> {
+        req: Request<pb::GetDataPlanRequest>,
+    ) -> Result<Response<pb::GetDataPlanResponse>, Status> {
         let r = req.into_inner();
         if r.worker_id.is_empty() {
             return Err(missing("worker_id"));
@@ -190,7 +203,7 @@ impl<C: ControlPlane> CoordinatorRpc for CoordinatorService<C> {
             .plane
             .data_plan(&r.worker_id, r.generation, r.start_step, r.steps)
             .map_err(to_status)?;
-        Ok(Response::new(pb::DataPlanResponse {
+        Ok(Response::new(pb::GetDataPlanResponse {
             rank: p.rank,
             world_size: p.world_size,
             steps: p
@@ -208,8 +221,8 @@ impl<C: ControlPlane> CoordinatorRpc for CoordinatorService<C> {
 
     async fn get_peers(
         &self,
-        req: Request<pb::PeersRequest>,
-    ) -> Result<Response<pb::PeersResponse>, Status> {
+        req: Request<pb::GetPeersRequest>,
+    ) -> Result<Response<pb::GetPeersResponse>, Status> {
         let r = req.into_inner();
         if r.worker_id.is_empty() {
             return Err(missing("worker_id"));
@@ -218,7 +231,7 @@ impl<C: ControlPlane> CoordinatorRpc for CoordinatorService<C> {
             .plane
             .peers(&r.worker_id, r.generation, r.start_rank, r.count)
             .map_err(to_status)?;
-        Ok(Response::new(pb::PeersResponse {
+        Ok(Response::new(pb::GetPeersResponse {
             world_size,
             peers: peers.iter().map(peer_to_pb).collect(),
         }))
@@ -226,8 +239,8 @@ impl<C: ControlPlane> CoordinatorRpc for CoordinatorService<C> {
 
     async fn report_progress(
         &self,
-        req: Request<pb::ProgressRequest>,
-    ) -> Result<Response<pb::ProgressResponse>, Status> {
+        req: Request<pb::ReportProgressRequest>,
+    ) -> Result<Response<pb::ReportProgressResponse>, Status> {
         let r = req.into_inner();
         if r.worker_id.is_empty() {
             return Err(missing("worker_id"));
@@ -242,15 +255,15 @@ impl<C: ControlPlane> CoordinatorRpc for CoordinatorService<C> {
             .report_progress(&r.worker_id, r.generation, progress)
             .await
             .map_err(to_status)?;
-        Ok(Response::new(pb::ProgressResponse {
+        Ok(Response::new(pb::ReportProgressResponse {
             action: action_to_pb(a) as i32,
         }))
     }
 
-    async fn checkpoint_barrier(
+    async fn wait_checkpoint_barrier(
         &self,
-        req: Request<pb::CheckpointBarrierRequest>,
-    ) -> Result<Response<pb::CheckpointBarrierResponse>, Status> {
+        req: Request<pb::WaitCheckpointBarrierRequest>,
+    ) -> Result<Response<pb::WaitCheckpointBarrierResponse>, Status> {
         let r = req.into_inner();
         if r.worker_id.is_empty() {
             return Err(missing("worker_id"));
@@ -260,7 +273,7 @@ impl<C: ControlPlane> CoordinatorRpc for CoordinatorService<C> {
             .checkpoint_barrier(&r.worker_id, r.generation, r.step)
             .await
             .map_err(to_status)?;
-        Ok(Response::new(pb::CheckpointBarrierResponse { step }))
+        Ok(Response::new(pb::WaitCheckpointBarrierResponse { step }))
     }
 
     async fn commit_checkpoint(
@@ -289,22 +302,137 @@ impl<C: ControlPlane> CoordinatorRpc for CoordinatorService<C> {
         Ok(Response::new(pb::CommitCheckpointResponse { step }))
     }
 
-    async fn job_status(
+    async fn get_job_status(
         &self,
-        _req: Request<pb::JobStatusRequest>,
-    ) -> Result<Response<pb::JobStatus>, Status> {
-        Ok(Response::new(status_to_pb(&self.plane.status())))
+        _req: Request<pb::GetJobStatusRequest>,
+    ) -> Result<Response<pb::GetJobStatusResponse>, Status> {
+        Ok(Response::new(pb::GetJobStatusResponse {
+            status: Some(status_to_pb(&self.plane.status())),
+        }))
     }
 
-    type WatchStream = StatusStream;
+    type WatchJobStatusStream = BoxStream<pb::WatchJobStatusResponse>;
+
+    async fn watch_job_status(
+        &self,
+        _req: Request<pb::WatchJobStatusRequest>,
+    ) -> Result<Response<Self::WatchJobStatusStream>, Status> {
+        let rx = self.plane.watch();
+        let stream = tokio_stream::wrappers::WatchStream::new(rx).map(|s| {
+            Ok(pb::WatchJobStatusResponse {
+                status: Some(status_to_pb(&s)),
+            })
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+/// The deprecated `m3d.v1` service, answered by the `m3d.v2` implementation: each v1 message is wire-identical to
+/// its v2 counterpart (see `m3d/v2/coordinator.proto`), so a call is converted by re-encoding its request and
+/// answer; only v1's `JobStatus` answers, which v2 wraps in a response message, are unwrapped.
+struct V1<C>(Arc<CoordinatorService<C>>);
+
+/// `message` as its wire-identical counterpart of the other package.
+fn transcode<T: Message + Default>(message: &impl Message) -> Result<T, Status> {
+    m3d_proto::transcode(message)
+        .map_err(|e| Status::internal(format!("converting between m3d.v1 and m3d.v2: {e}")))
+}
+
+fn to_v2<A: Message, B: Message + Default>(req: Request<A>) -> Result<Request<B>, Status> {
+    let (metadata, extensions, message) = req.into_parts();
+    Ok(Request::from_parts(
+        metadata,
+        extensions,
+        transcode(&message)?,
+    ))
+}
+
+fn to_v1<A: Message, B: Message + Default>(resp: Response<A>) -> Result<Response<B>, Status> {
+    let (metadata, message, extensions) = resp.into_parts();
+    Ok(Response::from_parts(
+        metadata,
+        transcode(&message)?,
+        extensions,
+    ))
+}
+
+fn status_to_v1(status: Option<pb::JobStatus>) -> Result<v1::JobStatus, Status> {
+    transcode(&status.ok_or_else(|| Status::internal("a job status answer without its status"))?)
+}
+
+#[tonic::async_trait]
+impl<C: ControlPlane> CoordinatorRpcV1 for V1<C> {
+    async fn register(
+        &self,
+        req: Request<v1::RegisterRequest>,
+    ) -> Result<Response<v1::RegisterResponse>, Status> {
+        to_v1(self.0.register(to_v2(req)?).await?)
+    }
+
+    async fn get_peers(
+        &self,
+        req: Request<v1::PeersRequest>,
+    ) -> Result<Response<v1::PeersResponse>, Status> {
+        to_v1(self.0.get_peers(to_v2(req)?).await?)
+    }
+
+    async fn heartbeat(
+        &self,
+        req: Request<v1::HeartbeatRequest>,
+    ) -> Result<Response<v1::HeartbeatResponse>, Status> {
+        to_v1(self.0.send_heartbeat(to_v2(req)?).await?)
+    }
+
+    async fn get_data_plan(
+        &self,
+        req: Request<v1::DataPlanRequest>,
+    ) -> Result<Response<v1::DataPlanResponse>, Status> {
+        to_v1(self.0.get_data_plan(to_v2(req)?).await?)
+    }
+
+    async fn report_progress(
+        &self,
+        req: Request<v1::ProgressRequest>,
+    ) -> Result<Response<v1::ProgressResponse>, Status> {
+        to_v1(self.0.report_progress(to_v2(req)?).await?)
+    }
+
+    async fn checkpoint_barrier(
+        &self,
+        req: Request<v1::CheckpointBarrierRequest>,
+    ) -> Result<Response<v1::CheckpointBarrierResponse>, Status> {
+        to_v1(self.0.wait_checkpoint_barrier(to_v2(req)?).await?)
+    }
+
+    async fn commit_checkpoint(
+        &self,
+        req: Request<v1::CommitCheckpointRequest>,
+    ) -> Result<Response<v1::CommitCheckpointResponse>, Status> {
+        to_v1(self.0.commit_checkpoint(to_v2(req)?).await?)
+    }
+
+    async fn job_status(
+        &self,
+        req: Request<v1::JobStatusRequest>,
+    ) -> Result<Response<v1::JobStatus>, Status> {
+        let (metadata, answer, extensions) = self.0.get_job_status(to_v2(req)?).await?.into_parts();
+        Ok(Response::from_parts(
+            metadata,
+            status_to_v1(answer.status)?,
+            extensions,
+        ))
+    }
+
+    type WatchStream = BoxStream<v1::JobStatus>;
 
     async fn watch(
         &self,
-        _req: Request<pb::WatchRequest>,
+        req: Request<v1::WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
-        let rx = self.plane.watch();
-        let stream = tokio_stream::wrappers::WatchStream::new(rx).map(|s| Ok(status_to_pb(&s)));
-        Ok(Response::new(Box::pin(stream)))
+        let stream = self.0.watch_job_status(to_v2(req)?).await?;
+        Ok(stream.map(|s| -> Self::WatchStream {
+            Box::pin(s.map(|item| item.and_then(|answer| status_to_v1(answer.status))))
+        }))
     }
 }
 
@@ -440,7 +568,9 @@ pub(crate) fn status_to_pb(s: &JobStatus) -> pb::JobStatus {
     }
 }
 
-pub(crate) fn status_from_pb(s: pb::JobStatus) -> Result<JobStatus, String> {
+/// The domain status from the `status` field of a `GetJobStatusResponse` or `WatchJobStatusResponse`.
+pub(crate) fn status_from_pb(s: Option<pb::JobStatus>) -> Result<JobStatus, String> {
+    let s = s.ok_or("missing field `status`")?;
     let phase = phase_from_pb(s.state).ok_or_else(|| format!("unknown job state {}", s.state))?;
     let plan = s
         .plan
@@ -472,7 +602,7 @@ pub(crate) fn status_from_pb(s: pb::JobStatus) -> Result<JobStatus, String> {
     })
 }
 
-pub(crate) fn data_plan_from_pb(p: pb::DataPlanResponse) -> DataPlan {
+pub(crate) fn data_plan_from_pb(p: pb::GetDataPlanResponse) -> DataPlan {
     DataPlan {
         rank: p.rank,
         world_size: p.world_size,

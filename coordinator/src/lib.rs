@@ -6,7 +6,8 @@
 //! - [`job`]: the domain ([`job::Coordinator`] implements [`job::ControlPlane`]): the job's state machine, plain
 //!   Rust types, no gRPC. The job document (`job.json` under the state URL, written through `m3d_shards::Store`,
 //!   atomically) lets a restarted coordinator continue.
-//! - [`grpc`] (server, token check) and [`client`]: the thin adapters to `m3d.v1`.
+//! - [`grpc`] (server, token check) and [`client`]: the thin adapters to `m3d.v2` (the server also answers the
+//!   deprecated `m3d.v1`, through the v2 implementation).
 //!   **Invariant: only these two modules (and `m3d-proto`) touch prost types.**
 //!
 //! **Invariant: the coordinator never touches tensors.**

@@ -601,6 +601,26 @@ async fn malformed_requests_are_invalid_arguments() {
         .await
         .expect_err("missing worker id");
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    // The same through m3d.v2 (the v1 calls above reach the same checks through it).
+    use m3d_proto::v2;
+    let mut raw2 =
+        v2::coordinator_service_client::CoordinatorServiceClient::connect(server.url.clone())
+            .await
+            .expect("connect");
+    let err = raw2
+        .register(v2::RegisterRequest {
+            worker_id: "a".into(),
+            capabilities: None,
+            ..Default::default()
+        })
+        .await
+        .expect_err("missing capabilities");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    let err = raw2
+        .send_heartbeat(v2::SendHeartbeatRequest::default())
+        .await
+        .expect_err("missing worker id");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
 
     let mut c = server.client().await;
     c.register(&worker("a", "h")).await.expect("register");
@@ -661,5 +681,151 @@ async fn the_job_completes_when_every_rank_reports_the_last_step() {
         c.heartbeat("a", 0).await.expect("hb").action,
         WorkerAction::Stop
     );
+    server.shutdown().await;
+}
+
+/// The deprecated `m3d.v1` service is served beside `m3d.v2`, on the same port, behind the same token and answered
+/// by the same job: a worker registered through v1 is a member for a v2 client, and v1's answers are v2's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v1_is_served_beside_v2_by_the_same_job_behind_the_same_token() {
+    use m3d_proto::v1;
+    let secret = "tok-v1-0a1b2c";
+    let server = Server::start(
+        cfg(1, 1, Duration::from_secs(600), Duration::from_secs(30), 0),
+        None,
+        Token::new(secret),
+    )
+    .await;
+    let mut raw = v1::coordinator_client::CoordinatorClient::connect(server.url.clone())
+        .await
+        .expect("connect");
+    fn with<T>(token: &str, msg: T) -> tonic::Request<T> {
+        let mut req = tonic::Request::new(msg);
+        let value = format!("Bearer {token}").parse().expect("header");
+        req.metadata_mut().insert("authorization", value);
+        req
+    }
+    let err = raw
+        .job_status(v1::JobStatusRequest {})
+        .await
+        .expect_err("no token");
+    assert_eq!(err.code(), tonic::Code::Unauthenticated);
+    let err = raw
+        .job_status(with("tok-v1-0a1b2d", v1::JobStatusRequest {}))
+        .await
+        .expect_err("wrong token");
+    assert_eq!(err.code(), tonic::Code::Unauthenticated);
+
+    let a = raw
+        .register(with(
+            secret,
+            v1::RegisterRequest {
+                worker_id: "a".into(),
+                host: "h".into(),
+                collective_addr: "h:9001".into(),
+                capabilities: Some(v1::Capabilities { gpus: 2 }),
+                nccl_unique_id: b"uid-of-a".to_vec(),
+            },
+        ))
+        .await
+        .expect("v1 register")
+        .into_inner();
+    assert_eq!((a.rank, a.world_size, a.generation), (0, 1, 0));
+    assert_eq!(a.nccl_unique_id, b"uid-of-a");
+    let plan = a.plan.expect("plan");
+    assert_eq!((plan.samples, plan.global_batch, plan.seed), (100, 12, 5));
+
+    let mut c = Client::connect(&server.url, Token::new(secret))
+        .await
+        .expect("connect");
+    let s = c.status().await.expect("v2 status");
+    assert_eq!(s.phase, JobPhase::Running);
+    assert_eq!(s.members.len(), 1);
+    assert_eq!(
+        (s.members[0].worker_id.as_str(), s.members[0].gpus),
+        ("a", 2)
+    );
+
+    let s1 = raw
+        .job_status(with(secret, v1::JobStatusRequest {}))
+        .await
+        .expect("v1 status")
+        .into_inner();
+    assert_eq!(s1.state, v1::JobState::Running as i32);
+    assert_eq!((s1.generation, s1.world_size), (s.generation, s.world_size));
+    assert_eq!(s1.members.len(), 1);
+    assert_eq!(s1.members[0].collective_addr, "h:9001");
+    assert_eq!(s1.plan.as_ref().map(|p| p.total_steps), Some(s.total_steps));
+    let mut watch = raw
+        .watch(with(secret, v1::WatchRequest {}))
+        .await
+        .expect("v1 watch")
+        .into_inner();
+    let first = tokio::time::timeout(GUARD, watch.next())
+        .await
+        .expect("a first status")
+        .expect("stream open")
+        .expect("status");
+    assert_eq!(first, s1);
+    drop(watch); // an open stream would hold the server's graceful shutdown
+
+    let h = raw
+        .heartbeat(with(
+            secret,
+            v1::HeartbeatRequest {
+                worker_id: "a".into(),
+                generation: 0,
+            },
+        ))
+        .await
+        .expect("v1 heartbeat")
+        .into_inner();
+    assert_eq!(h.action, v1::WorkerAction::Continue as i32);
+    let p1 = raw
+        .get_data_plan(with(
+            secret,
+            v1::DataPlanRequest {
+                worker_id: "a".into(),
+                generation: 0,
+                start_step: 1,
+                steps: 2,
+            },
+        ))
+        .await
+        .expect("v1 data plan")
+        .into_inner();
+    let p2 = c.data_plan("a", 0, 1, 2).await.expect("v2 data plan");
+    assert_eq!(p1.steps.len(), 2);
+    for (a, b) in p1.steps.iter().zip(&p2.steps) {
+        assert_eq!((a.step, &a.samples), (b.step, &b.samples));
+    }
+    // Refusals keep their codes through v1.
+    let err = raw
+        .get_data_plan(with(
+            secret,
+            v1::DataPlanRequest {
+                worker_id: "nobody".into(),
+                generation: 0,
+                start_step: 0,
+                steps: 1,
+            },
+        ))
+        .await
+        .expect_err("unknown worker");
+    assert_eq!(err.code(), tonic::Code::NotFound);
+    let peers = raw
+        .get_peers(with(
+            secret,
+            v1::PeersRequest {
+                worker_id: "a".into(),
+                generation: 0,
+                start_rank: 0,
+                count: 10,
+            },
+        ))
+        .await
+        .expect("v1 peers")
+        .into_inner();
+    assert_eq!((peers.world_size, peers.peers.len()), (1, 1));
     server.shutdown().await;
 }

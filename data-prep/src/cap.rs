@@ -5,9 +5,10 @@
 //! Raw series follow the reference `m3d_cap_data_prepare.py` exactly: slices ordered by the integer value of the
 //! file stem (only `.png` and `.jpeg`, as there), each read as 8-bit grey and divided by 255 in float32, only slices
 //! of the most common shape kept, min-max normalised, CropForeground (voxels > 0), then MONAI `Resize` to
-//! 32 x 256 x 256 with **MONAI's default mode, "area"** — the reference script passes no mode. `--resize-mode trilinear`
-//! selects linear interpolation instead. Where the reference prints and carries on (an unreadable slice is dropped,
-//! a folder that fails is skipped), we stop with an error naming the file, or skip the whole series under `--skip-bad`;
+//! 32 x 256 x 256 with **trilinear interpolation** (align_corners false, no anti-aliasing): the script's current
+//! version (2024-06-12, still HEAD) passes `mode="bilinear"`, which MONAI applies as trilinear in 3-D.
+//! `--resize-mode area` reproduces its first release (2024-04-28), which passed no mode (MONAI's default "area").
+//! Where the reference prints and carries on (an unreadable slice is dropped, a folder that fails is skipped), we stop with an error naming the file, or skip the whole series under `--skip-bad`;
 //! a volume is never silently changed.
 
 use std::collections::BTreeMap;
@@ -22,18 +23,19 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{PrepError, Result};
 use crate::pipeline::{volume_record, Converted, VolumeSource};
-use crate::text::{extract_report, fold_diacritics};
+use crate::text::{extract_report, read_text, unidecode};
 
 /// The model input size of every M3D volume (D, H, W).
 pub const TARGET: [usize; 3] = [32, 256, 256];
 
 /// How volumes are resized to [`TARGET`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ResizeMode {
-    /// MONAI's default, used by the reference Cap script (adaptive average pooling).
+    /// MONAI's default (adaptive average pooling), used by the first release of the reference Cap script.
     Area,
-    /// Trilinear, align_corners = false.
+    /// Trilinear, align_corners = false: the current reference Cap script (`mode="bilinear"`). The default.
+    #[default]
     Trilinear,
 }
 
@@ -130,8 +132,8 @@ impl CapSource {
         })
     }
 
-    /// Finds the input of a series: the prepared `.npy` if it exists, else the raw slice folder whose name folds
-    /// to the series name.
+    /// Finds the input of a series: the prepared `.npy` if it exists, else the raw slice folder whose name becomes
+    /// the series name under the reference's `unidecode` ([`unidecode`]).
     fn locate(&self, item: &CapItem) -> Result<SeriesInput> {
         let npy = safe_join(&self.opts.src, &item.image)?;
         if npy.is_file() {
@@ -146,22 +148,35 @@ impl CapSource {
             .ok_or_else(|| PrepError::input(&npy, "series path has no file name"))?;
         let listing = std::fs::read_dir(parent).map_err(|e| PrepError::io(parent, e))?;
         let mut found = Vec::new();
+        let mut seen = Vec::new();
         for entry in listing {
             let entry = entry.map_err(|e| PrepError::io(parent, e))?;
             let path = entry.path();
-            if path.is_dir() && fold_diacritics(&entry.file_name().to_string_lossy()) == stem {
-                found.push(path);
+            if path.is_dir() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                let ascii = unidecode(&name);
+                if ascii == stem {
+                    found.push(path);
+                }
+                seen.push(format!("{name:?} -> {ascii:?}"));
             }
         }
         match found.len() {
             1 => Ok(SeriesInput::Raw(found.remove(0))),
-            0 => Err(PrepError::input(
-                &npy,
-                "neither this prepared .npy nor a raw series folder of that name exists",
-            )),
+            0 => {
+                seen.sort();
+                Err(PrepError::input(
+                    &npy,
+                    format!(
+                        "neither this prepared .npy nor a raw series folder whose unidecode'd name is {stem:?} \
+                         exists (folders here: [{}])",
+                        seen.join(", ")
+                    ),
+                ))
+            }
             _ => Err(PrepError::input(
                 parent,
-                format!("several series folders fold to the name {stem:?}: {found:?}"),
+                format!("several series folders transliterate to the name {stem:?}: {found:?}"),
             )),
         }
     }
@@ -317,7 +332,8 @@ impl VolumeSource for CapSource {
         for (split, i, text_rel) in &item.uses {
             if !texts.contains_key(text_rel.as_str()) {
                 let path = safe_join(&self.opts.src, text_rel)?;
-                let raw = std::fs::read_to_string(&path).map_err(|e| PrepError::io(&path, e))?;
+                // Read as the reference does (`open(path, 'r')`: universal newlines).
+                let raw = read_text(&path)?;
                 // A prepared tree already holds the extracted report; the rule is for raw reports.
                 let report = if prepared {
                     raw.trim().to_string()

@@ -1,9 +1,10 @@
 //! M3D-RefSeg: referring segmentation. One `f16` volume per case (`ct.nii.gz`) with one bit-packed mask per region
-//! id of `mask.nii.gz`; one sample per row of `M3D_RefSeg_train.csv` / `M3D_RefSeg_test.csv`, pointing at the mask
-//! of its `Mask_ID`.
+//! id of `mask.nii.gz`; one sample per row of the split tables (see [`TABLES`]), pointing at the mask of its
+//! `Mask_ID`.
 //!
 //! Follows the reference `m3d_refseg_data_prepare.py`: axes reordered, then ScaleIntensityRangePercentiles(0.5,
-//! 99.5, 0, 1, clip), CropForeground from the image, Resize to 32 x 256 x 256 (image trilinear, mask nearest).
+//! 99.5, 0, 1, clip) on the float64 values of `get_fdata()` (percentiles and scaling in float64, then float32),
+//! CropForeground from the image, Resize to 32 x 256 x 256 (image trilinear, mask nearest).
 //!
 //! **Quirk** (axis order): the reference reads `get_fdata().transpose(2, 0, 1)`, i.e. NIfTI (x, y, z) -> (z, x, y),
 //! while its M3D-Seg preparation gives (z, y, x) — the radiological in-plane orientation, rows = y, columns = x,
@@ -19,8 +20,8 @@ use m3d_formats::paths::safe_join;
 use m3d_shards::encode::ImageDtype;
 use m3d_shards::schema::{SampleRecord, Task};
 use m3d_volume::transforms::{
-    foreground_bbox, permute_spatial, scale_intensity_range_percentiles, try_resize_nearest_box,
-    try_resize_trilinear_box,
+    foreground_bbox, permute_spatial, scale_intensity_range_percentiles_f64,
+    try_resize_nearest_box, try_resize_trilinear_box,
 };
 use m3d_volume::Volume;
 
@@ -30,9 +31,14 @@ use crate::error::{PrepError, Result};
 use crate::pipeline::{mask_record, volume_record, Converted, VolumeSource};
 
 use m3d_formats::tables::REFSEG_COLUMNS;
-pub const TABLES: [(&str, &str); 2] = [
-    ("M3D_RefSeg_train.csv", "train"),
-    ("M3D_RefSeg_test.csv", "test"),
+
+/// The table of each split, by the file names accepted for it. The train split is `M3D_RefSeg_train.csv` or
+/// `M3D_RefSeg.csv`, the name the reference's training default reads (`LaMed/src/train/train.py`:
+/// `M3D_RefSeg_npy/M3D_RefSeg.csv`); a source with both is refused. A split without a table is reported (log and
+/// the manifest's `source.missing_tables`); a source without any table is an error.
+pub const TABLES: [(&str, &[&str]); 2] = [
+    ("train", &["M3D_RefSeg_train.csv", "M3D_RefSeg.csv"]),
+    ("test", &["M3D_RefSeg_test.csv"]),
 ];
 
 /// How NIfTI (x, y, z) becomes (D, H, W); see the module docs.
@@ -83,6 +89,8 @@ pub struct RefSegSource {
     opts: RefSegOptions,
     items: Vec<RefSegItem>,
     tables: Vec<serde_json::Value>,
+    /// Splits without a table: (split, file names looked for).
+    missing: Vec<(&'static str, &'static [&'static str])>,
     skipped: Vec<crate::pipeline::Skipped>,
 }
 
@@ -104,15 +112,39 @@ impl RefSegSource {
     pub fn new(opts: RefSegOptions, skip_bad: bool) -> Result<Self> {
         let mut by_case: BTreeMap<String, RefSegItem> = BTreeMap::new();
         let mut tables = Vec::new();
+        let mut missing = Vec::new();
         let mut skipped = Vec::new();
-        for (name, split) in TABLES {
-            let path = opts.src.join(name);
-            if !path.is_file() {
-                continue;
+        for (split, names) in TABLES {
+            let mut present = Vec::new();
+            for name in names {
+                let path = opts.src.join(name);
+                if path.try_exists().map_err(|e| PrepError::io(&path, e))? {
+                    present.push(*name);
+                }
             }
+            let name = match present[..] {
+                [] => {
+                    missing.push((split, names));
+                    continue;
+                }
+                [name] => name,
+                _ => {
+                    return Err(PrepError::input(
+                        &opts.src,
+                        format!(
+                            "{} both hold the {split} split of M3D-RefSeg: keep only one of them",
+                            present.join(" and ")
+                        ),
+                    ))
+                }
+            };
+            let path = opts.src.join(name);
             let bytes = std::fs::read(&path).map_err(|e| PrepError::io(&path, e))?;
-            tables
-                .push(serde_json::json!({"file": name, "sha256": m3d_shards::sha256_hex(&bytes)}));
+            tables.push(serde_json::json!({
+                "file": name,
+                "split": split,
+                "sha256": m3d_shards::sha256_hex(&bytes),
+            }));
             let table = Table::read(&path, &REFSEG_COLUMNS)?;
             for r in 0..table.rows.len() {
                 let parsed = (|| -> Result<(String, String, String, Row)> {
@@ -183,15 +215,23 @@ impl RefSegSource {
             return Err(PrepError::input(
                 &opts.src,
                 format!(
-                    "no M3D-RefSeg table found (expected {:?})",
-                    TABLES.map(|t| t.0)
+                    "no M3D-RefSeg table found: looked for {}",
+                    looked_for(&missing)
                 ),
             ));
+        }
+        for (split, names) in &missing {
+            tracing::warn!(
+                src = %opts.src.display(),
+                "M3D-RefSeg has no {split} table ({} not found): converting without a {split} split",
+                names.join(" or ")
+            );
         }
         Ok(RefSegSource {
             opts,
             items: by_case.into_values().collect(),
             tables,
+            missing,
             skipped,
         })
     }
@@ -212,16 +252,29 @@ fn read_volume(path: &Path) -> Result<Volume<f32>> {
     Volume::new(shape, nii.data).map_err(|e| PrepError::input(path, e.to_string()))
 }
 
+/// "M3D_RefSeg_train.csv or M3D_RefSeg.csv (train), M3D_RefSeg_test.csv (test)".
+fn looked_for(splits: &[(&str, &[&str])]) -> String {
+    splits
+        .iter()
+        .map(|(split, names)| format!("{} ({split})", names.join(" or ")))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// The reference chain for one case: image (1 x 32 x 256 x 256 in [0, 1]) and region-id map (same shape).
+///
+/// The percentiles and the scaling run in float64, as the reference runs them on `get_fdata()`; `image` holds
+/// those float64 values rounded to float32 by the NIfTI reader, which is exact for integer CTs (int16 with a unit
+/// or integer slope).
 pub fn preprocess_case(
     image: Volume<f32>,
     ids: Volume<f32>,
     axes: AxisOrder,
     name: &Path,
 ) -> Result<(Volume<f32>, Volume<f32>)> {
-    let mut image = permute_spatial(&image, axes.perm());
+    let image = permute_spatial(&image, axes.perm());
     let ids = permute_spatial(&ids, axes.perm());
-    scale_intensity_range_percentiles(&mut image, 0.5, 99.5, 0.0, 1.0, true);
+    let image = scale_intensity_range_percentiles_f64(&image, 0.5, 99.5, 0.0, 1.0, true);
     let bbox = foreground_bbox(&image)
         .ok_or_else(|| PrepError::input(name, "nothing is foreground after intensity scaling"))?;
     let resize_err = |e: m3d_volume::VolumeError| PrepError::input(name, e.to_string());
@@ -342,7 +395,7 @@ impl VolumeSource for RefSegSource {
                 AxisOrder::Consistent => "NIfTI (x, y, z) -> (z, y, x), as M3D-Seg",
                 AxisOrder::Reference => "NIfTI (x, y, z) -> (z, x, y): the reference's transpose(2, 0, 1) (quirk)",
             },
-            "intensity": "ScaleIntensityRangePercentiles(0.5, 99.5, b_min 0, b_max 1, clip)",
+            "intensity": "ScaleIntensityRangePercentiles(0.5, 99.5, b_min 0, b_max 1, clip), in float64",
             "crop_foreground": "image > 0, applied to image and mask",
             "resize": {"size": TARGET, "image": "trilinear", "mask": "nearest"},
             "masks": "one per region id present in mask.nii.gz; target = mask == Mask_ID",
@@ -351,7 +404,16 @@ impl VolumeSource for RefSegSource {
     }
 
     fn source(&self) -> serde_json::Value {
-        serde_json::json!({"root": self.opts.src.display().to_string(), "tables": self.tables})
+        let missing: Vec<serde_json::Value> = self
+            .missing
+            .iter()
+            .map(|(split, names)| serde_json::json!({"split": split, "looked_for": names}))
+            .collect();
+        serde_json::json!({
+            "root": self.opts.src.display().to_string(),
+            "tables": self.tables,
+            "missing_tables": missing,
+        })
     }
 
     fn planning_skipped(&self) -> Vec<crate::pipeline::Skipped> {

@@ -21,6 +21,14 @@ use crate::error::{read_json, ModelError, Result};
 /// state dict, or a folder holding one of `model.safetensors.index.json`, `model.safetensors`,
 /// `pytorch_model.bin.index.json`, `pytorch_model.bin` (tried in that order).
 pub fn read_tensors(path: &Path) -> Result<Vec<(String, Tensor)>> {
+    if !path.exists() {
+        // Said first: a missing path has no format, and "unknown weight format" would send the user looking
+        // at the wrong thing.
+        return Err(ModelError::io(
+            path,
+            std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or folder"),
+        ));
+    }
     if path.is_dir() {
         for name in [
             "model.safetensors.index.json",

@@ -119,7 +119,7 @@ impl ShardDataset {
     /// Opens the dataset at `url` (any [`Store`] URL): loads and version-checks the manifest, then loads
     /// every sample shard (each checked against its sha256 and row count).
     pub fn open(url: &str) -> Result<Self, ShardError> {
-        Self::open_store(Store::open(url)?)
+        Self::open_store(Store::open_existing(url)?)
     }
 
     /// Like [`ShardDataset::open`] with an already opened store.

@@ -24,9 +24,28 @@ pub enum ShardError {
     #[error("invalid object key `{key}`: {reason}")]
     InvalidKey { key: String, reason: String },
 
+    /// An S3 request failed while fetching credentials from the instance-metadata service, the fallback
+    /// when the environment names none: say that they are missing, not only that the fallback failed.
+    #[error(
+        "store `{url}`: {op} `{key}`: no S3 credentials in the environment (AWS_ACCESS_KEY_ID and \
+         AWS_SECRET_ACCESS_KEY unset, no AWS_WEB_IDENTITY_TOKEN_FILE or container credentials), and the \
+         instance-metadata fallback failed: {source}"
+    )]
+    NoCredentials {
+        url: String,
+        op: &'static str,
+        key: String,
+        #[source]
+        source: Box<object_store::Error>,
+    },
+
     /// The object does not exist.
     #[error("store `{url}`: object `{key}` not found")]
     NotFound { url: String, key: String },
+
+    /// A local store folder that a reader needs does not exist (see `Store::open_existing`).
+    #[error("{path} does not exist")]
+    MissingFolder { path: String },
 
     /// Local filesystem error (creating the root folder of a local store).
     #[error("{path}: {source}")]
@@ -75,8 +94,9 @@ pub enum ShardError {
         supported: u32,
     },
 
-    /// A shard's sha256 differs from the manifest: the object is corrupted or was replaced.
-    #[error("shard `{key}`: sha256 mismatch (manifest {expected}, object {actual}); the shard is corrupted")]
+    /// A shard's checksum (crc32 on reads, sha256 under `inspect --verify`; `expected` and `actual` say which)
+    /// differs from the manifest's: the object is corrupted or was replaced.
+    #[error("shard `{key}`: checksum mismatch (manifest {expected}, object {actual}); the shard is corrupted")]
     Checksum {
         key: String,
         expected: String,

@@ -115,6 +115,23 @@ fn prefix_path(prefix: &str) -> Result<Option<ObjectPath>, ShardError> {
     }
 }
 
+/// Whether the environment names S3 credentials in a way `object_store` reads before falling back to the
+/// instance-metadata service: static keys, a web identity token (EKS/IRSA) or container credentials (ECS).
+fn credentials_in_env() -> bool {
+    let set = |k: &str| std::env::var_os(k).is_some_and(|v| !v.is_empty());
+    (set("AWS_ACCESS_KEY_ID") && set("AWS_SECRET_ACCESS_KEY"))
+        || set("AWS_WEB_IDENTITY_TOKEN_FILE")
+        || set("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI")
+        || set("AWS_CONTAINER_CREDENTIALS_FULL_URI")
+}
+
+/// Whether `e` came from asking the instance-metadata service (IMDS) for credentials: its requests go to
+/// `/latest/api/token` and `/latest/meta-data/iam/` on `AWS_METADATA_ENDPOINT` (default 169.254.169.254).
+fn from_metadata_service(e: &object_store::Error) -> bool {
+    let text = e.to_string();
+    text.contains("/latest/api/token") || text.contains("/latest/meta-data/")
+}
+
 fn is_not_found(e: &object_store::Error) -> bool {
     matches!(e, object_store::Error::NotFound { .. })
 }
@@ -124,6 +141,26 @@ impl Store {
     /// retried as `object_store` does by default (up to 10 times within 3 minutes).
     pub fn open(url: &str) -> Result<Store, ShardError> {
         Self::open_with(url, None)
+    }
+
+    /// [`Store::open`] for reading what must already be there: a local folder that does not exist is an error
+    /// naming it, rather than an empty folder created on the way in which every object is "not found".
+    pub fn open_existing(url: &str) -> Result<Store, ShardError> {
+        let local = if url.starts_with("file://") {
+            url::Url::parse(url)
+                .ok()
+                .and_then(|u| u.to_file_path().ok())
+        } else if url.contains("://") || url.is_empty() {
+            None
+        } else {
+            Some(std::path::PathBuf::from(url))
+        };
+        if let Some(path) = local.filter(|p| !p.is_dir()) {
+            return Err(ShardError::MissingFolder {
+                path: path.display().to_string(),
+            });
+        }
+        Self::open(url)
     }
 
     /// [`Store::open`] with a bound on each request's retries (`max_retries`, all within `timeout`), for a
@@ -282,6 +319,16 @@ impl Store {
             ShardError::NotFound {
                 url: self.url.clone(),
                 key: key.to_string(),
+            }
+        } else if matches!(self.kind, StoreKind::S3 { .. })
+            && !credentials_in_env()
+            && from_metadata_service(&source)
+        {
+            ShardError::NoCredentials {
+                url: self.url.clone(),
+                op,
+                key: key.to_string(),
+                source: Box::new(source),
             }
         } else {
             ShardError::Store {

@@ -1,7 +1,9 @@
 """Oracle: the reference M3D preprocessing (PIL + numpy + scipy + nibabel + MONAI), step by step as in
 BAAI-DCAI/M3D Data/process/m3d_{cap,seg,refseg}_data_prepare.py, applied to a raw synthetic dataset.
 
-Usage: reference_prep.py <synth root> <out dir>
+Usage: reference_prep.py <synth root> <out dir> [--cap-resize bilinear|area]
+--cap-resize: the Cap script's Resize mode. Default "bilinear", the current script's (2024-06-12 to HEAD;
+MONAI applies it as trilinear in 3-D); "area" is MONAI's default, which the first release (2024-04-28) used.
 Writes, per volume, <out>/<dataset>/<volume id with / -> __>.image.npy (float32, 1x32x256x256) and, where the
 dataset has masks, .mask.npy; <out>/expected.json with caption texts and Seg boxes; and <out>/M3D_Cap_npy, the
 prepared tree the reference Cap script leaves behind. bench/data_prep.py imports cap_series/cap_series_dirs.
@@ -10,7 +12,6 @@ import ast
 import json
 import os
 import sys
-import unicodedata
 from collections import Counter
 
 import monai.transforms as mtf
@@ -19,11 +20,16 @@ import numpy as np
 from monai.data import set_track_meta
 from PIL import Image
 from scipy import sparse
+from unidecode import unidecode
 
 set_track_meta(False)
 
-# The reference Cap script passes no mode: MONAI's default, "area".
-CAP_TF = mtf.Compose([mtf.CropForeground(), mtf.Resize(spatial_size=[32, 256, 256])])
+# The reference Cap script's transform. Current version: `mtf.Resize(spatial_size=[32, 256, 256], mode="bilinear")`;
+# the first release gave no mode (MONAI's default, "area").
+CAP_TF = {
+    "bilinear": mtf.Compose([mtf.CropForeground(), mtf.Resize(spatial_size=[32, 256, 256], mode="bilinear")]),
+    "area": mtf.Compose([mtf.CropForeground(), mtf.Resize(spatial_size=[32, 256, 256])]),
+}
 SEG_TF = mtf.Compose([
     mtf.EnsureTyped(keys=["image", "label"], track_meta=False),
     mtf.CropForegroundd(keys=["image", "label"], source_key="image"),
@@ -34,10 +40,6 @@ REFSEG_TF = mtf.Compose([
     mtf.CropForegroundd(keys=["image", "seg"], source_key="image"),
     mtf.Resized(keys=["image", "seg"], spatial_size=[32, 256, 256], mode=["trilinear", "nearest"]),
 ])
-
-
-def remove_diacritics(text):
-    return "".join(c for c in unicodedata.normalize("NFD", text) if unicodedata.category(c) != "Mn")
 
 
 def extract(text_content):
@@ -55,8 +57,8 @@ def extract(text_content):
     return t
 
 
-def cap_series(sdir):
-    """One raw series folder -> the float32 1x32x256x256 volume the reference script saves."""
+def cap_series(sdir, mode="bilinear"):
+    """One raw series folder -> the float32 1x32x256x256 volume the reference script saves (`mode`: its Resize)."""
     files = [f for f in os.listdir(sdir) if f.endswith(".jpeg") or f.endswith(".png")]
     files.sort(key=lambda x: int(os.path.splitext(x)[0]))
     imgs = [np.array(Image.open(os.path.join(sdir, f)).convert("L")).astype(np.float32)[None] / 255.0 for f in files]
@@ -64,7 +66,7 @@ def cap_series(sdir):
     image = np.vstack([i for i in imgs if i.shape == common])[np.newaxis, ...]
     image = image - image.min()
     image = image / np.clip(image.max(), a_min=1e-8, a_max=None)
-    return np.asarray(CAP_TF(image)).astype(np.float32)
+    return np.asarray(CAP_TF[mode](image)).astype(np.float32)
 
 
 def cap_series_dirs(cap_root):
@@ -79,13 +81,13 @@ def cap_series_dirs(cap_root):
             case_dir = os.path.join(cap_root, os.path.dirname(e["image"]))
             stem = os.path.splitext(os.path.basename(e["image"]))[0]
             series = [d for d in os.listdir(case_dir)
-                      if os.path.isdir(os.path.join(case_dir, d)) and remove_diacritics(d) == stem]
+                      if os.path.isdir(os.path.join(case_dir, d)) and unidecode(d) == stem]
             assert len(series) == 1, (case_dir, stem, series)
             out.append((e, os.path.join(case_dir, series[0])))
     return out, splits
 
 
-def main(root, out):
+def main(root, out, cap_resize="bilinear"):
     expected = {"cap_text": {}, "seg_boxes": {}}
 
     def save(dataset, vid, name, arr):
@@ -98,7 +100,7 @@ def main(root, out):
     prepared = os.path.join(out, "M3D_Cap_npy")
     series, splits = cap_series_dirs(cap_root)
     for e, sdir in series:
-        image = cap_series(sdir)
+        image = cap_series(sdir, cap_resize)
         vid = e["image"][: -len(".npy")]
         save("cap", vid, "image", image)
         expected["cap_text"][vid] = extract(open(os.path.join(cap_root, e["text"])).read())
@@ -157,4 +159,11 @@ def main(root, out):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    args = sys.argv[1:]
+    cap_resize = "bilinear"
+    if "--cap-resize" in args:
+        i = args.index("--cap-resize")
+        cap_resize = args[i + 1]
+        del args[i:i + 2]
+    assert cap_resize in CAP_TF, f"--cap-resize {cap_resize}: expected one of {sorted(CAP_TF)}"
+    main(args[0], args[1], cap_resize)

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use common::{
     final_diff_of, listening_address, losses, m3d, m3d_bin, m3d_env, m3d_ok, m3d_ok_env,
-    synth_cap_vqa, wait_for, workspace_root, Keys,
+    synth_cap_vqa, wait_for, workspace_root, SMOOTH_ADAM, SUMMATION_TOL,
 };
 
 /// Credentials, region and endpoint of the test's S3 server, as the `m3d` processes read them.
@@ -144,18 +144,21 @@ fn train_and_kill(a: &[String], until: &Path, env: &[(&str, &str)]) {
 fn killed_job_resumes_exactly_with_the_same_or_another_number_of_workers() {
     let dir = tempfile::tempdir().unwrap();
     let cap = synth_cap(dir.path());
+    // Another world size sums in another order: SMOOTH_ADAM keeps that rounding from being amplified.
+    let smooth: Vec<&str> = SMOOTH_ADAM.iter().flat_map(|s| ["--set", *s]).collect();
     let whole = dir.path().join("whole");
-    train_ok(&args(&whole, &cap, 2, &[]));
+    train_ok(&args(&whole, &cap, 2, &smooth));
     let reference = losses(&whole);
     assert_eq!(reference.len(), 12);
     for (name, first, then) in [("same", 2, 2), ("fewer", 2, 1), ("more", 1, 3)] {
         let run = dir.path().join(name);
         train_and_kill(
-            &args(&run, &cap, first, &[]),
+            &args(&run, &cap, first, &smooth),
             &run.join("checkpoints/step-000000008/COMMIT"),
             &[],
         );
-        let out = train_ok(&args(&run, &cap, then, &["--resume"]));
+        let resume: Vec<&str> = smooth.iter().copied().chain(["--resume"]).collect();
+        let out = train_ok(&args(&run, &cap, then, &resume));
         assert!(out.contains("resuming from step 8"), "{name}: {out}");
         let l = losses(&run);
         // Steps 1..=12 once each: none repeated, none missing.
@@ -164,19 +167,21 @@ fn killed_job_resumes_exactly_with_the_same_or_another_number_of_workers() {
             (1..=12).collect::<Vec<_>>(),
             "{name}"
         );
-        let tol = if first == then { 0.0 } else { 1e-5 };
+        // Steps 1..8 ran with `first` workers in both jobs: identical. Later steps: see SUMMATION_TOL; the
+        // loss moves by at most |∇L|·δθ with gradients clipped to norm 1.
+        let tol = if first == then { 0.0 } else { 1e-4 };
         for ((s, a), (_, b)) in reference.iter().zip(&l) {
             assert!((a - b).abs() <= tol, "{name}: step {s}: {a} vs {b}");
         }
-        let d = final_diff_of(Keys::All, &whole, &run);
+        let d = final_diff_of(&whole, &run);
         if first == then {
             assert_eq!(
                 d, 0.0,
                 "{name}: a resumed run with the same workers is bit-identical"
             );
         } else {
-            // Another world size sums in another order; see train_cli.rs for the noise-driven parameters.
-            assert!(d < 1e-4, "{name}: {d}");
+            eprintln!("{name}: max parameter diff {d:e}");
+            assert!(d < SUMMATION_TOL, "{name}: {d}");
         }
     }
 }
@@ -260,7 +265,7 @@ fn sigkill_during_an_upload_leaves_the_previous_checkpoint_in_use() {
         l.iter().map(|p| p.0).collect::<Vec<_>>(),
         (1..=12).collect::<Vec<_>>()
     );
-    assert_eq!(final_diff_of(Keys::All, &whole, &run), 0.0);
+    assert_eq!(final_diff_of(&whole, &run), 0.0);
     // The abandoned step-8 files were replaced by a committed step 8 of the resumed run.
     assert!(step8.join("COMMIT").is_file());
 }
@@ -393,7 +398,7 @@ fn dropout_continues_exactly_after_a_resume() {
     assert!(out.contains("resuming from step"), "{out}");
     let (a, b) = (losses(&whole), losses(&run));
     assert_eq!(a, b, "the same losses at every step");
-    assert_eq!(final_diff_of(Keys::All, &whole, &run), 0.0);
+    assert_eq!(final_diff_of(&whole, &run), 0.0);
 }
 
 #[test]
@@ -710,7 +715,7 @@ fn checkpoints_in_s3_resume_exactly() {
         out.contains("resuming from step 8 (s3://m3d-ckpt/part/step-000000008)"),
         "{out}"
     );
-    assert_eq!(final_diff_of(Keys::All, &whole, &part), 0.0);
+    assert_eq!(final_diff_of(&whole, &part), 0.0);
     let log = std::fs::read_to_string(part.join("logs/w0.log")).unwrap();
     assert!(!log.contains("m3d-test-secret"));
 }
@@ -784,6 +789,30 @@ print(json.dumps({"from_ckpt": float(abs(ckpt[k] - final2[k]).max()),
     );
     assert!(
         text.contains("step-000000003/COMMIT") && text.contains("not committed"),
+        "{text}"
+    );
+
+    // A stage-1 run that has not finished: its `final/` is named as missing, with the run that writes it,
+    // not as a weight file of an unknown format.
+    let unfinished = dir.path().join("stage1-not-run/final");
+    let a = lamed(
+        "lamed-stage2-tiny.yaml",
+        &dir.path().join("bad2"),
+        &["--init-from", unfinished.to_str().unwrap()],
+    );
+    let refs: Vec<&str> = a.iter().map(String::as_str).collect();
+    let out = m3d(&refs);
+    assert!(!out.status.success());
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stderr),
+        std::fs::read_to_string(dir.path().join("bad2/logs/w0.log")).unwrap_or_default()
+    );
+    let run = dir.path().join("stage1-not-run");
+    assert!(
+        text.contains(&format!("{} does not exist", unfinished.display()))
+            && text.contains(&format!("output.run is `{}`", run.display()))
+            && !text.contains("unknown weight format"),
         "{text}"
     );
 }

@@ -599,3 +599,212 @@ fn copy_dir(from: &Path, to: &Path) {
         }
     }
 }
+
+/// Caption text of every Cap sample, by sample id.
+fn cap_reports(url: &Path) -> std::collections::BTreeMap<String, (String, String)> {
+    let ds = ShardDataset::open(s(url)).unwrap();
+    ds.samples()
+        .iter()
+        .map(|x| {
+            (
+                x.sample_id.clone(),
+                (x.volume_id.clone(), x.report.clone().unwrap_or_default()),
+            )
+        })
+        .collect()
+}
+
+/// HEAD's Cap script names a series `unidecode(folder).npy` (Python `Unidecode`): a folder whose name NFD
+/// cannot reduce to ASCII ("Straße_Øre") is found under the split file's `Strasse_Ore` entry. Reports are read
+/// with universal newlines, so CRLF and CR `text.txt` give the captions of LF ones.
+#[test]
+fn cap_series_names_follow_unidecode_and_reports_read_with_universal_newlines() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pristine = tmp.path().join("pristine");
+    synth_small(&pristine);
+    let clean = cap_reports(&{
+        let out = tmp.path().join("clean");
+        let o = convert("cap", &pristine.join("M3D_Cap"), &out, &[]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        out
+    });
+    for (i, eol) in ["\r\n", "\r"].into_iter().enumerate() {
+        let raw = tmp.path().join(format!("raw{i}"));
+        copy_dir(&pristine, &raw);
+        let cap = raw.join("M3D_Cap");
+        // The synthetic diacritic series ("..._Pöschl_...") renamed to one that only unidecode makes ASCII.
+        let mut dirs = vec![cap.clone()];
+        let mut renamed = None;
+        while let Some(d) = dirs.pop() {
+            for e in std::fs::read_dir(&d).unwrap() {
+                let p = e.unwrap().path();
+                if p.is_dir() {
+                    let name = p.file_name().unwrap().to_string_lossy().into_owned();
+                    if name.contains("Pöschl") {
+                        let to = p.with_file_name(name.replace("Pöschl", "Straße_Øre"));
+                        std::fs::rename(&p, &to).unwrap();
+                        renamed = Some(name);
+                    } else {
+                        dirs.push(p);
+                    }
+                }
+            }
+        }
+        let renamed = renamed.expect("the synthetic Cap data has a Pöschl series");
+        let split = cap.join("M3D_Cap.json");
+        let text = std::fs::read_to_string(&split).unwrap();
+        assert!(text.contains("Poschl"), "{renamed}");
+        std::fs::write(&split, text.replace("Poschl", "Strasse_Ore")).unwrap();
+        for p in find(&cap, &|p| p.file_name().is_some_and(|n| n == "text.txt")) {
+            let t = std::fs::read_to_string(&p).unwrap();
+            assert!(t.contains('\n') && !t.contains('\r'));
+            std::fs::write(&p, t.replace('\n', eol)).unwrap();
+        }
+
+        let out = tmp.path().join(format!("out{i}"));
+        let o = convert("cap", &cap, &out, &[]);
+        assert!(
+            o.status.success(),
+            "eol {eol:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let got = cap_reports(&out);
+        assert_eq!(got.len(), clean.len());
+        let mut renamed_seen = 0;
+        for (id, (vid, report)) in &got {
+            let (clean_vid, clean_report) = &clean[id];
+            assert_eq!(report, clean_report, "eol {eol:?}: caption of {id}");
+            assert_eq!(*vid, clean_vid.replace("Poschl", "Strasse_Ore"));
+            renamed_seen += usize::from(vid.contains("Strasse_Ore"));
+        }
+        assert!(renamed_seen > 0);
+    }
+}
+
+/// HEAD's training reads the RefSeg train split from `M3D_RefSeg.csv`: accepted; both it and
+/// `M3D_RefSeg_train.csv` are refused, naming both; a missing test table is converted without that split but
+/// reported on stderr and in the manifest; no table at all is an error naming what was looked for.
+#[test]
+fn refseg_tables_are_found_by_either_train_name_and_a_missing_one_is_reported() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pristine = tmp.path().join("pristine");
+    synth_small(&pristine);
+    let table_rows = |p: &Path| csv::Reader::from_path(p).unwrap().records().count() as u64;
+    let src0 = pristine.join("M3D_RefSeg");
+    let train_rows = table_rows(&src0.join("M3D_RefSeg_train.csv"));
+    let test_rows = table_rows(&src0.join("M3D_RefSeg_test.csv"));
+    assert!(train_rows > 0 && test_rows > 0);
+
+    // M3D_RefSeg.csv as the train table.
+    let raw = tmp.path().join("renamed");
+    copy_dir(&pristine, &raw);
+    let src = raw.join("M3D_RefSeg");
+    std::fs::rename(src.join("M3D_RefSeg_train.csv"), src.join("M3D_RefSeg.csv")).unwrap();
+    let out = tmp.path().join("out_renamed");
+    let o = convert("refseg", &src, &out, &[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let ds = ShardDataset::open(s(&out)).unwrap();
+    let counts = &ds.manifest().counts["refseg"];
+    assert_eq!(counts.get("train").copied(), Some(train_rows));
+    assert_eq!(counts.get("test").copied(), Some(test_rows));
+    let tables = ds.manifest().source["tables"].as_array().unwrap().clone();
+    assert!(
+        tables
+            .iter()
+            .any(|t| t["file"] == "M3D_RefSeg.csv" && t["split"] == "train"),
+        "{tables:?}"
+    );
+    assert_eq!(
+        ds.manifest().source["missing_tables"],
+        serde_json::json!([])
+    );
+
+    // Both train names: refused, naming both.
+    std::fs::copy(src.join("M3D_RefSeg.csv"), src.join("M3D_RefSeg_train.csv")).unwrap();
+    let err = m3d_err(&[
+        "data-prep",
+        "refseg",
+        "--src",
+        s(&src),
+        "--out",
+        s(&tmp.path().join("out_both")),
+    ]);
+    assert!(
+        err.contains("M3D_RefSeg_train.csv") && err.contains("M3D_RefSeg.csv"),
+        "{err}"
+    );
+
+    // No test table: converted, and said so.
+    std::fs::remove_file(src.join("M3D_RefSeg.csv")).unwrap();
+    std::fs::remove_file(src.join("M3D_RefSeg_test.csv")).unwrap();
+    let out = tmp.path().join("out_no_test");
+    let o = convert("refseg", &src, &out, &[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        stderr.contains("M3D_RefSeg_test.csv") && stderr.contains("test"),
+        "a missing test table must be reported: {stderr}"
+    );
+    let ds = ShardDataset::open(s(&out)).unwrap();
+    assert_eq!(
+        ds.manifest().source["missing_tables"],
+        serde_json::json!([{"split": "test", "looked_for": ["M3D_RefSeg_test.csv"]}])
+    );
+    assert_eq!(ds.manifest().counts["refseg"].get("test"), None);
+    assert_eq!(ds.manifest().totals.samples, train_rows);
+
+    // No table at all: an error naming every name looked for.
+    std::fs::remove_file(src.join("M3D_RefSeg_train.csv")).unwrap();
+    let err = m3d_err(&[
+        "data-prep",
+        "refseg",
+        "--src",
+        s(&src),
+        "--out",
+        s(&tmp.path().join("out_none")),
+    ]);
+    for name in [
+        "M3D_RefSeg_train.csv",
+        "M3D_RefSeg.csv",
+        "M3D_RefSeg_test.csv",
+    ] {
+        assert!(err.contains(name), "{name} not named: {err}");
+    }
+}
+
+/// Errors show each level of their cause chain once (a corrupted shard found by `m3d train`), and a dataset
+/// path that does not exist is named as missing — and not created by looking for it.
+#[test]
+fn errors_show_each_cause_once_and_name_a_missing_dataset() {
+    let tmp = tempfile::tempdir().unwrap();
+    let raw = tmp.path().join("raw");
+    synth_small(&raw);
+    let cap = tmp.path().join("cap");
+    let out = convert("cap", &raw.join("M3D_Cap"), &cap, &[]);
+    assert!(out.status.success());
+    let shard = cap.join("samples/part-00000.parquet");
+    let mut bytes = std::fs::read(&shard).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    std::fs::write(&shard, bytes).unwrap();
+    let recipe = m3d_testkit::workspace_root().join("recipes/clip-tiny.yaml");
+    let err = m3d_err(&[
+        "train",
+        s(&recipe),
+        "--set",
+        &format!("data.tasks.0.shards=[{}]", cap.display()),
+        "--set",
+        &format!("output.run={}", tmp.path().join("run").display()),
+    ]);
+    assert!(err.contains("samples/part-00000.parquet"), "{err}");
+    assert_eq!(err.matches("checksum mismatch").count(), 1, "{err}");
+    assert_eq!(err.matches("the shard is corrupted").count(), 1, "{err}");
+
+    let typo = tmp.path().join("cap-typo");
+    let err = m3d_err(&["data-prep", "inspect", s(&typo)]);
+    assert!(
+        err.contains(&format!("{} does not exist", typo.display())),
+        "{err}"
+    );
+    assert!(!typo.exists(), "looking for a dataset created its folder");
+}

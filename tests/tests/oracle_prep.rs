@@ -41,6 +41,44 @@ fn image_of(rec: &VolumeRecord) -> Vec<f32> {
     buf
 }
 
+/// `preprocessing.resize.mode` of a converted Cap dataset's manifest.
+fn resize_mode(url: &Path) -> String {
+    let m: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(url.join("manifest.json")).unwrap()).unwrap();
+    m["preprocessing"]["resize"]["mode"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no preprocessing.resize.mode in {m}"))
+        .to_string()
+}
+
+/// `got` (stored as u8, decoded) equals the reference's float32 `want` quantised the same way
+/// (`round(v * 255)`), except where `want` lies within [`IMAGE_TOL`] of a rounding boundary: there a
+/// difference in the last bits of the float (another CPU's kernels) may round either way, by one level.
+fn assert_quantised_equal(got: &[f32], want: &[f32], what: &str) {
+    assert_eq!(got.len(), want.len());
+    let mut ambiguous = 0usize;
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        let q = (w.clamp(0.0, 1.0) * 255.0).round_ties_even();
+        let g = g * 255.0;
+        if (g - q).abs() < 1e-3 {
+            continue;
+        }
+        let frac = (w * 255.0).fract();
+        let near_boundary = ((frac - 0.5).abs() / 255.0) <= IMAGE_TOL;
+        assert!(
+            near_boundary && (g - q).abs() < 1.0 + 1e-3,
+            "{what}: voxel {i} stored {} but the reference {w} quantises to {}",
+            g / 255.0,
+            q / 255.0
+        );
+        ambiguous += 1;
+    }
+    assert!(
+        ambiguous * 1000 < got.len(),
+        "{what}: {ambiguous} voxels near a boundary"
+    );
+}
+
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
     a.iter()
@@ -125,6 +163,22 @@ fn converters_match_the_reference_preprocessing() {
             "caption of {}",
             sample.volume_id
         );
+    }
+
+    // Default settings (u8 storage, trilinear) as a new user converts: the reference's values after u8 quantisation.
+    let default_out = shards.join("cap_default");
+    m3d_ok(&[
+        "data-prep",
+        "cap",
+        "--src",
+        s(&raw.join("M3D_Cap")),
+        "--out",
+        s(&default_out),
+    ]);
+    assert_eq!(resize_mode(&default_out), "trilinear");
+    for rec in &volumes(&default_out) {
+        let (_, want) = expected_npy(&exp, "cap", &rec.volume_id, "image");
+        assert_quantised_equal(&image_of(rec), &want, &rec.volume_id);
     }
 
     // The reference's prepared tree (M3D_Cap_npy: float32 .npy + extracted text) converts to the same volumes,
@@ -264,4 +318,54 @@ fn converters_match_the_reference_preprocessing() {
             c.volume_id
         );
     }
+}
+
+/// `--resize-mode area` reproduces the first release of the reference Cap script (no mode: MONAI's "area"),
+/// the manifest says which mode made the shards, and the two modes give different volumes (so the default
+/// test above can tell them apart).
+#[test]
+fn cap_area_mode_matches_the_first_release_of_the_reference() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (raw, exp, shards) = (
+        tmp.path().join("raw"),
+        tmp.path().join("expected"),
+        tmp.path().join("shards"),
+    );
+    synth_small(&raw);
+    oracle(
+        "reference_prep.py",
+        &[s(&raw), s(&exp), "--cap-resize", "area"],
+    );
+    let src = raw.join("M3D_Cap");
+    let (area, trilinear) = (shards.join("area"), shards.join("trilinear"));
+    for (out, mode) in [(&area, "area"), (&trilinear, "trilinear")] {
+        m3d_ok(&[
+            "data-prep",
+            "cap",
+            "--src",
+            s(&src),
+            "--out",
+            s(out),
+            "--dtype",
+            "f32",
+            "--resize-mode",
+            mode,
+        ]);
+        assert_eq!(resize_mode(out), mode);
+    }
+    let mut mode_matters = 0f32;
+    for (a, t) in volumes(&area).iter().zip(&volumes(&trilinear)) {
+        let (_, want) = expected_npy(&exp, "cap", &a.volume_id, "image");
+        let diff = max_abs_diff(&image_of(a), &want);
+        assert!(
+            diff <= IMAGE_TOL,
+            "cap {} (area): max |diff| {diff}",
+            a.volume_id
+        );
+        mode_matters = mode_matters.max(max_abs_diff(&image_of(t), &want));
+    }
+    assert!(
+        mode_matters > 0.01,
+        "area and trilinear differ by only {mode_matters}"
+    );
 }

@@ -103,3 +103,46 @@ fn converts_resumes_and_verifies_through_s3() {
     let msg = String::from_utf8_lossy(&bad.stderr);
     assert!(msg.contains("m3d-data") && !msg.contains(SECRET), "{msg}");
 }
+
+/// Without credentials in the environment, `object_store` falls back to the instance-metadata service; when
+/// that fails too the error says the credentials are missing (once), not only how the fallback failed. The
+/// metadata endpoint is pointed at a closed loopback port so nothing leaves the machine.
+#[test]
+fn missing_credentials_are_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = m3d_testkit::S3Server::start(&tmp.path().join("moto.log"));
+    server.create_bucket("m3d-data");
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let metadata = format!("http://{}", closed.local_addr().unwrap());
+    drop(closed);
+    let out = std::process::Command::new(m3d_bin())
+        .args(["data-prep", "inspect", "s3://m3d-data/shards/cap"])
+        .env_remove("AWS_ACCESS_KEY_ID")
+        .env_remove("AWS_SECRET_ACCESS_KEY")
+        .env_remove("AWS_SESSION_TOKEN")
+        .env_remove("AWS_WEB_IDENTITY_TOKEN_FILE")
+        .env_remove("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI")
+        .env_remove("AWS_CONTAINER_CREDENTIALS_FULL_URI")
+        .env("AWS_METADATA_ENDPOINT", &metadata)
+        .env("AWS_REGION", "us-east-1")
+        .env("AWS_ENDPOINT_URL", server.endpoint())
+        .env("RUST_LOG", "error")
+        .output()
+        .expect("spawn m3d");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let error = stderr
+        .lines()
+        .find(|l| l.starts_with("error:"))
+        .unwrap_or_default();
+    assert!(
+        error.contains("no S3 credentials in the environment"),
+        "{stderr}"
+    );
+    assert!(error.contains("manifest.json"), "{stderr}");
+    assert_eq!(
+        error.matches("error sending request").count(),
+        1,
+        "{stderr}"
+    );
+}

@@ -60,6 +60,9 @@ pub enum CheckpointError {
         #[source]
         source: std::io::Error,
     },
+    /// A local path that does not exist; `producer` says which run writes it, when its shape tells.
+    #[error("{} does not exist{producer}", path.display())]
+    Missing { path: PathBuf, producer: String },
     #[error("uploading checkpoint step {step} to {url} failed after {attempts} attempts: {last}")]
     Upload {
         step: u64,
@@ -551,7 +554,7 @@ pub struct Found {
 pub fn find(url: &str) -> Result<Option<Found>, CheckpointError> {
     let trimmed = url.trim_end_matches('/');
     let open = |u: &str| {
-        Store::open(u).map_err(|source| CheckpointError::Store {
+        Store::open_existing(u).map_err(|source| CheckpointError::Store {
             url: u.to_string(),
             source,
         })

@@ -173,6 +173,32 @@ fn scratch_tokenizer(scratch: &Path, json: &serde_json::Value) -> Result<Tokeniz
     Ok(Tokenizer::from_file(&path)?)
 }
 
+/// Which run writes `path`, when it has the shape of a run's outputs: `<run>/final` (written when the run
+/// finishes) or `<run>/checkpoints[/step-N]` (written while it trains). Empty otherwise.
+fn producer_of(path: &Path) -> String {
+    let mut run = path;
+    let what = match path.file_name().and_then(|n| n.to_str()) {
+        Some("final") => "the final weights",
+        Some("checkpoints") => "the checkpoints",
+        Some(n) if n.starts_with("step-") => {
+            run = path.parent().unwrap_or(path);
+            if run.file_name().and_then(|n| n.to_str()) != Some("checkpoints") {
+                return String::new();
+            }
+            "a checkpoint"
+        }
+        _ => return String::new(),
+    };
+    match run.parent().filter(|r| !r.as_os_str().is_empty()) {
+        Some(run) => format!(
+            ": it would hold {what} of the run whose output.run is `{}`, which has not written it yet \
+             (train that run's recipe first, or point this at existing weights)",
+            run.display()
+        ),
+        None => String::new(),
+    }
+}
+
 /// What `model.init_from.<i>.path` names: a committed m3d checkpoint (a step folder, or a checkpoint folder
 /// whose latest commit is taken; local or in a store), weights in a local file or folder (HF layouts, sharded
 /// or `.bin`), or a store folder (`s3://`, `file://`) holding `model.safetensors`.
@@ -196,6 +222,12 @@ impl InitSource {
                 if let Some(found) = checkpoint::find(path)? {
                     return Ok(InitSource::Checkpoint(found));
                 }
+            }
+            if !p.exists() {
+                return Err(CheckpointError::Missing {
+                    path: p.to_path_buf(),
+                    producer: producer_of(p),
+                });
             }
             return Ok(InitSource::Local(p.to_path_buf()));
         }

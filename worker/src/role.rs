@@ -7,7 +7,10 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use m3d_collectives::{nccl_available, Collective, Nccl, NcclId, RingListener};
+use m3d_collectives::{
+    nccl_available, nccl_library, AbortSignal, Collective, CollectiveError, Nccl, NcclId,
+    RingListener,
+};
 use m3d_coordinator::job::{CheckpointRef, Progress, WorkerAction, WorkerInfo};
 use m3d_coordinator::plan::StepPlan;
 use m3d_coordinator::{spawn_heartbeats, Client, ClientError, Code, Heartbeats, Token};
@@ -177,6 +180,82 @@ impl Control for Coordinated<'_> {
     }
 }
 
+/// This worker's candidate NCCL unique id, offered with every registration.
+///
+/// An id is not free: `ncclGetUniqueId` starts a bootstrap thread and a listening socket in this process that
+/// serve the one communicator created from it and otherwise never end. So the id is made once and offered again
+/// with every registration attempt (the once-a-second "not admitted yet" retries included) until a round forms
+/// with it — this worker became rank 0 and the coordinator handed its id to every rank (see `nccl_unique_id` in
+/// `coordinator.proto`). That round's communicator owns the id, so the next registration (a restart round) offers
+/// a fresh one. Rounds formed with another worker's id leave ours unused and offered again.
+struct CandidateId<F> {
+    make: F,
+    current: Option<NcclId>,
+}
+
+impl<F: FnMut() -> Result<NcclId, CollectiveError>> CandidateId<F> {
+    fn new(make: F) -> Self {
+        CandidateId {
+            make,
+            current: None,
+        }
+    }
+
+    /// The id to offer now (made on first use, or after the previous one was spent).
+    fn offer(&mut self) -> Result<&NcclId, CollectiveError> {
+        if self.current.is_none() {
+            self.current = Some((self.make)()?);
+        }
+        Ok(self.current.as_ref().expect("made above"))
+    }
+
+    /// A round formed with `round_id` (rank 0's): if it is ours, it is spent.
+    fn round_formed(&mut self, round_id: &[u8]) {
+        if self
+            .current
+            .as_ref()
+            .is_some_and(|id| id.as_bytes() == round_id)
+        {
+            self.current = None;
+        }
+    }
+}
+
+/// Raises `signal` as soon as the heartbeats say the round is over for this worker (a peer died, the
+/// coordinator formed a restart round): a NCCL collective waiting for a dead peer is aborted at once instead of
+/// at its timeout — as the ring's sockets fail at once when a peer process dies. Ends with the heartbeats.
+fn abort_when_round_ends(
+    rt: &tokio::runtime::Runtime,
+    heartbeats: &Heartbeats,
+    generation: u64,
+    signal: AbortSignal,
+) -> tokio::task::JoinHandle<()> {
+    let mut actions = heartbeats.actions.clone();
+    rt.spawn(async move {
+        loop {
+            let action = *actions.borrow_and_update();
+            if action != WorkerAction::Continue {
+                signal.abort(format!(
+                    "the coordinator ended round {generation} for this worker ({action:?})"
+                ));
+                return;
+            }
+            if actions.changed().await.is_err() {
+                return;
+            }
+        }
+    })
+}
+
+/// Stops a background task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Runs the worker until the job is over.
 pub fn run_worker(recipe: &Recipe, opts: &WorkerOptions) -> Result<WorkerExit, RoleError> {
     if let Some(t) = opts.threads {
@@ -201,6 +280,16 @@ pub fn run_worker(recipe: &Recipe, opts: &WorkerOptions) -> Result<WorkerExit, R
     let mut client = patiently(&rt, &opts.worker_id, "connecting", || {
         Client::connect(&opts.coordinator, opts.token.clone())
     })?;
+    // On GPUs the collectives are NCCL's: every worker offers a unique id, rank 0's is handed to all.
+    let cuda = recipe.workers.device == DeviceKind::Cuda;
+    let ring_err =
+        |generation: u64| move |source: CollectiveError| RoleError::Ring { generation, source };
+    if cuda {
+        nccl_available().map_err(ring_err(0))?;
+        let lib = nccl_library().map_err(ring_err(0))?;
+        tracing::info!(worker = %opts.worker_id, nccl = %lib.path, version = %lib.version, "NCCL loaded");
+    }
+    let mut candidate_id = CandidateId::new(NcclId::new);
     loop {
         let listener =
             RingListener::bind(SocketAddr::new(opts.bind, 0)).map_err(|source| RoleError::Io {
@@ -211,26 +300,21 @@ pub fn run_worker(recipe: &Recipe, opts: &WorkerOptions) -> Result<WorkerExit, R
             what: "reading the collective listener's address".into(),
             source,
         })?;
-        // On GPUs the collectives are NCCL's: every worker offers a unique id, rank 0's is handed to all.
-        let cuda = recipe.workers.device == DeviceKind::Cuda;
-        let nccl_id = if cuda {
-            nccl_available().map_err(|source| RoleError::Ring {
-                generation: 0,
-                source,
-            })?;
-            Some(NcclId::new().map_err(|source| RoleError::Ring {
-                generation: 0,
-                source,
-            })?)
+        let nccl_unique_id = if cuda {
+            candidate_id
+                .offer()
+                .map_err(ring_err(0))?
+                .as_bytes()
+                .to_vec()
         } else {
-            None
+            Vec::new()
         };
         let info = WorkerInfo {
             worker_id: opts.worker_id.clone(),
             host: opts.host.clone(),
             collective_addr: addr.to_string(),
             gpus: u32::from(cuda),
-            nccl_unique_id: nccl_id.map(|id| id.as_bytes().to_vec()).unwrap_or_default(),
+            nccl_unique_id,
         };
         let a = match patiently(&rt, &opts.worker_id, "registration", || {
             let (mut c, info) = (client.clone(), &info);
@@ -253,6 +337,7 @@ pub fn run_worker(recipe: &Recipe, opts: &WorkerOptions) -> Result<WorkerExit, R
             Err(e) => return Err(e.into()),
         };
         tracing::info!(worker = %opts.worker_id, rank = a.rank, world = a.world_size, generation = a.generation, resume = a.resume_step, "joined round");
+        candidate_id.round_formed(&a.nccl_unique_id);
         let peers = patiently(&rt, &opts.worker_id, "peer list", || {
             let (mut c, id) = (client.clone(), &opts.worker_id);
             async move { c.all_peers(id, a.generation).await }
@@ -277,6 +362,17 @@ pub fn run_worker(recipe: &Recipe, opts: &WorkerOptions) -> Result<WorkerExit, R
                 a.heartbeat_interval,
             )
         };
+        // NCCL waits (setup, every collective) end at the collective timeout, or as soon as the heartbeats say
+        // the round is over; the task ends with the heartbeats, and is stopped when the round ends.
+        let signal = AbortSignal::new();
+        let _round_watch = cuda.then(|| {
+            AbortOnDrop(abort_when_round_ends(
+                &rt,
+                &heartbeats,
+                a.generation,
+                signal.clone(),
+            ))
+        });
         let joined: Result<Box<dyn Collective>, _> = if cuda {
             NcclId::from_bytes(&a.nccl_unique_id).and_then(|id| {
                 Nccl::new(
@@ -284,6 +380,8 @@ pub fn run_worker(recipe: &Recipe, opts: &WorkerOptions) -> Result<WorkerExit, R
                     a.world_size as usize,
                     &id,
                     a.local_rank as usize,
+                    opts.collective_timeout,
+                    &signal,
                 )
                 .map(|c| Box::new(c) as Box<dyn Collective>)
             })
@@ -339,9 +437,69 @@ pub fn run_worker(recipe: &Recipe, opts: &WorkerOptions) -> Result<WorkerExit, R
             RoundEnd::Stop => return Ok(WorkerExit::Stopped),
             RoundEnd::Reregister(reason) => {
                 tracing::warn!(worker = %opts.worker_id, generation = a.generation, %reason, "round broken; registering again");
+                // The round is over: a NCCL communicator is aborted, not finalized (peers may be gone).
+                signal.abort(reason);
                 drop(comm);
                 client = control.client;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A provider that counts its calls and makes distinct ids.
+    fn counting() -> (
+        std::rc::Rc<std::cell::Cell<u8>>,
+        impl FnMut() -> Result<NcclId, CollectiveError>,
+    ) {
+        let calls = std::rc::Rc::new(std::cell::Cell::new(0u8));
+        let c = calls.clone();
+        (calls, move || {
+            c.set(c.get() + 1);
+            NcclId::from_bytes(&[c.get(); 128])
+        })
+    }
+
+    #[test]
+    fn an_nccl_id_is_made_once_and_offered_until_a_round_uses_it() {
+        let (calls, make) = counting();
+        let mut ids = CandidateId::new(make);
+        // Registration attempts that are not admitted (a round trains without us) offer the same id.
+        let first = ids.offer().unwrap().clone();
+        for _ in 0..5 {
+            assert_eq!(ids.offer().unwrap(), &first);
+        }
+        assert_eq!(calls.get(), 1);
+        // A round formed with another worker's id (we are not rank 0): ours stays unused and is offered again.
+        ids.round_formed(&[9u8; 128]);
+        ids.round_formed(&[]);
+        assert_eq!(ids.offer().unwrap(), &first);
+        assert_eq!(calls.get(), 1);
+        // A round formed with ours: spent; the restart round gets a fresh one, made once.
+        ids.round_formed(first.as_bytes());
+        let second = ids.offer().unwrap().clone();
+        assert_ne!(second, first);
+        assert_eq!(ids.offer().unwrap(), &second);
+        assert_eq!(calls.get(), 2);
+    }
+
+    #[test]
+    fn a_failing_provider_is_retried_at_the_next_offer() {
+        let mut n = 0;
+        let mut ids = CandidateId::new(|| {
+            n += 1;
+            if n == 1 {
+                Err(CollectiveError::NcclUnavailable("test".into()))
+            } else {
+                NcclId::from_bytes(&[1u8; 128])
+            }
+        });
+        assert!(ids.offer().is_err());
+        assert!(ids.offer().is_ok());
+        assert!(ids.offer().is_ok());
+        assert_eq!(n, 2);
     }
 }

@@ -35,14 +35,24 @@
 //!
 //! `worker/tests/data_parallel.rs` checks both cases against one process on the whole batch (3 AdamW steps
 //! with weight decay and clipping) and shows that the other reduction measurably differs.
+//!
+//! ## The step's own scalars
+//!
+//! Besides the gradients, a step reduces a few host values: the global counts (scored tokens, masked samples)
+//! and the logged loss parts. They are built with [`Collective::scalars`], on the collective's device, so that
+//! NCCL reduces them in place ([`global_sums`]); a LaMed step needs two such reductions
+//! ([`DataParallelStep::train_step_lamed`]). `worker/tests/collective_device.rs` drives LaMed steps through a
+//! collective that refuses what NCCL refuses.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 
 use m3d_collectives::{Bucketer, Collective, CollectiveError, ReduceOp};
 use m3d_models::clip::Gather;
-use tch::{Kind, Tensor};
+use m3d_models::lamed::{Lamed, LamedBatch};
+use m3d_models::precision::Precision;
+use tch::{Device, Kind, Tensor};
 
-use crate::grad::{clip_grad_norm, GradError};
+use crate::grad::{clip_grad_norm, token_sum_loss, GradError};
 use crate::optim::{AdamW, OptimError};
 use crate::schedule::LrSchedule;
 
@@ -105,13 +115,20 @@ pub fn reduce_grads(
         .map_err(coll(rank))
 }
 
+/// The sums of `values` over the ranks, in one collective. The values go to the collective as
+/// [`Collective::scalars`] (on its device: NCCL reduces them in place) and come back to the host. Exact for
+/// integers up to 2^53.
+pub fn global_sums(comm: &mut dyn Collective, values: &[f64]) -> Result<Vec<f64>, StepError> {
+    let rank = comm.rank();
+    let mut t = comm.scalars(values).map_err(coll(rank))?;
+    comm.all_reduce(&mut t, ReduceOp::Sum).map_err(coll(rank))?;
+    Ok(Vec::<f64>::try_from(&t.f_to_device(Device::Cpu)?)?)
+}
+
 /// The sum of a count over the ranks (e.g. the scored tokens of the global batch, [`GradReduction::Sum`]'s
 /// normaliser for the LM loss). Exact up to 2^53.
 pub fn global_count(comm: &mut dyn Collective, local: i64) -> Result<i64, StepError> {
-    let rank = comm.rank();
-    let mut t = Tensor::from_slice(&[local as f64]);
-    comm.all_reduce(&mut t, ReduceOp::Sum).map_err(coll(rank))?;
-    Ok(t.f_double_value(&[0])?.round() as i64)
+    Ok(global_sums(comm, &[local as f64])?[0].round() as i64)
 }
 
 /// What gradient the local slot of a [`CollectiveGather`] carries.
@@ -332,6 +349,85 @@ impl DataParallelStep {
             loss: loss_value,
             grad_norm,
             lr,
+        })
+    }
+}
+
+/// This rank's share of a LaMed step ([`DataParallelStep::train_step_lamed`]).
+pub struct LamedStepInput<'a> {
+    pub model: &'a Lamed,
+    pub precision: Precision,
+    /// The accumulated micro-batches and their labels.
+    pub micro: &'a [(LamedBatch, Tensor)],
+    /// Scored tokens in this rank's micro-batches.
+    pub tokens: i64,
+    /// This rank's samples with a non-empty mask (segmentation).
+    pub masked: i64,
+}
+
+/// What a LaMed step did, over the global batch.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LamedStepOutput {
+    /// `loss`: the global loss (the sum of the ranks' shares), the same on every rank.
+    pub step: StepOutput,
+    /// Scored tokens of the global batch.
+    pub tokens: i64,
+    /// Dice and BCE, means over the global batch's masked samples (when it has any and the model segments).
+    pub seg: Option<[f64; 2]>,
+}
+
+impl DataParallelStep {
+    /// One LaMed step ([`GradReduction::Sum`]): the LM loss normalised by the global count of scored tokens, and
+    /// Dice and BCE weighted by each micro-batch's share of the global masked samples (the reference's per-batch
+    /// means, independent of how the batch is split), accumulated over the micro-batches. Two scalar reductions
+    /// besides the gradients: the counts before, the logged loss and seg parts after.
+    pub fn train_step_lamed(
+        &mut self,
+        comm: &mut dyn Collective,
+        opt: &mut AdamW,
+        schedule: &LrSchedule,
+        step: u64,
+        input: LamedStepInput<'_>,
+    ) -> Result<LamedStepOutput, StepError> {
+        let LamedStepInput {
+            model,
+            precision,
+            micro,
+            tokens,
+            masked,
+        } = input;
+        let segments = model.config().seg.is_some();
+        let counts = global_sums(
+            comm,
+            &[tokens as f64, if segments { masked as f64 } else { 0.0 }],
+        )?;
+        let (tokens, masked) = (counts[0].round() as i64, counts[1].round() as i64);
+        let parts = Cell::new([0.0f64; 2]);
+        let mut out = self.train_step_accum(comm, opt, schedule, step, micro.len(), |_, i| {
+            let (b, labels) = &micro[i];
+            let out = precision.run(|| model.forward_t(b, true))?;
+            let lm = token_sum_loss(&out.logits, labels, tokens.max(1))?;
+            Ok(match &out.seg {
+                Some(seg) if masked > 0 => {
+                    let share = seg.sample_ids.len() as f64 / masked as f64;
+                    let [d, c] = parts.get();
+                    parts.set([
+                        d + seg.dice.f_double_value(&[])? * share,
+                        c + seg.bce.f_double_value(&[])? * share,
+                    ]);
+                    lm + (&seg.dice + &seg.bce) * share
+                }
+                _ => lm,
+            })
+        })?;
+        // Each rank holds its share of the global loss and of the seg means: the logged values are their sums.
+        let [dice, bce] = parts.get();
+        let sums = global_sums(comm, &[out.loss, dice, bce])?;
+        out.loss = sums[0];
+        Ok(LamedStepOutput {
+            step: out,
+            tokens,
+            seg: (masked > 0).then_some([sums[1], sums[2]]),
         })
     }
 }

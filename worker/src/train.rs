@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
-use m3d_collectives::{Collective, ReduceOp};
+use m3d_collectives::Collective;
 use m3d_coordinator::job::WorkerAction;
 use m3d_coordinator::plan::{PlanSpec, StepPlan};
 use m3d_models::lamed::LamedBatch;
@@ -27,13 +27,12 @@ use tch::Tensor;
 use crate::checkpoint::{self, CheckpointError, CheckpointState, Staged, UploadOptions, Uploader};
 use crate::data::LoadedSample;
 use crate::dataset::{DatasetError, TrainData};
-use crate::grad::token_sum_loss;
 use crate::job::{device_for, Batcher, JobError, Net, TrainModel};
 use crate::metrics::{Meter, MetricsError, MetricsLine, MetricsWriter};
 use crate::optim::{AdamW, OptimError};
 use crate::schedule::LrSchedule;
 use crate::step::{
-    global_count, CollectiveGather, DataParallelStep, GatherGrad, GradReduction, StepError,
+    CollectiveGather, DataParallelStep, GatherGrad, GradReduction, LamedStepInput, StepError,
     StepOptions,
 };
 
@@ -583,62 +582,26 @@ impl Loop<'_> {
                         masked,
                     },
                 ) => {
-                    let tokens = match global_count(&mut *self.comm, tokens) {
-                        Ok(t) => t,
-                        Err(e) => return classify(e),
-                    };
-                    // Dice + BCE are means over the step's masked samples (the reference's per-batch means),
-                    // counted over the global batch so that they do not depend on how it is split.
-                    let masked = if lamed.config().seg.is_some() {
-                        match global_count(&mut *self.comm, masked) {
-                            Ok(m) => m,
-                            Err(e) => return classify(e),
-                        }
-                    } else {
-                        0
-                    };
-                    let parts = std::cell::Cell::new([0.0f64; 2]);
-                    let r = self.stepper.train_step_accum(
+                    // Counts, losses and seg parts are reduced over the global batch on the collective's
+                    // device (see `step`); a failed collective is a broken round.
+                    let r = self.stepper.train_step_lamed(
                         &mut *self.comm,
                         self.opt,
                         self.schedule,
                         step,
-                        micro.len(),
-                        |_, i| {
-                            let (b, labels) = &micro[i];
-                            let out = model.precision.run(|| lamed.forward_t(b, true))?;
-                            let lm = token_sum_loss(&out.logits, labels, tokens.max(1))?;
-                            Ok(match &out.seg {
-                                Some(seg) if masked > 0 => {
-                                    let share = seg.sample_ids.len() as f64 / masked as f64;
-                                    let [d, c] = parts.get();
-                                    parts.set([
-                                        d + seg.dice.double_value(&[]) * share,
-                                        c + seg.bce.double_value(&[]) * share,
-                                    ]);
-                                    lm + (&seg.dice + &seg.bce) * share
-                                }
-                                _ => lm,
-                            })
+                        LamedStepInput {
+                            model: lamed,
+                            precision: model.precision,
+                            micro: &micro,
+                            tokens,
+                            masked,
                         },
                     );
-                    if masked > 0 {
-                        let mut t = Tensor::from_slice(&parts.get());
-                        if let Err(e) = self.comm.all_reduce(&mut t, ReduceOp::Sum) {
-                            return Ok(RoundEnd::Reregister(e.to_string()));
-                        }
-                        seg_parts = Some([t.double_value(&[0]), t.double_value(&[1])]);
-                    }
-                    meter.add(samples, tokens as u64, data_wait);
                     match r {
-                        Ok(mut o) => {
-                            // Each rank holds its share of the global loss; the logged loss is their sum.
-                            let mut t = Tensor::from_slice(&[o.loss]);
-                            if let Err(e) = self.comm.all_reduce(&mut t, ReduceOp::Sum) {
-                                return Ok(RoundEnd::Reregister(e.to_string()));
-                            }
-                            o.loss = t.double_value(&[0]);
-                            o
+                        Ok(o) => {
+                            meter.add(samples, o.tokens as u64, data_wait);
+                            seg_parts = o.seg;
+                            o.step
                         }
                         Err(e) => return classify(e),
                     }

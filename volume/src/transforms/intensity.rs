@@ -208,6 +208,13 @@ fn finish<T: Real>(p: &Plan<T>, lo: T, hi: T) -> T {
 /// Percentiles of all values as MONAI's `percentile(x, q)` returns them for a tensor of this
 /// dtype (`q` in percent). NaN if any value is NaN or `data` is empty.
 pub fn monai_percentiles<T: Real>(data: &[T], qs: &[f64]) -> Vec<T> {
+    percentiles_as::<T, T>(data, qs)
+}
+
+/// [`monai_percentiles`] of `data` converted to the type `T`, without making that copy: values
+/// are selected in the storage type `S` and converted exactly (`S` no wider than `T`), which
+/// keeps their order, so the result is the one `T` data would give.
+fn percentiles_as<S: Real, T: Real>(data: &[S], qs: &[f64]) -> Vec<T> {
     let n = data.len();
     if n == 0 || data.iter().any(|x| x.is_nan()) {
         return vec![T::NAN; qs.len()];
@@ -218,7 +225,7 @@ pub fn monai_percentiles<T: Real>(data: &[T], qs: &[f64]) -> Vec<T> {
     ranks.dedup();
     let mut buf = data.to_vec();
     let vals = values_at_ranks(&mut buf, &ranks);
-    let value_of = |r: usize| vals[ranks.partition_point(|&x| x < r)];
+    let value_of = |r: usize| T::from_f64(vals[ranks.partition_point(|&x| x < r)].to_f64());
     plans
         .iter()
         .map(|p| {
@@ -228,10 +235,10 @@ pub fn monai_percentiles<T: Real>(data: &[T], qs: &[f64]) -> Vec<T> {
         .collect()
 }
 
-/// The arithmetic of MONAI `ScaleIntensityRange` in the data type, with bounds from
-/// [`monai_percentiles`].
-fn scale_range<T: Real>(
-    data: &[T],
+/// The arithmetic of MONAI `ScaleIntensityRange` in the type `T` (the data's, or a wider one the
+/// data is exactly converted to), with bounds from [`monai_percentiles`].
+fn scale_range<S: Real, T: Real>(
+    data: &[S],
     lower: f64,
     upper: f64,
     b_min: f64,
@@ -239,21 +246,22 @@ fn scale_range<T: Real>(
     clip: bool,
     mut out: impl FnMut(usize, T),
 ) {
-    let p = monai_percentiles(data, &[lower, upper]);
+    let p = percentiles_as::<S, T>(data, &[lower, upper]);
     let (a_min, a_max) = (p[0], p[1]);
     let bmin = T::from_f64(b_min);
     let bmax = T::from_f64(b_max);
     let span = a_max - a_min;
+    let widen = |x: S| T::from_f64(x.to_f64());
     if span == T::ZERO {
         // MONAI warns and only shifts; no clipping on this path.
         for (i, &x) in data.iter().enumerate() {
-            out(i, x - a_min + bmin);
+            out(i, widen(x) - a_min + bmin);
         }
         return;
     }
     let scale = T::from_f64(b_max - b_min);
     for (i, &x) in data.iter().enumerate() {
-        let mut y = (x - a_min) / span * scale + bmin;
+        let mut y = (widen(x) - a_min) / span * scale + bmin;
         if clip {
             // torch.clamp keeps NaN.
             y = if y < bmin {
@@ -282,7 +290,7 @@ pub fn scale_intensity_range_percentiles(
 ) {
     let data = v.data_mut();
     let mut res = vec![0f32; data.len()];
-    scale_range(
+    scale_range::<f32, f32>(
         data,
         lower,
         upper,
@@ -296,9 +304,11 @@ pub fn scale_intensity_range_percentiles(
 
 /// The same transform applied to float64 data, as the M3D-RefSeg script runs it on nibabel's
 /// `get_fdata()` output: percentiles and scaling in float64, result cast to float32 (MONAI's
-/// default output dtype).
-pub fn scale_intensity_range_percentiles_f64(
-    v: &Volume<f64>,
+/// default output dtype). `v` may also be float32 holding those float64 values exactly (a NIfTI
+/// read as `f32`, e.g. any int16 CT): the result is the same as for the float64 copy, which is
+/// never made.
+pub fn scale_intensity_range_percentiles_f64<S: Real>(
+    v: &Volume<S>,
     lower: f64,
     upper: f64,
     b_min: f64,
@@ -306,7 +316,7 @@ pub fn scale_intensity_range_percentiles_f64(
     clip: bool,
 ) -> Volume<f32> {
     let mut res = vec![0f32; v.len()];
-    scale_range(v.data(), lower, upper, b_min, b_max, clip, |i, y| {
+    scale_range::<S, f64>(v.data(), lower, upper, b_min, b_max, clip, |i, y| {
         res[i] = y.to_f32()
     });
     Volume {
@@ -351,5 +361,75 @@ mod tests {
         let mut c = Volume::new([1, 1, 1, 5], vec![2.0f32, 2.0, 2.0, 2.0, 7.0]).unwrap();
         scale_intensity_range_percentiles(&mut c, 10.0, 50.0, 1.0, 2.0, true);
         assert_eq!(c.data(), &[1.0, 1.0, 1.0, 1.0, 6.0]);
+    }
+
+    #[test]
+    fn f64_scaling_of_f32_data_equals_scaling_its_f64_copy() {
+        // Both percentile paths (torch.quantile up to 1e6 voxels, numpy above), CT-like values with
+        // ties and fractions, and a constant volume (shift only).
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for n in [1usize, 997, 1_000_000, 1_000_003] {
+            let data: Vec<f32> = (0..n)
+                .map(|_| match next() % 5 {
+                    0 => -1024.0,
+                    1 => (next() % 4000) as f32 * 0.37 - 900.0,
+                    _ => (next() % 3400) as f32 - 900.0,
+                })
+                .collect();
+            let v32 = Volume::new([1, 1, 1, n], data.clone()).unwrap();
+            let v64 =
+                Volume::new([1, 1, 1, n], data.iter().map(|&x| f64::from(x)).collect()).unwrap();
+            for (lo, hi, bmin, bmax, clip) in
+                [(0.5, 99.5, 0.0, 1.0, true), (7.0, 93.0, -1.0, 2.5, false)]
+            {
+                let a = scale_intensity_range_percentiles_f64(&v32, lo, hi, bmin, bmax, clip);
+                let b = scale_intensity_range_percentiles_f64(&v64, lo, hi, bmin, bmax, clip);
+                assert!(
+                    a.data()
+                        .iter()
+                        .zip(b.data())
+                        .all(|(x, y)| x.to_bits() == y.to_bits()),
+                    "n={n} {lo}/{hi}"
+                );
+            }
+        }
+        let c32 = Volume::new([1, 1, 1, 3], vec![5.5f32; 3]).unwrap();
+        let c64 = Volume::new([1, 1, 1, 3], vec![5.5f64; 3]).unwrap();
+        assert_eq!(
+            scale_intensity_range_percentiles_f64(&c32, 0.5, 99.5, 0.0, 1.0, true).data(),
+            scale_intensity_range_percentiles_f64(&c64, 0.5, 99.5, 0.0, 1.0, true).data()
+        );
+    }
+
+    #[test]
+    fn f64_scaling_can_differ_from_f32_scaling() {
+        // Why RefSeg uses the float64 path: the same f32 values, scaled in f32 and in f64, do not
+        // always round to the same f32 (the reference scales nibabel's float64 array).
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let data: Vec<f32> = (0..10_001)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                (state >> 40) as f32 / (1u64 << 24) as f32 * 4000.0 - 1024.0
+            })
+            .collect();
+        let mut a = Volume::new([1, 1, 1, data.len()], data.clone()).unwrap();
+        scale_intensity_range_percentiles(&mut a, 0.5, 99.5, 0.0, 1.0, true);
+        let b = scale_intensity_range_percentiles_f64(
+            &Volume::new([1, 1, 1, data.len()], data).unwrap(),
+            0.5,
+            99.5,
+            0.0,
+            1.0,
+            true,
+        );
+        assert!(a.data().iter().zip(b.data()).any(|(x, y)| x != y));
     }
 }
