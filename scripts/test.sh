@@ -8,6 +8,9 @@ source scripts/setup.sh
 export M3D_PYTHON="$M3D_VENV/bin/python"
 cargo fmt --all -- --check
 cargo clippy --release --workspace --all-targets --locked -- -D warnings
+# The lent GPU machines' torch 2.11 / tch 0.24 build must keep compiling (scripts/torch211.sh: a generated
+# copy of the tree with the tch pin, its own venv and target folder).
+bash scripts/torch211.sh check
 
 run_tests() {
   if command -v cargo-nextest >/dev/null 2>&1; then

@@ -7,14 +7,22 @@
 //! `inputs.safetensors`. Weights load strictly, so both sides run the same parameters on the same inputs.
 //! Prints one JSON line: the loss and the seconds of every timed iteration.
 //!
-//! usage: model_bench --synthetic <clip-m3d | vit-m3d | lamed-llama2-7b | lamed-llama3-8b | lamed-phi3>
+//! usage: model_bench --synthetic <clip-m3d | vit-m3d | lamed-llama2-7b | lamed-llama3-8b | lamed-phi3 | lamed-tiny>
 //!            [--batch B] [--device cpu|cuda] [--precision f32|bf16|bf16-autocast] [--iters N] [--warmup W]
 //!            [--peak-tflops P]
 //!
 //! Full-size models with random weights and random inputs (what `bench/gpu/models.sh` runs): samples/s,
-//! tokens/s and model FLOPs utilisation. FLOPs per step follow the PaLM convention, 6·N·T per component
-//! (N = its non-embedding parameters, T = the tokens it sees) plus 12·L·d·T² for attention; MFU divides by
-//! `--peak-tflops` (dense bf16 peak of the device).
+//! tokens/s and model FLOPs utilisation. FLOPs per step count the matrix products that actually run (PaLM's
+//! convention, per component with N = its non-embedding parameters and T = the tokens it sees):
+//! - forward: 2·N·T, always;
+//! - backward, where it reaches the component (something in it or before it trains): 2·N·T for the input
+//!   gradients, plus 2·N_trained·T for the weight gradients of its trained parameters only.
+//!
+//! So a fully trained component counts 6·N·T, a frozen one the backward passes through (LaMed's LoRA-frozen
+//! LLM base, lm_head included) 4·N·T, LoRA adapters and trained parts (the projector) 6·N·T, and a frozen
+//! component with nothing trained before it (LaMed's vision tower) 2·N·T: forward only. Attention adds
+//! 4·L·d·T² forward and 8·L·d·T² backward (full T², no causal halving), i.e. 12·L·d·T² or, forward only,
+//! 4·L·d·T². MFU divides by `--peak-tflops` (dense bf16 peak of the device).
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -126,15 +134,52 @@ struct Synthetic {
     step: Step,
     samples: i64,
     flops: f64,
+    /// Per component: its parameters, whether the backward reaches it, its FLOPs per step.
+    parts: serde_json::Value,
     tokens: i64,
 }
 
-fn nonembedding_params(vs: &VarStore, select: impl Fn(&str) -> bool) -> f64 {
-    vs.variables()
-        .iter()
-        .filter(|(k, _)| select(k) && !k.contains("embed") && !k.contains("position"))
-        .map(|(_, t)| t.numel() as f64)
-        .sum()
+/// Non-embedding parameters of the variables `select` picks, split by whether they train.
+#[derive(Clone, Copy, Default)]
+struct Params {
+    trained: f64,
+    frozen: f64,
+}
+
+fn nonembedding_params(vs: &VarStore, select: impl Fn(&str) -> bool) -> Params {
+    let mut p = Params::default();
+    for (k, t) in vs.variables() {
+        if select(&k) && !k.contains("embed") && !k.contains("position") {
+            if t.requires_grad() {
+                p.trained += t.numel() as f64;
+            } else {
+                p.frozen += t.numel() as f64;
+            }
+        }
+    }
+    p
+}
+
+/// Matrix-product FLOPs of one forward + backward of a component with parameters `p` over `tokens` tokens:
+/// forward 2·N·T; where the backward reaches it, input gradients 2·N·T and weight gradients 2·N_trained·T.
+fn matmul_flops(p: Params, tokens: i64, backward: bool) -> f64 {
+    let (n, t) = (p.trained + p.frozen, tokens as f64);
+    if backward {
+        4.0 * n * t + 2.0 * p.trained * t
+    } else {
+        2.0 * n * t
+    }
+}
+
+/// Attention scores and weighted sums of `layers` layers of width `d` over `tokens` tokens (no causal
+/// halving): 4·L·d·T² forward, twice that backward.
+fn attention_flops(layers: i64, d: i64, tokens: i64, backward: bool) -> f64 {
+    let fwd = 4.0 * (layers * d) as f64 * (tokens * tokens) as f64;
+    if backward {
+        3.0 * fwd
+    } else {
+        fwd
+    }
 }
 
 fn synthetic(case: &str, batch: i64, vs: &mut VarStore, precision: Precision) -> Result<Synthetic> {
@@ -151,20 +196,21 @@ fn synthetic(case: &str, batch: i64, vs: &mut VarStore, precision: Precision) ->
             )
             .to_kind(precision.kind());
             let nv = v.num_tokens();
-            let attn =
-                |layers: i64, d: i64, tok: i64| 12.0 * (layers * d) as f64 * (tok * tok) as f64;
+            // Everything trains: 6·N·T + 12·L·d·T² per component.
             if case == "vit-m3d" {
                 let model = ViT3d::new(&VarBuilder::new(vs), &v)?;
                 precision.apply(vs)?;
                 let n = nonembedding_params(vs, |_| true);
-                let flops =
-                    b as f64 * (6.0 * n * nv as f64 + attn(v.num_layers, v.hidden_size, nv));
+                let flops = b as f64
+                    * (matmul_flops(n, nv, true)
+                        + attention_flops(v.num_layers, v.hidden_size, nv, true));
                 let step: Step =
                     Box::new(move || Ok(model.f_forward_t(&images, true)?.0.mean(Kind::Float)));
                 Synthetic {
                     step,
                     samples: b,
                     flops,
+                    parts: serde_json::Value::Null,
                     tokens: b * nv,
                 }
             } else {
@@ -175,10 +221,15 @@ fn synthetic(case: &str, batch: i64, vs: &mut VarStore, precision: Precision) ->
                 let nvis = nonembedding_params(vs, |k| k.starts_with("vision_encoder."));
                 let ntxt = nonembedding_params(vs, |k| k.starts_with("language_encoder."));
                 let flops = b as f64
-                    * (6.0 * nvis * nv as f64
-                        + attn(v.num_layers, v.hidden_size, nv)
-                        + 6.0 * ntxt * t as f64
-                        + attn(cfg.text.num_hidden_layers, cfg.text.hidden_size, t));
+                    * (matmul_flops(nvis, nv, true)
+                        + attention_flops(v.num_layers, v.hidden_size, nv, true)
+                        + matmul_flops(ntxt, t, true)
+                        + attention_flops(
+                            cfg.text.num_hidden_layers,
+                            cfg.text.hidden_size,
+                            t,
+                            true,
+                        ));
                 let step: Step = Box::new(move || {
                     Ok(model.forward_loss(&images, &ids, &mask, &SingleProcess, true)?)
                 });
@@ -186,15 +237,24 @@ fn synthetic(case: &str, batch: i64, vs: &mut VarStore, precision: Precision) ->
                     step,
                     samples: b,
                     flops,
+                    parts: serde_json::Value::Null,
                     tokens: b * (nv + t),
                 }
             }
         }
-        "lamed-llama2-7b" | "lamed-llama3-8b" | "lamed-phi3" => {
+        "lamed-llama2-7b" | "lamed-llama3-8b" | "lamed-phi3" | "lamed-tiny" => {
             let cfg = match case {
                 "lamed-llama2-7b" => LamedConfig::llama2_7b(),
                 "lamed-llama3-8b" => LamedConfig::llama3_8b(),
+                // The CPU recipes' tiny LaMed (a smoke test of this path, e.g. for a GPU bundle on a CPU).
+                "lamed-tiny" => LamedConfig::tiny(1000, false),
                 _ => LamedConfig::phi3_mini(),
+            };
+            // 512-token sequences as the reference's stage 2; the tiny LLM has 128 positions.
+            let (t, vocab_hi) = if case == "lamed-tiny" {
+                (96i64, 1000)
+            } else {
+                (512i64, 20000)
             };
             let model = Lamed::new(
                 &VarBuilder::new(vs).with_lora(Some(LoraConfig::m3d_lamed())),
@@ -203,9 +263,8 @@ fn synthetic(case: &str, batch: i64, vs: &mut VarStore, precision: Precision) ->
             precision.apply(vs)?;
             lora::freeze_base(vs, &["mm_projector", "seg_projector", "seg_module"]);
             let v = &cfg.vision;
-            let t = 512i64;
             let n_img = cfg.num_image_tokens();
-            let ids = Tensor::randint_low(100, 20000, [b, t], (Kind::Int64, dev));
+            let ids = Tensor::randint_low(100, vocab_hi, [b, t], (Kind::Int64, dev));
             let _ = ids.narrow(1, 1, n_img).fill_(cfg.tokens.im_patch);
             let labels = ids.copy();
             let _ = labels
@@ -221,17 +280,43 @@ fn synthetic(case: &str, batch: i64, vs: &mut VarStore, precision: Precision) ->
                 labels: Some(labels),
                 segs: None,
             };
+            // Count what runs (see the module comment). In this setting (the reference's stage 2) the vision
+            // tower is frozen with nothing before it: forward only, 2·N·T + 4·L·d·T². The projector trains:
+            // 6·N·T over its pooled tokens. The LLM's base (lm_head included) is frozen but the backward
+            // passes through it to the adapters and the projector: 4·N·T; the LoRA adapters train: 6·N·T;
+            // its attention runs forward and backward: 12·L·d·T². The segmentation parts do not run
+            // (no masks). The flags come from the variables, so other freezing choices count correctly.
             let nvis = nonembedding_params(vs, |k| k.contains("vision_tower"));
+            let nproj = nonembedding_params(vs, |k| k.contains("mm_projector"));
             let nllm = nonembedding_params(vs, |k| {
-                (k.starts_with("model.layers.") || k.starts_with("lm_head")) && !k.contains("lora_")
+                k.starts_with("model.layers.") || k.starts_with("lm_head")
             });
+            let embed_trains = vs
+                .variables()
+                .iter()
+                .any(|(k, t)| k.contains("embed_tokens") && t.requires_grad());
+            let vis_backward = nvis.trained > 0.0;
+            let proj_backward = vis_backward || nproj.trained > 0.0;
+            let llm_backward = proj_backward || embed_trains || nllm.trained > 0.0;
             let nv = v.num_tokens();
             let (layers, d) = (cfg.llm.num_hidden_layers(), cfg.llm.hidden_size());
-            let flops = b as f64
-                * (6.0 * nvis * nv as f64
-                    + 12.0 * (v.num_layers * v.hidden_size) as f64 * (nv * nv) as f64
-                    + 6.0 * nllm * t as f64
-                    + 12.0 * (layers * d) as f64 * (t * t) as f64);
+            let n_proj_tokens = cfg.projector.num_output_tokens();
+            let part = |p: Params, backward: bool, f: f64| {
+                serde_json::json!({
+                    "trained": p.trained, "frozen": p.frozen, "backward": backward, "flops": b as f64 * f,
+                })
+            };
+            let fvis = matmul_flops(nvis, nv, vis_backward)
+                + attention_flops(v.num_layers, v.hidden_size, nv, vis_backward);
+            let fproj = matmul_flops(nproj, n_proj_tokens, proj_backward);
+            let fllm =
+                matmul_flops(nllm, t, llm_backward) + attention_flops(layers, d, t, llm_backward);
+            let flops = b as f64 * (fvis + fproj + fllm);
+            let parts = serde_json::json!({
+                "vision_tower": part(nvis, vis_backward, fvis),
+                "mm_projector": part(nproj, proj_backward, fproj),
+                "llm": part(nllm, llm_backward, fllm),
+            });
             let step: Step = Box::new(move || {
                 let out = model.forward_t(&batch_in, true)?;
                 out.loss.context("labels given, so a loss")
@@ -240,6 +325,7 @@ fn synthetic(case: &str, batch: i64, vs: &mut VarStore, precision: Precision) ->
                 step,
                 samples: b,
                 flops,
+                parts,
                 tokens: b * t,
             }
         }
@@ -315,7 +401,8 @@ fn run_synthetic(args: &[String], case: &str) -> Result<()> {
         serde_json::json!({
             "case": case, "device": format!("{device:?}"), "precision": precision, "batch": batch,
             "params": params, "trainable": trainable,
-            "step_s": median, "samples_per_s": s.samples as f64 / median,
+            "step_s": median, "step_flops": s.flops, "flops_parts": s.parts,
+            "samples_per_s": s.samples as f64 / median,
             "tokens_per_s": s.tokens as f64 / median, "model_tflops": tflops,
             "mfu": if peak > 0.0 { serde_json::json!(tflops / peak) } else { serde_json::Value::Null },
         })

@@ -251,10 +251,16 @@ fn broken_files_are_named() {
     let e = weights::read_tensors(&index).unwrap_err().to_string();
     assert!(e.contains("plain file name"), "{e}");
 
+    std::fs::write(d.join("x.onnx"), b"not ours").unwrap();
     let e = weights::read_tensors(&d.join("x.onnx"))
         .unwrap_err()
         .to_string();
     assert!(e.contains("unknown weight format"), "{e}");
+    // A path that does not exist is named as missing, not as a format.
+    let e = weights::read_tensors(&d.join("never-written/final"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("no such file or folder"), "{e}");
     let e = weights::save_safetensors(
         &d.join("dup.safetensors"),
         &[t[0].clone_pair(), t[0].clone_pair()],
