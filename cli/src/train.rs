@@ -101,8 +101,16 @@ pub struct EvalRetrievalArgs {
     split: String,
     #[arg(long, default_value_t = 16)]
     batch: usize,
+    /// Where the encoders run: cpu, cuda (the first GPU) or cuda:N [default: cuda when a GPU is visible,
+    /// else cpu].
+    #[arg(long, value_parser = eval_device)]
+    device: Option<String>,
     #[arg(long)]
     json: bool,
+}
+
+fn eval_device(s: &str) -> Result<String, String> {
+    m3d_worker::eval::parse_device(s).map(|_| s.to_string())
 }
 
 #[derive(Args)]
@@ -509,7 +517,11 @@ pub fn plot(a: PlotArgs) -> Result<()> {
 }
 
 pub fn eval_retrieval(a: EvalRetrievalArgs) -> Result<()> {
-    let r = m3d_worker::eval::clip_retrieval(&a.model, &a.shards, &a.split, a.batch)
+    let device = match a.device.as_deref() {
+        Some(d) => m3d_worker::eval::parse_device(d).map_err(anyhow::Error::msg)?,
+        None => m3d_worker::eval::default_device(),
+    };
+    let r = m3d_worker::eval::clip_retrieval_on(&a.model, &a.shards, &a.split, a.batch, device)
         .with_context(|| format!("evaluating {}", a.model.display()))?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&r)?);

@@ -14,7 +14,7 @@ use tch::{Kind, Tensor};
 use crate::builder::VarBuilder;
 use crate::error::{ModelError, Result};
 use crate::layers::{
-    check_token_ids, dropout, dtype_min, Activation, Embedding, LayerNorm, Linear,
+    check_token_ids, dropout, dtype_min, Activation, CheckedIds, Embedding, LayerNorm, Linear,
 };
 use crate::weights::LoadOptions;
 
@@ -393,8 +393,41 @@ impl Bert {
         token_type_ids: Option<&Tensor>,
         train: bool,
     ) -> Result<Tensor> {
+        self.f_forward_t_with(input_ids, attention_mask, token_type_ids, None, train)
+    }
+
+    /// [`Bert::f_forward_t`] of `input_ids` checked on the host ([`CheckedIds`]): their range is not read back
+    /// from the device.
+    pub fn f_forward_t_checked(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: &Tensor,
+        token_type_ids: Option<&Tensor>,
+        checked: &CheckedIds,
+        train: bool,
+    ) -> Result<Tensor> {
+        self.f_forward_t_with(
+            input_ids,
+            attention_mask,
+            token_type_ids,
+            Some(checked),
+            train,
+        )
+    }
+
+    fn f_forward_t_with(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: &Tensor,
+        token_type_ids: Option<&Tensor>,
+        checked: Option<&CheckedIds>,
+        train: bool,
+    ) -> Result<Tensor> {
         let s = input_ids.size();
-        check_token_ids("BERT input_ids", input_ids, self.cfg.vocab_size)?;
+        match checked {
+            Some(c) => c.covers("BERT input_ids", input_ids, self.cfg.vocab_size)?,
+            None => check_token_ids("BERT input_ids", input_ids, self.cfg.vocab_size)?,
+        }
         if s[1] > self.cfg.max_position_embeddings {
             return Err(ModelError::Input(format!(
                 "BERT input of {} tokens exceeds max_position_embeddings {}",

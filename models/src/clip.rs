@@ -17,7 +17,7 @@ use tch::{Kind, Reduction, Tensor};
 use crate::bert::{Bert, BertConfig};
 use crate::builder::VarBuilder;
 use crate::error::{ModelError, Result};
-use crate::layers::Linear;
+use crate::layers::{CheckedIds, Linear};
 use crate::vit3d::{ViT3d, ViT3dConfig};
 use crate::weights::LoadOptions;
 
@@ -338,10 +338,74 @@ impl M3dClip {
         gather: &dyn Gather,
         train: bool,
     ) -> Result<ClipOutput> {
+        self.forward_with(images, input_ids, attention_mask, None, gather, train)
+    }
+
+    /// [`M3dClip::forward_t`] of `input_ids` checked on the host ([`CheckedIds`]), so that nothing is read
+    /// back from the device between the encoders (on a GPU that read would drain the vision encoder's queue).
+    pub fn forward_t_checked(
+        &self,
+        images: &Tensor,
+        input_ids: &Tensor,
+        attention_mask: &Tensor,
+        checked: &CheckedIds,
+        gather: &dyn Gather,
+        train: bool,
+    ) -> Result<ClipOutput> {
+        self.forward_with(
+            images,
+            input_ids,
+            attention_mask,
+            Some(checked),
+            gather,
+            train,
+        )
+    }
+
+    /// Only the scalar loss of [`M3dClip::forward_t_checked`].
+    pub fn forward_loss_checked(
+        &self,
+        images: &Tensor,
+        input_ids: &Tensor,
+        attention_mask: &Tensor,
+        checked: &CheckedIds,
+        gather: &dyn Gather,
+        train: bool,
+    ) -> Result<Tensor> {
+        Ok(self
+            .forward_with(
+                images,
+                input_ids,
+                attention_mask,
+                Some(checked),
+                gather,
+                train,
+            )?
+            .loss)
+    }
+
+    fn forward_with(
+        &self,
+        images: &Tensor,
+        input_ids: &Tensor,
+        attention_mask: &Tensor,
+        checked: Option<&CheckedIds>,
+        gather: &dyn Gather,
+        train: bool,
+    ) -> Result<ClipOutput> {
         let (vision, _) = self.vision_encoder.f_forward_t(images, train)?;
-        let text = self
-            .language_encoder
-            .f_forward_t(input_ids, attention_mask, None, train)?;
+        let text = match checked {
+            Some(c) => self.language_encoder.f_forward_t_checked(
+                input_ids,
+                attention_mask,
+                None,
+                c,
+                train,
+            )?,
+            None => self
+                .language_encoder
+                .f_forward_t(input_ids, attention_mask, None, train)?,
+        };
         let (bi, bt) = (vision.size()[0], text.size()[0]);
         if bi != bt {
             return Err(ModelError::Input(format!(

@@ -30,7 +30,7 @@ use tch::{Device, Kind, Reduction, Tensor};
 
 use crate::builder::VarBuilder;
 use crate::error::{ModelError, Result};
-use crate::layers::{dropout, Linear};
+use crate::layers::{dropout, to_device_async, CheckedIds, Linear};
 use crate::llama::LlamaConfig;
 use crate::llm::{greedy_generate, CausalLm, GenerateInput, LlmConfig};
 use crate::phi3::Phi3Config;
@@ -377,6 +377,72 @@ pub struct LamedSegOutput {
     pub bce: Tensor,
 }
 
+/// What the builder of a batch checked on the host before moving it to the device, for
+/// [`Lamed::forward_checked`]: the ids (in the vocabulary, `<im_patch>` at positions 1..=N, as
+/// [`Lamed::forward_t`] checks them on the device) and which samples have a mask. On a GPU each check on the
+/// device is a read back to the host, which waits for every kernel queued before it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LamedHostChecks {
+    ids: CheckedIds,
+    num_image_tokens: i64,
+    im_patch: i64,
+    seg_samples: Option<Vec<i64>>,
+}
+
+impl LamedHostChecks {
+    /// Checks `input_ids` (B, T), on the CPU, for a model of `cfg`, with the errors of the device checks.
+    /// `has_mask[i]`: sample i's mask has a non-zero voxel (for M3D's non-negative masks the same as the
+    /// model's own test, a non-zero sum); `None` leaves the samples with a mask to be found on the device.
+    pub fn check(cfg: &LamedConfig, input_ids: &Tensor, has_mask: Option<&[bool]>) -> Result<Self> {
+        let ids = CheckedIds::check("input_ids", input_ids, cfg.llm.vocab_size())?;
+        let [b, t] = ids.shape();
+        let n = cfg.num_image_tokens();
+        if t < n + 1 {
+            return Err(ModelError::Input(format!(
+                "a prompt with an image needs BOS + {n} <im_patch> tokens, got {t} tokens"
+            )));
+        }
+        check_image_slots(input_ids, n, cfg.tokens.im_patch)?;
+        let seg_samples = match has_mask {
+            Some(m) if m.len() as i64 != b => {
+                return Err(ModelError::Input(format!(
+                    "{} mask flags for a batch of {b}",
+                    m.len()
+                )))
+            }
+            Some(m) => Some((0..b).filter(|&i| m[i as usize]).collect()),
+            None => None,
+        };
+        Ok(LamedHostChecks {
+            ids,
+            num_image_tokens: n,
+            im_patch: cfg.tokens.im_patch,
+            seg_samples,
+        })
+    }
+
+    /// Batch indices of the samples with a mask, when the checks know them.
+    pub fn seg_samples(&self) -> Option<&[i64]> {
+        self.seg_samples.as_deref()
+    }
+}
+
+/// Errors unless positions 1..=n of `input_ids` (B, T >= n + 1) all hold `im_patch` (one read).
+fn check_image_slots(input_ids: &Tensor, n: i64, im_patch: i64) -> Result<()> {
+    if input_ids
+        .narrow(1, 1, n)
+        .ne(im_patch)
+        .any()
+        .int64_value(&[])
+        != 0
+    {
+        return Err(ModelError::Input(format!(
+            "positions 1..={n} must hold <im_patch> (id {im_patch}) for the image tokens"
+        )));
+    }
+    Ok(())
+}
+
 /// What [`Lamed::forward_t`] computes.
 #[derive(Debug)]
 pub struct LamedOutput {
@@ -479,7 +545,20 @@ impl Lamed {
         images: Option<&Tensor>,
         train: bool,
     ) -> Result<Tensor> {
-        let embeds = self.llm.embed_tokens(input_ids)?;
+        self.input_embeds_with(input_ids, images, None, train)
+    }
+
+    fn input_embeds_with(
+        &self,
+        input_ids: &Tensor,
+        images: Option<&Tensor>,
+        checked: Option<&LamedHostChecks>,
+        train: bool,
+    ) -> Result<Tensor> {
+        let embeds = match checked {
+            Some(c) => self.llm.embed_tokens_checked(input_ids, &c.ids)?,
+            None => self.llm.embed_tokens(input_ids)?,
+        };
         let Some(images) = images else {
             return Ok(embeds);
         };
@@ -490,12 +569,10 @@ impl Lamed {
                 "a prompt with an image needs BOS + {n} <im_patch> tokens, got {t} tokens"
             )));
         }
-        let slots = input_ids.narrow(1, 1, n);
-        if slots.ne(self.cfg.tokens.im_patch).any().int64_value(&[]) != 0 {
-            return Err(ModelError::Input(format!(
-                "positions 1..={n} must hold <im_patch> (id {}) for the image tokens",
-                self.cfg.tokens.im_patch
-            )));
+        match checked {
+            // The slots were checked on the host, for this configuration (`forward_checked` compared it).
+            Some(_) => {}
+            None => check_image_slots(input_ids, n, self.cfg.tokens.im_patch)?,
         }
         if images.size().first() != Some(&b) {
             return Err(ModelError::Shape {
@@ -525,7 +602,38 @@ impl Lamed {
 
     /// The forward pass of training and evaluation (LM loss with labels, segmentation losses with masks).
     pub fn forward_t(&self, batch: &LamedBatch, train: bool) -> Result<LamedOutput> {
-        let embeds = self.input_embeds(&batch.input_ids, Some(&batch.images), train)?;
+        self.forward_with(batch, None, train)
+    }
+
+    /// [`Lamed::forward_t`] of a batch whose ids (and, for segmentation, masks) were checked on the host
+    /// ([`LamedHostChecks`]): nothing is read back from the device, so on a GPU the host never waits for the
+    /// kernels it queued (checking on the device reads three times: the id range, the image slots and, with
+    /// segmentation, the mask sums, the last after the whole LLM forward pass). The values are those of
+    /// [`Lamed::forward_t`].
+    pub fn forward_checked(
+        &self,
+        batch: &LamedBatch,
+        checked: &LamedHostChecks,
+        train: bool,
+    ) -> Result<LamedOutput> {
+        let (n, im_patch) = (self.cfg.num_image_tokens(), self.cfg.tokens.im_patch);
+        if (checked.num_image_tokens, checked.im_patch) != (n, im_patch) {
+            return Err(ModelError::Input(format!(
+                "host checks made for {} <im_patch> tokens of id {}, the model takes {n} of id {im_patch}",
+                checked.num_image_tokens, checked.im_patch
+            )));
+        }
+        self.forward_with(batch, Some(checked), train)
+    }
+
+    fn forward_with(
+        &self,
+        batch: &LamedBatch,
+        checked: Option<&LamedHostChecks>,
+        train: bool,
+    ) -> Result<LamedOutput> {
+        let embeds =
+            self.input_embeds_with(&batch.input_ids, Some(&batch.images), checked, train)?;
         let hidden =
             self.llm
                 .forward_embeds(&embeds, batch.attention_mask.as_ref(), None, train)?;
@@ -536,7 +644,16 @@ impl Lamed {
         };
         let seg = match (&self.seg, &batch.segs) {
             (Some(seg), Some(segs)) => {
-                self.seg_branch(seg, &hidden, &batch.input_ids, &batch.images, segs, train)?
+                let known = checked.and_then(|c| c.seg_samples.as_deref());
+                self.seg_branch(
+                    seg,
+                    &hidden,
+                    &batch.input_ids,
+                    &batch.images,
+                    segs,
+                    known,
+                    train,
+                )?
             }
             _ => None,
         };
@@ -557,6 +674,9 @@ impl Lamed {
         })
     }
 
+    /// `known`: the samples with a mask, from the host ([`LamedHostChecks`]); else they are found on the
+    /// device (one read of the B mask sums).
+    #[allow(clippy::too_many_arguments)]
     fn seg_branch(
         &self,
         seg: &LamedSeg,
@@ -564,6 +684,7 @@ impl Lamed {
         input_ids: &Tensor,
         images: &Tensor,
         segs: &Tensor,
+        known: Option<&[i64]>,
         train: bool,
     ) -> Result<Option<LamedSegOutput>> {
         let b = hidden.size()[0];
@@ -574,15 +695,29 @@ impl Lamed {
                 got: segs.size(),
             });
         }
-        let sums = segs
-            .to_kind(Kind::Float)
-            .flatten(1, -1)
-            .sum_dim_intlist(1, false, Kind::Float);
-        let sample_ids: Vec<i64> = (0..b).filter(|&i| sums.double_value(&[i]) != 0.0).collect();
+        let sample_ids: Vec<i64> = match known {
+            Some(ids) => {
+                if ids.iter().any(|&i| i < 0 || i >= b) {
+                    return Err(ModelError::Input(format!(
+                        "host checks name samples {ids:?} with a mask in a batch of {b}"
+                    )));
+                }
+                ids.to_vec()
+            }
+            None => {
+                let sums = segs
+                    .to_kind(Kind::Float)
+                    .flatten(1, -1)
+                    .sum_dim_intlist(1, false, Kind::Float)
+                    .to_device(Device::Cpu);
+                let sums = Vec::<f32>::try_from(&sums)?;
+                (0..b).filter(|&i| sums[i as usize] != 0.0).collect()
+            }
+        };
         if sample_ids.is_empty() {
             return Ok(None);
         }
-        let idx = Tensor::from_slice(&sample_ids).to_device(hidden.device());
+        let idx = to_device_async(&Tensor::from_slice(&sample_ids), hidden.device());
         let prompts = self.seg_prompts(
             seg,
             &hidden.index_select(0, &idx),

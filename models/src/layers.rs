@@ -4,7 +4,7 @@
 //! the encoders and decoders use alike.
 
 use tch::nn::Init;
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
 use crate::builder::{torch_default_init, VarBuilder};
 use crate::error::{ModelError, Result};
@@ -188,8 +188,24 @@ pub(crate) fn dtype_min(kind: Kind) -> f64 {
 }
 
 /// Checks (B, T) token ids, B and T >= 1, against a vocabulary of `n`: an id outside it would otherwise be
-/// a libtorch panic on the CPU and an unrecoverable device-side assert on CUDA.
+/// a libtorch panic on the CPU and an unrecoverable device-side assert on CUDA. The range is read back in one
+/// copy (on a GPU, one host sync); a caller that checked the ids on the host passes a [`CheckedIds`] instead.
 pub(crate) fn check_token_ids(name: &str, ids: &Tensor, n: i64) -> Result<()> {
+    check_ids_shape(name, ids)?;
+    let range = Tensor::stack(&[ids.min(), ids.max()], 0)
+        .to_kind(Kind::Int64)
+        .to_device(Device::Cpu);
+    let range = Vec::<i64>::try_from(&range)?;
+    let (lo, hi) = (range[0], range[1]);
+    if lo < 0 || hi >= n {
+        return Err(ModelError::Input(format!(
+            "{name} out of range [0, {n}): min {lo}, max {hi}"
+        )));
+    }
+    Ok(())
+}
+
+fn check_ids_shape(name: &str, ids: &Tensor) -> Result<()> {
     let s = ids.size();
     if s.len() != 2 || s[0] < 1 || s[1] < 1 || !matches!(ids.kind(), Kind::Int64 | Kind::Int) {
         return Err(ModelError::Input(format!(
@@ -197,11 +213,64 @@ pub(crate) fn check_token_ids(name: &str, ids: &Tensor, n: i64) -> Result<()> {
             ids.kind()
         )));
     }
-    let (lo, hi) = (ids.min().int64_value(&[]), ids.max().int64_value(&[]));
-    if lo < 0 || hi >= n {
-        return Err(ModelError::Input(format!(
-            "{name} out of range [0, {n}): min {lo}, max {hi}"
-        )));
-    }
     Ok(())
+}
+
+/// Proof that a batch's (B, T) token ids were checked on the host, against a vocabulary, before they were
+/// moved to the device: a forward pass given one skips its own range check, which on a GPU is a device→host
+/// read (a host sync in the middle of the step). Made only by [`CheckedIds::check`]; a forward pass still
+/// compares the shape and the vocabulary with the tensor it is given.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckedIds {
+    shape: [i64; 2],
+    vocab: i64,
+}
+
+impl CheckedIds {
+    /// Checks `ids` (B, T), on the CPU, against a vocabulary of `vocab`, with the errors of the device check.
+    pub fn check(name: &str, ids: &Tensor, vocab: i64) -> Result<CheckedIds> {
+        if ids.device() != Device::Cpu {
+            return Err(ModelError::Input(format!(
+                "{name}: host checks take the ids on the CPU, got {:?}",
+                ids.device()
+            )));
+        }
+        check_token_ids(name, ids, vocab)?;
+        let s = ids.size();
+        Ok(CheckedIds {
+            shape: [s[0], s[1]],
+            vocab,
+        })
+    }
+
+    /// (B, T) of the checked ids.
+    pub fn shape(&self) -> [i64; 2] {
+        self.shape
+    }
+
+    /// Ok when these are the checks of `ids` for a vocabulary of `n`: the same shape, checked against no
+    /// larger a vocabulary.
+    pub(crate) fn covers(&self, name: &str, ids: &Tensor, n: i64) -> Result<()> {
+        check_ids_shape(name, ids)?;
+        if ids.size() != self.shape || self.vocab > n {
+            return Err(ModelError::Input(format!(
+                "{name}: the host checks were made for {:?} ids and a vocabulary of {}, given {:?} ids and {n}",
+                self.shape,
+                self.vocab,
+                ids.size()
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// `t` on `device` without waiting: a non-blocking copy (from pageable host memory CUDA stages the data
+/// before returning, so `t` may be dropped at once; no stream synchronisation, unlike a blocking copy).
+/// `t` itself when it is already there.
+pub(crate) fn to_device_async(t: &Tensor, device: Device) -> Tensor {
+    if t.device() == device {
+        t.shallow_clone()
+    } else {
+        t.to_device_(device, t.kind(), true, false)
+    }
 }

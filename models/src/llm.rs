@@ -15,7 +15,9 @@ use tch::{Device, Kind, Tensor};
 
 use crate::builder::VarBuilder;
 use crate::error::{read_json, ModelError, Result};
-use crate::layers::{check_token_ids, dropout, dtype_min, Activation, Embedding, Linear, RmsNorm};
+use crate::layers::{
+    check_token_ids, dropout, dtype_min, Activation, CheckedIds, Embedding, Linear, RmsNorm,
+};
 
 /// An HF config.json of a supported decoder, by `model_type`.
 #[derive(Debug, Clone, serde::Deserialize, serde::Serialize)]
@@ -937,6 +939,16 @@ impl CausalLm {
     /// vocabulary are an error here rather than a device-side assert on CUDA.
     pub fn embed_tokens(&self, ids: &Tensor) -> Result<Tensor> {
         check_token_ids("input_ids", ids, self.spec.vocab_size)?;
+        self.embed(ids)
+    }
+
+    /// [`CausalLm::embed_tokens`] of ids checked on the host ([`CheckedIds`]): no device→host read.
+    pub fn embed_tokens_checked(&self, ids: &Tensor, checked: &CheckedIds) -> Result<Tensor> {
+        checked.covers("input_ids", ids, self.spec.vocab_size)?;
+        self.embed(ids)
+    }
+
+    fn embed(&self, ids: &Tensor) -> Result<Tensor> {
         Ok(Tensor::f_embedding(
             &self.model.embed_tokens.weight,
             ids,

@@ -1,10 +1,13 @@
 //! Evaluation of trained models on held-out shards. Today: M3D-Bench's image-text retrieval for M3D-CLIP
 //! ([`clip_retrieval`]): CLS features of every image and report of a split, cosine similarity, and
 //! R@1/5/10 in both directions, as the reference computes them (pair i's image matches pair i's text).
+//! The encoders run in batches on a chosen device ([`clip_retrieval_on`]; by default the first GPU when there
+//! is one, else the CPU), the batches reaching it as the trainer's do ([`crate::batch::to_device`]).
 
 use std::path::Path;
 
 use m3d_models::clip::{M3dClip, M3dClipConfig, SingleProcess};
+use m3d_models::layers::CheckedIds;
 use m3d_models::tokenizer::{Padding, Tokenizer};
 use m3d_models::weights::{load_file_into, LoadOptions};
 use m3d_models::VarBuilder;
@@ -12,7 +15,7 @@ use serde::Serialize;
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
-use crate::batch::stack_volumes;
+use crate::batch::{stack_volumes, to_device};
 use crate::data::{LoaderOptions, ShardLoader};
 use crate::dataset::task_matches;
 use crate::job::JobError;
@@ -40,6 +43,40 @@ pub enum EvalError {
     Load(#[from] crate::data::LoadError),
     #[error("{0}")]
     Input(String),
+    #[error(transparent)]
+    Tch(#[from] tch::TchError),
+}
+
+/// Parses a device for evaluation: `cpu`, `cuda` (the first GPU) or `cuda:N`.
+pub fn parse_device(s: &str) -> Result<Device, String> {
+    let bad = || format!("unknown device `{s}` (cpu, cuda or cuda:N)");
+    match s {
+        "cpu" => Ok(Device::Cpu),
+        "cuda" => Ok(Device::Cuda(0)),
+        _ => s
+            .strip_prefix("cuda:")
+            .and_then(|n| n.parse::<usize>().ok())
+            .map(Device::Cuda)
+            .ok_or_else(bad),
+    }
+}
+
+/// Where evaluation runs when no device is named: the first GPU when libtorch sees one, else the CPU.
+pub fn default_device() -> Device {
+    Device::cuda_if_available()
+}
+
+/// Errors unless `device` exists here.
+fn check_device(device: Device) -> Result<(), EvalError> {
+    if let Device::Cuda(n) = device {
+        let count = tch::Cuda::device_count();
+        if n as i64 >= count {
+            return Err(EvalError::Input(format!(
+                "device cuda:{n} asked for, but {count} GPU(s) are visible"
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Share of rows whose own index is among the `k` highest scores of the row.
@@ -88,15 +125,27 @@ pub fn load_clip(
 }
 
 /// Retrieval of the `cap` samples of `split` in the shard dataset `shards` by the model in `model_dir`,
-/// in batches of `batch`.
+/// in batches of `batch`, on [`default_device`].
 pub fn clip_retrieval(
     model_dir: &Path,
     shards: &str,
     split: &str,
     batch: usize,
 ) -> Result<Retrieval, EvalError> {
-    let device = Device::Cpu;
+    clip_retrieval_on(model_dir, shards, split, batch, default_device())
+}
+
+/// [`clip_retrieval`] with the encoders, the features and the similarity matrix on `device`.
+pub fn clip_retrieval_on(
+    model_dir: &Path,
+    shards: &str,
+    split: &str,
+    batch: usize,
+    device: Device,
+) -> Result<Retrieval, EvalError> {
+    check_device(device)?;
     let (_vs, clip, tokenizer) = load_clip(model_dir, device)?;
+    let vocab = clip.config().text.vocab_size;
     let loader = ShardLoader::open(
         shards,
         LoaderOptions {
@@ -126,19 +175,18 @@ pub fn clip_retrieval(
             .map(|s| (s.image.as_slice(), s.shape))
             .collect();
         let images = stack_volumes(&views).map_err(JobError::from)?;
+        let images = to_device(&images, device, Kind::Float)?;
         let texts: Vec<&str> = samples
             .iter()
             .map(|s| s.sample.report.as_deref().unwrap_or(""))
             .collect();
         let enc = tokenizer.encode_batch(&texts, max_len, Padding::MaxLength, true)?;
+        // Checked here, on the host: the forward pass then reads nothing back from the device.
+        let checked = CheckedIds::check("BERT input_ids", &enc.input_ids, vocab)?;
+        let ids = to_device(&enc.input_ids, device, Kind::Int64)?;
+        let mask = to_device(&enc.attention_mask, device, enc.attention_mask.kind())?;
         let out = tch::no_grad(|| {
-            clip.forward_t(
-                &images,
-                &enc.input_ids,
-                &enc.attention_mask,
-                &SingleProcess,
-                false,
-            )
+            clip.forward_t_checked(&images, &ids, &mask, &checked, &SingleProcess, false)
         })?;
         img_feats.push(out.image_features);
         txt_feats.push(out.text_features);
@@ -152,6 +200,24 @@ pub fn clip_retrieval(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn devices_parse_and_default_to_the_cpu_without_a_gpu() {
+        assert_eq!(parse_device("cpu"), Ok(Device::Cpu));
+        assert_eq!(parse_device("cuda"), Ok(Device::Cuda(0)));
+        assert_eq!(parse_device("cuda:3"), Ok(Device::Cuda(3)));
+        for bad in ["gpu", "cuda:", "cuda:x", "CPU", "cuda:-1"] {
+            assert!(parse_device(bad).is_err(), "{bad}");
+        }
+        if !tch::Cuda::is_available() {
+            assert_eq!(default_device(), Device::Cpu);
+            assert!(matches!(
+                check_device(Device::Cuda(0)),
+                Err(EvalError::Input(m)) if m.contains("cuda:0")
+            ));
+        }
+        assert!(check_device(Device::Cpu).is_ok());
+    }
 
     #[test]
     fn recall_counts_the_diagonal() {

@@ -9,8 +9,10 @@ use std::path::{Path, PathBuf};
 use m3d_instruct::{instruction, Family, Templates};
 use m3d_models::clip::{M3dClip, M3dClipConfig};
 use m3d_models::lamed::{
-    build_example, collate, Lamed, LamedBatch, LamedConfig, ADDED_TOKENS, IGNORE_INDEX,
+    build_example, collate, Lamed, LamedBatch, LamedConfig, LamedHostChecks, ADDED_TOKENS,
+    IGNORE_INDEX,
 };
+use m3d_models::layers::CheckedIds;
 use m3d_models::lora::{freeze_base, LoraConfig};
 use m3d_models::precision::Precision;
 use m3d_models::tokenizer::{Padding, Tokenizer};
@@ -24,7 +26,7 @@ use rand_chacha::ChaCha8Rng;
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
-use crate::batch::{stack_volumes, BatchError};
+use crate::batch::{stack_volumes, to_device, BatchError};
 use crate::checkpoint::{self, CheckpointError};
 use crate::data::LoadedSample;
 use crate::dataset::TrainData;
@@ -325,6 +327,8 @@ pub struct TrainModel {
 /// What a batch of a LaMed model needs to know about it.
 #[derive(Debug, Clone)]
 struct LamedSpec {
+    /// The model's configuration, for the host checks of its batches.
+    cfg: LamedConfig,
     num_image_tokens: usize,
     pad: i64,
     eos: i64,
@@ -345,8 +349,27 @@ pub struct Batcher {
     kind: Kind,
     /// (D, H, W) the vision tower takes.
     image_size: [i64; 3],
+    /// The text encoder's vocabulary (CLIP), for the host check of the token ids.
+    text_vocab: i64,
     /// `None` for CLIP.
     lamed: Option<LamedSpec>,
+}
+
+/// A CLIP batch on the training device, with its ids checked on the host.
+pub struct ClipBatch {
+    pub images: Tensor,
+    pub input_ids: Tensor,
+    pub attention_mask: Tensor,
+    pub checked: CheckedIds,
+}
+
+/// A LaMed batch on the training device, what was checked on the host before it went there, its scored tokens
+/// and its samples with a non-empty mask.
+pub struct LamedBuilt {
+    pub batch: LamedBatch,
+    pub checks: LamedHostChecks,
+    pub scored: i64,
+    pub masked: i64,
 }
 
 impl TrainModel {
@@ -512,8 +535,8 @@ impl TrainModel {
             m3d_recipes::Precision::Bf16Autocast => Precision::Bf16Autocast,
         };
         precision.apply(&mut vs)?;
-        let (image_size, lamed) = match &net {
-            Net::Clip(c) => (c.config().vision.img_size, None),
+        let (image_size, text_vocab, lamed) = match &net {
+            Net::Clip(c) => (c.config().vision.img_size, c.config().text.vocab_size, None),
             Net::Lamed(l) => {
                 let pad = tokenizer.pad_token().map(|(_, id)| id).unwrap_or(0);
                 let eos = tokenizer
@@ -522,7 +545,9 @@ impl TrainModel {
                     .unwrap_or(pad);
                 (
                     l.config().vision.img_size,
+                    0,
                     Some(LamedSpec {
+                        cfg: l.config().clone(),
                         num_image_tokens: l.config().num_image_tokens() as usize,
                         pad,
                         eos,
@@ -540,6 +565,7 @@ impl TrainModel {
             device,
             kind: precision.kind(),
             image_size,
+            text_vocab,
             lamed,
         };
         Ok(TrainModel {
@@ -575,7 +601,7 @@ impl Batcher {
     }
 
     /// Images of `samples` (global indices alongside; augmented, if at all, while decoding) as one
-    /// (B, C, D, H, W) batch on the device.
+    /// (B, C, D, H, W) batch on the device (through pinned memory to a GPU, see [`crate::batch`]).
     fn images(&self, samples: &[(u64, LoadedSample)]) -> Result<Tensor, JobError> {
         let expected = self.image_size;
         for (_, s) in samples {
@@ -594,16 +620,17 @@ impl Batcher {
             .iter()
             .map(|(_, s)| (s.image.as_slice(), s.shape))
             .collect();
-        let images = stack_volumes(&views)?;
-        Ok(images.to_device(self.device).to_kind(self.kind))
+        Ok(to_device(&stack_volumes(&views)?, self.device, self.kind)?)
+    }
+
+    /// A host tensor of token ids or masks on the training device.
+    fn ids_to_device(&self, t: &Tensor) -> Result<Tensor, JobError> {
+        Ok(to_device(t, self.device, t.kind())?)
     }
 
     /// A CLIP batch: images, and the reports tokenised to `data.max_text_len` with max-length padding (the
-    /// reference's `padding="max_length"`).
-    pub fn clip_batch(
-        &self,
-        samples: &[(u64, LoadedSample)],
-    ) -> Result<(Tensor, Tensor, Tensor), JobError> {
+    /// reference's `padding="max_length"`), their ids checked on the host.
+    pub fn clip_batch(&self, samples: &[(u64, LoadedSample)]) -> Result<ClipBatch, JobError> {
         if self.lamed.is_some() {
             return Err(recipe_err("kind", "not a CLIP model"));
         }
@@ -619,24 +646,25 @@ impl Batcher {
         let enc =
             self.tokenizer
                 .encode_batch(&texts, self.max_text_len, Padding::MaxLength, true)?;
-        let images = self.images(samples)?;
-        Ok((
-            images,
-            enc.input_ids.to_device(self.device),
-            enc.attention_mask.to_device(self.device),
-        ))
+        let checked = CheckedIds::check("BERT input_ids", &enc.input_ids, self.text_vocab)?;
+        Ok(ClipBatch {
+            images: self.images(samples)?,
+            input_ids: self.ids_to_device(&enc.input_ids)?,
+            attention_mask: self.ids_to_device(&enc.attention_mask)?,
+            checked,
+        })
     }
 
     /// A LaMed batch as the reference's datasets build it: the instruction of each sample (its stored
     /// question, or a prompt template drawn per (seed, epoch, sample)), `<im_patch>` × N before it, the answer
     /// after a space; labels on the answer only; with the segmentation module, every sample's mask (zeros for
-    /// samples without one, which the model leaves out of the segmentation loss). Returns the batch, its
-    /// scored tokens and its samples with a non-empty mask.
+    /// samples without one, which the model leaves out of the segmentation loss). The ids and the masks are
+    /// checked on the host, the scored tokens counted there, before the batch goes to the device.
     pub fn lamed_batch(
         &self,
         samples: &[(u64, LoadedSample)],
         epoch: u64,
-    ) -> Result<(LamedBatch, i64, i64), JobError> {
+    ) -> Result<LamedBuilt, JobError> {
         let Some(spec) = &self.lamed else {
             return Err(recipe_err("kind", "not a LaMed model"));
         };
@@ -669,34 +697,38 @@ impl Batcher {
                 eos,
             )?);
         }
-        let (input_ids, attention_mask, labels) = collate(&examples, self.device)?;
+        // Built on the host: the counts and checks below read no device memory.
+        let (input_ids, attention_mask, labels) = collate(&examples, Device::Cpu)?;
         let scored = labels
             .ne(IGNORE_INDEX)
             .sum(Kind::Int64)
             .f_int64_value(&[])?;
         let images = self.images(samples)?;
-        let (segs, masked) = if spec.segmentation {
-            let (segs, masked) = self.masks(samples)?;
-            (Some(segs), masked)
+        let (segs, masked, has_mask) = if spec.segmentation {
+            let (segs, has_mask) = self.masks(samples)?;
+            let masked = has_mask.iter().filter(|&&m| m).count() as i64;
+            (Some(segs), masked, Some(has_mask))
         } else {
-            (None, 0)
+            (None, 0, None)
         };
-        Ok((
-            LamedBatch {
+        let checks = LamedHostChecks::check(&spec.cfg, &input_ids, has_mask.as_deref())?;
+        Ok(LamedBuilt {
+            batch: LamedBatch {
                 images,
-                input_ids,
-                attention_mask: Some(attention_mask),
-                labels: Some(labels),
+                input_ids: self.ids_to_device(&input_ids)?,
+                attention_mask: Some(self.ids_to_device(&attention_mask)?),
+                labels: Some(self.ids_to_device(&labels)?),
                 segs,
             },
+            checks,
             scored,
             masked,
-        ))
+        })
     }
 
-    /// The samples' masks as (B, 1, D, H, W) on the training device, zeros where a sample has none, and how
-    /// many are not empty.
-    fn masks(&self, samples: &[(u64, LoadedSample)]) -> Result<(Tensor, i64), JobError> {
+    /// The samples' masks as (B, 1, D, H, W) on the training device, zeros where a sample has none, and
+    /// which are not empty.
+    fn masks(&self, samples: &[(u64, LoadedSample)]) -> Result<(Tensor, Vec<bool>), JobError> {
         let spatial = |s: &LoadedSample| [1, s.shape[1], s.shape[2], s.shape[3]];
         let zeros: Vec<f32> = samples
             .iter()
@@ -707,11 +739,12 @@ impl Batcher {
             .iter()
             .map(|(_, s)| (s.mask.as_deref().unwrap_or(&zeros), spatial(s)))
             .collect();
-        let masked = samples
+        let has_mask = samples
             .iter()
-            .filter(|(_, s)| s.mask.as_ref().is_some_and(|m| m.iter().any(|&v| v != 0.0)))
-            .count() as i64;
-        Ok((stack_volumes(&views)?.to_device(self.device), masked))
+            .map(|(_, s)| s.mask.as_ref().is_some_and(|m| m.iter().any(|&v| v != 0.0)))
+            .collect();
+        let masks = to_device(&stack_volumes(&views)?, self.device, Kind::Float)?;
+        Ok((masks, has_mask))
     }
 }
 

@@ -43,12 +43,36 @@
 //! NCCL reduces them in place ([`global_sums`]); a LaMed step needs two such reductions
 //! ([`DataParallelStep::train_step_lamed`]). `worker/tests/collective_device.rs` drives LaMed steps through a
 //! collective that refuses what NCCL refuses.
+//!
+//! ## Host waits, and why the all-reduce does not overlap the backward pass
+//!
+//! On a GPU the host only queues kernels; every read of a device value back to the host waits for all of them.
+//! A step reads as little as it can: the micro-batches' losses (and a LaMed step's Dice and BCE) are summed on
+//! the device and read in one copy with the gradient norm, after the reduction, so the host queues micro-batch
+//! i + 1 while the GPU still runs micro-batch i's backward; a batch whose ids and masks were checked on the
+//! host ([`DataParallelStep::train_step_lamed_checked`], `M3dClip::forward_loss_checked`) is not read back in
+//! the forward pass either. What is left per step: the two scalar reductions of a LaMed step (counts, logged
+//! loss parts: a copy to the collective's device, the all-reduce, a copy back each), the gradient norm (which
+//! the logged loss is read with), and the collective's own waits (NCCL waits for each operation, bucket by
+//! bucket, with its watchdog).
+//!
+//! DDP starts reducing a bucket while the backward pass still computes earlier layers' gradients: its
+//! `Reducer` registers a hook on each parameter's gradient accumulator and launches a bucket's all-reduce on a
+//! side stream as soon as its last gradient is written. `tch` 0.26 exposes none of that — no tensor or
+//! autograd-node hooks (`register_hook`, `grad_fn`, post-accumulate-grad hooks are not in its generated API
+//! nor in `torch-sys`'s C API), no custom autograd functions, no CUDA streams or events — so the host learns
+//! that a gradient is final only when `backward()` returns, and then they all are. Backward in pieces
+//! (`run_backward` for a subset of parameters at a time) would recompute the graph above each piece; a C++
+//! shim would be a libtorch build of our own. So the reduction starts after the (last micro-batch's)
+//! backward; with gradient accumulation there would be nothing to overlap before the last micro-batch anyway
+//! (the gradients are summed first, as DDP's `no_sync` does). The buckets are reduced back to back in the
+//! planned order, identical on every rank.
 
-use std::cell::{Cell, RefCell};
+use std::cell::RefCell;
 
 use m3d_collectives::{Bucketer, Collective, CollectiveError, ReduceOp};
 use m3d_models::clip::Gather;
-use m3d_models::lamed::{Lamed, LamedBatch};
+use m3d_models::lamed::{Lamed, LamedBatch, LamedHostChecks};
 use m3d_models::precision::Precision;
 use tch::{Device, Kind, Tensor};
 
@@ -306,21 +330,55 @@ impl DataParallelStep {
         schedule: &LrSchedule,
         step: u64,
         micro_batches: usize,
-        mut loss_fn: F,
+        loss_fn: F,
     ) -> Result<StepOutput, StepError>
     where
         F: FnMut(&mut dyn Collective, usize) -> Result<Tensor, StepError>,
     {
+        let (out, _) =
+            self.accumulate_and_update(comm, opt, schedule, step, micro_batches, loss_fn, || {
+                Ok(None)
+            })?;
+        Ok(out)
+    }
+
+    /// [`DataParallelStep::train_step_accum`], also reading `extra()` (a 1-d f64 tensor on the loss's device,
+    /// called after the last backward) back to the host in the same copy as the loss: the values come back
+    /// second.
+    #[allow(clippy::too_many_arguments)]
+    fn accumulate_and_update<F, E>(
+        &mut self,
+        comm: &mut dyn Collective,
+        opt: &mut AdamW,
+        schedule: &LrSchedule,
+        step: u64,
+        micro_batches: usize,
+        mut loss_fn: F,
+        extra: E,
+    ) -> Result<(StepOutput, Vec<f64>), StepError>
+    where
+        F: FnMut(&mut dyn Collective, usize) -> Result<Tensor, StepError>,
+        E: FnOnce() -> Result<Option<Tensor>, StepError>,
+    {
         opt.zero_grad();
-        let mut loss_value = 0.0;
+        // The losses are summed on the device, in f64 and in order (what adding their host values did), and
+        // read once below: a read per micro-batch would make the host wait for each backward pass before it
+        // queues the next forward.
+        let mut loss_sum: Option<Tensor> = None;
         for i in 0..micro_batches.max(1) {
             let loss = loss_fn(comm, i)?;
             if loss.numel() != 1 {
                 return Err(StepError::NotScalar(loss.size()));
             }
             loss.f_backward()?;
-            loss_value += loss.f_to_kind(Kind::Double)?.f_double_value(&[])?;
+            let value = loss.f_detach()?.f_to_kind(Kind::Double)?.f_reshape([1])?;
+            let sum = match loss_sum.take() {
+                Some(sum) => sum,
+                None => Tensor::f_zeros([1], (Kind::Double, value.device()))?,
+            };
+            loss_sum = Some(sum.f_add(&value)?);
         }
+        let extra = extra()?;
         // Every trainable parameter takes part, used by this rank's batch or not: the same buckets on
         // every rank.
         opt.fill_missing_grads()?;
@@ -343,13 +401,27 @@ impl DataParallelStep {
                 .map(|t| t.double_value(&[]))
                 .unwrap_or(0.0),
         };
+        // Read right after the gradient norm, which waited for the GPU: this copy waits for nothing more.
+        let mut values = match (loss_sum, extra) {
+            (Some(loss), Some(extra)) => {
+                let extra = extra.f_to_kind(Kind::Double)?.f_to_device(loss.device())?;
+                let both = Tensor::f_cat(&[loss, extra], 0)?;
+                Vec::<f64>::try_from(&both.f_to_device(Device::Cpu)?)?
+            }
+            (Some(loss), None) => Vec::<f64>::try_from(&loss.f_to_device(Device::Cpu)?)?,
+            (None, _) => vec![0.0],
+        };
+        let loss_value = values.remove(0);
         let lr = schedule.lr(step);
         opt.step(lr)?;
-        Ok(StepOutput {
-            loss: loss_value,
-            grad_norm,
-            lr,
-        })
+        Ok((
+            StepOutput {
+                loss: loss_value,
+                grad_norm,
+                lr,
+            },
+            values,
+        ))
     }
 }
 
@@ -389,6 +461,40 @@ impl DataParallelStep {
         step: u64,
         input: LamedStepInput<'_>,
     ) -> Result<LamedStepOutput, StepError> {
+        self.lamed_step(comm, opt, schedule, step, input, None)
+    }
+
+    /// [`DataParallelStep::train_step_lamed`] of micro-batches checked on the host (`checks[i]` for
+    /// `input.micro[i]`, see `Lamed::forward_checked`): the same values, without reading anything back from
+    /// the device in the forward passes.
+    pub fn train_step_lamed_checked(
+        &mut self,
+        comm: &mut dyn Collective,
+        opt: &mut AdamW,
+        schedule: &LrSchedule,
+        step: u64,
+        input: LamedStepInput<'_>,
+        checks: &[LamedHostChecks],
+    ) -> Result<LamedStepOutput, StepError> {
+        if checks.len() != input.micro.len() {
+            return Err(StepError::Model(m3d_models::ModelError::Input(format!(
+                "{} host checks for {} micro-batches",
+                checks.len(),
+                input.micro.len()
+            ))));
+        }
+        self.lamed_step(comm, opt, schedule, step, input, Some(checks))
+    }
+
+    fn lamed_step(
+        &mut self,
+        comm: &mut dyn Collective,
+        opt: &mut AdamW,
+        schedule: &LrSchedule,
+        step: u64,
+        input: LamedStepInput<'_>,
+        checks: Option<&[LamedHostChecks]>,
+    ) -> Result<LamedStepOutput, StepError> {
         let LamedStepInput {
             model,
             precision,
@@ -402,26 +508,47 @@ impl DataParallelStep {
             &[tokens as f64, if segments { masked as f64 } else { 0.0 }],
         )?;
         let (tokens, masked) = (counts[0].round() as i64, counts[1].round() as i64);
-        let parts = Cell::new([0.0f64; 2]);
-        let mut out = self.train_step_accum(comm, opt, schedule, step, micro.len(), |_, i| {
-            let (b, labels) = &micro[i];
-            let out = precision.run(|| model.forward_t(b, true))?;
-            let lm = token_sum_loss(&out.logits, labels, tokens.max(1))?;
-            Ok(match &out.seg {
-                Some(seg) if masked > 0 => {
-                    let share = seg.sample_ids.len() as f64 / masked as f64;
-                    let [d, c] = parts.get();
-                    parts.set([
-                        d + seg.dice.f_double_value(&[])? * share,
-                        c + seg.bce.f_double_value(&[])? * share,
-                    ]);
-                    lm + (&seg.dice + &seg.bce) * share
-                }
-                _ => lm,
-            })
-        })?;
+        // This rank's shares of the global Dice and BCE means, summed on the device in f64 (as the host values
+        // were) and read with the loss.
+        let parts: RefCell<Option<Tensor>> = RefCell::new(None);
+        let (mut out, seg_parts) = self.accumulate_and_update(
+            comm,
+            opt,
+            schedule,
+            step,
+            micro.len(),
+            |_, i| {
+                let (b, labels) = &micro[i];
+                let out = precision.run(|| match checks.and_then(|c| c.get(i)) {
+                    Some(c) => model.forward_checked(b, c, true),
+                    None => model.forward_t(b, true),
+                })?;
+                let lm = token_sum_loss(&out.logits, labels, tokens.max(1))?;
+                Ok(match &out.seg {
+                    Some(seg) if masked > 0 => {
+                        let share = seg.sample_ids.len() as f64 / masked as f64;
+                        let part =
+                            Tensor::f_stack(&[seg.dice.f_detach()?, seg.bce.f_detach()?], 0)?
+                                .f_to_kind(Kind::Double)?
+                                .f_mul_scalar(share)?;
+                        let mut acc = parts.borrow_mut();
+                        let sum = match acc.take() {
+                            Some(sum) => sum,
+                            None => Tensor::f_zeros([2], (Kind::Double, part.device()))?,
+                        };
+                        *acc = Some(sum.f_add(&part)?);
+                        lm + (&seg.dice + &seg.bce) * share
+                    }
+                    _ => lm,
+                })
+            },
+            || Ok(parts.borrow_mut().take()),
+        )?;
+        let [dice, bce] = match seg_parts[..] {
+            [dice, bce] => [dice, bce],
+            _ => [0.0, 0.0],
+        };
         // Each rank holds its share of the global loss and of the seg means: the logged values are their sums.
-        let [dice, bce] = parts.get();
         let sums = global_sums(comm, &[out.loss, dice, bce])?;
         out.loss = sums[0];
         Ok(LamedStepOutput {

@@ -17,7 +17,7 @@ use bytes::Bytes;
 use m3d_collectives::Collective;
 use m3d_coordinator::job::WorkerAction;
 use m3d_coordinator::plan::{PlanSpec, StepPlan};
-use m3d_models::lamed::LamedBatch;
+use m3d_models::lamed::{LamedBatch, LamedHostChecks};
 use m3d_models::tokenizer::Tokenizer;
 use m3d_models::weights::LoadOptions;
 use m3d_recipes::{ModelKind, Recipe};
@@ -27,7 +27,7 @@ use tch::Tensor;
 use crate::checkpoint::{self, CheckpointError, CheckpointState, Staged, UploadOptions, Uploader};
 use crate::data::LoadedSample;
 use crate::dataset::{DatasetError, TrainData};
-use crate::job::{device_for, Batcher, JobError, Net, TrainModel};
+use crate::job::{device_for, Batcher, ClipBatch, JobError, Net, TrainModel};
 use crate::metrics::{Meter, MetricsError, MetricsLine, MetricsWriter};
 use crate::optim::{AdamW, OptimError};
 use crate::schedule::LrSchedule;
@@ -387,15 +387,14 @@ pub fn run_round(
     })
 }
 
-/// A batch built ahead of its step.
+/// A batch built ahead of its step, already on the training device (its host copies were pinned and sent
+/// without waiting on this thread, see [`crate::batch`]), with what was checked on the host.
 enum Built {
-    Clip {
-        images: Tensor,
-        ids: Tensor,
-        mask: Tensor,
-    },
+    Clip(ClipBatch),
     Lamed {
         micro: Vec<(LamedBatch, Tensor)>,
+        /// Each micro-batch's host checks: its forward pass reads nothing back from the device.
+        checks: Vec<LamedHostChecks>,
         tokens: i64,
         /// Samples with a non-empty mask (segmentation).
         masked: i64,
@@ -414,23 +413,26 @@ fn build_batch(
     )?;
     let samples: Vec<(u64, LoadedSample)> = plan.samples.iter().copied().zip(loaded).collect();
     if !batcher.is_lamed() {
-        let (images, ids, mask) = batcher.clip_batch(&samples)?;
-        return Ok(Built::Clip { images, ids, mask });
+        return Ok(Built::Clip(batcher.clip_batch(&samples)?));
     }
     let mut out = Vec::new();
+    let mut checks = Vec::new();
     let (mut tokens, mut masked) = (0, 0);
     for chunk in samples.chunks(micro.max(1)) {
-        let (mut b, scored, with_mask) = batcher.lamed_batch(chunk, plan.epoch)?;
-        tokens += scored;
-        masked += with_mask;
-        let labels = b
+        let mut built = batcher.lamed_batch(chunk, plan.epoch)?;
+        tokens += built.scored;
+        masked += built.masked;
+        let labels = built
+            .batch
             .labels
             .take()
             .ok_or_else(|| TrainError::Recipe("a LaMed batch without labels".into()))?;
-        out.push((b, labels));
+        out.push((built.batch, labels));
+        checks.push(built.checks);
     }
     Ok(Built::Lamed {
         micro: out,
+        checks,
         tokens,
         masked,
     })
@@ -553,7 +555,7 @@ impl Loop<'_> {
             let mut seg_parts: Option<[f64; 2]> = None;
             let model = self.model;
             let out = match (&model.net, built) {
-                (Net::Clip(clip), Built::Clip { images, ids, mask }) => {
+                (Net::Clip(clip), Built::Clip(b)) => {
                     let r = self.stepper.train_step(
                         &mut *self.comm,
                         self.opt,
@@ -561,9 +563,16 @@ impl Loop<'_> {
                         step,
                         |comm| {
                             let gather = CollectiveGather::new(comm, GatherGrad::AllRanks);
-                            let loss = model
-                                .precision
-                                .run(|| clip.forward_loss(&images, &ids, &mask, &gather, true));
+                            let loss = model.precision.run(|| {
+                                clip.forward_loss_checked(
+                                    &b.images,
+                                    &b.input_ids,
+                                    &b.attention_mask,
+                                    &b.checked,
+                                    &gather,
+                                    true,
+                                )
+                            });
                             gather.finish()?;
                             Ok(loss?)
                         },
@@ -578,13 +587,14 @@ impl Loop<'_> {
                     Net::Lamed(lamed),
                     Built::Lamed {
                         micro,
+                        checks,
                         tokens,
                         masked,
                     },
                 ) => {
                     // Counts, losses and seg parts are reduced over the global batch on the collective's
                     // device (see `step`); a failed collective is a broken round.
-                    let r = self.stepper.train_step_lamed(
+                    let r = self.stepper.train_step_lamed_checked(
                         &mut *self.comm,
                         self.opt,
                         self.schedule,
@@ -596,6 +606,7 @@ impl Loop<'_> {
                             tokens,
                             masked,
                         },
+                        &checks,
                     );
                     match r {
                         Ok(o) => {
