@@ -498,7 +498,12 @@ fn a_parameter_one_rank_does_not_use_still_trains_identically() {
     // Tensors are not `Sync`: each rank gets its own copies of the weights and the batch.
     let input = |rows: Vec<usize>| (rows, deep_copy(&init), x.copy());
     let run = |comm: &mut dyn Collective, (rows, init, x): (Vec<usize>, Named, Tensor)| -> Named {
-        let (vs, body, head) = build();
+        // `build` draws a random init (overwritten by `load`): under the lock, or it shifts the draws of a
+        // test running beside this one.
+        let (vs, body, head) = {
+            let _g = rng_lock();
+            build()
+        };
         load(&vs, &init);
         let mut opt = optimizer(&vs);
         let mut stepper = DataParallelStep::new(StepOptions {
