@@ -773,20 +773,23 @@ print(json.dumps({"from_ckpt": float(abs(ckpt[k] - final2[k]).max()),
         "step 2 differs from step 4: {v}"
     );
 
-    let missing = stage1.join("checkpoints/step-000000003");
-    let a = lamed(
-        "lamed-stage2-tiny.yaml",
-        &dir.path().join("bad"),
-        &["--init-from", missing.to_str().unwrap()],
-    );
-    let refs: Vec<&str> = a.iter().map(String::as_str).collect();
-    let out = m3d(&refs);
-    assert!(!out.status.success());
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stderr),
-        std::fs::read_to_string(dir.path().join("bad/logs/w0.log")).unwrap_or_default()
-    );
+    // Stage 2 from `init`, which must be refused: its stderr and first worker's log.
+    let refused = |init: &Path, run: &str| {
+        let a = lamed(
+            "lamed-stage2-tiny.yaml",
+            &dir.path().join(run),
+            &["--init-from", init.to_str().unwrap()],
+        );
+        let refs: Vec<&str> = a.iter().map(String::as_str).collect();
+        let out = m3d(&refs);
+        assert!(!out.status.success());
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stderr),
+            std::fs::read_to_string(dir.path().join(run).join("logs/w0.log")).unwrap_or_default()
+        )
+    };
+    let text = refused(&stage1.join("checkpoints/step-000000003"), "bad");
     assert!(
         text.contains("step-000000003/COMMIT") && text.contains("not committed"),
         "{text}"
@@ -795,19 +798,7 @@ print(json.dumps({"from_ckpt": float(abs(ckpt[k] - final2[k]).max()),
     // A stage-1 run that has not finished: its `final/` is named as missing, with the run that writes it,
     // not as a weight file of an unknown format.
     let unfinished = dir.path().join("stage1-not-run/final");
-    let a = lamed(
-        "lamed-stage2-tiny.yaml",
-        &dir.path().join("bad2"),
-        &["--init-from", unfinished.to_str().unwrap()],
-    );
-    let refs: Vec<&str> = a.iter().map(String::as_str).collect();
-    let out = m3d(&refs);
-    assert!(!out.status.success());
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stderr),
-        std::fs::read_to_string(dir.path().join("bad2/logs/w0.log")).unwrap_or_default()
-    );
+    let text = refused(&unfinished, "bad2");
     let run = dir.path().join("stage1-not-run");
     assert!(
         text.contains(&format!("{} does not exist", unfinished.display()))
