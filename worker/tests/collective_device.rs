@@ -16,11 +16,12 @@
 //! and the step fails. Two ranks (threads joined by the TCP ring) then train a tiny segmenting LaMed through the
 //! wrapper and match one rank on the whole batch.
 
-use std::net::SocketAddr;
-use std::sync::Mutex;
-use std::time::Duration;
+mod common;
 
-use m3d_collectives::{Collective, CollectiveError, ReduceOp, RingListener, RingTcp};
+use std::sync::Mutex;
+
+use common::{max_diff, one_rank, two_ranks, Named};
+use m3d_collectives::{Collective, CollectiveError, ReduceOp};
 use m3d_models::lamed::{build_example, collate, Lamed, LamedBatch, LamedConfig, IGNORE_INDEX};
 use m3d_models::precision::Precision;
 use m3d_models::{weights, VarBuilder};
@@ -34,9 +35,6 @@ use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
 const STEPS: u64 = 2;
-const TIMEOUT: Duration = Duration::from_secs(60);
-
-type Named = Vec<(String, Tensor)>;
 
 /// A collective that refuses what NCCL (before it staged host tensors) refused; see the module docs.
 struct DeviceStrict<'a> {
@@ -116,38 +114,6 @@ impl Collective for DeviceStrict<'_> {
     fn barrier(&mut self) -> Result<(), CollectiveError> {
         self.inner.barrier()
     }
-}
-
-fn one_rank<T>(f: impl FnOnce(&mut dyn Collective) -> T) -> T {
-    let addr: SocketAddr = "127.0.0.1:0".parse().unwrap();
-    let mut comm = RingTcp::connect(0, 1, &[addr], TIMEOUT).unwrap();
-    f(&mut comm)
-}
-
-/// Two ranks in two threads joined by the TCP ring; rank r gets `inputs[r]` (tensors are not `Sync`).
-fn two_ranks<I: Send, T: Send>(
-    inputs: [I; 2],
-    f: impl Fn(&mut dyn Collective, I) -> T + Sync,
-) -> Vec<T> {
-    let listeners: Vec<RingListener> = (0..2)
-        .map(|_| RingListener::bind("127.0.0.1:0".parse().unwrap()).unwrap())
-        .collect();
-    let addrs: Vec<SocketAddr> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
-    std::thread::scope(|s| {
-        let handles: Vec<_> = listeners
-            .into_iter()
-            .zip(inputs)
-            .enumerate()
-            .map(|(rank, (l, input))| {
-                let (addrs, f) = (&addrs, &f);
-                s.spawn(move || {
-                    let mut comm = l.join(rank, 2, addrs, TIMEOUT).unwrap();
-                    f(&mut comm, input)
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
-    })
 }
 
 #[test]
@@ -308,17 +274,6 @@ fn train(comm: &mut dyn Collective, data: &Inputs) -> (Vec<LamedStepOutput>, Nam
         .collect();
     params.sort_by(|a, b| a.0.cmp(&b.0));
     (outs, params)
-}
-
-fn max_diff(a: &[(String, Tensor)], b: &[(String, Tensor)]) -> f64 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|((n, x), (m, y))| {
-            assert_eq!(n, m);
-            (x - y).abs().max().double_value(&[])
-        })
-        .fold(0.0, f64::max)
 }
 
 #[test]

@@ -5,11 +5,12 @@
 //! Llama with the LM loss normalised by the global scored-token count (`GradReduction::Sum`). The wrong
 //! reductions are shown to differ, on the gradients and on the trained parameters.
 
-use std::net::SocketAddr;
-use std::sync::{Mutex, MutexGuard};
-use std::time::Duration;
+mod common;
 
-use m3d_collectives::{Collective, RingListener, RingTcp};
+use std::sync::{Mutex, MutexGuard};
+
+use common::{max_diff, two_ranks, Named};
+use m3d_collectives::Collective;
 use m3d_models::clip::{M3dClip, M3dClipConfig};
 use m3d_models::lamed::IGNORE_INDEX;
 use m3d_models::llama::LlamaConfig;
@@ -27,9 +28,6 @@ use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
 const STEPS: u64 = 3;
-const TIMEOUT: Duration = Duration::from_secs(60);
-
-type Named = Vec<(String, Tensor)>;
 
 /// libtorch's default generator is global and the two tests run in parallel: whatever draws from it
 /// (seeding and generating the inputs, and building models, whose random init is then overwritten) holds
@@ -65,18 +63,6 @@ fn params(vs: &VarStore) -> Named {
     v
 }
 
-/// Largest absolute difference over all tensors (names must match).
-fn max_diff(a: &[(String, Tensor)], b: &[(String, Tensor)]) -> f64 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|((n, x), (m, y))| {
-            assert_eq!(n, m);
-            (x - y).abs().max().double_value(&[])
-        })
-        .fold(0.0, f64::max)
-}
-
 /// Largest difference relative to each tensor's own scale, floored at 1e-4 of the largest value overall:
 /// gradients that are zero in exact arithmetic (attention key biases: softmax ignores a constant shift)
 /// hold only rounding noise, which has no scale of its own.
@@ -99,37 +85,9 @@ fn bit_equal(a: &[(String, Tensor)], b: &[(String, Tensor)]) -> bool {
     a.iter().zip(b).all(|((n, x), (m, y))| n == m && x.equal(y))
 }
 
-/// One rank's world: the single-process ring.
+/// One rank's world on `input`.
 fn one_rank<I, T>(input: I, f: impl Fn(&mut dyn Collective, I) -> T) -> T {
-    let addr: SocketAddr = "127.0.0.1:0".parse().unwrap();
-    let mut comm = RingTcp::connect(0, 1, &[addr], TIMEOUT).unwrap();
-    f(&mut comm, input)
-}
-
-/// Two ranks in two threads joined by the TCP ring; rank r gets `inputs[r]`.
-fn two_ranks<I: Send, T: Send>(
-    inputs: [I; 2],
-    f: impl Fn(&mut dyn Collective, I) -> T + Sync,
-) -> Vec<T> {
-    let listeners: Vec<RingListener> = (0..2)
-        .map(|_| RingListener::bind("127.0.0.1:0".parse().unwrap()).unwrap())
-        .collect();
-    let addrs: Vec<SocketAddr> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
-    std::thread::scope(|s| {
-        let handles: Vec<_> = listeners
-            .into_iter()
-            .zip(inputs)
-            .enumerate()
-            .map(|(rank, (l, input))| {
-                let (addrs, f) = (&addrs, &f);
-                s.spawn(move || {
-                    let mut comm = l.join(rank, 2, addrs, TIMEOUT).unwrap();
-                    f(&mut comm, input)
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
-    })
+    common::one_rank(|comm| f(comm, input))
 }
 
 /// This rank's contiguous slice of a global batch.

@@ -4,11 +4,11 @@
 //! paths compute exactly what the device-checked ones do — forward values, losses, a LaMed step's update with
 //! the losses and seg parts summed on the device — and refuse what those refuse.
 
-use std::net::SocketAddr;
-use std::sync::{Mutex, MutexGuard};
-use std::time::Duration;
+mod common;
 
-use m3d_collectives::{Collective, RingTcp};
+use std::sync::{Mutex, MutexGuard};
+
+use common::{one_rank, Named};
 use m3d_models::bert::BertConfig;
 use m3d_models::clip::{M3dClip, M3dClipConfig, SingleProcess};
 use m3d_models::lamed::{
@@ -25,19 +25,11 @@ use m3d_worker::step::{
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
-type Named = Vec<(String, Tensor)>;
-
 /// libtorch's generator is global: tests that seed it and draw dropout masks run one at a time.
 static SERIAL: Mutex<()> = Mutex::new(());
 
 fn serial() -> MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn one_rank<T>(f: impl FnOnce(&mut dyn Collective) -> T) -> T {
-    let addr: SocketAddr = "127.0.0.1:0".parse().unwrap();
-    let mut comm = RingTcp::connect(0, 1, &[addr], Duration::from_secs(60)).unwrap();
-    f(&mut comm)
 }
 
 /// A debug LaMed with segmentation and 4 samples (answers of different lengths, sample 2 without a mask).
