@@ -362,26 +362,36 @@ def compare(args):
         os.link(args.m3d, exe)
     except OSError:
         shutil.copy2(args.m3d, exe)
-    results = {"ours": [], "reference": []}
+    # Extra m3d sides, run in each round beside the default one: NAME:key=value[;key=value...].
+    variants = [("ours", [])]
+    for v in args.variant or []:
+        name, _, rest = v.partition(":")
+        if not name or not rest:
+            sys.exit(f"--variant {v!r}: expected NAME:key=value[;key=value...]")
+        variants.append((f"ours {name}", rest.split(";")))
+    results = {name: [] for name, _ in variants}
+    results["reference"] = []
     gb = None
     load_before = os.getloadavg()[0]
     for r in range(1, args.rounds + 1):
+        for name, extra in variants:
+            run = work / f"{name.replace(' ', '-')}-{r}"
+            shutil.rmtree(run, ignore_errors=True)
+            cmd = [str(exe), "train", args.recipe, "--workers", str(w)]
+            for s in sets + extra:
+                cmd += ["--set", s.replace("output.run=RUN", f"output.run={run}")]
+            t = time.time()
+            p = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            if p.returncode != 0:
+                sys.exit(f"m3d train failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+            wall_ours = time.time() - t
+            gb = int(_yaml(run / "recipe.yaml")["train"]["global_batch"])
+            so = ours_stats(run, gb, args.skip)
+            so["wall_s"] = wall_ours
+            results[name].append(so)
+            print(f"round {r} {name}: median {so['median_s']:.3f} s, wait {100 * so['wait_share']:.1f} %, "
+                  f"wall {wall_ours:.1f} s", file=sys.stderr)
         run = work / f"ours-{r}"
-        shutil.rmtree(run, ignore_errors=True)
-        cmd = [str(exe), "train", args.recipe, "--workers", str(w)]
-        for s in sets:
-            cmd += ["--set", s.replace("output.run=RUN", f"output.run={run}")]
-        t = time.time()
-        p = subprocess.run(cmd, env=env, capture_output=True, text=True)
-        if p.returncode != 0:
-            sys.exit(f"m3d train failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
-        wall_ours = time.time() - t
-        gb = int(_yaml(run / "recipe.yaml")["train"]["global_batch"])
-        so = ours_stats(run, gb, args.skip)
-        so["wall_s"] = wall_ours
-        results["ours"].append(so)
-        print(f"round {r} ours: median {so['median_s']:.3f} s, wait {100 * so['wait_share']:.1f} %, "
-              f"wall {wall_ours:.1f} s", file=sys.stderr)
 
         ref = work / f"ref-{r}"
         shutil.rmtree(ref, ignore_errors=True)
@@ -412,7 +422,7 @@ def compare(args):
     print("| side | round | median step (s) | mean step (s) | samples/s | data wait | final loss | run wall (s) |")
     print("|---|---|---|---|---|---|---|---|")
     pooled = {}
-    for side in ("ours", "reference"):
+    for side in results:
         for r, s in enumerate(results[side], 1):
             print(f"| {side} | {r} | {s['median_s']:.3f} | {s['mean_s']:.3f} | {s['samples_per_s']:.1f} | "
                   f"{100 * s['wait_share']:.1f} % | {s['final_loss']:.4f} | {s['wall_s']:.1f} |")
@@ -424,6 +434,9 @@ def compare(args):
     ratio = pooled["ours"][0] / pooled["reference"][0]
     print(f"\nstep-time ratio ours / reference (median, all rounds): **{ratio:.2f}** (target <= 1); "
           f"ours' data-wait share {100 * pooled['ours'][2]:.1f} % (target < 5 %)")
+    for name, _ in variants[1:]:
+        print(f"step-time ratio {name} / reference: **{pooled[name][0] / pooled['reference'][0]:.2f}**; "
+              f"{name} / ours: **{pooled[name][0] / pooled['ours'][0]:.2f}**")
 
 
 def main():
@@ -457,6 +470,9 @@ def main():
     c.add_argument("--backend", default=None)
     c.add_argument("--num-workers", type=int, default=1)
     c.add_argument("--set", action="append", help="extra --set for m3d (e.g. train.precision=f32)")
+    c.add_argument("--variant", action="append",
+                   help="an extra m3d side per round, NAME:key=value[;key=value] (e.g. "
+                        "'no-overlap:train.overlap_grad_reduce=false')")
     a = ap.parse_args()
     if a.cmd == "export":
         export(Path(a.shards), Path(a.out))

@@ -3,7 +3,9 @@
 //! One collective per parameter would pay the ring's per-operation latency hundreds of times per step; one flat
 //! buffer of everything would need a second copy of all gradients. Buckets of at most N MiB are the usual middle
 //! (DDP's default is 25 MiB). The grouping depends only on the list of tensors (their order, sizes, dtypes and
-//! devices), so every rank builds the same buckets and the reduction order is deterministic.
+//! devices) and the order they are bucketed in, so every rank builds the same buckets and the reduction order is
+//! deterministic. To overlap with the backward pass, the buckets follow the order the gradients become final
+//! ([`Bucketer::with_order`]) and are reduced one at a time as they fill ([`Bucketer::reduce_bucket`]).
 
 use tch::{Device, Kind, Tensor};
 
@@ -47,8 +49,27 @@ fn torch(op: &'static str) -> impl Fn(tch::TchError) -> CollectiveError {
 impl Bucketer {
     /// Plans the buckets for `tensors` (e.g. the trainable parameters' gradients, in a fixed order).
     pub fn new(tensors: &[Tensor], max_bytes: usize) -> Result<Bucketer> {
+        let order: Vec<usize> = (0..tensors.len()).collect();
+        Bucketer::with_order(tensors, &order, max_bytes)
+    }
+
+    /// Plans the buckets for `tensors` taken in `order` (a permutation of their indices: e.g. the order in which
+    /// the backward pass finishes the gradients); a bucket holds consecutive tensors of that order.
+    pub fn with_order(tensors: &[Tensor], order: &[usize], max_bytes: usize) -> Result<Bucketer> {
+        let mut seen = vec![false; tensors.len()];
+        let permutation = order.len() == tensors.len()
+            && order
+                .iter()
+                .all(|&i| i < seen.len() && !std::mem::replace(&mut seen[i], true));
+        if !permutation {
+            return Err(bucket_err(format!(
+                "the bucket order is not a permutation of the {} tensors",
+                tensors.len()
+            )));
+        }
         let mut buckets: Vec<Bucket> = Vec::new();
-        for (index, t) in tensors.iter().enumerate() {
+        for &index in order {
+            let t = &tensors[index];
             if !t.defined() {
                 return Err(bucket_err(format!(
                     "tensor {index} is undefined (a parameter without a gradient?)"
@@ -112,6 +133,21 @@ impl Bucketer {
         tensors: &mut [Tensor],
         op: ReduceOp,
     ) -> Result<()> {
+        for b in 0..self.buckets.len() {
+            self.reduce_bucket(b, comm, tensors, op)?;
+        }
+        Ok(())
+    }
+
+    /// Reduces bucket `b` (an index into [`Bucketer::layout`]) of `tensors` (the whole list, as at planning;
+    /// only this bucket's members are read and written). Every rank must reduce the buckets in the same order.
+    pub fn reduce_bucket(
+        &mut self,
+        b: usize,
+        comm: &mut dyn Collective,
+        tensors: &mut [Tensor],
+        op: ReduceOp,
+    ) -> Result<()> {
         if tensors.len() != self.count {
             return Err(bucket_err(format!(
                 "planned for {} tensors, given {}",
@@ -119,45 +155,47 @@ impl Bucketer {
                 tensors.len()
             )));
         }
+        let count = self.buckets.len();
+        let Some(b) = self.buckets.get_mut(b) else {
+            return Err(bucket_err(format!("no bucket {b} (of {count})")));
+        };
         let _guard = tch::no_grad_guard();
-        for b in &mut self.buckets {
-            for m in &b.members {
-                let t = &tensors[m.index];
-                if !t.defined()
-                    || t.numel() as i64 != m.numel
-                    || t.kind() != b.kind
-                    || t.device() != b.device
-                {
-                    return Err(bucket_err(format!(
-                        "tensor {} changed since planning: {} elements of {:?} on {:?} planned",
-                        m.index, m.numel, b.kind, b.device
-                    )));
-                }
+        for m in &b.members {
+            let t = &tensors[m.index];
+            if !t.defined()
+                || t.numel() as i64 != m.numel
+                || t.kind() != b.kind
+                || t.device() != b.device
+            {
+                return Err(bucket_err(format!(
+                    "tensor {} changed since planning: {} elements of {:?} on {:?} planned",
+                    m.index, m.numel, b.kind, b.device
+                )));
             }
-            let flat = match &mut b.flat {
-                Some(f) => f,
-                None => b.flat.insert(
-                    Tensor::f_empty([b.numel], (b.kind, b.device)).map_err(torch("allocate"))?,
-                ),
-            };
-            let mut offset = 0;
-            for m in &b.members {
-                let src = tensors[m.index].f_reshape([-1]).map_err(torch("flatten"))?;
-                flat.f_narrow(0, offset, m.numel)
-                    .and_then(|mut d| d.f_copy_(&src))
-                    .map_err(torch("copy in"))?;
-                offset += m.numel;
-            }
-            comm.all_reduce(flat, op)?;
-            let mut offset = 0;
-            for m in &b.members {
-                let t = &mut tensors[m.index];
-                let src = flat
-                    .f_narrow(0, offset, m.numel)
-                    .and_then(|s| s.f_view(t.size().as_slice()));
-                src.and_then(|s| t.f_copy_(&s)).map_err(torch("copy out"))?;
-                offset += m.numel;
-            }
+        }
+        let flat = match &mut b.flat {
+            Some(f) => f,
+            None => b
+                .flat
+                .insert(Tensor::f_empty([b.numel], (b.kind, b.device)).map_err(torch("allocate"))?),
+        };
+        let mut offset = 0;
+        for m in &b.members {
+            let src = tensors[m.index].f_reshape([-1]).map_err(torch("flatten"))?;
+            flat.f_narrow(0, offset, m.numel)
+                .and_then(|mut d| d.f_copy_(&src))
+                .map_err(torch("copy in"))?;
+            offset += m.numel;
+        }
+        comm.all_reduce(flat, op)?;
+        let mut offset = 0;
+        for m in &b.members {
+            let t = &mut tensors[m.index];
+            let src = flat
+                .f_narrow(0, offset, m.numel)
+                .and_then(|s| s.f_view(t.size().as_slice()));
+            src.and_then(|s| t.f_copy_(&s)).map_err(torch("copy out"))?;
+            offset += m.numel;
         }
         Ok(())
     }

@@ -17,7 +17,15 @@
 //! it: later calls fail with [`CollectiveError::Poisoned`]. So a dead peer costs the survivors an error within the
 //! timeout (or as soon as the round is ended), never a hang, and dropping a broken communicator does not wait for
 //! its pending work. Cost: each operation returns only when its kernel finished (the host waits, yielding at first
-//! and then sleeping at most 1 ms), so the CPU does not queue the next kernels meanwhile.
+//! and then sleeping at most 1 ms), so the calling thread does not queue the next kernels meanwhile.
+//!
+//! **Streams.** libtorch queues its kernels on the legacy default stream. NCCL's kernels run on a stream of their
+//! own (non-blocking, so not implicitly synchronised with the default one): each operation first makes it wait
+//! for an event recorded on the default stream, so the collective reads what the kernels queued before it wrote
+//! (the bucket copies, the gradients), and returns after its own kernel completed, so whatever is queued after
+//! the call sees the result. Meanwhile other threads' kernels on the default stream (the backward pass, while a
+//! communication thread reduces the buckets already complete) run beside the collective on the GPU — the overlap
+//! DDP gets from its side stream.
 //!
 //! **Host tensors.** NCCL reads and writes only its own GPU's memory. A tensor there (contiguous) is used in place;
 //! a host tensor is staged: copied to the GPU, reduced there, copied back (see [`on_device`]). That costs a device
@@ -32,7 +40,7 @@ use cudarc::driver::{CudaContext, CudaEvent, CudaStream};
 use tch::{Device, Tensor};
 
 use crate::error::CollectiveError;
-use crate::raw::nccl::{CallWait, Comm};
+use crate::raw::nccl::{CallWait, Comm, Stream};
 use crate::watchdog::{AbortSignal, Status, WaitError, Watchdog, Watched};
 use crate::{finish_reduce, Collective, ReduceOp, Result};
 
@@ -188,7 +196,13 @@ pub struct Nccl {
     poisoned: Option<String>,
     // Dropped in this order: the communicator (finalized or already aborted) before the CUDA objects.
     comm: Comm,
+    /// Recorded on the default stream before each operation; NCCL's stream waits for it.
+    queued: CudaEvent,
+    /// Recorded on NCCL's stream after each operation; the host waits for it.
     done: CudaEvent,
+    /// libtorch's stream (the legacy default stream).
+    torch_stream: Arc<CudaStream>,
+    /// Where NCCL's kernels run.
     stream: Arc<CudaStream>,
     /// Keeps the device's primary context (the one libtorch uses) retained; bound to the calling thread before
     /// every NCCL call.
@@ -286,8 +300,10 @@ impl Nccl {
             }
         };
         let ctx = CudaContext::new(device).map_err(cuda("cuDevicePrimaryCtxRetain"))?;
+        let queued = ctx.new_event(None).map_err(cuda("cuEventCreate"))?;
         let done = ctx.new_event(None).map_err(cuda("cuEventCreate"))?;
-        let stream = ctx.default_stream();
+        let torch_stream = ctx.default_stream();
+        let stream = ctx.new_stream().map_err(cuda("cuStreamCreate"))?;
         let mut comm = Comm::start(rank, world, &id.0, timeout.min(MAX_CLOSE))?;
         let dog = Watchdog::new("NCCL communicator setup", timeout)
             .with_signal(signal)
@@ -306,7 +322,9 @@ impl Nccl {
             signal: signal.clone(),
             poisoned: None,
             comm,
+            queued,
             done,
+            torch_stream,
             stream,
             ctx,
         })
@@ -333,7 +351,7 @@ impl Nccl {
     fn run(
         &mut self,
         op: &'static str,
-        launch: impl FnOnce(&mut Comm) -> Result<()>,
+        launch: impl FnOnce(&mut Comm, Stream) -> Result<()>,
     ) -> Result<()> {
         if let Some(cause) = &self.poisoned {
             return Err(CollectiveError::Poisoned {
@@ -357,7 +375,20 @@ impl Nccl {
             };
             return Err(self.fail(e));
         }
-        match launch(&mut self.comm) {
+        // NCCL's stream starts the operation once the default stream's work queued so far is done.
+        let fence = self
+            .queued
+            .record(&self.torch_stream)
+            .and_then(|()| self.stream.wait(&self.queued));
+        if let Err(e) = fence {
+            let e = CollectiveError::Nccl {
+                rank: self.rank,
+                call: "cuEventRecord/cuStreamWaitEvent",
+                detail: format!("{e:?}"),
+            };
+            return Err(self.fail(e));
+        }
+        match launch(&mut self.comm, self.stream.cu_stream() as Stream) {
             Ok(()) => {}
             // Nothing was launched: the caller's mistake, the communicator is fine.
             Err(e @ CollectiveError::UnsupportedTensor { .. }) => return Err(e),
@@ -425,7 +456,7 @@ impl Collective for Nccl {
     fn all_reduce(&mut self, tensor: &mut Tensor, op: ReduceOp) -> Result<()> {
         let (home, world, rank) = (self.device(), self.world, self.rank);
         on_device(tensor, home, rank, "all_reduce", |t| {
-            self.run("all_reduce", |c| c.all_reduce_sum(t))?;
+            self.run("all_reduce", |c, s| c.all_reduce_sum(t, s))?;
             finish_reduce(t, op, world, rank)
         })
     }
@@ -442,7 +473,7 @@ impl Collective for Nccl {
         let copy = staged(tensor, home, rank, op)?;
         let input = copy.as_ref().unwrap_or(tensor);
         let mut out = Tensor::f_empty(shape.as_slice(), (tensor.kind(), home)).map_err(torch)?;
-        self.run(op, |c| c.all_gather(input, &mut out))?;
+        self.run(op, |c, s| c.all_gather(input, &mut out, s))?;
         if tensor.device() != home {
             out = out.f_to_device(tensor.device()).map_err(torch)?;
         }
@@ -458,7 +489,7 @@ impl Collective for Nccl {
         }
         let (home, rank) = (self.device(), self.rank);
         on_device(tensor, home, rank, "broadcast", |t| {
-            self.run("broadcast", |c| c.broadcast(t, root))
+            self.run("broadcast", |c, s| c.broadcast(t, root, s))
         })
     }
 
@@ -472,7 +503,7 @@ impl Collective for Nccl {
             }
         })?;
         // `run` returns once the reduction finished on the GPU of every rank's stream: a barrier.
-        self.run("barrier", |c| c.all_reduce_sum(&mut t))
+        self.run("barrier", |c, s| c.all_reduce_sum(&mut t, s))
     }
 }
 

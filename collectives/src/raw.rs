@@ -101,7 +101,8 @@ pub(crate) mod nccl {
     /// `ncclCommInitRankConfig` and non-blocking communicators exist from NCCL 2.14.
     const MIN_VERSION: c_int = 21_400;
 
-    type Stream = *mut c_void;
+    /// A `CUstream` / `cudaStream_t` (the same handle); null is the legacy default stream.
+    pub(crate) type Stream = *mut c_void;
     type GetVersion = unsafe extern "C" fn(*mut c_int) -> c_int;
     type GetUniqueId = unsafe extern "C" fn(*mut ncclUniqueId) -> c_int;
     type InitRankConfig = unsafe extern "C" fn(
@@ -488,10 +489,9 @@ pub(crate) mod nccl {
             })
         }
 
-        /// Enqueues an in-place sum on the legacy default stream (the one libtorch uses unless told otherwise, so
-        /// libtorch's later kernels are ordered after it). Returns once NCCL accepted the call; the caller waits
-        /// for [`Comm::status`] and then for the stream.
-        pub(crate) fn all_reduce_sum(&mut self, t: &mut Tensor) -> Result<()> {
+        /// Enqueues an in-place sum on `stream` (the caller orders it after the work that wrote `t`). Returns once
+        /// NCCL accepted the call; the caller waits for [`Comm::status`] and then for the stream.
+        pub(crate) fn all_reduce_sum(&mut self, t: &mut Tensor, stream: Stream) -> Result<()> {
             let dt = self.dtype(t, "ncclAllReduce")?;
             let ptr = t.data_ptr();
             // SAFETY: `t` is a contiguous CUDA tensor of `numel` elements of `dt`; send and receive buffers are the
@@ -505,7 +505,7 @@ pub(crate) mod nccl {
                     dt,
                     ncclRedOp_t::ncclSum,
                     self.comm,
-                    null_mut(),
+                    stream,
                 )
             };
             self.launched("ncclAllReduce", r)
@@ -513,7 +513,12 @@ pub(crate) mod nccl {
 
         /// Enqueues: `out` (contiguous, `world` times the elements of `input`, same dtype) receives every rank's
         /// `input`.
-        pub(crate) fn all_gather(&mut self, input: &Tensor, out: &mut Tensor) -> Result<()> {
+        pub(crate) fn all_gather(
+            &mut self,
+            input: &Tensor,
+            out: &mut Tensor,
+            stream: Stream,
+        ) -> Result<()> {
             let dt = self.dtype(input, "ncclAllGather")?;
             if self.dtype(out, "ncclAllGather")? != dt {
                 return Err(CollectiveError::UnsupportedTensor {
@@ -531,28 +536,25 @@ pub(crate) mod nccl {
                     input.numel(),
                     dt,
                     self.comm,
-                    null_mut(),
+                    stream,
                 )
             };
             self.launched("ncclAllGather", r)
         }
 
         /// Enqueues an in-place broadcast from `root`.
-        pub(crate) fn broadcast(&mut self, t: &mut Tensor, root: usize) -> Result<()> {
+        pub(crate) fn broadcast(
+            &mut self,
+            t: &mut Tensor,
+            root: usize,
+            stream: Stream,
+        ) -> Result<()> {
             let dt = self.dtype(t, "ncclBroadcast")?;
             let ptr = t.data_ptr();
             // SAFETY: a contiguous CUDA tensor of `numel` elements of `dt`, used as both buffers (allowed), kept
             // alive by the caller until the operation completed or was aborted.
             let r = unsafe {
-                (self.api.broadcast)(
-                    ptr,
-                    ptr,
-                    t.numel(),
-                    dt,
-                    root as c_int,
-                    self.comm,
-                    null_mut(),
-                )
+                (self.api.broadcast)(ptr, ptr, t.numel(), dt, root as c_int, self.comm, stream)
             };
             self.launched("ncclBroadcast", r)
         }

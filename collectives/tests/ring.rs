@@ -308,6 +308,60 @@ fn bucketer_round_trip_matches_per_tensor_sums() {
 }
 
 #[test]
+fn ordered_buckets_follow_the_order_and_reduce_one_at_a_time() {
+    let world = 2;
+    let make = |rank: usize| -> Vec<Tensor> {
+        (0..5)
+            .map(|k| {
+                Tensor::full(
+                    [100],
+                    (k * 10 + rank) as f64,
+                    (Kind::Float, tch::Device::Cpu),
+                )
+            })
+            .collect()
+    };
+    let order = [4, 3, 1, 2, 0];
+    let results = run_ranks(world, 4096, |rank, mut ring| {
+        let mut ts = make(rank);
+        // 800 bytes: two 100-element f32 tensors a bucket.
+        let mut b = Bucketer::with_order(&ts, &order, 800).unwrap();
+        let layout = b.layout();
+        // Reduce bucket by bucket, checking that only the reduced buckets' tensors changed.
+        let mut changed = Vec::new();
+        for (k, members) in layout.iter().enumerate() {
+            b.reduce_bucket(k, &mut ring, &mut ts, ReduceOp::Sum)
+                .unwrap();
+            changed.extend(members.iter().copied());
+            for (i, t) in ts.iter().enumerate() {
+                let want = if changed.contains(&i) {
+                    (i * 20 + 1) as f64
+                } else {
+                    (i * 10 + rank) as f64
+                };
+                assert_eq!(t.double_value(&[0]), want, "tensor {i} after bucket {k}");
+            }
+        }
+        layout
+    });
+    for layout in results {
+        assert_eq!(layout, vec![vec![4, 3], vec![1, 2], vec![0]]);
+    }
+    let ts = make(0);
+    for bad in [&[0, 1, 2, 3][..], &[0, 1, 2, 3, 3], &[0, 1, 2, 3, 5]] {
+        let err = Bucketer::with_order(&ts, bad, 800).unwrap_err();
+        assert!(matches!(err, CollectiveError::Bucket(_)), "{err}");
+    }
+    let mut b = Bucketer::with_order(&ts, &order, 800).unwrap();
+    let mut single = RingTcp::connect(0, 1, &[loopback()], TIMEOUT).unwrap();
+    let mut out: Vec<Tensor> = ts.iter().map(|t| t.copy()).collect();
+    let err = b
+        .reduce_bucket(3, &mut single, &mut out, ReduceOp::Sum)
+        .unwrap_err();
+    assert!(err.to_string().contains("no bucket 3"), "{err}");
+}
+
+#[test]
 fn invalid_arguments_are_typed_errors() {
     let a = [loopback(), loopback()];
     assert!(matches!(

@@ -357,6 +357,12 @@ impl Recipe {
         if t.log_every < 1 {
             return bad("train.log_every", "must be at least 1".into());
         }
+        if !(1..=4096).contains(&t.bucket_mb) {
+            return bad(
+                "train.bucket_mb",
+                format!("{} is not in 1..=4096", t.bucket_mb),
+            );
+        }
         for (i, p) in t.no_decay.iter().enumerate() {
             if let Err(e) = Regex::new(p) {
                 return bad(&format!("train.no_decay.{i}"), format!("`{p}`: {e}"));

@@ -278,6 +278,14 @@ pub struct TrainSection {
     /// Steps between metrics lines. Default: `10`.
     #[serde(default = "default_log_every")]
     pub log_every: u64,
+    /// Gradient bucket size of the all-reduce, in MiB. Default: `25` (DDP's `bucket_cap_mb`).
+    #[serde(default = "default_bucket_mb")]
+    pub bucket_mb: usize,
+    /// Reduce a bucket of gradients as soon as the backward pass has finished it, while it computes the rest
+    /// (DDP's overlap; from the second step, once the order in which gradients become final is known).
+    /// Default: `true`. `false` reduces every bucket after the backward pass.
+    #[serde(default = "default_overlap")]
+    pub overlap_grad_reduce: bool,
 }
 
 fn default_seed() -> u64 {
@@ -325,6 +333,12 @@ fn default_max_grad_norm() -> Option<f64> {
 fn default_log_every() -> u64 {
     10
 }
+fn default_bucket_mb() -> usize {
+    25
+}
+fn default_overlap() -> bool {
+    true
+}
 
 impl Default for TrainSection {
     fn default() -> Self {
@@ -344,6 +358,8 @@ impl Default for TrainSection {
             max_grad_norm: default_max_grad_norm(),
             precision: None,
             log_every: default_log_every(),
+            bucket_mb: default_bucket_mb(),
+            overlap_grad_reduce: default_overlap(),
         }
     }
 }

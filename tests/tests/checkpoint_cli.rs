@@ -100,7 +100,8 @@ fn train_ok(a: &[String]) -> String {
 
 /// Starts `m3d train` (with `env` added), waits until `until` exists, then SIGKILLs the supervisor (with the
 /// coordinator in it) and every worker it started, as a lost node would lose them.
-fn train_and_kill(a: &[String], until: &Path, env: &[(&str, &str)]) {
+/// Runs `m3d train`, kills it and its workers (SIGKILL) as soon as every path of `until` exists.
+fn train_and_kill(a: &[String], until: &[&Path], env: &[(&str, &str)]) {
     let mut child = Command::new(m3d_bin())
         .args(a)
         .envs(env.iter().copied())
@@ -121,14 +122,14 @@ fn train_and_kill(a: &[String], until: &Path, env: &[(&str, &str)]) {
         })
     };
     let t0 = Instant::now();
-    while !until.exists() {
+    while let Some(missing) = until.iter().find(|p| !p.exists()) {
         assert!(
             t0.elapsed() < Duration::from_secs(180),
             "{} never appeared",
-            until.display()
+            missing.display()
         );
         if let Some(s) = child.try_wait().unwrap() {
-            panic!("m3d train ended ({s}) before {} appeared", until.display());
+            panic!("m3d train ended ({s}) before {} appeared", missing.display());
         }
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -154,7 +155,7 @@ fn killed_job_resumes_exactly_with_the_same_or_another_number_of_workers() {
         let run = dir.path().join(name);
         train_and_kill(
             &args(&run, &cap, first, &smooth),
-            &run.join("checkpoints/step-000000008/COMMIT"),
+            &[&run.join("checkpoints/step-000000008/COMMIT")],
             &[],
         );
         let resume: Vec<&str> = smooth.iter().copied().chain(["--resume"]).collect();
@@ -249,7 +250,11 @@ fn sigkill_during_an_upload_leaves_the_previous_checkpoint_in_use() {
     let step8 = run.join("checkpoints/step-000000008");
     train_and_kill(
         &args(&run, &cap, 2, &[]),
-        &step8.join("optimizer.safetensors"),
+        // The files are uploaded concurrently: both must be in place (the failpoint then holds the commit back).
+        &[
+            &step8.join("model.safetensors"),
+            &step8.join("optimizer.safetensors"),
+        ],
         &[(FAILPOINTS, "checkpoint-before-commit=1500")],
     );
     assert!(step8.join("model.safetensors").is_file());
@@ -391,7 +396,7 @@ fn dropout_continues_exactly_after_a_resume() {
     let run = dir.path().join("run");
     train_and_kill(
         &stage2(&run, &[]),
-        &run.join("checkpoints/step-000000004/COMMIT"),
+        &[&run.join("checkpoints/step-000000004/COMMIT")],
         &[],
     );
     let out = train_ok(&stage2(&run, &["--resume"]));

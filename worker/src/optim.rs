@@ -268,23 +268,74 @@ impl AdamW {
     /// segmentation module, for a batch without masks) must still take part in the all-reduce of every rank,
     /// or the ranks' buckets differ.
     pub fn fill_missing_grads(&mut self) -> Result<()> {
-        let missing: Vec<Tensor> = self
-            .params
-            .iter()
-            .filter(|p| grad_of(p).is_none())
-            .map(|p| p.param.shallow_clone())
+        let missing: Vec<usize> = (0..self.params.len())
+            .filter(|&i| grad_of(&self.params[i]).is_none())
             .collect();
-        if missing.is_empty() {
+        self.backward_zero_through(&missing)?;
+        self.accumulate_grads();
+        Ok(())
+    }
+
+    /// Back-propagates zero through the parameters at `indices` (positions in [`AdamW::params`]), which gives
+    /// each a gradient (zero, or its gradient plus zero) and runs its gradient hooks, without touching the f32
+    /// buffers.
+    pub fn backward_zero_through(&self, indices: &[usize]) -> Result<()> {
+        if indices.is_empty() {
             return Ok(());
         }
         // libtorch has no gradient setter in tch: back-propagate zero through each parameter instead.
-        let sums = missing
+        let sums = indices
             .iter()
-            .map(|t| t.f_sum(Kind::Float))
+            .filter_map(|&i| self.params.get(i))
+            .map(|p| p.param.f_sum(Kind::Float))
             .collect::<std::result::Result<Vec<Tensor>, _>>()?;
         let zero = Tensor::f_stack(&sums, 0)?.f_sum(Kind::Float)? * 0.0;
         zero.f_backward()?;
-        self.accumulate_grads();
+        Ok(())
+    }
+
+    /// The parameters, in update order (the order of [`AdamW::grads`] once every one has a gradient).
+    pub fn params(&self) -> Vec<(String, Tensor)> {
+        self.params
+            .iter()
+            .map(|p| (p.name.clone(), p.param.shallow_clone()))
+            .collect()
+    }
+
+    /// One [`ReadyGrad`] per parameter (same order as [`AdamW::params`]), for taking each gradient on another
+    /// thread as soon as the last backward pass of a step has finished it. Give the taken gradients back with
+    /// [`AdamW::set_grads`].
+    pub fn ready_grads(&self) -> Vec<ReadyGrad> {
+        self.params
+            .iter()
+            .map(|p| ReadyGrad {
+                name: p.name.clone(),
+                param: p.param.shallow_clone(),
+                acc: p.grad_acc.as_ref().map(Tensor::shallow_clone),
+                f32: p.is_f32(),
+            })
+            .collect()
+    }
+
+    /// Makes `grads` (one per parameter, from [`ReadyGrad::take`], possibly reduced since) the gradients the
+    /// next step uses.
+    pub fn set_grads(&mut self, grads: Vec<Tensor>) -> Result<()> {
+        if grads.len() != self.params.len() {
+            return Err(OptimError::Param {
+                name: format!("{} gradients", grads.len()),
+                message: format!("given for {} parameters", self.params.len()),
+            });
+        }
+        for (p, g) in self.params.iter_mut().zip(grads) {
+            if p.is_f32() {
+                // Taken from the parameter itself: reduced in place already, unless it was replaced.
+                if g.data_ptr() != p.param.grad().data_ptr() {
+                    tch::no_grad(|| p.param.grad().f_copy_(&g))?;
+                }
+            } else {
+                p.grad_acc = Some(g);
+            }
+        }
         Ok(())
     }
 
@@ -443,6 +494,47 @@ impl AdamW {
 }
 
 /// The f32 gradient a step uses for `p`, if it has one.
+/// One parameter's gradient as [`AdamW::grads`] will give it, taken as soon as its last backward pass finished it
+/// ([`AdamW::ready_grads`]).
+pub struct ReadyGrad {
+    name: String,
+    param: Tensor,
+    /// The f32 buffer of the earlier micro-batches (non-f32 parameters).
+    acc: Option<Tensor>,
+    f32: bool,
+}
+
+impl ReadyGrad {
+    /// The parameter's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The gradient: an f32 parameter's own (the same storage), or for another dtype the f32 sum of the
+    /// earlier micro-batches and this gradient (whose bf16 copy is zeroed, as [`AdamW::accumulate_grads`] does).
+    pub fn take(&self) -> Result<Tensor> {
+        tch::no_grad(|| {
+            let mut g = self.param.grad();
+            if !g.defined() {
+                return Err(OptimError::Param {
+                    name: self.name.clone(),
+                    message: "has no gradient".into(),
+                });
+            }
+            if self.f32 {
+                return Ok(g);
+            }
+            let gf = g.f_to_kind(Kind::Float)?;
+            let out = match &self.acc {
+                Some(acc) => acc.f_add(&gf)?,
+                None => gf,
+            };
+            let _ = g.f_zero_()?;
+            Ok(out)
+        })
+    }
+}
+
 fn grad_of(p: &ParamState) -> Option<Tensor> {
     if p.is_f32() {
         let g = p.param.grad();

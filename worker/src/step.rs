@@ -1,7 +1,7 @@
 //! The data-parallel training step: gathering CLIP features over a [`Collective`] ([`CollectiveGather`]),
 //! reducing gradients with the reduction that matches the loss ([`reduce_grads`], [`GradReduction`]), and
-//! one optimizer step ([`DataParallelStep::train_step`]: zero grads → loss → backward → bucketed all-reduce →
-//! clipping → AdamW at the scheduled lr).
+//! one optimizer step ([`DataParallelStep::train_step`]: zero grads → loss → backward with the bucketed
+//! all-reduce overlapped → clipping → AdamW at the scheduled lr).
 //!
 //! ## Which reduction equals single-process training on the concatenated batch
 //!
@@ -44,7 +44,7 @@
 //! ([`DataParallelStep::train_step_lamed`]). `worker/tests/collective_device.rs` drives LaMed steps through a
 //! collective that refuses what NCCL refuses.
 //!
-//! ## Host waits, and why the all-reduce does not overlap the backward pass
+//! ## Host waits
 //!
 //! On a GPU the host only queues kernels; every read of a device value back to the host waits for all of them.
 //! A step reads as little as it can: the micro-batches' losses (and a LaMed step's Dice and BCE) are summed on
@@ -54,30 +54,50 @@
 //! the forward pass either. What is left per step: the two scalar reductions of a LaMed step (counts, logged
 //! loss parts: a copy to the collective's device, the all-reduce, a copy back each), the gradient norm (which
 //! the logged loss is read with), and the collective's own waits (NCCL waits for each operation, bucket by
-//! bucket, with its watchdog).
+//! bucket, with its watchdog — on the communication thread when overlapping).
 //!
-//! DDP starts reducing a bucket while the backward pass still computes earlier layers' gradients: its
-//! `Reducer` registers a hook on each parameter's gradient accumulator and launches a bucket's all-reduce on a
-//! side stream as soon as its last gradient is written. `tch` 0.26 exposes none of that — no tensor or
-//! autograd-node hooks (`register_hook`, `grad_fn`, post-accumulate-grad hooks are not in its generated API
-//! nor in `torch-sys`'s C API), no custom autograd functions, no CUDA streams or events — so the host learns
-//! that a gradient is final only when `backward()` returns, and then they all are. Backward in pieces
-//! (`run_backward` for a subset of parameters at a time) would recompute the graph above each piece; a C++
-//! shim would be a libtorch build of our own. So the reduction starts after the (last micro-batch's)
-//! backward; with gradient accumulation there would be nothing to overlap before the last micro-batch anyway
-//! (the gradients are summed first, as DDP's `no_sync` does). The buckets are reduced back to back in the
-//! planned order, identical on every rank.
+//! ## Overlapping the all-reduce with the backward pass
+//!
+//! DDP starts reducing a bucket while the backward pass still computes earlier layers' gradients. So does this
+//! step (`StepOptions::overlap`, the recipe's `train.overlap_grad_reduce`, on when there is more than one
+//! rank), with the same three pieces:
+//!
+//! - **Readiness.** `m3d-grad-hooks` puts a post-accumulate-grad hook on every trainable parameter (`tch` has
+//!   none; the crate's C++ shim registers libtorch's own). Armed for the last micro-batch's backward pass only
+//!   (the earlier ones only accumulate, as under DDP's `no_sync`), a hook reports its parameter's index the moment
+//!   the gradient is final.
+//! - **Bucket order.** The first step runs without overlap and records the order in which its gradients became
+//!   final; rank 0's order (parameters its pass did not reach appended by index) is broadcast and the buckets are
+//!   planned along it (DDP's bucket rebuild after its first iteration). So a bucket fills early, and every rank
+//!   has the same buckets even where their graphs differ.
+//! - **Reduction.** From the second step, a communication thread takes each reported gradient (f32; a bf16
+//!   parameter's is added to the f32 sum of the earlier micro-batches, as `AdamW::accumulate_grads` does) and
+//!   reduces bucket k as soon as it is full and buckets 0..k are done — the same sequence of collectives on every
+//!   rank, the same buckets, so the result is the one the non-overlapped reduction gives with that plan, bit for
+//!   bit. Parameters the pass will not reach (found by walking the loss's autograd graph, DDP's unused-parameter
+//!   search) get their zero gradient through their hooks before it (DeepSpeed's zero fill), so that they do not
+//!   hold their buckets back. On a GPU the copies are queued on the default stream after the
+//!   accumulation, and NCCL's kernels run on their own stream behind an event (`m3d-collectives`' `Nccl`), so
+//!   they run beside the backward kernels.
+//!
+//! [`StepOutput::buckets_during_backward`] counts the buckets whose reduction started before the backward pass
+//! returned. `worker/tests/overlap.rs` checks that overlapped and plain steps give the same parameters bit for
+//! bit, with bf16 parameters, accumulation and a parameter one rank does not reach, and that buckets really are
+//! reduced during the backward pass.
 
 use std::cell::RefCell;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::Receiver;
 
 use m3d_collectives::{Bucketer, Collective, CollectiveError, ReduceOp};
+use m3d_grad_hooks::GradReadyHooks;
 use m3d_models::clip::Gather;
 use m3d_models::lamed::{Lamed, LamedBatch, LamedHostChecks};
 use m3d_models::precision::Precision;
 use tch::{Device, Kind, Tensor};
 
 use crate::grad::{clip_grad_norm, token_sum_loss, GradError};
-use crate::optim::{AdamW, OptimError};
+use crate::optim::{AdamW, OptimError, ReadyGrad};
 use crate::schedule::LrSchedule;
 
 /// Errors of a data-parallel step.
@@ -99,6 +119,8 @@ pub enum StepError {
     Tch(#[from] tch::TchError),
     #[error("the loss is not a scalar: shape {0:?}")]
     NotScalar(Vec<i64>),
+    #[error("overlapped gradient reduction: {0}")]
+    Overlap(String),
 }
 
 fn coll(rank: usize) -> impl Fn(CollectiveError) -> StepError {
@@ -260,6 +282,8 @@ pub struct StepOptions {
     pub max_grad_norm: Option<f64>,
     /// Gradient bucket size for the all-reduce.
     pub bucket_bytes: usize,
+    /// Reduce each bucket while the backward pass computes the rest (see the module docs).
+    pub overlap: bool,
 }
 
 impl Default for StepOptions {
@@ -268,6 +292,7 @@ impl Default for StepOptions {
             reduction: GradReduction::Mean,
             max_grad_norm: Some(1.0),
             bucket_bytes: 25 << 20,
+            overlap: true,
         }
     }
 }
@@ -280,13 +305,49 @@ pub struct StepOutput {
     /// The total gradient norm after the all-reduce, before clipping (the same on every rank).
     pub grad_norm: f64,
     pub lr: f64,
+    /// Gradient buckets whose reduction started before the last backward pass returned (0 without overlap).
+    pub buckets_during_backward: usize,
+}
+
+/// The gradient plan of one set of trainable parameters (replanned when the set changes).
+struct Plan {
+    names: Vec<String>,
+    /// Post-accumulate-grad hooks on the parameters (with overlap, on more than one rank).
+    hooks: Option<GradReadyHooks>,
+    /// Planned on the first step, in the order its backward pass finished the gradients (rank 0's).
+    buckets: Option<Bucketer>,
 }
 
 /// The training step of one rank; keeps the gradient buckets planned on the first step.
-#[derive(Debug)]
 pub struct DataParallelStep {
     opts: StepOptions,
-    plan: Option<(Vec<String>, Bucketer)>,
+    plan: Option<Plan>,
+}
+
+impl std::fmt::Debug for DataParallelStep {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DataParallelStep")
+            .field("opts", &self.opts)
+            .field(
+                "buckets",
+                &self
+                    .plan
+                    .as_ref()
+                    .and_then(|p| p.buckets.as_ref())
+                    .map(Bucketer::len),
+            )
+            .finish_non_exhaustive()
+    }
+}
+
+/// The last backward pass of a step, how it ran.
+enum LastBackward {
+    /// Plain: the gradients are reduced afterwards.
+    Plain,
+    /// Hooks armed to learn the order in which the gradients become final (first step).
+    Learn(Vec<usize>),
+    /// Buckets reduced as they filled: the reduced gradients, and how many buckets started during the backward.
+    Overlapped(Vec<Tensor>, usize),
 }
 
 impl DataParallelStep {
@@ -296,6 +357,19 @@ impl DataParallelStep {
 
     pub fn options(&self) -> &StepOptions {
         &self.opts
+    }
+
+    /// The buckets' parameter names, in reduction order, once planned (after the first step).
+    pub fn bucket_layout(&self) -> Option<Vec<Vec<String>>> {
+        let plan = self.plan.as_ref()?;
+        let buckets = plan.buckets.as_ref()?;
+        Some(
+            buckets
+                .layout()
+                .into_iter()
+                .map(|b| b.into_iter().map(|i| plan.names[i].clone()).collect())
+                .collect(),
+        )
     }
 
     /// One optimizer step `step` (0-based): zero the gradients, `loss_fn` (given the collective, for
@@ -342,6 +416,33 @@ impl DataParallelStep {
         Ok(out)
     }
 
+    /// The plan for `opt`'s parameters, made anew when they changed.
+    fn plan_for(&mut self, opt: &AdamW, world: usize) -> Result<&mut Plan, StepError> {
+        let params = opt.params();
+        let names: Vec<String> = params.iter().map(|(n, _)| n.clone()).collect();
+        if self.plan.as_ref().is_some_and(|p| p.names != names) {
+            // Old hooks go first: a parameter keeps one post-accumulate-grad hook.
+            self.plan = None;
+        }
+        if self.plan.is_some() {
+            return self
+                .plan
+                .as_mut()
+                .ok_or_else(|| StepError::Overlap("no plan".into()));
+        }
+        let hooks = if self.opts.overlap && world > 1 {
+            let tensors: Vec<Tensor> = params.into_iter().map(|(_, t)| t).collect();
+            Some(GradReadyHooks::install(&tensors).map_err(|e| StepError::Overlap(e.to_string()))?)
+        } else {
+            None
+        };
+        Ok(self.plan.insert(Plan {
+            names,
+            hooks,
+            buckets: None,
+        }))
+    }
+
     /// [`DataParallelStep::train_step_accum`], also reading `extra()` (a 1-d f64 tensor on the loss's device,
     /// called after the last backward) back to the host in the same copy as the loss: the values come back
     /// second.
@@ -360,17 +461,38 @@ impl DataParallelStep {
         F: FnMut(&mut dyn Collective, usize) -> Result<Tensor, StepError>,
         E: FnOnce() -> Result<Option<Tensor>, StepError>,
     {
+        let rank = comm.rank();
+        let reduction = self.opts.reduction;
+        let bucket_bytes = self.opts.bucket_bytes;
         opt.zero_grad();
+        let plan = self.plan_for(opt, comm.world_size())?;
         // The losses are summed on the device, in f64 and in order (what adding their host values did), and
         // read once below: a read per micro-batch would make the host wait for each backward pass before it
         // queues the next forward.
         let mut loss_sum: Option<Tensor> = None;
-        for i in 0..micro_batches.max(1) {
+        let last = micro_batches.max(1) - 1;
+        let mut how = LastBackward::Plain;
+        for i in 0..=last {
             let loss = loss_fn(comm, i)?;
             if loss.numel() != 1 {
                 return Err(StepError::NotScalar(loss.size()));
             }
-            loss.f_backward()?;
+            how = match (&plan.hooks, &mut plan.buckets) {
+                (Some(hooks), Some(buckets)) if i == last => {
+                    overlapped_backward(&loss, comm, opt, hooks, buckets, reduction)?
+                }
+                (Some(hooks), None) if i == last => {
+                    let _armed = hooks.arm();
+                    let done = loss.f_backward();
+                    let fired = hooks.disarm();
+                    done?;
+                    LastBackward::Learn(fired.order)
+                }
+                _ => {
+                    loss.f_backward()?;
+                    LastBackward::Plain
+                }
+            };
             let value = loss.f_detach()?.f_to_kind(Kind::Double)?.f_reshape([1])?;
             let sum = match loss_sum.take() {
                 Some(sum) => sum,
@@ -379,22 +501,38 @@ impl DataParallelStep {
             loss_sum = Some(sum.f_add(&value)?);
         }
         let extra = extra()?;
-        // Every trainable parameter takes part, used by this rank's batch or not: the same buckets on
-        // every rank.
-        opt.fill_missing_grads()?;
-        let named = opt.grads();
-        let names: Vec<String> = named.iter().map(|(n, _)| n.clone()).collect();
-        let mut grads: Vec<Tensor> = named.into_iter().map(|(_, g)| g).collect();
-        let rank = comm.rank();
-        // Replan when the set of trainable parameters changes.
-        let bucketer = match &mut self.plan {
-            Some((planned, b)) if *planned == names => b,
-            plan => {
-                let b = Bucketer::new(&grads, self.opts.bucket_bytes).map_err(coll(rank))?;
-                &mut plan.insert((names, b)).1
+        let mut during = 0;
+        if let LastBackward::Overlapped(reduced, n) = how {
+            opt.set_grads(reduced)?;
+            during = n;
+        } else {
+            // Every trainable parameter takes part, used by this rank's batch or not: the same buckets on
+            // every rank.
+            opt.fill_missing_grads()?;
+            let mut grads: Vec<Tensor> = opt.grads().into_iter().map(|(_, g)| g).collect();
+            if grads.len() != plan.names.len() {
+                return Err(StepError::Overlap(format!(
+                    "{} gradients for {} trainable parameters",
+                    grads.len(),
+                    plan.names.len()
+                )));
             }
-        };
-        reduce_grads(comm, bucketer, &mut grads, self.opts.reduction)?;
+            let buckets = match (&mut plan.buckets, how) {
+                (Some(b), _) => b,
+                (slot, LastBackward::Learn(fired)) => {
+                    let order = agreed_order(comm, fired, grads.len())?;
+                    let b =
+                        Bucketer::with_order(&grads, &order, bucket_bytes).map_err(coll(rank))?;
+                    slot.insert(b)
+                }
+                (slot, _) => {
+                    let b = Bucketer::new(&grads, bucket_bytes).map_err(coll(rank))?;
+                    slot.insert(b)
+                }
+            };
+            reduce_grads(comm, buckets, &mut grads, reduction)?;
+        }
+        let grads: Vec<Tensor> = opt.grads().into_iter().map(|(_, g)| g).collect();
         let grad_norm = match self.opts.max_grad_norm {
             Some(max) => clip_grad_norm(&grads, max)?,
             None => crate::grad::total_norm(&grads)?
@@ -419,10 +557,149 @@ impl DataParallelStep {
                 loss: loss_value,
                 grad_norm,
                 lr,
+                buckets_during_backward: during,
             },
             values,
         ))
     }
+}
+
+/// The bucket order every rank uses: rank 0's order of final gradients (the parameters its backward pass did
+/// not reach last, by index), broadcast, so that ranks whose graphs differed (a batch without masks) agree.
+fn agreed_order(
+    comm: &mut dyn Collective,
+    fired: Vec<usize>,
+    count: usize,
+) -> Result<Vec<usize>, StepError> {
+    let rank = comm.rank();
+    let mut order = fired;
+    let mut seen = vec![false; count];
+    order.retain(|&i| i < count && !std::mem::replace(&mut seen[i], true));
+    order.extend((0..count).filter(|&i| !seen[i]));
+    // Indices are exact in f64 (far below 2^53).
+    let values: Vec<f64> = order.iter().map(|&i| i as f64).collect();
+    let mut t = comm.scalars(&values).map_err(coll(rank))?;
+    comm.broadcast(&mut t, 0).map_err(coll(rank))?;
+    let agreed = Vec::<f64>::try_from(&t.f_to_device(Device::Cpu)?)?;
+    Ok(agreed.into_iter().map(|v| v as usize).collect())
+}
+
+/// The last backward pass with the buckets reduced as they fill: a communication thread takes each gradient as
+/// its hook reports it final and reduces bucket k once all of its gradients are in and buckets 0..k are done
+/// (the planned order, the same on every rank). Parameters the pass did not reach get zero gradients through
+/// their hooks after it. Gives the reduced gradients, in the parameters' order.
+fn overlapped_backward(
+    loss: &Tensor,
+    comm: &mut dyn Collective,
+    opt: &AdamW,
+    hooks: &GradReadyHooks,
+    buckets: &mut Bucketer,
+    reduction: GradReduction,
+) -> Result<LastBackward, StepError> {
+    let rank = comm.rank();
+    let sources = opt.ready_grads();
+    let unreached = hooks
+        .unreached_by(loss)
+        .map_err(|e| StepError::Overlap(e.to_string()))?;
+    let backward_done = AtomicBool::new(false);
+    let ready = hooks.arm();
+    let (backward, fired, reduced) = std::thread::scope(|s| {
+        let backward_done = &backward_done;
+        let reducer = s.spawn(move || {
+            reduce_as_ready(comm, buckets, &sources, ready, reduction, backward_done)
+        });
+        // The parameters this pass will not reach get their zero gradients first, so that their buckets are
+        // not held back until the end (DDP marks them ready at the start too).
+        let backward = opt
+            .backward_zero_through(&unreached)
+            .map_err(StepError::from)
+            .and_then(|()| loss.f_backward().map_err(StepError::from))
+            .and_then(|()| {
+                backward_done.store(true, Ordering::Release);
+                // None, unless a hook was missed: then its zero gradient completes the buckets.
+                opt.backward_zero_through(&hooks.not_fired())
+                    .map_err(StepError::from)
+            });
+        // Closes the channel: the reducer ends, with an error if some bucket never filled.
+        let fired = hooks.disarm();
+        (backward, fired, reducer.join())
+    });
+    backward?;
+    let (grads, during) = reduced.map_err(|_| {
+        StepError::Overlap(format!(
+            "rank {rank}: the gradient reduction thread panicked"
+        ))
+    })??;
+    if let Some(i) = fired.repeated {
+        return Err(StepError::Overlap(format!(
+            "parameter `{}` accumulated a second gradient after it was reduced (a second backward pass in one \
+             step?)",
+            sources_name(opt, i)
+        )));
+    }
+    Ok(LastBackward::Overlapped(grads, during))
+}
+
+fn sources_name(opt: &AdamW, i: usize) -> String {
+    opt.params()
+        .get(i)
+        .map(|(n, _)| n.clone())
+        .unwrap_or_else(|| format!("#{i}"))
+}
+
+/// The communication thread of [`overlapped_backward`].
+fn reduce_as_ready(
+    comm: &mut dyn Collective,
+    buckets: &mut Bucketer,
+    sources: &[ReadyGrad],
+    ready: Receiver<usize>,
+    reduction: GradReduction,
+    backward_done: &AtomicBool,
+) -> Result<(Vec<Tensor>, usize), StepError> {
+    let rank = comm.rank();
+    let layout = buckets.layout();
+    let mut bucket_of = vec![usize::MAX; sources.len()];
+    for (b, members) in layout.iter().enumerate() {
+        for &i in members {
+            if let Some(slot) = bucket_of.get_mut(i) {
+                *slot = b;
+            }
+        }
+    }
+    let mut pending: Vec<usize> = layout.iter().map(Vec::len).collect();
+    let mut grads: Vec<Tensor> = sources.iter().map(|_| Tensor::new()).collect();
+    let (mut next, mut during) = (0, 0);
+    while next < layout.len() {
+        let i = ready.recv().map_err(|_| {
+            let missing: Vec<&str> = layout[next..]
+                .iter()
+                .flatten()
+                .filter(|&&i| !grads[i].defined())
+                .map(|&i| sources[i].name())
+                .collect();
+            StepError::Overlap(format!(
+                "rank {rank}: the backward pass ended without finishing the gradients of {missing:?}"
+            ))
+        })?;
+        let b = bucket_of.get(i).copied().unwrap_or(usize::MAX);
+        if b == usize::MAX {
+            return Err(StepError::Overlap(format!(
+                "rank {rank}: no bucket holds parameter #{i}"
+            )));
+        }
+        grads[i] = sources[i].take()?;
+        pending[b] -= 1;
+        while next < layout.len() && pending[next] == 0 {
+            if !backward_done.load(Ordering::Acquire) {
+                during += 1;
+            }
+            buckets
+                .reduce_bucket(next, comm, &mut grads, reduction.into())
+                .map_err(coll(rank))?;
+            next += 1;
+        }
+    }
+    Ok((grads, during))
 }
 
 /// This rank's share of a LaMed step ([`DataParallelStep::train_step_lamed`]).

@@ -282,7 +282,8 @@ pub fn run_round(
     let mut stepper = DataParallelStep::new(StepOptions {
         reduction,
         max_grad_norm: recipe.train.max_grad_norm,
-        ..StepOptions::default()
+        bucket_bytes: recipe.train.bucket_mb << 20,
+        overlap: recipe.train.overlap_grad_reduce,
     });
     let mut metrics = if rank == 0 {
         truncate_metrics(&run.metrics(), round.resume_step)?;

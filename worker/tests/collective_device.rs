@@ -227,6 +227,7 @@ fn train(comm: &mut dyn Collective, data: &Inputs) -> (Vec<LamedStepOutput>, Nam
         reduction: GradReduction::Sum,
         max_grad_norm: Some(1.0),
         bucket_bytes: 1 << 16,
+        overlap: true,
     });
     let per = 4 / strict.world_size() as i64;
     let first = strict.rank() as i64 * per;

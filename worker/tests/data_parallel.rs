@@ -222,6 +222,7 @@ fn clip_train(
         reduction,
         max_grad_norm: Some(CLIP_MAX_NORM),
         bucket_bytes: 1 << 16,
+        overlap: true,
     });
     let norms = (0..STEPS)
         .map(|step| {
@@ -376,6 +377,7 @@ fn lm_train(
         reduction,
         max_grad_norm: Some(0.5),
         bucket_bytes: 1 << 16,
+        overlap: true,
     });
     let (ids, labels) = (slice(&data.ids, comm), slice(&data.labels, comm));
     for step in 0..STEPS {

@@ -210,6 +210,7 @@ fn lamed_steps(data: &Lamed4, checked: bool) -> (Vec<LamedStepOutput>, Named) {
             reduction: GradReduction::Sum,
             max_grad_norm: Some(1.0),
             bucket_bytes: 1 << 16,
+            overlap: true,
         });
         let mut micro = Vec::new();
         let mut checks = Vec::new();
