@@ -136,6 +136,12 @@ enum DataPrep {
         #[arg(long, value_enum, default_value_t = Axes::Consistent)]
         axis_order: Axes,
     },
+    /// Add the volume index to a dataset converted before m3d wrote one (reads every volume shard once, then
+    /// writes `index/volumes.parquet` and the manifest that lists it).
+    Reindex {
+        /// Dataset URL (path, file://, s3://).
+        url: String,
+    },
     /// Statistics of a converted dataset; --verify checks every checksum; --png renders a volume.
     Inspect {
         /// Dataset URL (path, file://, s3://).
@@ -413,6 +419,18 @@ fn run(cli: Cli) -> Result<()> {
                 let report = convert_volumes(&src, &opts).context("converting M3D-RefSeg")?;
                 print_report(&report, common.json)?;
             }
+            DataPrep::Reindex { url } => {
+                let store = m3d_shards::Store::open_existing(&url)?;
+                let report = m3d_shards::reindex(&store)
+                    .with_context(|| format!("adding the volume index to {url}"))?;
+                println!(
+                    "{}: indexed {} volumes in {} shards{}",
+                    report.url,
+                    report.volumes,
+                    report.shards,
+                    if report.replaced { " (index rebuilt)" } else { "" }
+                );
+            }
             DataPrep::Inspect {
                 url,
                 verify,
@@ -476,10 +494,15 @@ fn run(cli: Cli) -> Result<()> {
     Ok(())
 }
 
-/// Every volume id of a converted dataset (reads the shards without their images).
+/// Every volume id of a converted dataset (from its volume index).
 fn volume_ids(url: &str) -> Result<BTreeSet<String>> {
     let ds = m3d_shards::dataset::ShardDataset::open(url)?;
-    Ok(ds.volume_index()?.into_iter().map(|(id, _)| id).collect())
+    Ok(ds
+        .volume_index()?
+        .volumes
+        .into_iter()
+        .map(|v| v.volume_id)
+        .collect())
 }
 
 fn main() -> std::process::ExitCode {

@@ -21,6 +21,7 @@ use m3d_shards::parquet_io::{write_sample_shard, write_volume_shard, ImageCodec,
 use m3d_shards::schema::{MaskRecord, SampleRecord, VolumeRecord};
 use m3d_shards::store::Store;
 use m3d_shards::{sha256_hex, SHARD_SCHEMA_VERSION};
+use m3d_shards::{shard_layout, write_index, ShardLayout, VolumeIndex};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
@@ -135,6 +136,10 @@ pub fn mask_record(class_index: u32, label: String, mask: &[u8]) -> MaskRecord {
 struct ShardProgress {
     fingerprint: String,
     shard: ShardEntry,
+    /// The shard's rows of the volume index (absent in records written before the index existed: the shard is
+    /// then read once to derive them).
+    #[serde(default)]
+    layout: Option<ShardLayout>,
     samples: Vec<SampleRecord>,
     skipped: Vec<Skipped>,
 }
@@ -175,6 +180,7 @@ pub fn convert_volumes<S: VolumeSource>(src: &S, opts: &ConvertOptions) -> Resul
     let write_opts = WriteOptions::default();
 
     let mut entries = Vec::with_capacity(n_shards);
+    let mut layouts: Vec<ShardLayout> = Vec::with_capacity(n_shards);
     let mut samples: Vec<SampleRecord> = Vec::new();
     let mut skipped: Vec<Skipped> = Vec::new();
     let (mut written, mut reused) = (0usize, 0usize);
@@ -195,6 +201,14 @@ pub fn convert_volumes<S: VolumeSource>(src: &S, opts: &ConvertOptions) -> Resul
         if !opts.force {
             if let Some(done) = load_progress(&store, shard, &fingerprint)? {
                 bar.inc(chunk.len() as u64);
+                let layout = match done.layout {
+                    Some(l) => l,
+                    None => {
+                        let bytes = m3d_shards::fetch_checked(&store, &done.shard)?;
+                        shard_layout(&bytes, &done.shard.key, shard as u32)?
+                    }
+                };
+                layouts.push(layout);
                 entries.push(done.shard);
                 samples.extend(done.samples);
                 skipped.extend(done.skipped);
@@ -215,10 +229,12 @@ pub fn convert_volumes<S: VolumeSource>(src: &S, opts: &ConvertOptions) -> Resul
         let bytes = write_volume_shard(&records, &shard_opts)?;
         let entry = ShardEntry::describe(&volume_shard_key(shard), records.len() as u64, &bytes);
         drop(records);
+        let layout = shard_layout(&bytes, &entry.key, shard as u32)?;
         store.put(&entry.key, bytes)?;
         let record = ShardProgress {
             fingerprint,
             shard: entry,
+            layout: Some(layout.clone()),
             samples: shard_samples,
             skipped: shard_skipped,
         };
@@ -226,6 +242,7 @@ pub fn convert_volumes<S: VolumeSource>(src: &S, opts: &ConvertOptions) -> Resul
         store.put(&progress_key(shard), Bytes::from(json))?;
         tracing::debug!(shard, rows = record.shard.rows, "shard committed");
         entries.push(record.shard);
+        layouts.push(layout);
         samples.extend(record.samples);
         skipped.extend(record.skipped);
         written += 1;
@@ -239,7 +256,7 @@ pub fn convert_volumes<S: VolumeSource>(src: &S, opts: &ConvertOptions) -> Resul
         src.dataset(),
         src.source(),
         preprocessing,
-        entries,
+        (entries, layouts),
         samples,
         skipped,
         opts,
@@ -262,7 +279,7 @@ pub fn convert_samples_only(
         dataset,
         source,
         preprocessing,
-        Vec::new(),
+        (Vec::new(), Vec::new()),
         samples,
         skipped,
         opts,
@@ -351,7 +368,7 @@ fn finish(
     dataset: &str,
     source: serde_json::Value,
     preprocessing: serde_json::Value,
-    volume_shards: Vec<ShardEntry>,
+    (volume_shards, layouts): (Vec<ShardEntry>, Vec<ShardLayout>),
     samples: Vec<SampleRecord>,
     skipped: Vec<Skipped>,
     opts: &ConvertOptions,
@@ -385,7 +402,7 @@ fn finish(
         .chain(&sample_shards)
         .map(|e| e.bytes)
         .sum();
-    let manifest = Manifest {
+    let mut manifest = Manifest {
         format: "m3d-shards".to_string(),
         schema_version: SHARD_SCHEMA_VERSION,
         dataset: dataset.to_string(),
@@ -398,6 +415,7 @@ fn finish(
         preprocessing,
         volume_shards,
         sample_shards,
+        volume_index: None,
         totals: Totals {
             volumes,
             samples: samples.len() as u64,
@@ -406,6 +424,7 @@ fn finish(
         counts: counts.clone(),
         skipped: skipped.len() as u64,
     };
+    write_index(store, &mut manifest, &VolumeIndex::from_layouts(&layouts))?;
     manifest.save(store)?;
     Ok(ConvertReport {
         dataset: dataset.to_string(),

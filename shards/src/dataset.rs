@@ -182,37 +182,38 @@ impl ShardDataset {
         map
     }
 
-    /// Every volume id with the number of the shard that holds it, read without decoding images or masks.
-    pub fn volume_index(&self) -> Result<Vec<(String, usize)>, ShardError> {
-        let mut index = Vec::new();
-        for shard in 0..self.manifest.volume_shards.len() {
-            for rec in self
-                .stream_volumes(shard)?
-                .with_images(false)
-                .with_masks(false)
-            {
-                index.push((rec?.volume_id, shard));
-            }
+    /// The volume index (manifest-listed, checksummed; [`ShardError::NoIndex`] for a dataset converted
+    /// before the index existed). Reads no volume shard.
+    pub fn volume_index(&self) -> Result<crate::VolumeIndex, ShardError> {
+        let entry = self
+            .manifest
+            .volume_index
+            .as_ref()
+            .ok_or_else(|| ShardError::NoIndex {
+                url: self.store.url().to_string(),
+            })?;
+        let bytes = fetch_checked(&self.store, entry)?;
+        let index = crate::VolumeIndex::from_parquet(bytes, self.manifest.volume_shards.len())?;
+        if index.volumes.len() as u64 != self.manifest.totals.volumes {
+            return Err(ShardError::Manifest {
+                key: Manifest::KEY.to_string(),
+                reason: format!(
+                    "the volume index lists {} volumes, the manifest {}",
+                    index.volumes.len(),
+                    self.manifest.totals.volumes
+                ),
+            });
         }
         Ok(index)
     }
 
-    /// The volume `id` with its image and masks, decoding only the shard that holds it.
+    /// The volume `id` with its image and masks, by one ranged read through the index.
     pub fn find_volume(&self, id: &str) -> Result<Option<VolumeRecord>, ShardError> {
-        let Some(shard) = self
-            .volume_index()?
-            .into_iter()
-            .find_map(|(v, shard)| (v == id).then_some(shard))
-        else {
-            return Ok(None);
-        };
-        for rec in self.stream_volumes(shard)? {
-            let rec = rec?;
-            if rec.volume_id == id {
-                return Ok(Some(rec));
-            }
+        let reader = crate::VolumeReader::open(self)?;
+        match reader.locate(id) {
+            Some(i) => reader.read(i, true, true).map(Some),
+            None => Ok(None),
         }
-        Ok(None)
     }
 
     /// Fetches volume shard number `shard`, verifies it against the manifest (size and crc32, or sha256

@@ -132,6 +132,14 @@ pub enum ShardError {
     /// A caller passed inconsistent arguments (wrong buffer sizes, shard index out of range, ...).
     #[error("{0}")]
     Invalid(String),
+
+    /// The dataset has no volume index (written before the index existed): readers would have to download
+    /// every volume shard to find a volume.
+    #[error(
+        "dataset `{url}` has no volume index (it was converted before m3d wrote one); add it once with \
+         `m3d data-prep reindex {url}`"
+    )]
+    NoIndex { url: String },
 }
 
 impl ShardError {

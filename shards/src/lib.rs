@@ -9,17 +9,24 @@ pub mod dataset;
 mod decode;
 pub mod encode;
 pub mod error;
+pub mod index;
 pub mod manifest;
 pub mod parquet_io;
+pub mod reader;
 pub mod schema;
 pub mod store;
 
 pub use dataset::{decode_sample_into, fetch_checked, ShardDataset, VerifyReport};
 pub use encode::ImageDtype;
 pub use error::ShardError;
+pub use index::{
+    reindex, shard_layout, write_index, ByteRange, ReindexReport, ShardLayout, VolumeIndex,
+    VolumeLocation, INDEX_KEY,
+};
 pub use manifest::{sha256_hex, Manifest, ShardEntry, Totals};
 pub use parquet_io::{
     read_sample_shard, write_sample_shard, write_volume_shard, VolumeShardReader, WriteOptions,
 };
+pub use reader::VolumeReader;
 pub use schema::{MaskRecord, SampleRecord, Task, VolumeRecord};
-pub use store::Store;
+pub use store::{IoEvent, IoLog, Store};

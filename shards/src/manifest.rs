@@ -70,6 +70,10 @@ pub struct Manifest {
     pub preprocessing: serde_json::Value,
     pub volume_shards: Vec<ShardEntry>,
     pub sample_shards: Vec<ShardEntry>,
+    /// The volume index (`index/volumes.parquet`, see [`crate::index`]); absent in datasets converted before it
+    /// existed (`m3d data-prep reindex` adds it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume_index: Option<ShardEntry>,
     pub totals: Totals,
     /// task -> split -> number of samples.
     pub counts: BTreeMap<String, BTreeMap<String, u64>>,
@@ -112,6 +116,7 @@ impl Manifest {
             preprocessing: serde_json::Value::Null,
             volume_shards: Vec::new(),
             sample_shards: Vec::new(),
+            volume_index: None,
             totals: Totals::default(),
             counts: BTreeMap::new(),
             skipped: 0,

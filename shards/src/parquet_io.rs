@@ -48,7 +48,8 @@ pub const SAMPLE_ROWS_PER_ROW_GROUP: usize = 65_536;
 /// Parquet writer settings.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct WriteOptions {
-    /// Volumes per row group of a volume shard: the unit a reader decodes at a time.
+    /// Volumes per row group of a volume shard: the unit a reader fetches and decodes at a time (1, the default,
+    /// lets a reader fetch one volume's bytes and nothing else: see [`crate::index`]).
     pub rows_per_row_group: usize,
     /// zstd compression level (1..=22) of every column but `image`.
     pub zstd_level: i32,
@@ -69,7 +70,7 @@ pub enum ImageCodec {
 impl Default for WriteOptions {
     fn default() -> Self {
         WriteOptions {
-            rows_per_row_group: 4,
+            rows_per_row_group: 1,
             zstd_level: 3,
             image_codec: ImageCodec::Lz4,
         }
@@ -359,6 +360,127 @@ pub fn write_sample_shard(
 fn open_shard(bytes: &Bytes, key: &str, kind: &str) -> Result<ArrowReaderMetadata, ShardError> {
     let meta = ArrowReaderMetadata::load(bytes, ArrowReaderOptions::new())
         .map_err(|e| ShardError::parquet(key, e))?;
+    check_shard_meta(meta, key, kind)
+}
+
+/// The footer of a volume shard fetched on its own (`footer`: the Parquet metadata and the 8-byte tail, see
+/// [`crate::index`]), checked as a whole shard's is.
+pub fn volume_footer(footer: &[u8], key: &str) -> Result<ArrowReaderMetadata, ShardError> {
+    let body = footer
+        .len()
+        .checked_sub(8)
+        .and_then(|n| footer.get(..n))
+        .ok_or_else(|| ShardError::schema(key, "footer shorter than 8 bytes"))?;
+    let meta = parquet::file::metadata::ParquetMetaDataReader::decode_metadata(body)
+        .map_err(|e| ShardError::parquet(key, e))?;
+    let meta = ArrowReaderMetadata::try_new(Arc::new(meta), ArrowReaderOptions::new())
+        .map_err(|e| ShardError::parquet(key, e))?;
+    check_shard_meta(meta, key, KIND_VOLUMES)
+}
+
+/// The bytes of a shard object of `file_len` bytes that a reader holds: `bytes` from `offset` (a row group's
+/// range). Asking for anything else is an error, never a silent read elsewhere.
+struct RangeChunk {
+    file_len: u64,
+    offset: u64,
+    bytes: Bytes,
+}
+
+impl RangeChunk {
+    fn slice(&self, start: u64, length: u64) -> parquet::errors::Result<Bytes> {
+        let end = start.saturating_add(length);
+        if start < self.offset || end > self.offset + self.bytes.len() as u64 {
+            return Err(parquet::errors::ParquetError::General(format!(
+                "bytes {start}..{end} requested outside the fetched range {}..{}",
+                self.offset,
+                self.offset + self.bytes.len() as u64
+            )));
+        }
+        Ok(self
+            .bytes
+            .slice((start - self.offset) as usize..(end - self.offset) as usize))
+    }
+}
+
+impl parquet::file::reader::Length for RangeChunk {
+    fn len(&self) -> u64 {
+        self.file_len
+    }
+}
+
+impl parquet::file::reader::ChunkReader for RangeChunk {
+    type T = bytes::buf::Reader<Bytes>;
+
+    fn get_read(&self, start: u64) -> parquet::errors::Result<Self::T> {
+        use bytes::Buf;
+        let rest = (self.offset + self.bytes.len() as u64).saturating_sub(start);
+        Ok(self.slice(start, rest)?.reader())
+    }
+
+    fn get_bytes(&self, start: u64, length: usize) -> parquet::errors::Result<Bytes> {
+        self.slice(start, length as u64)
+    }
+}
+
+/// Decodes row group `row_group` of a volume shard (`key`, `file_len` bytes, footer `meta` from
+/// [`volume_footer`]) from that row group's bytes alone (`bytes`, starting at `offset` in the shard).
+#[allow(clippy::too_many_arguments)]
+pub fn read_volume_row_group(
+    meta: &ArrowReaderMetadata,
+    key: &str,
+    file_len: u64,
+    offset: u64,
+    bytes: Bytes,
+    row_group: usize,
+    images: bool,
+    masks: bool,
+) -> Result<Vec<VolumeRecord>, ShardError> {
+    let groups = meta.metadata().row_groups();
+    let rg = groups
+        .get(row_group)
+        .ok_or_else(|| ShardError::schema(key, format!("no row group {row_group}")))?;
+    let first_row: usize = groups[..row_group]
+        .iter()
+        .map(|g| usize::try_from(g.num_rows()).unwrap_or(0))
+        .sum();
+    let chunk = RangeChunk {
+        file_len,
+        offset,
+        bytes,
+    };
+    let reader = ParquetRecordBatchReaderBuilder::new_with_metadata(chunk, meta.clone())
+        .with_projection(volume_projection(meta, images, masks))
+        .with_row_groups(vec![row_group])
+        .with_batch_size(usize::try_from(rg.num_rows()).unwrap_or(1).clamp(1, 1024))
+        .build()
+        .map_err(|e| ShardError::parquet(key, e))?;
+    let mut pending = VecDeque::new();
+    let mut next_row = first_row;
+    for batch in reader {
+        let batch = batch.map_err(|e| ShardError::arrow(key, e))?;
+        decode_volume_batch(&batch, key, images, masks, &mut next_row, &mut pending)?;
+    }
+    pending.into_iter().collect()
+}
+
+/// The columns of a volume shard to read.
+fn volume_projection(meta: &ArrowReaderMetadata, images: bool, masks: bool) -> ProjectionMask {
+    let keep: Vec<usize> = meta
+        .schema()
+        .fields()
+        .iter()
+        .enumerate()
+        .filter(|(_, f)| (images || f.name() != "image") && (masks || f.name() != "masks"))
+        .map(|(i, _)| i)
+        .collect();
+    ProjectionMask::roots(meta.parquet_schema(), keep)
+}
+
+fn check_shard_meta(
+    meta: ArrowReaderMetadata,
+    key: &str,
+    kind: &str,
+) -> Result<ArrowReaderMetadata, ShardError> {
     let kv = meta.metadata().file_metadata().key_value_metadata();
     let get = |k: &str| {
         kv.and_then(|kv| kv.iter().find(|e| e.key == k))
@@ -646,18 +768,13 @@ impl VolumeShardReader {
         &self.key
     }
 
+    /// The shard's Parquet metadata.
+    pub fn metadata(&self) -> &Arc<parquet::file::metadata::ParquetMetaData> {
+        self.meta.metadata()
+    }
+
     fn build_reader(&self) -> Result<ParquetRecordBatchReader, ShardError> {
-        let schema = self.meta.schema();
-        let keep: Vec<usize> = schema
-            .fields()
-            .iter()
-            .enumerate()
-            .filter(|(_, f)| {
-                (self.images || f.name() != "image") && (self.masks || f.name() != "masks")
-            })
-            .map(|(i, _)| i)
-            .collect();
-        let mask = ProjectionMask::roots(self.meta.parquet_schema(), keep);
+        let mask = volume_projection(&self.meta, self.images, self.masks);
         ParquetRecordBatchReaderBuilder::new_with_metadata(self.bytes.clone(), self.meta.clone())
             .with_projection(mask)
             .with_batch_size(self.batch_size)

@@ -72,6 +72,65 @@ pub struct Store {
     kind: StoreKind,
     inner: Arc<dyn ObjectStore>,
     rt: Arc<RuntimeHolder>,
+    /// Records every read when set ([`Store::with_io_log`]).
+    io: Option<Arc<IoLog>>,
+}
+
+/// One read request a [`Store`] made ([`Store::with_io_log`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IoEvent {
+    /// `get`, `get_range`, `head` or `list`.
+    pub op: &'static str,
+    /// The key (or listed prefix).
+    pub key: String,
+    /// Bytes received.
+    pub bytes: u64,
+}
+
+/// The reads of a [`Store`] and its clones, in order: what a test or a benchmark counts to show which objects
+/// a code path touches and how many bytes it pulls.
+#[derive(Debug, Default)]
+pub struct IoLog {
+    events: std::sync::Mutex<Vec<IoEvent>>,
+}
+
+impl IoLog {
+    fn push(&self, op: &'static str, key: &str, bytes: u64) {
+        self.events
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(IoEvent {
+                op,
+                key: key.to_string(),
+                bytes,
+            });
+    }
+
+    /// Every read so far.
+    pub fn events(&self) -> Vec<IoEvent> {
+        self.events
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Forgets the reads so far.
+    pub fn clear(&self) {
+        self.events
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+    }
+
+    /// Requests and bytes of the reads whose key starts with `prefix`.
+    pub fn totals(&self, prefix: &str) -> (usize, u64) {
+        self.events
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|e| e.key.starts_with(prefix))
+            .fold((0, 0), |(n, b), e| (n + 1, b + e.bytes))
+    }
 }
 
 impl fmt::Debug for Store {
@@ -258,7 +317,21 @@ impl Store {
             kind,
             inner,
             rt: Arc::new(RuntimeHolder(Some(rt))),
+            io: None,
         })
+    }
+
+    /// This store (and its later clones) recording every read in the returned log.
+    pub fn with_io_log(mut self) -> (Store, Arc<IoLog>) {
+        let log = Arc::new(IoLog::default());
+        self.io = Some(Arc::clone(&log));
+        (self, log)
+    }
+
+    fn record(&self, op: &'static str, key: &str, bytes: u64) {
+        if let Some(io) = &self.io {
+            io.push(op, key, bytes);
+        }
     }
 
     fn local(
@@ -462,10 +535,44 @@ impl Store {
             .get(&path)
             .await
             .map_err(|e| self.store_err("get", key, e))?;
-        result
+        let bytes = result
             .bytes()
             .await
-            .map_err(|e| self.store_err("get", key, e))
+            .map_err(|e| self.store_err("get", key, e))?;
+        self.record("get", key, bytes.len() as u64);
+        Ok(bytes)
+    }
+
+    /// Reads bytes `range` of the object at `key` (one ranged request); a missing object is
+    /// [`ShardError::NotFound`], a range past its end an error.
+    pub fn get_range(&self, key: &str, range: std::ops::Range<u64>) -> Result<Bytes, ShardError> {
+        let this = self.clone();
+        let key = key.to_string();
+        self.run(async move { this.get_range_async(&key, range).await })
+    }
+
+    /// Async variant of [`Store::get_range`].
+    pub async fn get_range_async(
+        &self,
+        key: &str,
+        range: std::ops::Range<u64>,
+    ) -> Result<Bytes, ShardError> {
+        let path = object_path(key)?;
+        let want = range.end.saturating_sub(range.start);
+        let bytes = self
+            .inner
+            .get_range(&path, range)
+            .await
+            .map_err(|e| self.store_err("get_range", key, e))?;
+        self.record("get_range", key, bytes.len() as u64);
+        if bytes.len() as u64 != want {
+            return Err(ShardError::Invalid(format!(
+                "`{key}` in `{}`: asked for {want} bytes, got {}",
+                self.url,
+                bytes.len()
+            )));
+        }
+        Ok(bytes)
     }
 
     /// Reads the object at `key`, or `None` if it does not exist.
@@ -490,6 +597,7 @@ impl Store {
         let this = self.clone();
         let key = key.to_string();
         self.run(async move {
+            this.record("head", &key, 0);
             match this.inner.head(&path).await {
                 Ok(meta) => Ok(Some(meta.size)),
                 Err(e) if is_not_found(&e) => Ok(None),
@@ -506,6 +614,7 @@ impl Store {
         let this = self.clone();
         let prefix = prefix.to_string();
         self.run(async move {
+            this.record("list", &prefix, 0);
             let listed: Result<Vec<_>, _> = this.inner.list(p.as_ref()).try_collect().await;
             let metas = match listed {
                 Ok(m) => m,

@@ -1,8 +1,10 @@
-//! The worker's sample loader: [`ShardLoader`] opens a converted dataset once, indexes which volume shard
-//! holds each volume, and serves batches of global sample indices (as the coordinator's plan hands them to a
-//! rank) as decoded f32 images (and masks). Whole volume shards are fetched, checked and decoded once and
-//! kept in a byte-bounded LRU cache, so a batch costs at most one store read per distinct shard it touches;
-//! a read-ahead thread fetches the shards of the next steps' index lists ([`ShardLoader::prefetch`]).
+//! The worker's sample loader: [`ShardLoader`] opens a converted dataset (its manifest, volume index and sample
+//! tables: never a volume shard) and serves batches of global sample indices (as the coordinator's plan hands
+//! them to a rank) as decoded f32 images (and masks). Each volume is read on its own with ranged requests
+//! (`m3d_shards::VolumeReader`: its row group's bytes and, once per shard, the shard's footer, each checked
+//! against the index), decoded once and kept in a byte-bounded LRU cache, so a batch costs at most one read per
+//! distinct volume it needs; a read-ahead thread reads the volumes of the next steps' index lists
+//! ([`ShardLoader::prefetch`]), several at a time.
 //!
 //! Output depends only on the indices asked for, never on what happens to be cached.
 
@@ -13,8 +15,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
 use m3d_shards::{
-    decode_sample_into, Manifest, SampleRecord, ShardDataset, ShardEntry, ShardError, Store,
-    VolumeRecord, VolumeShardReader,
+    decode_sample_into, SampleRecord, ShardDataset, ShardError, VolumeReader, VolumeRecord,
 };
 use m3d_volume::augment::AugmentParams;
 
@@ -22,7 +23,7 @@ use m3d_volume::augment::AugmentParams;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum LoadError {
-    /// The dataset could not be opened (manifest or sample shards).
+    /// The dataset could not be opened (manifest, volume index or sample shards).
     #[error("dataset `{url}`: {source}")]
     Open {
         url: String,
@@ -39,21 +40,13 @@ pub enum LoadError {
         sample_id: String,
         volume_id: String,
     },
-    /// The shard was indexed as holding the volume but no longer does (changed under the loader).
-    #[error("sample {index} (`{sample_id}`): volume `{volume_id}` missing from shard `{key}`")]
-    VolumeMissing {
-        index: u64,
-        sample_id: String,
+    /// Fetching, checking or reading one volume failed.
+    #[error("volume `{volume_id}` in shard `{key}`: {source}")]
+    Volume {
         volume_id: String,
         key: String,
-    },
-    /// Fetching, checking or reading one volume shard failed.
-    #[error("volume shard `{key}` (#{shard}): {source}")]
-    Shard {
-        shard: usize,
-        key: String,
         #[source]
-        source: ShardError,
+        source: Box<ShardError>,
     },
     /// Decoding one sample's image or mask failed.
     #[error("sample {index} (`{sample_id}`): {source}")]
@@ -65,14 +58,14 @@ pub enum LoadError {
     },
 }
 
-/// Shards of one read-ahead request read at the same time.
-const READ_AHEAD_THREADS: usize = 4;
+/// Volumes of one read-ahead request read at the same time: on an object store each read is mostly waiting.
+const READ_AHEAD_THREADS: usize = 8;
 
 /// Loader settings.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LoaderOptions {
-    /// Upper bound on the decoded bytes (images + mask bits) of the shards kept in the cache. A shard larger
-    /// than this on its own is used for the request that fetched it and not kept.
+    /// Upper bound on the decoded bytes (images + mask bits) of the volumes kept in the cache. A volume larger
+    /// than this on its own is used for the request that read it and not kept.
     pub cache_bytes: usize,
     /// Number of [`ShardLoader::prefetch`] requests that may wait for the read-ahead thread; further
     /// requests are dropped (counted in [`LoaderStats::prefetch_dropped`]) rather than blocking the caller.
@@ -106,45 +99,49 @@ pub struct LoadedSample {
 /// Counters since the loader was opened.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct LoaderStats {
-    /// Volume-shard reads made while indexing at open (one per shard, images not decoded).
-    pub index_reads: u64,
-    /// Volume-shard reads from the store after open (by `load` and by read-ahead).
-    pub shard_reads: u64,
-    /// Of `shard_reads`, those made by the read-ahead thread.
+    /// Volume reads from the store (by `load` and by read-ahead).
+    pub volume_reads: u64,
+    /// Of `volume_reads`, those made by the read-ahead thread.
     pub prefetch_reads: u64,
-    /// Shard lookups by `load` served from the cache (or from a read already in flight).
+    /// Volume lookups by `load` served from the cache (or from a read already in flight).
     pub cache_hits: u64,
-    /// Shard lookups by `load` that had to read the store.
+    /// Volume lookups by `load` that had to read the store.
     pub cache_misses: u64,
-    /// Shards dropped from the cache to stay within `cache_bytes`.
+    /// Volumes dropped from the cache to stay within `cache_bytes`.
     pub evictions: u64,
     /// Prefetch requests dropped because `prefetch_depth` requests were already waiting.
     pub prefetch_dropped: u64,
 }
 
-/// The decoded volumes of one shard.
-struct ShardVolumes {
-    by_id: HashMap<String, VolumeRecord>,
+/// A volume: which dataset's reader, which volume of it.
+type VolumeKey = (usize, usize);
+
+/// The outcome of looking one volume up.
+type Lookup = Result<Arc<CachedVolume>, LoadError>;
+
+/// A decoded volume and its size in the cache.
+struct CachedVolume {
+    record: VolumeRecord,
     bytes: usize,
 }
 
 #[derive(Default)]
 struct CacheState {
-    /// Cached shards and their last-use tick.
-    entries: HashMap<usize, (Arc<ShardVolumes>, u64)>,
+    /// Cached volumes and their last-use tick.
+    entries: HashMap<VolumeKey, (Arc<CachedVolume>, u64)>,
     total_bytes: usize,
     tick: u64,
-    /// Shards being read right now (by `load` or read-ahead), so a second reader waits instead of re-reading.
-    loading: HashSet<usize>,
+    /// Volumes being read right now (by `load` or read-ahead), so a second reader waits instead of re-reading.
+    loading: HashSet<VolumeKey>,
     /// Prefetch requests queued or being worked on.
     pending_prefetch: usize,
-    /// Message of the last read-ahead failure (the `load` that needs the shard re-reads it and reports it).
+    /// Message of the last read-ahead failure (the `load` that needs the volume re-reads it and reports it).
     last_prefetch_error: Option<String>,
 }
 
 #[derive(Default)]
 struct Counters {
-    shard_reads: AtomicU64,
+    volume_reads: AtomicU64,
     prefetch_reads: AtomicU64,
     cache_hits: AtomicU64,
     cache_misses: AtomicU64,
@@ -154,10 +151,8 @@ struct Counters {
 
 /// What the loader and its read-ahead thread share.
 struct Shared {
-    /// The stores of the datasets the volume shards come from, and each shard's store.
-    stores: Vec<Store>,
-    entry_store: Vec<usize>,
-    entries: Vec<ShardEntry>,
+    /// One reader per dataset the volumes come from.
+    readers: Vec<VolumeReader>,
     cache_bytes: usize,
     state: Mutex<CacheState>,
     cv: Condvar,
@@ -170,99 +165,122 @@ impl Shared {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn shard_error(&self, shard: usize, source: ShardError) -> LoadError {
-        LoadError::Shard {
-            shard,
-            key: self
-                .entries
-                .get(shard)
-                .map_or_else(|| format!("<shard {shard}>"), |e| e.key.clone()),
-            source,
+    fn volume_error(&self, (r, v): VolumeKey, source: ShardError) -> LoadError {
+        let reader = self.readers.get(r);
+        LoadError::Volume {
+            volume_id: reader
+                .and_then(|x| x.location(v))
+                .map_or_else(|| format!("#{v}"), |l| l.volume_id.clone()),
+            key: reader
+                .and_then(|x| x.shard_key(v))
+                .unwrap_or("<no shard>")
+                .to_string(),
+            source: Box::new(source),
         }
     }
 
-    /// The decoded volumes of shard `shard`: from the cache, from a read in flight, or read now.
-    fn get(&self, shard: usize, by_prefetch: bool) -> Result<Arc<ShardVolumes>, LoadError> {
+    /// The decoded volume `key`: from the cache, from a read in flight, or read now.
+    fn get(&self, key: VolumeKey, by_prefetch: bool) -> Lookup {
         let mut st = self.lock();
         loop {
             st.tick += 1;
             let tick = st.tick;
-            if let Some((vols, last)) = st.entries.get_mut(&shard) {
+            if let Some((vol, last)) = st.entries.get_mut(&key) {
                 *last = tick;
                 if !by_prefetch {
                     self.counters.cache_hits.fetch_add(1, Ordering::Relaxed);
                 }
-                return Ok(Arc::clone(vols));
+                return Ok(Arc::clone(vol));
             }
-            if !st.loading.contains(&shard) {
+            if !st.loading.contains(&key) {
                 break;
             }
             // Another thread is reading it: wait, then look again (it may have failed or not been kept).
             st = self.cv.wait(st).unwrap_or_else(|p| p.into_inner());
         }
-        st.loading.insert(shard);
+        st.loading.insert(key);
         drop(st);
         if by_prefetch {
             self.counters.prefetch_reads.fetch_add(1, Ordering::Relaxed);
         } else {
             self.counters.cache_misses.fetch_add(1, Ordering::Relaxed);
         }
-        self.counters.shard_reads.fetch_add(1, Ordering::Relaxed);
-        let result = self.read_shard(shard);
+        self.counters.volume_reads.fetch_add(1, Ordering::Relaxed);
+        let result = self.read_volume(key);
         let mut st = self.lock();
-        st.loading.remove(&shard);
-        if let Ok(vols) = &result {
-            self.insert(&mut st, shard, Arc::clone(vols));
+        st.loading.remove(&key);
+        if let Ok(vol) = &result {
+            self.insert(&mut st, key, Arc::clone(vol));
         }
         drop(st);
         self.cv.notify_all();
         result
     }
 
-    /// Reads (into the cache) those of `shards` not cached yet, up to [`READ_AHEAD_THREADS`] at a time: a
-    /// cold start (a new round, a resume) needs several shards at once, and on an object store each read
-    /// is mostly waiting. Failures are kept for [`ShardLoader::last_prefetch_error`]; the step that needs
-    /// the shard reads it again and reports the error itself.
-    fn read_all(&self, shards: &[usize]) {
-        let missing: Vec<usize> = {
-            let st = self.lock();
-            shards
-                .iter()
-                .copied()
-                .filter(|s| !st.entries.contains_key(s))
-                .collect()
-        };
+    /// Each of `keys` (from the cache, or read: up to [`READ_AHEAD_THREADS`] at a time), in order.
+    fn get_many(&self, keys: &[VolumeKey], by_prefetch: bool) -> Vec<Lookup> {
+        let results: Vec<Mutex<Option<Lookup>>> = keys.iter().map(|_| Mutex::new(None)).collect();
         let next = AtomicUsize::new(0);
         let work = || {
-            while let Some(&shard) = missing.get(next.fetch_add(1, Ordering::Relaxed)) {
-                if let Err(e) = self.get(shard, true) {
-                    self.lock().last_prefetch_error = Some(e.to_string());
-                }
+            while let Some(i) =
+                Some(next.fetch_add(1, Ordering::Relaxed)).filter(|&i| i < keys.len())
+            {
+                let r = self.get(keys[i], by_prefetch);
+                *results[i].lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
             }
         };
-        let helpers = READ_AHEAD_THREADS.min(missing.len()).saturating_sub(1);
+        let helpers = READ_AHEAD_THREADS.min(keys.len()).saturating_sub(1);
         std::thread::scope(|scope| {
             for _ in 0..helpers {
                 scope.spawn(work);
             }
             work();
         });
+        results
+            .into_iter()
+            .zip(keys)
+            .map(|(r, &key)| {
+                r.into_inner()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .unwrap_or_else(|| {
+                        Err(self.volume_error(key, ShardError::Invalid("not read".into())))
+                    })
+            })
+            .collect()
     }
 
-    fn insert(&self, st: &mut CacheState, shard: usize, vols: Arc<ShardVolumes>) {
-        if vols.bytes > self.cache_bytes {
+    /// Reads (into the cache) those of `keys` not cached yet, several at a time. Failures are kept for
+    /// [`ShardLoader::last_prefetch_error`]; the step that needs the volume reads it again and reports the
+    /// error itself.
+    fn read_all(&self, keys: &[VolumeKey]) {
+        let missing: Vec<VolumeKey> = {
+            let st = self.lock();
+            keys.iter()
+                .copied()
+                .filter(|k| !st.entries.contains_key(k))
+                .collect()
+        };
+        for r in self.get_many(&missing, true) {
+            if let Err(e) = r {
+                self.lock().last_prefetch_error = Some(e.to_string());
+            }
+        }
+    }
+
+    fn insert(&self, st: &mut CacheState, key: VolumeKey, vol: Arc<CachedVolume>) {
+        if vol.bytes > self.cache_bytes {
             return;
         }
         st.tick += 1;
         let tick = st.tick;
-        st.total_bytes += vols.bytes;
-        st.entries.insert(shard, (vols, tick));
+        st.total_bytes += vol.bytes;
+        st.entries.insert(key, (vol, tick));
         while st.total_bytes > self.cache_bytes {
             // Least recently used other than the one just inserted (which alone fits).
             let Some(victim) = st
                 .entries
                 .iter()
-                .filter(|(k, _)| **k != shard)
+                .filter(|(k, _)| **k != key)
                 .min_by_key(|(_, (_, last))| *last)
                 .map(|(k, _)| *k)
             else {
@@ -275,40 +293,26 @@ impl Shared {
         }
     }
 
-    fn read_shard(&self, shard: usize) -> Result<Arc<ShardVolumes>, LoadError> {
-        let entry = self.entries.get(shard).ok_or_else(|| {
-            self.shard_error(
-                shard,
-                ShardError::Invalid(format!("only {} volume shards", self.entries.len())),
-            )
+    fn read_volume(&self, key: VolumeKey) -> Result<Arc<CachedVolume>, LoadError> {
+        let reader = self.readers.get(key.0).ok_or_else(|| {
+            self.volume_error(key, ShardError::Invalid(format!("no dataset {}", key.0)))
         })?;
-        let store = &self.stores[self.entry_store.get(shard).copied().unwrap_or(0)];
-        let reader = fetch_checked(store, entry).map_err(|e| self.shard_error(shard, e))?;
-        let mut by_id = HashMap::new();
-        let mut bytes = 0;
-        for rec in reader {
-            let rec = rec.map_err(|e| self.shard_error(shard, e))?;
-            bytes += rec.image.len() + rec.masks.iter().map(|m| m.bits.len()).sum::<usize>();
-            by_id.insert(rec.volume_id.clone(), rec);
-        }
-        Ok(Arc::new(ShardVolumes { by_id, bytes }))
+        let record = reader
+            .read(key.1, true, true)
+            .map_err(|e| self.volume_error(key, e))?;
+        let bytes = record.image.len() + record.masks.iter().map(|m| m.bits.len()).sum::<usize>();
+        Ok(Arc::new(CachedVolume { record, bytes }))
     }
-}
-
-/// Fetches a volume shard, checked against its manifest entry by `m3d_shards::fetch_checked`.
-fn fetch_checked(store: &Store, entry: &ShardEntry) -> Result<VolumeShardReader, ShardError> {
-    VolumeShardReader::new(m3d_shards::fetch_checked(store, entry)?, &entry.key)
 }
 
 /// Serves decoded samples of one dataset by global sample index; see the module docs.
 pub struct ShardLoader {
     url: String,
     samples: Vec<SampleRecord>,
-    /// Shard number of each sample's volume (`None`: the volume is in no shard; reported when loaded).
-    sample_shard: Vec<Option<usize>>,
-    index_reads: u64,
+    /// The volume of each sample (`None`: the volume is in no shard; reported when loaded).
+    sample_volume: Vec<Option<VolumeKey>>,
     shared: Arc<Shared>,
-    prefetch_tx: Option<SyncSender<Vec<usize>>>,
+    prefetch_tx: Option<SyncSender<Vec<VolumeKey>>>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -317,22 +321,21 @@ impl std::fmt::Debug for ShardLoader {
         f.debug_struct("ShardLoader")
             .field("url", &self.url)
             .field("samples", &self.samples.len())
-            .field("volume_shards", &self.shared.entries.len())
+            .field("volumes", &self.num_volumes())
             .field("cache_bytes", &self.shared.cache_bytes)
             .finish()
     }
 }
 
 impl ShardLoader {
-    /// Opens the dataset at `url` (any `Store` URL) and indexes its volume shards (one read of each, without
-    /// decoding images).
+    /// Opens the dataset at `url` (any `Store` URL): its manifest, volume index and sample shards.
     pub fn open(url: &str, opts: LoaderOptions) -> Result<Self, LoadError> {
         Self::open_with_volumes(url, &[], opts)
     }
 
     /// [`ShardLoader::open`] for a dataset whose samples refer to volumes stored in other shard datasets too
-    /// (M3D-VQA's samples name M3D-Cap volumes): the volume shards of `url` and of every `volume_urls`
-    /// dataset are indexed; a volume id found in several is taken from the first.
+    /// (M3D-VQA's samples name M3D-Cap volumes): the volume indices of `url` and of every `volume_urls`
+    /// dataset are read; a volume id found in several is taken from the first.
     pub fn open_with_volumes(
         url: &str,
         volume_urls: &[String],
@@ -343,54 +346,37 @@ impl ShardLoader {
             move |source| LoadError::Open { url, source }
         };
         let dataset = ShardDataset::open(url).map_err(open_err(url))?;
-        let mut stores = Vec::new();
-        let mut entries: Vec<ShardEntry> = Vec::new();
-        let mut entry_store = Vec::new();
-        // Volume id -> shard; the first shard wins if an id were ever stored twice.
-        let mut volume_shard: HashMap<String, usize> = HashMap::new();
-        let mut add = |ds: &ShardDataset, url: &str| -> Result<(), LoadError> {
-            let offset = entries.len();
-            let manifest: &Manifest = ds.manifest();
-            entry_store.extend(std::iter::repeat_n(
-                stores.len(),
-                manifest.volume_shards.len(),
-            ));
-            entries.extend(manifest.volume_shards.iter().cloned());
-            stores.push(ds.store().clone());
-            for (volume_id, shard) in ds.volume_index().map_err(open_err(url))? {
-                volume_shard.entry(volume_id).or_insert(shard + offset);
-            }
-            Ok(())
-        };
-        add(&dataset, url)?;
+        let mut readers = vec![VolumeReader::open(&dataset).map_err(open_err(url))?];
         for vurl in volume_urls {
             let ds = ShardDataset::open(vurl).map_err(open_err(vurl))?;
-            add(&ds, vurl)?;
+            readers.push(VolumeReader::open(&ds).map_err(open_err(vurl))?);
         }
+        let samples = dataset.samples().to_vec();
+        let sample_volume = samples
+            .iter()
+            .map(|s| {
+                readers
+                    .iter()
+                    .enumerate()
+                    .find_map(|(r, reader)| reader.locate(&s.volume_id).map(|v| (r, v)))
+            })
+            .collect();
         let shared = Arc::new(Shared {
-            stores,
-            entry_store,
-            entries,
+            readers,
             cache_bytes: opts.cache_bytes,
             state: Mutex::new(CacheState::default()),
             cv: Condvar::new(),
             counters: Counters::default(),
         });
-        let index_reads = shared.entries.len() as u64;
-        let samples = dataset.samples().to_vec();
-        let sample_shard = samples
-            .iter()
-            .map(|s| volume_shard.get(&s.volume_id).copied())
-            .collect();
         let (prefetch_tx, thread) = if opts.prefetch_depth > 0 {
-            let (tx, rx) = sync_channel::<Vec<usize>>(opts.prefetch_depth);
+            let (tx, rx) = sync_channel::<Vec<VolumeKey>>(opts.prefetch_depth);
             let sh = Arc::clone(&shared);
             let handle = std::thread::Builder::new()
-                .name("m3d-shard-prefetch".into())
+                .name("m3d-volume-prefetch".into())
                 .spawn(move || {
                     // Ends when the loader drops its sender.
-                    while let Ok(shards) = rx.recv() {
-                        sh.read_all(&shards);
+                    while let Ok(keys) = rx.recv() {
+                        sh.read_all(&keys);
                         let mut st = sh.lock();
                         st.pending_prefetch = st.pending_prefetch.saturating_sub(1);
                         drop(st);
@@ -410,8 +396,7 @@ impl ShardLoader {
         Ok(ShardLoader {
             url: url.to_string(),
             samples,
-            sample_shard,
-            index_reads,
+            sample_volume,
             shared,
             prefetch_tx,
             thread,
@@ -432,12 +417,12 @@ impl ShardLoader {
         &self.samples
     }
 
-    /// Number of volume shards.
-    pub fn num_volume_shards(&self) -> usize {
-        self.shared.entries.len()
+    /// Number of volumes the samples can come from (of every dataset read).
+    pub fn num_volumes(&self) -> usize {
+        self.shared.readers.iter().map(VolumeReader::len).sum()
     }
 
-    fn shard_of(&self, index: u64) -> Result<(usize, &SampleRecord), LoadError> {
+    fn volume_of(&self, index: u64) -> Result<(VolumeKey, &SampleRecord), LoadError> {
         let out_of_range = || LoadError::SampleOutOfRange {
             url: self.url.clone(),
             index,
@@ -445,32 +430,35 @@ impl ShardLoader {
         };
         let i = usize::try_from(index).map_err(|_| out_of_range())?;
         let sample = self.samples.get(i).ok_or_else(out_of_range)?;
-        let shard = self.sample_shard.get(i).copied().flatten().ok_or_else(|| {
-            LoadError::VolumeNotIndexed {
+        let key = self
+            .sample_volume
+            .get(i)
+            .copied()
+            .flatten()
+            .ok_or_else(|| LoadError::VolumeNotIndexed {
                 index,
                 sample_id: sample.sample_id.clone(),
                 volume_id: sample.volume_id.clone(),
-            }
-        })?;
-        Ok((shard, sample))
+            })?;
+        Ok((key, sample))
     }
 
-    /// Distinct shards needed by `indices`, in first-use order.
-    fn shards_for(&self, indices: &[u64]) -> Result<Vec<usize>, LoadError> {
+    /// Distinct volumes needed by `indices`, in first-use order.
+    fn volumes_for(&self, indices: &[u64]) -> Result<Vec<VolumeKey>, LoadError> {
         let mut seen = HashSet::new();
         let mut order = Vec::new();
         for &index in indices {
-            let (shard, _) = self.shard_of(index)?;
-            if seen.insert(shard) {
-                order.push(shard);
+            let (key, _) = self.volume_of(index)?;
+            if seen.insert(key) {
+                order.push(key);
             }
         }
         Ok(order)
     }
 
     /// Decodes the samples at `indices` (in that order; repeats allowed), without augmentation. Each distinct
-    /// shard is looked up once per call, so a call reads the store at most once per distinct shard even when
-    /// the cache is smaller than that working set.
+    /// volume is looked up once per call, so a call reads the store at most once per distinct volume even when
+    /// the cache is smaller than that working set; volumes not cached are read several at a time.
     pub fn load(&self, indices: &[u64]) -> Result<Vec<LoadedSample>, LoadError> {
         self.load_augmented(indices, &[])
     }
@@ -483,28 +471,22 @@ impl ShardLoader {
         augment: &[Option<AugmentParams>],
     ) -> Result<Vec<LoadedSample>, LoadError> {
         // Validate every index before any I/O so a bad index fails fast and names itself.
-        let order = self.shards_for(indices)?;
-        let mut shards: HashMap<usize, Arc<ShardVolumes>> = HashMap::new();
-        for shard in order {
-            shards.insert(shard, self.shared.get(shard, false)?);
+        let order = self.volumes_for(indices)?;
+        let mut volumes: HashMap<VolumeKey, Arc<CachedVolume>> = HashMap::new();
+        for (key, vol) in order.iter().zip(self.shared.get_many(&order, false)) {
+            volumes.insert(*key, vol?);
         }
         let mut scratch = Vec::new();
         let mut out = Vec::with_capacity(indices.len());
         for (pos, &index) in indices.iter().enumerate() {
-            let (shard, sample) = self.shard_of(index)?;
-            let vol = shards
-                .get(&shard)
-                .and_then(|v| v.by_id.get(&sample.volume_id))
-                .ok_or_else(|| LoadError::VolumeMissing {
+            let (key, sample) = self.volume_of(index)?;
+            let vol = volumes.get(&key).map(|v| &v.record).ok_or_else(|| {
+                LoadError::VolumeNotIndexed {
                     index,
                     sample_id: sample.sample_id.clone(),
                     volume_id: sample.volume_id.clone(),
-                    key: self
-                        .shared
-                        .entries
-                        .get(shard)
-                        .map_or_else(String::new, |e| e.key.clone()),
-                })?;
+                }
+            })?;
             let mut image = vec![0.0f32; vol.numel()];
             let mut mask = sample.mask_index.map(|_| vec![0.0f32; vol.spatial_numel()]);
             let shape = decode_sample_into(
@@ -531,11 +513,11 @@ impl ShardLoader {
         Ok(out)
     }
 
-    /// Queues the shards of a future step's `indices` for the read-ahead thread. Returns `Ok(false)` when the
+    /// Queues the volumes of a future step's `indices` for the read-ahead thread. Returns `Ok(false)` when the
     /// request was dropped (read-ahead disabled or `prefetch_depth` requests already waiting); an invalid
     /// index is reported now.
     pub fn prefetch(&self, indices: &[u64]) -> Result<bool, LoadError> {
-        let order = self.shards_for(indices)?;
+        let order = self.volumes_for(indices)?;
         let Some(tx) = &self.prefetch_tx else {
             self.shared
                 .counters
@@ -573,12 +555,15 @@ impl ShardLoader {
         self.shared.lock().last_prefetch_error.clone()
     }
 
-    /// Shard numbers currently cached, least recently used first.
-    pub fn cached_shards(&self) -> Vec<usize> {
+    /// The ids of the volumes currently cached, least recently used first.
+    pub fn cached_volumes(&self) -> Vec<String> {
         let st = self.shared.lock();
-        let mut v: Vec<(usize, u64)> = st.entries.iter().map(|(k, (_, t))| (*k, *t)).collect();
+        let mut v: Vec<(&CachedVolume, u64)> =
+            st.entries.values().map(|(c, t)| (c.as_ref(), *t)).collect();
         v.sort_by_key(|(_, t)| *t);
-        v.into_iter().map(|(k, _)| k).collect()
+        v.into_iter()
+            .map(|(c, _)| c.record.volume_id.clone())
+            .collect()
     }
 
     /// Decoded bytes currently held by the cache.
@@ -589,8 +574,7 @@ impl ShardLoader {
     pub fn stats(&self) -> LoaderStats {
         let c = &self.shared.counters;
         LoaderStats {
-            index_reads: self.index_reads,
-            shard_reads: c.shard_reads.load(Ordering::Relaxed),
+            volume_reads: c.volume_reads.load(Ordering::Relaxed),
             prefetch_reads: c.prefetch_reads.load(Ordering::Relaxed),
             cache_hits: c.cache_hits.load(Ordering::Relaxed),
             cache_misses: c.cache_misses.load(Ordering::Relaxed),

@@ -1,6 +1,6 @@
 //! `ShardLoader` on a tiny synthetic dataset written with `m3d-shards` directly: same values as the shard
-//! crate's own decoding, store reads bounded by distinct shards, eviction under a small cache, errors that
-//! name the sample, and read-ahead observed through the loader's counters.
+//! crate's own decoding, store reads bounded by distinct volumes (ranged reads through the volume index), eviction
+//! under a small cache, errors that name the sample or volume, and read-ahead observed through the loader's counters.
 
 use m3d_shards::encode::{encode_image, pack_mask};
 use m3d_shards::manifest::{sample_shard_key, volume_shard_key};
@@ -80,6 +80,7 @@ fn write_dataset(dir: &std::path::Path) -> String {
         ..Default::default()
     };
     let mut manifest = Manifest::new("seg", "m3d-worker tests");
+    let mut layouts = Vec::new();
     let mut samples = Vec::new();
     for s in 0..SHARDS {
         let vols: Vec<VolumeRecord> = (0..PER_SHARD).map(|v| volume(s, v)).collect();
@@ -88,6 +89,7 @@ fn write_dataset(dir: &std::path::Path) -> String {
         manifest
             .volume_shards
             .push(ShardEntry::describe(&key, vols.len() as u64, &bytes));
+        layouts.push(m3d_shards::shard_layout(&bytes, &key, s as u32).unwrap());
         store.put(&key, bytes).unwrap();
         for v in &vols {
             for _ in 0..2 {
@@ -103,9 +105,18 @@ fn write_dataset(dir: &std::path::Path) -> String {
     store.put(&key, bytes).unwrap();
     manifest.count_samples(&samples);
     manifest.update_totals();
+    m3d_shards::write_index(
+        &store,
+        &mut manifest,
+        &m3d_shards::VolumeIndex::from_layouts(&layouts),
+    )
+    .unwrap();
     manifest.save(&store).unwrap();
     url
 }
+
+/// Volumes in the dataset (two samples each).
+const VOLUMES: u64 = (SHARDS * PER_SHARD) as u64;
 
 /// The reference: decode sample `i` through `ShardDataset` alone.
 fn reference(ds: &ShardDataset, i: usize) -> (Vec<f32>, Option<Vec<f32>>) {
@@ -137,16 +148,15 @@ fn opts(cache_bytes: usize, prefetch_depth: usize) -> LoaderOptions {
 }
 
 #[test]
-fn matches_shard_dataset_decoding_with_one_read_per_distinct_shard() {
+fn matches_shard_dataset_decoding_with_one_read_per_distinct_volume() {
     let dir = tempfile::tempdir().unwrap();
     let url = write_dataset(dir.path());
     let ds = ShardDataset::open(&url).unwrap();
     let loader = ShardLoader::open(&url, opts(1 << 20, 0)).unwrap();
     assert_eq!(loader.len(), SHARDS * PER_SHARD * 2);
-    assert_eq!(loader.stats().index_reads, SHARDS as u64);
-    assert_eq!(loader.stats().shard_reads, 0);
+    assert_eq!(loader.stats().volume_reads, 0, "opening reads no volume");
 
-    // Every sample, shuffled, with a repeat: all three shards, each read once.
+    // Every sample, shuffled, with a repeat: every volume, each read once.
     let indices: Vec<u64> = vec![11, 0, 5, 6, 1, 10, 3, 2, 9, 4, 8, 7, 0];
     let got = loader.load(&indices).unwrap();
     assert_eq!(got.len(), indices.len());
@@ -160,15 +170,15 @@ fn matches_shard_dataset_decoding_with_one_read_per_distinct_shard() {
     }
     assert!(got.iter().any(|g| g.mask.is_some()) && got.iter().any(|g| g.mask.is_none()));
     let st = loader.stats();
-    assert_eq!(st.shard_reads, SHARDS as u64);
-    assert_eq!(st.cache_misses, SHARDS as u64);
+    assert_eq!(st.volume_reads, VOLUMES);
+    assert_eq!(st.cache_misses, VOLUMES);
 
     // Again: all from the cache, identical output.
     let again = loader.load(&indices).unwrap();
     assert_eq!(again, got);
     let st = loader.stats();
-    assert_eq!(st.shard_reads, SHARDS as u64);
-    assert_eq!(st.cache_hits, SHARDS as u64);
+    assert_eq!(st.volume_reads, VOLUMES);
+    assert_eq!(st.cache_hits, VOLUMES);
     assert_eq!(st.evictions, 0);
 }
 
@@ -179,17 +189,17 @@ fn a_cache_smaller_than_the_working_set_evicts_and_stays_correct() {
     let big = ShardLoader::open(&url, opts(1 << 20, 0)).unwrap();
     let all: Vec<u64> = (0..big.len() as u64).collect();
     let expected = big.load(&all).unwrap();
-    let one_shard = big.cached_bytes() / SHARDS;
-    assert!(one_shard > 0);
+    let one_volume = big.cached_bytes() / VOLUMES as usize;
+    assert!(one_volume > 0);
 
-    // Room for one shard only.
-    let small = ShardLoader::open(&url, opts(one_shard + one_shard / 2, 0)).unwrap();
-    // Within one call each shard is still read only once.
+    // Room for one volume only.
+    let small = ShardLoader::open(&url, opts(one_volume + one_volume / 2, 0)).unwrap();
+    // Within one call each volume is still read only once.
     assert_eq!(small.load(&all).unwrap(), expected);
-    assert_eq!(small.stats().shard_reads, SHARDS as u64);
-    assert_eq!(small.cached_shards().len(), 1);
-    assert!(small.stats().evictions >= SHARDS as u64 - 1);
-    // Per-sample calls over the whole dataset twice: shards are evicted and re-read, values unchanged.
+    assert_eq!(small.stats().volume_reads, VOLUMES);
+    assert_eq!(small.cached_volumes().len(), 1);
+    assert!(small.stats().evictions >= VOLUMES - 1);
+    // Per-sample calls over the whole dataset twice: volumes are evicted and re-read, values unchanged.
     for _ in 0..2 {
         for &i in &all {
             let got = small.load(&[i]).unwrap();
@@ -197,16 +207,13 @@ fn a_cache_smaller_than_the_working_set_evicts_and_stays_correct() {
         }
     }
     let st = small.stats();
-    assert!(
-        st.shard_reads > SHARDS as u64 + 1,
-        "expected re-reads, {st:?}"
-    );
-    assert!(small.cached_bytes() <= one_shard + one_shard / 2);
+    assert!(st.volume_reads > VOLUMES + 1, "expected re-reads, {st:?}");
+    assert!(small.cached_bytes() <= one_volume + one_volume / 2);
 
     // A zero-byte cache keeps nothing but still serves.
     let none = ShardLoader::open(&url, opts(0, 0)).unwrap();
     assert_eq!(none.load(&all).unwrap(), expected);
-    assert!(none.cached_shards().is_empty());
+    assert!(none.cached_volumes().is_empty());
 }
 
 #[test]
@@ -228,29 +235,32 @@ fn a_missing_sample_index_is_an_error_naming_it() {
     );
     assert!(err.to_string().contains("sample index 12"), "{err}");
     // Nothing was read for the failed batch.
-    assert_eq!(loader.stats().shard_reads, 0);
+    assert_eq!(loader.stats().volume_reads, 0);
     assert!(loader.prefetch(&[u64::MAX]).is_err());
 }
 
 #[test]
-fn a_corrupted_shard_is_an_error_naming_its_key() {
+fn a_corrupted_volume_is_an_error_naming_it_and_its_shard() {
     let dir = tempfile::tempdir().unwrap();
     let url = write_dataset(dir.path());
     let loader = ShardLoader::open(&url, opts(1 << 20, 0)).unwrap();
+    // Flip a byte inside volume 2's own bytes (shard 1, samples 4 and 5).
+    let index = ShardDataset::open(&url).unwrap().volume_index().unwrap();
+    let loc = index.volumes[2].clone();
     let key = volume_shard_key(1);
     let path = dir.path().join(&key);
     let mut bytes = std::fs::read(&path).unwrap();
-    let mid = bytes.len() / 2;
-    bytes[mid] ^= 0xff;
+    bytes[(loc.bytes.offset + loc.bytes.length / 2) as usize] ^= 0xff;
     std::fs::write(&path, bytes).unwrap();
-    // Shard 0 still serves; shard 1 (samples 4..8) fails naming the shard.
-    assert_eq!(loader.load(&[0, 1]).unwrap().len(), 2);
+    // Other volumes, of the same shard too, still serve: each is checked on its own.
+    assert_eq!(loader.load(&[0, 1, 6]).unwrap().len(), 3);
     let err = loader.load(&[4]).unwrap_err();
     assert!(
-        matches!(&err, LoadError::Shard { shard: 1, key: k, .. } if *k == key),
+        matches!(&err, LoadError::Volume { key: k, volume_id, .. } if *k == key && *volume_id == loc.volume_id),
         "{err:?}"
     );
     assert!(err.to_string().contains(&key), "{err}");
+    assert!(err.to_string().contains("checksum"), "{err}");
 }
 
 fn plain_load(url: &str, indices: &[u64]) -> Vec<m3d_worker::data::LoadedSample> {
@@ -265,7 +275,7 @@ fn prefetch_fills_the_cache_so_the_next_load_hits() {
     let dir = tempfile::tempdir().unwrap();
     let url = write_dataset(dir.path());
     let loader = ShardLoader::open(&url, opts(1 << 20, 2)).unwrap();
-    // Step 0 touches shard 0; step 1 (announced ahead) touches shards 1 and 2.
+    // Step 0 touches volumes 0 and 1; step 1 (announced ahead) touches volumes 2 and 4.
     let step0 = [0u64, 3];
     let step1 = [4u64, 9, 5];
     assert!(loader.prefetch(&step1).unwrap());
@@ -277,20 +287,21 @@ fn prefetch_fills_the_cache_so_the_next_load_hits() {
     assert_eq!(before.prefetch_reads, 2);
     let second = loader.load(&step1).unwrap();
     let after = loader.stats();
-    assert_eq!(after.shard_reads, before.shard_reads, "{after:?}");
+    assert_eq!(after.volume_reads, before.volume_reads, "{after:?}");
     assert_eq!(after.cache_misses, before.cache_misses);
     assert_eq!(after.cache_hits, before.cache_hits + 2);
-    // A request touching every shard of a new loader (a cold start) reads them concurrently, each once.
+    // A request touching every volume of a new loader (a cold start) reads them concurrently, each once.
     let cold = ShardLoader::open(&url, opts(1 << 20, 2)).unwrap();
     let all: Vec<u64> = (0..cold.len() as u64).rev().collect();
     assert!(cold.prefetch(&all).unwrap());
     cold.wait_prefetched();
     assert_eq!(cold.last_prefetch_error(), None);
-    let shards = cold.num_volume_shards() as u64;
+    let volumes = cold.num_volumes() as u64;
+    assert_eq!(volumes, VOLUMES);
     let st = cold.stats();
     assert_eq!(
-        (st.prefetch_reads, st.shard_reads),
-        (shards, shards),
+        (st.prefetch_reads, st.volume_reads),
+        (volumes, volumes),
         "{st:?}"
     );
     assert_eq!(cold.load(&all).unwrap(), plain_load(&url, &all));

@@ -103,6 +103,8 @@ fn write_shards(dir: &Path, shape: [u32; 4]) -> String {
     manifest.count_samples(&samples);
     manifest.update_totals();
     manifest.save(&store).unwrap();
+    // Written as a dataset from before the volume index, then given one as `m3d data-prep reindex` does.
+    m3d_shards::reindex(&store).unwrap();
     url
 }
 

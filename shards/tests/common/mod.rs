@@ -118,12 +118,14 @@ pub fn write_dataset(
     let mut manifest = Manifest::new("seg", "m3d-shards tests");
     manifest.source = serde_json::json!({"root": "/synthetic"});
     manifest.preprocessing = serde_json::json!({"shape": [1, 32, 256, 256]});
+    let mut layouts = Vec::new();
     for (n, recs) in volume_shards.iter().enumerate() {
         let key = volume_shard_key(n);
         let bytes = m3d_shards::write_volume_shard(recs, &opts).unwrap();
         manifest
             .volume_shards
             .push(ShardEntry::describe(&key, recs.len() as u64, &bytes));
+        layouts.push(m3d_shards::shard_layout(&bytes, &key, n as u32).unwrap());
         store.put(&key, bytes).unwrap();
     }
     let key = sample_shard_key(0);
@@ -134,6 +136,12 @@ pub fn write_dataset(
     store.put(&key, bytes).unwrap();
     manifest.count_samples(samples);
     manifest.update_totals();
+    m3d_shards::write_index(
+        store,
+        &mut manifest,
+        &m3d_shards::VolumeIndex::from_layouts(&layouts),
+    )
+    .unwrap();
     manifest.save(store).unwrap();
     manifest
 }
