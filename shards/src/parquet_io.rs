@@ -161,10 +161,12 @@ fn writer_props(
             KeyValue::new(META_KIND.to_string(), kind.to_string()),
         ]));
     if kind == KIND_VOLUMES {
-        // Images and mask bits are large, unique blobs: dictionaries and min/max statistics only cost time.
+        // Images and mask bits are large, unique blobs: dictionaries only cost time. Nothing reads min/max
+        // statistics of a volume shard, and with one volume per row group they would fill the footer (which a
+        // reader fetches once per shard) with a copy of every row's small columns.
         b = b
             .set_dictionary_enabled(false)
-            .set_column_statistics_enabled(ColumnPath::from("image"), EnabledStatistics::None);
+            .set_statistics_enabled(EnabledStatistics::None);
         if opts.image_codec == ImageCodec::Lz4 {
             b = b.set_column_compression(ColumnPath::from("image"), Compression::LZ4_RAW);
         }
