@@ -6,10 +6,13 @@
 #   bench/control_plane.sh [WORKERS=4096] [SECONDS=30] [CHANNELS=16]
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+# The environment every build here needs (libtorch from the venv, the cached target dir), also on a fresh clone.
+M3D_SKIP_BUILD=1 source scripts/setup.sh
+set -euo pipefail
 WORKERS=${1:-4096}
 SECONDS_RUN=${2:-30}
 CHANNELS=${3:-16}
-TARGET=${CARGO_TARGET_DIR:-target}
+TARGET=$CARGO_TARGET_DIR
 cargo build --release -q -p m3d
 cargo build --release -q -p m3d-coordinator --example control_plane_bench
 STATE=$(mktemp -d)

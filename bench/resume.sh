@@ -25,14 +25,15 @@ rm -rf "$RUN" "$REF"
 SETS=(--set "output.run=$RUN" --set "data.tasks.0.shards=[$DATA/shards]" --set train.max_steps=20
       --set train.log_every=1 --set checkpoint.every=5)
 PY="env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE $M3D_VENV/bin/python"
-# Finished jobs with committed checkpoints at steps 5, 10 and 15 (--resume continues from 15), on both sides.
+# Finished jobs with committed checkpoints at steps 5, 10 and 15 (--resume continues from 15), on both sides; m3d
+# also checkpoints the last step (20), which is removed before each --resume so that it continues from 15.
 "$M3D_BIN" train recipes/clip-tiny.yaml --workers 2 "${SETS[@]}" > /dev/null
 $PY bench/train_ddp.py export --shards "$DATA/shards" --out out/bench/resume/ref_npy
 REF_CMD=($PY -m torch.distributed.run --standalone --nproc_per_node=2 bench/train_ddp.py train
          --data out/bench/resume/ref_npy --m3d-final "$RUN/final" --steps 20 --out "$REF" --save-every 5)
 "${REF_CMD[@]}" > /dev/null 2>&1
 $PY - "$ROUNDS" "$RUN" "$REF" "${#REF_CMD[@]}" "${REF_CMD[@]}" "$M3D_BIN" "${SETS[@]}" <<'PY'
-import json, os, statistics, subprocess, sys, time
+import json, os, shutil, statistics, subprocess, sys, time
 rounds, run, ref = int(sys.argv[1]), sys.argv[2], sys.argv[3]
 n = int(sys.argv[4])
 ref_cmd, rest = sys.argv[5:5 + n], sys.argv[5 + n:]
@@ -73,6 +74,8 @@ times = {name: ([], []) for name in sides}
 load = os.getloadavg()[0]
 for _ in range(rounds):
     for name, (cmd, metrics, resume, fresh) in sides.items():
+        if name == "m3d":
+            shutil.rmtree(os.path.join(run, "checkpoints", "step-000000020"), ignore_errors=True)
         times[name][0].append(first_step(cmd(resume), metrics, 16))
         # A fresh start runs the whole job again, leaving new checkpoints at 5, 10, 15 for the next round.
         times[name][1].append(first_step(cmd(fresh), metrics, 1))

@@ -17,10 +17,12 @@ pub struct CoordinatorArgs {
     /// Where the job state lives (path, file://, s3://): a restarted coordinator continues from it.
     #[arg(long)]
     state: String,
-    /// A round starts with at least this many workers once the rendezvous timeout has passed.
-    #[arg(long, default_value_t = 1)]
-    min_workers: u32,
-    /// A round starts at once with this many workers (default: --min-workers).
+    /// A round starts with at least this many workers once the rendezvous timeout has passed. Default with
+    /// --recipe: the recipe's `workers.min`; required without.
+    #[arg(long)]
+    min_workers: Option<u32>,
+    /// A round starts at once with this many workers. Default: the recipe's `workers.max` (else its
+    /// `workers.min`), or --min-workers without --recipe.
     #[arg(long)]
     max_workers: Option<u32>,
     /// How long a round waits for slow starters (e.g. 30s, 500ms, 2m), counted from its first registration.
@@ -32,19 +34,20 @@ pub struct CoordinatorArgs {
     /// Restart rounds allowed after failures; one more failure fails the job.
     #[arg(long, default_value_t = 3)]
     restarts: u32,
-    /// Take the data plan (samples, global batch, seed, epochs, max steps) from this recipe and its shards,
-    /// instead of --samples / --global-batch / --seed / --epochs.
+    /// Take the data plan (samples, global batch, seed, epochs, max steps, shuffle) and the workers' range from
+    /// this recipe and its shards. Without it, --samples, --global-batch and --min-workers must be given: there are
+    /// no defaults for a plan.
     #[arg(long, conflicts_with_all = ["samples", "global_batch", "seed", "epochs"])]
     recipe: Option<PathBuf>,
     /// Overrides of the recipe's values (as `m3d train --set`).
     #[arg(long = "set", value_name = "KEY=VALUE", requires = "recipe")]
     sets: Vec<String>,
-    /// Samples in the training set (the data plan's range 0..N).
-    #[arg(long, default_value_t = 1024)]
-    samples: u64,
-    /// Samples per global step over all ranks (must be divisible by the world size).
-    #[arg(long, default_value_t = 8)]
-    global_batch: u64,
+    /// Samples in the training set (the data plan's range 0..N); required without --recipe.
+    #[arg(long)]
+    samples: Option<u64>,
+    /// Samples per global step over all ranks (must be divisible by the world size); required without --recipe.
+    #[arg(long)]
+    global_batch: Option<u64>,
     /// Seed of the sample order.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -60,10 +63,15 @@ pub struct CoordinatorArgs {
 }
 
 #[derive(Args)]
+#[command(group(clap::ArgGroup::new("what").required(true).multiple(true).args(["coordinator", "run"])))]
 pub struct StatusArgs {
     /// Coordinator URL, e.g. http://127.0.0.1:7070.
     #[arg(long)]
-    coordinator: String,
+    coordinator: Option<String>,
+    /// The run's output.run (a folder, `file://` or `s3://`): also show its metrics as far as rank 0 has
+    /// flushed them (in a store, every `output.metrics_flush_s` seconds).
+    #[arg(long, value_name = "URL")]
+    run: Option<String>,
     /// Print JSON instead of a summary.
     #[arg(long)]
     json: bool,
@@ -118,24 +126,55 @@ pub fn runtime() -> Result<tokio::runtime::Runtime> {
 }
 
 pub fn coordinator(a: CoordinatorArgs) -> Result<()> {
-    let plan = match &a.recipe {
+    let (plan, min_workers, max_workers) = match &a.recipe {
         Some(path) => {
             let recipe = m3d_recipes::Recipe::load(path, &a.sets)?;
             let data = m3d_worker::dataset::TrainData::open(&recipe)?;
-            crate::train::plan_for(&recipe, &data)?
+            let min = match a.min_workers {
+                Some(m) => m,
+                None => u32::try_from(recipe.workers.min).context("workers.min")?,
+            };
+            let max = match (a.max_workers, a.min_workers, recipe.workers.max) {
+                (Some(m), _, _) => m,
+                // --min-workers alone sets the round's size, as it does without a recipe.
+                (None, Some(m), _) => m,
+                (None, None, Some(m)) => u32::try_from(m).context("workers.max")?,
+                (None, None, None) => min,
+            };
+            (crate::train::plan_for(&recipe, &data)?, min, max)
         }
-        None => PlanSpec {
-            max_steps: None,
-            samples: a.samples,
-            global_batch: a.global_batch,
-            seed: a.seed,
-            epochs: a.epochs,
-        },
+        None => {
+            let missing: Vec<&str> = [
+                ("--samples", a.samples.is_none()),
+                ("--global-batch", a.global_batch.is_none()),
+                ("--min-workers", a.min_workers.is_none()),
+            ]
+            .into_iter()
+            .filter_map(|(flag, missing)| missing.then_some(flag))
+            .collect();
+            if !missing.is_empty() {
+                bail!(
+                    "m3d coordinator plans a job from --recipe, or from --samples, --global-batch and \
+                     --min-workers given explicitly (missing: {}); it has no default plan",
+                    missing.join(", ")
+                );
+            }
+            let min = a.min_workers.unwrap_or(1);
+            let plan = PlanSpec {
+                max_steps: None,
+                samples: a.samples.unwrap_or(0),
+                global_batch: a.global_batch.unwrap_or(0),
+                seed: a.seed,
+                epochs: a.epochs,
+                shuffle: m3d_coordinator::Shuffle::Global,
+            };
+            (plan, min, a.max_workers.unwrap_or(min))
+        }
     };
     let cfg = JobConfig {
         initial_checkpoint: None,
-        min_workers: a.min_workers,
-        max_workers: a.max_workers.unwrap_or(a.min_workers),
+        min_workers,
+        max_workers,
         rendezvous_timeout: a.rendezvous_timeout,
         heartbeat_timeout: a.heartbeat_timeout,
         max_restarts: a.restarts,
@@ -177,14 +216,78 @@ pub fn coordinator(a: CoordinatorArgs) -> Result<()> {
     })
 }
 
+/// What `m3d status --run` shows of a run's metrics.
+struct MetricsProgress {
+    run: String,
+    lines: usize,
+    last: Option<m3d_worker::metrics::MetricsLine>,
+}
+
+impl MetricsProgress {
+    fn json(&self) -> serde_json::Value {
+        serde_json::json!({ "run": self.run, "lines": self.lines, "last": self.last })
+    }
+}
+
+fn metrics_progress(run: &str) -> Result<MetricsProgress> {
+    let (_, lines) = m3d_worker::output::read_run_metrics(run)
+        .with_context(|| format!("reading the metrics of {run}"))?;
+    Ok(MetricsProgress {
+        run: run.to_string(),
+        lines: lines.len(),
+        last: lines.last().cloned(),
+    })
+}
+
+fn print_metrics(m: &MetricsProgress) {
+    let Some(l) = &m.last else {
+        println!("metrics: none yet under {}", m.run);
+        return;
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0);
+    // A line without a time (written by hand, or by an older m3d) has none to show.
+    let age = if l.time > 0.0 {
+        format!(", last {:.0} s ago", (now - l.time).max(0.0))
+    } else {
+        String::new()
+    };
+    println!(
+        "metrics: step {}  loss {:.4}  lr {:.3e}  {:.1} samples/s  ({} lines{age}, {})",
+        l.step, l.loss, l.lr, l.samples_per_s, m.lines, m.run
+    );
+}
+
 pub fn status(a: StatusArgs) -> Result<()> {
+    let metrics = a.run.as_deref().map(metrics_progress).transpose()?;
+    let Some(coordinator) = &a.coordinator else {
+        if let Some(m) = &metrics {
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&m.json())?);
+            } else {
+                print_metrics(m);
+            }
+        }
+        return Ok(());
+    };
     let token = load_token(a.token_file.as_ref())?;
     let s = runtime()?.block_on(async {
-        let mut c = Client::connect(&a.coordinator, token).await?;
+        let mut c = Client::connect(coordinator, token).await?;
         c.status().await
     })?;
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&s)?);
+        match &metrics {
+            // With --run, the job's status and the run's metrics side by side; without, as before.
+            Some(m) => println!(
+                "{}",
+                serde_json::to_string_pretty(
+                    &serde_json::json!({ "job": &s, "metrics": m.json() })
+                )?
+            ),
+            None => println!("{}", serde_json::to_string_pretty(&s)?),
+        }
         return Ok(());
     }
     println!(
@@ -218,6 +321,9 @@ pub fn status(a: StatusArgs) -> Result<()> {
     }
     if s.members.len() > 16 {
         println!("  ... {} more (use --json)", s.members.len() - 16);
+    }
+    if let Some(m) = &metrics {
+        print_metrics(m);
     }
     Ok(())
 }

@@ -428,7 +428,11 @@ fn run(cli: Cli) -> Result<()> {
                     report.url,
                     report.volumes,
                     report.shards,
-                    if report.replaced { " (index rebuilt)" } else { "" }
+                    if report.replaced {
+                        " (index rebuilt)"
+                    } else {
+                        ""
+                    }
                 );
             }
             DataPrep::Inspect {

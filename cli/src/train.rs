@@ -4,7 +4,7 @@
 //! coordinator turns that into a restart round).
 
 use std::net::IpAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -15,9 +15,10 @@ use m3d_coordinator::{
 };
 use m3d_recipes::Recipe;
 use m3d_shards::store::Store;
-use m3d_worker::checkpoint;
+use m3d_worker::checkpoint::{self, IdentityCheck};
 use m3d_worker::dataset::TrainData;
 use m3d_worker::export::ExportKind;
+use m3d_worker::output::RunDir;
 use m3d_worker::role::{run_worker, WorkerExit, WorkerOptions};
 use rand::RngCore;
 
@@ -46,10 +47,23 @@ pub struct TrainArgs {
     #[arg(long)]
     threads: Option<usize>,
     /// Continue from the latest committed checkpoint under the recipe's checkpoint URL (any number of
-    /// workers: the sample sequence continues exactly).
+    /// workers: the sample sequence continues exactly; a larger train.max_steps extends a finished run).
+    /// Refused if the recipe changed the run's training set, global batch, seed or data order.
     #[arg(long, conflicts_with = "fresh")]
     resume: bool,
-    /// Delete the checkpoints a previous run left under the checkpoint URL and start from step 0.
+    /// With --resume: resume although these differ from the checkpoint's run (data: the training set,
+    /// data.shuffle, train.global_batch, train.seed). Steps done are not redone; the sample order after
+    /// the checkpoint's step differs from an uninterrupted run's.
+    #[arg(
+        long,
+        value_name = "FIELD[,FIELD]",
+        value_delimiter = ',',
+        requires = "resume",
+        value_parser = clap::builder::PossibleValuesParser::new(checkpoint::RunIdentity::FIELDS)
+    )]
+    accept_changed: Vec<String>,
+    /// Delete the checkpoint folders (`step-*`) a previous run left under the checkpoint URL, and the job
+    /// state, and start from step 0. Other objects under the URL are kept.
     #[arg(long)]
     fresh: bool,
     /// Start from another run's weights (repeatable): the n-th flag sets `model.init_from.<n>.path`, keeping
@@ -57,6 +71,11 @@ pub struct TrainArgs {
     /// checkpoint folder for its latest), a `final/` or HF folder, a weight file, or an `s3://` folder.
     #[arg(long, value_name = "URL")]
     init_from: Vec<String>,
+    /// The local folder for the job's own files: the effective recipe, `logs/` (one per worker) and
+    /// `coordinator/` (the job state). Default: the run folder when output.run is a local path, else
+    /// `runs/<recipe name>` (the results — metrics, final weights, plot — go to output.run in the store).
+    #[arg(long, value_name = "DIR")]
+    work_dir: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -140,11 +159,12 @@ pub struct MergeLoraArgs {
 
 #[derive(Args)]
 pub struct PlotArgs {
-    /// Metrics files (JSONL) or run folders; several are drawn as one figure.
-    inputs: Vec<PathBuf>,
-    /// The PNG to write.
+    /// Metrics files (JSONL) or run folders, local or in a store (`s3://bucket/runs/x`: the run's metrics,
+    /// as far as they were flushed while it trains); several are drawn as one figure.
+    inputs: Vec<String>,
+    /// The PNG to write: a path or a store URL (`s3://bucket/plots/loss.png`).
     #[arg(long, short)]
-    out: PathBuf,
+    out: String,
 }
 
 fn host_name() -> String {
@@ -155,14 +175,9 @@ fn host_name() -> String {
         .unwrap_or_else(|| "localhost".into())
 }
 
-/// The run folder of a recipe; only local folders for now (metrics and final weights are files).
-fn run_dir(recipe: &Recipe) -> Result<PathBuf> {
-    let url = recipe.run_url();
-    let path = url.strip_prefix("file://").unwrap_or(&url);
-    if path.contains("://") {
-        bail!("output.run `{url}`: the run folder must be a local path");
-    }
-    Ok(PathBuf::from(path))
+/// The run folder of a recipe: a local folder, or a folder in a store (`file://`, `s3://`).
+fn run_dir(recipe: &Recipe) -> RunDir {
+    RunDir::of(&recipe.run_url())
 }
 
 /// The data plan of a recipe over its training set.
@@ -173,6 +188,7 @@ pub fn plan_for(recipe: &Recipe, data: &TrainData) -> Result<PlanSpec> {
         seed: recipe.train.seed,
         epochs: u64::from(recipe.train.epochs),
         max_steps: None,
+        shuffle: m3d_worker::dataset::shuffle_of(&recipe.data),
     };
     spec.validate()
         .with_context(|| format!("recipe `{}`", recipe.name()))?;
@@ -195,7 +211,7 @@ pub fn worker(a: WorkerArgs) -> Result<()> {
         host,
         bind: a.bind,
         collective_timeout: a.collective_timeout,
-        run: run_dir(&recipe)?,
+        run: run_dir(&recipe),
         threads: a.threads,
     };
     match run_worker(&recipe, &opts) {
@@ -263,34 +279,130 @@ impl Launch {
     }
 }
 
-/// Where a new job starts: the latest committed checkpoint with `--resume`; step 0 otherwise, refusing to
-/// mix a new run with an old run's checkpoints unless `--fresh` deletes them.
-fn start_point(recipe: &Recipe, resume: bool, fresh: bool) -> Result<Option<CheckpointRef>> {
+/// Where a new job starts, and what `--fresh` deleted to start there.
+struct Start {
+    checkpoint: Option<CheckpointRef>,
+    deleted: Option<checkpoint::Deleted>,
+}
+
+/// Where a new job starts: with `--resume`, the latest committed checkpoint, if it belongs to the same run
+/// (or the differences are accepted) and steps are left after it; step 0 otherwise, refusing to mix a new
+/// run with an old run's checkpoints unless `--fresh` deletes them.
+fn start_point(recipe: &Recipe, a: &TrainArgs, plan: &PlanSpec) -> Result<Start> {
     let base = recipe.checkpoint_url();
     let store =
         Store::open(&base).with_context(|| format!("opening the checkpoint store {base}"))?;
     let steps = checkpoint::committed_steps(&store)?;
-    if resume {
+    if a.resume {
         let Some(&step) = steps.last() else {
             bail!("--resume: no committed checkpoint under {base}");
         };
-        return Ok(Some(CheckpointRef {
-            step,
-            url: checkpoint::step_url(&base, step),
-        }));
-    }
-    if !steps.is_empty() {
-        if !fresh {
+        let url = checkpoint::step_url(&base, step);
+        check_same_run(recipe, &store, step, &url, &a.accept_changed)?;
+        let total = plan.total_steps();
+        if step >= total {
             bail!(
-                "{base} holds checkpoints of a previous run (steps {steps:?}): pass --resume to continue it, or \
-                 --fresh to delete them and start again"
+                "--resume: the latest checkpoint {url} is at step {step} and the recipe's run has {total} steps: \
+                 nothing is left to train (a larger train.max_steps extends the run; `m3d export --from {url}` \
+                 writes its weights)"
             );
         }
-        for (key, _) in store.list("")? {
-            store.delete(&key)?;
+        return Ok(Start {
+            checkpoint: Some(CheckpointRef { step, url }),
+            deleted: None,
+        });
+    }
+    if a.fresh {
+        let deleted = checkpoint::delete_checkpoints(&store)
+            .with_context(|| format!("--fresh: deleting the checkpoints under {base}"))?;
+        return Ok(Start {
+            checkpoint: None,
+            deleted: Some(deleted),
+        });
+    }
+    if !steps.is_empty() {
+        bail!(
+            "{base} holds checkpoints of a previous run (steps {steps:?}): pass --resume to continue it, or \
+             --fresh to delete them and start again"
+        );
+    }
+    Ok(Start {
+        checkpoint: None,
+        deleted: None,
+    })
+}
+
+/// Refuses to resume from the checkpoint of `step` if its run differs from `recipe`'s in a field not in
+/// `accept`; warns when the checkpoint predates recorded run identities.
+fn check_same_run(
+    recipe: &Recipe,
+    store: &Store,
+    step: u64,
+    url: &str,
+    accept: &[String],
+) -> Result<()> {
+    let recorded = checkpoint::read_state(store, step)?;
+    let now = checkpoint::RunIdentity::of(recipe)
+        .context("--resume: identifying the recipe's training set")?;
+    match checkpoint::check_identity(&recorded, url, &now, accept) {
+        Ok(IdentityCheck::Same) => {}
+        Ok(IdentityCheck::Unrecorded) => tracing::warn!(
+            checkpoint = url,
+            "the checkpoint predates recorded run identities (state format 0): its training set, global \
+             batch, seed and data order could not be checked against the recipe's"
+        ),
+        Ok(IdentityCheck::Accepted(changes)) => {
+            for c in changes {
+                println!("--accept-changed {}: resuming with {c}", c.field);
+            }
+        }
+        Err(e) => {
+            let checkpoint::CheckpointError::Changed { changes, .. } = &e else {
+                return Err(e.into());
+            };
+            let fields: Vec<&str> = changes.iter().map(|c| c.field).collect();
+            bail!(
+                "--resume: {e}. To resume anyway, pass --accept-changed {}: the steps done are kept, and the \
+                 sample order after step {step} differs from an uninterrupted run's",
+                fields.join(",")
+            );
         }
     }
-    Ok(None)
+    Ok(())
+}
+
+/// What `--fresh` deleted, e.g. `--fresh: deleted 3 checkpoints (step-000000004 .. step-000000012), 41
+/// objects under <url>, and the job state <run>/coordinator`.
+fn fresh_report(base: &str, d: &checkpoint::Deleted, state: Option<&Path>) -> String {
+    let plural = |n: usize, what: &str| format!("{n} {what}{}", if n == 1 { "" } else { "s" });
+    let checkpoints = match (d.steps.first(), d.steps.last()) {
+        (Some(&first), Some(&last)) => {
+            let range = if first == last {
+                checkpoint::step_dir(first)
+            } else {
+                format!(
+                    "{} .. {}",
+                    checkpoint::step_dir(first),
+                    checkpoint::step_dir(last)
+                )
+            };
+            Some(format!(
+                "{} ({range}), {} under {base}",
+                plural(d.steps.len(), "checkpoint"),
+                plural(d.objects, "object")
+            ))
+        }
+        _ => None,
+    };
+    match (checkpoints, state) {
+        (Some(c), Some(s)) => format!("--fresh: deleted {c}, and the job state {}", s.display()),
+        (Some(c), None) => format!("--fresh: deleted {c}"),
+        (None, Some(s)) => format!(
+            "--fresh: deleted the job state {} (no checkpoints under {base})",
+            s.display()
+        ),
+        (None, None) => format!("--fresh: nothing to delete (no checkpoints under {base})"),
+    }
 }
 
 pub fn train(a: TrainArgs) -> Result<()> {
@@ -320,22 +432,43 @@ pub fn train(a: TrainArgs) -> Result<()> {
             recipe.train.global_batch
         );
     }
-    let run = run_dir(&recipe)?;
-    std::fs::create_dir_all(run.join("logs"))
-        .with_context(|| format!("creating {}", run.display()))?;
+    let run = run_dir(&recipe);
+    // Logs and the job state are this machine's: local files even when the results go to a store.
+    let work = match (&a.work_dir, &run) {
+        (Some(dir), _) => dir.clone(),
+        (None, RunDir::Local(dir)) => dir.clone(),
+        (None, RunDir::Store(_)) => PathBuf::from("runs").join(recipe.name()),
+    };
+    std::fs::create_dir_all(work.join("logs"))
+        .with_context(|| format!("creating {}", work.display()))?;
     // The effective recipe (overrides applied) is what every worker reads.
-    let effective = run.join("recipe.yaml");
+    let effective = work.join("recipe.yaml");
     std::fs::write(&effective, recipe.to_yaml())
         .with_context(|| format!("writing {}", effective.display()))?;
+    if let RunDir::Store(url) = &run {
+        // Beside the results, so the run says what produced it; also fails early on an unreachable store.
+        run.put("recipe.yaml", recipe.to_yaml().into_bytes())
+            .with_context(|| format!("writing the recipe to the run {url}"))?;
+    }
     let data = TrainData::open(&recipe)?;
     let plan = plan_for(&recipe, &data)?;
     drop(data);
-    let state = run.join("coordinator");
-    if state.exists() {
+    let start = start_point(&recipe, &a, &plan)?;
+    let state = work.join("coordinator");
+    let had_state = state.exists();
+    if had_state {
         // A new `m3d train` is a new job (resuming one is `--resume`, with checkpoints).
         std::fs::remove_dir_all(&state).with_context(|| format!("clearing {}", state.display()))?;
     }
-    let initial_checkpoint = start_point(&recipe, a.resume, a.fresh)?;
+    if let Some(deleted) = &start.deleted {
+        let report = fresh_report(
+            &recipe.checkpoint_url(),
+            deleted,
+            had_state.then_some(state.as_path()),
+        );
+        println!("{report}");
+    }
+    let initial_checkpoint = start.checkpoint;
     let cfg = JobConfig {
         initial_checkpoint: initial_checkpoint.clone(),
         min_workers: workers as u32,
@@ -372,8 +505,12 @@ pub fn train(a: TrainArgs) -> Result<()> {
     if let Some(c) = &initial_checkpoint {
         println!("resuming from step {} ({})", c.step, c.url);
     }
+    let local_files = match &run {
+        RunDir::Local(dir) if *dir == work => String::new(),
+        _ => format!("; logs and job state in {}", work.display()),
+    };
     println!(
-        "m3d train {}: {} worker(s), {} steps of {} samples ({} in the training set); coordinator {url}; run {}",
+        "m3d train {}: {} worker(s), {} steps of {} samples ({} in the training set); coordinator {url}; run {}{local_files}",
         recipe.name(),
         workers,
         plan.total_steps(),
@@ -381,7 +518,7 @@ pub fn train(a: TrainArgs) -> Result<()> {
         plan.samples,
         run.display()
     );
-    let logs = run.join("logs");
+    let logs = work.join("logs");
     let launch = Launch {
         exe,
         url: url.clone(),
@@ -475,44 +612,31 @@ pub fn train(a: TrainArgs) -> Result<()> {
     let _ = rt.block_on(server);
     outcome?;
     let status = coord.status();
-    let metrics = run.join("metrics.jsonl");
-    let png = run.join("loss.png");
-    m3d_worker::plot::plot_files(
-        std::slice::from_ref(&metrics),
+    let metrics = run.metrics_display();
+    let png = run.child("loss.png");
+    m3d_worker::plot::plot_inputs(
+        &[run.display()],
         &png,
         m3d_worker::plot::PlotSize::default(),
     )
-    .with_context(|| format!("plotting {}", metrics.display()))?;
+    .with_context(|| format!("plotting {metrics}"))?;
     println!(
-        "done: {} steps in {:.1} s, final loss {:.4}, {} restart(s); final weights {}, metrics {}, plot {}",
+        "done: {} steps in {:.1} s, final loss {:.4}, {} restart(s); final weights {}, metrics {metrics}, plot {png}",
         status.step,
         started.elapsed().as_secs_f64(),
         status.last_loss,
         status.restarts,
-        run.join("final").display(),
-        metrics.display(),
-        png.display()
+        run.child("final"),
     );
     Ok(())
 }
 
 pub fn plot(a: PlotArgs) -> Result<()> {
-    let files: Vec<PathBuf> = a
-        .inputs
-        .iter()
-        .map(|p| {
-            if p.is_dir() {
-                p.join("metrics.jsonl")
-            } else {
-                p.clone()
-            }
-        })
-        .collect();
-    if files.is_empty() {
+    if a.inputs.is_empty() {
         bail!("give at least one metrics file or run folder");
     }
-    m3d_worker::plot::plot_files(&files, &a.out, m3d_worker::plot::PlotSize::default())?;
-    println!("wrote {}", a.out.display());
+    m3d_worker::plot::plot_inputs(&a.inputs, &a.out, m3d_worker::plot::PlotSize::default())?;
+    println!("wrote {}", a.out);
     Ok(())
 }
 

@@ -26,7 +26,7 @@ use crate::job::{
     Assignment, CheckpointRef, ControlPlane, DataPlan, JobPhase, JobStatus, Peer, Progress,
     WorkerAction, WorkerInfo,
 };
-use crate::plan::{PlanSpec, StepPlan};
+use crate::plan::{PlanSpec, Shuffle, StepPlan};
 
 /// A bearer token. `Debug` never shows it, and nothing in this crate logs it.
 #[derive(Clone)]
@@ -509,6 +509,14 @@ fn plan_to_pb(p: &PlanSpec) -> pb::DataPlanSpec {
         steps_per_epoch: p.steps_per_epoch(),
         total_steps: p.total_steps(),
         max_steps: p.max_steps.unwrap_or(0),
+        shuffle_block: match p.shuffle {
+            Shuffle::Global => 0,
+            Shuffle::Blocks { block, .. } => block,
+        },
+        shuffle_window: match p.shuffle {
+            Shuffle::Global => 0,
+            Shuffle::Blocks { window, .. } => window,
+        },
     }
 }
 
@@ -519,6 +527,14 @@ pub(crate) fn plan_from_pb(p: &pb::DataPlanSpec) -> PlanSpec {
         seed: p.seed,
         epochs: p.epochs,
         max_steps: (p.max_steps > 0).then_some(p.max_steps),
+        // A block of 0 is the field's default: a coordinator that predates block shuffles sends the global one.
+        shuffle: match p.shuffle_block {
+            0 => Shuffle::Global,
+            block => Shuffle::Blocks {
+                block,
+                window: p.shuffle_window,
+            },
+        },
     }
 }
 

@@ -27,6 +27,6 @@ pub use job::{
     Assignment, CheckpointRef, ControlPlane, Coordinator, DataPlan, HeartbeatReply, JobPhase,
     JobStatus, Peer, Progress, WorkerAction, WorkerInfo,
 };
-pub use plan::{EpochOrder, PlanSpec, StepPlan};
+pub use plan::{BlockOrder, EpochOrder, PlanSpec, SampleOrder, Shuffle, StepPlan};
 /// gRPC status codes, as [`ClientError::code`] reports them.
 pub use tonic::Code;

@@ -6,6 +6,18 @@
 //! to `0..samples` by cycle walking: position -> sample is computed in O(1) time and memory, so a plan never
 //! materialises an epoch (any dataset size, no cache, no lock).
 //!
+//! Two orders ([`Shuffle`], the recipe's `data.shuffle`):
+//!
+//! - **global** (the default, as the reference's random sampler): one permutation of all samples per epoch.
+//! - **blocks** (in the style of Mosaic Streaming, for object storage): the samples are cut into blocks of
+//!   `block` consecutive indices (`[b*block, (b+1)*block)`, the last one shorter when `block` does not divide
+//!   `samples`); the blocks are permuted (keyed by `(seed, epoch)`); the permuted block sequence is cut into
+//!   windows of `window` blocks; and the samples of each window are permuted among themselves (keyed by
+//!   `(seed, epoch, window)`). Consecutive sample indices are stored together (conversion writes them shard by
+//!   shard), so a window touches at most `window` blocks' volumes, and a loader whose cache holds one window's
+//!   volumes reads each of them about once per epoch instead of once per use. Also O(1) per position: see
+//!   [`BlockOrder`].
+//!
 //! Epoch `e` has `samples / global_batch` steps: **the last partial batch is dropped** (which samples fall into
 //! it differs from epoch to epoch, because the order does). Global step `s` is epoch `s / steps_per_epoch`, step
 //! `s % steps_per_epoch` in it; its global batch is positions `[k*G, (k+1)*G)` of the epoch's order, and rank `r`
@@ -30,6 +42,35 @@ pub struct PlanSpec {
     /// none (every step of every epoch).
     #[serde(default)]
     pub max_steps: Option<u64>,
+    /// How each epoch's order is drawn. Default (and what a `job.json` or `state.json` written before the
+    /// field existed reads as): [`Shuffle::Global`].
+    #[serde(default)]
+    pub shuffle: Shuffle,
+}
+
+/// How an epoch's sample order is drawn; see the module docs.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize,
+)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+pub enum Shuffle {
+    /// One keyed permutation of all samples.
+    #[default]
+    Global,
+    /// Blocks of `block` consecutive samples in a keyed order, the samples of every `window` consecutive
+    /// blocks of that order shuffled among themselves. Both at least 1.
+    Blocks { block: u64, window: u64 },
+}
+
+impl std::fmt::Display for Shuffle {
+    /// `global` or `blocks:<block>x<window>`: the form a checkpoint's run identity records, so a resume under
+    /// another order is told apart (and `global` reads as checkpoints written before blocks existed did).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Shuffle::Global => f.write_str("global"),
+            Shuffle::Blocks { block, window } => write!(f, "blocks:{block}x{window}"),
+        }
+    }
 }
 
 /// One step of one rank's plan.
@@ -60,6 +101,18 @@ impl PlanSpec {
         }
         if self.epochs == 0 {
             return Err(PlanError::Invalid("epochs must be at least 1".into()));
+        }
+        if let Shuffle::Blocks { block, window } = self.shuffle {
+            if block == 0 {
+                return Err(PlanError::Invalid(
+                    "shuffle block must be at least 1 sample".into(),
+                ));
+            }
+            if window == 0 {
+                return Err(PlanError::Invalid(
+                    "shuffle window must be at least 1 block".into(),
+                ));
+            }
         }
         Ok(())
     }
@@ -94,9 +147,23 @@ impl PlanSpec {
         world_size > 0 && self.global_batch % u64::from(world_size) == 0
     }
 
+    /// The order of `epoch` under this spec's [`Shuffle`].
+    pub fn order(&self, epoch: u64) -> SampleOrder {
+        match self.shuffle {
+            Shuffle::Global => SampleOrder::Global(EpochOrder::new(self.seed, epoch, self.samples)),
+            Shuffle::Blocks { block, window } => SampleOrder::Blocks(BlockOrder::new(
+                self.seed,
+                epoch,
+                self.samples,
+                block,
+                window,
+            )),
+        }
+    }
+
     /// The sample at `position` of the global order of `epoch` (`position < samples`).
     pub fn sample_at(&self, epoch: u64, position: u64) -> u64 {
-        EpochOrder::new(self.seed, epoch, self.samples).get(position)
+        self.order(epoch).get(position)
     }
 
     /// The whole global batch of a step, in order.
@@ -127,7 +194,7 @@ impl PlanSpec {
         let (epoch, k) = self.position(step);
         let per_rank = self.global_batch / u64::from(world_size);
         let start = k * self.global_batch + u64::from(rank) * per_rank;
-        let order = EpochOrder::new(self.seed, epoch, self.samples);
+        let order = self.order(epoch);
         Ok((start..start + per_rank).map(|p| order.get(p)).collect())
     }
 
@@ -173,14 +240,24 @@ fn mix(mut z: u64) -> u64 {
     z ^ (z >> 31)
 }
 
+/// Tags that keep the keys of the orders an epoch uses apart (the global order's is the original one and must
+/// never change: it is what existing runs were trained with).
+const TAG_GLOBAL: u64 = 0x6D33_6450_4C41_4E00;
+const TAG_BLOCKS: u64 = 0x6D33_6442_4C4F_434B;
+const TAG_WINDOW: u64 = 0x6D33_6457_494E_444F;
+
 impl EpochOrder {
     pub fn new(seed: u64, epoch: u64, n: u64) -> EpochOrder {
+        EpochOrder::keyed(mix(seed ^ mix(epoch ^ TAG_GLOBAL)), n)
+    }
+
+    /// The permutation of `0..n` keyed by `base`.
+    fn keyed(base: u64, n: u64) -> EpochOrder {
         // Domain 4^half_bits >= n, at least 4, so both Feistel halves have at least one bit.
         let mut half_bits = 1;
         while half_bits < 32 && (1u64 << (2 * half_bits)) < n {
             half_bits += 1;
         }
-        let base = mix(seed ^ mix(epoch ^ 0x6D33_6450_4C41_4E00));
         let mut keys = [0u64; ROUNDS];
         for (i, k) in keys.iter_mut().enumerate() {
             *k = mix(base.wrapping_add(i as u64));
@@ -198,6 +275,17 @@ impl EpochOrder {
         (l << self.half_bits) | r
     }
 
+    /// The inverse of [`EpochOrder::feistel`]: the rounds undone in reverse order.
+    fn feistel_inv(&self, y: u64) -> u64 {
+        let mask = (1u64 << self.half_bits) - 1;
+        let (mut l, mut r) = (y >> self.half_bits, y & mask);
+        for k in self.keys.iter().rev() {
+            let f = mix(l ^ k) & mask;
+            (l, r) = (r ^ f, l);
+        }
+        (l << self.half_bits) | r
+    }
+
     /// The sample at `position` (`position < n`). Cycle walking: apply the permutation of the power-of-four
     /// domain until the value lands in `0..n`; it terminates because `position` itself is on the cycle.
     pub fn get(&self, position: u64) -> u64 {
@@ -207,6 +295,122 @@ impl EpochOrder {
             y = self.feistel(y);
         }
         y
+    }
+
+    /// The position of `sample` (`sample < n`): the inverse of [`EpochOrder::get`] (cycle walking backwards).
+    pub fn position_of(&self, sample: u64) -> u64 {
+        debug_assert!(sample < self.n);
+        let mut x = self.feistel_inv(sample);
+        while x >= self.n {
+            x = self.feistel_inv(x);
+        }
+        x
+    }
+}
+
+/// An epoch's order under either [`Shuffle`].
+#[derive(Clone, Copy, Debug)]
+pub enum SampleOrder {
+    Global(EpochOrder),
+    Blocks(BlockOrder),
+}
+
+impl SampleOrder {
+    /// The sample at `position` (`position < samples`).
+    pub fn get(&self, position: u64) -> u64 {
+        match self {
+            SampleOrder::Global(o) => o.get(position),
+            SampleOrder::Blocks(o) => o.get(position),
+        }
+    }
+}
+
+/// The block shuffle of one epoch (see the module docs), position -> sample in O(1) time and memory.
+///
+/// With `B` samples per block, `nb = ceil(n / B)` blocks and `W` blocks per window: slot `j` of the epoch (the
+/// `j`-th block of the permuted sequence) holds block `π(j)`, `π` the block permutation keyed by
+/// `(seed, epoch)`. Only the last block, `nb - 1`, may be short (`B - d` samples); it sits at slot
+/// `s* = π⁻¹(nb - 1)`, so slot `j` starts at position `start(j) = j·B - (d if j > s* else 0)`. Window `w` is
+/// slots `[w·W, min((w+1)·W, nb))`, i.e. positions `[start(w·W), start(min((w+1)·W, nb)))`. The sample at
+/// position `p`: its window `w` (from its slot), `q = p - start(w·W)`, `q' = σ_w(q)` (`σ_w` the permutation of
+/// the window's samples keyed by `(seed, epoch, w)`), and with `(j, o)` the slot and offset of position
+/// `start(w·W) + q'`, the sample is `π(j)·B + o`.
+#[derive(Clone, Copy, Debug)]
+pub struct BlockOrder {
+    n: u64,
+    /// Samples per block, at most `n`.
+    block: u64,
+    /// Blocks per window, at most `blocks`.
+    window: u64,
+    blocks: u64,
+    /// Slot of the last block (the only one that may be short).
+    short_slot: u64,
+    /// Samples the last block lacks to be whole.
+    deficit: u64,
+    perm: EpochOrder,
+    /// Key base of the window permutations.
+    window_base: u64,
+}
+
+impl BlockOrder {
+    /// `block` and `window` of 0 count as 1 ([`PlanSpec::validate`] refuses them before any order is built);
+    /// a block larger than the dataset is one block, a window longer than the epoch one window.
+    pub fn new(seed: u64, epoch: u64, n: u64, block: u64, window: u64) -> BlockOrder {
+        let block = block.clamp(1, n.max(1));
+        let blocks = n.div_ceil(block).max(1);
+        let window = window.clamp(1, blocks);
+        let base = mix(seed ^ mix(epoch ^ TAG_BLOCKS));
+        let perm = EpochOrder::keyed(base, blocks);
+        BlockOrder {
+            n,
+            block,
+            window,
+            blocks,
+            short_slot: perm.position_of(blocks - 1),
+            deficit: blocks * block - n,
+            perm,
+            window_base: mix(base ^ TAG_WINDOW),
+        }
+    }
+
+    /// First position of slot `j` (`j <= blocks`; `start(blocks) = n`).
+    fn start(&self, j: u64) -> u64 {
+        j * self.block - if j > self.short_slot { self.deficit } else { 0 }
+    }
+
+    /// (slot, offset in the slot's block) of position `p`.
+    fn slot_of(&self, p: u64) -> (u64, u64) {
+        let short_start = self.short_slot * self.block;
+        if p < short_start {
+            (p / self.block, p % self.block)
+        } else if p < short_start + (self.block - self.deficit) {
+            (self.short_slot, p - short_start)
+        } else {
+            let q = p + self.deficit;
+            (q / self.block, q % self.block)
+        }
+    }
+
+    /// Number of windows in the epoch.
+    pub fn windows(&self) -> u64 {
+        self.blocks.div_ceil(self.window)
+    }
+
+    /// Positions `[start, end)` of window `w` (`w < windows()`).
+    pub fn window_range(&self, w: u64) -> std::ops::Range<u64> {
+        let first = w * self.window;
+        let last = (first + self.window).min(self.blocks);
+        self.start(first)..self.start(last)
+    }
+
+    /// The sample at `position` (`position < n`).
+    pub fn get(&self, position: u64) -> u64 {
+        debug_assert!(position < self.n);
+        let w = self.slot_of(position).0 / self.window;
+        let range = self.window_range(w);
+        let within = EpochOrder::keyed(mix(self.window_base ^ mix(w)), range.end - range.start);
+        let (j, o) = self.slot_of(range.start + within.get(position - range.start));
+        self.perm.get(j) * self.block + o
     }
 }
 
@@ -246,5 +450,230 @@ mod tests {
         assert_ne!(a, c);
         assert_eq!(a, again);
         assert_ne!(a, (0..100).collect::<Vec<_>>(), "not shuffled");
+    }
+
+    #[test]
+    fn the_global_order_never_changes() {
+        // Values of the order runs were trained with before block shuffles existed: a resumed run relies on them.
+        for (seed, epoch, n, first) in [
+            (7u64, 3u64, 100u64, [19u64, 72, 86, 27, 92, 97, 62, 52]),
+            (42, 0, 1001, [766, 97, 513, 862, 190, 45, 37, 432]),
+            (
+                1,
+                5,
+                65537,
+                [56842, 14668, 14231, 53278, 53385, 61495, 28037, 13078],
+            ),
+        ] {
+            let o = EpochOrder::new(seed, epoch, n);
+            assert_eq!((0..8).map(|p| o.get(p)).collect::<Vec<_>>(), first);
+        }
+    }
+
+    #[test]
+    fn position_of_inverts_get() {
+        for n in [1u64, 2, 5, 17, 1000, 4097] {
+            let order = EpochOrder::new(3, 1, n);
+            for p in 0..n {
+                assert_eq!(order.position_of(order.get(p)), p, "n={n}");
+            }
+        }
+    }
+
+    const BLOCK: u64 = 32;
+    const WINDOW: u64 = 3;
+
+    fn spec(samples: u64, global_batch: u64, shuffle: Shuffle) -> PlanSpec {
+        PlanSpec {
+            samples,
+            global_batch,
+            seed: 11,
+            epochs: 2,
+            max_steps: None,
+            shuffle,
+        }
+    }
+
+    fn shuffles() -> [Shuffle; 4] {
+        [
+            Shuffle::Global,
+            Shuffle::Blocks {
+                block: BLOCK,
+                window: WINDOW,
+            },
+            Shuffle::Blocks {
+                block: 1,
+                window: 1,
+            },
+            Shuffle::Blocks {
+                block: 7,
+                window: 1000,
+            },
+        ]
+    }
+
+    fn epoch(p: &PlanSpec, e: u64) -> Vec<u64> {
+        (0..p.samples).map(|i| p.sample_at(e, i)).collect()
+    }
+
+    #[test]
+    fn every_sample_exactly_once_per_epoch_under_both_shuffles() {
+        for shuffle in shuffles() {
+            for n in [1u64, 7, 100, 1001] {
+                let p = spec(n, 1, shuffle);
+                for e in 0..2 {
+                    let mut seen = vec![false; n as usize];
+                    for s in epoch(&p, e) {
+                        assert!(s < n, "{shuffle} n={n}: {s} out of range");
+                        assert!(!seen[s as usize], "{shuffle} n={n}: {s} twice");
+                        seen[s as usize] = true;
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_order_does_not_depend_on_the_world_size() {
+        for shuffle in shuffles() {
+            for n in [7u64, 100, 1001] {
+                let p = spec(n, 6, shuffle);
+                let whole: Vec<u64> = (0..p.total_steps())
+                    .flat_map(|s| p.global_batch_at(s).unwrap())
+                    .collect();
+                let spe = p.steps_per_epoch() * 6;
+                assert_eq!(whole[..spe as usize], epoch(&p, 0)[..spe as usize]);
+                for world in 1..=3u32 {
+                    let by_ranks: Vec<u64> = (0..p.total_steps())
+                        .flat_map(|s| {
+                            (0..world).flat_map(move |r| p.rank_slice(s, r, world).unwrap())
+                        })
+                        .collect();
+                    assert_eq!(by_ranks, whole, "{shuffle} n={n} world={world}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn seed_and_epoch_change_the_order() {
+        for shuffle in shuffles() {
+            for n in [100u64, 1001] {
+                let p = spec(n, 1, shuffle);
+                let other_seed = PlanSpec { seed: 12, ..p };
+                let a = epoch(&p, 0);
+                assert_eq!(a, epoch(&p, 0), "{shuffle}: deterministic");
+                assert_ne!(a, epoch(&p, 1), "{shuffle} n={n}: epoch");
+                assert_ne!(a, epoch(&other_seed, 0), "{shuffle} n={n}: seed");
+                assert_ne!(a, (0..n).collect::<Vec<_>>(), "{shuffle} n={n}: shuffled");
+            }
+        }
+        // A single block is still shuffled within its window, by (seed, epoch).
+        let p = spec(
+            7,
+            1,
+            Shuffle::Blocks {
+                block: BLOCK,
+                window: WINDOW,
+            },
+        );
+        assert_ne!(epoch(&p, 0), epoch(&p, 1));
+        assert_ne!(epoch(&p, 0), epoch(&PlanSpec { seed: 1, ..p }, 0));
+    }
+
+    #[test]
+    fn a_window_draws_from_at_most_window_blocks() {
+        for n in [1u64, 7, 100, 1001, 4096] {
+            for e in 0..3 {
+                let order = BlockOrder::new(5, e, n, BLOCK, WINDOW);
+                let windows = order.windows();
+                assert_eq!(windows, n.div_ceil(BLOCK).div_ceil(WINDOW), "n={n}");
+                let mut next = 0;
+                let mut block_seen = vec![false; n.div_ceil(BLOCK) as usize];
+                for w in 0..windows {
+                    let range = order.window_range(w);
+                    assert_eq!(range.start, next, "n={n}: windows tile the epoch");
+                    next = range.end;
+                    let blocks: std::collections::BTreeSet<u64> =
+                        range.clone().map(|p| order.get(p) / BLOCK).collect();
+                    assert!(
+                        blocks.len() as u64 <= WINDOW,
+                        "n={n} window {w}: {blocks:?}"
+                    );
+                    // Whole blocks: the window holds every sample of each block it draws from.
+                    let size: u64 = blocks
+                        .iter()
+                        .map(|b| (b * BLOCK + BLOCK).min(n) - b * BLOCK)
+                        .sum();
+                    assert_eq!(size, range.end - range.start, "n={n} window {w}");
+                    for b in blocks {
+                        assert!(!block_seen[b as usize], "block {b} in two windows");
+                        block_seen[b as usize] = true;
+                    }
+                }
+                assert_eq!(next, n);
+            }
+        }
+    }
+
+    #[test]
+    fn blocks_and_windows_are_shuffled() {
+        let n = 1001;
+        let order = BlockOrder::new(5, 0, n, BLOCK, WINDOW);
+        let first: Vec<u64> = (0..order.windows())
+            .map(|w| order.get(order.window_range(w).start) / BLOCK)
+            .collect();
+        assert!(
+            first.windows(2).any(|x| x[0] > x[1]),
+            "blocks permuted: {first:?}"
+        );
+        // Inside a window the samples are mixed, not block after block.
+        let w0: Vec<u64> = order
+            .window_range(0)
+            .map(|p| order.get(p) / BLOCK)
+            .collect();
+        assert!(
+            w0.windows(2).filter(|x| x[0] != x[1]).count() > 10,
+            "{w0:?}"
+        );
+    }
+
+    #[test]
+    fn shuffle_spec_serialises_with_a_global_default() {
+        let p = spec(10, 2, Shuffle::Global);
+        let old = r#"{"samples":10,"global_batch":2,"seed":11,"epochs":2}"#;
+        assert_eq!(
+            serde_json::from_str::<PlanSpec>(old).unwrap(),
+            PlanSpec {
+                max_steps: None,
+                ..p
+            }
+        );
+        let b = spec(
+            10,
+            2,
+            Shuffle::Blocks {
+                block: 4,
+                window: 2,
+            },
+        );
+        let text = serde_json::to_string(&b).unwrap();
+        assert!(
+            text.contains(r#""shuffle":{"kind":"blocks","block":4,"window":2}"#),
+            "{text}"
+        );
+        assert_eq!(serde_json::from_str::<PlanSpec>(&text).unwrap(), b);
+        assert_eq!(Shuffle::Global.to_string(), "global");
+        assert_eq!(b.shuffle.to_string(), "blocks:4x2");
+    }
+
+    #[test]
+    fn zero_block_or_window_is_refused() {
+        for (block, window, what) in [(0, 1, "block"), (1, 0, "window")] {
+            let e = spec(10, 2, Shuffle::Blocks { block, window })
+                .validate()
+                .unwrap_err();
+            assert!(e.to_string().contains(what), "{e}");
+        }
     }
 }

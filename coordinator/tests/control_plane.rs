@@ -28,6 +28,7 @@ fn cfg(min: u32, max: u32, rendezvous: Duration, heartbeat: Duration, restarts: 
             global_batch: 12,
             seed: 5,
             epochs: 2,
+            shuffle: Default::default(),
         },
     }
 }
@@ -571,6 +572,38 @@ async fn rank_plans_over_grpc_are_the_same_global_order_for_one_two_and_three_wo
     }
     assert_eq!(per_world[0], per_world[1]);
     assert_eq!(per_world[0], per_world[2]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_block_shuffle_reaches_the_workers_with_its_plan() {
+    let mut config = cfg(2, 2, Duration::from_secs(600), Duration::from_secs(30), 0);
+    config.plan.shuffle = m3d_coordinator::Shuffle::Blocks {
+        block: 32,
+        window: 3,
+    };
+    let total = config.plan.total_steps();
+    let server = Server::start(config.clone(), None, None).await;
+    let workers: Vec<WorkerInfo> = (0..2).map(|i| worker(&format!("w{i}"), "h")).collect();
+    let got = register_all(&server.url, workers).await;
+    let mut c = server.client().await;
+    let mut plans = vec![Vec::new(); 2];
+    for (w, a) in &got {
+        // The spec a worker records in its checkpoints carries the shuffle.
+        assert_eq!(a.plan, config.plan);
+        plans[a.rank as usize] = c
+            .data_plan(&w.worker_id, a.generation, 0, total as u32)
+            .await
+            .expect("plan")
+            .steps;
+    }
+    for step in 0..total as usize {
+        let batch: Vec<u64> = plans.iter().flat_map(|p| p[step].samples.clone()).collect();
+        assert_eq!(
+            batch,
+            config.plan.global_batch_at(step as u64).expect("batch")
+        );
+    }
+    server.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

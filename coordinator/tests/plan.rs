@@ -11,6 +11,7 @@ fn spec(samples: u64, global_batch: u64) -> PlanSpec {
         global_batch,
         seed: 9,
         epochs: 3,
+        shuffle: Default::default(),
     }
 }
 

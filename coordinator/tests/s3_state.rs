@@ -30,6 +30,7 @@ async fn job_state_on_s3_survives_a_coordinator_restart() {
             global_batch: 4,
             seed: 1,
             epochs: 1,
+            shuffle: Default::default(),
         },
     };
     let url = "s3://m3d-jobs/runs/job-1";

@@ -309,6 +309,12 @@ impl Recipe {
         if d.read_ahead < 1 {
             return bad("data.read_ahead", "must be at least 1".into());
         }
+        if d.shuffle_block < 1 {
+            return bad("data.shuffle_block", "must be at least 1 sample".into());
+        }
+        if d.shuffle_window < 1 {
+            return bad("data.shuffle_window", "must be at least 1 block".into());
+        }
         // train
         let t = &self.train;
         if t.epochs < 1 {
@@ -532,6 +538,9 @@ pub fn schema_paths() -> Vec<String> {
             augment: true,
             read_ahead: 4,
             cache_bytes: 1,
+            shuffle: ShuffleMode::Blocks,
+            shuffle_block: 32,
+            shuffle_window: 8,
         },
         train: TrainSection::default(),
         workers: WorkersSection::default(),

@@ -158,6 +158,31 @@ pub struct DataSection {
     /// Bytes of shards a worker keeps in its local cache. Default: `1073741824` (1 GiB).
     #[serde(default = "default_cache_bytes")]
     pub cache_bytes: u64,
+    /// Sample order of an epoch: `global` (one permutation of all samples, as the reference's random sampler)
+    /// or `blocks` (blocks of `shuffle_block` consecutive samples permuted, the samples of every
+    /// `shuffle_window` consecutive blocks of that order shuffled among themselves: each volume read about
+    /// once per epoch per worker, for object storage). Default: `global`.
+    #[serde(default)]
+    pub shuffle: ShuffleMode,
+    /// `blocks`: consecutive samples per block. Default: `32` (`m3d data-prep --shard-volumes`' default,
+    /// i.e. one M3D-Cap volume shard, which holds one sample per volume).
+    #[serde(default = "default_shuffle_block")]
+    pub shuffle_block: u64,
+    /// `blocks`: blocks per window, the span over which samples are mixed. A worker's `cache_bytes` should
+    /// hold one window's volumes (plus `read_ahead` steps' worth), or volumes are read again. Default: `8`.
+    #[serde(default = "default_shuffle_window")]
+    pub shuffle_window: u64,
+}
+
+/// `data.shuffle`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ShuffleMode {
+    /// One permutation of all samples per epoch.
+    #[default]
+    Global,
+    /// Blocks of consecutive samples permuted, samples shuffled within windows of blocks.
+    Blocks,
 }
 
 fn default_split() -> String {
@@ -171,6 +196,12 @@ fn default_read_ahead() -> usize {
 }
 fn default_cache_bytes() -> u64 {
     1 << 30
+}
+fn default_shuffle_block() -> u64 {
+    32
+}
+fn default_shuffle_window() -> u64 {
+    8
 }
 
 /// One task of `data.tasks`.
@@ -411,7 +442,8 @@ pub struct CheckpointSection {
     /// Folder URL of the checkpoints. Default: none, which means `<output.run>/checkpoints`.
     #[serde(default)]
     pub url: Option<String>,
-    /// Optimizer steps between checkpoints; `0` saves only at the end. Default: `0`.
+    /// Optimizer steps between checkpoints (the last step is checkpointed too); `0` writes none (the run's
+    /// `final/` weights are still written). Default: `0`.
     #[serde(default)]
     pub every: u64,
     /// How many of the most recent checkpoints are kept. Default: `2`.
@@ -444,11 +476,30 @@ impl Default for CheckpointSection {
 }
 
 /// `output:` where the run's results go.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OutputSection {
-    /// Folder URL of the run (metrics JSONL, logs, final weights). Default: none, which means
-    /// `runs/<name>`.
+    /// Folder URL of the run (metrics, final weights, loss plot): a local path, `file://` or `s3://`.
+    /// Default: none, which means `runs/<name>`.
     #[serde(default)]
     pub run: Option<String>,
+    /// With `run` in a store (`file://`, `s3://`): seconds between uploads of the metrics lines written
+    /// since the last one (an object store cannot append, so each upload rewrites the current part);
+    /// `0` uploads after every line. A local path appends every line at once and ignores this.
+    /// Default: `30`.
+    #[serde(default = "default_metrics_flush_s")]
+    pub metrics_flush_s: u64,
+}
+
+fn default_metrics_flush_s() -> u64 {
+    30
+}
+
+impl Default for OutputSection {
+    fn default() -> Self {
+        OutputSection {
+            run: None,
+            metrics_flush_s: default_metrics_flush_s(),
+        }
+    }
 }

@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use m3d_recipes::{schema_paths, ModelKind, Precision, Recipe, RecipeError, Schedule};
+use m3d_recipes::{schema_paths, ModelKind, Precision, Recipe, RecipeError, Schedule, ShuffleMode};
 
 fn root() -> PathBuf {
     m3d_testkit::workspace_root()
@@ -85,6 +85,10 @@ fn defaults_are_the_documented_ones() {
     assert_eq!(r.model.preset, "debug");
     assert_eq!(r.data.max_text_len, 512);
     assert!(r.data.augment);
+    assert_eq!(
+        (r.data.shuffle, r.data.shuffle_block, r.data.shuffle_window),
+        (ShuffleMode::Global, 32, 8)
+    );
     assert_eq!(r.data.tasks[0].weight, 1.0);
     assert_eq!(r.run_url(), "runs/run");
     assert_eq!(r.checkpoint.keep_last, 2);

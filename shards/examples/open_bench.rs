@@ -67,9 +67,10 @@ fn write(url: &str, args: &[String]) -> Result<(), Error> {
     let store = Store::open(url)?;
     let shards = n.div_ceil(per_shard);
     // Shards are written from a few threads: on S3 each put is mostly waiting.
-    let written: Vec<Result<(ShardEntry, m3d_shards::ShardLayout), String>> = std::thread::scope(|s| {
-        let threads = 8;
-        let handles: Vec<_> = (0..threads)
+    let written: Vec<Result<(ShardEntry, m3d_shards::ShardLayout), String>> = std::thread::scope(
+        |s| {
+            let threads = 8;
+            let handles: Vec<_> = (0..threads)
             .map(|t| {
                 let store = store.clone();
                 s.spawn(move || {
@@ -106,22 +107,23 @@ fn write(url: &str, args: &[String]) -> Result<(), Error> {
                 })
             })
             .collect();
-        let mut all: Vec<(usize, ShardEntry, m3d_shards::ShardLayout)> = Vec::new();
-        let mut errors = Vec::new();
-        for h in handles {
-            for r in h.join().unwrap_or_default() {
-                match r {
-                    Ok(x) => all.push(x),
-                    Err(e) => errors.push(Err(e)),
+            let mut all: Vec<(usize, ShardEntry, m3d_shards::ShardLayout)> = Vec::new();
+            let mut errors = Vec::new();
+            for h in handles {
+                for r in h.join().unwrap_or_default() {
+                    match r {
+                        Ok(x) => all.push(x),
+                        Err(e) => errors.push(Err(e)),
+                    }
                 }
             }
-        }
-        all.sort_by_key(|(k, _, _)| *k);
-        errors
-            .into_iter()
-            .chain(all.into_iter().map(|(_, e, l)| Ok((e, l))))
-            .collect()
-    });
+            all.sort_by_key(|(k, _, _)| *k);
+            errors
+                .into_iter()
+                .chain(all.into_iter().map(|(_, e, l)| Ok((e, l))))
+                .collect()
+        },
+    );
     let mut manifest = Manifest::new("cap", "open_bench");
     let mut layouts = Vec::new();
     for r in written {
@@ -151,9 +153,11 @@ fn peak_rss_mib() -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse::<f64>().ok()))
+            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .and_then(|v| v.parse::<f64>().ok())
+            })
         })
         .map_or(0.0, |kib| kib / 1024.0)
 }
@@ -168,7 +172,9 @@ fn open(url: &str, args: &[String]) -> Result<(), Error> {
     let opened = start.elapsed().as_secs_f64();
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
     let samples = ds.samples();
-    let picks: Vec<usize> = (0..batch).map(|_| rng.random_range(0..samples.len())).collect();
+    let picks: Vec<usize> = (0..batch)
+        .map(|_| rng.random_range(0..samples.len()))
+        .collect();
     // As the loader does: the batch's volumes read concurrently.
     let results: Vec<Result<usize, String>> = std::thread::scope(|s| {
         let handles: Vec<_> = picks
@@ -176,7 +182,9 @@ fn open(url: &str, args: &[String]) -> Result<(), Error> {
             .map(|&i| {
                 let (reader, id) = (&reader, samples[i].volume_id.as_str());
                 s.spawn(move || {
-                    let v = reader.locate(id).ok_or(format!("volume {id} not indexed"))?;
+                    let v = reader
+                        .locate(id)
+                        .ok_or(format!("volume {id} not indexed"))?;
                     reader
                         .read(v, true, true)
                         .map(|r| r.image.len())

@@ -130,14 +130,21 @@ impl S3Server {
 
     /// Sends one plain HTTP request to moto (which checks no signatures on these) and returns the response.
     fn plain_request(&self, method: &str, target: &str) -> String {
+        self.plain_request_with(method, target, b"")
+    }
+
+    /// [`S3Server::plain_request`] with a body.
+    fn plain_request_with(&self, method: &str, target: &str, body: &[u8]) -> String {
         let port = self.port;
         let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect to moto");
         s.set_read_timeout(Some(Duration::from_secs(30)))
             .expect("set timeout");
         write!(
             s,
-            "{method} {target} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\nContent-Length: 0\r\n\r\n"
+            "{method} {target} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\nContent-Length: {}\r\n\r\n",
+            body.len()
         )
+        .and_then(|()| s.write_all(body))
         .expect("send a request to moto");
         let mut resp = String::new();
         s.read_to_string(&mut resp).expect("read moto's response");
@@ -151,6 +158,11 @@ impl S3Server {
     /// Creates a bucket.
     pub fn create_bucket(&self, bucket: &str) {
         self.plain_request("PUT", &format!("/{bucket}"));
+    }
+
+    /// Writes object `key` of `bucket`, independent of the code under test (e.g. another job's data).
+    pub fn put_object(&self, bucket: &str, key: &str, body: &[u8]) {
+        self.plain_request_with("PUT", &format!("/{bucket}/{key}"), body);
     }
 
     /// The keys under `prefix` in `bucket`, sorted, as any S3 client would list them, independent of the

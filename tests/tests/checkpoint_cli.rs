@@ -12,7 +12,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{
-    final_diff_of, listening_address, losses, m3d, m3d_bin, m3d_env, m3d_ok, m3d_ok_env,
+    final_diff_of, listening_address, losses, m3d, m3d_bin, m3d_env, m3d_err, m3d_ok, m3d_ok_env,
     synth_cap_vqa, wait_for, workspace_root, SMOOTH_ADAM, SUMMATION_TOL,
 };
 
@@ -129,7 +129,10 @@ fn train_and_kill(a: &[String], until: &[&Path], env: &[(&str, &str)]) {
             missing.display()
         );
         if let Some(s) = child.try_wait().unwrap() {
-            panic!("m3d train ended ({s}) before {} appeared", missing.display());
+            panic!(
+                "m3d train ended ({s}) before {} appeared",
+                missing.display()
+            );
         }
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -412,25 +415,31 @@ fn an_uncommitted_checkpoint_is_never_loaded() {
     let cap = synth_cap(dir.path());
     let run = dir.path().join("run");
     train_ok(&args(&run, &cap, 1, &[]));
-    // A writer killed mid-upload leaves files without a commit record at a later step.
-    let partial = run.join("checkpoints/step-000000011");
+    // A writer killed mid-upload leaves files without a commit record at a later step (the run is extended
+    // to get past its last step, which is checkpointed).
+    let partial = run.join("checkpoints/step-000000013");
     std::fs::create_dir_all(&partial).unwrap();
     std::fs::write(partial.join("model.safetensors"), b"half").unwrap();
-    let out = train_ok(&args(&run, &cap, 1, &["--resume"]));
-    assert!(out.contains("resuming from step 8"), "{out}");
+    let out = train_ok(&args(
+        &run,
+        &cap,
+        1,
+        &["--set", "train.max_steps=16", "--resume"],
+    ));
+    assert!(out.contains("resuming from step 12"), "{out}");
     // A committed checkpoint whose file changed is refused with its name.
     std::fs::write(
-        run.join("checkpoints/step-000000008/model.safetensors"),
+        run.join("checkpoints/step-000000016/model.safetensors"),
         b"corrupt",
     )
     .unwrap();
-    let refs: Vec<String> = args(&run, &cap, 1, &["--resume"]);
+    let refs: Vec<String> = args(&run, &cap, 1, &["--set", "train.max_steps=20", "--resume"]);
     let refs: Vec<&str> = refs.iter().map(String::as_str).collect();
     let out = m3d(&refs);
     assert!(!out.status.success());
     let logs = std::fs::read_to_string(run.join("logs/w0.log")).unwrap();
     assert!(
-        logs.contains("step-000000008/model.safetensors") && logs.contains("CRC-32"),
+        logs.contains("step-000000016/model.safetensors") && logs.contains("CRC-32"),
         "{logs}"
     );
     // Without --resume, old checkpoints are not silently mixed with a new run.
@@ -732,7 +741,12 @@ fn checkpoints_in_s3_resume_exactly() {
 fn init_from_starts_a_new_stage_from_a_committed_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
     let (cap, vqa) = synth_cap_vqa(dir.path(), 16);
-    let sets = strings(&["train.max_steps=4", "checkpoint.every=2"]);
+    // Keep step 2 beside the final step 4's checkpoint.
+    let sets = strings(&[
+        "train.max_steps=4",
+        "checkpoint.every=2",
+        "checkpoint.keep_last=2",
+    ]);
     let lamed = |recipe: &str, run: &Path, extra: &[&str]| {
         lamed_train(recipe, run, (&cap, &vqa), &sets, extra)
     };
@@ -810,5 +824,201 @@ print(json.dumps({"from_ckpt": float(abs(ckpt[k] - final2[k]).max()),
             && text.contains(&format!("output.run is `{}`", run.display()))
             && !text.contains("unknown weight format"),
         "{text}"
+    );
+}
+
+/// `--fresh` deletes this job's checkpoint folders (`step-*`, committed or not) and its job state, and nothing
+/// else under the checkpoint URL: in a folder, and in a bucket whose root is the checkpoint URL and which holds
+/// other data.
+#[test]
+fn fresh_deletes_only_the_checkpoints_and_the_job_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let cap = synth_cap(dir.path());
+    let short = |steps: &str, every: &str, extra: &[&str]| -> Vec<String> {
+        let mut v = strings(&["--set", steps, "--set", every]);
+        v.extend(strings(extra));
+        v
+    };
+    let run_args = |run: &Path, flags: &[String]| {
+        let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+        args(run, &cap, 1, &flags)
+    };
+    let first = short("train.max_steps=4", "checkpoint.every=2", &[]);
+    // The second run writes no checkpoint: whatever step folder is left was not deleted.
+    let fresh = short("train.max_steps=2", "checkpoint.every=0", &["--fresh"]);
+
+    let run = dir.path().join("run");
+    let ckpts = run.join("checkpoints");
+    train_ok(&run_args(&run, &first));
+    let other = ["other/keep.txt", "notes.txt", "step-notes.txt"];
+    for name in other {
+        let path = ckpts.join(name);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, name).unwrap();
+    }
+    // A writer's leftover: files without a commit record.
+    std::fs::create_dir_all(ckpts.join("step-000000003")).unwrap();
+    std::fs::write(ckpts.join("step-000000003/model.safetensors"), b"half").unwrap();
+    let step_files: usize = std::fs::read_dir(&ckpts)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            p.is_dir()
+                && p.file_name()
+                    .unwrap()
+                    .to_string_lossy()
+                    .starts_with("step-0")
+        })
+        .map(|p| std::fs::read_dir(p).unwrap().count())
+        .sum();
+    assert!(run.join("coordinator/job.json").is_file());
+    let out = train_ok(&run_args(&run, &fresh));
+    let want = format!(
+        "--fresh: deleted 3 checkpoints (step-000000002 .. step-000000004), {step_files} objects under {}, \
+         and the job state {}",
+        ckpts.display(),
+        run.join("coordinator").display()
+    );
+    assert!(out.contains(&want), "{want}\n{out}");
+    let mut left: Vec<String> = walk(&ckpts)
+        .iter()
+        .map(|p| p.strip_prefix(&ckpts).unwrap().display().to_string())
+        .collect();
+    left.sort();
+    let mut want: Vec<String> = strings(&other);
+    want.sort();
+    assert_eq!(left, want);
+    for name in other {
+        assert_eq!(std::fs::read_to_string(ckpts.join(name)).unwrap(), name);
+    }
+    assert_eq!(
+        losses(&run).iter().map(|p| p.0).collect::<Vec<_>>(),
+        vec![1, 2]
+    );
+
+    // The same in a bucket: the checkpoint URL is the bucket itself.
+    let s3 = m3d_testkit::S3Server::start(&dir.path().join("moto.log"));
+    s3.create_bucket("m3d-shared");
+    for name in other {
+        s3.put_object("m3d-shared", name, name.as_bytes());
+    }
+    let endpoint = s3.endpoint();
+    let env = s3_env(&endpoint);
+    let in_bucket = ["--set", "checkpoint.url=s3://m3d-shared"];
+    let ok = |a: &[String]| m3d_ok_env(&a.iter().map(String::as_str).collect::<Vec<_>>(), &env);
+    let run = dir.path().join("run-s3");
+    ok(&run_args(
+        &run,
+        &[first.clone(), strings(&in_bucket)].concat(),
+    ));
+    let keys = s3.keys("m3d-shared", "");
+    assert!(
+        keys.iter().any(|k| k.starts_with("step-000000004/")),
+        "{keys:?}"
+    );
+    let step_keys = keys.iter().filter(|k| k.starts_with("step-0")).count();
+    let out = ok(&run_args(
+        &run,
+        &[fresh.clone(), strings(&in_bucket)].concat(),
+    ));
+    assert!(
+        out.contains(&format!(
+            "--fresh: deleted 2 checkpoints (step-000000002 .. step-000000004), {step_keys} objects under \
+             s3://m3d-shared, and the job state"
+        )),
+        "{out}"
+    );
+    let mut want: Vec<String> = strings(&other);
+    want.sort();
+    assert_eq!(s3.keys("m3d-shared", ""), want);
+}
+
+/// Every file under `dir`, recursively.
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+/// The run's last step is checkpointed, so `--resume` with a larger `train.max_steps` extends a finished run
+/// by the new steps only (and with the same one there is nothing to do). A resume whose recipe changed the
+/// run's global batch is refused, naming the field, both values and the checkpoint; `--accept-changed` lets it
+/// go ahead.
+#[test]
+fn resume_extends_a_finished_run_and_refuses_another_runs_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let cap = synth_cap(dir.path());
+    let run = dir.path().join("run");
+    let run_args = |flags: &[&str]| args(&run, &cap, 1, flags);
+    let fails = |a: Vec<String>| m3d_err(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    train_ok(&run_args(&["--set", "train.max_steps=8"]));
+    assert!(run.join("checkpoints/step-000000008/COMMIT").is_file());
+    let first = losses(&run);
+    let e = fails(run_args(&["--set", "train.max_steps=8", "--resume"]));
+    assert!(
+        e.contains("step-000000008 is at step 8") && e.contains("nothing is left to train"),
+        "{e}"
+    );
+
+    let out = train_ok(&run_args(&["--set", "train.max_steps=12", "--resume"]));
+    assert!(out.contains("resuming from step 8"), "{out}");
+    let extended = losses(&run);
+    assert_eq!(
+        extended.iter().map(|p| p.0).collect::<Vec<_>>(),
+        (1..=12).collect::<Vec<_>>()
+    );
+    assert_eq!(&extended[..8], &first[..], "steps 1..8 are not run again");
+    assert!(run.join("checkpoints/step-000000012/COMMIT").is_file());
+
+    let changed = [
+        "--set",
+        "train.max_steps=16",
+        "--set",
+        "train.global_batch=6",
+        "--resume",
+    ];
+    let e = fails(run_args(&changed));
+    assert!(
+        e.contains(
+            "step-000000012 was taken in another run: train.global_batch: checkpoint 12, recipe 6"
+        ) && e.contains("--accept-changed train.global_batch"),
+        "{e}"
+    );
+    let e = fails(run_args(
+        &[&changed[..], &["--accept-changed", "train.seed"][..]].concat(),
+    ));
+    assert!(
+        e.contains("train.global_batch: checkpoint 12, recipe 6"),
+        "{e}"
+    );
+    let e = fails(run_args(
+        &[&changed[..], &["--accept-changed", "train.batch"][..]].concat(),
+    ));
+    assert!(
+        e.contains("train.batch") && e.contains("train.global_batch"),
+        "{e}"
+    );
+
+    let accepted = [
+        &changed[..],
+        &["--accept-changed", "train.global_batch"][..],
+    ]
+    .concat();
+    let out = train_ok(&run_args(&accepted));
+    assert!(
+        out.contains("resuming from step 12")
+            && out.contains("--accept-changed train.global_batch: resuming with train.global_batch: checkpoint 12, recipe 6"),
+        "{out}"
+    );
+    assert_eq!(
+        losses(&run).iter().map(|p| p.0).collect::<Vec<_>>(),
+        (1..=16).collect::<Vec<_>>()
     );
 }

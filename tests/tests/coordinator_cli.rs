@@ -176,7 +176,22 @@ async fn coordinator_refuses_workers_without_the_token_and_never_logs_it() {
     let state = dir.path().join("state").display().to_string();
     let log = dir.path().join("coordinator.log");
     let tf = token_file.display().to_string();
-    let coord = Coordinator::start(&["--state", &state, "--token-file", &tf], &[], &log);
+    let coord = Coordinator::start(
+        &[
+            "--state",
+            &state,
+            "--token-file",
+            &tf,
+            "--samples",
+            "1024",
+            "--global-batch",
+            "8",
+            "--min-workers",
+            "1",
+        ],
+        &[],
+        &log,
+    );
 
     for token in [None, Token::new("m3d-secret-5e1f0c2a9c")] {
         let mut c = Client::connect(&coord.url, token).await.expect("connect");
@@ -235,6 +250,8 @@ async fn coordinator_with_exit_on_finish_exits_cleanly_once_the_job_completes() 
         "8",
         "--global-batch",
         "8",
+        "--min-workers",
+        "1",
         "--exit-on-finish",
     ];
     let mut coord = Coordinator::start(&args, &[], &log);
@@ -262,4 +279,28 @@ async fn coordinator_with_exit_on_finish_exits_cleanly_once_the_job_completes() 
     assert!(status.success(), "{status:?}");
     let doc = std::fs::read_to_string(dir.path().join("state").join("job.json")).expect("job.json");
     assert!(doc.contains("\"phase\": \"completed\""), "{doc}");
+}
+
+/// Without a recipe the coordinator has no plan to fall back on: a missing --samples, --global-batch or
+/// --min-workers is an error naming each, before anything listens.
+#[test]
+fn coordinator_without_a_recipe_or_an_explicit_plan_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let state = dir.path().join("state").display().to_string();
+    let out = Command::new(m3d_bin())
+        .args(["coordinator", "--listen", "127.0.0.1:0", "--state", &state])
+        .args(["--global-batch", "8"])
+        .env_remove("M3D_TOKEN")
+        .output()
+        .expect("spawn m3d coordinator");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("missing: --samples, --min-workers") && stderr.contains("no default plan"),
+        "{stderr}"
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).is_empty(),
+        "nothing listened"
+    );
 }

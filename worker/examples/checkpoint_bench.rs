@@ -52,6 +52,8 @@ fn main() {
     opt.step(1e-4).expect("step");
     let model = m3d_models::weights::state_dict(&vs);
     let state = CheckpointState {
+        format: m3d_worker::checkpoint::STATE_FORMAT,
+        identity: None,
         step: 1,
         epoch: 0,
         step_in_epoch: 1,
@@ -62,6 +64,7 @@ fn main() {
             seed: 0,
             epochs: 1,
             max_steps: None,
+            shuffle: Default::default(),
         },
         recipe: String::new(),
         version: "bench".into(),

@@ -9,7 +9,8 @@
 //! step-000000020/model.safetensors      every parameter (identical on every rank under data parallelism,
 //!                                       so rank 0 writes them)
 //! step-000000020/optimizer.safetensors  AdamW's state, by name (`<param>.exp_avg`, `.exp_avg_sq`, `.step`)
-//! step-000000020/state.json             step, data-plan position and spec, world size, recipe, code version
+//! step-000000020/state.json             step, data-plan position and spec, world size, recipe, code version,
+//!                                       format and the run's identity (see [`RunIdentity`])
 //! step-000000020/tokenizer.json         the job's tokenizer (a checkpoint can start another stage by itself)
 //! step-000000020/COMMIT                 written last: size and CRC-32 of each file above
 //! ```
@@ -21,6 +22,10 @@
 //! is seeded from (seed, step, rank) at every step ([`crate::job::step_seed`]). So these files are the whole
 //! state, RNG states included: a resumed run continues exactly, also with another number of workers (where
 //! only dropout, drawn per rank, continues statistically rather than bit for bit).
+//!
+//! That holds only for the same run: [`RunIdentity`] records what the sample sequence depends on (training
+//! set, global batch, seed, data order), and [`check_identity`] refuses a resume that changed any of it unless
+//! the caller accepts the change.
 
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
@@ -33,6 +38,8 @@ use m3d_models::weights::{
     byte_sizes, host_buffers, read_safetensors_bytes, read_safetensors_from, safetensors_parts,
     to_host_tensors_into, HostTensor,
 };
+use m3d_recipes::Recipe;
+use m3d_shards::manifest::{sha256_hex, Manifest};
 use m3d_shards::store::Store;
 use serde::{Deserialize, Serialize};
 use tch::Tensor;
@@ -70,6 +77,24 @@ pub enum CheckpointError {
         attempts: u32,
         last: String,
     },
+    /// A training-set dataset whose manifest could not be read for the run's identity.
+    #[error("dataset {url}: {source}")]
+    Dataset {
+        url: String,
+        #[source]
+        source: m3d_shards::ShardError,
+    },
+    /// A resume from a checkpoint of a run that differs in `changes`, not all of them accepted.
+    #[error("checkpoint {url} was taken in another run: {}", list_changes(.changes))]
+    Changed { url: String, changes: Vec<Changed> },
+}
+
+fn list_changes(changes: &[Changed]) -> String {
+    changes
+        .iter()
+        .map(Changed::to_string)
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 const COMMIT: &str = "COMMIT";
@@ -83,9 +108,154 @@ pub fn step_dir(step: u64) -> String {
     format!("step-{step:09}")
 }
 
+/// Format of `state.json` this code writes. Records without a `format` field (written before it existed)
+/// read as 0, and carry no [`RunIdentity`].
+pub const STATE_FORMAT: u32 = 1;
+
+/// The global data order (one keyed permutation of the whole training set per epoch), as recorded: the only
+/// order before block shuffles existed, so old checkpoints hold it. Block shuffles record
+/// `blocks:<block>x<window>` (`m3d_coordinator::plan::Shuffle`'s `Display`).
+pub const SHUFFLE_GLOBAL: &str = "global";
+
+/// What the sample sequence of a run depends on besides the step: a checkpoint resumed with any of it
+/// changed does not continue the run it was taken from. `train.max_steps` is not part of it: a longer run
+/// has the same sequence, only further.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunIdentity {
+    /// sha256 over the training set's datasets in recipe order ([`RunIdentity::of`]).
+    pub data: String,
+    pub global_batch: u64,
+    pub seed: u64,
+    /// The data order: [`SHUFFLE_GLOBAL`] or `blocks:<block>x<window>`.
+    pub shuffle: String,
+}
+
+/// One part of the run's identity that differs between a checkpoint and the run resuming from it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Changed {
+    /// The field as the recipe and `--accept-changed` name it.
+    pub field: &'static str,
+    pub checkpoint: String,
+    pub recipe: String,
+}
+
+impl std::fmt::Display for Changed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}: checkpoint {}, recipe {}",
+            self.field, self.checkpoint, self.recipe
+        )
+    }
+}
+
+impl RunIdentity {
+    /// The fields a resume may accept as changed, named as in the recipe (`data` is the training set).
+    pub const FIELDS: [&'static str; 4] =
+        ["data", "data.shuffle", "train.global_batch", "train.seed"];
+
+    /// The identity of the run `recipe` describes. The training set's fingerprint hashes, for each dataset
+    /// of `data.tasks` in recipe order (each task's `shards`, then its `volumes`), the key and sha256 of
+    /// every shard its manifest lists: one small read per dataset, no shard read, and unchanged by a
+    /// conversion that reproduces the same shards (the manifest's own bytes carry its creation time).
+    pub fn of(recipe: &Recipe) -> Result<RunIdentity, CheckpointError> {
+        let mut listing = String::new();
+        for (i, task) in recipe.data.tasks.iter().enumerate() {
+            let urls = task.shards.iter().map(|u| ("shards", u));
+            for (role, url) in urls.chain(task.volumes.iter().map(|u| ("volumes", u))) {
+                let err = |source| CheckpointError::Dataset {
+                    url: url.clone(),
+                    source,
+                };
+                let manifest =
+                    Manifest::load(&Store::open_existing(url).map_err(err)?).map_err(err)?;
+                listing.push_str(&format!("task {i} {role}\n"));
+                for (kind, shards) in [
+                    ("volumes", &manifest.volume_shards),
+                    ("samples", &manifest.sample_shards),
+                ] {
+                    for e in shards {
+                        listing.push_str(&format!("{kind} {} {}\n", e.key, e.sha256));
+                    }
+                }
+            }
+        }
+        Ok(RunIdentity {
+            data: sha256_hex(listing.as_bytes()),
+            global_batch: recipe.train.global_batch as u64,
+            seed: recipe.train.seed,
+            shuffle: crate::dataset::shuffle_of(&recipe.data).to_string(),
+        })
+    }
+
+    /// Every field of `now` that differs from `self` (the checkpoint's), in [`RunIdentity::FIELDS`] order.
+    pub fn changes(&self, now: &RunIdentity) -> Vec<Changed> {
+        let mut out = Vec::new();
+        let mut cmp = |field, checkpoint: String, recipe: String| {
+            if checkpoint != recipe {
+                out.push(Changed {
+                    field,
+                    checkpoint,
+                    recipe,
+                });
+            }
+        };
+        cmp("data", self.data.clone(), now.data.clone());
+        cmp("data.shuffle", self.shuffle.clone(), now.shuffle.clone());
+        cmp(
+            "train.global_batch",
+            self.global_batch.to_string(),
+            now.global_batch.to_string(),
+        );
+        cmp("train.seed", self.seed.to_string(), now.seed.to_string());
+        out
+    }
+}
+
+/// What a resume may go ahead with, after [`check_identity`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IdentityCheck {
+    /// The same run.
+    Same,
+    /// The checkpoint predates recorded identities (format 0): nothing could be checked.
+    Unrecorded,
+    /// These fields changed, and every one of them was accepted.
+    Accepted(Vec<Changed>),
+}
+
+/// Compares the identity recorded in `state` (the checkpoint at `url`) with `now`'s. A change not named in
+/// `accept` (fields as in [`RunIdentity::FIELDS`]) is an error listing every change with both values.
+pub fn check_identity(
+    state: &CheckpointState,
+    url: &str,
+    now: &RunIdentity,
+    accept: &[String],
+) -> Result<IdentityCheck, CheckpointError> {
+    let Some(recorded) = &state.identity else {
+        return Ok(IdentityCheck::Unrecorded);
+    };
+    let changes = recorded.changes(now);
+    if changes.is_empty() {
+        return Ok(IdentityCheck::Same);
+    }
+    if changes.iter().all(|c| accept.iter().any(|a| a == c.field)) {
+        return Ok(IdentityCheck::Accepted(changes));
+    }
+    Err(CheckpointError::Changed {
+        url: url.to_string(),
+        changes,
+    })
+}
+
 /// Where training stood when a checkpoint was taken.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CheckpointState {
+    /// [`STATE_FORMAT`] of the writer; 0 for records written before the field existed.
+    #[serde(default)]
+    pub format: u32,
+    /// The run the checkpoint belongs to; `None` in records of format 0.
+    #[serde(default)]
+    pub identity: Option<RunIdentity>,
     /// Global optimizer steps completed.
     pub step: u64,
     pub epoch: u64,
@@ -344,6 +514,62 @@ fn delete_step(store: &Store, step: u64, all: &[(String, u64)]) -> Result<(), Ch
     Ok(())
 }
 
+/// What [`delete_checkpoints`] deleted.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Deleted {
+    /// Steps of the deleted checkpoint folders (committed or not), ascending.
+    pub steps: Vec<u64>,
+    /// Objects deleted.
+    pub objects: usize,
+}
+
+/// Deletes every checkpoint folder under `store` (`step-%09d/`, committed or not; commit records first, so
+/// that an interrupted deletion leaves nothing committed) and nothing else: the checkpoint URL may be a
+/// prefix or a bucket that holds other objects.
+pub fn delete_checkpoints(store: &Store) -> Result<Deleted, CheckpointError> {
+    let all = store.list("").map_err(store_err(store))?;
+    // Only folders named exactly as `step_dir` names them: `step-7/` or `step-notes/` are not ours.
+    let ours: Vec<(u64, &str)> = all
+        .iter()
+        .filter_map(|(key, _)| {
+            let step = step_of(key)?;
+            key.starts_with(&format!("{}/", step_dir(step)))
+                .then_some((step, key.as_str()))
+        })
+        .collect();
+    let commits = ours
+        .iter()
+        .filter(|(_, k)| k.ends_with(&format!("/{COMMIT}")));
+    let others = ours
+        .iter()
+        .filter(|(_, k)| !k.ends_with(&format!("/{COMMIT}")));
+    for (_, key) in commits.chain(others) {
+        store.delete(key).map_err(store_err(store))?;
+    }
+    let mut steps: Vec<u64> = ours.iter().map(|&(s, _)| s).collect();
+    steps.sort_unstable();
+    steps.dedup();
+    Ok(Deleted {
+        steps,
+        objects: ours.len(),
+    })
+}
+
+/// The recorded state of the committed checkpoint of `step` (checked against its commit record), without
+/// its weights.
+pub fn read_state(store: &Store, step: u64) -> Result<CheckpointState, CheckpointError> {
+    let record = commit_record(store, step)?;
+    parse_state(store, step, &fetch_required(store, step, &record, STATE)?)
+}
+
+fn parse_state(store: &Store, step: u64, bytes: &[u8]) -> Result<CheckpointState, CheckpointError> {
+    serde_json::from_slice(bytes).map_err(|e| CheckpointError::Invalid {
+        url: store.url().to_string(),
+        key: format!("{}/{STATE}", step_dir(step)),
+        reason: e.to_string(),
+    })
+}
+
 /// Steps of the committed checkpoints under `store`, ascending.
 pub fn committed_steps(store: &Store) -> Result<Vec<u64>, CheckpointError> {
     Ok(committed_in(&store.list("").map_err(store_err(store))?))
@@ -515,13 +741,7 @@ pub fn load_into(
     params: &mut dyn FnMut(&str) -> Option<Tensor>,
 ) -> Result<Loaded, CheckpointError> {
     let record = commit_record(store, step)?;
-    let state_bytes = fetch_required(store, step, &record, STATE)?;
-    let state: CheckpointState =
-        serde_json::from_slice(&state_bytes).map_err(|e| CheckpointError::Invalid {
-            url: store.url().to_string(),
-            key: format!("{}/{STATE}", step_dir(step)),
-            reason: e.to_string(),
-        })?;
+    let state = parse_state(store, step, &fetch_required(store, step, &record, STATE)?)?;
     let (model, optimizer) = std::thread::scope(|s| {
         let optimizer = s.spawn(|| read_weights(store, step, &record, OPTIMIZER, &mut |_| None));
         let model = read_weights(store, step, &record, MODEL, params);

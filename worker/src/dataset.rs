@@ -2,9 +2,11 @@
 //! coordinator's data plan permutes. Entry `i` of the index is a (shard dataset, sample) pair; the order is
 //! a pure function of the recipe and the shards (tasks in recipe order, datasets in listed order, samples
 //! in shard order, each task repeated `ceil(weight × samples)` times), so every worker derives the same
-//! index without talking to the others.
+//! index without talking to the others. Consecutive indices are stored together, which is what the block
+//! shuffle (`data.shuffle: blocks`, [`shuffle_of`]) relies on for locality.
 
-use m3d_recipes::Recipe;
+use m3d_coordinator::plan::Shuffle;
+use m3d_recipes::{DataSection, Recipe, ShuffleMode};
 use m3d_shards::schema::{SampleRecord, Task};
 use m3d_volume::augment::AugmentParams;
 
@@ -33,6 +35,18 @@ pub fn task_matches(name: &str, task: Task) -> bool {
         "seg" => matches!(task, Task::Seg | Task::Rec | Task::Reg),
         "refseg" => task == Task::RefSeg,
         _ => false,
+    }
+}
+
+/// The sample order `data.shuffle` (with `shuffle_block`, `shuffle_window`) asks the data plan for: the one
+/// mapping from the recipe, shared by the plan and the checkpoints' run identity.
+pub fn shuffle_of(d: &DataSection) -> Shuffle {
+    match d.shuffle {
+        ShuffleMode::Global => Shuffle::Global,
+        ShuffleMode::Blocks => Shuffle::Blocks {
+            block: d.shuffle_block,
+            window: d.shuffle_window,
+        },
     }
 }
 

@@ -252,13 +252,15 @@ impl InitSource {
             }
             InitSource::Local(path) => Ok(read_tensors(path)?),
             InitSource::Store(store) => {
-                let bytes =
-                    store
-                        .get("model.safetensors")
-                        .map_err(|source| CheckpointError::Store {
+                let bytes = store_file(store, "model.safetensors")?.ok_or_else(|| {
+                    CheckpointError::Store {
+                        url: store.url().to_string(),
+                        source: m3d_shards::ShardError::NotFound {
                             url: store.url().to_string(),
-                            source,
-                        })?;
+                            key: "model.safetensors".into(),
+                        },
+                    }
+                })?;
                 let origin = format!("{}/model.safetensors", store.url());
                 Ok(read_safetensors_bytes(&bytes, Path::new(&origin))?)
             }
@@ -280,12 +282,7 @@ impl InitSource {
                 return Ok(Some(Tokenizer::from_file(folder)?));
             }
             InitSource::Checkpoint(found) => found.tokenizer().map_err(&err)?,
-            InitSource::Store(store) => store.get_opt("tokenizer.json").map_err(|source| {
-                err(CheckpointError::Store {
-                    url: store.url().to_string(),
-                    source,
-                })
-            })?,
+            InitSource::Store(store) => store_file(store, "tokenizer.json").map_err(&err)?,
         };
         let Some(json) = json else {
             return Ok(None);
@@ -307,6 +304,19 @@ impl InitSource {
             InitSource::Store(store) => store.url().to_string(),
         }
     }
+}
+
+/// File `name` of a store folder of weights; a run's `final/` is checked against its commit record and
+/// refused while incomplete (see [`crate::output::get_final_file`]).
+fn store_file(store: &Store, name: &str) -> Result<Option<bytes::Bytes>, CheckpointError> {
+    crate::output::get_final_file(store, name).map_err(|e| match e {
+        crate::output::OutputError::Store { url, source } => CheckpointError::Store { url, source },
+        e => CheckpointError::Invalid {
+            url: store.url().to_string(),
+            key: name.to_string(),
+            reason: e.to_string(),
+        },
+    })
 }
 
 /// The model of a recipe, ready to train.

@@ -2,7 +2,8 @@
 //! read-ahead), turns decoded shard samples into libtorch tensors, and the training
 //! components the loop is built from: [`optim::AdamW`] (torch's update, f32 master weights),
 //! [`schedule`] (transformers' warmup + cosine), [`grad`] (clipping as torch, loss normalisation for
-//! gradient accumulation), [`metrics`] (JSONL), [`plot`] (loss curves to PNG) and [`step`] (the
+//! gradient accumulation), [`metrics`] (JSONL), [`output`] (the run's
+//! results in a local folder or an object store), [`plot`] (loss curves to PNG) and [`step`] (the
 //! data-parallel step: CLIP gathering over a collective, the gradient reduction each loss needs, bucketed
 //! all-reduce, clipping, AdamW).
 //!
@@ -20,6 +21,7 @@ pub mod grad;
 pub mod job;
 pub mod metrics;
 pub mod optim;
+pub mod output;
 pub mod plot;
 pub mod role;
 pub mod schedule;

@@ -2,7 +2,8 @@
 //!
 //! Each line is serialised into one buffer and written with a single `write(2)` on a file opened with
 //! `O_APPEND`, so lines of several writers (ranks, a restarted worker) never interleave, and a crash leaves
-//! at most a partial last line — which [`read_metrics`] skips.
+//! at most a partial last line — which [`read_metrics`] skips. A run in an object store keeps its lines in
+//! parts instead (an object cannot be appended to): see [`crate::output`].
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
@@ -148,6 +149,11 @@ pub fn read_metrics(path: &Path) -> Result<Vec<MetricsLine>, MetricsError> {
         path: path.to_path_buf(),
         source,
     })?;
+    parse_metrics(&text, path)
+}
+
+/// [`read_metrics`] of text read elsewhere (an object in a store); `path` names it in errors.
+pub fn parse_metrics(text: &str, path: &Path) -> Result<Vec<MetricsLine>, MetricsError> {
     let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
     let mut out = Vec::with_capacity(lines.len());
     for (i, l) in lines.iter().enumerate() {

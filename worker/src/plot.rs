@@ -1,8 +1,10 @@
-//! Loss curves from metrics JSONL files to a PNG (what `m3d plot` will call; the `m3d-plot` binary for
-//! now): loss against step on top, learning rate below, one coloured line per file with a legend.
+//! Loss curves from metrics JSONL files to a PNG (`m3d plot`, `m3d train` at the end, and the `m3d-plot`
+//! binary): loss against step on top, learning rate below, one coloured line per file with a legend.
 //!
 //! Drawn with `plotters`' bitmap backend into a buffer, text through `ab_glyph` from an embedded DejaVu
-//! Sans (no system fonts), PNG encoded by `image` and written under a temporary name, then renamed.
+//! Sans (no system fonts), PNG encoded by `image` and written under a temporary name, then renamed — or,
+//! for a store URL ([`plot_inputs`]), put as one object. Inputs may be store URLs too (a run's metrics
+//! parts, read while it trains: see [`crate::output`]).
 
 use std::path::{Path, PathBuf};
 use std::sync::Once;
@@ -11,6 +13,7 @@ use plotters::prelude::*;
 use plotters::style::register_font;
 
 use crate::metrics::{read_metrics, MetricsError, MetricsLine};
+use crate::output::{read_run_metrics, write_output, OutputError};
 
 /// Errors of plotting, naming the file.
 #[derive(Debug, thiserror::Error)]
@@ -23,6 +26,8 @@ pub enum PlotError {
     Draw { path: PathBuf, message: String },
     #[error("writing {path}: {message}")]
     Write { path: PathBuf, message: String },
+    #[error(transparent)]
+    Output(#[from] OutputError),
 }
 
 /// One curve: a label and its metrics lines.
@@ -97,8 +102,50 @@ fn range(values: impl Iterator<Item = f64>) -> (f64, f64) {
     (lo - pad, hi + pad)
 }
 
+/// Reads each input as one series — a metrics file, a run folder, or a store URL of either (see
+/// [`read_run_metrics`]) — and renders them to `out`, a local path or a store URL of the PNG object.
+pub fn plot_inputs(inputs: &[String], out: &str, size: PlotSize) -> Result<(), PlotError> {
+    let mut series = Vec::new();
+    for input in inputs {
+        let (label, lines) = read_run_metrics(input)?;
+        if lines.is_empty() {
+            return Err(PlotError::Empty(PathBuf::from(input)));
+        }
+        series.push(Series { label, lines });
+    }
+    if !crate::output::is_store_url(out) {
+        return render(&series, Path::new(out), size);
+    }
+    let png = render_png(&series, Path::new(out), size)?;
+    Ok(write_output(out, png)?)
+}
+
+/// Renders the series to PNG bytes (`out` names the image in errors).
+pub fn render_png(series: &[Series], out: &Path, size: PlotSize) -> Result<Vec<u8>, PlotError> {
+    let img = draw(series, out, size)?;
+    let mut png = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut png, image::ImageFormat::Png)
+        .map_err(|e| PlotError::Write {
+            path: out.to_path_buf(),
+            message: e.to_string(),
+        })?;
+    Ok(png.into_inner())
+}
+
 /// Renders the series to a PNG at `out`.
 pub fn render(series: &[Series], out: &Path, size: PlotSize) -> Result<(), PlotError> {
+    let img = draw(series, out, size)?;
+    let write_err = |e: String| PlotError::Write {
+        path: out.to_path_buf(),
+        message: e,
+    };
+    let tmp = out.with_extension("png.tmp");
+    img.save_with_format(&tmp, image::ImageFormat::Png)
+        .map_err(|e| write_err(e.to_string()))?;
+    std::fs::rename(&tmp, out).map_err(|e| write_err(e.to_string()))
+}
+
+fn draw(series: &[Series], out: &Path, size: PlotSize) -> Result<image::RgbImage, PlotError> {
     register_fonts();
     let draw_err = |e: String| PlotError::Draw {
         path: out.to_path_buf(),
@@ -174,13 +221,5 @@ pub fn render(series: &[Series], out: &Path, size: PlotSize) -> Result<(), PlotE
         }
         root.present().map_err(|e| draw_err(e.to_string()))?;
     }
-    let img = image::RgbImage::from_raw(w, h, buf).ok_or_else(|| draw_err("buffer size".into()))?;
-    let write_err = |e: String| PlotError::Write {
-        path: out.to_path_buf(),
-        message: e,
-    };
-    let tmp = out.with_extension("png.tmp");
-    img.save_with_format(&tmp, image::ImageFormat::Png)
-        .map_err(|e| write_err(e.to_string()))?;
-    std::fs::rename(&tmp, out).map_err(|e| write_err(e.to_string()))
+    image::RgbImage::from_raw(w, h, buf).ok_or_else(|| draw_err("buffer size".into()))
 }

@@ -4,7 +4,6 @@
 //! job is over.
 
 use std::net::{IpAddr, SocketAddr};
-use std::path::PathBuf;
 use std::time::Duration;
 
 use m3d_collectives::{
@@ -56,8 +55,8 @@ pub struct WorkerOptions {
     pub bind: IpAddr,
     /// Timeout of the ring's rendezvous and of every collective operation.
     pub collective_timeout: Duration,
-    /// The run folder (`output.run`).
-    pub run: PathBuf,
+    /// The run folder (`output.run`): local, or in a store.
+    pub run: RunDir,
     /// libtorch intra-op threads (default: this host's cores divided among its ranks).
     pub threads: Option<usize>,
 }
@@ -276,7 +275,7 @@ pub fn run_worker(recipe: &Recipe, opts: &WorkerOptions) -> Result<WorkerExit, R
         std::process::id()
     ));
     let tokenizer = resolve_tokenizer(recipe, &data, &scratch).map_err(TrainError::from)?;
-    let run = RunDir(opts.run.clone());
+    let run = opts.run.clone();
     let mut client = patiently(&rt, &opts.worker_id, "connecting", || {
         Client::connect(&opts.coordinator, opts.token.clone())
     })?;

@@ -24,12 +24,16 @@ use m3d_recipes::{ModelKind, Recipe};
 use m3d_shards::store::Store;
 use tch::Tensor;
 
-use crate::checkpoint::{self, CheckpointError, CheckpointState, Staged, UploadOptions, Uploader};
+use crate::checkpoint::{
+    self, CheckpointError, CheckpointState, RunIdentity, Staged, UploadOptions, Uploader,
+    STATE_FORMAT,
+};
 use crate::data::LoadedSample;
 use crate::dataset::{DatasetError, TrainData};
 use crate::job::{device_for, Batcher, ClipBatch, JobError, Net, TrainModel};
-use crate::metrics::{Meter, MetricsError, MetricsLine, MetricsWriter};
+use crate::metrics::{Meter, MetricsError, MetricsLine};
 use crate::optim::{AdamW, OptimError};
+use crate::output::{OutputError, RunMetrics};
 use crate::schedule::LrSchedule;
 use crate::step::{
     CollectiveGather, DataParallelStep, GatherGrad, GradReduction, LamedStepInput, StepError,
@@ -49,6 +53,8 @@ pub enum TrainError {
     Optim(#[from] OptimError),
     #[error(transparent)]
     Metrics(#[from] MetricsError),
+    #[error(transparent)]
+    Output(#[from] OutputError),
     #[error(transparent)]
     Model(#[from] m3d_models::ModelError),
     #[error("recipe: {0}")]
@@ -113,18 +119,7 @@ pub enum RoundEnd {
     Stop,
 }
 
-/// Where a run writes: `<run>/metrics.jsonl`, `<run>/final/`.
-#[derive(Debug, Clone)]
-pub struct RunDir(pub PathBuf);
-
-impl RunDir {
-    pub fn metrics(&self) -> PathBuf {
-        self.0.join("metrics.jsonl")
-    }
-    pub fn final_dir(&self) -> PathBuf {
-        self.0.join("final")
-    }
-}
+pub use crate::output::RunDir;
 
 /// Attempts of a checkpoint upload before the worker gives up.
 const CHECKPOINT_ATTEMPTS: u32 = 4;
@@ -144,25 +139,6 @@ fn io(path: &Path) -> impl Fn(std::io::Error) -> TrainError + '_ {
     }
 }
 
-/// Keeps the metrics lines of steps before `resume_step` (a restart round rewrites what follows).
-fn truncate_metrics(path: &Path, resume_step: u64) -> Result<(), TrainError> {
-    if !path.exists() {
-        return Ok(());
-    }
-    let kept: Vec<MetricsLine> = crate::metrics::read_metrics(path)?
-        .into_iter()
-        .filter(|l| l.step <= resume_step)
-        .collect();
-    let tmp = path.with_extension("jsonl.tmp");
-    let mut text = String::new();
-    for l in &kept {
-        text.push_str(&serde_json::to_string(l).unwrap_or_default());
-        text.push('\n');
-    }
-    std::fs::write(&tmp, text).map_err(io(&tmp))?;
-    std::fs::rename(&tmp, path).map_err(io(path))
-}
-
 /// A collective failure breaks the round; anything else ends the worker.
 fn classify(e: StepError) -> Result<RoundEnd, TrainError> {
     match e {
@@ -174,6 +150,11 @@ fn classify(e: StepError) -> Result<RoundEnd, TrainError> {
 /// Saves the final weights, configuration, tokenizer and (with LoRA) the PEFT adapter into `dir`, through a
 /// temporary folder renamed into place, so `dir` is either absent or complete.
 fn save_final(model: &TrainModel, dir: &Path) -> Result<(), TrainError> {
+    save_final_files(model, dir, true)
+}
+
+/// [`save_final`], the weights file left out unless `weights`.
+fn save_final_files(model: &TrainModel, dir: &Path, weights: bool) -> Result<(), TrainError> {
     let parent = dir.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent).map_err(io(parent))?;
     let tmp = parent.join(format!(".final.tmp{}", std::process::id()));
@@ -181,7 +162,9 @@ fn save_final(model: &TrainModel, dir: &Path) -> Result<(), TrainError> {
         std::fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
     }
     std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
-    m3d_models::weights::save_safetensors(&tmp.join("model.safetensors"), &model.state_dict())?;
+    if weights {
+        m3d_models::weights::save_safetensors(&tmp.join("model.safetensors"), &model.state_dict())?;
+    }
     let cfg = serde_json::to_vec_pretty(&model.config).unwrap_or_default();
     std::fs::write(tmp.join("config.json"), cfg).map_err(io(&tmp))?;
     let tok = model.tokenizer.path();
@@ -193,6 +176,35 @@ fn save_final(model: &TrainModel, dir: &Path) -> Result<(), TrainError> {
         std::fs::remove_dir_all(dir).map_err(io(dir))?;
     }
     std::fs::rename(&tmp, dir).map_err(io(dir))
+}
+
+/// Saves the final weights into the run: [`save_final`] into `<run>/final/` for a local folder. For a store,
+/// the weights go from a host copy straight into the upload (no local file the size of the model), the
+/// small files through a local temporary folder, and the commit record last
+/// ([`crate::output::upload_final`]).
+fn save_final_to(model: &TrainModel, run: &RunDir, step: u64) -> Result<(), TrainError> {
+    match run {
+        RunDir::Local(dir) => save_final(model, &dir.join("final")),
+        RunDir::Store(url) => {
+            let tmp = std::env::temp_dir().join(format!("m3d-final-{}", std::process::id()));
+            let local = tmp.join("final");
+            let saved = save_final_files(model, &local, false).and_then(|()| {
+                let host = m3d_models::weights::to_host_tensors(&model.state_dict())?;
+                let weights = m3d_models::weights::safetensors_parts(&host)?;
+                Ok(crate::output::upload_final(
+                    url,
+                    &local,
+                    vec![("model.safetensors".to_string(), weights)],
+                    step,
+                )?)
+            });
+            // The local copy was only a staging area; a failure to remove it loses nothing.
+            let _ = std::fs::remove_dir_all(&tmp);
+            saved?;
+            tracing::info!(url = %format!("{url}/final"), step, "final weights uploaded");
+            Ok(())
+        }
+    }
 }
 
 /// Runs one round: builds the model, broadcasts rank 0's parameters, trains from `round.resume_step` to
@@ -286,8 +298,8 @@ pub fn run_round(
         overlap: recipe.train.overlap_grad_reduce,
     });
     let mut metrics = if rank == 0 {
-        truncate_metrics(&run.metrics(), round.resume_step)?;
-        Some(MetricsWriter::open(&run.metrics())?)
+        let flush = Duration::from_secs(recipe.output.metrics_flush_s);
+        Some(run.open_metrics(round.resume_step, flush)?)
     } else {
         None
     };
@@ -319,7 +331,12 @@ pub fn run_round(
     } else {
         None
     };
-    // Every checkpoint carries the job's tokenizer; read once per round.
+    // Every checkpoint records the run it belongs to (a resume checks it) and carries the job's tokenizer;
+    // both are read once per round.
+    let identity = match &uploader {
+        Some(_) => Some(RunIdentity::of(recipe)?),
+        None => None,
+    };
     let tokenizer_json = match &uploader {
         Some(_) => {
             let path = model.tokenizer.path();
@@ -375,6 +392,7 @@ pub fn run_round(
             depth: depth as u64,
             total,
             uploader,
+            identity,
             tokenizer_json,
             checkpoint_base,
         };
@@ -464,7 +482,7 @@ struct Loop<'a> {
     opt: &'a mut AdamW,
     schedule: &'a LrSchedule,
     stepper: &'a mut DataParallelStep,
-    metrics: Option<&'a mut MetricsWriter>,
+    metrics: Option<&'a mut RunMetrics>,
     plan_tx: Option<SyncSender<StepPlan>>,
     ready_rx: Receiver<Result<(StepPlan, Built), TrainError>>,
     /// Plans fetched but not yet handed to the batch builder.
@@ -477,8 +495,10 @@ struct Loop<'a> {
     sent: u64,
     depth: u64,
     total: u64,
-    /// Rank 0's checkpoint uploads, and the tokenizer file each checkpoint includes.
+    /// Rank 0's checkpoint uploads, the run identity each checkpoint records and the tokenizer file each
+    /// includes.
     uploader: Option<Uploader>,
+    identity: Option<RunIdentity>,
     tokenizer_json: Option<Bytes>,
     checkpoint_base: String,
 }
@@ -644,16 +664,20 @@ impl Loop<'_> {
                     up.prepare(&model.state_dict(), &self.opt.state_view());
                 }
                 // A finished upload is committed with the coordinator (the next restart round resumes
-                // from it); a new checkpoint is staged every `checkpoint.every` steps.
+                // from it); a new checkpoint is staged every `checkpoint.every` steps and after the last
+                // step, so that a finished run can be extended (`--resume` with a larger
+                // `train.max_steps`) without redoing a step.
                 commit_finished(&mut *self.control, &self.checkpoint_base, up.poll()?)?;
                 let every = self.recipe.checkpoint.every;
-                if every > 0 && done % every == 0 && done < self.total {
+                if every > 0 && (done % every == 0 || done == self.total) {
                     let stall = Instant::now();
                     // The previous upload finishes before the next staging copy is made: at most one
                     // checkpoint is ever held in host memory.
                     commit_finished(&mut *self.control, &self.checkpoint_base, up.wait()?)?;
                     let (epoch, step_in_epoch) = self.round.plan.position(done);
                     let state = CheckpointState {
+                        format: STATE_FORMAT,
+                        identity: self.identity.clone(),
                         step: done,
                         epoch,
                         step_in_epoch,
@@ -687,7 +711,11 @@ impl Loop<'_> {
                 }
             }
             if done == self.total && rank == 0 {
-                save_final(model, &self.run.final_dir())?;
+                // The last lines are readable before the job can be called complete.
+                if let Some(w) = self.metrics.as_deref_mut() {
+                    w.flush()?;
+                }
+                save_final_to(model, self.run, done)?;
             }
             let global_samples = done * self.round.plan.global_batch;
             match self.control.report(done, out.loss, global_samples)? {

@@ -6,13 +6,25 @@ use bytes::Bytes;
 use m3d_coordinator::plan::PlanSpec;
 use m3d_shards::store::Store;
 use m3d_worker::checkpoint::{
-    committed_steps, discard_after, load, retain, step_dir, write, CheckpointState, Staged,
-    UploadOptions, Uploader,
+    check_identity, committed_steps, delete_checkpoints, discard_after, load, read_state, retain,
+    step_dir, write, CheckpointError, CheckpointState, IdentityCheck, RunIdentity, Staged,
+    UploadOptions, Uploader, STATE_FORMAT,
 };
 use tch::{Kind, Tensor};
 
+fn identity() -> RunIdentity {
+    RunIdentity {
+        data: "ab".repeat(32),
+        global_batch: 4,
+        seed: 1,
+        shuffle: "global".into(),
+    }
+}
+
 fn state(step: u64) -> CheckpointState {
     CheckpointState {
+        format: STATE_FORMAT,
+        identity: Some(identity()),
         step,
         epoch: 0,
         step_in_epoch: step,
@@ -23,6 +35,7 @@ fn state(step: u64) -> CheckpointState {
             seed: 1,
             epochs: 1,
             max_steps: None,
+            shuffle: Default::default(),
         },
         recipe: "model: {}\n".into(),
         version: "test".into(),
@@ -202,4 +215,94 @@ fn staging_reuses_memory_and_commits_are_exclusive() {
     );
     assert_eq!(discard_after(&store, 1).unwrap(), vec![2, 3]);
     assert_eq!(committed_steps(&store).unwrap(), vec![1]);
+}
+
+/// `--fresh` deletes the checkpoint folders and nothing else under the checkpoint URL (which may be a bucket
+/// or a prefix shared with other data): commit records, files, uncommitted leftovers.
+#[test]
+fn delete_checkpoints_keeps_every_other_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path().to_str().unwrap()).unwrap();
+    write(&store, &staged(10)).unwrap();
+    write(&store, &staged(20)).unwrap();
+    let other = [
+        "other/keep.txt",
+        "notes.txt",
+        "step-notes/a.txt",
+        "step-7/model.safetensors",
+    ];
+    for key in other.iter().chain(&["step-000000030/model.safetensors"]) {
+        store.put(key, Bytes::from_static(b"x")).unwrap();
+    }
+    let deleted = delete_checkpoints(&store).unwrap();
+    assert_eq!(deleted.steps, vec![10, 20, 30]);
+    let mut left: Vec<String> = store
+        .list("")
+        .unwrap()
+        .into_iter()
+        .map(|(k, _)| k)
+        .collect();
+    left.sort();
+    let mut want: Vec<String> = other.iter().map(|s| s.to_string()).collect();
+    want.sort();
+    assert_eq!(left, want);
+    // Two committed checkpoints of three files and a commit record each, and one leftover.
+    assert_eq!(deleted.objects, 2 * 4 + 1);
+    assert_eq!(delete_checkpoints(&store).unwrap().steps, Vec::<u64>::new());
+}
+
+/// A checkpoint's state records its run; a resume that changed part of it is refused, listing every change
+/// with both values, unless every change is accepted. Records written before identities existed still load.
+#[test]
+fn checkpoint_identity_is_recorded_checked_and_optional_in_old_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path().to_str().unwrap()).unwrap();
+    write(&store, &staged(10)).unwrap();
+    let recorded = read_state(&store, 10).unwrap();
+    assert_eq!(recorded, state(10));
+    let url = "ckpt/step-000000010";
+    let same = check_identity(&recorded, url, &identity(), &[]).unwrap();
+    assert_eq!(same, IdentityCheck::Same);
+
+    let now = RunIdentity {
+        global_batch: 8,
+        seed: 2,
+        ..identity()
+    };
+    let e = check_identity(&recorded, url, &now, &["train.seed".into()]).unwrap_err();
+    let CheckpointError::Changed { changes, .. } = &e else {
+        panic!("{e}");
+    };
+    let fields: Vec<&str> = changes.iter().map(|c| c.field).collect();
+    assert_eq!(fields, ["train.global_batch", "train.seed"]);
+    let text = e.to_string();
+    assert!(
+        text.contains(url)
+            && text.contains("train.global_batch: checkpoint 4, recipe 8")
+            && text.contains("train.seed: checkpoint 1, recipe 2"),
+        "{text}"
+    );
+    let both = ["train.global_batch".to_string(), "train.seed".to_string()];
+    match check_identity(&recorded, url, &now, &both).unwrap() {
+        IdentityCheck::Accepted(c) => assert_eq!(c.len(), 2),
+        other => panic!("{other:?}"),
+    }
+    let other_data = RunIdentity {
+        data: "cd".repeat(32),
+        ..identity()
+    };
+    let e = check_identity(&recorded, url, &other_data, &[]).unwrap_err();
+    assert!(e.to_string().contains("data: checkpoint abab"), "{e}");
+
+    // A record of format 0: no format, no identity.
+    let mut old = serde_json::to_value(state(10)).unwrap();
+    let obj = old.as_object_mut().unwrap();
+    obj.remove("format");
+    obj.remove("identity");
+    let old: CheckpointState = serde_json::from_value(old).unwrap();
+    assert_eq!((old.format, old.identity.is_none()), (0, true));
+    assert_eq!(
+        check_identity(&old, url, &now, &[]).unwrap(),
+        IdentityCheck::Unrecorded
+    );
 }
