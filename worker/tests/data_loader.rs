@@ -192,13 +192,15 @@ fn a_cache_smaller_than_the_working_set_evicts_and_stays_correct() {
     let one_volume = big.cached_bytes() / VOLUMES as usize;
     assert!(one_volume > 0);
 
-    // Room for one volume only.
-    let small = ShardLoader::open(&url, opts(one_volume + one_volume / 2, 0)).unwrap();
+    // Room for about one volume (volumes with masks are larger than those without, so two small ones may fit).
+    let cap = one_volume + one_volume / 2;
+    let small = ShardLoader::open(&url, opts(cap, 0)).unwrap();
     // Within one call each volume is still read only once.
     assert_eq!(small.load(&all).unwrap(), expected);
     assert_eq!(small.stats().volume_reads, VOLUMES);
-    assert_eq!(small.cached_volumes().len(), 1);
-    assert!(small.stats().evictions >= VOLUMES - 1);
+    assert!(small.cached_bytes() <= cap);
+    assert!((1..=2).contains(&small.cached_volumes().len()));
+    assert!(small.stats().evictions >= VOLUMES - 2);
     // Per-sample calls over the whole dataset twice: volumes are evicted and re-read, values unchanged.
     for _ in 0..2 {
         for &i in &all {
