@@ -1,6 +1,6 @@
 //! The reader library training workers use: open a dataset by URL, get its samples, stream its volume
 //! shards with integrity checks, verify a whole dataset, and decode one sample's volume (and mask) into
-//! caller-owned f32 buffers.
+//! caller-owned f32 buffers; and [`write_dataset`], a whole dataset from records in one call.
 
 use std::collections::HashMap;
 
@@ -113,6 +113,46 @@ pub fn fetch_checked(store: &Store, entry: &ShardEntry) -> Result<Bytes, ShardEr
         });
     }
     Ok(bytes)
+}
+
+/// Writes a complete dataset into `store` from records, laid out as `m3d data-prep` lays it out: each list of
+/// `volume_shards` as one volume shard (`opts`), `samples` as one sample shard, the volume index, and `manifest`
+/// (its name, provenance and preprocessing as given; shards, counts and totals filled in) last. For tests,
+/// benchmarks and tools that make datasets from records; `m3d data-prep` writes shard by shard with completion
+/// records instead.
+pub fn write_dataset(
+    store: &Store,
+    mut manifest: Manifest,
+    volume_shards: &[Vec<VolumeRecord>],
+    samples: &[SampleRecord],
+    opts: &crate::WriteOptions,
+) -> Result<Manifest, ShardError> {
+    use crate::manifest::{sample_shard_key, volume_shard_key};
+    let mut layouts = Vec::with_capacity(volume_shards.len());
+    for (n, records) in volume_shards.iter().enumerate() {
+        let key = volume_shard_key(n);
+        let bytes = crate::write_volume_shard(records, opts)?;
+        manifest
+            .volume_shards
+            .push(ShardEntry::describe(&key, records.len() as u64, &bytes));
+        layouts.push(crate::shard_layout(&bytes, &key, n as u32)?);
+        store.put(&key, bytes)?;
+    }
+    let key = sample_shard_key(0);
+    let bytes = crate::write_sample_shard(samples, opts)?;
+    manifest
+        .sample_shards
+        .push(ShardEntry::describe(&key, samples.len() as u64, &bytes));
+    store.put(&key, bytes)?;
+    manifest.count_samples(samples);
+    manifest.update_totals();
+    crate::write_index(
+        store,
+        &mut manifest,
+        &crate::VolumeIndex::from_layouts(&layouts),
+    )?;
+    manifest.save(store)?;
+    Ok(manifest)
 }
 
 impl ShardDataset {

@@ -16,7 +16,7 @@ pub mod reader;
 pub mod schema;
 pub mod store;
 
-pub use dataset::{decode_sample_into, fetch_checked, ShardDataset, VerifyReport};
+pub use dataset::{decode_sample_into, fetch_checked, write_dataset, ShardDataset, VerifyReport};
 pub use encode::ImageDtype;
 pub use error::ShardError;
 pub use index::{

@@ -6,9 +6,8 @@ mod common;
 
 use m3d_shards::manifest::{sample_shard_key, volume_shard_key};
 use m3d_shards::{
-    reindex, shard_layout, write_index, ImageDtype, Manifest, SampleRecord, ShardDataset,
-    ShardEntry, ShardError, Store, Task, VolumeIndex, VolumeReader, VolumeRecord, WriteOptions,
-    INDEX_KEY,
+    reindex, ImageDtype, Manifest, SampleRecord, ShardDataset, ShardError, Store, Task,
+    VolumeReader, VolumeRecord, WriteOptions, INDEX_KEY,
 };
 
 /// Writes `shards` volume shards of `per_shard` volumes of `shape` (u8, random: compresses poorly, as CT
@@ -21,43 +20,38 @@ fn write(
     index: bool,
 ) -> Vec<VolumeRecord> {
     let mut rng = common::rng(7);
-    let mut manifest = Manifest::new("cap", "m3d-shards index tests");
-    let (mut layouts, mut samples, mut all): (Vec<_>, Vec<SampleRecord>, Vec<_>) =
-        (Vec::new(), Vec::new(), Vec::new());
-    for s in 0..shards {
-        let vols: Vec<VolumeRecord> = (0..per_shard)
-            .map(|v| {
-                let id = format!("vol-{s:04}-{v}");
-                common::synthetic_volume(&mut rng, &id, shape, ImageDtype::U8, 0).record
-            })
-            .collect();
-        let key = volume_shard_key(s);
-        let bytes = m3d_shards::write_volume_shard(&vols, &WriteOptions::default()).unwrap();
-        manifest
-            .volume_shards
-            .push(ShardEntry::describe(&key, vols.len() as u64, &bytes));
-        layouts.push(shard_layout(&bytes, &key, s as u32).unwrap());
-        store.put(&key, bytes).unwrap();
-        for v in &vols {
-            for _ in 0..2 {
-                samples.push(common::sample(samples.len(), &v.volume_id, Task::Caption));
-            }
+    let volume_shards: Vec<Vec<VolumeRecord>> = (0..shards)
+        .map(|s| {
+            (0..per_shard)
+                .map(|v| {
+                    let id = format!("vol-{s:04}-{v}");
+                    common::synthetic_volume(&mut rng, &id, shape, ImageDtype::U8, 0).record
+                })
+                .collect()
+        })
+        .collect();
+    let mut samples: Vec<SampleRecord> = Vec::new();
+    for v in volume_shards.iter().flatten() {
+        for _ in 0..2 {
+            samples.push(common::sample(samples.len(), &v.volume_id, Task::Caption));
         }
-        all.extend(vols);
     }
-    let key = sample_shard_key(0);
-    let bytes = m3d_shards::write_sample_shard(&samples, &WriteOptions::default()).unwrap();
-    manifest
-        .sample_shards
-        .push(ShardEntry::describe(&key, samples.len() as u64, &bytes));
-    store.put(&key, bytes).unwrap();
-    manifest.count_samples(&samples);
-    manifest.update_totals();
-    if index {
-        write_index(store, &mut manifest, &VolumeIndex::from_layouts(&layouts)).unwrap();
+    let manifest = Manifest::new("cap", "m3d-shards index tests");
+    let mut manifest = m3d_shards::write_dataset(
+        store,
+        manifest,
+        &volume_shards,
+        &samples,
+        &WriteOptions::default(),
+    )
+    .unwrap();
+    if !index {
+        // As a dataset converted before the index existed.
+        manifest.volume_index = None;
+        manifest.save(store).unwrap();
+        store.delete(INDEX_KEY).unwrap();
     }
-    manifest.save(store).unwrap();
-    all
+    volume_shards.into_iter().flatten().collect()
 }
 
 #[test]

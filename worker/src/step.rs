@@ -502,9 +502,10 @@ impl DataParallelStep {
         }
         let extra = extra()?;
         let mut during = 0;
-        if let LastBackward::Overlapped(reduced, n) = how {
+        let grads: Vec<Tensor> = if let LastBackward::Overlapped(reduced, n) = how {
             opt.set_grads(reduced)?;
             during = n;
+            opt.grads().into_iter().map(|(_, g)| g).collect()
         } else {
             // Every trainable parameter takes part, used by this rank's batch or not: the same buckets on
             // every rank.
@@ -531,8 +532,8 @@ impl DataParallelStep {
                 }
             };
             reduce_grads(comm, buckets, &mut grads, reduction)?;
-        }
-        let grads: Vec<Tensor> = opt.grads().into_iter().map(|(_, g)| g).collect();
+            grads
+        };
         let grad_norm = match self.opts.max_grad_norm {
             Some(max) => clip_grad_norm(&grads, max)?,
             None => crate::grad::total_norm(&grads)?

@@ -3,10 +3,10 @@
 //! under a small cache, errors that name the sample or volume, and read-ahead observed through the loader's counters.
 
 use m3d_shards::encode::{encode_image, pack_mask};
-use m3d_shards::manifest::{sample_shard_key, volume_shard_key};
+use m3d_shards::manifest::volume_shard_key;
 use m3d_shards::{
-    decode_sample_into, ImageDtype, Manifest, MaskRecord, SampleRecord, ShardDataset, ShardEntry,
-    Store, Task, VolumeRecord, WriteOptions,
+    decode_sample_into, ImageDtype, Manifest, MaskRecord, SampleRecord, ShardDataset, Store, Task,
+    VolumeRecord, WriteOptions,
 };
 use m3d_worker::data::{LoadError, LoaderOptions, ShardLoader};
 
@@ -74,44 +74,28 @@ fn sample(i: usize, volume_id: &str) -> SampleRecord {
 /// Writes 3 volume shards of 2 volumes and 12 samples (2 per volume); returns the dataset URL.
 fn write_dataset(dir: &std::path::Path) -> String {
     let url = dir.to_str().unwrap_or_default().to_string();
-    let store = Store::open(&url).unwrap();
+    let shards: Vec<Vec<VolumeRecord>> = (0..SHARDS)
+        .map(|s| (0..PER_SHARD).map(|v| volume(s, v)).collect())
+        .collect();
+    let mut samples = Vec::new();
+    for v in shards.iter().flatten() {
+        for _ in 0..2 {
+            samples.push(sample(samples.len(), &v.volume_id));
+        }
+    }
     let opts = WriteOptions {
         rows_per_row_group: 1,
         ..Default::default()
     };
-    let mut manifest = Manifest::new("seg", "m3d-worker tests");
-    let mut layouts = Vec::new();
-    let mut samples = Vec::new();
-    for s in 0..SHARDS {
-        let vols: Vec<VolumeRecord> = (0..PER_SHARD).map(|v| volume(s, v)).collect();
-        let key = volume_shard_key(s);
-        let bytes = m3d_shards::write_volume_shard(&vols, &opts).unwrap();
-        manifest
-            .volume_shards
-            .push(ShardEntry::describe(&key, vols.len() as u64, &bytes));
-        layouts.push(m3d_shards::shard_layout(&bytes, &key, s as u32).unwrap());
-        store.put(&key, bytes).unwrap();
-        for v in &vols {
-            for _ in 0..2 {
-                samples.push(sample(samples.len(), &v.volume_id));
-            }
-        }
-    }
-    let key = sample_shard_key(0);
-    let bytes = m3d_shards::write_sample_shard(&samples, &opts).unwrap();
-    manifest
-        .sample_shards
-        .push(ShardEntry::describe(&key, samples.len() as u64, &bytes));
-    store.put(&key, bytes).unwrap();
-    manifest.count_samples(&samples);
-    manifest.update_totals();
-    m3d_shards::write_index(
-        &store,
-        &mut manifest,
-        &m3d_shards::VolumeIndex::from_layouts(&layouts),
+    let manifest = Manifest::new("seg", "m3d-worker tests");
+    m3d_shards::write_dataset(
+        &Store::open(&url).unwrap(),
+        manifest,
+        &shards,
+        &samples,
+        &opts,
     )
     .unwrap();
-    manifest.save(&store).unwrap();
     url
 }
 

@@ -102,14 +102,13 @@ pub fn oracle_script(name: &str) -> PathBuf {
     m3d_testkit::package_dir().join("tests/oracle").join(name)
 }
 
-/// Writes a dataset (volume shards, one sample shard, manifest last) into `store`.
+/// Writes a dataset (volume shards, one sample shard, the volume index, manifest last) into `store`.
 pub fn write_dataset(
     store: &m3d_shards::Store,
     volume_shards: &[Vec<VolumeRecord>],
     samples: &[SampleRecord],
 ) -> m3d_shards::Manifest {
-    use m3d_shards::manifest::{sample_shard_key, volume_shard_key};
-    use m3d_shards::{Manifest, ShardEntry, WriteOptions};
+    use m3d_shards::{Manifest, WriteOptions};
     let opts = WriteOptions {
         rows_per_row_group: 2,
         zstd_level: 3,
@@ -118,32 +117,7 @@ pub fn write_dataset(
     let mut manifest = Manifest::new("seg", "m3d-shards tests");
     manifest.source = serde_json::json!({"root": "/synthetic"});
     manifest.preprocessing = serde_json::json!({"shape": [1, 32, 256, 256]});
-    let mut layouts = Vec::new();
-    for (n, recs) in volume_shards.iter().enumerate() {
-        let key = volume_shard_key(n);
-        let bytes = m3d_shards::write_volume_shard(recs, &opts).unwrap();
-        manifest
-            .volume_shards
-            .push(ShardEntry::describe(&key, recs.len() as u64, &bytes));
-        layouts.push(m3d_shards::shard_layout(&bytes, &key, n as u32).unwrap());
-        store.put(&key, bytes).unwrap();
-    }
-    let key = sample_shard_key(0);
-    let bytes = m3d_shards::write_sample_shard(samples, &opts).unwrap();
-    manifest
-        .sample_shards
-        .push(ShardEntry::describe(&key, samples.len() as u64, &bytes));
-    store.put(&key, bytes).unwrap();
-    manifest.count_samples(samples);
-    manifest.update_totals();
-    m3d_shards::write_index(
-        store,
-        &mut manifest,
-        &m3d_shards::VolumeIndex::from_layouts(&layouts),
-    )
-    .unwrap();
-    manifest.save(store).unwrap();
-    manifest
+    m3d_shards::write_dataset(store, manifest, volume_shards, samples, &opts).unwrap()
 }
 
 /// Two shards of small volumes and samples referencing them.
