@@ -50,7 +50,7 @@ enum Command {
     #[command(name = "data-prep", subcommand)]
     DataPrep(DataPrep),
     /// Run a job's coordinator (gRPC control plane: rendezvous, data plan, failures, checkpoints).
-    Coordinator(control::CoordinatorArgs),
+    Coordinator(m3d_coordinator::cli::CoordinatorArgs),
     /// Show a running job's status, from its coordinator.
     Status(control::StatusArgs),
     /// Run a whole training job on this machine: the coordinator and N worker processes.
@@ -312,7 +312,13 @@ fn parse_size(s: &str) -> Result<(usize, usize)> {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Coordinator(a) => return control::coordinator(a),
+        Command::Coordinator(a) => {
+            let format = match cli.log_format {
+                LogFormat::Human => "human",
+                LogFormat::Json => "json",
+            };
+            return control::coordinator(a, format, cli.verbose);
+        }
         Command::Status(a) => return control::status(a),
         Command::Train(a) => return train::train(a),
         Command::Worker(a) => return train::worker(a),
@@ -420,7 +426,7 @@ fn run(cli: Cli) -> Result<()> {
                 print_report(&report, common.json)?;
             }
             DataPrep::Reindex { url } => {
-                let store = m3d_shards::Store::open_existing(&url)?;
+                let store = m3d_store::Store::open_existing(&url)?;
                 let report = m3d_shards::reindex(&store)
                     .with_context(|| format!("adding the volume index to {url}"))?;
                 println!(

@@ -14,15 +14,14 @@ use m3d_coordinator::{
     CheckpointRef, ControlPlane, Coordinator, JobConfig, JobPhase, PlanSpec, Token,
 };
 use m3d_recipes::Recipe;
-use m3d_shards::store::Store;
+use m3d_store::Store;
 use m3d_worker::checkpoint::{self, IdentityCheck};
-use m3d_worker::dataset::TrainData;
 use m3d_worker::export::ExportKind;
 use m3d_worker::output::RunDir;
 use m3d_worker::role::{run_worker, WorkerExit, WorkerOptions};
 use rand::RngCore;
 
-use crate::control::{load_token, parse_duration, runtime};
+use m3d_coordinator::cli::{load_token, parse_duration, runtime};
 
 #[derive(Args)]
 pub struct TrainArgs {
@@ -181,21 +180,11 @@ fn run_dir(recipe: &Recipe) -> RunDir {
 }
 
 /// The data plan of a recipe over its training set.
-pub fn plan_for(recipe: &Recipe, data: &TrainData) -> Result<PlanSpec> {
-    let spec = PlanSpec {
-        samples: data.len(),
-        global_batch: recipe.train.global_batch as u64,
-        seed: recipe.train.seed,
-        epochs: u64::from(recipe.train.epochs),
-        max_steps: None,
-        shuffle: m3d_worker::dataset::shuffle_of(&recipe.data),
-    };
-    spec.validate()
-        .with_context(|| format!("recipe `{}`", recipe.name()))?;
-    Ok(match recipe.train.max_steps {
-        Some(m) => spec.with_max_steps(m),
-        None => spec,
-    })
+/// The data plan of `recipe`: its training set sized from the datasets' manifests alone (no sample table or
+/// volume shard is read).
+pub fn plan_for(recipe: &Recipe) -> Result<PlanSpec> {
+    let set = m3d_coordinator::TrainingSet::of(recipe)?;
+    Ok(m3d_coordinator::plan_spec(recipe, set.samples)?)
 }
 
 pub fn worker(a: WorkerArgs) -> Result<()> {
@@ -450,9 +439,7 @@ pub fn train(a: TrainArgs) -> Result<()> {
         run.put("recipe.yaml", recipe.to_yaml().into_bytes())
             .with_context(|| format!("writing the recipe to the run {url}"))?;
     }
-    let data = TrainData::open(&recipe)?;
-    let plan = plan_for(&recipe, &data)?;
-    drop(data);
+    let plan = plan_for(&recipe)?;
     let start = start_point(&recipe, &a, &plan)?;
     let state = work.join("coordinator");
     let had_state = state.exists();

@@ -370,7 +370,7 @@ struct Inner {
     cfg: JobConfig,
     state: Mutex<State>,
     status_tx: watch::Sender<JobStatus>,
-    store: Option<m3d_shards::Store>,
+    store: Option<m3d_store::Store>,
     /// Serialises writes of the job document; holds the version last written.
     written: tokio::sync::Mutex<u64>,
 }
@@ -387,7 +387,7 @@ impl Coordinator {
     pub async fn open(cfg: JobConfig, state_url: Option<&str>) -> Result<Coordinator, CoordError> {
         cfg.validate()?;
         let store = match state_url {
-            Some(url) => Some(m3d_shards::Store::open(url).map_err(|e| CoordError::State {
+            Some(url) => Some(m3d_store::Store::open(url).map_err(|e| CoordError::State {
                 url: url.to_string(),
                 reason: e.to_string(),
             })?),

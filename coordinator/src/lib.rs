@@ -3,8 +3,9 @@
 //!
 //! Layers:
 //! - [`plan`]: the data plan, a pure function of `(seed, epoch)`, the global batch, the rank and the world size.
+//! - [`recipe`]: a recipe's plan, its training set sized and fingerprinted from the datasets' manifests alone.
 //! - [`job`]: the domain ([`job::Coordinator`] implements [`job::ControlPlane`]): the job's state machine, plain
-//!   Rust types, no gRPC. The job document (`job.json` under the state URL, written through `m3d_shards::Store`,
+//!   Rust types, no gRPC. The job document (`job.json` under the state URL, written through `m3d_store::Store`,
 //!   atomically) lets a restarted coordinator continue.
 //! - [`grpc`] (server, token check) and [`client`]: the thin adapters to `m3d.v2` (the server also answers the
 //!   deprecated `m3d.v1`, through the v2 implementation).
@@ -12,12 +13,14 @@
 //!
 //! **Invariant: the coordinator never touches tensors.**
 
+pub mod cli;
 pub mod client;
 pub mod config;
 pub mod error;
 pub mod grpc;
 pub mod job;
 pub mod plan;
+pub mod recipe;
 
 pub use client::{spawn_heartbeats, Client, ClientError, Heartbeats};
 pub use config::JobConfig;
@@ -28,5 +31,6 @@ pub use job::{
     JobStatus, Peer, Progress, WorkerAction, WorkerInfo,
 };
 pub use plan::{BlockOrder, EpochOrder, PlanSpec, SampleOrder, Shuffle, StepPlan};
+pub use recipe::{plan_spec, RecipePlanError, TrainingSet};
 /// gRPC status codes, as [`ClientError::code`] reports them.
 pub use tonic::Code;

@@ -62,6 +62,20 @@ pub enum Shuffle {
     Blocks { block: u64, window: u64 },
 }
 
+impl Shuffle {
+    /// The order a recipe's `data.shuffle` (with `shuffle_block`, `shuffle_window`) asks the data plan for: the
+    /// one mapping from the recipe, shared by the plan and the checkpoints' run identity.
+    pub fn of_recipe(d: &m3d_recipes::DataSection) -> Shuffle {
+        match d.shuffle {
+            m3d_recipes::ShuffleMode::Global => Shuffle::Global,
+            m3d_recipes::ShuffleMode::Blocks => Shuffle::Blocks {
+                block: d.shuffle_block,
+                window: d.shuffle_window,
+            },
+        }
+    }
+}
+
 impl std::fmt::Display for Shuffle {
     /// `global` or `blocks:<block>x<window>`: the form a checkpoint's run identity records, so a resume under
     /// another order is told apart (and `global` reads as checkpoints written before blocks existed did).

@@ -10,6 +10,8 @@ pub enum PrepError {
     Format(#[from] m3d_formats::FormatError),
     #[error(transparent)]
     Shard(#[from] m3d_shards::ShardError),
+    #[error(transparent)]
+    Store(#[from] m3d_store::StoreError),
     #[error("{path}: {reason}")]
     Input { path: PathBuf, reason: String },
     #[error("{path}, row {row}: {reason}")]

@@ -19,9 +19,9 @@ use m3d_shards::encode::ImageDtype;
 use m3d_shards::manifest::{sample_shard_key, volume_shard_key, Manifest, ShardEntry, Totals};
 use m3d_shards::parquet_io::{write_sample_shard, write_volume_shard, ImageCodec, WriteOptions};
 use m3d_shards::schema::{MaskRecord, SampleRecord, VolumeRecord};
-use m3d_shards::store::Store;
 use m3d_shards::{sha256_hex, SHARD_SCHEMA_VERSION};
 use m3d_shards::{shard_layout, write_index, ShardLayout, VolumeIndex};
+use m3d_store::Store;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 

@@ -9,8 +9,8 @@ use bytes::Bytes;
 use crate::manifest::{sha256_hex, Manifest, ShardEntry};
 use crate::parquet_io::{read_sample_shard, VolumeShardReader};
 use crate::schema::{SampleRecord, VolumeRecord};
-use crate::store::Store;
 use crate::ShardError;
+use m3d_store::Store;
 
 pub use crate::decode::decode_sample_into;
 
@@ -298,11 +298,11 @@ impl ShardDataset {
         };
         let bytes = match self.store.get(&entry.key) {
             Ok(b) => b,
-            Err(e @ ShardError::NotFound { .. }) => {
+            Err(e @ m3d_store::StoreError::NotFound { .. }) => {
                 check.errors.push(e.to_string());
                 return Ok(check);
             }
-            Err(e) => return Err(e),
+            Err(e) => return Err(e.into()),
         };
         let actual = sha256_hex(&bytes);
         check.sha256_ok = actual == entry.sha256 && bytes.len() as u64 == entry.bytes;

@@ -1,6 +1,6 @@
 //! The m3d volume-shard format: the Parquet schema of volume and sample shards (see `README.md` for the
-//! versioned column layout), image/mask encodings, the dataset manifest, object-store I/O (local folders,
-//! `file://`, `s3://`) and the streaming reader that training workers use.
+//! versioned column layout), image/mask encodings, the dataset manifest, the volume index and the
+//! ranged volume reader that training workers use (object storage itself is `m3d-store`).
 
 /// Version of the shard and manifest schema written by this crate; readers refuse newer versions.
 pub const SHARD_SCHEMA_VERSION: u32 = 1;
@@ -14,7 +14,6 @@ pub mod manifest;
 pub mod parquet_io;
 pub mod reader;
 pub mod schema;
-pub mod store;
 
 pub use dataset::{decode_sample_into, fetch_checked, write_dataset, ShardDataset, VerifyReport};
 pub use encode::ImageDtype;
@@ -23,10 +22,10 @@ pub use index::{
     reindex, shard_layout, write_index, ByteRange, ReindexReport, ShardLayout, VolumeIndex,
     VolumeLocation, INDEX_KEY,
 };
+pub use m3d_store::{IoEvent, IoLog, Store, StoreError};
 pub use manifest::{sha256_hex, Manifest, ShardEntry, Totals};
 pub use parquet_io::{
     read_sample_shard, write_sample_shard, write_volume_shard, VolumeShardReader, WriteOptions,
 };
 pub use reader::VolumeReader;
 pub use schema::{MaskRecord, SampleRecord, Task, VolumeRecord};
-pub use store::{IoEvent, IoLog, Store};

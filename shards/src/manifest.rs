@@ -9,8 +9,8 @@ use sha2::{Digest, Sha256};
 
 use crate::parquet_io::FORMAT_NAME;
 use crate::schema::SampleRecord;
-use crate::store::Store;
 use crate::{ShardError, SHARD_SCHEMA_VERSION};
+use m3d_store::Store;
 
 /// One shard object listed in the manifest.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -195,6 +195,6 @@ impl Manifest {
     /// Writes `manifest.json` at the store root. Write it after all shards so that a reader never
     /// sees a manifest naming shards that are not there yet.
     pub fn save(&self, store: &Store) -> Result<(), ShardError> {
-        store.put(Self::KEY, Bytes::from(self.to_json()?))
+        Ok(store.put(Self::KEY, Bytes::from(self.to_json()?))?)
     }
 }

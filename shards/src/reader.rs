@@ -15,8 +15,8 @@ use crate::index::{VolumeIndex, VolumeLocation};
 use crate::manifest::ShardEntry;
 use crate::parquet_io::{read_volume_row_group, volume_footer};
 use crate::schema::VolumeRecord;
-use crate::store::Store;
 use crate::ShardError;
+use m3d_store::Store;
 
 /// Parsed footers kept per reader: each is tens of KiB in memory, and a step under a global shuffle touches a
 /// different shard per sample, so this bounds memory rather than promising hits.

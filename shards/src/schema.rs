@@ -124,6 +124,18 @@ impl Task {
         Task::RefSeg,
     ];
 
+    /// Whether a recipe's task name (`data.tasks[].task`: `cap`, `vqa`, `seg`, `refseg`) trains on samples of
+    /// this stored task: `vqa` takes the three VQA kinds, `seg` the segmentation, REC and REG samples.
+    pub fn in_recipe_task(self, name: &str) -> bool {
+        match name {
+            "cap" => self == Task::Caption,
+            "vqa" => matches!(self, Task::VqaClosed | Task::VqaOpen | Task::VqaYesNo),
+            "seg" => matches!(self, Task::Seg | Task::Rec | Task::Reg),
+            "refseg" => self == Task::RefSeg,
+            _ => false,
+        }
+    }
+
     /// The stored name (`"caption"`, `"vqa_closed"`, ...).
     pub fn as_str(self) -> &'static str {
         match self {

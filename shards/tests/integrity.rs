@@ -165,7 +165,10 @@ fn newer_manifest_is_refused_clearly() {
     store.delete(Manifest::KEY).unwrap();
     let err = ShardDataset::open(dir.path().to_str().unwrap()).unwrap_err();
     assert!(
-        matches!(err, ShardError::NotFound { .. }) && err.to_string().contains("manifest.json"),
+        matches!(
+            err,
+            ShardError::Store(m3d_store::StoreError::NotFound { .. })
+        ) && err.to_string().contains("manifest.json"),
         "{err}"
     );
 }

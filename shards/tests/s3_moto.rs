@@ -6,7 +6,7 @@
 mod common;
 
 use bytes::Bytes;
-use m3d_shards::{ShardDataset, ShardError, Store, VolumeRecord};
+use m3d_shards::{ShardDataset, Store, VolumeRecord};
 
 #[test]
 fn dataset_round_trip_through_s3() {
@@ -61,11 +61,11 @@ fn dataset_round_trip_through_s3() {
     assert_eq!(store.size("nope.bin").unwrap(), None);
     assert!(matches!(
         store.get("nope.bin"),
-        Err(ShardError::NotFound { .. })
+        Err(m3d_store::StoreError::NotFound { .. })
     ));
 
     // Above the multipart threshold: several parts, reassembled exactly.
-    let big: Vec<u8> = (0..(m3d_shards::store::MULTIPART_THRESHOLD + 3 * 1024 * 1024 + 17))
+    let big: Vec<u8> = (0..(m3d_store::MULTIPART_THRESHOLD + 3 * 1024 * 1024 + 17))
         .map(|i| (i % 251) as u8)
         .collect();
     store.put("big/blob.bin", Bytes::from(big.clone())).unwrap();

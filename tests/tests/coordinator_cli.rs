@@ -304,3 +304,70 @@ fn coordinator_without_a_recipe_or_an_explicit_plan_is_refused() {
         "nothing listened"
     );
 }
+
+/// Resident memory of a process, from /proc (Linux).
+fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS");
+    kb * 1024
+}
+
+/// The control plane is its own small process: `m3d-coordinator` (and `m3d coordinator`, which hands over to
+/// it) maps no libtorch and idles under 100 MiB resident (the `m3d` binary maps about 0.5 GiB of libtorch).
+#[test]
+fn the_coordinator_process_maps_no_libtorch_and_stays_small() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let lean = m3d_bin().with_file_name("m3d-coordinator");
+    assert!(lean.is_file(), "{} not built", lean.display());
+    for via_m3d in [false, true] {
+        let state = dir.path().join(format!("state-{via_m3d}"));
+        let mut cmd = if via_m3d {
+            let mut c = Command::new(m3d_bin());
+            c.arg("coordinator");
+            c
+        } else {
+            Command::new(&lean)
+        };
+        cmd.args(["--listen", "127.0.0.1:0", "--state"])
+            .arg(&state)
+            .args([
+                "--samples",
+                "4096",
+                "--global-batch",
+                "32",
+                "--min-workers",
+                "4",
+            ])
+            .env_remove("M3D_TOKEN")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
+        let mut child = cmd.spawn().expect("spawn the coordinator");
+        let _addr = listening_address(&mut child);
+        let pid = child.id();
+        let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).expect("proc maps");
+        let exe = std::fs::read_link(format!("/proc/{pid}/exe")).expect("proc exe");
+        let rss = rss_bytes(pid);
+        child.kill().expect("kill");
+        child.wait().expect("wait");
+        assert!(
+            !maps.contains("libtorch"),
+            "via m3d: {via_m3d}: libtorch is mapped into {}",
+            exe.display()
+        );
+        assert!(
+            exe.ends_with("m3d-coordinator"),
+            "via m3d: {via_m3d}: the coordinator runs as {}",
+            exe.display()
+        );
+        assert!(
+            rss < 100 << 20,
+            "via m3d: {via_m3d}: the idle coordinator holds {} MiB",
+            rss >> 20
+        );
+        eprintln!("via m3d: {via_m3d}: idle RSS {} MiB", rss >> 20);
+    }
+}

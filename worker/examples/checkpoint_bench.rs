@@ -12,7 +12,7 @@ use std::time::Instant;
 use m3d_models::clip::{M3dClip, M3dClipConfig};
 use m3d_models::weights::{self, LoadOptions};
 use m3d_models::VarBuilder;
-use m3d_shards::store::Store;
+use m3d_store::Store;
 use m3d_worker::checkpoint::{load_into, write, CheckpointState, Staged};
 use m3d_worker::optim::{AdamW, AdamWConfig};
 use tch::nn::VarStore;

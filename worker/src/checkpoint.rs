@@ -39,8 +39,8 @@ use m3d_models::weights::{
     to_host_tensors_into, HostTensor,
 };
 use m3d_recipes::Recipe;
-use m3d_shards::manifest::{sha256_hex, Manifest};
-use m3d_shards::store::Store;
+
+use m3d_store::Store;
 use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
@@ -51,7 +51,7 @@ pub enum CheckpointError {
     Store {
         url: String,
         #[source]
-        source: m3d_shards::ShardError,
+        source: m3d_store::StoreError,
     },
     #[error("checkpoint {url}/{key}: {reason}")]
     Invalid {
@@ -77,13 +77,9 @@ pub enum CheckpointError {
         attempts: u32,
         last: String,
     },
-    /// A training-set dataset whose manifest could not be read for the run's identity.
-    #[error("dataset {url}: {source}")]
-    Dataset {
-        url: String,
-        #[source]
-        source: m3d_shards::ShardError,
-    },
+    /// The training set's manifests could not be read for the run's identity.
+    #[error(transparent)]
+    Dataset(#[from] m3d_coordinator::RecipePlanError),
     /// A resume from a checkpoint of a run that differs in `changes`, not all of them accepted.
     #[error("checkpoint {url} was taken in another run: {}", list_changes(.changes))]
     Changed { url: String, changes: Vec<Changed> },
@@ -154,37 +150,15 @@ impl RunIdentity {
     pub const FIELDS: [&'static str; 4] =
         ["data", "data.shuffle", "train.global_batch", "train.seed"];
 
-    /// The identity of the run `recipe` describes. The training set's fingerprint hashes, for each dataset
-    /// of `data.tasks` in recipe order (each task's `shards`, then its `volumes`), the key and sha256 of
-    /// every shard its manifest lists: one small read per dataset, no shard read, and unchanged by a
-    /// conversion that reproduces the same shards (the manifest's own bytes carry its creation time).
+    /// The identity of the run `recipe` describes; the training set's fingerprint is
+    /// [`m3d_coordinator::TrainingSet::fingerprint`] (one manifest read per dataset, no shard read).
     pub fn of(recipe: &Recipe) -> Result<RunIdentity, CheckpointError> {
-        let mut listing = String::new();
-        for (i, task) in recipe.data.tasks.iter().enumerate() {
-            let urls = task.shards.iter().map(|u| ("shards", u));
-            for (role, url) in urls.chain(task.volumes.iter().map(|u| ("volumes", u))) {
-                let err = |source| CheckpointError::Dataset {
-                    url: url.clone(),
-                    source,
-                };
-                let manifest =
-                    Manifest::load(&Store::open_existing(url).map_err(err)?).map_err(err)?;
-                listing.push_str(&format!("task {i} {role}\n"));
-                for (kind, shards) in [
-                    ("volumes", &manifest.volume_shards),
-                    ("samples", &manifest.sample_shards),
-                ] {
-                    for e in shards {
-                        listing.push_str(&format!("{kind} {} {}\n", e.key, e.sha256));
-                    }
-                }
-            }
-        }
+        let set = m3d_coordinator::TrainingSet::of(recipe)?;
         Ok(RunIdentity {
-            data: sha256_hex(listing.as_bytes()),
+            data: set.fingerprint,
             global_batch: recipe.train.global_batch as u64,
             seed: recipe.train.seed,
-            shuffle: crate::dataset::shuffle_of(&recipe.data).to_string(),
+            shuffle: m3d_coordinator::Shuffle::of_recipe(&recipe.data).to_string(),
         })
     }
 
@@ -380,7 +354,7 @@ impl Staged {
     }
 }
 
-fn store_err(store: &Store) -> impl Fn(m3d_shards::ShardError) -> CheckpointError + '_ {
+fn store_err(store: &Store) -> impl Fn(m3d_store::StoreError) -> CheckpointError + '_ {
     move |source| CheckpointError::Store {
         url: store.url().to_string(),
         source,

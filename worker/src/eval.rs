@@ -16,9 +16,8 @@ use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
 use crate::batch::{stack_volumes, to_device};
-use crate::data::{LoaderOptions, ShardLoader};
-use crate::dataset::task_matches;
 use crate::job::JobError;
+use m3d_data::loader::{LoaderOptions, ShardLoader};
 
 /// Retrieval scores over `pairs` image-text pairs, in [0, 1].
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
@@ -40,7 +39,7 @@ pub enum EvalError {
     #[error(transparent)]
     Model(#[from] m3d_models::ModelError),
     #[error(transparent)]
-    Load(#[from] crate::data::LoadError),
+    Load(#[from] m3d_data::loader::LoadError),
     #[error("{0}")]
     Input(String),
     #[error(transparent)]
@@ -157,7 +156,7 @@ pub fn clip_retrieval_on(
         .samples()
         .iter()
         .enumerate()
-        .filter(|(_, s)| s.split == split && task_matches("cap", s.task))
+        .filter(|(_, s)| s.split == split && s.task.in_recipe_task("cap"))
         .map(|(i, _)| i as u64)
         .collect();
     if indices.len() < 2 {

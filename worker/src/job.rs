@@ -19,7 +19,7 @@ use m3d_models::tokenizer::{Padding, Tokenizer};
 use m3d_models::weights::{load_into, read_safetensors_bytes, read_tensors, KeyMap, LoadOptions};
 use m3d_models::{ModelError, VarBuilder};
 use m3d_recipes::{DeviceKind, ModelKind, Recipe};
-use m3d_shards::store::Store;
+use m3d_store::Store;
 use m3d_volume::augment::{AugmentConfig, AugmentParams};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -28,9 +28,9 @@ use tch::{Device, Kind, Tensor};
 
 use crate::batch::{stack_volumes, to_device, BatchError};
 use crate::checkpoint::{self, CheckpointError};
-use crate::data::LoadedSample;
-use crate::dataset::TrainData;
 use crate::vocab::{word_level_tokenizer, write_tokenizer, VocabStyle};
+use m3d_data::dataset::TrainData;
+use m3d_data::loader::LoadedSample;
 
 /// Errors building the model or a batch.
 #[derive(Debug, thiserror::Error)]
@@ -255,7 +255,7 @@ impl InitSource {
                 let bytes = store_file(store, "model.safetensors")?.ok_or_else(|| {
                     CheckpointError::Store {
                         url: store.url().to_string(),
-                        source: m3d_shards::ShardError::NotFound {
+                        source: m3d_store::StoreError::NotFound {
                             url: store.url().to_string(),
                             key: "model.safetensors".into(),
                         },

@@ -1,5 +1,4 @@
-//! Data plane of a training job: [`data::ShardLoader`] (decoded samples by global index, shard LRU cache and
-//! read-ahead), turns decoded shard samples into libtorch tensors, and the training
+//! A training job's tensor side: turns the samples `m3d-data` loads into libtorch tensors, and the training
 //! components the loop is built from: [`optim::AdamW`] (torch's update, f32 master weights),
 //! [`schedule`] (transformers' warmup + cosine), [`grad`] (clipping as torch, loss normalisation for
 //! gradient accumulation), [`metrics`] (JSONL), [`output`] (the run's
@@ -12,8 +11,6 @@
 
 pub mod batch;
 pub mod checkpoint;
-pub mod data;
-pub mod dataset;
 pub mod eval;
 pub mod export;
 pub mod failpoint;

@@ -26,7 +26,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use m3d_shards::store::Store;
+use m3d_store::Store;
 use serde::{Deserialize, Serialize};
 
 use crate::metrics::{parse_metrics, read_metrics, MetricsError, MetricsLine, MetricsWriter};
@@ -52,7 +52,7 @@ pub enum OutputError {
     Store {
         url: String,
         #[source]
-        source: m3d_shards::ShardError,
+        source: m3d_store::StoreError,
     },
     #[error(transparent)]
     Metrics(#[from] MetricsError),
@@ -70,7 +70,7 @@ pub enum OutputError {
     },
 }
 
-fn store_err(url: &str) -> impl Fn(m3d_shards::ShardError) -> OutputError + '_ {
+fn store_err(url: &str) -> impl Fn(m3d_store::StoreError) -> OutputError + '_ {
     move |source| OutputError::Store {
         url: url.to_string(),
         source,

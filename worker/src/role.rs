@@ -15,9 +15,9 @@ use m3d_coordinator::plan::StepPlan;
 use m3d_coordinator::{spawn_heartbeats, Client, ClientError, Code, Heartbeats, Token};
 use m3d_recipes::{DeviceKind, Recipe};
 
-use crate::dataset::TrainData;
 use crate::job::resolve_tokenizer;
 use crate::train::{run_round, Control, RoundEnd, RoundInfo, RunDir, TrainError};
+use m3d_data::dataset::TrainData;
 
 /// Errors that end a worker process.
 #[derive(Debug, thiserror::Error)]

@@ -21,15 +21,13 @@ use m3d_models::lamed::{LamedBatch, LamedHostChecks};
 use m3d_models::tokenizer::Tokenizer;
 use m3d_models::weights::LoadOptions;
 use m3d_recipes::{ModelKind, Recipe};
-use m3d_shards::store::Store;
+use m3d_store::Store;
 use tch::Tensor;
 
 use crate::checkpoint::{
     self, CheckpointError, CheckpointState, RunIdentity, Staged, UploadOptions, Uploader,
     STATE_FORMAT,
 };
-use crate::data::LoadedSample;
-use crate::dataset::{DatasetError, TrainData};
 use crate::job::{device_for, Batcher, ClipBatch, JobError, Net, TrainModel};
 use crate::metrics::{Meter, MetricsError, MetricsLine};
 use crate::optim::{AdamW, OptimError};
@@ -39,6 +37,8 @@ use crate::step::{
     CollectiveGather, DataParallelStep, GatherGrad, GradReduction, LamedStepInput, StepError,
     StepOptions,
 };
+use m3d_data::dataset::{DatasetError, TrainData};
+use m3d_data::loader::LoadedSample;
 
 /// Errors that end a worker (as opposed to a broken round, which it survives).
 #[derive(Debug, thiserror::Error)]

@@ -3,11 +3,10 @@
 //! the same cache reads volumes again; and the recipe's `data.shuffle` reaches the plan and the run identity.
 
 use m3d_coordinator::plan::{PlanSpec, Shuffle};
+use m3d_data::loader::{LoaderOptions, ShardLoader};
 use m3d_shards::encode::encode_image;
 use m3d_shards::{ImageDtype, Manifest, SampleRecord, Store, Task, VolumeRecord, WriteOptions};
 use m3d_worker::checkpoint::SHUFFLE_GLOBAL;
-use m3d_worker::data::{LoaderOptions, ShardLoader};
-use m3d_worker::dataset::shuffle_of;
 
 const SHAPE: [u32; 4] = [1, 2, 4, 4];
 const SHARDS: usize = 6;
@@ -178,20 +177,20 @@ fn block_shuffle_reads_each_volume_once_per_epoch_with_a_one_window_cache() {
 fn the_recipe_shuffle_reaches_the_plan_and_the_run_identity() {
     let base = "model:\n  kind: clip\ndata:\n  tasks:\n    - task: cap\n      shards: [s]\n";
     let r = m3d_recipes::Recipe::from_yaml_str(base, "r.yaml").unwrap();
-    assert_eq!(shuffle_of(&r.data), Shuffle::Global);
+    assert_eq!(Shuffle::of_recipe(&r.data), Shuffle::Global);
     // Checkpoints written before block shuffles recorded this string: they still match a global run.
-    assert_eq!(shuffle_of(&r.data).to_string(), SHUFFLE_GLOBAL);
+    assert_eq!(Shuffle::of_recipe(&r.data).to_string(), SHUFFLE_GLOBAL);
 
     let blocks = format!("{base}  shuffle: blocks\n  shuffle_window: 4\n");
     let r = m3d_recipes::Recipe::from_yaml_str(&blocks, "r.yaml").unwrap();
     assert_eq!(
-        shuffle_of(&r.data),
+        Shuffle::of_recipe(&r.data),
         Shuffle::Blocks {
             block: 32,
             window: 4
         }
     );
-    assert_eq!(shuffle_of(&r.data).to_string(), "blocks:32x4");
+    assert_eq!(Shuffle::of_recipe(&r.data).to_string(), "blocks:32x4");
 
     for key in ["shuffle_block", "shuffle_window"] {
         let bad = format!("{base}  shuffle: blocks\n  {key}: 0\n");

@@ -4,7 +4,7 @@
 
 use bytes::Bytes;
 use m3d_coordinator::plan::PlanSpec;
-use m3d_shards::store::Store;
+use m3d_store::Store;
 use m3d_worker::checkpoint::{
     check_identity, committed_steps, delete_checkpoints, discard_after, load, read_state, retain,
     step_dir, write, CheckpointError, CheckpointState, IdentityCheck, RunIdentity, Staged,

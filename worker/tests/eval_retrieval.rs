@@ -134,7 +134,7 @@ fn cpu_retrieval_is_unchanged_and_independent_of_the_batch_size() {
 
     // What the evaluation computed before it took a device: one batch, the device-checked forward pass.
     let (_vs, clip, tok) = m3d_worker::eval::load_clip(&model_dir, Device::Cpu).unwrap();
-    let loader = m3d_worker::data::ShardLoader::open(&shards, Default::default()).unwrap();
+    let loader = m3d_data::loader::ShardLoader::open(&shards, Default::default()).unwrap();
     let indices: Vec<u64> = (0..PAIRS as u64).collect();
     let samples = loader.load(&indices).unwrap();
     let flat: Vec<f32> = samples

@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use m3d_shards::store::Store;
+use m3d_store::Store;
 use m3d_worker::metrics::MetricsLine;
 use m3d_worker::output::{
     get_final_file, part_key, read_run_metrics, upload_final, RunDir, StoreMetrics,

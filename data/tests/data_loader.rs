@@ -2,13 +2,13 @@
 //! crate's own decoding, store reads bounded by distinct volumes (ranged reads through the volume index), eviction
 //! under a small cache, errors that name the sample or volume, and read-ahead observed through the loader's counters.
 
+use m3d_data::loader::{LoadError, LoaderOptions, ShardLoader};
 use m3d_shards::encode::{encode_image, pack_mask};
 use m3d_shards::manifest::volume_shard_key;
 use m3d_shards::{
     decode_sample_into, ImageDtype, Manifest, MaskRecord, SampleRecord, ShardDataset, Store, Task,
     VolumeRecord, WriteOptions,
 };
-use m3d_worker::data::{LoadError, LoaderOptions, ShardLoader};
 
 const SHAPE: [u32; 4] = [1, 2, 4, 4];
 const SHARDS: usize = 3;
@@ -249,7 +249,7 @@ fn a_corrupted_volume_is_an_error_naming_it_and_its_shard() {
     assert!(err.to_string().contains("checksum"), "{err}");
 }
 
-fn plain_load(url: &str, indices: &[u64]) -> Vec<m3d_worker::data::LoadedSample> {
+fn plain_load(url: &str, indices: &[u64]) -> Vec<m3d_data::loader::LoadedSample> {
     ShardLoader::open(url, opts(1 << 20, 0))
         .unwrap()
         .load(indices)

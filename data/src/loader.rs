@@ -30,6 +30,13 @@ pub enum LoadError {
         #[source]
         source: ShardError,
     },
+    /// The read-ahead thread could not be started.
+    #[error("dataset `{url}`: starting the read-ahead thread: {source}")]
+    Thread {
+        url: String,
+        #[source]
+        source: std::io::Error,
+    },
     /// A global sample index past the end of the dataset.
     #[error("dataset `{url}`: sample index {index} out of range ({len} samples)")]
     SampleOutOfRange { url: String, index: u64, len: usize },
@@ -383,11 +390,9 @@ impl ShardLoader {
                         sh.cv.notify_all();
                     }
                 })
-                .map_err(|e| {
-                    open_err(url)(ShardError::Io {
-                        path: "<prefetch thread>".into(),
-                        source: e,
-                    })
+                .map_err(|source| LoadError::Thread {
+                    url: url.to_string(),
+                    source,
                 })?;
             (Some(tx), Some(handle))
         } else {

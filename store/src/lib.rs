@@ -1,7 +1,11 @@
-//! Object-store access for datasets: URL parsing (local path, `file://`, `s3://`), a synchronous API backed
-//! by one internal tokio runtime per [`Store`], and `_async` variants for callers that already run async code.
+//! Object storage for everything m3d keeps (shards, indexes, manifests, checkpoints, job state, run outputs):
+//! URL parsing (local path, `file://`, `s3://`), a synchronous API backed by one internal tokio runtime per
+//! [`Store`], `_async` variants for callers that already run async code, ranged reads, conditional puts and an
+//! optional log of reads ([`IoLog`]) that tests and benchmarks count requests and bytes with.
 //!
 //! Keys are `/`-separated paths relative to the store root (`manifest.json`, `volumes/part-00000.parquet`).
+//! Opening a location to read it ([`Store::open_existing`]) never creates folders; [`Store::open`] (for
+//! writers) creates a local root.
 
 use std::fmt;
 use std::sync::Arc;
@@ -14,7 +18,9 @@ use object_store::path::Path as ObjectPath;
 use object_store::prefix::PrefixStore;
 use object_store::{ObjectStore, PutPayload, WriteMultipart};
 
-use crate::ShardError;
+pub use error::StoreError;
+
+mod error;
 
 /// Objects larger than this are uploaded to S3 in parts, so a failed request only retries one part and
 /// the object only becomes visible when the upload completes.
@@ -144,8 +150,8 @@ impl fmt::Debug for Store {
 
 /// Checks and converts a store-relative key. Keys must be relative `/`-separated paths without empty,
 /// `.` or `..` segments, so that a key can never escape the store root.
-fn object_path(key: &str) -> Result<ObjectPath, ShardError> {
-    let invalid = |reason: &str| ShardError::InvalidKey {
+fn object_path(key: &str) -> Result<ObjectPath, StoreError> {
+    let invalid = |reason: &str| StoreError::InvalidKey {
         key: key.to_string(),
         reason: reason.to_string(),
     };
@@ -165,7 +171,7 @@ fn object_path(key: &str) -> Result<ObjectPath, ShardError> {
 }
 
 /// Like [`object_path`] but an empty prefix (or one made only of slashes) means "everything".
-fn prefix_path(prefix: &str) -> Result<Option<ObjectPath>, ShardError> {
+fn prefix_path(prefix: &str) -> Result<Option<ObjectPath>, StoreError> {
     let trimmed = prefix.trim_matches('/');
     if trimmed.is_empty() {
         Ok(None)
@@ -198,13 +204,13 @@ fn is_not_found(e: &object_store::Error) -> bool {
 impl Store {
     /// Opens a store at `url` (see the type documentation for the accepted forms). Requests to S3 are
     /// retried as `object_store` does by default (up to 10 times within 3 minutes).
-    pub fn open(url: &str) -> Result<Store, ShardError> {
+    pub fn open(url: &str) -> Result<Store, StoreError> {
         Self::open_with(url, None)
     }
 
     /// [`Store::open`] for reading what must already be there: a local folder that does not exist is an error
     /// naming it, rather than an empty folder created on the way in which every object is "not found".
-    pub fn open_existing(url: &str) -> Result<Store, ShardError> {
+    pub fn open_existing(url: &str) -> Result<Store, StoreError> {
         let local = if url.starts_with("file://") {
             url::Url::parse(url)
                 .ok()
@@ -215,7 +221,7 @@ impl Store {
             Some(std::path::PathBuf::from(url))
         };
         if let Some(path) = local.filter(|p| !p.is_dir()) {
-            return Err(ShardError::MissingFolder {
+            return Err(StoreError::MissingFolder {
                 path: path.display().to_string(),
             });
         }
@@ -228,7 +234,7 @@ impl Store {
         url: &str,
         max_retries: usize,
         timeout: std::time::Duration,
-    ) -> Result<Store, ShardError> {
+    ) -> Result<Store, StoreError> {
         Self::open_with(
             url,
             Some(object_store::RetryConfig {
@@ -239,8 +245,8 @@ impl Store {
         )
     }
 
-    fn open_with(url: &str, retry: Option<object_store::RetryConfig>) -> Result<Store, ShardError> {
-        let open_err = |reason: String| ShardError::StoreOpen {
+    fn open_with(url: &str, retry: Option<object_store::RetryConfig>) -> Result<Store, StoreError> {
+        let open_err = |reason: String| StoreError::StoreOpen {
             url: url.to_string(),
             reason,
         };
@@ -337,17 +343,17 @@ impl Store {
     fn local(
         url: &str,
         path: &std::path::Path,
-    ) -> Result<(StoreKind, Arc<dyn ObjectStore>), ShardError> {
-        std::fs::create_dir_all(path).map_err(|source| ShardError::Io {
+    ) -> Result<(StoreKind, Arc<dyn ObjectStore>), StoreError> {
+        std::fs::create_dir_all(path).map_err(|source| StoreError::Io {
             path: path.display().to_string(),
             source,
         })?;
-        let canonical = std::fs::canonicalize(path).map_err(|source| ShardError::Io {
+        let canonical = std::fs::canonicalize(path).map_err(|source| StoreError::Io {
             path: path.display().to_string(),
             source,
         })?;
         let fs =
-            LocalFileSystem::new_with_prefix(&canonical).map_err(|e| ShardError::StoreOpen {
+            LocalFileSystem::new_with_prefix(&canonical).map_err(|e| StoreError::StoreOpen {
                 url: url.to_string(),
                 reason: e.to_string(),
             })?;
@@ -375,21 +381,21 @@ impl Store {
 
     /// Makes the object at `key` durable: on a local folder its file is flushed to disk (`fsync`), which a
     /// put alone does not do; S3 objects are durable once written, so there this does nothing.
-    pub fn sync(&self, key: &str) -> Result<(), ShardError> {
+    pub fn sync(&self, key: &str) -> Result<(), StoreError> {
         let Some(path) = self.local_path(key) else {
             return Ok(());
         };
         std::fs::File::open(&path)
             .and_then(|f| f.sync_all())
-            .map_err(|source| ShardError::Io {
+            .map_err(|source| StoreError::Io {
                 path: path.display().to_string(),
                 source,
             })
     }
 
-    fn store_err(&self, op: &'static str, key: &str, source: object_store::Error) -> ShardError {
+    fn store_err(&self, op: &'static str, key: &str, source: object_store::Error) -> StoreError {
         if is_not_found(&source) {
-            ShardError::NotFound {
+            StoreError::NotFound {
                 url: self.url.clone(),
                 key: key.to_string(),
             }
@@ -397,14 +403,14 @@ impl Store {
             && !credentials_in_env()
             && from_metadata_service(&source)
         {
-            ShardError::NoCredentials {
+            StoreError::NoCredentials {
                 url: self.url.clone(),
                 op,
                 key: key.to_string(),
                 source: Box::new(source),
             }
         } else {
-            ShardError::Store {
+            StoreError::Store {
                 url: self.url.clone(),
                 op,
                 key: key.to_string(),
@@ -415,19 +421,19 @@ impl Store {
 
     /// Runs `fut` on the store's runtime and waits for it. Spawning (rather than `Runtime::block_on`)
     /// keeps this usable from threads that are themselves inside a tokio runtime.
-    fn run<T, F>(&self, fut: F) -> Result<T, ShardError>
+    fn run<T, F>(&self, fut: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
-        F: std::future::Future<Output = Result<T, ShardError>> + Send + 'static,
+        F: std::future::Future<Output = Result<T, StoreError>> + Send + 'static,
     {
         let rt = self
             .rt
             .handle()
-            .ok_or_else(|| ShardError::Invalid("store runtime already shut down".into()))?;
+            .ok_or_else(|| StoreError::Invalid("store runtime already shut down".into()))?;
         let handle = rt.spawn(fut);
         match futures::executor::block_on(handle) {
             Ok(r) => r,
-            Err(e) => Err(ShardError::Invalid(format!(
+            Err(e) => Err(StoreError::Invalid(format!(
                 "store `{}`: I/O task failed: {e}",
                 self.url
             ))),
@@ -437,25 +443,25 @@ impl Store {
     /// Writes `bytes` at `key`, replacing any existing object. Readers never see a partial object:
     /// the local backend writes a temporary file and renames it; S3 objects appear when the (multipart,
     /// above [`MULTIPART_THRESHOLD`]) upload completes.
-    pub fn put(&self, key: &str, bytes: Bytes) -> Result<(), ShardError> {
+    pub fn put(&self, key: &str, bytes: Bytes) -> Result<(), StoreError> {
         self.put_parts(key, vec![bytes])
     }
 
     /// [`Store::put`] of an object given as consecutive buffers (a file header and the tensors after it),
     /// written in order without joining them first.
-    pub fn put_parts(&self, key: &str, parts: Vec<Bytes>) -> Result<(), ShardError> {
+    pub fn put_parts(&self, key: &str, parts: Vec<Bytes>) -> Result<(), StoreError> {
         let this = self.clone();
         let key = key.to_string();
         self.run(async move { this.put_parts_async(&key, parts).await })
     }
 
     /// Async variant of [`Store::put`].
-    pub async fn put_async(&self, key: &str, bytes: Bytes) -> Result<(), ShardError> {
+    pub async fn put_async(&self, key: &str, bytes: Bytes) -> Result<(), StoreError> {
         self.put_parts_async(key, vec![bytes]).await
     }
 
     /// Async variant of [`Store::put_parts`].
-    pub async fn put_parts_async(&self, key: &str, parts: Vec<Bytes>) -> Result<(), ShardError> {
+    pub async fn put_parts_async(&self, key: &str, parts: Vec<Bytes>) -> Result<(), StoreError> {
         let path = object_path(key)?;
         let len: usize = parts.iter().map(Bytes::len).sum();
         let multipart = matches!(self.kind, StoreKind::S3 { .. }) && len > MULTIPART_THRESHOLD;
@@ -496,7 +502,7 @@ impl Store {
     /// exclusive create on a local folder), so that of two writers racing for a key exactly one wins.
     /// Returns `false`, writing nothing, if the key exists. A store without conditional puts gets a plain
     /// put after a check, which narrows the race without closing it.
-    pub fn put_if_absent(&self, key: &str, bytes: Bytes) -> Result<bool, ShardError> {
+    pub fn put_if_absent(&self, key: &str, bytes: Bytes) -> Result<bool, StoreError> {
         let path = object_path(key)?;
         let this = self.clone();
         let key = key.to_string();
@@ -520,15 +526,15 @@ impl Store {
         })
     }
 
-    /// Reads the whole object at `key`; a missing object is [`ShardError::NotFound`].
-    pub fn get(&self, key: &str) -> Result<Bytes, ShardError> {
+    /// Reads the whole object at `key`; a missing object is [`StoreError::NotFound`].
+    pub fn get(&self, key: &str) -> Result<Bytes, StoreError> {
         let this = self.clone();
         let key = key.to_string();
         self.run(async move { this.get_async(&key).await })
     }
 
     /// Async variant of [`Store::get`].
-    pub async fn get_async(&self, key: &str) -> Result<Bytes, ShardError> {
+    pub async fn get_async(&self, key: &str) -> Result<Bytes, StoreError> {
         let path = object_path(key)?;
         let result = self
             .inner
@@ -544,8 +550,8 @@ impl Store {
     }
 
     /// Reads bytes `range` of the object at `key` (one ranged request); a missing object is
-    /// [`ShardError::NotFound`], a range past its end an error.
-    pub fn get_range(&self, key: &str, range: std::ops::Range<u64>) -> Result<Bytes, ShardError> {
+    /// [`StoreError::NotFound`], a range past its end an error.
+    pub fn get_range(&self, key: &str, range: std::ops::Range<u64>) -> Result<Bytes, StoreError> {
         let this = self.clone();
         let key = key.to_string();
         self.run(async move { this.get_range_async(&key, range).await })
@@ -556,7 +562,7 @@ impl Store {
         &self,
         key: &str,
         range: std::ops::Range<u64>,
-    ) -> Result<Bytes, ShardError> {
+    ) -> Result<Bytes, StoreError> {
         let path = object_path(key)?;
         let want = range.end.saturating_sub(range.start);
         let bytes = self
@@ -566,7 +572,7 @@ impl Store {
             .map_err(|e| self.store_err("get_range", key, e))?;
         self.record("get_range", key, bytes.len() as u64);
         if bytes.len() as u64 != want {
-            return Err(ShardError::Invalid(format!(
+            return Err(StoreError::Invalid(format!(
                 "`{key}` in `{}`: asked for {want} bytes, got {}",
                 self.url,
                 bytes.len()
@@ -576,23 +582,23 @@ impl Store {
     }
 
     /// Reads the object at `key`, or `None` if it does not exist.
-    pub fn get_opt(&self, key: &str) -> Result<Option<Bytes>, ShardError> {
+    pub fn get_opt(&self, key: &str) -> Result<Option<Bytes>, StoreError> {
         let this = self.clone();
         let key = key.to_string();
         self.run(async move { this.get_opt_async(&key).await })
     }
 
     /// Async variant of [`Store::get_opt`].
-    pub async fn get_opt_async(&self, key: &str) -> Result<Option<Bytes>, ShardError> {
+    pub async fn get_opt_async(&self, key: &str) -> Result<Option<Bytes>, StoreError> {
         match self.get_async(key).await {
             Ok(b) => Ok(Some(b)),
-            Err(ShardError::NotFound { .. }) => Ok(None),
+            Err(StoreError::NotFound { .. }) => Ok(None),
             Err(e) => Err(e),
         }
     }
 
     /// Size in bytes of the object at `key`, or `None` if it does not exist.
-    pub fn size(&self, key: &str) -> Result<Option<u64>, ShardError> {
+    pub fn size(&self, key: &str) -> Result<Option<u64>, StoreError> {
         let path = object_path(key)?;
         let this = self.clone();
         let key = key.to_string();
@@ -609,7 +615,7 @@ impl Store {
     /// Lists objects under the folder-like `prefix` (whole path segments: `volumes` matches
     /// `volumes/part-00000.parquet`, `vol` does not); an empty prefix lists everything. Keys are relative
     /// to the store root, sorted. Temporary files of in-progress local writes are not listed.
-    pub fn list(&self, prefix: &str) -> Result<Vec<(String, u64)>, ShardError> {
+    pub fn list(&self, prefix: &str) -> Result<Vec<(String, u64)>, StoreError> {
         let p = prefix_path(prefix)?;
         let this = self.clone();
         let prefix = prefix.to_string();
@@ -631,7 +637,7 @@ impl Store {
     }
 
     /// Deletes the object at `key`; deleting a missing object is not an error (as on S3).
-    pub fn delete(&self, key: &str) -> Result<(), ShardError> {
+    pub fn delete(&self, key: &str) -> Result<(), StoreError> {
         let path = object_path(key)?;
         let this = self.clone();
         let key = key.to_string();
@@ -667,7 +673,7 @@ mod tests {
         assert_eq!(store.size("a/b.bin").unwrap(), None);
         assert!(matches!(
             store.get("a/b.bin"),
-            Err(ShardError::NotFound { .. })
+            Err(StoreError::NotFound { .. })
         ));
         store.put("a/b.bin", Bytes::from_static(b"hello")).unwrap();
         store.put("a/c.bin", Bytes::from_static(b"xy")).unwrap();

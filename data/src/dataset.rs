@@ -3,14 +3,13 @@
 //! a pure function of the recipe and the shards (tasks in recipe order, datasets in listed order, samples
 //! in shard order, each task repeated `ceil(weight × samples)` times), so every worker derives the same
 //! index without talking to the others. Consecutive indices are stored together, which is what the block
-//! shuffle (`data.shuffle: blocks`, [`shuffle_of`]) relies on for locality.
+//! shuffle (`data.shuffle: blocks`, `m3d_coordinator::Shuffle::of_recipe`) relies on for locality.
 
-use m3d_coordinator::plan::Shuffle;
-use m3d_recipes::{DataSection, Recipe, ShuffleMode};
-use m3d_shards::schema::{SampleRecord, Task};
+use m3d_recipes::Recipe;
+use m3d_shards::schema::SampleRecord;
 use m3d_volume::augment::AugmentParams;
 
-use crate::data::{LoadError, LoadedSample, LoaderOptions, ShardLoader};
+use crate::loader::{LoadError, LoadedSample, LoaderOptions, ShardLoader};
 
 /// Errors opening or reading the training set.
 #[derive(Debug, thiserror::Error)]
@@ -25,29 +24,6 @@ pub enum DatasetError {
     },
     #[error("sample index {index} is outside the training set of {len} samples")]
     OutOfRange { index: u64, len: u64 },
-}
-
-/// Which stored tasks a recipe task name trains on.
-pub fn task_matches(name: &str, task: Task) -> bool {
-    match name {
-        "cap" => task == Task::Caption,
-        "vqa" => matches!(task, Task::VqaClosed | Task::VqaOpen | Task::VqaYesNo),
-        "seg" => matches!(task, Task::Seg | Task::Rec | Task::Reg),
-        "refseg" => task == Task::RefSeg,
-        _ => false,
-    }
-}
-
-/// The sample order `data.shuffle` (with `shuffle_block`, `shuffle_window`) asks the data plan for: the one
-/// mapping from the recipe, shared by the plan and the checkpoints' run identity.
-pub fn shuffle_of(d: &DataSection) -> Shuffle {
-    match d.shuffle {
-        ShuffleMode::Global => Shuffle::Global,
-        ShuffleMode::Blocks => Shuffle::Blocks {
-            block: d.shuffle_block,
-            window: d.shuffle_window,
-        },
-    }
 }
 
 struct Source {
@@ -95,7 +71,7 @@ impl TrainData {
                         .samples()
                         .iter()
                         .enumerate()
-                        .filter(|(_, s)| s.split == d.split && task_matches(&t.task, s.task))
+                        .filter(|(_, s)| s.split == d.split && s.task.in_recipe_task(&t.task))
                         .map(|(i, _)| (src, i as u64)),
                 );
                 sources.push(Source { task: ti, loader });

@@ -1,0 +1,229 @@
+//! The coordinator's command line, shared by the `m3d-coordinator` binary (the control plane's own process:
+//! no libtorch, no loader, so it idles at a few tens of MiB) and `m3d coordinator`, which runs that binary when it
+//! is installed beside `m3d` and this code in-process otherwise. Also the flag parsers the other roles share
+//! ([`parse_duration`], [`load_token`]).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+
+use crate::{ControlPlane, Coordinator, JobConfig, PlanSpec, Token};
+
+#[derive(Args)]
+pub struct CoordinatorArgs {
+    /// Address to serve gRPC on (port 0: any free port; the address is printed on stdout).
+    #[arg(long)]
+    listen: SocketAddr,
+    /// Where the job state lives (path, file://, s3://): a restarted coordinator continues from it.
+    #[arg(long)]
+    state: String,
+    /// A round starts with at least this many workers once the rendezvous timeout has passed. Default with
+    /// --recipe: the recipe's `workers.min`; required without.
+    #[arg(long)]
+    min_workers: Option<u32>,
+    /// A round starts at once with this many workers. Default: the recipe's `workers.max` (else its
+    /// `workers.min`), or --min-workers without --recipe.
+    #[arg(long)]
+    max_workers: Option<u32>,
+    /// How long a round waits for slow starters (e.g. 30s, 500ms, 2m), counted from its first registration.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    rendezvous_timeout: Duration,
+    /// A worker silent for this long has failed.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    heartbeat_timeout: Duration,
+    /// Restart rounds allowed after failures; one more failure fails the job.
+    #[arg(long, default_value_t = 3)]
+    restarts: u32,
+    /// Take the data plan (samples, global batch, seed, epochs, max steps, shuffle) and the workers' range from
+    /// this recipe and its shards. Without it, --samples, --global-batch and --min-workers must be given: there are
+    /// no defaults for a plan.
+    #[arg(long, conflicts_with_all = ["samples", "global_batch", "seed", "epochs"])]
+    recipe: Option<PathBuf>,
+    /// Overrides of the recipe's values (as `m3d train --set`).
+    #[arg(long = "set", value_name = "KEY=VALUE", requires = "recipe")]
+    sets: Vec<String>,
+    /// Samples in the training set (the data plan's range 0..N); required without --recipe.
+    #[arg(long)]
+    samples: Option<u64>,
+    /// Samples per global step over all ranks (must be divisible by the world size); required without --recipe.
+    #[arg(long)]
+    global_batch: Option<u64>,
+    /// Seed of the sample order.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long, default_value_t = 1)]
+    epochs: u64,
+    /// File holding the bearer token workers must present (else the M3D_TOKEN environment variable; neither: no
+    /// authentication).
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+    /// Exit (after a short grace period for the last status queries) once the job has completed or failed.
+    #[arg(long)]
+    exit_on_finish: bool,
+}
+
+/// Parses `500ms`, `30s`, `2m`, `1h` (a bare number is seconds).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let v: f64 = num
+        .parse()
+        .map_err(|_| format!("`{s}`: expected a duration like 30s or 500ms"))?;
+    let secs = match unit {
+        "ms" => v / 1000.0,
+        "" | "s" => v,
+        "m" => v * 60.0,
+        "h" => v * 3600.0,
+        _ => return Err(format!("`{s}`: unknown unit `{unit}` (ms, s, m, h)")),
+    };
+    Duration::try_from_secs_f64(secs).map_err(|e| format!("`{s}`: {e}"))
+}
+
+/// The token from `--token-file` or `M3D_TOKEN`. Read here, never passed on a command line (which `ps` shows)
+/// and never printed.
+pub fn load_token(file: Option<&PathBuf>) -> Result<Option<Token>> {
+    if let Some(f) = file {
+        let text = std::fs::read_to_string(f)
+            .with_context(|| format!("reading the token file {}", f.display()))?;
+        let Some(t) = Token::new(&text) else {
+            bail!("the token file {} is empty", f.display());
+        };
+        return Ok(Some(t));
+    }
+    Ok(std::env::var("M3D_TOKEN")
+        .ok()
+        .as_deref()
+        .and_then(Token::new))
+}
+
+pub fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("m3d-coordinator")
+        .build()
+        .context("starting the async runtime")
+}
+
+/// Runs the coordinator until interrupted (or, with `--exit-on-finish`, until the job has ended).
+pub fn run(a: CoordinatorArgs) -> Result<()> {
+    let (plan, min_workers, max_workers) = match &a.recipe {
+        Some(path) => {
+            let recipe = m3d_recipes::Recipe::load(path, &a.sets)?;
+            let set = crate::TrainingSet::of(&recipe)?;
+            let min = match a.min_workers {
+                Some(m) => m,
+                None => u32::try_from(recipe.workers.min).context("workers.min")?,
+            };
+            let max = match (a.max_workers, a.min_workers, recipe.workers.max) {
+                (Some(m), _, _) => m,
+                // --min-workers alone sets the round's size, as it does without a recipe.
+                (None, Some(m), _) => m,
+                (None, None, Some(m)) => u32::try_from(m).context("workers.max")?,
+                (None, None, None) => min,
+            };
+            (crate::plan_spec(&recipe, set.samples)?, min, max)
+        }
+        None => {
+            let missing: Vec<&str> = [
+                ("--samples", a.samples.is_none()),
+                ("--global-batch", a.global_batch.is_none()),
+                ("--min-workers", a.min_workers.is_none()),
+            ]
+            .into_iter()
+            .filter_map(|(flag, missing)| missing.then_some(flag))
+            .collect();
+            if !missing.is_empty() {
+                bail!(
+                    "m3d coordinator plans a job from --recipe, or from --samples, --global-batch and \
+                     --min-workers given explicitly (missing: {}); it has no default plan",
+                    missing.join(", ")
+                );
+            }
+            let min = a.min_workers.unwrap_or(1);
+            let plan = PlanSpec {
+                max_steps: None,
+                samples: a.samples.unwrap_or(0),
+                global_batch: a.global_batch.unwrap_or(0),
+                seed: a.seed,
+                epochs: a.epochs,
+                shuffle: crate::Shuffle::Global,
+            };
+            (plan, min, a.max_workers.unwrap_or(min))
+        }
+    };
+    let cfg = JobConfig {
+        initial_checkpoint: None,
+        min_workers,
+        max_workers,
+        rendezvous_timeout: a.rendezvous_timeout,
+        heartbeat_timeout: a.heartbeat_timeout,
+        max_restarts: a.restarts,
+        plan,
+    };
+    let token = load_token(a.token_file.as_ref())?;
+    runtime()?.block_on(async move {
+        let coord = Coordinator::open(cfg, Some(&a.state))
+            .await
+            .with_context(|| format!("opening the job state at {}", a.state))?;
+        let (listener, addr) = crate::grpc::bind(a.listen)
+            .await
+            .with_context(|| format!("binding {}", a.listen))?;
+        // The first line of stdout is the address, for scripts and tests that asked for port 0.
+        println!("m3d coordinator listening on {addr}");
+        tracing::info!(%addr, state = %a.state, auth = token.is_some(), "coordinator serving");
+        let mut watch = coord.watch();
+        let exit_on_finish = a.exit_on_finish;
+        let shutdown = async move {
+            let finished = async {
+                if !exit_on_finish {
+                    return std::future::pending::<()>().await;
+                }
+                while !watch.borrow_and_update().phase.is_final() {
+                    if watch.changed().await.is_err() {
+                        return;
+                    }
+                }
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            };
+            // Kubernetes stops a pod with SIGTERM: the job state is in the store, so a replacement continues.
+            let terminate = async {
+                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                    Ok(mut s) => {
+                        s.recv().await;
+                    }
+                    Err(_) => std::future::pending::<()>().await,
+                }
+            };
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => tracing::info!("interrupted: shutting down"),
+                _ = terminate => tracing::info!("terminated: shutting down"),
+                _ = finished => tracing::info!("job finished: shutting down"),
+            }
+        };
+        crate::serve(coord, listener, token, shutdown)
+            .await
+            .context("serving gRPC")
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_duration;
+    use std::time::Duration;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("1.5"), Ok(Duration::from_millis(1500)));
+        assert!(parse_duration("3 weeks").is_err());
+        assert!(parse_duration("").is_err());
+    }
+}

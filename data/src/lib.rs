@@ -1,0 +1,20 @@
+//! A job's training data, without libtorch: what a worker reads and what the supervisor and tools need to know
+//! about it.
+//!
+//! - [`dataset`]: the recipe's training set (its tasks' shard datasets) behind one global sample index, the
+//!   index the data plan permutes.
+//! - [`loader`]: [`loader::ShardLoader`] serves decoded (and augmented) samples of one shard dataset by index:
+//!   one ranged read per volume through the dataset's volume index, a byte-bounded cache of decoded volumes and
+//!   a read-ahead thread.
+//!
+//! The sample order itself (global or block shuffle) is part of the data plan, `m3d_coordinator::plan`, which
+//! the coordinator and every worker compute alike; this crate only serves the indices it is handed.
+//!
+//! **Invariant: no libtorch here** — the coordinator's and the tools' processes stay small, and the worker
+//! turns samples into tensors itself (`m3d_worker::batch`).
+
+pub mod dataset;
+pub mod loader;
+
+pub use dataset::{DatasetError, TrainData};
+pub use loader::{LoadError, LoadedSample, LoaderOptions, ShardLoader};
