@@ -127,38 +127,57 @@ pub(crate) fn warn_other_counts(store: &Store, part: Part) -> Result<()> {
     Ok(())
 }
 
-/// The first top-level setting whose value differs between part `a` and part `b`, for error messages.
+/// The first setting (as a dotted path into nested objects) whose value differs between part `a` and part `b`,
+/// for error messages.
 fn first_difference(
     (pa, a): (Part, &serde_json::Value),
     (pb, b): (Part, &serde_json::Value),
 ) -> String {
-    let empty = serde_json::Map::new();
-    let (ma, mb) = (
-        a.as_object().unwrap_or(&empty),
-        b.as_object().unwrap_or(&empty),
-    );
-    let mut keys: Vec<&String> = ma.keys().chain(mb.keys()).collect();
-    keys.sort();
-    keys.dedup();
-    for k in keys {
-        let (va, vb) = (ma.get(k), mb.get(k));
-        if va != vb {
-            let show = |v: Option<&serde_json::Value>| {
-                let s = v.map(|v| v.to_string()).unwrap_or_else(|| "absent".into());
-                if s.chars().count() > 200 {
-                    format!("{}...", s.chars().take(200).collect::<String>())
-                } else {
-                    s
-                }
-            };
-            return format!(
-                "`{k}` is {} in part {pa} but {} in part {pb}",
-                show(va),
-                show(vb)
-            );
+    fn walk<'v>(
+        path: String,
+        a: Option<&'v serde_json::Value>,
+        b: Option<&'v serde_json::Value>,
+    ) -> Option<(
+        String,
+        Option<&'v serde_json::Value>,
+        Option<&'v serde_json::Value>,
+    )> {
+        if a == b {
+            return None;
         }
+        if let (Some(serde_json::Value::Object(ma)), Some(serde_json::Value::Object(mb))) = (a, b) {
+            let mut keys: Vec<&String> = ma.keys().chain(mb.keys()).collect();
+            keys.sort();
+            keys.dedup();
+            for k in keys {
+                let sub = if path.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{path}.{k}")
+                };
+                if let Some(found) = walk(sub, ma.get(k), mb.get(k)) {
+                    return Some(found);
+                }
+            }
+        }
+        Some((path, a, b))
     }
-    "the settings differ".to_string()
+    let show = |v: Option<&serde_json::Value>| {
+        let s = v.map_or_else(|| "absent".to_string(), |v| v.to_string());
+        if s.chars().count() > 200 {
+            format!("{}...", s.chars().take(200).collect::<String>())
+        } else {
+            s
+        }
+    };
+    match walk(String::new(), Some(a), Some(b)) {
+        Some((path, va, vb)) => format!(
+            "`{path}` is {} in part {pa} but {} in part {pb}",
+            show(va),
+            show(vb)
+        ),
+        None => "the settings differ".to_string(),
+    }
 }
 
 /// Merges the part records under `url` into the dataset: checks that parts 1..N are each there exactly once, were
@@ -316,6 +335,22 @@ mod tests {
                 assert_eq!(next, shards);
             }
         }
+    }
+
+    #[test]
+    fn settings_differences_are_named_by_path() {
+        let a = serde_json::json!({"shards": 4, "preprocessing": {"resize": [32], "storage": {"dtype": "f16"}}});
+        let b = serde_json::json!({"shards": 4, "preprocessing": {"resize": [32], "storage": {"dtype": "f32"}}});
+        let (p1, p2) = (Part::new(1, 2).unwrap(), Part::new(2, 2).unwrap());
+        assert_eq!(
+            first_difference((p1, &a), (p2, &b)),
+            "`preprocessing.storage.dtype` is \"f16\" in part 1/2 but \"f32\" in part 2/2"
+        );
+        let c = serde_json::json!({"shards": 5});
+        assert_eq!(
+            first_difference((p1, &a), (p2, &c)),
+            "`preprocessing` is {\"resize\":[32],\"storage\":{\"dtype\":\"f16\"}} in part 1/2 but absent in part 2/2"
+        );
     }
 
     #[test]

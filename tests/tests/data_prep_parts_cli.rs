@@ -250,7 +250,9 @@ fn finalize_names_missing_duplicated_and_mismatched_parts() {
     let settings = m3d_err(&["data-prep", "finalize", url]);
     assert!(
         settings.contains("part 2/3 was converted with other settings than part 1/3")
-            && settings.contains("`preprocessing`"),
+            && settings.contains(
+                "`preprocessing.storage.dtype` is \"f16\" in part 1/3 but \"f32\" in part 2/3"
+            ),
         "{settings}"
     );
 
