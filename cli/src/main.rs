@@ -11,7 +11,7 @@ use m3d_data_prep::cap::{CapOptions, CapSource, ResizeMode};
 use m3d_data_prep::refseg::{AxisOrder, RefSegOptions, RefSegSource};
 use m3d_data_prep::seg::{SegOptions, SegSource};
 use m3d_data_prep::vqa::VqaOptions;
-use m3d_data_prep::{convert_volumes, ConvertOptions, ConvertReport};
+use m3d_data_prep::{convert_volumes, ConvertOptions, ConvertReport, Part};
 
 mod control;
 mod report;
@@ -136,6 +136,16 @@ enum DataPrep {
         #[arg(long, value_enum, default_value_t = Axes::Consistent)]
         axis_order: Axes,
     },
+    /// Merge the parts of a conversion split with --part I/N (run once every part is done): checks that parts
+    /// 1..N are each recorded once with the same N and settings, then writes the sample shards, the volume index
+    /// and, last, the manifest, the same bytes as one process converting everything.
+    Finalize {
+        /// Dataset URL the parts were written to (path, file://, s3://).
+        url: String,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Add the volume index to a dataset converted before m3d wrote one (reads every volume shard once, then
     /// writes `index/volumes.parquet` and the manifest that lists it).
     Reindex {
@@ -217,6 +227,10 @@ struct Common {
     /// Storage dtype of images (default per dataset: u8 for M3D-Cap, f16 for CT); f32 stores exact values.
     #[arg(long, value_enum)]
     dtype: Option<Dtype>,
+    /// Convert only part I of N (e.g. 2/8; one per machine, all with the same options and --out), then run
+    /// `m3d data-prep finalize <out>`: the dataset has no manifest until then.
+    #[arg(long, value_name = "I/N")]
+    part: Option<Part>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -250,6 +264,7 @@ impl Common {
         o.limit = self.limit;
         o.force = self.force;
         o.progress = true;
+        o.part = self.part;
         Ok(o)
     }
 }
@@ -276,6 +291,9 @@ fn print_report(report: &ConvertReport, json: bool) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(report)?);
         return Ok(());
     }
+    if let Some(part) = report.part {
+        print!("part {part} of ");
+    }
     println!(
         "{}: {} volume(s), {} sample(s), {:.2} MiB -> {} ({} shard(s) written, {} reused)",
         report.dataset,
@@ -292,8 +310,22 @@ fn print_report(report: &ConvertReport, json: bool) -> Result<()> {
     }
     if !report.skipped.is_empty() {
         println!(
-            "  skipped {} input(s); see {}/skipped.json",
+            "  skipped {} input(s); see {}/skipped.json{}",
             report.skipped.len(),
+            report.out,
+            if report.part.is_some() {
+                " after finalize"
+            } else {
+                ""
+            }
+        );
+    }
+    if let Some(part) = report.part {
+        println!(
+            "  part {part} recorded in {}/{}; once all {} parts are done: m3d data-prep finalize {}",
+            report.out,
+            part.key(),
+            part.count,
             report.out
         );
     }
@@ -424,6 +456,11 @@ fn run(cli: Cli) -> Result<()> {
                 .with_context(|| format!("planning M3D-RefSeg from {}", common.src.display()))?;
                 let report = convert_volumes(&src, &opts).context("converting M3D-RefSeg")?;
                 print_report(&report, common.json)?;
+            }
+            DataPrep::Finalize { url, json } => {
+                let report = m3d_data_prep::finalize(&url)
+                    .with_context(|| format!("finalizing the parts under {url}"))?;
+                print_report(&report, json)?;
             }
             DataPrep::Reindex { url } => {
                 let store = m3d_store::Store::open_existing(&url)?;

@@ -38,6 +38,9 @@ pub enum PrepError {
         #[source]
         source: serde_json::Error,
     },
+    /// A split conversion (`--part I/N`) that cannot be finalized: the message names the part and the location.
+    #[error("{0}")]
+    Parts(String),
     #[error("invalid options: {0}")]
     Options(String),
 }

@@ -9,6 +9,10 @@
 //!   a record from a different plan is ignored and the shard is redone.
 //!
 //! Memory is bounded by one shard's encoded volumes plus one working volume per thread, whatever the dataset size.
+//!
+//! With [`ConvertOptions::part`] only that part's contiguous range of shard numbers is converted and, instead of
+//! the sample shards and manifest, a part record is written (see [`crate::parts`]); `finalize` then merges the parts
+//! through the same [`finish`] as a single run.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -26,6 +30,7 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{PrepError, Result};
+use crate::parts::{Part, PartRecord, PART_FORMAT};
 
 /// Options common to every converter.
 #[derive(Clone, Debug)]
@@ -44,6 +49,8 @@ pub struct ConvertOptions {
     pub force: bool,
     /// Draw a progress bar (only on a terminal).
     pub progress: bool,
+    /// Convert only this part of the shards and record it for `finalize` (see [`crate::parts`]).
+    pub part: Option<Part>,
 }
 
 impl ConvertOptions {
@@ -56,6 +63,7 @@ impl ConvertOptions {
             limit: None,
             force: false,
             progress: false,
+            part: None,
         }
     }
 }
@@ -133,15 +141,15 @@ pub fn mask_record(class_index: u32, label: String, mask: &[u8]) -> MaskRecord {
 
 /// The completion record of one volume shard.
 #[derive(Serialize, Deserialize)]
-struct ShardProgress {
-    fingerprint: String,
-    shard: ShardEntry,
+pub(crate) struct ShardProgress {
+    pub fingerprint: String,
+    pub shard: ShardEntry,
     /// The shard's rows of the volume index (absent in records written before the index existed: the shard is
     /// then read once to derive them).
     #[serde(default)]
-    layout: Option<ShardLayout>,
-    samples: Vec<SampleRecord>,
-    skipped: Vec<Skipped>,
+    pub layout: Option<ShardLayout>,
+    pub samples: Vec<SampleRecord>,
+    pub skipped: Vec<Skipped>,
 }
 
 /// Result of a conversion.
@@ -156,6 +164,10 @@ pub struct ConvertReport {
     pub shards_reused: usize,
     pub skipped: Vec<Skipped>,
     pub counts: BTreeMap<String, BTreeMap<String, u64>>,
+    /// The part converted (`--part I/N`): the numbers above are that part's, and the dataset is complete only once
+    /// `finalize` has merged every part.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub part: Option<Part>,
 }
 
 fn progress_key(shard: usize) -> String {
@@ -176,15 +188,25 @@ pub fn convert_volumes<S: VolumeSource>(src: &S, opts: &ConvertOptions) -> Resul
     }
     let preprocessing = src.preprocessing();
     let n_shards = items.len().div_ceil(opts.shard_volumes);
-    let bar = crate::progress::bar(items.len() as u64, src.dataset(), opts.progress);
+    let shard_range = opts.part.map_or(0..n_shards, |p| p.shards(n_shards));
+    if let Some(part) = opts.part {
+        // The dataset is incomplete until finalize: a manifest from an earlier conversion would list shards this
+        // part is about to replace.
+        if store.size(Manifest::KEY)?.is_some() {
+            tracing::info!(part = %part, "removing manifest.json: the dataset is incomplete until `finalize`");
+            store.delete(Manifest::KEY)?;
+        }
+        crate::parts::warn_other_counts(&store, part)?;
+    }
+    let part_items = shard_range.start * opts.shard_volumes
+        ..(shard_range.end * opts.shard_volumes).min(items.len());
+    let bar = crate::progress::bar(part_items.len() as u64, src.dataset(), opts.progress);
     let write_opts = WriteOptions::default();
 
-    let mut entries = Vec::with_capacity(n_shards);
-    let mut layouts: Vec<ShardLayout> = Vec::with_capacity(n_shards);
-    let mut samples: Vec<SampleRecord> = Vec::new();
-    let mut skipped: Vec<Skipped> = Vec::new();
+    // Every shard's completion record, its index rows always filled in.
+    let mut done_shards: Vec<ShardProgress> = Vec::with_capacity(shard_range.len());
     let (mut written, mut reused) = (0usize, 0usize);
-    for shard in 0..n_shards {
+    for shard in shard_range.clone() {
         let chunk =
             &items[shard * opts.shard_volumes..((shard + 1) * opts.shard_volumes).min(items.len())];
         let ids: Vec<String> = chunk.iter().map(|it| src.item_id(it)).collect();
@@ -208,11 +230,11 @@ pub fn convert_volumes<S: VolumeSource>(src: &S, opts: &ConvertOptions) -> Resul
                         shard_layout(&bytes, &done.shard.key, shard as u32)?
                     }
                 };
-                layouts.push(layout);
-                entries.push(done.shard);
-                samples.extend(done.samples);
-                skipped.extend(done.skipped);
                 reused += 1;
+                done_shards.push(ShardProgress {
+                    layout: Some(layout),
+                    ..done
+                });
                 continue;
             }
         }
@@ -234,20 +256,30 @@ pub fn convert_volumes<S: VolumeSource>(src: &S, opts: &ConvertOptions) -> Resul
         let record = ShardProgress {
             fingerprint,
             shard: entry,
-            layout: Some(layout.clone()),
+            layout: Some(layout),
             samples: shard_samples,
             skipped: shard_skipped,
         };
         let json = serde_json::to_vec(&record).map_err(|e| PrepError::Options(e.to_string()))?;
         store.put(&progress_key(shard), Bytes::from(json))?;
         tracing::debug!(shard, rows = record.shard.rows, "shard committed");
-        entries.push(record.shard);
-        layouts.push(layout);
-        samples.extend(record.samples);
-        skipped.extend(record.skipped);
         written += 1;
+        done_shards.push(record);
     }
     bar.finish_and_clear();
+    if let Some(part) = opts.part {
+        let settings = part_settings(src, &items, n_shards, opts);
+        return finish_part(
+            &store,
+            src,
+            part,
+            settings,
+            shard_range.start,
+            done_shards,
+            (written, reused),
+        );
+    }
+    let (entries, layouts, mut samples, mut skipped) = unpack(done_shards)?;
     samples.extend(src.extra_samples()?);
     skipped.extend(src.planning_skipped());
     let volumes: u64 = entries.iter().map(|e| e.rows).sum();
@@ -259,9 +291,129 @@ pub fn convert_volumes<S: VolumeSource>(src: &S, opts: &ConvertOptions) -> Resul
         (entries, layouts),
         samples,
         skipped,
-        opts,
+        opts.shard_samples,
         (written, reused, volumes),
     )
+}
+
+/// The parts of the shards' completion records that [`finish`] takes, in shard order.
+pub(crate) type Unpacked = (
+    Vec<ShardEntry>,
+    Vec<ShardLayout>,
+    Vec<SampleRecord>,
+    Vec<Skipped>,
+);
+
+/// Splits completion records (in shard order, index rows filled in) into what [`finish`] takes.
+pub(crate) fn unpack(shards: Vec<ShardProgress>) -> Result<Unpacked> {
+    let mut out: Unpacked = Default::default();
+    for s in shards {
+        let layout = s.layout.ok_or_else(|| {
+            PrepError::Options(format!(
+                "completion record of `{}` has no index rows",
+                s.shard.key
+            ))
+        })?;
+        out.0.push(s.shard);
+        out.1.push(layout);
+        out.2.extend(s.samples);
+        out.3.extend(s.skipped);
+    }
+    Ok(out)
+}
+
+/// Everything the merged output of a split conversion depends on; `finalize` requires every part to agree on it
+/// exactly. The item ids stand for the whole plan (a different source, `--limit` or split file changes them).
+fn part_settings<S: VolumeSource>(
+    src: &S,
+    items: &[&S::Item],
+    n_shards: usize,
+    opts: &ConvertOptions,
+) -> serde_json::Value {
+    let mut ids = String::new();
+    for it in items {
+        ids.push_str(&src.item_id(it));
+        ids.push('\n');
+    }
+    serde_json::json!({
+        "schema_version": SHARD_SCHEMA_VERSION,
+        "created_by": created_by(),
+        "dataset": src.dataset(),
+        "source": src.source(),
+        "preprocessing": src.preprocessing(),
+        "shard_volumes": opts.shard_volumes,
+        "shard_samples": opts.shard_samples,
+        "skip_bad": opts.skip_bad,
+        "volumes_planned": items.len(),
+        "shards": n_shards,
+        "plan_sha256": sha256_hex(ids.as_bytes()),
+    })
+}
+
+/// Writes the record of a converted part (its shards were committed already) and reports the part.
+fn finish_part<S: VolumeSource>(
+    store: &Store,
+    src: &S,
+    part: Part,
+    settings: serde_json::Value,
+    first_shard: usize,
+    shards: Vec<ShardProgress>,
+    (written, reused): (usize, usize),
+) -> Result<ConvertReport> {
+    // Part 1 carries what does not belong to a volume shard, so it is counted once.
+    let (extra_samples, planning_skipped) = if part.index == 1 {
+        (src.extra_samples()?, src.planning_skipped())
+    } else {
+        (Vec::new(), Vec::new())
+    };
+    let record = PartRecord {
+        format: PART_FORMAT.to_string(),
+        part,
+        settings,
+        first_shard,
+        shards,
+        extra_samples,
+        planning_skipped,
+    };
+    crate::parts::save(store, &record)?;
+    let mut counts: BTreeMap<String, BTreeMap<String, u64>> = BTreeMap::new();
+    let samples = record
+        .shards
+        .iter()
+        .flat_map(|s| &s.samples)
+        .chain(&record.extra_samples);
+    let mut n_samples = 0u64;
+    for s in samples {
+        n_samples += 1;
+        *counts
+            .entry(s.task.to_string())
+            .or_default()
+            .entry(s.split.clone())
+            .or_default() += 1;
+    }
+    let skipped: Vec<Skipped> = record
+        .shards
+        .iter()
+        .flat_map(|s| s.skipped.iter().cloned())
+        .chain(record.planning_skipped.iter().cloned())
+        .collect();
+    tracing::info!(part = %part, key = %part.key(), "part recorded; run `m3d data-prep finalize` once every part is done");
+    Ok(ConvertReport {
+        dataset: src.dataset().to_string(),
+        out: store.url().to_string(),
+        volumes: record.shards.iter().map(|s| s.shard.rows).sum(),
+        samples: n_samples,
+        bytes: record.shards.iter().map(|s| s.shard.bytes).sum(),
+        shards_written: written,
+        shards_reused: reused,
+        skipped,
+        counts,
+        part: Some(part),
+    })
+}
+
+fn created_by() -> String {
+    format!("m3d {}", env!("CARGO_PKG_VERSION"))
 }
 
 /// Writes a dataset that has samples only (M3D-VQA references M3D-Cap volumes).
@@ -273,6 +425,12 @@ pub fn convert_samples_only(
     skipped: Vec<Skipped>,
     opts: &ConvertOptions,
 ) -> Result<ConvertReport> {
+    if let Some(part) = opts.part {
+        return Err(PrepError::Options(format!(
+            "--part {part}: {dataset} has no volumes to split (its samples reference another dataset's volumes \
+             and convert in seconds); convert it in one process, without --part"
+        )));
+    }
     let store = Store::open(&opts.out)?;
     finish(
         &store,
@@ -282,7 +440,7 @@ pub fn convert_samples_only(
         (Vec::new(), Vec::new()),
         samples,
         skipped,
-        opts,
+        opts.shard_samples,
         (0, 0, 0),
     )
 }
@@ -362,8 +520,10 @@ fn convert_chunk<S: VolumeSource>(
     Ok((records, samples, skipped))
 }
 
+/// Writes the sample shards, removes stale shards, writes `skipped.json`, the volume index and, last, the manifest:
+/// the end of a single conversion and of `finalize` alike.
 #[allow(clippy::too_many_arguments)]
-fn finish(
+pub(crate) fn finish(
     store: &Store,
     dataset: &str,
     source: serde_json::Value,
@@ -371,7 +531,7 @@ fn finish(
     (volume_shards, layouts): (Vec<ShardEntry>, Vec<ShardLayout>),
     samples: Vec<SampleRecord>,
     skipped: Vec<Skipped>,
-    opts: &ConvertOptions,
+    shard_samples: usize,
     (written, reused, volumes): (usize, usize, u64),
 ) -> Result<ConvertReport> {
     let write_opts = WriteOptions::default();
@@ -384,7 +544,7 @@ fn finish(
             .or_default() += 1;
     }
     let mut sample_shards = Vec::new();
-    for (i, chunk) in samples.chunks(opts.shard_samples).enumerate() {
+    for (i, chunk) in samples.chunks(shard_samples).enumerate() {
         let bytes = write_sample_shard(chunk, &write_opts)?;
         let entry = ShardEntry::describe(&sample_shard_key(i), chunk.len() as u64, &bytes);
         store.put(&entry.key, bytes)?;
@@ -406,7 +566,7 @@ fn finish(
         format: "m3d-shards".to_string(),
         schema_version: SHARD_SCHEMA_VERSION,
         dataset: dataset.to_string(),
-        created_by: format!("m3d {}", env!("CARGO_PKG_VERSION")),
+        created_by: created_by(),
         created_unix: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
@@ -436,6 +596,7 @@ fn finish(
         shards_reused: reused,
         skipped,
         counts,
+        part: None,
     })
 }
 

@@ -233,7 +233,8 @@ impl ShardDataset {
                 url: self.store.url().to_string(),
             })?;
         let bytes = fetch_checked(&self.store, entry)?;
-        let index = crate::VolumeIndex::from_parquet(bytes, self.manifest.volume_shards.len())?;
+        let rows: Vec<u64> = self.manifest.volume_shards.iter().map(|e| e.rows).collect();
+        let index = crate::VolumeIndex::from_parquet(bytes, &rows)?;
         if index.volumes.len() as u64 != self.manifest.totals.volumes {
             return Err(ShardError::Manifest {
                 key: Manifest::KEY.to_string(),

@@ -251,8 +251,11 @@ impl VolumeIndex {
         Ok(Bytes::from(out))
     }
 
-    /// Reads an index written by [`VolumeIndex::to_parquet`] for a dataset of `shards` volume shards.
-    pub fn from_parquet(bytes: Bytes, shards: usize) -> Result<VolumeIndex, ShardError> {
+    /// Reads an index written by [`VolumeIndex::to_parquet`] for a dataset whose volume shards hold `shard_rows`
+    /// volumes each (the manifest's counts): every shard must have exactly that many rows in the index. A shard of
+    /// no volumes (all of them skipped under `--skip-bad`) has no rows, so its footer stays unknown (zero range).
+    pub fn from_parquet(bytes: Bytes, shard_rows: &[u64]) -> Result<VolumeIndex, ShardError> {
+        let shards = shard_rows.len();
         let key = INDEX_KEY;
         let reader = ParquetRecordBatchReaderBuilder::try_new(bytes)
             .map_err(|e| ShardError::parquet(key, e))?
@@ -271,6 +274,7 @@ impl VolumeIndex {
             volumes: Vec::new(),
         };
         let mut seen = vec![false; shards];
+        let mut rows = vec![0u64; shards];
         for batch in reader {
             let batch = batch.map_err(|e| ShardError::arrow(key, e))?;
             let col = |name: &str| -> Result<&ArrayRef, ShardError> {
@@ -330,6 +334,7 @@ impl VolumeIndex {
                         ))
                     }
                 }
+                rows[s] += 1;
                 index.volumes.push(VolumeLocation {
                     volume_id: ids.value(i).to_string(),
                     shard: s as u32,
@@ -342,10 +347,13 @@ impl VolumeIndex {
                 });
             }
         }
-        if let Some(s) = seen.iter().position(|s| !s) {
+        if let Some(s) = (0..shards).find(|&s| rows[s] != shard_rows[s]) {
             return Err(ShardError::schema(
                 key,
-                format!("volume shard {s} has no rows in the index"),
+                format!(
+                    "volume shard {s} has {} rows in the index, the manifest says {}",
+                    rows[s], shard_rows[s]
+                ),
             ));
         }
         Ok(index)

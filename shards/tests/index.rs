@@ -178,3 +178,49 @@ fn a_dataset_without_an_index_names_reindex_and_reindex_restores_the_conversion_
     assert!(matches!(err, ShardError::Checksum { .. }), "{err:?}");
     assert!(err.to_string().contains(INDEX_KEY), "{err}");
 }
+
+#[test]
+fn a_shard_of_no_volumes_opens_and_a_shard_short_of_rows_is_named() {
+    // A conversion under --skip-bad whose skipped volume was alone in its shard writes a shard of no rows.
+    let dir = tempfile::tempdir().unwrap();
+    let url = dir.path().to_str().unwrap();
+    let store = Store::open(url).unwrap();
+    let mut rng = common::rng(3);
+    let vol = |id: &str, rng: &mut _| {
+        common::synthetic_volume(rng, id, [1, 4, 8, 8], ImageDtype::U8, 0).record
+    };
+    let shards = vec![
+        Vec::new(),
+        vec![vol("a", &mut rng)],
+        vec![vol("b", &mut rng)],
+    ];
+    let samples = vec![
+        common::sample(0, "a", Task::Caption),
+        common::sample(1, "b", Task::Caption),
+    ];
+    let mut manifest = m3d_shards::write_dataset(
+        &store,
+        Manifest::new("cap", "m3d-shards index tests"),
+        &shards,
+        &samples,
+        &WriteOptions::default(),
+    )
+    .unwrap();
+    let ds = ShardDataset::open(url).unwrap();
+    let index = ds.volume_index().unwrap();
+    assert_eq!(index.volumes.len(), 2);
+    assert_eq!(ds.find_volume("b").unwrap().unwrap(), shards[2][0]);
+
+    // The manifest claiming a volume in the empty shard: the index disagrees, naming the shard.
+    manifest.volume_shards[0].rows = 1;
+    manifest.save(&store).unwrap();
+    let err = ShardDataset::open(url)
+        .unwrap()
+        .volume_index()
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("volume shard 0 has 0 rows in the index, the manifest says 1"),
+        "{err}"
+    );
+}
