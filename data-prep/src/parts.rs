@@ -21,7 +21,7 @@ use std::str::FromStr;
 
 use bytes::Bytes;
 use m3d_shards::schema::SampleRecord;
-use m3d_shards::store::Store;
+use m3d_store::Store;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{PrepError, Result};
