@@ -126,7 +126,7 @@ pub fn runtime() -> Result<tokio::runtime::Runtime> {
 }
 
 pub fn coordinator(a: CoordinatorArgs) -> Result<()> {
-    let (plan, min_workers, max_workers) = match &a.recipe {
+    let (plan, min_workers, max_workers, data_fingerprint) = match &a.recipe {
         Some(path) => {
             let recipe = m3d_recipes::Recipe::load(path, &a.sets)?;
             let data = m3d_worker::dataset::TrainData::open(&recipe)?;
@@ -141,7 +141,13 @@ pub fn coordinator(a: CoordinatorArgs) -> Result<()> {
                 (None, None, Some(m)) => u32::try_from(m).context("workers.max")?,
                 (None, None, None) => min,
             };
-            (crate::train::plan_for(&recipe, &data)?, min, max)
+            let fingerprint = crate::train::data_fingerprint(&recipe)?;
+            (
+                crate::train::plan_for(&recipe, &data)?,
+                min,
+                max,
+                Some(fingerprint),
+            )
         }
         None => {
             let missing: Vec<&str> = [
@@ -168,10 +174,11 @@ pub fn coordinator(a: CoordinatorArgs) -> Result<()> {
                 epochs: a.epochs,
                 shuffle: m3d_coordinator::Shuffle::Global,
             };
-            (plan, min, a.max_workers.unwrap_or(min))
+            (plan, min, a.max_workers.unwrap_or(min), None)
         }
     };
     let cfg = JobConfig {
+        data_fingerprint,
         initial_checkpoint: None,
         min_workers,
         max_workers,

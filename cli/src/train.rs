@@ -180,22 +180,17 @@ fn run_dir(recipe: &Recipe) -> RunDir {
     RunDir::of(&recipe.run_url())
 }
 
-/// The data plan of a recipe over its training set.
+/// The data plan of a recipe over its training set (the same function the workers check the coordinator's
+/// plan with).
 pub fn plan_for(recipe: &Recipe, data: &TrainData) -> Result<PlanSpec> {
-    let spec = PlanSpec {
-        samples: data.len(),
-        global_batch: recipe.train.global_batch as u64,
-        seed: recipe.train.seed,
-        epochs: u64::from(recipe.train.epochs),
-        max_steps: None,
-        shuffle: m3d_worker::dataset::shuffle_of(&recipe.data),
-    };
-    spec.validate()
-        .with_context(|| format!("recipe `{}`", recipe.name()))?;
-    Ok(match recipe.train.max_steps {
-        Some(m) => spec.with_max_steps(m),
-        None => spec,
-    })
+    m3d_worker::role::plan_for(recipe, data).with_context(|| format!("recipe `{}`", recipe.name()))
+}
+
+/// The training set's fingerprint (checkpoints' run identity), which the coordinator hands the workers.
+pub fn data_fingerprint(recipe: &Recipe) -> Result<String> {
+    Ok(checkpoint::RunIdentity::of(recipe)
+        .with_context(|| format!("identifying the training set of recipe `{}`", recipe.name()))?
+        .data)
 }
 
 pub fn worker(a: WorkerArgs) -> Result<()> {
@@ -453,6 +448,7 @@ pub fn train(a: TrainArgs) -> Result<()> {
     let data = TrainData::open(&recipe)?;
     let plan = plan_for(&recipe, &data)?;
     drop(data);
+    let fingerprint = data_fingerprint(&recipe)?;
     let start = start_point(&recipe, &a, &plan)?;
     let state = work.join("coordinator");
     let had_state = state.exists();
@@ -470,6 +466,7 @@ pub fn train(a: TrainArgs) -> Result<()> {
     }
     let initial_checkpoint = start.checkpoint;
     let cfg = JobConfig {
+        data_fingerprint: Some(fingerprint),
         initial_checkpoint: initial_checkpoint.clone(),
         min_workers: workers as u32,
         max_workers: workers as u32,

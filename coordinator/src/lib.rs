@@ -19,7 +19,10 @@ pub mod grpc;
 pub mod job;
 pub mod plan;
 
-pub use client::{spawn_heartbeats, Client, ClientError, Heartbeats};
+pub use client::{
+    spawn_heartbeats, spawn_progress, Client, ClientError, Heartbeats, ProgressReporter,
+    BACKGROUND_CALL_TIMEOUT, PROGRESS_EVERY,
+};
 pub use config::JobConfig;
 pub use error::{CoordError, PlanError};
 pub use grpc::{serve, CoordinatorService, Token};
