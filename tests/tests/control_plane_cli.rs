@@ -25,6 +25,7 @@ impl Drop for Proc {
 fn signal(child: &Child, sig: &str) {
     let _ = Command::new("kill")
         .args([format!("-{sig}"), child.id().to_string()])
+        .stderr(Stdio::null())
         .status();
 }
 
@@ -48,7 +49,16 @@ fn coordinator(args: &[String], dir: &Path, log: &str) -> (Proc, String) {
             std::fs::File::create(dir.join(format!("{log}.log"))).unwrap(),
         ));
     let mut child = cmd.spawn().expect("spawn coordinator");
-    let addr = listening_address(&mut child);
+    let log_path = dir.join(format!("{log}.log"));
+    let addr = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        listening_address(&mut child)
+    }))
+    .unwrap_or_else(|_| {
+        panic!(
+            "the coordinator did not start: {}",
+            std::fs::read_to_string(&log_path).unwrap_or_default()
+        )
+    });
     (Proc(child), format!("http://{addr}"))
 }
 
@@ -77,26 +87,27 @@ fn wait_exit(p: &mut Proc, what: &str, timeout: Duration) -> ExitStatus {
 #[test]
 fn a_worker_refuses_a_coordinator_that_plans_another_job() {
     let dir = tempfile::tempdir().unwrap();
-    let (cap, _) = synth_cap_vqa(&dir.path().join("a"), 6);
+    let (cap, _) = synth_cap_vqa(&dir.path().join("a"), 8);
     let common = |batch: u32, shards: &str| {
         recipe_args(&[
             format!("data.tasks.0.shards=[{shards}]"),
             format!("train.global_batch={batch}"),
             "train.max_steps=2".into(),
+            "workers.max=2".into(),
             format!("output.run={}", dir.path().join("run").display()),
         ])
     };
     // Another global batch: refused, naming the field and both values.
-    let mut coord_args = common(16, &cap);
+    let mut coord_args = common(4, &cap);
     coord_args.extend(["--min-workers", "1"].map(String::from));
     let (_c, url) = coordinator(&coord_args, dir.path(), "c1");
     let log = dir.path().join("w1.log");
-    let mut w = worker(&url, &common(8, &cap), "w", &log);
+    let mut w = worker(&url, &common(2, &cap), "w", &log);
     let code = wait_exit(&mut w, "the worker to refuse", Duration::from_secs(50));
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(!code.success(), "the worker trained: {text}");
     assert!(
-        text.contains("the coordinator plans train.global_batch = 16, this worker's recipe says 8"),
+        text.contains("the coordinator plans train.global_batch = 4, this worker's recipe says 2"),
         "{text}"
     );
     // Another training set of the same size (the same cases drawn with another seed): the fingerprints differ.
@@ -107,7 +118,7 @@ fn a_worker_refuses_a_coordinator_that_plans_another_job() {
         "synth",
         raw.to_str().unwrap(),
         "--cap-cases",
-        "6",
+        "8",
         "--slice-size",
         "64x64",
         "--seed",
@@ -122,11 +133,11 @@ fn a_worker_refuses_a_coordinator_that_plans_another_job() {
         "--out",
         other_cap.to_str().unwrap(),
     ]);
-    let mut coord_args = common(8, other_cap.to_str().unwrap());
+    let mut coord_args = common(2, other_cap.to_str().unwrap());
     coord_args.extend(["--min-workers", "1"].map(String::from));
     let (_c2, url) = coordinator(&coord_args, dir.path(), "c2");
     let log = dir.path().join("w2.log");
-    let mut w = worker(&url, &common(8, &cap), "w", &log);
+    let mut w = worker(&url, &common(2, &cap), "w", &log);
     let code = wait_exit(&mut w, "the worker to refuse", Duration::from_secs(50));
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(!code.success(), "the worker trained: {text}");
@@ -142,10 +153,11 @@ fn a_coordinator_stopped_for_10_s_does_not_stop_training_and_the_job_completes()
     let dir = tempfile::tempdir().unwrap();
     let (cap, _) = synth_cap_vqa(dir.path(), 8);
     let run = dir.path().join("run");
-    let steps = 400;
+    let steps = 300;
     let args = recipe_args(&[
         format!("data.tasks.0.shards=[{cap}]"),
         "train.global_batch=2".into(),
+        "workers.max=2".into(),
         format!("train.max_steps={steps}"),
         "train.log_every=1".into(),
         "checkpoint.every=0".into(),
