@@ -543,8 +543,12 @@ pub fn train(a: TrainArgs) -> Result<()> {
         std::thread::sleep(Duration::from_millis(200));
         let status = coord.status();
         if status.step != last_step && status.phase == JobPhase::Running {
+            // Rank 0 reports about once a second, not every step: a line whenever a multiple of log_every
+            // was passed.
+            let every = recipe.train.log_every.max(1);
+            let crossed = status.step / every != last_step / every;
             last_step = status.step;
-            if last_step % recipe.train.log_every.max(1) == 0 {
+            if crossed {
                 println!(
                     "step {}/{}  loss {:.4}",
                     status.step, status.total_steps, status.last_loss
