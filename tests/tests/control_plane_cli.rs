@@ -153,7 +153,7 @@ fn a_coordinator_stopped_for_10_s_does_not_stop_training_and_the_job_completes()
     let dir = tempfile::tempdir().unwrap();
     let (cap, _) = synth_cap_vqa(dir.path(), 8);
     let run = dir.path().join("run");
-    let steps = 300;
+    let steps = 200;
     let args = recipe_args(&[
         format!("data.tasks.0.shards=[{cap}]"),
         "train.global_batch=2".into(),
