@@ -179,14 +179,6 @@ fn run_dir(recipe: &Recipe) -> RunDir {
     RunDir::of(&recipe.run_url())
 }
 
-/// The data plan of a recipe over its training set.
-/// The data plan of `recipe`: its training set sized from the datasets' manifests alone (no sample table or
-/// volume shard is read).
-pub fn plan_for(recipe: &Recipe) -> Result<PlanSpec> {
-    let set = m3d_coordinator::TrainingSet::of(recipe)?;
-    Ok(m3d_coordinator::plan_spec(recipe, set.samples)?)
-}
-
 pub fn worker(a: WorkerArgs) -> Result<()> {
     let recipe = Recipe::load(&a.recipe, &a.sets)?;
     let token = load_token(a.token_file.as_ref())?;
@@ -439,7 +431,9 @@ pub fn train(a: TrainArgs) -> Result<()> {
         run.put("recipe.yaml", recipe.to_yaml().into_bytes())
             .with_context(|| format!("writing the recipe to the run {url}"))?;
     }
-    let plan = plan_for(&recipe)?;
+    let set = m3d_coordinator::TrainingSet::of(&recipe)?;
+    let plan = m3d_coordinator::plan_spec(&recipe, set.samples)?;
+    let fingerprint = set.fingerprint;
     let start = start_point(&recipe, &a, &plan)?;
     let state = work.join("coordinator");
     let had_state = state.exists();
@@ -457,6 +451,7 @@ pub fn train(a: TrainArgs) -> Result<()> {
     }
     let initial_checkpoint = start.checkpoint;
     let cfg = JobConfig {
+        data_fingerprint: Some(fingerprint),
         initial_checkpoint: initial_checkpoint.clone(),
         min_workers: workers as u32,
         max_workers: workers as u32,
@@ -533,8 +528,12 @@ pub fn train(a: TrainArgs) -> Result<()> {
         std::thread::sleep(Duration::from_millis(200));
         let status = coord.status();
         if status.step != last_step && status.phase == JobPhase::Running {
+            // Rank 0 reports about once a second, not every step: a line whenever a multiple of log_every
+            // was passed.
+            let every = recipe.train.log_every.max(1);
+            let crossed = status.step / every != last_step / every;
             last_step = status.step;
-            if last_step % recipe.train.log_every.max(1) == 0 {
+            if crossed {
                 println!(
                     "step {}/{}  loss {:.4}",
                     status.step, status.total_steps, status.last_loss

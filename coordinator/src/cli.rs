@@ -112,7 +112,7 @@ pub fn runtime() -> Result<tokio::runtime::Runtime> {
 
 /// Runs the coordinator until interrupted (or, with `--exit-on-finish`, until the job has ended).
 pub fn run(a: CoordinatorArgs) -> Result<()> {
-    let (plan, min_workers, max_workers) = match &a.recipe {
+    let (plan, min_workers, max_workers, data_fingerprint) = match &a.recipe {
         Some(path) => {
             let recipe = m3d_recipes::Recipe::load(path, &a.sets)?;
             let set = crate::TrainingSet::of(&recipe)?;
@@ -127,7 +127,12 @@ pub fn run(a: CoordinatorArgs) -> Result<()> {
                 (None, None, Some(m)) => u32::try_from(m).context("workers.max")?,
                 (None, None, None) => min,
             };
-            (crate::plan_spec(&recipe, set.samples)?, min, max)
+            (
+                crate::plan_spec(&recipe, set.samples)?,
+                min,
+                max,
+                Some(set.fingerprint),
+            )
         }
         None => {
             let missing: Vec<&str> = [
@@ -154,10 +159,11 @@ pub fn run(a: CoordinatorArgs) -> Result<()> {
                 epochs: a.epochs,
                 shuffle: crate::Shuffle::Global,
             };
-            (plan, min, a.max_workers.unwrap_or(min))
+            (plan, min, a.max_workers.unwrap_or(min), None)
         }
     };
     let cfg = JobConfig {
+        data_fingerprint,
         initial_checkpoint: None,
         min_workers,
         max_workers,

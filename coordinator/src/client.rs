@@ -11,8 +11,8 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Status};
 
 use crate::grpc::{
-    action_from_pb, data_plan_from_pb, peer_from_pb, phase_from_pb, plan_from_pb, status_from_pb,
-    Token,
+    action_from_pb, data_plan_from_pb, fingerprint_from_pb, peer_from_pb, phase_from_pb,
+    plan_from_pb, status_from_pb, Token,
 };
 use crate::job::{
     Assignment, CheckpointRef, DataPlan, HeartbeatReply, JobStatus, Peer, Progress, WorkerAction,
@@ -53,7 +53,12 @@ impl ClientError {
     pub fn is_transient(&self) -> bool {
         match self {
             ClientError::Connect { .. } | ClientError::Transport { .. } => true,
-            ClientError::Rpc { code, .. } => *code == tonic::Code::Unavailable,
+            ClientError::Rpc { code, .. } => {
+                matches!(
+                    code,
+                    tonic::Code::Unavailable | tonic::Code::DeadlineExceeded
+                )
+            }
             ClientError::Invalid { .. } | ClientError::Token { .. } => false,
         }
     }
@@ -89,6 +94,18 @@ fn error_chain(e: &dyn std::error::Error) -> String {
         source = s.source();
     }
     out
+}
+
+/// Deadline of a heartbeat or progress report: a coordinator that is stopped (SIGSTOP, a paused VM) or
+/// unreachable without a reset costs the background task one timed-out call, retried at its next beat, never
+/// a call that hangs for as long as the pause.
+pub const BACKGROUND_CALL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// `msg` as a request with the deadline of background calls.
+fn background<T>(msg: T) -> Request<T> {
+    let mut r = Request::new(msg);
+    r.set_timeout(BACKGROUND_CALL_TIMEOUT);
+    r
 }
 
 /// Adds `authorization: Bearer <token>` to every call.
@@ -191,6 +208,7 @@ impl Client {
                 step: r.resume_step,
                 url: r.resume_checkpoint_url,
             }),
+            data_fingerprint: fingerprint_from_pb(r.plan.as_ref()),
             plan,
             heartbeat_interval: Duration::from_millis(r.heartbeat_interval_ms),
         })
@@ -203,10 +221,10 @@ impl Client {
     ) -> Result<HeartbeatReply, ClientError> {
         let r = self
             .rpc
-            .send_heartbeat(pb::SendHeartbeatRequest {
+            .send_heartbeat(background(pb::SendHeartbeatRequest {
                 worker_id: worker_id.to_string(),
                 generation,
-            })
+            }))
             .await
             .map_err(|s| self.rpc_err(s))?
             .into_inner();
@@ -240,7 +258,8 @@ impl Client {
         Ok(data_plan_from_pb(r))
     }
 
-    /// The whole member list of the round, ordered by rank (paged through `GetPeers`).
+    /// The whole member list of the round, ordered by rank (paged through `GetPeers`): O(world size) bytes,
+    /// for tools. A worker needs none of it (its `Register` answer has its ring neighbours and rank 0's NCCL id).
     pub async fn all_peers(
         &mut self,
         worker_id: &str,
@@ -282,13 +301,13 @@ impl Client {
     ) -> Result<WorkerAction, ClientError> {
         let r = self
             .rpc
-            .report_progress(pb::ReportProgressRequest {
+            .report_progress(background(pb::ReportProgressRequest {
                 worker_id: worker_id.to_string(),
                 generation,
                 step: p.step,
                 loss: p.loss,
                 samples: p.samples,
-            })
+            }))
             .await
             .map_err(|s| self.rpc_err(s))?
             .into_inner();
@@ -403,4 +422,60 @@ pub fn spawn_heartbeats(
         }
     });
     Heartbeats { actions, task }
+}
+
+/// How often rank 0's background reporter sends its latest progress ([`spawn_progress`]).
+pub const PROGRESS_EVERY: Duration = Duration::from_secs(1);
+
+/// A rank's background progress reports (see [`spawn_progress`]); dropping it stops them.
+pub struct ProgressReporter {
+    latest: tokio::sync::watch::Sender<Option<Progress>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl ProgressReporter {
+    /// Records the latest progress; never blocks and never waits for the coordinator.
+    pub fn update(&self, p: Progress) {
+        self.latest.send_replace(Some(p));
+    }
+}
+
+impl Drop for ProgressReporter {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Sends the latest progress given to [`ProgressReporter::update`] every `every` (when it changed), one call at
+/// a time and each with [`BACKGROUND_CALL_TIMEOUT`]: the training loop only stores a value, so a slow, paused
+/// or restarting coordinator never delays a step, and reports that could not be sent are superseded by the
+/// next one. (The answer's action is not used: the heartbeats carry the same word.)
+pub fn spawn_progress(
+    mut client: Client,
+    worker_id: String,
+    generation: u64,
+    every: Duration,
+) -> ProgressReporter {
+    let (latest, mut rx) = tokio::sync::watch::channel(None::<Progress>);
+    let task = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every.max(Duration::from_millis(10)));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut sent: Option<u64> = None;
+        loop {
+            tick.tick().await;
+            let Some(p) = *rx.borrow_and_update() else {
+                continue;
+            };
+            if sent == Some(p.step) {
+                continue;
+            }
+            match client.report_progress(&worker_id, generation, p).await {
+                Ok(_) => sent = Some(p.step),
+                Err(e) => {
+                    tracing::warn!(worker = %worker_id, step = p.step, error = %e, "progress report failed; the next one supersedes it")
+                }
+            }
+        }
+    });
+    ProgressReporter { latest, task }
 }

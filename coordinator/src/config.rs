@@ -19,6 +19,10 @@ pub struct JobConfig {
     /// Restart rounds allowed after failures; one more failure fails the job.
     pub max_restarts: u32,
     pub plan: PlanSpec,
+    /// The training set's fingerprint (`m3d_worker::checkpoint::RunIdentity`'s `data`: sha256 hex over the
+    /// datasets' shard listings), handed to every worker with the plan so that a worker whose data differs
+    /// refuses to train; `None` when the job was planned without a recipe (then only the plan is checked).
+    pub data_fingerprint: Option<String>,
     /// A committed checkpoint a new job starts from (`m3d train --resume`); ignored when the job state
     /// already exists (it knows its own last checkpoint).
     pub initial_checkpoint: Option<CheckpointRef>,

@@ -500,8 +500,9 @@ pub(crate) fn peer_from_pb(p: pb::Peer) -> Peer {
     }
 }
 
-fn plan_to_pb(p: &PlanSpec) -> pb::DataPlanSpec {
+fn plan_to_pb(p: &PlanSpec, data_fingerprint: Option<&str>) -> pb::DataPlanSpec {
     pb::DataPlanSpec {
+        data_fingerprint: data_fingerprint.unwrap_or_default().to_string(),
         samples: p.samples,
         global_batch: p.global_batch,
         seed: p.seed,
@@ -518,6 +519,12 @@ fn plan_to_pb(p: &PlanSpec) -> pb::DataPlanSpec {
             Shuffle::Blocks { window, .. } => window,
         },
     }
+}
+
+/// The training set's fingerprint a `DataPlanSpec` carries (empty: none).
+pub(crate) fn fingerprint_from_pb(p: Option<&pb::DataPlanSpec>) -> Option<String> {
+    p.filter(|p| !p.data_fingerprint.is_empty())
+        .map(|p| p.data_fingerprint.clone())
 }
 
 pub(crate) fn plan_from_pb(p: &pb::DataPlanSpec) -> PlanSpec {
@@ -553,7 +560,7 @@ pub(crate) fn assignment_to_pb(a: &Assignment) -> pb::RegisterResponse {
             .as_ref()
             .map(|c| c.url.clone())
             .unwrap_or_default(),
-        plan: Some(plan_to_pb(&a.plan)),
+        plan: Some(plan_to_pb(&a.plan, a.data_fingerprint.as_deref())),
         heartbeat_interval_ms: a.heartbeat_interval.as_millis() as u64,
     }
 }
@@ -580,7 +587,7 @@ pub(crate) fn status_to_pb(s: &JobStatus) -> pb::JobStatus {
         }),
         failure: s.failure.clone().unwrap_or_default(),
         members: s.members.iter().map(peer_to_pb).collect(),
-        plan: Some(plan_to_pb(&s.plan)),
+        plan: Some(plan_to_pb(&s.plan, s.data_fingerprint.as_deref())),
     }
 }
 
@@ -593,6 +600,7 @@ pub(crate) fn status_from_pb(s: Option<pb::JobStatus>) -> Result<JobStatus, Stri
         .as_ref()
         .map(plan_from_pb)
         .ok_or("missing field `plan`")?;
+    let data_fingerprint = fingerprint_from_pb(s.plan.as_ref());
     Ok(JobStatus {
         phase,
         generation: s.generation,
@@ -615,6 +623,7 @@ pub(crate) fn status_from_pb(s: Option<pb::JobStatus>) -> Result<JobStatus, Stri
         failure: (!s.failure.is_empty()).then_some(s.failure),
         members: s.members.into_iter().map(peer_from_pb).collect(),
         plan,
+        data_fingerprint,
     })
 }
 

@@ -129,6 +129,8 @@ pub struct Assignment {
     pub resume_step: u64,
     pub resume_checkpoint: Option<CheckpointRef>,
     pub plan: PlanSpec,
+    /// The training set's fingerprint the job was planned for ([`JobConfig::data_fingerprint`]).
+    pub data_fingerprint: Option<String>,
     pub heartbeat_interval: Duration,
 }
 
@@ -188,6 +190,8 @@ pub struct JobStatus {
     pub failure: Option<String>,
     pub members: Vec<Peer>,
     pub plan: PlanSpec,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data_fingerprint: Option<String>,
 }
 
 /// The coordinator's operations, independent of any transport (the gRPC adapter is `grpc::CoordinatorService`).
@@ -258,6 +262,9 @@ struct JobRecord {
     failure: Option<String>,
     members: Vec<Peer>,
     nccl_unique_id: Vec<u8>,
+    /// The training set's fingerprint the job was planned for (absent in documents written before it existed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    data_fingerprint: Option<String>,
 }
 
 const RECORD_FORMAT: u32 = 1;
@@ -329,11 +336,14 @@ impl State {
         self.version += 1;
     }
 
+    /// The round's position: the furthest step reported. Ranks step together (every step ends in a
+    /// collective), and during a round only rank 0 reports progress, in the background; every rank reports
+    /// once more at its end, and the job completes when all of them have reported the last step.
     fn position(&self) -> u64 {
         self.members
             .iter()
             .map(|m| m.step)
-            .min()
+            .max()
             .unwrap_or(self.resume_step)
     }
 
@@ -434,6 +444,14 @@ impl Coordinator {
                         "{RECORD_KEY} was written for data plan {:?}, not {:?}: use a new state URL for a new job",
                         rec.plan, cfg.plan
                     )));
+                }
+                if let (Some(was), Some(now)) = (&rec.data_fingerprint, &cfg.data_fingerprint) {
+                    if was != now {
+                        return Err(state_err(format!(
+                            "{RECORD_KEY} was written for the training set with fingerprint {was}, not {now}: \
+                             use a new state URL for a new job"
+                        )));
+                    }
                 }
                 adopt(&mut state, rec);
                 tracing::info!(phase = %state.phase, generation = state.generation, step = state.position(),
@@ -600,6 +618,7 @@ impl Coordinator {
                 resume_step: st.resume_step,
                 resume_checkpoint: st.last_checkpoint.clone(),
                 plan: cfg.plan,
+                data_fingerprint: cfg.data_fingerprint.clone(),
                 heartbeat_interval: cfg.heartbeat_interval(),
             };
             out.push((w, Ok(a)));
@@ -656,12 +675,21 @@ impl Coordinator {
         }
     }
 
-    /// One pass of the ticker: rendezvous timeouts, heartbeat timeouts, periodic progress writes.
-    async fn tick(&self, progress_due: bool) -> bool {
+    /// One pass of the ticker: rendezvous timeouts, heartbeat timeouts, periodic progress writes. `stalled`:
+    /// this process did not run for a good part of the heartbeat timeout (see [`ticker`]).
+    async fn tick(&self, progress_due: bool, stalled: bool) -> bool {
         let now = Instant::now();
         let (replies, changed, dirty) = {
             let mut st = self.lock();
             let before = st.version;
+            if stalled {
+                // The members' heartbeats of that time wait unread in this process's sockets: their silence
+                // is the coordinator's own, so each gets a whole timeout from now to be heard again.
+                tracing::warn!("the coordinator did not run for a while (paused?): members' heartbeat timeouts restart now");
+                for m in st.members.iter_mut() {
+                    m.last_seen = now;
+                }
+            }
             if matches!(st.phase, JobPhase::Running | JobPhase::Checkpointing) {
                 let timeout = self.inner.cfg.heartbeat_timeout;
                 let dead = st
@@ -725,17 +753,23 @@ async fn ticker(inner: Weak<Inner>) {
     let mut interval = tokio::time::interval(period);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_progress_write = Instant::now();
+    let mut last_tick = Instant::now();
     loop {
         interval.tick().await;
         let Some(inner) = inner.upgrade() else {
             return;
         };
+        // A gap of half the heartbeat timeout between ticks of a ~100 ms period: the process was stopped
+        // (SIGSTOP, a paused VM or container) or starved, and could not read the heartbeats sent meanwhile.
+        // Measured from the end of the previous tick, so a slow state write does not count.
+        let stalled = last_tick.elapsed() > inner.cfg.heartbeat_timeout / 2;
         let coord = Coordinator { inner };
         // Progress is written at most once a second; transitions at once.
         let progress_due = last_progress_write.elapsed() >= Duration::from_secs(1);
-        if coord.tick(progress_due).await {
+        if coord.tick(progress_due, stalled).await {
             last_progress_write = Instant::now();
         }
+        last_tick = Instant::now();
     }
 }
 
@@ -792,6 +826,7 @@ fn record_of(cfg: &JobConfig, st: &State) -> JobRecord {
         failure: st.failure.clone(),
         members: st.peers.as_ref().clone(),
         nccl_unique_id: st.nccl_unique_id.as_ref().clone(),
+        data_fingerprint: cfg.data_fingerprint.clone(),
     }
 }
 
@@ -817,6 +852,7 @@ fn snapshot(cfg: &JobConfig, st: &State) -> JobStatus {
         failure: st.failure.clone(),
         members: st.peers.as_ref().clone(),
         plan: cfg.plan,
+        data_fingerprint: cfg.data_fingerprint.clone(),
     }
 }
 

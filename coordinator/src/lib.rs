@@ -22,7 +22,10 @@ pub mod job;
 pub mod plan;
 pub mod recipe;
 
-pub use client::{spawn_heartbeats, Client, ClientError, Heartbeats};
+pub use client::{
+    spawn_heartbeats, spawn_progress, Client, ClientError, Heartbeats, ProgressReporter,
+    BACKGROUND_CALL_TIMEOUT, PROGRESS_EVERY,
+};
 pub use config::JobConfig;
 pub use error::{CoordError, PlanError};
 pub use grpc::{serve, CoordinatorService, Token};

@@ -16,6 +16,7 @@ const GUARD: Duration = Duration::from_secs(30);
 
 fn cfg(min: u32, max: u32, rendezvous: Duration, heartbeat: Duration, restarts: u32) -> JobConfig {
     JobConfig {
+        data_fingerprint: None,
         initial_checkpoint: None,
         min_workers: min,
         max_workers: max,

@@ -115,6 +115,7 @@ fn a_world_size_that_does_not_divide_the_global_batch_is_refused() {
         Err(PlanError::StepOutOfRange { .. })
     ));
     let cfg = |min, max| JobConfig {
+        data_fingerprint: None,
         initial_checkpoint: None,
         min_workers: min,
         max_workers: max,

@@ -18,6 +18,7 @@ async fn job_state_on_s3_survives_a_coordinator_restart() {
     std::env::set_var("AWS_ENDPOINT_URL", server.endpoint());
 
     let cfg = JobConfig {
+        data_fingerprint: None,
         initial_checkpoint: None,
         min_workers: 1,
         max_workers: 1,

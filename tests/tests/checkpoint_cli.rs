@@ -544,7 +544,8 @@ fn restarted_coordinator_continues_the_job() {
     });
     coordinator.kill().unwrap();
     coordinator.wait().unwrap();
-    // Every step reports to the coordinator, so a worker soon waits for it mid-run; restart it then.
+    // Steps do not wait for the coordinator, but a checkpoint commit or the last step's report does: a worker
+    // soon waits for it; restart it then.
     until("a worker to wait for the killed coordinator", &|| {
         waits("w0", false) || waits("w1", false)
     });

@@ -1,7 +1,14 @@
-//! The worker role of a job ([`run_worker`], `m3d worker`): register with the coordinator, form the ring with
-//! the round's peers, heartbeat in the background, train the round ([`crate::train::run_round`]) with the
+//! The worker role of a job ([`run_worker`], `m3d worker`): register with the coordinator, check that its plan
+//! is this worker's own ([`check_plan`]), form the ring with the two ring neighbours the `Register` answer
+//! names (or NCCL's communicator from rank 0's id, which it also carries — nobody pages the member list, so a
+//! worker's control-plane bytes do not grow with the world size), heartbeat in the background, train the round
+//! ([`crate::train::run_round`]: the samples of each step are computed locally from the plan) with the
 //! coordinator as its [`Control`], and on a broken round register again for the restart round — until the
 //! job is over.
+//!
+//! What needs the coordinator during a round: heartbeats and rank 0's progress reports, both in the background
+//! (a paused or restarting coordinator never delays a step); checkpoint commits (rank 0, when an upload has
+//! finished: that step waits for the answer); every rank's final report (the end of the round waits for it).
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
@@ -10,9 +17,12 @@ use m3d_collectives::{
     nccl_available, nccl_library, AbortSignal, Collective, CollectiveError, Nccl, NcclId,
     RingListener,
 };
-use m3d_coordinator::job::{CheckpointRef, Progress, WorkerAction, WorkerInfo};
-use m3d_coordinator::plan::StepPlan;
-use m3d_coordinator::{spawn_heartbeats, Client, ClientError, Code, Heartbeats, Token};
+use m3d_coordinator::job::{Assignment, CheckpointRef, Progress, WorkerAction, WorkerInfo};
+use m3d_coordinator::plan::PlanSpec;
+use m3d_coordinator::{
+    spawn_heartbeats, spawn_progress, Client, ClientError, Code, Heartbeats, PlanError,
+    ProgressReporter, Token, PROGRESS_EVERY,
+};
 use m3d_recipes::{DeviceKind, Recipe};
 
 use crate::job::resolve_tokenizer;
@@ -40,6 +50,109 @@ pub enum RoleError {
     },
     #[error("peer `{worker}` gave an unusable collective address `{addr}`")]
     PeerAddr { worker: String, addr: String },
+    #[error("the recipe's data plan: {0}")]
+    Plan(#[from] PlanError),
+    #[error(transparent)]
+    RecipePlan(#[from] m3d_coordinator::RecipePlanError),
+    #[error("identifying the training set: {0}")]
+    Fingerprint(#[from] crate::checkpoint::CheckpointError),
+    /// The coordinator planned another job than this worker's recipe and data describe.
+    #[error("refusing the job of the coordinator at {url}: {}; start the coordinator and every worker from the same recipe, overrides and shards", .mismatches.join("; "))]
+    PlanMismatch {
+        url: String,
+        mismatches: Vec<String>,
+    },
+    #[error("the coordinator at {url} named no ring neighbour for rank {rank} of {world}")]
+    NoNeighbour { url: String, rank: u32, world: u32 },
+}
+
+/// Every field in which the coordinator's plan (`theirs`, with the training set's fingerprint it was given)
+/// differs from this worker's (`ours`), as "the coordinator plans F = X, this worker's recipe says Y", named
+/// as in the recipe. `our_fingerprint` is asked only when the coordinator sent one (it reads the datasets'
+/// manifests).
+pub fn check_plan(
+    theirs: &PlanSpec,
+    their_fingerprint: Option<&str>,
+    ours: &PlanSpec,
+    our_fingerprint: impl FnOnce() -> Result<String, crate::checkpoint::CheckpointError>,
+) -> Result<Vec<String>, crate::checkpoint::CheckpointError> {
+    let mut out = Vec::new();
+    let mut cmp = |field: &str, c: String, w: String| {
+        if c != w {
+            out.push(format!(
+                "the coordinator plans {field} = {c}, this worker's recipe says {w}"
+            ));
+        }
+    };
+    let steps = |m: Option<u64>| m.map_or("none".to_string(), |m| m.to_string());
+    cmp(
+        "the training set's samples",
+        theirs.samples.to_string(),
+        ours.samples.to_string(),
+    );
+    cmp(
+        "train.global_batch",
+        theirs.global_batch.to_string(),
+        ours.global_batch.to_string(),
+    );
+    cmp("train.seed", theirs.seed.to_string(), ours.seed.to_string());
+    cmp(
+        "train.epochs",
+        theirs.epochs.to_string(),
+        ours.epochs.to_string(),
+    );
+    cmp(
+        "train.max_steps",
+        steps(theirs.max_steps),
+        steps(ours.max_steps),
+    );
+    cmp(
+        "data.shuffle",
+        theirs.shuffle.to_string(),
+        ours.shuffle.to_string(),
+    );
+    if let Some(theirs) = their_fingerprint {
+        cmp(
+            "the training set's fingerprint",
+            theirs.to_string(),
+            our_fingerprint()?,
+        );
+    }
+    Ok(out)
+}
+
+/// The collective addresses `RingListener::join` takes, one slot per rank: it dials only the successor (and
+/// names the predecessor in errors), which are exactly the ring neighbours of the `Register` answer. The other
+/// slots hold an unspecified address that is never dialled: the member list is not fetched.
+fn ring_addrs(a: &Assignment, url: &str) -> Result<Vec<SocketAddr>, RoleError> {
+    let world = a.world_size as usize;
+    let unused = SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 0);
+    let mut addrs = vec![unused; world];
+    for p in &a.peers {
+        let addr = p
+            .collective_addr
+            .parse::<SocketAddr>()
+            .map_err(|_| RoleError::PeerAddr {
+                worker: p.worker_id.clone(),
+                addr: p.collective_addr.clone(),
+            })?;
+        if let Some(slot) = addrs.get_mut(p.rank as usize) {
+            *slot = addr;
+        }
+    }
+    if world > 1 {
+        let rank = a.rank as usize;
+        for r in [(rank + 1) % world, (rank + world - 1) % world] {
+            if !a.peers.iter().any(|p| p.rank as usize == r) {
+                return Err(RoleError::NoNeighbour {
+                    url: url.to_string(),
+                    rank: a.rank,
+                    world: a.world_size,
+                });
+            }
+        }
+    }
+    Ok(addrs)
 }
 
 /// How a worker joins its job.
@@ -76,6 +189,8 @@ struct Coordinated<'a> {
     worker_id: String,
     generation: u64,
     heartbeats: Heartbeats,
+    /// Rank 0's background progress reports (`None` on the other ranks, which report only the last step).
+    progress: Option<ProgressReporter>,
 }
 
 fn control_err(e: ClientError) -> TrainError {
@@ -133,13 +248,14 @@ impl Coordinated<'_> {
 }
 
 impl Control for Coordinated<'_> {
-    fn plan(&mut self, start: u64, steps: u32) -> Result<Vec<StepPlan>, TrainError> {
-        let (id, generation) = (self.worker_id.clone(), self.generation);
-        let p = self.retrying("data plan", |mut c| {
-            let id = id.clone();
-            async move { c.data_plan(&id, generation, start, steps).await }
-        })?;
-        Ok(p.steps)
+    fn progress(&mut self, step: u64, loss: f64, samples: u64) {
+        if let Some(p) = &self.progress {
+            p.update(Progress {
+                step,
+                loss,
+                samples,
+            });
+        }
     }
 
     fn report(&mut self, step: u64, loss: f64, samples: u64) -> Result<WorkerAction, TrainError> {
@@ -289,6 +405,9 @@ pub fn run_worker(recipe: &Recipe, opts: &WorkerOptions) -> Result<WorkerExit, R
         tracing::info!(worker = %opts.worker_id, nccl = %lib.path, version = %lib.version, "NCCL loaded");
     }
     let mut candidate_id = CandidateId::new(NcclId::new);
+    // What the coordinator must plan: this recipe over the training set this worker opened.
+    let own_plan = m3d_coordinator::plan_spec(recipe, data.len())?;
+    let mut own_fingerprint: Option<String> = None;
     loop {
         let listener =
             RingListener::bind(SocketAddr::new(opts.bind, 0)).map_err(|source| RoleError::Io {
@@ -337,29 +456,41 @@ pub fn run_worker(recipe: &Recipe, opts: &WorkerOptions) -> Result<WorkerExit, R
         };
         tracing::info!(worker = %opts.worker_id, rank = a.rank, world = a.world_size, generation = a.generation, resume = a.resume_step, "joined round");
         candidate_id.round_formed(&a.nccl_unique_id);
-        let peers = patiently(&rt, &opts.worker_id, "peer list", || {
-            let (mut c, id) = (client.clone(), &opts.worker_id);
-            async move { c.all_peers(id, a.generation).await }
+        // One plan: the coordinator's must be the one this worker's recipe and data give, or the ranks would
+        // train on different samples than the plan says (or on different data altogether).
+        let mismatches = check_plan(&a.plan, a.data_fingerprint.as_deref(), &own_plan, || {
+            if let Some(f) = &own_fingerprint {
+                return Ok(f.clone());
+            }
+            let f = crate::checkpoint::RunIdentity::of(recipe)?.data;
+            own_fingerprint = Some(f.clone());
+            Ok(f)
         })?;
-        let addrs = peers
-            .iter()
-            .map(|p| {
-                p.collective_addr
-                    .parse::<SocketAddr>()
-                    .map_err(|_| RoleError::PeerAddr {
-                        worker: p.worker_id.clone(),
-                        addr: p.collective_addr.clone(),
-                    })
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        let heartbeats = {
+        if !mismatches.is_empty() {
+            return Err(RoleError::PlanMismatch {
+                url: opts.coordinator.clone(),
+                mismatches,
+            });
+        }
+        let addrs = ring_addrs(&a, &opts.coordinator)?;
+        let (heartbeats, progress) = {
             let _guard = rt.enter();
-            spawn_heartbeats(
+            let heartbeats = spawn_heartbeats(
                 client.clone(),
                 opts.worker_id.clone(),
                 a.generation,
                 a.heartbeat_interval,
-            )
+            );
+            // Only rank 0 reports during the round (the ranks step together); see PROGRESS_EVERY.
+            let progress = (a.rank == 0).then(|| {
+                spawn_progress(
+                    client.clone(),
+                    opts.worker_id.clone(),
+                    a.generation,
+                    PROGRESS_EVERY,
+                )
+            });
+            (heartbeats, progress)
         };
         // NCCL waits (setup, every collective) end at the collective timeout, or as soon as the heartbeats say
         // the round is over; the task ends with the heartbeats, and is stopped when the round ends.
@@ -407,21 +538,14 @@ pub fn run_worker(recipe: &Recipe, opts: &WorkerOptions) -> Result<WorkerExit, R
             let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
             tch::set_num_threads((cores / a.local_world_size.max(1) as usize).max(1) as i32);
         }
-        let round = RoundInfo {
-            rank: a.rank,
-            world_size: a.world_size,
-            local_rank: a.local_rank,
-            generation: a.generation,
-            resume_step: a.resume_step,
-            resume_checkpoint: a.resume_checkpoint.as_ref().map(|c| c.url.clone()),
-            plan: a.plan,
-        };
+        let round = RoundInfo::of(&a);
         let mut control = Coordinated {
             rt: &rt,
             client: client.clone(),
             worker_id: opts.worker_id.clone(),
             generation: a.generation,
             heartbeats,
+            progress,
         };
         match run_round(
             recipe,

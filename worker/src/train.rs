@@ -1,7 +1,10 @@
-//! The training loop of one rank for one round of a job ([`run_round`]): it asks a [`Control`] (the
-//! coordinator, in a real job) for its slice of each global batch, loads it through [`TrainData`] with
-//! read-ahead, runs the data-parallel step, writes metrics (rank 0), reports progress, and saves the final
-//! weights (rank 0) before reporting the last step — so a job the coordinator calls completed has them.
+//! The training loop of one rank for one round of a job ([`run_round`]): it computes its slice of each global
+//! batch from the round's plan ([`RoundInfo::steps`], the same pure function the coordinator plans with), loads
+//! it through [`TrainData`] with read-ahead, runs the data-parallel step, writes metrics (rank 0), hands its
+//! progress to a [`Control`] (the coordinator, in a real job) without waiting for it, and saves the final
+//! weights (rank 0) before reporting the last step — so a job the coordinator calls completed has them. No step
+//! waits for the control plane, except one that commits a finished checkpoint upload (rank 0); the last
+//! step's report waits for the answer.
 //!
 //! A broken round (a peer gone, the coordinator asking everyone to register again) ends the round with
 //! [`RoundEnd::Reregister`] rather than an error: the caller joins the restart round. Bad data, a bad recipe
@@ -61,6 +64,8 @@ pub enum TrainError {
     Recipe(String),
     #[error("coordinator: {0}")]
     Control(String),
+    #[error("the round's data plan: {0}")]
+    Plan(#[from] m3d_coordinator::PlanError),
     /// The coordinator no longer counts this worker in the round (a stale generation, an unknown worker):
     /// the round is over for it, and it registers again.
     #[error("coordinator ended the round: {0}")]
@@ -96,11 +101,37 @@ pub struct RoundInfo {
     pub plan: PlanSpec,
 }
 
+impl RoundInfo {
+    /// This rank's round as the coordinator's `Register` answer describes it.
+    pub fn of(a: &m3d_coordinator::Assignment) -> RoundInfo {
+        RoundInfo {
+            rank: a.rank,
+            world_size: a.world_size,
+            local_rank: a.local_rank,
+            generation: a.generation,
+            resume_step: a.resume_step,
+            resume_checkpoint: a.resume_checkpoint.as_ref().map(|c| c.url.clone()),
+            plan: a.plan,
+        }
+    }
+
+    /// This rank's samples for global steps `start..start + count` (stopping at the job's last step): a pure
+    /// function of (plan, world size, rank, step), the one the coordinator's `GetDataPlan` answers with
+    /// ([`PlanSpec::rank_plan`]), so a step never asks the coordinator for its samples.
+    pub fn steps(&self, start: u64, count: u64) -> Result<Vec<StepPlan>, TrainError> {
+        Ok(self
+            .plan
+            .rank_plan(start, count, self.rank, self.world_size)?)
+    }
+}
+
 /// What the loop needs from the control plane.
 pub trait Control {
-    /// This rank's samples for global steps `start..start + steps`.
-    fn plan(&mut self, start: u64, steps: u32) -> Result<Vec<StepPlan>, TrainError>;
-    /// Reports that global steps `..step` are done; returns what to do next.
+    /// Global steps `..step` are done: recorded for reporting in the background (rank 0's reporter sends
+    /// the latest about once a second); never blocks.
+    fn progress(&mut self, step: u64, loss: f64, samples: u64);
+    /// Reports that global steps `..step` are done and waits for the answer (every rank, once, at the end of
+    /// the round: the job completes when every rank has reported its last step); returns what to do next.
     fn report(&mut self, step: u64, loss: f64, samples: u64) -> Result<WorkerAction, TrainError>;
     /// The latest word from the control plane's own channel (heartbeats), without blocking.
     fn action(&self) -> WorkerAction;
@@ -129,7 +160,7 @@ const CHECKPOINT_ATTEMPTS: u32 = 4;
 const CHECKPOINT_REQUEST_RETRIES: usize = 2;
 const CHECKPOINT_REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
 
-/// Steps of plan requested from the control plane at a time.
+/// Steps of plan computed at a time.
 const PLAN_CHUNK: u32 = 16;
 
 fn io(path: &Path) -> impl Fn(std::io::Error) -> TrainError + '_ {
@@ -231,12 +262,7 @@ pub fn run_round(
     let depth = recipe.data.read_ahead.max(1);
     let mut first_plans = VecDeque::new();
     if round.resume_step < total {
-        let n = PLAN_CHUNK.min((total - round.resume_step) as u32);
-        match control.plan(round.resume_step, n) {
-            Ok(p) => first_plans.extend(p),
-            Err(TrainError::RoundOver(reason)) => return Ok(RoundEnd::Reregister(reason)),
-            Err(e) => return Err(e),
-        }
+        first_plans.extend(round.steps(round.resume_step, u64::from(PLAN_CHUNK))?);
         for p in first_plans.iter().take(depth) {
             data.prefetch(&p.samples)?;
         }
@@ -485,9 +511,9 @@ struct Loop<'a> {
     metrics: Option<&'a mut RunMetrics>,
     plan_tx: Option<SyncSender<StepPlan>>,
     ready_rx: Receiver<Result<(StepPlan, Built), TrainError>>,
-    /// Plans fetched but not yet handed to the batch builder.
+    /// Plans computed but not yet handed to the batch builder.
     plans: VecDeque<StepPlan>,
-    /// First step whose plan has not been fetched from the control plane.
+    /// First step whose plan has not been computed.
     next_plan: u64,
     /// Steps before this one had their shards queued for read-ahead before the loop began.
     prefetched_until: u64,
@@ -504,14 +530,13 @@ struct Loop<'a> {
 }
 
 impl Loop<'_> {
-    /// Hands the builder the plans of the steps up to `step + depth`, fetching them from the control plane
-    /// in chunks, and starts reading their shards.
+    /// Hands the builder the plans of the steps up to `step + depth`, computing them in chunks, and starts
+    /// reading their shards.
     fn feed(&mut self, step: u64) -> Result<(), TrainError> {
         let until = (step + self.depth).min(self.total);
         while self.sent < until {
             if self.plans.is_empty() {
-                let n = PLAN_CHUNK.min((self.total - self.next_plan) as u32);
-                let got = self.control.plan(self.next_plan, n)?;
+                let got = self.round.steps(self.next_plan, u64::from(PLAN_CHUNK))?;
                 if got.is_empty() {
                     return Err(TrainError::Control(format!(
                         "empty data plan for step {}",
@@ -718,6 +743,10 @@ impl Loop<'_> {
                 save_final_to(model, self.run, done)?;
             }
             let global_samples = done * self.round.plan.global_batch;
+            if done < self.total {
+                self.control.progress(done, out.loss, global_samples);
+                continue;
+            }
             match self.control.report(done, out.loss, global_samples)? {
                 WorkerAction::Continue => {}
                 WorkerAction::Reregister => {
