@@ -211,6 +211,17 @@ pub fn worker(a: WorkerArgs) -> Result<()> {
     Ok(())
 }
 
+/// The error a worker reported before exiting with [`FATAL_EXIT`]: the last `error: worker ...` line of its log,
+/// without the `error: ` prefix (the supervisor's own report adds it), so the user sees the cause without
+/// opening the log.
+fn worker_error(log: &std::path::Path) -> Option<String> {
+    let text = std::fs::read_to_string(log).ok()?;
+    text.lines()
+        .rev()
+        .find_map(|l| l.strip_prefix("error: worker "))
+        .map(|l| format!("worker {l}"))
+}
+
 /// Exit status of a worker that failed in a way a restart cannot fix (the supervisor stops the job).
 pub const FATAL_EXIT: i32 = 3;
 
@@ -552,11 +563,11 @@ pub fn train(a: TrainArgs) -> Result<()> {
                 if code.success() {
                     w.exited_ok = true;
                 } else if code.code() == Some(FATAL_EXIT) {
-                    failed_worker = Some(format!(
-                        "worker {} failed; see {}",
-                        w.id,
-                        logs.join(format!("{}.log", w.id)).display()
-                    ));
+                    let log = logs.join(format!("{}.log", w.id));
+                    failed_worker = Some(match worker_error(&log) {
+                        Some(line) => format!("{line} (log: {})", log.display()),
+                        None => format!("worker {} failed; see {}", w.id, log.display()),
+                    });
                 } else if status.phase.is_final() {
                     failed_worker = Some(format!("worker {} exited with {code}", w.id));
                 } else if w.starts > a.restarts {

@@ -772,8 +772,9 @@ fn refseg_tables_are_found_by_either_train_name_and_a_missing_one_is_reported() 
     }
 }
 
-/// Errors show each level of their cause chain once (a corrupted shard found by `m3d train`), and a dataset
-/// path that does not exist is named as missing — and not created by looking for it.
+/// Errors show each level of their cause chain once (a corrupted shard found by a worker of `m3d train`, whose
+/// error the supervisor quotes: it sizes the plan from the manifest and never reads the sample table itself), and
+/// a dataset path that does not exist is named as missing — and not created by looking for it.
 #[test]
 fn errors_show_each_cause_once_and_name_a_missing_dataset() {
     let tmp = tempfile::tempdir().unwrap();
@@ -793,6 +794,8 @@ fn errors_show_each_cause_once_and_name_a_missing_dataset() {
         s(&recipe),
         "--set",
         &format!("data.tasks.0.shards=[{}]", cap.display()),
+        "--set",
+        "train.global_batch=2",
         "--set",
         &format!("output.run={}", tmp.path().join("run").display()),
     ]);
