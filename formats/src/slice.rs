@@ -10,9 +10,13 @@
 //! * 1/2/4-bit grey PNG are scaled to 0..255 (`v * 255 / (2^bits - 1)`).
 //!
 //! PNG is decoded with the `png` crate without transformations so that these rules see the stored samples.
-//! JPEG is decoded with libjpeg-turbo's algorithms (the `mozjpeg` crate builds that code base from source, no
-//! SIMD), the same integer IDCT and fancy upsampling as Pillow's libjpeg-turbo: the result is bit-exact (pure-Rust
-//! decoders round their IDCT differently and were off by one grey level on about 1 % of pixels).
+//! JPEG is decoded with libjpeg-turbo's algorithms (the `mozjpeg` crate builds that code base from source, with
+//! its SIMD kernels where `nasm` was found at build time), the same integer IDCT and fancy upsampling as Pillow's
+//! libjpeg-turbo: the result is bit-exact (pure-Rust decoders round their IDCT differently and were off by one
+//! grey level on about 1 % of pixels).
+//!
+//! [`decode_slice_append`] decodes into the caller's series stack (8-bit grey PNG and JPEG rows are decoded in
+//! place) with buffers reused across slices; [`decode_slice`] is its allocating form.
 
 use std::io::Cursor;
 use std::path::Path;
