@@ -302,6 +302,54 @@ mod tests {
         }
     }
 
+    fn png_bytes(w: u32, h: u32, colour: png::ColorType, data: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut enc = png::Encoder::new(&mut out, w, h);
+        enc.set_color(colour);
+        enc.set_depth(png::BitDepth::Eight);
+        let mut writer = enc.write_header().unwrap();
+        writer.write_image_data(data).unwrap();
+        writer.finish().unwrap();
+        out
+    }
+
+    #[test]
+    fn slices_append_to_the_stack_and_a_bad_one_leaves_it_unchanged() {
+        let name = Path::new("s.png");
+        let grey = png_bytes(3, 2, png::ColorType::Grayscale, &[0, 1, 2, 3, 4, 255]);
+        let rgb_px = [10u8, 20, 30, 200, 100, 50];
+        let rgb = png_bytes(2, 1, png::ColorType::Rgb, &rgb_px);
+        let (mut rows, mut stack) = (Vec::new(), vec![7u8]);
+        assert_eq!(
+            decode_slice_bytes_append(&grey, name, &mut rows, &mut stack).unwrap(),
+            (2, 3)
+        );
+        assert_eq!(
+            decode_slice_bytes_append(&rgb, name, &mut rows, &mut stack).unwrap(),
+            (1, 2)
+        );
+        let want = [
+            7,
+            0,
+            1,
+            2,
+            3,
+            4,
+            255,
+            luma_pil(10, 20, 30),
+            luma_pil(200, 100, 50),
+        ];
+        assert_eq!(stack, want);
+        // The allocating form gives the same pixels.
+        assert_eq!(decode_slice_bytes(&rgb, name).unwrap().pixels, want[7..]);
+        // A truncated PNG and an unknown format fail, naming the file, and leave the stack as it was.
+        for bad in [&grey[..grey.len() - 20], b"GIF89a".as_slice()] {
+            let err = decode_slice_bytes_append(bad, name, &mut rows, &mut stack).unwrap_err();
+            assert!(err.to_string().contains("s.png"), "{err}");
+            assert_eq!(stack, want);
+        }
+    }
+
     #[test]
     fn unpacks_low_bit_rows() {
         let v: Vec<u8> = unpack_bits(&[0b1011_0001], 2, 4).collect();
