@@ -216,14 +216,21 @@ pub fn load_raw_series(dir: &Path) -> Result<Volume<u8>> {
         return Err(PrepError::input(dir, "series has no .png or .jpeg slices"));
     }
     slices.sort_by_key(|(n, _)| *n);
-    let mut decoded = Vec::with_capacity(slices.len());
-    for (_, path) in &slices {
-        decoded.push(m3d_formats::slice::decode_slice(path)?);
+    // Slices are decoded straight into the stack (no per-slice buffers); the file and colour-row buffers are
+    // reused across slices.
+    let mut scratch = m3d_formats::slice::SliceScratch::default();
+    let mut data: Vec<u8> = Vec::new();
+    let mut shapes: Vec<(usize, usize)> = Vec::with_capacity(slices.len());
+    for (i, (_, path)) in slices.iter().enumerate() {
+        let (h, w) = m3d_formats::slice::decode_slice_append(path, &mut scratch, &mut data)?;
+        if i == 0 {
+            data.reserve(slices.len().saturating_sub(1) * h * w);
+        }
+        shapes.push((h, w));
     }
     // Most common shape; ties go to the shape seen first, as `Counter.most_common` does.
     let mut counts: Vec<((usize, usize), usize)> = Vec::new();
-    for s in &decoded {
-        let shape = (s.height, s.width);
+    for &shape in &shapes {
         match counts.iter_mut().find(|(k, _)| *k == shape) {
             Some((_, c)) => *c += 1,
             None => counts.push((shape, 1)),
@@ -236,18 +243,22 @@ pub fn load_raw_series(dir: &Path) -> Result<Volume<u8>> {
         }
     }
     let (h, w) = best.0;
-    let kept: Vec<_> = decoded
-        .iter()
-        .filter(|s| (s.height, s.width) == (h, w))
-        .collect();
-    if kept.len() != decoded.len() {
-        tracing::debug!(series = %dir.display(), dropped = decoded.len() - kept.len(), "slices of a minority shape dropped, as the reference does");
+    let kept = best.1;
+    if kept != shapes.len() {
+        tracing::debug!(series = %dir.display(), dropped = shapes.len() - kept, "slices of a minority shape dropped, as the reference does");
+        // Compact the stack in place: kept slices move down over the dropped ones, in order.
+        let (mut read, mut write) = (0, 0);
+        for &(sh, sw) in &shapes {
+            let len = sh * sw;
+            if (sh, sw) == (h, w) {
+                data.copy_within(read..read + len, write);
+                write += len;
+            }
+            read += len;
+        }
+        data.truncate(write);
     }
-    let mut data = Vec::with_capacity(kept.len() * h * w);
-    for s in kept.iter() {
-        data.extend_from_slice(&s.pixels);
-    }
-    Volume::new([1, kept.len(), h, w], data).map_err(|e| PrepError::input(dir, e.to_string()))
+    Volume::new([1, kept, h, w], data).map_err(|e| PrepError::input(dir, e.to_string()))
 }
 
 /// The reference chain after loading: `/ 255` in float32, min-max, CropForeground, Resize, fused into one pass

@@ -10,9 +10,13 @@
 //! * 1/2/4-bit grey PNG are scaled to 0..255 (`v * 255 / (2^bits - 1)`).
 //!
 //! PNG is decoded with the `png` crate without transformations so that these rules see the stored samples.
-//! JPEG is decoded with libjpeg-turbo's algorithms (the `mozjpeg` crate builds that code base from source, no
-//! SIMD), the same integer IDCT and fancy upsampling as Pillow's libjpeg-turbo: the result is bit-exact (pure-Rust
-//! decoders round their IDCT differently and were off by one grey level on about 1 % of pixels).
+//! JPEG is decoded with libjpeg-turbo's algorithms (the `mozjpeg` crate builds that code base from source, with
+//! its SIMD kernels where `nasm` was found at build time), the same integer IDCT and fancy upsampling as Pillow's
+//! libjpeg-turbo: the result is bit-exact (pure-Rust decoders round their IDCT differently and were off by one
+//! grey level on about 1 % of pixels).
+//!
+//! [`decode_slice_append`] decodes into the caller's series stack (8-bit grey PNG and JPEG rows are decoded in
+//! place) with buffers reused across slices; [`decode_slice`] is its allocating form.
 
 use std::io::Cursor;
 use std::path::Path;
@@ -42,25 +46,87 @@ pub fn luma_pil(r: u8, g: u8, b: u8) -> u8 {
 
 /// Reads and decodes a slice file.
 pub fn decode_slice(path: &Path) -> Result<GreySlice, FormatError> {
-    let bytes = std::fs::read(path).map_err(|e| FormatError::io(path, e))?;
-    decode_slice_bytes(&bytes, path)
+    let mut pixels = Vec::new();
+    let (height, width) = decode_slice_append(path, &mut SliceScratch::default(), &mut pixels)?;
+    Ok(GreySlice {
+        height,
+        width,
+        pixels,
+    })
 }
 
 /// Decodes a PNG or JPEG held in memory; `name` is used only in error messages.
 pub fn decode_slice_bytes(bytes: &[u8], name: &Path) -> Result<GreySlice, FormatError> {
-    if bytes.starts_with(b"\x89PNG\r\n\x1a\n") {
-        decode_png(bytes, name)
+    let mut pixels = Vec::new();
+    let (height, width) = decode_slice_bytes_append(bytes, name, &mut Vec::new(), &mut pixels)?;
+    Ok(GreySlice {
+        height,
+        width,
+        pixels,
+    })
+}
+
+/// Buffers [`decode_slice_append`] reuses from one slice to the next (the file's bytes and the decoder's
+/// colour rows), so that decoding a series allocates (and page-faults) nothing per slice.
+#[derive(Debug, Default)]
+pub struct SliceScratch {
+    file: Vec<u8>,
+    rows: Vec<u8>,
+}
+
+/// Reads and decodes the slice at `path`, appending its `height * width` grey pixels to `out` (a series'
+/// stack, decoded in place); returns `(height, width)`. On error `out` is left as it was.
+pub fn decode_slice_append(
+    path: &Path,
+    scratch: &mut SliceScratch,
+    out: &mut Vec<u8>,
+) -> Result<(usize, usize), FormatError> {
+    use std::io::Read;
+    scratch.file.clear();
+    std::fs::File::open(path)
+        .and_then(|mut f| f.read_to_end(&mut scratch.file))
+        .map_err(|e| FormatError::io(path, e))?;
+    decode_slice_bytes_append(&scratch.file, path, &mut scratch.rows, out)
+}
+
+/// [`decode_slice_append`] for a PNG or JPEG held in memory (`rows`: a reusable buffer); `name` is used only
+/// in error messages.
+pub fn decode_slice_bytes_append(
+    bytes: &[u8],
+    name: &Path,
+    rows: &mut Vec<u8>,
+    out: &mut Vec<u8>,
+) -> Result<(usize, usize), FormatError> {
+    let start = out.len();
+    let decoded = if bytes.starts_with(b"\x89PNG\r\n\x1a\n") {
+        decode_png(bytes, name, rows, out)
     } else if bytes.starts_with(&[0xFF, 0xD8, 0xFF]) {
-        decode_jpeg(bytes, name)
+        decode_jpeg(bytes, name, rows, out)
     } else {
         Err(ierr(
             name,
             "neither a PNG nor a JPEG (unrecognised signature)",
         ))
+    };
+    match decoded {
+        Ok((h, w)) if out.len() - start == h * w => Ok((h, w)),
+        Ok(_) => {
+            out.truncate(start);
+            Err(ierr(name, "decoded data does not match the image size"))
+        }
+        Err(e) => {
+            out.truncate(start);
+            Err(e)
+        }
     }
 }
 
-fn decode_png(bytes: &[u8], name: &Path) -> Result<GreySlice, FormatError> {
+fn decode_png(
+    bytes: &[u8],
+    name: &Path,
+    buf: &mut Vec<u8>,
+    out: &mut Vec<u8>,
+) -> Result<(usize, usize), FormatError> {
     let mut decoder = png::Decoder::new(Cursor::new(bytes));
     decoder.set_transformations(png::Transformations::IDENTITY);
     let mut reader = decoder
@@ -69,39 +135,50 @@ fn decode_png(bytes: &[u8], name: &Path) -> Result<GreySlice, FormatError> {
     let size = reader
         .output_buffer_size()
         .ok_or_else(|| ierr(name, "PNG: image too large"))?;
-    let mut buf = vec![0u8; size];
+    let (w, h) = {
+        let info = reader.info();
+        (info.width as usize, info.height as usize)
+    };
+    use png::ColorType as C;
+    // 8-bit grey rows are the pixels: decode them straight into the stack.
+    if reader.output_color_type() == (C::Grayscale, png::BitDepth::Eight) && size == w * h {
+        let start = out.len();
+        out.resize(start + size, 0);
+        reader
+            .next_frame(&mut out[start..])
+            .map_err(|e| ierr(name, format!("PNG: {e}")))?;
+        return Ok((h, w));
+    }
+    buf.clear();
+    buf.resize(size, 0);
     let info = reader
-        .next_frame(&mut buf)
+        .next_frame(buf)
         .map_err(|e| ierr(name, format!("PNG: {e}")))?;
-    let (w, h) = (info.width as usize, info.height as usize);
     let bits = info.bit_depth as u8;
     let line = info.line_size;
-    let palette = reader.info().palette.as_deref().map(<[u8]>::to_vec);
-    use png::ColorType as C;
-    let mut pixels = Vec::with_capacity(w * h);
+    let palette = reader.info().palette.as_deref();
+    out.reserve(w * h);
     for row in buf.chunks_exact(line).take(h) {
         match (info.color_type, bits) {
             (C::Grayscale, 16) => {
-                pixels.extend(
+                out.extend(
                     row.chunks_exact(2)
                         .take(w)
                         .map(|s| if s[0] != 0 { 255 } else { s[1] }),
                 )
             }
-            (C::Grayscale, 8) => pixels.extend_from_slice(&row[..w]),
+            (C::Grayscale, 8) => out.extend_from_slice(&row[..w]),
             (C::Grayscale, b) => {
                 let max = (1u16 << b) - 1;
-                pixels.extend(unpack_bits(row, b, w).map(|v| (u16::from(v) * 255 / max) as u8));
+                out.extend(unpack_bits(row, b, w).map(|v| (u16::from(v) * 255 / max) as u8));
             }
             (C::Indexed, b) => {
-                let pal = palette
-                    .as_deref()
-                    .ok_or_else(|| ierr(name, "PNG: palette image without PLTE"))?;
+                let pal = palette.ok_or_else(|| ierr(name, "PNG: palette image without PLTE"))?;
                 for idx in unpack_bits(row, b, w) {
                     let i = usize::from(idx) * 3;
                     // Pillow pads a short palette with black.
                     let px = pal.get(i..i + 3).map_or(0, |p| luma_pil(p[0], p[1], p[2]));
-                    pixels.push(px);
+                    out.push(px);
                 }
             }
             (ct, b) => {
@@ -114,9 +191,17 @@ fn decode_png(bytes: &[u8], name: &Path) -> Result<GreySlice, FormatError> {
                 let bytes_per_sample = usize::from(b / 8);
                 // For 16-bit samples (big-endian) the first byte is the most significant one.
                 let step = channels * bytes_per_sample;
+                if channels == 3 && bytes_per_sample == 1 {
+                    out.extend(
+                        row.chunks_exact(3)
+                            .take(w)
+                            .map(|p| luma_pil(p[0], p[1], p[2])),
+                    );
+                    continue;
+                }
                 for px in row.chunks_exact(step).take(w) {
                     let s = |k: usize| px[k * bytes_per_sample];
-                    pixels.push(if channels == 2 {
+                    out.push(if channels == 2 {
                         s(0)
                     } else {
                         luma_pil(s(0), s(1), s(2))
@@ -125,14 +210,7 @@ fn decode_png(bytes: &[u8], name: &Path) -> Result<GreySlice, FormatError> {
             }
         }
     }
-    if pixels.len() != w * h {
-        return Err(ierr(name, "PNG: decoded data shorter than the image"));
-    }
-    Ok(GreySlice {
-        height: h,
-        width: w,
-        pixels,
-    })
+    Ok((h, w))
 }
 
 /// Samples of a row packed at `bits` (1, 2, 4 or 8) per sample, most significant bits first.
@@ -157,7 +235,12 @@ fn jpeg_has_eoi(bytes: &[u8]) -> bool {
     }
 }
 
-fn decode_jpeg(bytes: &[u8], name: &Path) -> Result<GreySlice, FormatError> {
+fn decode_jpeg(
+    bytes: &[u8],
+    name: &Path,
+    rgb: &mut Vec<u8>,
+    out: &mut Vec<u8>,
+) -> Result<(usize, usize), FormatError> {
     if !jpeg_has_eoi(bytes) {
         return Err(ierr(
             name,
@@ -166,7 +249,7 @@ fn decode_jpeg(bytes: &[u8], name: &Path) -> Result<GreySlice, FormatError> {
     }
     // libjpeg reports fatal errors by unwinding through the mozjpeg wrapper; catch it and name the file.
     let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(
-        || -> std::io::Result<(usize, usize, Vec<u8>)> {
+        || -> std::io::Result<(usize, usize)> {
             let d = mozjpeg::Decompress::new_mem(bytes)?;
             let grey = d.color_space() == mozjpeg::ColorSpace::JCS_GRAYSCALE;
             let supported = grey
@@ -183,31 +266,26 @@ fn decode_jpeg(bytes: &[u8], name: &Path) -> Result<GreySlice, FormatError> {
             // Pillow opens YCbCr/RGB JPEGs as RGB and then applies its own luma rule; grey ones stay grey.
             let mut started = if grey { d.grayscale()? } else { d.rgb()? };
             let (w, h) = (started.width(), started.height());
-            let raw: Vec<u8> = started.read_scanlines()?;
-            started.finish()?;
-            let pixels = if grey {
-                raw
+            if grey {
+                // Grey scanlines are the pixels: decode them straight into the stack.
+                let start = out.len();
+                out.resize(start + w * h, 0);
+                started.read_scanlines_into(&mut out[start..])?;
             } else {
-                raw.chunks_exact(3)
-                    .map(|p| luma_pil(p[0], p[1], p[2]))
-                    .collect()
-            };
-            Ok((h, w, pixels))
+                rgb.clear();
+                rgb.resize(w * h * 3, 0);
+                started.read_scanlines_into(&mut rgb[..])?;
+                out.extend(rgb.chunks_exact(3).map(|p| luma_pil(p[0], p[1], p[2])));
+            }
+            started.finish()?;
+            Ok((h, w))
         },
     ));
-    let (height, width, pixels) = match decoded {
-        Ok(Ok(v)) => v,
-        Ok(Err(e)) => return Err(ierr(name, format!("JPEG: {e}"))),
-        Err(_) => return Err(ierr(name, "JPEG: corrupt data (libjpeg error)")),
-    };
-    if pixels.len() != height * width {
-        return Err(ierr(name, "JPEG: decoder returned a short image"));
+    match decoded {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(ierr(name, format!("JPEG: {e}"))),
+        Err(_) => Err(ierr(name, "JPEG: corrupt data (libjpeg error)")),
     }
-    Ok(GreySlice {
-        height,
-        width,
-        pixels,
-    })
 }
 
 #[cfg(test)]
@@ -221,6 +299,54 @@ mod tests {
         // Grey stays grey: the weights sum to 65536.
         for g in 0..=255u8 {
             assert_eq!(luma_pil(g, g, g), g);
+        }
+    }
+
+    fn png_bytes(w: u32, h: u32, colour: png::ColorType, data: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut enc = png::Encoder::new(&mut out, w, h);
+        enc.set_color(colour);
+        enc.set_depth(png::BitDepth::Eight);
+        let mut writer = enc.write_header().unwrap();
+        writer.write_image_data(data).unwrap();
+        writer.finish().unwrap();
+        out
+    }
+
+    #[test]
+    fn slices_append_to_the_stack_and_a_bad_one_leaves_it_unchanged() {
+        let name = Path::new("s.png");
+        let grey = png_bytes(3, 2, png::ColorType::Grayscale, &[0, 1, 2, 3, 4, 255]);
+        let rgb_px = [10u8, 20, 30, 200, 100, 50];
+        let rgb = png_bytes(2, 1, png::ColorType::Rgb, &rgb_px);
+        let (mut rows, mut stack) = (Vec::new(), vec![7u8]);
+        assert_eq!(
+            decode_slice_bytes_append(&grey, name, &mut rows, &mut stack).unwrap(),
+            (2, 3)
+        );
+        assert_eq!(
+            decode_slice_bytes_append(&rgb, name, &mut rows, &mut stack).unwrap(),
+            (1, 2)
+        );
+        let want = [
+            7,
+            0,
+            1,
+            2,
+            3,
+            4,
+            255,
+            luma_pil(10, 20, 30),
+            luma_pil(200, 100, 50),
+        ];
+        assert_eq!(stack, want);
+        // The allocating form gives the same pixels.
+        assert_eq!(decode_slice_bytes(&rgb, name).unwrap().pixels, want[7..]);
+        // A truncated PNG and an unknown format fail, naming the file, and leave the stack as it was.
+        for bad in [&grey[..grey.len() - 20], b"GIF89a".as_slice()] {
+            let err = decode_slice_bytes_append(bad, name, &mut rows, &mut stack).unwrap_err();
+            assert!(err.to_string().contains("s.png"), "{err}");
+            assert_eq!(stack, want);
         }
     }
 

@@ -1,12 +1,16 @@
-//! Reader throughput: streams every volume of a dataset, decodes it and applies the reference training
-//! augmentation into an f32 buffer, as a training worker does. Used by bench/data_prep.py.
+//! Reader throughput: reads every volume of a dataset the way a training worker does (`VolumeReader`: one
+//! ranged read of the volume's row group, crc-checked, decoded), then decodes and augments it with a random
+//! `AugmentParams` into a reused f32 buffer (`decode_sample_into`, as `worker/src/data.rs`). Used by
+//! bench/data_prep.py.
 //!
 //! Usage: read_bench <dataset url> [--passes N] [--threads T] [--seed S]
-//! Prints one JSON line: {"volumes": .., "seconds": .., "volumes_per_s": ..}.
+//! Prints one JSON line: {"volumes": .., "seconds": .., "volumes_per_s": .., "read_s": .., "augment_s": ..}
+//! (`read_s` / `augment_s`: time of thread 0 in the ranged read + row-group decode and in the decode + augment).
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use m3d_shards::dataset::{decode_sample_into, ShardDataset};
+use m3d_shards::VolumeReader;
 use m3d_volume::augment::{AugmentConfig, AugmentParams};
 use rand::SeedableRng;
 
@@ -25,6 +29,12 @@ fn arg(args: &[String], name: &str, default: u64) -> Result<u64, String> {
     }
 }
 
+struct Counts {
+    volumes: u64,
+    read: Duration,
+    augment: Duration,
+}
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
     let url = args
@@ -34,39 +44,46 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let threads = arg(&args, "--threads", 1)?.max(1) as usize;
     let seed = arg(&args, "--seed", 42)?;
     let ds = ShardDataset::open(url)?;
-    let shards = ds.manifest().volume_shards.len();
+    let reader = VolumeReader::open(&ds)?;
+    let volumes = reader.len();
     let cfg = AugmentConfig::default();
     let start = Instant::now();
-    let counts: Vec<Result<u64, String>> = std::thread::scope(|scope| {
+    let counts: Vec<Result<Counts, String>> = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..threads)
             .map(|t| {
-                let ds = &ds;
+                let reader = &reader;
                 let cfg = &cfg;
-                scope.spawn(move || -> Result<u64, String> {
+                scope.spawn(move || -> Result<Counts, String> {
                     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed + t as u64);
                     let (mut scratch, mut image) = (Vec::new(), Vec::new());
-                    let mut n = 0u64;
+                    let mut c = Counts {
+                        volumes: 0,
+                        read: Duration::ZERO,
+                        augment: Duration::ZERO,
+                    };
                     for _ in 0..passes {
-                        for shard in (t..shards).step_by(threads) {
-                            for rec in ds.stream_volumes(shard).map_err(|e| e.to_string())? {
-                                let rec = rec.map_err(|e| e.to_string())?;
-                                image.resize(rec.shape.iter().map(|&d| d as usize).product(), 0.0);
-                                let p = AugmentParams::sample(cfg, &mut rng);
-                                decode_sample_into(
-                                    &rec,
-                                    None,
-                                    Some(&p),
-                                    &mut scratch,
-                                    &mut image,
-                                    None,
-                                )
-                                .map_err(|e| e.to_string())?;
-                                std::hint::black_box(&image);
-                                n += 1;
-                            }
+                        for i in (t..volumes).step_by(threads) {
+                            let t0 = Instant::now();
+                            let rec = reader.read(i, true, false).map_err(|e| e.to_string())?;
+                            let t1 = Instant::now();
+                            image.resize(rec.numel(), 0.0);
+                            let p = AugmentParams::sample(cfg, &mut rng);
+                            decode_sample_into(
+                                &rec,
+                                None,
+                                Some(&p),
+                                &mut scratch,
+                                &mut image,
+                                None,
+                            )
+                            .map_err(|e| e.to_string())?;
+                            std::hint::black_box(&image);
+                            c.read += t1 - t0;
+                            c.augment += t1.elapsed();
+                            c.volumes += 1;
                         }
                     }
-                    Ok(n)
+                    Ok(c)
                 })
             })
             .collect();
@@ -78,14 +95,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             })
             .collect()
     });
-    let mut volumes = 0;
+    let (mut n, mut read_s, mut augment_s) = (0, None, None);
     for c in counts {
-        volumes += c?;
+        let c = c?;
+        n += c.volumes;
+        read_s.get_or_insert(c.read.as_secs_f64());
+        augment_s.get_or_insert(c.augment.as_secs_f64());
     }
     let seconds = start.elapsed().as_secs_f64();
     println!(
         "{}",
-        serde_json::json!({"volumes": volumes, "seconds": seconds, "volumes_per_s": volumes as f64 / seconds, "threads": threads})
+        serde_json::json!({"volumes": n, "seconds": seconds, "volumes_per_s": n as f64 / seconds,
+            "threads": threads, "read_s": read_s, "augment_s": augment_s})
     );
     Ok(())
 }

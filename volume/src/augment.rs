@@ -287,19 +287,20 @@ pub fn augment_u8_image_into(
     shape: [usize; 4],
     dst: &mut [f32],
 ) -> [usize; 4] {
-    let lut: [f32; 256] = std::array::from_fn(|q| q as f32 / 255.0);
-    match (p.scale, p.shift) {
-        (None, None) => geometric_into(p, src, shape, dst, |q| lut[usize::from(q)]),
-        (Some(f), None) => {
-            let s = scale_multiplier(f);
-            geometric_into(p, src, shape, dst, move |q| lut[usize::from(q)] * s)
+    // A u8 voxel has 256 possible values, so the whole value chain (decode, scale, shift: the same float32
+    // operations in the same order, hence the same results) is one table, and the pass is a lookup per voxel.
+    let scale = p.scale.map(scale_multiplier);
+    let table: [f32; 256] = std::array::from_fn(|q| {
+        let mut x = q as f32 / 255.0;
+        if let Some(s) = scale {
+            x *= s;
         }
-        (None, Some(o)) => geometric_into(p, src, shape, dst, move |q| lut[usize::from(q)] + o),
-        (Some(f), Some(o)) => {
-            let s = scale_multiplier(f);
-            geometric_into(p, src, shape, dst, move |q| lut[usize::from(q)] * s + o)
+        if let Some(o) = p.shift {
+            x += o;
         }
-    }
+        x
+    });
+    geometric_into(p, src, shape, dst, |q| table[usize::from(q)])
 }
 
 /// The geometric part only (rotation and flips), identical mapping to [`augment_image_into`].
