@@ -310,12 +310,38 @@ fn rss(path: &str) -> Result<(), Error> {
     let opened = start.elapsed().as_secs_f64();
     let (rss, hwm) = rss_mib();
     let text_bytes: usize = data.texts().map(str::len).sum();
+    // What the sample records hold: the structs, and their strings' heap buffers (each one allocation).
+    let (mut strings, mut string_bytes) = (0usize, 0usize);
+    for i in 0..data.len() {
+        let s = data.record(i)?;
+        for t in [&s.sample_id, &s.dataset, &s.split, &s.volume_id]
+            .into_iter()
+            .chain(
+                [
+                    &s.question,
+                    &s.answer,
+                    &s.answer_choice,
+                    &s.question_type,
+                    &s.class_name,
+                    &s.report,
+                    &s.source_row,
+                ]
+                .into_iter()
+                .flatten(),
+            )
+        {
+            strings += 1;
+            string_bytes += t.capacity();
+        }
+    }
     println!(
         "{}",
         serde_json::json!({
             "samples": data.len(), "open_s": opened, "rss_before_mib": before.0,
             "rss_mib": rss, "peak_rss_mib": hwm, "text_bytes_indexed": text_bytes,
             "sample_record_size": std::mem::size_of::<SampleRecord>(),
+            "record_bytes": data.len() as usize * std::mem::size_of::<SampleRecord>(),
+            "strings": strings, "string_bytes": string_bytes,
         })
     );
     Ok(())
