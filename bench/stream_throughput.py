@@ -103,6 +103,9 @@ def main():
     ap.add_argument("--steps", type=int, default=150, help="global steps per run, warm-up included")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--shuffles", default="global,blocks:32x8")
+    ap.add_argument("--store", choices=["s3", "file"], default="s3",
+                    help="s3: moto on loopback (whose ranged GETs read the whole object); file: both datasets in "
+                         "a local folder (m3d reads byte ranges, Streaming copies shards into its cache)")
     ap.add_argument("--work", default=None)
     args = ap.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="m3d-stream-bench-"))
@@ -114,6 +117,7 @@ def main():
     os.environ.update(env)
     import boto3
     boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="bench")
+    root = "s3://bench" if args.store == "s3" else str(work / "store")
     rows = []
     try:
         for spec in args.shapes.split(","):
@@ -124,17 +128,20 @@ def main():
             per_rank = gb // 2
             shape = [int(x) for x in shape_s.split("x")]
             t = time.time()
-            subprocess.run([args.open_bench, "write", f"s3://bench/ours-{shape_s}", "--volumes", str(n),
+            subprocess.run([args.open_bench, "write", f"{root}/ours-{shape_s}", "--volumes", str(n),
                             "--shape", shape_s], env=env, capture_output=True, text=True, check=True)
             print(f"{shape_s} x {n}: m3d shards written in {time.time() - t:.1f} s", file=sys.stderr)
             t = time.time()
-            write_mds(f"s3://bench/mds-{shape_s}", work / "mds-out", n, shape, 0)
+            if args.store == "s3":
+                write_mds(f"{root}/mds-{shape_s}", work / "mds-out", n, shape, 0)
+            else:
+                write_mds(None, Path(root) / f"mds-{shape_s}", n, shape, 0)
             shutil.rmtree(work / "mds-out", ignore_errors=True)
             print(f"{shape_s} x {n}: MDS written in {time.time() - t:.1f} s", file=sys.stderr)
             for r in range(args.rounds):
                 result = {}
                 for sh in args.shuffles.split(","):
-                    cmd = lambda rank: [args.stream_bench, "read", f"s3://bench/ours-{shape_s}", "--rank", str(rank),
+                    cmd = lambda rank: [args.stream_bench, "read", f"{root}/ours-{shape_s}", "--rank", str(rank),
                                         "--world", "2", "--global-batch", str(gb), "--steps", str(steps),
                                         "--warmup", str(args.warmup), "--shuffle", sh, "--seed", str(r)]
                     result[sh] = run_ranks([cmd(0), cmd(1)], [env, env])
@@ -142,7 +149,7 @@ def main():
                 shutil.rmtree(cache, ignore_errors=True)
                 envs = [dict(env, WORLD_SIZE="2", LOCAL_WORLD_SIZE="2", RANK=str(k), LOCAL_RANK=str(k),
                              MASTER_ADDR="127.0.0.1", MASTER_PORT="29517") for k in range(2)]
-                cmd = [sys.executable, "-c", STREAMING_RANK, f"s3://bench/mds-{shape_s}", str(cache),
+                cmd = [sys.executable, "-c", STREAMING_RANK, f"{root}/mds-{shape_s}", str(cache),
                        str(per_rank), str(steps), str(args.warmup), str(r)]
                 result["streaming"] = run_ranks([cmd, cmd], envs)
                 shutil.rmtree(cache, ignore_errors=True)
@@ -152,7 +159,8 @@ def main():
                 print(json.dumps({"shape": shape_s, "volumes": n, "round": r, "result": result}), file=sys.stderr)
     finally:
         moto.kill()
-    print(f"\n2 ranks per side, moto S3 on loopback, {args.rounds} alternating rounds, "
+    where = "moto S3 on loopback" if args.store == "s3" else "a local folder"
+    print(f"\n2 ranks per side, {where}, {args.rounds} alternating rounds, "
           f"steady state after {args.warmup} batches per rank\n")
     print("| volumes (u8) | global batch | samples timed | side | samples/s (per round) | first batch (s) | "
           "peak RSS per rank (MiB) | ratio m3d / Streaming |")
