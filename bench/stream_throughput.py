@@ -1,6 +1,10 @@
 """Samples/s decoded + augmented by 2 reader processes from object storage: m3d (global and block shuffle)
 against Mosaic Streaming's default, both served by the same local S3 server (moto) on loopback.
 
+With `--store file` both datasets lie in a local folder instead (m3d reads byte ranges of its shards, Streaming
+copies whole shards into its cache): moto answers a ranged GET by reading the whole object, which makes m3d's
+one-range-per-volume reads cost a whole shard each there.
+
 Per shape (DxHxW u8 volumes, random so that compression cannot shrink them, one caption sample each) it writes the
 same N volumes once as m3d shards (shards/examples/open_bench write) and once as MDS (streaming.MDSWriter, zstd,
 64 MB shards), then alternates, per round:
@@ -16,7 +20,7 @@ same N volumes once as m3d shards (shards/examples/open_bench write) and once as
 Both sides read the same number of samples per rank; the first `--warmup` batches of each rank (opening, first
 reads) are left out, the rest is the steady state: samples/s = samples of both ranks / the longer rank's time.
 
-    python bench/stream_throughput.py --open-bench <path> --stream-bench <path> [--shapes 4x32x32:12000]
+    python bench/stream_throughput.py --open-bench <path> --stream-bench <path> [--store s3|file] [--shapes 4x32x32:12000]
         [--rounds 2] [--global-batch 32] [--steps 150]
 """
 import argparse

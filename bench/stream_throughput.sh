@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Samples/s decoded + augmented by 2 reader processes from object storage: m3d (global and block shuffle) against
-# Mosaic Streaming's default (bench/stream_throughput.py), both served by moto on loopback.
-#   bash bench/stream_throughput.sh [--shapes 4x32x32:12000,32x256x256:600:8:60] [--rounds 2] [--steps 150]
+# Mosaic Streaming's default (bench/stream_throughput.py), both served by moto on loopback (--store s3, the
+# default) or both from a local folder (--store file; moto reads a whole object to answer a ranged GET, see
+# docs/benchmarks.md).
+#   bash bench/stream_throughput.sh [--store s3|file] [--shapes 4x32x32:12000,32x256x256:600:8:60] [--rounds 2]
 # Mosaic Streaming is installed as bench/open_stream.sh does it (without its dependencies; see there).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
