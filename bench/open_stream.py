@@ -55,7 +55,8 @@ def write_mds(remote, local, n, shape, seed):
     from streaming import MDSWriter
     rng = np.random.default_rng(seed)
     columns = {"volume_id": "str", "image": f"ndarray:uint8:{','.join(map(str, shape))}", "report": "str"}
-    with MDSWriter(out=(str(local), remote), columns=columns, compression="zstd", size_limit="64mb",
+    out = (str(local), remote) if remote else str(local)
+    with MDSWriter(out=out, columns=columns, compression="zstd", size_limit="64mb",
                    progress_bar=False, exist_ok=True) as w:
         for i in range(n):
             w.write({"volume_id": f"v{i:07d}", "image": rng.integers(0, 256, size=shape, dtype=np.uint8),

@@ -355,10 +355,10 @@ impl ShardLoader {
         let dataset = ShardDataset::open(url).map_err(open_err(url))?;
         let mut readers = vec![VolumeReader::open(&dataset).map_err(open_err(url))?];
         for vurl in volume_urls {
-            let ds = ShardDataset::open(vurl).map_err(open_err(vurl))?;
+            let ds = ShardDataset::open_for_volumes(vurl).map_err(open_err(vurl))?;
             readers.push(VolumeReader::open(&ds).map_err(open_err(vurl))?);
         }
-        let samples = dataset.samples().to_vec();
+        let samples = dataset.into_samples();
         let sample_volume = samples
             .iter()
             .map(|s| {

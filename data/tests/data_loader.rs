@@ -300,3 +300,57 @@ fn prefetch_fills_the_cache_so_the_next_load_hits() {
     assert!(!plain.prefetch(&step1).unwrap());
     assert_eq!(plain.stats().prefetch_dropped, 1);
 }
+
+/// A sample-only dataset whose volumes are in another (M3D-VQA's on M3D-Cap's): the samples decode as the
+/// volume dataset's own samples of the same volume do, and the volume dataset is opened for its index alone
+/// (`ShardDataset::open_for_volumes`: its sample table, which would only take memory, is not read — a corrupt
+/// one does not stop the loader).
+#[test]
+fn volumes_from_another_dataset_are_read_without_its_sample_table() {
+    let dir = tempfile::tempdir().unwrap();
+    let cap = write_dataset(&dir.path().join("cap"));
+    let reference_ds = ShardDataset::open(&cap).unwrap();
+    let vqa = dir.path().join("vqa").to_str().unwrap().to_string();
+    let samples: Vec<SampleRecord> = reference_ds
+        .samples()
+        .iter()
+        .map(|s| SampleRecord {
+            dataset: "vqa".into(),
+            task: Task::VqaOpen,
+            question: Some("where?".into()),
+            answer: Some("here".into()),
+            mask_index: None,
+            ..s.clone()
+        })
+        .collect();
+    m3d_shards::write_dataset(
+        &Store::open(&vqa).unwrap(),
+        Manifest::new("vqa", "m3d-data tests"),
+        &[],
+        &samples,
+        &WriteOptions::default(),
+    )
+    .unwrap();
+
+    let for_volumes = ShardDataset::open_for_volumes(&cap).unwrap();
+    assert!(for_volumes.samples().is_empty());
+    assert_eq!(
+        for_volumes.volume_index().unwrap().volumes.len() as u64,
+        VOLUMES
+    );
+    // The cap dataset's sample shard garbled: opening it for its samples fails, for its volumes does not.
+    let manifest = reference_ds.manifest();
+    let key = &manifest.sample_shards[0].key;
+    std::fs::write(dir.path().join("cap").join(key), b"not parquet").unwrap();
+    assert!(ShardDataset::open(&cap).is_err());
+
+    let loader = ShardLoader::open_with_volumes(&vqa, &[cap], opts(1 << 20, 0)).unwrap();
+    assert_eq!(loader.samples(), &samples[..]);
+    let indices: Vec<u64> = (0..samples.len() as u64).collect();
+    for g in loader.load(&indices).unwrap() {
+        let (image, _) = reference(&reference_ds, g.index as usize);
+        assert_eq!(g.image, image, "image of sample {}", g.index);
+        assert_eq!(g.mask, None);
+    }
+    assert_eq!(loader.stats().volume_reads, VOLUMES);
+}

@@ -165,6 +165,11 @@ impl ShardDataset {
     /// Like [`ShardDataset::open`] with an already opened store.
     pub fn open_store(store: Store) -> Result<Self, ShardError> {
         let manifest = Manifest::load(&store)?;
+        // Sized from the manifest and the first shard's rows moved in, not copied: growing by doubling or
+        // copying would hold up to twice the table for a moment (records are 300 bytes each before their
+        // strings, and a worker opens hundreds of thousands of them).
+        let total: u64 = manifest.sample_shards.iter().map(|e| e.rows).sum();
+        let total = usize::try_from(total).unwrap_or(usize::MAX);
         let mut samples = Vec::new();
         for entry in &manifest.sample_shards {
             let bytes = fetch_checked(&store, entry)?;
@@ -180,8 +185,14 @@ impl ShardDataset {
                     ),
                 });
             }
-            samples.extend(rows);
+            if samples.is_empty() {
+                samples = rows;
+                samples.reserve_exact(total.saturating_sub(samples.len()));
+            } else {
+                samples.extend(rows);
+            }
         }
+        samples.shrink_to_fit();
         tracing::debug!(
             url = store.url(),
             samples = samples.len(),
@@ -195,8 +206,26 @@ impl ShardDataset {
         })
     }
 
+    /// Opens only the manifest of the dataset at `url`, without its sample table ([`ShardDataset::samples`]
+    /// is empty): for a dataset read for its volumes alone (M3D-VQA's samples name M3D-Cap's volumes), whose
+    /// samples would only take memory.
+    pub fn open_for_volumes(url: &str) -> Result<Self, ShardError> {
+        let store = Store::open_existing(url)?;
+        let manifest = Manifest::load(&store)?;
+        Ok(ShardDataset {
+            store,
+            manifest,
+            samples: Vec::new(),
+        })
+    }
+
     pub fn manifest(&self) -> &Manifest {
         &self.manifest
+    }
+
+    /// The sample table, taken out of the dataset (no copy).
+    pub fn into_samples(self) -> Vec<SampleRecord> {
+        self.samples
     }
 
     pub fn samples(&self) -> &[SampleRecord] {

@@ -594,11 +594,16 @@ fn opt_str(a: &StringArray, i: usize) -> Option<String> {
 /// Decodes a whole sample shard.
 pub fn read_sample_shard(bytes: Bytes, key: &str) -> Result<Vec<SampleRecord>, ShardError> {
     let meta = open_shard(&bytes, key, KIND_SAMPLES)?;
+    // Exactly sized (a hint: bounded by the bytes, the footer is not trusted yet): growing by doubling would
+    // hold twice the records for a moment.
+    let rows = usize::try_from(meta.metadata().file_metadata().num_rows())
+        .unwrap_or(0)
+        .min(bytes.len());
     let reader = ParquetRecordBatchReaderBuilder::new_with_metadata(bytes, meta)
         .with_batch_size(8192)
         .build()
         .map_err(|e| ShardError::parquet(key, e))?;
-    let mut out = Vec::new();
+    let mut out = Vec::with_capacity(rows);
     for batch in reader {
         let batch = batch.map_err(|e| ShardError::arrow(key, e))?;
         let s = |name| column::<StringArray>(&batch, name, key);

@@ -797,6 +797,8 @@ fn errors_show_each_cause_once_and_name_a_missing_dataset() {
         "--set",
         "train.global_batch=2",
         "--set",
+        "workers.max=2",
+        "--set",
         &format!("output.run={}", tmp.path().join("run").display()),
     ]);
     assert!(err.contains("samples/part-00000.parquet"), "{err}");
