@@ -2,11 +2,11 @@
 //! reports their typed errors with context.
 
 use std::collections::BTreeSet;
-use std::io::IsTerminal;
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use m3d_coordinator::cli::{init_logging, LogFormat};
 use m3d_data_prep::cap::{CapOptions, CapSource, ResizeMode};
 use m3d_data_prep::refseg::{AxisOrder, RefSegOptions, RefSegSource};
 use m3d_data_prep::seg::{SegOptions, SegSource};
@@ -36,12 +36,6 @@ struct Cli {
     verbose: u8,
     #[command(subcommand)]
     command: Command,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum LogFormat {
-    Human,
-    Json,
 }
 
 #[derive(Subcommand)]
@@ -269,23 +263,6 @@ impl Common {
     }
 }
 
-fn init_logging(format: LogFormat, verbose: u8) {
-    let default = match verbose {
-        0 => "info",
-        1 => "debug",
-        _ => "trace",
-    };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Human => builder.with_ansi(std::io::stderr().is_terminal()).init(),
-    }
-}
-
 fn print_report(report: &ConvertReport, json: bool) -> Result<()> {
     if json {
         println!("{}", serde_json::to_string_pretty(report)?);
@@ -345,11 +322,7 @@ fn parse_size(s: &str) -> Result<(usize, usize)> {
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Coordinator(a) => {
-            let format = match cli.log_format {
-                LogFormat::Human => "human",
-                LogFormat::Json => "json",
-            };
-            return control::coordinator(a, format, cli.verbose);
+            return control::coordinator(a, cli.log_format.as_str(), cli.verbose);
         }
         Command::Status(a) => return control::status(a),
         Command::Train(a) => return train::train(a),

@@ -7,8 +7,10 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use std::io::IsTerminal;
+
 use anyhow::{bail, Context, Result};
-use clap::Args;
+use clap::{Args, ValueEnum};
 
 use crate::{ControlPlane, Coordinator, JobConfig, PlanSpec, Token};
 
@@ -63,6 +65,42 @@ pub struct CoordinatorArgs {
     /// Exit (after a short grace period for the last status queries) once the job has completed or failed.
     #[arg(long)]
     exit_on_finish: bool,
+}
+
+/// How the roles log (to stderr): human-readable on a terminal, JSON lines for clusters.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Human,
+    Json,
+}
+
+impl LogFormat {
+    /// The flag's value, for handing it to another process.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogFormat::Human => "human",
+            LogFormat::Json => "json",
+        }
+    }
+}
+
+/// Installs the process's `tracing` subscriber: `info`, `debug` (-v) or `trace` (-vv) unless `RUST_LOG` says
+/// otherwise.
+pub fn init_logging(format: LogFormat, verbose: u8) {
+    let default = match verbose {
+        0 => "info",
+        1 => "debug",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Human => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+    }
 }
 
 /// Parses `500ms`, `30s`, `2m`, `1h` (a bare number is seconds).

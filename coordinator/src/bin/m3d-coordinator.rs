@@ -1,9 +1,8 @@
 //! `m3d-coordinator`: the control plane's process (the flags of `m3d coordinator`). It links neither libtorch
 //! nor the data loader, so the coordinator's container needs neither and it idles at a few tens of MiB.
 
-use std::io::IsTerminal;
-
-use clap::{Parser, ValueEnum};
+use clap::Parser;
+use m3d_coordinator::cli::{init_logging, LogFormat};
 
 #[derive(Parser)]
 #[command(
@@ -22,28 +21,9 @@ struct Cli {
     args: m3d_coordinator::cli::CoordinatorArgs,
 }
 
-#[derive(Clone, Copy, ValueEnum)]
-enum LogFormat {
-    Human,
-    Json,
-}
-
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    let default = match cli.verbose {
-        0 => "info",
-        1 => "debug",
-        _ => "trace",
-    };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match cli.log_format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Human => builder.with_ansi(std::io::stderr().is_terminal()).init(),
-    }
+    init_logging(cli.log_format, cli.verbose);
     match m3d_coordinator::cli::run(cli.args) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
