@@ -22,12 +22,12 @@
 use std::time::Instant;
 
 use m3d_coordinator::plan::{PlanSpec, Shuffle};
+use m3d_data::draws::augment_params;
 use m3d_data::{LoaderOptions, ShardLoader, TrainData};
 use m3d_shards::{
     write_dataset, ImageDtype, Manifest, SampleRecord, Store, Task, VolumeRecord, WriteOptions,
 };
-use m3d_volume::augment::{AugmentConfig, AugmentParams};
-use rand::SeedableRng;
+use m3d_volume::augment::AugmentParams;
 
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -59,25 +59,6 @@ fn rss_mib() -> (f64, f64) {
             .map_or(0.0, |kib| kib / 1024.0)
     };
     (field("VmRSS:"), field("VmHWM:"))
-}
-
-/// The worker's draw of a sample's augmentation (`m3d_worker::job::augment_params`, which this torch-free example
-/// cannot link): the same generator, so the same work per sample.
-fn augment_params(seed: u64, epoch: u64, index: u64) -> AugmentParams {
-    fn splitmix(mut z: u64) -> u64 {
-        z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    let mut z = seed ^ 0x6d33_642d_7361_6d70;
-    for v in [epoch, index, 2] {
-        z = splitmix(z ^ v);
-    }
-    AugmentParams::sample(
-        &AugmentConfig::default(),
-        &mut rand_chacha::ChaCha8Rng::seed_from_u64(z),
-    )
 }
 
 fn shuffle_of(s: &str) -> Result<Shuffle, Error> {

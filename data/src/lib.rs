@@ -3,6 +3,7 @@
 //!
 //! - [`dataset`]: the recipe's training set (its tasks' shard datasets) behind one global sample index, the
 //!   index the data plan permutes.
+//! - [`draws`]: per-sample random draws keyed by (seed, epoch, index), among them the augmentation.
 //! - [`loader`]: [`loader::ShardLoader`] serves decoded (and augmented) samples of one shard dataset by index:
 //!   one ranged read per volume through the dataset's volume index, a byte-bounded cache of decoded volumes and
 //!   a read-ahead thread.
@@ -14,6 +15,7 @@
 //! turns samples into tensors itself (`m3d_worker::batch`).
 
 pub mod dataset;
+pub mod draws;
 pub mod loader;
 
 pub use dataset::{DatasetError, TrainData};

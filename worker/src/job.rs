@@ -20,9 +20,8 @@ use m3d_models::weights::{load_into, read_safetensors_bytes, read_tensors, KeyMa
 use m3d_models::{ModelError, VarBuilder};
 use m3d_recipes::{DeviceKind, ModelKind, Recipe};
 use m3d_store::Store;
-use m3d_volume::augment::{AugmentConfig, AugmentParams};
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
+use m3d_volume::augment::AugmentParams;
+use rand::Rng;
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
@@ -30,6 +29,7 @@ use crate::batch::{stack_volumes, to_device, BatchError};
 use crate::checkpoint::{self, CheckpointError};
 use crate::vocab::{word_level_tokenizer, write_tokenizer, VocabStyle};
 use m3d_data::dataset::TrainData;
+use m3d_data::draws::{augment_params, sample_rng, splitmix, PURPOSE_DROPOUT, PURPOSE_PROMPT};
 use m3d_data::loader::LoadedSample;
 
 /// Errors building the model or a batch.
@@ -73,27 +73,6 @@ pub enum Net {
     Lamed(Box<Lamed>),
 }
 
-/// A per-sample random generator keyed by (seed, epoch, global index, purpose): the same draw whichever rank
-/// loads the sample and whatever the world size.
-pub fn sample_rng(seed: u64, epoch: u64, index: u64, purpose: u64) -> ChaCha8Rng {
-    let mut z = seed ^ 0x6d33_642d_7361_6d70;
-    for v in [epoch, index, purpose] {
-        z = splitmix(z ^ v);
-    }
-    ChaCha8Rng::seed_from_u64(z)
-}
-
-fn splitmix(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
-}
-
-const PURPOSE_PROMPT: u64 = 1;
-const PURPOSE_AUGMENT: u64 = 2;
-const PURPOSE_DROPOUT: u64 = 3;
-
 /// The seed of libtorch's generator for optimizer step `step` on `rank`. Dropout draws from that generator;
 /// seeding it at every step makes its state a function of (seed, step, rank), so it needs no saving: a run
 /// resumed from a checkpoint draws exactly what the uninterrupted run drew (with the same world size).
@@ -103,15 +82,6 @@ pub fn step_seed(seed: u64, step: u64, rank: u32) -> i64 {
         z = splitmix(z ^ v);
     }
     (z >> 1) as i64
-}
-
-/// The reference's augmentation of sample `index` in `epoch` (MONAI's RandRotate90, RandFlip × 3,
-/// RandScaleIntensity, RandShiftIntensity with M3D's settings), drawn from its own generator.
-pub fn augment_params(seed: u64, epoch: u64, index: u64) -> AugmentParams {
-    AugmentParams::sample(
-        &AugmentConfig::default(),
-        &mut sample_rng(seed, epoch, index, PURPOSE_AUGMENT),
-    )
 }
 
 /// Resolves the recipe's tokenizer: `model.tokenizer`; else the `tokenizer.json` of the first `init_from`
@@ -773,29 +743,5 @@ pub fn device_for(kind: DeviceKind, local_rank: u32) -> Result<Device, JobError>
                 ))
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn augmentation_is_a_function_of_seed_epoch_and_sample() {
-        let a = augment_params(42, 3, 17);
-        assert_eq!(a, augment_params(42, 3, 17));
-        // Over many samples the draws differ and hit the reference's rates (rotation p = 0.5).
-        let draws: Vec<AugmentParams> = (0..2000).map(|i| augment_params(42, 3, i)).collect();
-        let rotated = draws.iter().filter(|p| p.rot90_k > 0).count() as f64 / 2000.0;
-        assert!((rotated - 0.5).abs() < 0.05, "{rotated}");
-        assert_ne!(
-            (0..50)
-                .map(|i| augment_params(42, 3, i))
-                .collect::<Vec<_>>(),
-            (0..50)
-                .map(|i| augment_params(42, 4, i))
-                .collect::<Vec<_>>(),
-            "the epoch changes the draws"
-        );
     }
 }
