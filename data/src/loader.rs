@@ -1,10 +1,12 @@
 //! The worker's sample loader: [`ShardLoader`] opens a converted dataset (its manifest, volume index and sample
 //! tables: never a volume shard) and serves batches of global sample indices (as the coordinator's plan hands
-//! them to a rank) as decoded f32 images (and masks). Each volume is read on its own with ranged requests
-//! (`m3d_shards::VolumeReader`: its row group's bytes and, once per shard, the shard's footer, each checked
-//! against the index), decoded once and kept in a byte-bounded LRU cache, so a batch costs at most one read per
-//! distinct volume it needs; a read-ahead thread reads the volumes of the next steps' index lists
-//! ([`ShardLoader::prefetch`]), several at a time.
+//! them to a rank) as decoded f32 images (and masks). Volumes are read with ranged requests
+//! (`m3d_shards::VolumeReader`: their row groups' bytes and, once per shard, the shard's footer, each volume
+//! checked against the index on its own), decoded once and kept in a byte-bounded LRU cache, so a batch costs at
+//! most one read per distinct volume it needs. The volumes one call needs are planned per shard: nearby ones
+//! come with one request (`VolumeReader::spans`), which is what makes a block shuffle cheap on object storage.
+//! A read-ahead thread reads the volumes of the next steps' index lists ([`ShardLoader::prefetch`]; requests
+//! that queued up are read together), several requests at a time.
 //!
 //! Output depends only on the indices asked for, never on what happens to be cached.
 
@@ -118,6 +120,9 @@ pub struct LoaderStats {
     pub evictions: u64,
     /// Prefetch requests dropped because `prefetch_depth` requests were already waiting.
     pub prefetch_dropped: u64,
+    /// Ranged requests made for volumes (a request may bring several volumes of one shard; footers, read
+    /// once per shard, are not counted).
+    pub requests: u64,
 }
 
 /// A volume: which dataset's reader, which volume of it.
@@ -154,6 +159,7 @@ struct Counters {
     cache_misses: AtomicU64,
     evictions: AtomicU64,
     prefetch_dropped: AtomicU64,
+    requests: AtomicU64,
 }
 
 /// What the loader and its read-ahead thread share.
@@ -213,6 +219,7 @@ impl Shared {
             self.counters.cache_misses.fetch_add(1, Ordering::Relaxed);
         }
         self.counters.volume_reads.fetch_add(1, Ordering::Relaxed);
+        self.counters.requests.fetch_add(1, Ordering::Relaxed);
         let result = self.read_volume(key);
         let mut st = self.lock();
         st.loading.remove(&key);
@@ -224,36 +231,134 @@ impl Shared {
         result
     }
 
-    /// Each of `keys` (from the cache, or read: up to [`READ_AHEAD_THREADS`] at a time), in order.
+    /// Each of `keys` (from the cache, from a read in flight, or read now), in order. The volumes read now are
+    /// planned into ranged requests per shard (`VolumeReader::spans`: nearby volumes of one shard in one
+    /// request), up to [`READ_AHEAD_THREADS`] requests at a time.
     fn get_many(&self, keys: &[VolumeKey], by_prefetch: bool) -> Vec<Lookup> {
-        let results: Vec<Mutex<Option<Lookup>>> = keys.iter().map(|_| Mutex::new(None)).collect();
+        // Claim the volumes nobody has or is reading; the rest are served (or waited for) by `get` below.
+        let mut claimed: Vec<Vec<usize>> = vec![Vec::new(); self.readers.len()];
+        let mut foreign = Vec::new();
+        {
+            let mut st = self.lock();
+            for &key in keys {
+                if key.0 < claimed.len()
+                    && !st.entries.contains_key(&key)
+                    && !st.loading.contains(&key)
+                {
+                    st.loading.insert(key);
+                    claimed[key.0].push(key.1);
+                } else {
+                    foreign.push(key);
+                }
+            }
+        }
+        let mut done: HashMap<VolumeKey, Lookup> = HashMap::new();
+        let mut jobs = Vec::new();
+        for (r, volumes) in claimed.into_iter().enumerate() {
+            if volumes.is_empty() {
+                continue;
+            }
+            match self.readers[r].spans(&volumes) {
+                Ok(spans) => jobs.extend(spans.into_iter().map(|s| (r, s))),
+                Err(e) => {
+                    let msg = e.to_string();
+                    for v in volumes {
+                        let err = self.volume_error((r, v), ShardError::Invalid(msg.clone()));
+                        self.finish(&mut done, (r, v), Err(err), by_prefetch);
+                    }
+                }
+            }
+        }
+        let done = Mutex::new(done);
         let next = AtomicUsize::new(0);
         let work = || {
-            while let Some(i) =
-                Some(next.fetch_add(1, Ordering::Relaxed)).filter(|&i| i < keys.len())
-            {
-                let r = self.get(keys[i], by_prefetch);
-                *results[i].lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
+            while let Some((r, span)) = jobs.get(next.fetch_add(1, Ordering::Relaxed)) {
+                let mut results = self.read_span(*r, span);
+                let mut done = done.lock().unwrap_or_else(|p| p.into_inner());
+                for (key, result) in results.drain(..) {
+                    self.finish(&mut done, key, result, by_prefetch);
+                }
             }
         };
-        let helpers = READ_AHEAD_THREADS.min(keys.len()).saturating_sub(1);
+        let helpers = READ_AHEAD_THREADS.min(jobs.len()).saturating_sub(1);
         std::thread::scope(|scope| {
             for _ in 0..helpers {
                 scope.spawn(work);
             }
             work();
         });
-        results
-            .into_iter()
-            .zip(keys)
-            .map(|(r, &key)| {
-                r.into_inner()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .unwrap_or_else(|| {
-                        Err(self.volume_error(key, ShardError::Invalid("not read".into())))
-                    })
+        let mut done = done.into_inner().unwrap_or_else(|p| p.into_inner());
+        keys.iter()
+            .map(|&key| match done.remove(&key) {
+                Some(result) => result,
+                // Cached, read by another thread (waited for here), or a repeat of a key just read.
+                None => self.get(key, by_prefetch),
             })
             .collect()
+    }
+
+    /// Reads the volumes of one span of reader `r`, counting the request and each volume.
+    fn read_span(&self, r: usize, span: &m3d_shards::ReadSpan) -> Vec<(VolumeKey, Lookup)> {
+        let reader = &self.readers[r];
+        self.counters.requests.fetch_add(1, Ordering::Relaxed);
+        match reader.read_span(span, true, true) {
+            Ok(records) => records
+                .into_iter()
+                .map(|(v, record)| {
+                    let key = (r, v);
+                    let result = record
+                        .map(|record| {
+                            let bytes = record.image.len()
+                                + record.masks.iter().map(|m| m.bits.len()).sum::<usize>();
+                            Arc::new(CachedVolume { record, bytes })
+                        })
+                        .map_err(|e| self.volume_error(key, e));
+                    (key, result)
+                })
+                .collect(),
+            // One volume keeps the request's own error; several share its message.
+            Err(e) if span.volumes.len() == 1 => {
+                let key = (r, span.volumes[0]);
+                vec![(key, Err(self.volume_error(key, e)))]
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                span.volumes
+                    .iter()
+                    .map(|&v| {
+                        let key = (r, v);
+                        (
+                            key,
+                            Err(self.volume_error(key, ShardError::Invalid(msg.clone()))),
+                        )
+                    })
+                    .collect()
+            }
+        }
+    }
+
+    /// Records the outcome of reading claimed volume `key`: counted, cached when read, released for waiters.
+    fn finish(
+        &self,
+        done: &mut HashMap<VolumeKey, Lookup>,
+        key: VolumeKey,
+        result: Lookup,
+        by_prefetch: bool,
+    ) {
+        if by_prefetch {
+            self.counters.prefetch_reads.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.counters.cache_misses.fetch_add(1, Ordering::Relaxed);
+        }
+        self.counters.volume_reads.fetch_add(1, Ordering::Relaxed);
+        let mut st = self.lock();
+        st.loading.remove(&key);
+        if let Ok(vol) = &result {
+            self.insert(&mut st, key, Arc::clone(vol));
+        }
+        drop(st);
+        self.cv.notify_all();
+        done.insert(key, result);
     }
 
     /// Reads (into the cache) those of `keys` not cached yet, several at a time. Failures are kept for
@@ -381,11 +486,19 @@ impl ShardLoader {
             let handle = std::thread::Builder::new()
                 .name("m3d-volume-prefetch".into())
                 .spawn(move || {
-                    // Ends when the loader drops its sender.
-                    while let Ok(keys) = rx.recv() {
+                    // Ends when the loader drops its sender. Requests already waiting are read together, so
+                    // that volumes of one shard wanted by several steps share requests.
+                    while let Ok(mut keys) = rx.recv() {
+                        let mut taken = 1;
+                        while let Ok(more) = rx.try_recv() {
+                            keys.extend(more);
+                            taken += 1;
+                        }
+                        let mut seen = HashSet::new();
+                        keys.retain(|k| seen.insert(*k));
                         sh.read_all(&keys);
                         let mut st = sh.lock();
-                        st.pending_prefetch = st.pending_prefetch.saturating_sub(1);
+                        st.pending_prefetch = st.pending_prefetch.saturating_sub(taken);
                         drop(st);
                         sh.cv.notify_all();
                     }
@@ -585,6 +698,7 @@ impl ShardLoader {
             cache_misses: c.cache_misses.load(Ordering::Relaxed),
             evictions: c.evictions.load(Ordering::Relaxed),
             prefetch_dropped: c.prefetch_dropped.load(Ordering::Relaxed),
+            requests: c.requests.load(Ordering::Relaxed),
         }
     }
 }

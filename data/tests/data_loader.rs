@@ -156,6 +156,8 @@ fn matches_shard_dataset_decoding_with_one_read_per_distinct_volume() {
     let st = loader.stats();
     assert_eq!(st.volume_reads, VOLUMES);
     assert_eq!(st.cache_misses, VOLUMES);
+    // The volumes of a shard are adjacent row groups: one request each shard brings all of them.
+    assert_eq!(st.requests, SHARDS as u64, "{st:?}");
 
     // Again: all from the cache, identical output.
     let again = loader.load(&indices).unwrap();

@@ -27,5 +27,5 @@ pub use manifest::{sha256_hex, Manifest, ShardEntry, Totals};
 pub use parquet_io::{
     read_sample_shard, write_sample_shard, write_volume_shard, VolumeShardReader, WriteOptions,
 };
-pub use reader::VolumeReader;
+pub use reader::{ReadSpan, VolumeReader, COALESCE_GAP, COALESCE_MAX};
 pub use schema::{MaskRecord, SampleRecord, Task, VolumeRecord};

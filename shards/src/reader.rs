@@ -4,6 +4,11 @@
 //! ranged request, checks it against the index's crc32 and decodes it. The Parquet decoder also needs the shard's
 //! footer, fetched (one ranged request, crc-checked) the first time a shard is read and kept in a small LRU of
 //! parsed footers. Volumes are never located by downloading shards.
+//!
+//! Several volumes wanted at once (a step's, or a read-ahead's) are planned into [`ReadSpan`]s: the volumes of
+//! one shard whose bytes are close together come with one request, each still checked on its own range. On
+//! object storage a request costs about as much as a megabyte of transfer, so this is what makes a block
+//! shuffle (whose windows draw whole runs of a shard's rows) cost about one request per block.
 
 use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard};
@@ -21,6 +26,25 @@ use m3d_store::Store;
 /// Parsed footers kept per reader: each is tens of KiB in memory, and a step under a global shuffle touches a
 /// different shard per sample, so this bounds memory rather than promising hits.
 const FOOTER_CACHE: usize = 256;
+
+/// Largest gap between two volumes' byte ranges in one shard that a single request reads through rather than
+/// making two: object_store's own `get_ranges` coalesces at the same 1 MiB, about what an object store's
+/// per-request latency is worth in transferred bytes.
+pub const COALESCE_GAP: u64 = 1 << 20;
+
+/// Largest request a coalesced read makes (bounds the memory one read holds while it decodes).
+pub const COALESCE_MAX: u64 = 64 << 20;
+
+/// Volumes read by one ranged request: nearby row groups of one shard (see [`VolumeReader::spans`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReadSpan {
+    /// Index into the manifest's `volume_shards`.
+    pub shard: u32,
+    /// The bytes of the shard the request fetches.
+    pub range: std::ops::Range<u64>,
+    /// The volumes (positions in the index) it covers, by offset.
+    pub volumes: Vec<usize>,
+}
 
 #[derive(Default)]
 struct Footers {
@@ -144,15 +168,87 @@ impl VolumeReader {
     /// Reads volume number `i` (with its image and masks when asked): its footer (once per shard) and its own
     /// bytes, each checked against the index.
     pub fn read(&self, i: usize, images: bool, masks: bool) -> Result<VolumeRecord, ShardError> {
-        let loc = self.index.volumes.get(i).ok_or_else(|| {
-            ShardError::Invalid(format!("volume {i} out of range ({} volumes)", self.len()))
-        })?;
-        let entry = self.entry(loc.shard)?;
-        let meta = self.footer(loc.shard)?;
-        let bytes = self.store.get_range(&entry.key, loc.bytes.range())?;
+        let mut spans = self.spans(&[i])?;
+        let span = spans
+            .pop()
+            .ok_or_else(|| ShardError::Invalid(format!("volume {i}: no read planned")))?;
+        let (_, record) = self
+            .read_span(&span, images, masks)?
+            .pop()
+            .ok_or_else(|| ShardError::Invalid(format!("volume {i}: nothing read")))?;
+        record
+    }
+
+    /// Plans the reads of volumes `volumes` (positions, as [`VolumeReader::locate`] gives them): volumes of one
+    /// shard whose byte ranges lie within [`COALESCE_GAP`] of each other are read by one request of at most
+    /// [`COALESCE_MAX`] bytes. Every volume is in exactly one span, in shard and offset order; repeats are
+    /// read once.
+    pub fn spans(&self, volumes: &[usize]) -> Result<Vec<ReadSpan>, ShardError> {
+        let mut located = Vec::with_capacity(volumes.len());
+        for &v in volumes {
+            let loc = self.index.volumes.get(v).ok_or_else(|| {
+                ShardError::Invalid(format!("volume {v} out of range ({} volumes)", self.len()))
+            })?;
+            located.push((loc.shard, loc.bytes.offset, loc.bytes.length, v));
+        }
+        Ok(plan_spans(located, COALESCE_GAP, COALESCE_MAX))
+    }
+
+    /// Reads the volumes of `span` with one ranged request (plus the shard's footer, once per shard) and
+    /// decodes each, in the span's order. The outer error is the request's (it concerns every volume); a
+    /// volume whose bytes fail their checksum or do not decode gets its own error and the others still serve.
+    #[allow(clippy::type_complexity)]
+    pub fn read_span(
+        &self,
+        span: &ReadSpan,
+        images: bool,
+        masks: bool,
+    ) -> Result<Vec<(usize, Result<VolumeRecord, ShardError>)>, ShardError> {
+        let entry = self.entry(span.shard)?;
+        let meta = self.footer(span.shard)?;
+        let bytes = self.store.get_range(&entry.key, span.range.clone())?;
+        let got = bytes.len() as u64;
+        Ok(span
+            .volumes
+            .iter()
+            .map(|&v| {
+                let record = self.index.volumes.get(v).ok_or_else(|| {
+                    ShardError::Invalid(format!("volume {v} out of range ({} volumes)", self.len()))
+                });
+                let record = record.and_then(|loc| {
+                    let start = loc.bytes.offset.saturating_sub(span.range.start);
+                    let end = start + loc.bytes.length;
+                    if loc.shard != span.shard || loc.bytes.offset < span.range.start || end > got {
+                        return Err(ShardError::Invalid(format!(
+                            "volume `{}` (bytes {:?}) is not within the read of `{}` bytes {:?} ({got} bytes)",
+                            loc.volume_id,
+                            loc.bytes.range(),
+                            entry.key,
+                            span.range
+                        )));
+                    }
+                    // Bounds checked above; `slice` shares the request's buffer.
+                    let own = bytes.slice(start as usize..end as usize);
+                    self.decode(&meta, entry, loc, own, images, masks)
+                });
+                (v, record)
+            })
+            .collect())
+    }
+
+    /// Checks one volume's own bytes against the index and decodes them.
+    fn decode(
+        &self,
+        meta: &ArrowReaderMetadata,
+        entry: &ShardEntry,
+        loc: &VolumeLocation,
+        bytes: bytes::Bytes,
+        images: bool,
+        masks: bool,
+    ) -> Result<VolumeRecord, ShardError> {
         loc.bytes.check(&entry.key, &bytes)?;
         let rows = read_volume_row_group(
-            &meta,
+            meta,
             &entry.key,
             entry.bytes,
             loc.bytes.offset,
@@ -172,5 +268,90 @@ impl VolumeReader {
                     ),
                 )
             })
+    }
+}
+
+/// Groups `(shard, offset, length, volume)` reads into spans: sorted by shard and offset, a read joins the
+/// previous span when it is in the same shard, starts at most `gap` bytes after the span's end, and keeps the
+/// span within `max` bytes (a single read larger than `max` is a span of its own). Repeated volumes are read
+/// once.
+fn plan_spans(mut located: Vec<(u32, u64, u64, usize)>, gap: u64, max: u64) -> Vec<ReadSpan> {
+    located.sort_unstable();
+    let mut seen = std::collections::HashSet::new();
+    located.retain(|l| seen.insert(l.3));
+    let mut spans: Vec<ReadSpan> = Vec::new();
+    for (shard, offset, length, v) in located {
+        let end = offset + length;
+        match spans.last_mut() {
+            Some(s)
+                if s.shard == shard
+                    && offset <= s.range.end.saturating_add(gap)
+                    && end.max(s.range.end) - s.range.start <= max =>
+            {
+                s.range.end = s.range.end.max(end);
+                s.volumes.push(v);
+            }
+            _ => spans.push(ReadSpan {
+                shard,
+                range: offset..end,
+                volumes: vec![v],
+            }),
+        }
+    }
+    spans
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn span(shard: u32, range: std::ops::Range<u64>, volumes: &[usize]) -> ReadSpan {
+        ReadSpan {
+            shard,
+            range,
+            volumes: volumes.to_vec(),
+        }
+    }
+
+    #[test]
+    fn nearby_reads_of_a_shard_share_a_span_and_far_or_other_shards_do_not() {
+        // Shard 0: volumes at 0..10, 10..20 (adjacent), 25..30 (gap 5 = the limit), 36..40 (gap 6: too far).
+        // Shard 1: 0..10, which must not join shard 0's span. Given out of order, with a repeat.
+        let located = vec![
+            (0, 36, 4, 3),
+            (1, 0, 10, 4),
+            (0, 10, 10, 1),
+            (0, 0, 10, 0),
+            (0, 25, 5, 2),
+            (0, 10, 10, 1),
+        ];
+        assert_eq!(
+            plan_spans(located, 5, 1000),
+            vec![
+                span(0, 0..30, &[0, 1, 2]),
+                span(0, 36..40, &[3]),
+                span(1, 0..10, &[4]),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_span_never_grows_past_its_limit_and_shared_row_groups_are_read_once() {
+        // Two volumes in one row group (same range), then reads that would make the span 25 bytes > 20.
+        let located = vec![
+            (0, 0, 10, 0),
+            (0, 0, 10, 1),
+            (0, 10, 10, 2),
+            (0, 20, 5, 3),
+            (0, 25, 30, 4),
+        ];
+        assert_eq!(
+            plan_spans(located, 1 << 20, 20),
+            vec![
+                span(0, 0..20, &[0, 1, 2]),
+                span(0, 20..25, &[3]),
+                span(0, 25..55, &[4]),
+            ]
+        );
     }
 }

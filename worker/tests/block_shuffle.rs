@@ -164,6 +164,27 @@ fn block_shuffle_reads_each_volume_once_per_epoch_with_a_one_window_cache() {
         );
     }
 
+    // A step of one whole window: its volumes are whole shards, each brought by one request, so an epoch
+    // costs one request per shard. The global shuffle's steps scatter over every shard.
+    let wide = |shuffle| PlanSpec {
+        global_batch: BLOCK * WINDOW,
+        ..plan(shuffle)
+    };
+    let requests = |p: &PlanSpec| {
+        let l = loader(&url);
+        for step in 0..p.steps_per_epoch() {
+            l.load(&p.global_batch_at(step).unwrap()).unwrap();
+        }
+        (l.stats().requests, l.stats().volume_reads)
+    };
+    let blocks_wide = wide(Shuffle::Blocks {
+        block: BLOCK,
+        window: WINDOW,
+    });
+    assert_eq!(requests(&blocks_wide), (SHARDS as u64, VOLUMES));
+    let (global_requests, _) = requests(&wide(Shuffle::Global));
+    assert!(global_requests > SHARDS as u64, "{global_requests}");
+
     let global = plan(Shuffle::Global);
     let reads = reads_per_epoch(&url, &global, 0, 1);
     eprintln!("global shuffle, volume reads per epoch: {reads:?} ({VOLUMES} volumes)");
