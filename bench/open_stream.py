@@ -1,5 +1,12 @@
 """Opening a dataset in object storage at scale: m3d's shards (volume index, ranged reads) against Mosaic
-Streaming (MDS, zstd), both served by the same local S3 server (moto, the tests' server) on loopback.
+Streaming (MDS, zstd), both served by the same local S3 server on loopback, bucket `bench`:
+
+- `--server s3s` (the default): s3s-fs (crates.io, version pinned, two lines patched by bench/s3s_fs.sh, which
+  says why), a Rust server over a fresh folder that answers a ranged GET by reading just the range, as real object
+  stores do, and checks SigV4 signatures against the access key / secret given to both sides;
+- `--server moto`: moto (the tests' server, in the venv), kept to reproduce earlier numbers: one Python process
+  (~400 GETs/s on 2 cores) that answers a ranged GET by reading the whole object and slicing it, so that there a
+  range costs what its object does.
 
 Per size N (volumes of DxHxW u8, random so that compression cannot shrink them; one caption sample each) it writes
 the same volumes once as m3d shards (shards/examples/open_bench write) and once as MDS (streaming.MDSWriter), then
@@ -9,9 +16,11 @@ cache, shuffle=True) and the first batch of samples from it (timed after `import
 torch's, is reported apart). Reported: seconds from open to the first batch,
 bytes read before it (m3d: the store's I/O log; Streaming: what it downloaded into its cache), peak RSS.
 
-    python bench/open_stream.py --open-bench <path to open_bench> [--sizes 12000,120000] [--rounds 3]
+    python bench/open_stream.py --open-bench <path to open_bench> [--server s3s|moto] [--s3s-fs <path>]
+        [--sizes 12000,120000] [--rounds 3]
 """
 import argparse
+import importlib.metadata
 import json
 import os
 import shutil
@@ -32,18 +41,81 @@ def free_port():
     return port
 
 
+# Credentials of the loopback server, given to both sides (m3d's Store and boto3 read the AWS_* variables).
+ACCESS_KEY, SECRET_KEY = "bench", "bench-secret"
+
+
+def wait_listening(proc, port, name):
+    for _ in range(300):
+        if proc.poll() is not None:
+            sys.exit(f"{name} exited with status {proc.returncode} before listening (see its log)")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return f"http://127.0.0.1:{port}"
+        except OSError:
+            time.sleep(0.1)
+    proc.kill()
+    sys.exit(f"{name} did not start")
+
+
 def start_moto(log):
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-p", str(port)],
                             stdout=log, stderr=subprocess.STDOUT)
-    for _ in range(300):
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return proc, f"http://127.0.0.1:{port}"
-        except OSError:
-            time.sleep(0.1)
+    return proc, wait_listening(proc, port, "moto")
+
+
+def start_s3s(log, binary, root):
+    """s3s-fs on a free loopback port over `root` (made fresh; a bucket is a sub-folder of it), checking
+    signatures against ACCESS_KEY / SECRET_KEY. Returns (process, endpoint)."""
+    shutil.rmtree(root, ignore_errors=True)
+    Path(root).mkdir(parents=True)
+    port = free_port()
+    proc = subprocess.Popen([binary, "--host", "127.0.0.1", "--port", str(port), "--access-key", ACCESS_KEY,
+                             "--secret-key", SECRET_KEY, str(root)], stdout=log, stderr=subprocess.STDOUT)
+    return proc, wait_listening(proc, port, "s3s-fs")
+
+
+def start_server(server, work, s3s_fs):
+    """Starts `server` (moto or s3s) on loopback with an empty bucket `bench`, logging to <work>/<server>.log, and
+    points this process at it. Returns (process, environment for the subprocesses of both sides, description)."""
+    log = open(Path(work) / f"{server}.log", "w")
+    if server == "s3s":
+        if not s3s_fs or not os.access(s3s_fs, os.X_OK):
+            sys.exit(f"--server s3s needs the s3s-fs binary (--s3s-fs or M3D_S3S_FS; bench/s3s_fs.sh installs it), "
+                     f"got {s3s_fs!r}")
+        proc, endpoint = start_s3s(log, s3s_fs, Path(work) / "s3s-root")
+        version = subprocess.run([s3s_fs, "--version"], capture_output=True, text=True).stdout.split()
+        patched = " (bench/s3s_fs.sh's patch)" if "m3d-patched" in str(s3s_fs) else ""
+        what = f"{' '.join(version) or 's3s-fs'}{patched} S3 on loopback"
+    else:
+        proc, endpoint = start_moto(log)
+        what = f"moto {importlib.metadata.version('moto')} S3 on loopback"
+    env = dict(os.environ, AWS_ACCESS_KEY_ID=ACCESS_KEY, AWS_SECRET_ACCESS_KEY=SECRET_KEY, AWS_REGION="us-east-1",
+               AWS_DEFAULT_REGION="us-east-1", AWS_ENDPOINT_URL=endpoint, S3_ENDPOINT_URL=endpoint)
+    os.environ.update(env)
+    import boto3
+    try:
+        boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="bench")
+    except Exception:
+        proc.kill()
+        raise
+    return proc, env, what
+
+
+def stop_server(proc, work):
+    """Stops a server from start_server and removes what s3s-fs stored (both datasets)."""
     proc.kill()
-    sys.exit("moto did not start")
+    proc.wait()
+    shutil.rmtree(Path(work) / "s3s-root", ignore_errors=True)
+
+
+def add_server_args(ap):
+    ap.add_argument("--server", choices=["s3s", "moto"], default="s3s",
+                    help="the loopback S3 server: s3s-fs (ranged GETs read the range) or moto (ranged GETs read "
+                         "the whole object; the earlier numbers)")
+    ap.add_argument("--s3s-fs", default=os.environ.get("M3D_S3S_FS"),
+                    help="path to the s3s-fs binary (default $M3D_S3S_FS, set by bench/s3s_fs.sh)")
 
 
 def dir_bytes(path):
@@ -91,17 +163,12 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--work", default=None)
+    add_server_args(ap)
     args = ap.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="m3d-open-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     shape = [int(x) for x in args.shape.split("x")]
-    log = open(work / "moto.log", "w")
-    moto, endpoint = start_moto(log)
-    env = dict(os.environ, AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_REGION="us-east-1",
-               AWS_DEFAULT_REGION="us-east-1", AWS_ENDPOINT_URL=endpoint, S3_ENDPOINT_URL=endpoint)
-    os.environ.update(env)
-    import boto3
-    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="bench")
+    server, env, where = start_server(args.server, work, args.s3s_fs)
     rows = []
     try:
         for n in [int(x) for x in args.sizes.split(",")]:
@@ -130,8 +197,8 @@ def main():
                 print(f"N={n} round {r}: m3d {ours['first_batch_s']:.3f} s {ours['bytes']} B; "
                       f"streaming {ref['first_batch_s']:.3f} s {ref['bytes']} B", file=sys.stderr)
     finally:
-        moto.kill()
-    print(f"\nvolumes {args.shape} u8 (random), one sample each, batch {args.batch}, moto S3 on loopback, "
+        stop_server(server, work)
+    print(f"\nvolumes {args.shape} u8 (random), one sample each, batch {args.batch}, {where}, "
           f"{args.rounds} alternating rounds per size\n")
     print("| volumes | side | open (s) | to first batch (s) | bytes before first batch | requests | peak RSS (MiB) |")
     print("|---:|---|---:|---:|---:|---:|---:|")

@@ -1,9 +1,12 @@
 """Samples/s decoded + augmented by 2 reader processes from object storage: m3d (global and block shuffle)
-against Mosaic Streaming's default, both served by the same local S3 server (moto) on loopback.
+against Mosaic Streaming's default, both served by the same local S3 server on loopback (`--store s3`, the
+default), chosen with `--server` as in bench/open_stream.py: s3s-fs (the default, bench/s3s_fs.sh; a Rust server
+that answers a ranged GET by reading just the range, as real object stores do) or moto (the earlier numbers; one
+Python process that answers a ranged GET by reading the whole object, which makes m3d's one-range-per-volume reads
+cost a whole shard each there).
 
 With `--store file` both datasets lie in a local folder instead (m3d reads byte ranges of its shards, Streaming
-copies whole shards into its cache): moto answers a ranged GET by reading the whole object, which makes m3d's
-one-range-per-volume reads cost a whole shard each there.
+copies whole shards into its cache) and no server is started.
 
 Per shape (DxHxW u8 volumes, random so that compression cannot shrink them, one caption sample each) it writes the
 same N volumes once as m3d shards (shards/examples/open_bench write) and once as MDS (streaming.MDSWriter, zstd,
@@ -20,8 +23,8 @@ same N volumes once as m3d shards (shards/examples/open_bench write) and once as
 Both sides read the same number of samples per rank; the first `--warmup` batches of each rank (opening, first
 reads) are left out, the rest is the steady state: samples/s = samples of both ranks / the longer rank's time.
 
-    python bench/stream_throughput.py --open-bench <path> --stream-bench <path> [--store s3|file] [--shapes 4x32x32:12000]
-        [--rounds 2] [--global-batch 32] [--steps 150]
+    python bench/stream_throughput.py --open-bench <path> --stream-bench <path> [--store s3|file]
+        [--server s3s|moto] [--s3s-fs <path>] [--shapes 4x32x32:12000] [--rounds 2] [--global-batch 32] [--steps 150]
 """
 import argparse
 import json
@@ -35,7 +38,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from open_stream import start_moto, write_mds  # noqa: E402
+from open_stream import add_server_args, start_server, stop_server, write_mds  # noqa: E402
 
 STREAMING_RANK = r"""
 import json, os, resource, sys, time
@@ -108,19 +111,17 @@ def main():
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--shuffles", default="global,blocks:32x8")
     ap.add_argument("--store", choices=["s3", "file"], default="s3",
-                    help="s3: moto on loopback (whose ranged GETs read the whole object); file: both datasets in "
-                         "a local folder (m3d reads byte ranges, Streaming copies shards into its cache)")
+                    help="s3: the --server on loopback; file: both datasets in a local folder (m3d reads byte "
+                         "ranges, Streaming copies shards into its cache)")
+    add_server_args(ap)
     ap.add_argument("--work", default=None)
     args = ap.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="m3d-stream-bench-"))
     work.mkdir(parents=True, exist_ok=True)
-    log = open(work / "moto.log", "w")
-    moto, endpoint = start_moto(log)
-    env = dict(os.environ, AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_REGION="us-east-1",
-               AWS_DEFAULT_REGION="us-east-1", AWS_ENDPOINT_URL=endpoint, S3_ENDPOINT_URL=endpoint)
-    os.environ.update(env)
-    import boto3
-    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="bench")
+    if args.store == "s3":
+        server, env, where = start_server(args.server, work, args.s3s_fs)
+    else:
+        server, env, where = None, dict(os.environ), "a local folder"
     root = "s3://bench" if args.store == "s3" else str(work / "store")
     rows = []
     try:
@@ -162,8 +163,8 @@ def main():
                                                             result.items()), file=sys.stderr)
                 print(json.dumps({"shape": shape_s, "volumes": n, "round": r, "result": result}), file=sys.stderr)
     finally:
-        moto.kill()
-    where = "moto S3 on loopback" if args.store == "s3" else "a local folder"
+        if server:
+            stop_server(server, work)
     print(f"\n2 ranks per side, {where}, {args.rounds} alternating rounds, "
           f"steady state after {args.warmup} batches per rank\n")
     print("| volumes (u8) | global batch | samples timed | side | samples/s (per round) | first batch (s) | "

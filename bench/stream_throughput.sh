@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Samples/s decoded + augmented by 2 reader processes from object storage: m3d (global and block shuffle) against
-# Mosaic Streaming's default (bench/stream_throughput.py), both served by moto on loopback (--store s3, the
-# default) or both from a local folder (--store file; moto reads a whole object to answer a ranged GET, see
-# docs/benchmarks.md).
-#   bash bench/stream_throughput.sh [--store s3|file] [--shapes 4x32x32:12000,32x256x256:600:8:60] [--rounds 2]
+# Mosaic Streaming's default (bench/stream_throughput.py), both served by one S3 server on loopback (--store s3, the
+# default) or both from a local folder (--store file). The server: s3s-fs (--server s3s, the default; installed once
+# by bench/s3s_fs.sh, pinned) or moto (--server moto, the earlier numbers; it reads a whole object to answer a ranged
+# GET, see docs/benchmarks.md).
+#   bash bench/stream_throughput.sh [--store s3|file] [--server s3s|moto] [--shapes 4x32x32:12000,32x256x256:600:8:60]
+#     [--rounds 2]
 # Mosaic Streaming is installed as bench/open_stream.sh does it (without its dependencies; see there).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -11,6 +13,8 @@ M3D_SKIP_BUILD=1 source scripts/setup.sh
 if ! "$M3D_VENV/bin/python" -c "import streaming, torchvision" 2>/dev/null; then
   "$M3D_VENV/bin/pip" install --quiet --no-deps "mosaicml-streaming==0.13.0" "torchvision==0.28.*"
 fi
+source bench/s3s_fs.sh
+m3d_s3s_fs "$@"
 cargo build --release -p m3d-shards --example open_bench
 cargo build --release -p m3d-data --example stream_bench
 exec "$M3D_VENV/bin/python" bench/stream_throughput.py --open-bench "$CARGO_TARGET_DIR/release/examples/open_bench" \

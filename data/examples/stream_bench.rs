@@ -140,7 +140,7 @@ fn read(url: &str, args: &[String]) -> Result<(), Error> {
             "rank": rank, "world": world, "open_s": opened, "first_batch_s": first,
             "steady_samples": steady_samples, "steady_s": steady_s,
             "samples_per_s": steady_samples as f64 / steady_s.max(1e-9),
-            "volume_reads": stats.volume_reads, "cache_hits": stats.cache_hits,
+            "volume_reads": stats.volume_reads, "requests": stats.requests, "cache_hits": stats.cache_hits,
             "cache_misses": stats.cache_misses, "evictions": stats.evictions,
             "rss_mib": rss, "peak_rss_mib": hwm, "checksum": checksum,
         })
@@ -290,31 +290,8 @@ fn rss(path: &str) -> Result<(), Error> {
     let data = TrainData::open(&recipe)?;
     let opened = start.elapsed().as_secs_f64();
     let (rss, hwm) = rss_mib();
-    let text_bytes: usize = data.texts().map(str::len).sum();
-    // What the sample records hold: the structs, and their strings' heap buffers (each one allocation).
-    let (mut strings, mut string_bytes) = (0usize, 0usize);
-    for i in 0..data.len() {
-        let s = data.record(i)?;
-        for t in [&s.sample_id, &s.dataset, &s.split, &s.volume_id]
-            .into_iter()
-            .chain(
-                [
-                    &s.question,
-                    &s.answer,
-                    &s.answer_choice,
-                    &s.question_type,
-                    &s.class_name,
-                    &s.report,
-                    &s.source_row,
-                ]
-                .into_iter()
-                .flatten(),
-            )
-        {
-            strings += 1;
-            string_bytes += t.capacity();
-        }
-    }
+    // Measured after the RSS: decoding every text allocates them all.
+    let text_bytes: usize = data.texts()?.iter().map(String::len).sum();
     println!(
         "{}",
         serde_json::json!({
@@ -322,7 +299,7 @@ fn rss(path: &str) -> Result<(), Error> {
             "rss_mib": rss, "peak_rss_mib": hwm, "text_bytes_indexed": text_bytes,
             "sample_record_size": std::mem::size_of::<SampleRecord>(),
             "record_bytes": data.len() as usize * std::mem::size_of::<SampleRecord>(),
-            "strings": strings, "string_bytes": string_bytes,
+            "sample_table_bytes": data.sample_table_bytes(),
         })
     );
     Ok(())

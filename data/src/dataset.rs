@@ -66,13 +66,14 @@ impl TrainData {
             for url in &t.shards {
                 let loader = ShardLoader::open_with_volumes(url, &t.volumes, opts.clone())?;
                 let src = sources.len() as u32;
+                let table = loader.samples();
                 task_entries.extend(
-                    loader
-                        .samples()
-                        .iter()
-                        .enumerate()
-                        .filter(|(_, s)| s.split == d.split && s.task.in_recipe_task(&t.task))
-                        .map(|(i, _)| (src, i as u64)),
+                    (0..table.len())
+                        .filter(|&i| {
+                            table.split(i) == Some(d.split.as_str())
+                                && table.task(i).is_some_and(|k| k.in_recipe_task(&t.task))
+                        })
+                        .map(|i| (src, i as u64)),
                 );
                 sources.push(Source { task: ti, loader });
             }
@@ -113,21 +114,49 @@ impl TrainData {
             })
     }
 
-    /// The sample record at global index `index`.
-    pub fn record(&self, index: u64) -> Result<&SampleRecord, DatasetError> {
+    /// The sample record at global index `index` (decoded from its dataset's compact table).
+    pub fn record(&self, index: u64) -> Result<SampleRecord, DatasetError> {
         let (src, i) = self.entry(index)?;
-        Ok(&self.sources[src as usize].loader.samples()[i as usize])
+        Ok(self.sources[src as usize].loader.sample(i)?)
     }
 
-    /// Every text of the training samples (reports, questions, answers), for building a vocabulary.
-    pub fn texts(&self) -> impl Iterator<Item = &str> {
-        self.entries.iter().flat_map(move |&(src, i)| {
-            let s = &self.sources[src as usize].loader.samples()[i as usize];
-            [&s.report, &s.question, &s.answer, &s.answer_choice]
-                .into_iter()
-                .flatten()
-                .map(String::as_str)
-        })
+    /// Every text of the training samples (reports, questions, answers) in index order, repeats included, for
+    /// building a vocabulary. Each dataset's table is decoded once, block by block.
+    pub fn texts(&self) -> Result<Vec<String>, DatasetError> {
+        let mut decoded: Vec<Option<Vec<Vec<String>>>> = vec![None; self.sources.len()];
+        let mut out = Vec::new();
+        for &(src, i) in &self.entries {
+            let texts = match &mut decoded[src as usize] {
+                Some(t) => t,
+                slot @ None => {
+                    let loader = &self.sources[src as usize].loader;
+                    let mut all = Vec::with_capacity(loader.len());
+                    for s in loader.samples().iter() {
+                        let s = s.map_err(|source| LoadError::Samples {
+                            url: loader.url().to_string(),
+                            source,
+                        })?;
+                        all.push(
+                            [s.report, s.question, s.answer, s.answer_choice]
+                                .into_iter()
+                                .flatten()
+                                .collect(),
+                        );
+                    }
+                    slot.insert(all)
+                }
+            };
+            out.extend(texts.get(i as usize).into_iter().flatten().cloned());
+        }
+        Ok(out)
+    }
+
+    /// Bytes the datasets' compact sample tables hold (see [`crate::samples::SampleTable::stored_bytes`]).
+    pub fn sample_table_bytes(&self) -> usize {
+        self.sources
+            .iter()
+            .map(|s| s.loader.samples().stored_bytes())
+            .sum()
     }
 
     /// Which `data.tasks` entry a global index belongs to.

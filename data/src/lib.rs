@@ -5,8 +5,10 @@
 //!   index the data plan permutes.
 //! - [`draws`]: per-sample random draws keyed by (seed, epoch, index), among them the augmentation.
 //! - [`loader`]: [`loader::ShardLoader`] serves decoded (and augmented) samples of one shard dataset by index:
-//!   one ranged read per volume through the dataset's volume index, a byte-bounded cache of decoded volumes and
-//!   a read-ahead thread.
+//!   ranged reads through the dataset's volume index (nearby volumes of a shard in one request), a
+//!   byte-bounded cache of decoded volumes and a read-ahead thread.
+//! - [`samples`]: [`samples::SampleTable`], the sample records as a worker holds them: compressed in blocks,
+//!   decoded per lookup.
 //!
 //! The sample order itself (global or block shuffle) is part of the data plan, `m3d_coordinator::plan`, which
 //! the coordinator and every worker compute alike; this crate only serves the indices it is handed.
@@ -17,6 +19,8 @@
 pub mod dataset;
 pub mod draws;
 pub mod loader;
+pub mod samples;
 
 pub use dataset::{DatasetError, TrainData};
 pub use loader::{LoadError, LoadedSample, LoaderOptions, ShardLoader};
+pub use samples::{SampleTable, SampleTableError};

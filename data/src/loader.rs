@@ -19,6 +19,8 @@ use std::thread::JoinHandle;
 use m3d_shards::{
     decode_sample_into, SampleRecord, ShardDataset, ShardError, VolumeReader, VolumeRecord,
 };
+
+use crate::samples::{SampleTable, SampleTableBuilder, SampleTableError};
 use m3d_volume::augment::AugmentParams;
 
 /// Errors of the loader; each names the dataset URL, shard key or sample it concerns.
@@ -56,6 +58,13 @@ pub enum LoadError {
         key: String,
         #[source]
         source: Box<ShardError>,
+    },
+    /// The compact sample table failed (see [`SampleTableError`]).
+    #[error("dataset `{url}`: {source}")]
+    Samples {
+        url: String,
+        #[source]
+        source: SampleTableError,
     },
     /// Decoding one sample's image or mask failed.
     #[error("sample {index} (`{sample_id}`): {source}")]
@@ -127,6 +136,18 @@ pub struct LoaderStats {
 
 /// A volume: which dataset's reader, which volume of it.
 type VolumeKey = (usize, usize);
+
+/// A sample whose volume is in no shard, in [`ShardLoader`]'s packed per-sample volumes.
+const NO_VOLUME: u64 = u64::MAX;
+
+/// A volume key in 8 bytes (reader in the high half): a worker keeps one per sample of its training set.
+fn pack((reader, volume): VolumeKey) -> u64 {
+    ((reader as u64) << 32) | (volume as u64 & 0xffff_ffff)
+}
+
+fn unpack(packed: u64) -> VolumeKey {
+    ((packed >> 32) as usize, (packed & 0xffff_ffff) as usize)
+}
 
 /// The outcome of looking one volume up.
 type Lookup = Result<Arc<CachedVolume>, LoadError>;
@@ -420,9 +441,9 @@ impl Shared {
 /// Serves decoded samples of one dataset by global sample index; see the module docs.
 pub struct ShardLoader {
     url: String,
-    samples: Vec<SampleRecord>,
-    /// The volume of each sample (`None`: the volume is in no shard; reported when loaded).
-    sample_volume: Vec<Option<VolumeKey>>,
+    samples: SampleTable,
+    /// The volume of each sample, packed by [`pack`] ([`NO_VOLUME`]: in no shard; reported when loaded).
+    sample_volume: Vec<u64>,
     shared: Arc<Shared>,
     prefetch_tx: Option<SyncSender<Vec<VolumeKey>>>,
     thread: Option<JoinHandle<()>>,
@@ -457,22 +478,44 @@ impl ShardLoader {
             let url = url.to_string();
             move |source| LoadError::Open { url, source }
         };
-        let dataset = ShardDataset::open(url).map_err(open_err(url))?;
+        // The manifest first, then the volume indices, then the samples a batch at a time into the compact
+        // table, each resolved to its volume on the way: the records are never all held at once.
+        let dataset = ShardDataset::open_for_volumes(url).map_err(open_err(url))?;
         let mut readers = vec![VolumeReader::open(&dataset).map_err(open_err(url))?];
         for vurl in volume_urls {
             let ds = ShardDataset::open_for_volumes(vurl).map_err(open_err(vurl))?;
             readers.push(VolumeReader::open(&ds).map_err(open_err(vurl))?);
         }
-        let samples = dataset.into_samples();
-        let sample_volume = samples
-            .iter()
-            .map(|s| {
-                readers
-                    .iter()
-                    .enumerate()
-                    .find_map(|(r, reader)| reader.locate(&s.volume_id).map(|v| (r, v)))
+        let mut table = SampleTableBuilder::default();
+        let mut sample_volume = Vec::new();
+        let mut table_error = None;
+        dataset
+            .read_samples(|total, batch| {
+                if sample_volume.is_empty() {
+                    sample_volume.reserve_exact(total);
+                    table.reserve(total);
+                }
+                for s in &batch {
+                    let key = readers
+                        .iter()
+                        .enumerate()
+                        .find_map(|(r, reader)| reader.locate(&s.volume_id).map(|v| (r, v)));
+                    sample_volume.push(key.map_or(NO_VOLUME, pack));
+                    if let Err(e) = table.push(s) {
+                        table_error.get_or_insert(e);
+                    }
+                }
+                Ok(())
             })
-            .collect();
+            .map_err(open_err(url))?;
+        let samples_err = |source| LoadError::Samples {
+            url: url.to_string(),
+            source,
+        };
+        if let Some(e) = table_error {
+            return Err(samples_err(e));
+        }
+        let samples = table.finish().map_err(samples_err)?;
         let shared = Arc::new(Shared {
             readers,
             cache_bytes: opts.cache_bytes,
@@ -521,6 +564,11 @@ impl ShardLoader {
         })
     }
 
+    /// The dataset's URL.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
     /// Number of samples in the dataset (valid indices are `0..len()`).
     pub fn len(&self) -> usize {
         self.samples.len()
@@ -530,9 +578,25 @@ impl ShardLoader {
         self.samples.is_empty()
     }
 
-    /// The sample records, by global index.
-    pub fn samples(&self) -> &[SampleRecord] {
+    /// The sample table, by global index.
+    pub fn samples(&self) -> &SampleTable {
         &self.samples
+    }
+
+    /// Sample record `index`, decoded from the table.
+    pub fn sample(&self, index: u64) -> Result<SampleRecord, LoadError> {
+        let i = usize::try_from(index).unwrap_or(usize::MAX);
+        self.samples.get(i).map_err(|source| match source {
+            SampleTableError::OutOfRange { len, .. } => LoadError::SampleOutOfRange {
+                url: self.url.clone(),
+                index,
+                len,
+            },
+            source => LoadError::Samples {
+                url: self.url.clone(),
+                source,
+            },
+        })
     }
 
     /// Number of volumes the samples can come from (of every dataset read).
@@ -540,25 +604,26 @@ impl ShardLoader {
         self.shared.readers.iter().map(VolumeReader::len).sum()
     }
 
-    fn volume_of(&self, index: u64) -> Result<(VolumeKey, &SampleRecord), LoadError> {
-        let out_of_range = || LoadError::SampleOutOfRange {
-            url: self.url.clone(),
-            index,
-            len: self.samples.len(),
-        };
-        let i = usize::try_from(index).map_err(|_| out_of_range())?;
-        let sample = self.samples.get(i).ok_or_else(out_of_range)?;
-        let key = self
-            .sample_volume
-            .get(i)
-            .copied()
-            .flatten()
-            .ok_or_else(|| LoadError::VolumeNotIndexed {
+    /// The volume of sample `index`; `Err` names the sample when it is out of range or its volume is in
+    /// no shard (decoding its record only then, for the message).
+    fn volume_of(&self, index: u64) -> Result<VolumeKey, LoadError> {
+        let packed = usize::try_from(index)
+            .ok()
+            .and_then(|i| self.sample_volume.get(i).copied())
+            .ok_or_else(|| LoadError::SampleOutOfRange {
+                url: self.url.clone(),
                 index,
-                sample_id: sample.sample_id.clone(),
-                volume_id: sample.volume_id.clone(),
+                len: self.samples.len(),
             })?;
-        Ok((key, sample))
+        if packed == NO_VOLUME {
+            let sample = self.sample(index)?;
+            return Err(LoadError::VolumeNotIndexed {
+                index,
+                sample_id: sample.sample_id,
+                volume_id: sample.volume_id,
+            });
+        }
+        Ok(unpack(packed))
     }
 
     /// Distinct volumes needed by `indices`, in first-use order.
@@ -566,7 +631,7 @@ impl ShardLoader {
         let mut seen = HashSet::new();
         let mut order = Vec::new();
         for &index in indices {
-            let (key, _) = self.volume_of(index)?;
+            let key = self.volume_of(index)?;
             if seen.insert(key) {
                 order.push(key);
             }
@@ -597,7 +662,8 @@ impl ShardLoader {
         let mut scratch = Vec::new();
         let mut out = Vec::with_capacity(indices.len());
         for (pos, &index) in indices.iter().enumerate() {
-            let (key, sample) = self.volume_of(index)?;
+            let key = self.volume_of(index)?;
+            let sample = self.sample(index)?;
             let vol = volumes.get(&key).map(|v| &v.record).ok_or_else(|| {
                 LoadError::VolumeNotIndexed {
                     index,
@@ -622,7 +688,7 @@ impl ShardLoader {
             })?;
             out.push(LoadedSample {
                 index,
-                sample: sample.clone(),
+                sample,
                 shape,
                 image,
                 mask,

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use bytes::Bytes;
 
 use crate::manifest::{sha256_hex, Manifest, ShardEntry};
-use crate::parquet_io::{read_sample_shard, VolumeShardReader};
+use crate::parquet_io::{read_sample_shard, read_sample_shard_batches, VolumeShardReader};
 use crate::schema::{SampleRecord, VolumeRecord};
 use crate::ShardError;
 use m3d_store::Store;
@@ -164,51 +164,35 @@ impl ShardDataset {
 
     /// Like [`ShardDataset::open`] with an already opened store.
     pub fn open_store(store: Store) -> Result<Self, ShardError> {
-        let manifest = Manifest::load(&store)?;
-        // Sized from the manifest and the first shard's rows moved in, not copied: growing by doubling or
-        // copying would hold up to twice the table for a moment (records are 300 bytes each before their
-        // strings, and a worker opens hundreds of thousands of them).
-        let total: u64 = manifest.sample_shards.iter().map(|e| e.rows).sum();
-        let total = usize::try_from(total).unwrap_or(usize::MAX);
+        let mut dataset = ShardDataset {
+            manifest: Manifest::load(&store)?,
+            store,
+            samples: Vec::new(),
+        };
+        // Sized from the manifest and extended batch by batch, not grown by doubling (which would hold up to
+        // twice the table for a moment: records are 300 bytes each before their strings).
         let mut samples = Vec::new();
-        for entry in &manifest.sample_shards {
-            let bytes = fetch_checked(&store, entry)?;
-            let rows = read_sample_shard(bytes, &entry.key)?;
-            if rows.len() as u64 != entry.rows {
-                return Err(ShardError::Manifest {
-                    key: Manifest::KEY.to_string(),
-                    reason: format!(
-                        "sample shard `{}` has {} rows, manifest says {}",
-                        entry.key,
-                        rows.len(),
-                        entry.rows
-                    ),
-                });
-            }
+        dataset.read_samples(|total, batch| {
             if samples.is_empty() {
-                samples = rows;
-                samples.reserve_exact(total.saturating_sub(samples.len()));
-            } else {
-                samples.extend(rows);
+                samples.reserve_exact(total);
             }
-        }
+            samples.extend(batch);
+            Ok(())
+        })?;
         samples.shrink_to_fit();
+        dataset.samples = samples;
         tracing::debug!(
-            url = store.url(),
-            samples = samples.len(),
-            volume_shards = manifest.volume_shards.len(),
+            url = dataset.store.url(),
+            samples = dataset.samples.len(),
+            volume_shards = dataset.manifest.volume_shards.len(),
             "opened shard dataset"
         );
-        Ok(ShardDataset {
-            store,
-            manifest,
-            samples,
-        })
+        Ok(dataset)
     }
 
     /// Opens only the manifest of the dataset at `url`, without its sample table ([`ShardDataset::samples`]
     /// is empty): for a dataset read for its volumes alone (M3D-VQA's samples name M3D-Cap's volumes), whose
-    /// samples would only take memory.
+    /// samples would only take memory, or whose samples are read with [`ShardDataset::read_samples`].
     pub fn open_for_volumes(url: &str) -> Result<Self, ShardError> {
         let store = Store::open_existing(url)?;
         let manifest = Manifest::load(&store)?;
@@ -217,6 +201,32 @@ impl ShardDataset {
             manifest,
             samples: Vec::new(),
         })
+    }
+
+    /// Reads the dataset's sample shards, each checked against its sha256 and its row count, and hands `f`
+    /// their records a batch (at most 8,192) at a time, in order, with the number of samples the manifest
+    /// lists: for a reader that keeps the samples in a form of its own (the worker's compact sample table)
+    /// and so never holds them all as records.
+    pub fn read_samples(
+        &self,
+        mut f: impl FnMut(usize, Vec<SampleRecord>) -> Result<(), ShardError>,
+    ) -> Result<(), ShardError> {
+        let total: u64 = self.manifest.sample_shards.iter().map(|e| e.rows).sum();
+        let total = usize::try_from(total).unwrap_or(usize::MAX);
+        for entry in &self.manifest.sample_shards {
+            let bytes = fetch_checked(&self.store, entry)?;
+            let rows = read_sample_shard_batches(bytes, &entry.key, |_, batch| f(total, batch))?;
+            if rows as u64 != entry.rows {
+                return Err(ShardError::Manifest {
+                    key: Manifest::KEY.to_string(),
+                    reason: format!(
+                        "sample shard `{}` has {} rows, manifest says {}",
+                        entry.key, rows, entry.rows
+                    ),
+                });
+            }
+        }
+        Ok(())
     }
 
     pub fn manifest(&self) -> &Manifest {

@@ -25,7 +25,8 @@ pub use index::{
 pub use m3d_store::{IoEvent, IoLog, Store, StoreError};
 pub use manifest::{sha256_hex, Manifest, ShardEntry, Totals};
 pub use parquet_io::{
-    read_sample_shard, write_sample_shard, write_volume_shard, VolumeShardReader, WriteOptions,
+    read_sample_shard, read_sample_shard_batches, write_sample_shard, write_volume_shard,
+    VolumeShardReader, WriteOptions,
 };
 pub use reader::{ReadSpan, VolumeReader, COALESCE_GAP, COALESCE_MAX};
 pub use schema::{MaskRecord, SampleRecord, Task, VolumeRecord};

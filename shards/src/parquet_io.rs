@@ -593,9 +593,28 @@ fn opt_str(a: &StringArray, i: usize) -> Option<String> {
 
 /// Decodes a whole sample shard.
 pub fn read_sample_shard(bytes: Bytes, key: &str) -> Result<Vec<SampleRecord>, ShardError> {
-    let meta = open_shard(&bytes, key, KIND_SAMPLES)?;
     // Exactly sized (a hint: bounded by the bytes, the footer is not trusted yet): growing by doubling would
     // hold twice the records for a moment.
+    let mut out = Vec::new();
+    read_sample_shard_batches(bytes, key, |rows, batch| {
+        if out.is_empty() {
+            out.reserve_exact(rows);
+        }
+        out.extend(batch);
+        Ok(())
+    })?;
+    Ok(out)
+}
+
+/// Decodes a sample shard a batch of at most 8,192 records at a time, handing each batch to `f` with the
+/// shard's row count (from its footer; a hint bounded by its size): a reader that keeps the samples in
+/// another form never holds the whole shard as records. Returns the number of rows decoded.
+pub fn read_sample_shard_batches(
+    bytes: Bytes,
+    key: &str,
+    mut f: impl FnMut(usize, Vec<SampleRecord>) -> Result<(), ShardError>,
+) -> Result<usize, ShardError> {
+    let meta = open_shard(&bytes, key, KIND_SAMPLES)?;
     let rows = usize::try_from(meta.metadata().file_metadata().num_rows())
         .unwrap_or(0)
         .min(bytes.len());
@@ -603,8 +622,9 @@ pub fn read_sample_shard(bytes: Bytes, key: &str) -> Result<Vec<SampleRecord>, S
         .with_batch_size(8192)
         .build()
         .map_err(|e| ShardError::parquet(key, e))?;
-    let mut out = Vec::with_capacity(rows);
+    let mut done = 0usize;
     for batch in reader {
+        let mut out = Vec::with_capacity(batch.as_ref().map_or(0, |b| b.num_rows()));
         let batch = batch.map_err(|e| ShardError::arrow(key, e))?;
         let s = |name| column::<StringArray>(&batch, name, key);
         let (sample_id, dataset, task, split, volume_id) = (
@@ -641,7 +661,7 @@ pub fn read_sample_shard(bytes: Bytes, key: &str) -> Result<Vec<SampleRecord>, S
             .downcast_ref::<Float32Array>()
             .ok_or_else(|| ShardError::schema(key, "column `bbox` values are not float32"))?;
         for i in 0..batch.num_rows() {
-            let row = out.len();
+            let row = done + out.len();
             let task = task.value(i).parse::<Task>().map_err(|e| ShardError::Row {
                 key: key.to_string(),
                 row,
@@ -686,8 +706,10 @@ pub fn read_sample_shard(bytes: Bytes, key: &str) -> Result<Vec<SampleRecord>, S
                 source_row: opt_str(source_row, i),
             });
         }
+        done += out.len();
+        f(rows, out)?;
     }
-    Ok(out)
+    Ok(done)
 }
 
 /// Streams the volumes of one volume shard, one row group at a time, so at most one group's decoded rows

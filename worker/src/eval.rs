@@ -152,12 +152,12 @@ pub fn clip_retrieval_on(
             ..LoaderOptions::default()
         },
     )?;
-    let indices: Vec<u64> = loader
-        .samples()
-        .iter()
-        .enumerate()
-        .filter(|(_, s)| s.split == split && s.task.in_recipe_task("cap"))
-        .map(|(i, _)| i as u64)
+    let table = loader.samples();
+    let indices: Vec<u64> = (0..table.len())
+        .filter(|&i| {
+            table.split(i) == Some(split) && table.task(i).is_some_and(|t| t.in_recipe_task("cap"))
+        })
+        .map(|i| i as u64)
         .collect();
     if indices.len() < 2 {
         return Err(EvalError::Input(format!(

@@ -52,6 +52,8 @@ pub enum JobError {
     },
     #[error("sample `{sample}`: {reason}")]
     Sample { sample: String, reason: String },
+    #[error(transparent)]
+    Data(#[from] Box<m3d_data::DatasetError>),
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -123,7 +125,8 @@ pub fn resolve_tokenizer(
         ModelKind::Clip => VocabStyle::Bert,
         ModelKind::Lamed => VocabStyle::Llama,
     };
-    let mut texts: Vec<&str> = data.texts().collect();
+    let owned = data.texts().map_err(Box::new)?;
+    let mut texts: Vec<&str> = owned.iter().map(String::as_str).collect();
     let templates = Templates::default();
     let template_texts = templates.all_texts();
     texts.extend(template_texts.iter().map(String::as_str));

@@ -1,0 +1,427 @@
+//! [`SampleTable`]: a dataset's sample records kept compact in memory, the form the worker holds them in.
+//!
+//! A worker holds its training set's sample table for the whole run, and at M3D scale (662K samples: reports,
+//! questions, answers and their ids) a `Vec<SampleRecord>` is ~400 MiB: 300 bytes of struct per record and
+//! about nine heap allocations. Here the records are encoded back to back (lengths as varints, absent fields as
+//! one byte) in blocks of [`BLOCK_ROWS`], each block compressed with zstd; what the index and the filters need
+//! for every sample without decoding (its task and split) is kept beside them as one byte and an interned
+//! number. A record is materialised when a batch asks for it: one block decompressed per lookup (tens of
+//! microseconds), a cost per sample of a step, not per step of a run.
+
+use m3d_shards::schema::{SampleRecord, Task};
+
+/// Records per compressed block: large enough for zstd to find the repeats between neighbouring records
+/// (ids, dataset and split names, templates), small enough that a lookup decompresses a few tens of KiB.
+pub const BLOCK_ROWS: usize = 128;
+
+/// zstd level: 3 is zstd's default, compressing at hundreds of MB/s, so opening 662K samples costs well under a
+/// second more than decoding them.
+const LEVEL: i32 = 3;
+
+/// Errors of the table: these are failures of this process (an allocation, a codec), not of the data, which
+/// was checked when its shard was decoded.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SampleTableError {
+    #[error("sample {index} out of range ({len} samples)")]
+    OutOfRange { index: usize, len: usize },
+    #[error("compressing or decompressing block {block} of the sample table: {reason}")]
+    Codec { block: usize, reason: String },
+    #[error("more than {max} distinct splits")]
+    TooManySplits { max: usize },
+}
+
+/// The records of a dataset, compressed in blocks; see the module docs.
+#[derive(Default)]
+pub struct SampleTable {
+    /// zstd-compressed blocks and their decoded sizes.
+    blocks: Vec<(Box<[u8]>, usize)>,
+    tasks: Vec<Task>,
+    /// Interned: index into `split_names`.
+    splits: Vec<u16>,
+    split_names: Vec<String>,
+}
+
+impl std::fmt::Debug for SampleTable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SampleTable")
+            .field("samples", &self.len())
+            .field("stored_bytes", &self.stored_bytes())
+            .finish()
+    }
+}
+
+impl SampleTable {
+    /// The number of samples.
+    pub fn len(&self) -> usize {
+        self.tasks.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tasks.is_empty()
+    }
+
+    /// Sample `i`'s task, without decoding it.
+    pub fn task(&self, i: usize) -> Option<Task> {
+        self.tasks.get(i).copied()
+    }
+
+    /// Sample `i`'s split, without decoding it.
+    pub fn split(&self, i: usize) -> Option<&str> {
+        let s = *self.splits.get(i)?;
+        self.split_names.get(usize::from(s)).map(String::as_str)
+    }
+
+    /// Bytes held: the compressed blocks and the per-sample task and split.
+    pub fn stored_bytes(&self) -> usize {
+        self.blocks.iter().map(|(b, _)| b.len()).sum::<usize>() + self.tasks.len() * 3
+    }
+
+    /// Sample `i`, decoded.
+    pub fn get(&self, i: usize) -> Result<SampleRecord, SampleTableError> {
+        let out_of_range = || SampleTableError::OutOfRange {
+            index: i,
+            len: self.len(),
+        };
+        if i >= self.len() {
+            return Err(out_of_range());
+        }
+        let block = self.block(i / BLOCK_ROWS)?;
+        let mut rest = block.as_slice();
+        for _ in 0..i % BLOCK_ROWS {
+            skip_record(&mut rest).ok_or_else(|| self.corrupt(i / BLOCK_ROWS))?;
+        }
+        decode_record(&mut rest).ok_or_else(|| self.corrupt(i / BLOCK_ROWS))
+    }
+
+    /// Every sample, in order, decoding each block once.
+    pub fn iter(&self) -> impl Iterator<Item = Result<SampleRecord, SampleTableError>> + '_ {
+        (0..self.blocks.len()).flat_map(move |b| {
+            let rows = (self.len() - b * BLOCK_ROWS).min(BLOCK_ROWS);
+            let decoded: Vec<Result<SampleRecord, SampleTableError>> = match self.block(b) {
+                Ok(block) => {
+                    let mut rest = block.as_slice();
+                    (0..rows)
+                        .map(|_| decode_record(&mut rest).ok_or_else(|| self.corrupt(b)))
+                        .collect()
+                }
+                Err(e) => vec![Err(e)],
+            };
+            decoded
+        })
+    }
+
+    fn block(&self, b: usize) -> Result<Vec<u8>, SampleTableError> {
+        let (compressed, size) = self.blocks.get(b).ok_or_else(|| self.corrupt(b))?;
+        zstd::bulk::decompress(compressed, *size).map_err(|e| SampleTableError::Codec {
+            block: b,
+            reason: e.to_string(),
+        })
+    }
+
+    fn corrupt(&self, block: usize) -> SampleTableError {
+        SampleTableError::Codec {
+            block,
+            reason: "a record does not decode (a bug: the table is written by this process)".into(),
+        }
+    }
+}
+
+/// Builds a [`SampleTable`] record by record.
+#[derive(Default)]
+pub struct SampleTableBuilder {
+    table: SampleTable,
+    open: Vec<u8>,
+    open_rows: usize,
+}
+
+impl SampleTableBuilder {
+    /// Reserves the per-sample arrays for `n` samples (the manifest's count).
+    pub fn reserve(&mut self, n: usize) {
+        self.table.tasks.reserve_exact(n);
+        self.table.splits.reserve_exact(n);
+        self.table.blocks.reserve_exact(n.div_ceil(BLOCK_ROWS));
+    }
+
+    /// Appends `record`.
+    pub fn push(&mut self, record: &SampleRecord) -> Result<(), SampleTableError> {
+        let split = match self
+            .table
+            .split_names
+            .iter()
+            .position(|s| *s == record.split)
+        {
+            Some(p) => p,
+            None => {
+                self.table.split_names.push(record.split.clone());
+                self.table.split_names.len() - 1
+            }
+        };
+        let split = u16::try_from(split).map_err(|_| SampleTableError::TooManySplits {
+            max: usize::from(u16::MAX),
+        })?;
+        self.table.splits.push(split);
+        self.table.tasks.push(record.task);
+        encode_record(&mut self.open, record);
+        self.open_rows += 1;
+        if self.open_rows == BLOCK_ROWS {
+            self.seal()?;
+        }
+        Ok(())
+    }
+
+    fn seal(&mut self) -> Result<(), SampleTableError> {
+        if self.open_rows == 0 {
+            return Ok(());
+        }
+        let compressed =
+            zstd::bulk::compress(&self.open, LEVEL).map_err(|e| SampleTableError::Codec {
+                block: self.table.blocks.len(),
+                reason: e.to_string(),
+            })?;
+        self.table
+            .blocks
+            .push((compressed.into_boxed_slice(), self.open.len()));
+        self.open.clear();
+        self.open_rows = 0;
+        Ok(())
+    }
+
+    /// The table.
+    pub fn finish(mut self) -> Result<SampleTable, SampleTableError> {
+        self.seal()?;
+        self.table.blocks.shrink_to_fit();
+        self.table.tasks.shrink_to_fit();
+        self.table.splits.shrink_to_fit();
+        Ok(self.table)
+    }
+}
+
+fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+fn get_varint(rest: &mut &[u8]) -> Option<u64> {
+    let mut v = 0u64;
+    for shift in (0..64).step_by(7) {
+        let (&b, tail) = rest.split_first()?;
+        *rest = tail;
+        v |= u64::from(b & 0x7f) << shift;
+        if b < 0x80 {
+            return Some(v);
+        }
+    }
+    None
+}
+
+/// An optional string: 0 when absent, else its length + 1, then its bytes.
+fn put_str(out: &mut Vec<u8>, s: Option<&str>) {
+    match s {
+        None => out.push(0),
+        Some(s) => {
+            put_varint(out, s.len() as u64 + 1);
+            out.extend_from_slice(s.as_bytes());
+        }
+    }
+}
+
+fn get_str(rest: &mut &[u8]) -> Option<Option<String>> {
+    let n = get_varint(rest)?;
+    if n == 0 {
+        return Some(None);
+    }
+    let n = usize::try_from(n - 1).ok()?;
+    if rest.len() < n {
+        return None;
+    }
+    let (s, tail) = rest.split_at(n);
+    *rest = tail;
+    String::from_utf8(s.to_vec()).ok().map(Some)
+}
+
+fn put_u32(out: &mut Vec<u8>, v: Option<u32>) {
+    put_varint(out, v.map_or(0, |v| u64::from(v) + 1));
+}
+
+fn get_u32(rest: &mut &[u8]) -> Option<Option<u32>> {
+    match get_varint(rest)? {
+        0 => Some(None),
+        n => u32::try_from(n - 1).ok().map(Some),
+    }
+}
+
+fn encode_record(out: &mut Vec<u8>, r: &SampleRecord) {
+    for s in [&r.sample_id, &r.dataset, &r.split, &r.volume_id] {
+        put_str(out, Some(s));
+    }
+    for s in [
+        &r.question,
+        &r.answer,
+        &r.answer_choice,
+        &r.question_type,
+        &r.class_name,
+        &r.report,
+        &r.source_row,
+    ] {
+        put_str(out, s.as_deref());
+    }
+    // Task::ALL holds every task, so the position always exists.
+    let task = Task::ALL.iter().position(|t| *t == r.task).unwrap_or(0);
+    out.push(task as u8);
+    put_u32(out, r.mask_index);
+    match &r.bbox {
+        None => out.push(0),
+        Some(b) => {
+            out.push(1);
+            for v in b {
+                out.extend_from_slice(&v.to_le_bytes());
+            }
+        }
+    }
+}
+
+fn decode_record(rest: &mut &[u8]) -> Option<SampleRecord> {
+    let mut req = || get_str(rest).flatten();
+    let (sample_id, dataset, split, volume_id) = (req()?, req()?, req()?, req()?);
+    let mut opt = || get_str(rest);
+    let (question, answer, answer_choice, question_type, class_name, report, source_row) =
+        (opt()?, opt()?, opt()?, opt()?, opt()?, opt()?, opt()?);
+    let (&task, tail) = rest.split_first()?;
+    *rest = tail;
+    let task = *Task::ALL.get(usize::from(task))?;
+    let mask_index = get_u32(rest)?;
+    let (&has_bbox, tail) = rest.split_first()?;
+    *rest = tail;
+    let bbox = if has_bbox == 1 {
+        if rest.len() < 24 {
+            return None;
+        }
+        let (b, tail) = rest.split_at(24);
+        *rest = tail;
+        let mut out = [0f32; 6];
+        for (o, c) in out.iter_mut().zip(b.chunks_exact(4)) {
+            *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+        }
+        Some(out)
+    } else {
+        None
+    };
+    Some(SampleRecord {
+        sample_id,
+        dataset,
+        task,
+        split,
+        volume_id,
+        mask_index,
+        question,
+        answer,
+        answer_choice,
+        question_type,
+        class_name,
+        bbox,
+        report,
+        source_row,
+    })
+}
+
+fn skip_record(rest: &mut &[u8]) -> Option<()> {
+    for _ in 0..11 {
+        let n = get_varint(rest)?;
+        let n = usize::try_from(n.saturating_sub(1)).ok()?;
+        *rest = rest.get(n..)?;
+    }
+    // Task byte, mask index, bbox flag (+ 24 bytes).
+    *rest = rest.get(1..)?;
+    get_varint(rest)?;
+    let (&has_bbox, tail) = rest.split_first()?;
+    *rest = if has_bbox == 1 { tail.get(24..)? } else { tail };
+    Some(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(i: usize) -> SampleRecord {
+        let task = Task::ALL[i % Task::ALL.len()];
+        SampleRecord {
+            sample_id: format!("sample-{i}"),
+            dataset: if i % 3 == 0 { "vqa" } else { "cap" }.into(),
+            task,
+            split: ["train", "validation", "test"][i % 3].into(),
+            volume_id: format!("ct_case/{i:06}/Axial"),
+            mask_index: (i % 4 == 0).then_some(i as u32 * 1000),
+            question: (i % 2 == 0).then(|| format!("what is in image {i}? ünïcödé")),
+            answer: (i % 5 != 0).then(|| "a".repeat(i % 300)),
+            answer_choice: (i % 7 == 0).then(|| "B".into()),
+            question_type: (i % 7 == 0).then(String::new),
+            class_name: (i % 11 == 0).then(|| "liver".into()),
+            bbox: (i % 6 == 0).then_some([0.1, -0.0, f32::MAX, 1e-9, 0.5, i as f32]),
+            report: (i % 3 != 2).then(|| format!("report {i} ").repeat(i % 50)),
+            source_row: Some(format!("M3D_Cap.json:{i}")),
+        }
+    }
+
+    #[test]
+    fn every_record_comes_back_identical_by_index_and_in_order() {
+        // Not a multiple of the block size, so the last block is partial.
+        let n = 3 * BLOCK_ROWS + 17;
+        let records: Vec<SampleRecord> = (0..n).map(record).collect();
+        let mut b = SampleTableBuilder::default();
+        b.reserve(n);
+        for r in &records {
+            b.push(r).unwrap();
+        }
+        let t = b.finish().unwrap();
+        assert_eq!(t.len(), n);
+        for (i, r) in records.iter().enumerate() {
+            assert_eq!(&t.get(i).unwrap(), r, "record {i}");
+            assert_eq!(t.task(i), Some(r.task));
+            assert_eq!(t.split(i), Some(r.split.as_str()));
+        }
+        let all: Vec<SampleRecord> = t.iter().map(Result::unwrap).collect();
+        assert_eq!(all, records);
+        assert!(matches!(
+            t.get(n),
+            Err(SampleTableError::OutOfRange { index, len }) if index == n && len == n
+        ));
+        assert_eq!(t.task(n), None);
+        assert_eq!(t.split(n), None);
+    }
+
+    #[test]
+    fn repetitive_records_take_a_fraction_of_their_text() {
+        let records: Vec<SampleRecord> = (0..4 * BLOCK_ROWS).map(record).collect();
+        let text: usize = records
+            .iter()
+            .map(|r| {
+                r.sample_id.len()
+                    + r.volume_id.len()
+                    + r.report.as_ref().map_or(0, String::len)
+                    + r.answer.as_ref().map_or(0, String::len)
+            })
+            .sum();
+        let mut b = SampleTableBuilder::default();
+        for r in &records {
+            b.push(r).unwrap();
+        }
+        let t = b.finish().unwrap();
+        assert!(
+            t.stored_bytes() * 4 < text,
+            "{} of {text}",
+            t.stored_bytes()
+        );
+    }
+
+    #[test]
+    fn an_empty_table_is_empty() {
+        let t = SampleTableBuilder::default().finish().unwrap();
+        assert!(t.is_empty());
+        assert_eq!(t.iter().count(), 0);
+        assert!(t.get(0).is_err());
+    }
+}
