@@ -21,6 +21,19 @@ mod train;
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// Hands the memory mimalloc holds freed back to the system now rather than after its purge delay (which only
+/// runs when the allocator is next busy). A worker calls it once after opening its training set, which
+/// decodes every sample shard through buffers freed right after: measured ~85 MiB of a 120K-volume /
+/// 662K-sample set's RSS (docs/benchmarks.md).
+pub(crate) fn release_freed_memory() {
+    // SAFETY: `mi_collect` takes no pointer and may be called at any time from any thread; it only returns
+    // free pages of mimalloc's own heaps to the system.
+    #[allow(unsafe_code)]
+    unsafe {
+        libmimalloc_sys::mi_collect(true);
+    }
+}
+
 #[derive(Parser)]
 #[command(
     name = "m3d",

@@ -194,6 +194,7 @@ pub fn worker(a: WorkerArgs) -> Result<()> {
         collective_timeout: a.collective_timeout,
         run: run_dir(&recipe),
         threads: a.threads,
+        after_open: Some(crate::release_freed_memory),
     };
     match run_worker(&recipe, &opts) {
         Ok(WorkerExit::Finished) => tracing::info!(worker = %opts.worker_id, "finished"),

@@ -172,6 +172,10 @@ pub struct WorkerOptions {
     pub run: RunDir,
     /// libtorch intra-op threads (default: this host's cores divided among its ranks).
     pub threads: Option<usize>,
+    /// Called once the training set and the tokenizer are open, before the worker connects: opening decodes
+    /// every sample shard through transient buffers, and the binary, which owns the allocator, hands that
+    /// memory back to the system here (`m3d` asks mimalloc to purge what it freed).
+    pub after_open: Option<fn()>,
 }
 
 /// How the worker ended.
@@ -391,6 +395,9 @@ pub fn run_worker(recipe: &Recipe, opts: &WorkerOptions) -> Result<WorkerExit, R
         std::process::id()
     ));
     let tokenizer = resolve_tokenizer(recipe, &data, &scratch).map_err(TrainError::from)?;
+    if let Some(after_open) = opts.after_open {
+        after_open();
+    }
     let run = opts.run.clone();
     let mut client = patiently(&rt, &opts.worker_id, "connecting", || {
         Client::connect(&opts.coordinator, opts.token.clone())
