@@ -9,7 +9,7 @@ use m3d_recipes::Recipe;
 use m3d_shards::schema::SampleRecord;
 use m3d_volume::augment::AugmentParams;
 
-use crate::loader::{LoadError, LoadedSample, LoaderOptions, ShardLoader};
+use crate::loader::{LoadError, LoadedSample, LoaderOptions, ShardLoader, VolumeReaders};
 
 /// Errors opening or reading the training set.
 #[derive(Debug, thiserror::Error)]
@@ -61,10 +61,12 @@ impl TrainData {
         };
         let mut sources = Vec::new();
         let mut entries = Vec::new();
+        let mut readers = VolumeReaders::default();
         for (ti, t) in d.tasks.iter().enumerate() {
             let mut task_entries: Vec<(u32, u64)> = Vec::new();
             for url in &t.shards {
-                let loader = ShardLoader::open_with_volumes(url, &t.volumes, opts.clone())?;
+                let loader =
+                    ShardLoader::open_sharing(url, &t.volumes, opts.clone(), &mut readers)?;
                 let src = sources.len() as u32;
                 let table = loader.samples();
                 task_entries.extend(

@@ -186,7 +186,7 @@ struct Counters {
 /// What the loader and its read-ahead thread share.
 struct Shared {
     /// One reader per dataset the volumes come from.
-    readers: Vec<VolumeReader>,
+    readers: Vec<Arc<VolumeReader>>,
     cache_bytes: usize,
     state: Mutex<CacheState>,
     cv: Condvar,
@@ -438,6 +438,48 @@ impl Shared {
     }
 }
 
+/// Volume readers by dataset URL, for loaders that share them: M3D-VQA's samples read M3D-Cap's volumes, and
+/// Cap's index (one entry per volume: 120K of them) is then held once, not once per loader.
+#[derive(Default)]
+pub struct VolumeReaders {
+    by_url: HashMap<String, Arc<VolumeReader>>,
+}
+
+impl VolumeReaders {
+    /// The number of datasets whose readers are held.
+    pub fn len(&self) -> usize {
+        self.by_url.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_url.is_empty()
+    }
+
+    /// The reader of the dataset at `url`, opened now (from `dataset` when the caller has its manifest) if
+    /// no loader opened it before.
+    fn get(
+        &mut self,
+        url: &str,
+        dataset: Option<&ShardDataset>,
+    ) -> Result<Arc<VolumeReader>, LoadError> {
+        if let Some(r) = self.by_url.get(url) {
+            return Ok(Arc::clone(r));
+        }
+        let err = |source| LoadError::Open {
+            url: url.to_string(),
+            source,
+        };
+        let reader = match dataset {
+            Some(ds) => VolumeReader::open(ds),
+            None => VolumeReader::open(&ShardDataset::open_for_volumes(url).map_err(err)?),
+        }
+        .map_err(err)?;
+        let reader = Arc::new(reader);
+        self.by_url.insert(url.to_string(), Arc::clone(&reader));
+        Ok(reader)
+    }
+}
+
 /// Serves decoded samples of one dataset by global sample index; see the module docs.
 pub struct ShardLoader {
     url: String,
@@ -474,6 +516,17 @@ impl ShardLoader {
         volume_urls: &[String],
         opts: LoaderOptions,
     ) -> Result<Self, LoadError> {
+        Self::open_sharing(url, volume_urls, opts, &mut VolumeReaders::default())
+    }
+
+    /// [`ShardLoader::open_with_volumes`] taking the volume readers from `readers` (opening and adding those
+    /// it lacks): the loaders of one training set share each dataset's volume index.
+    pub fn open_sharing(
+        url: &str,
+        volume_urls: &[String],
+        opts: LoaderOptions,
+        shared_readers: &mut VolumeReaders,
+    ) -> Result<Self, LoadError> {
         let open_err = |url: &str| {
             let url = url.to_string();
             move |source| LoadError::Open { url, source }
@@ -481,10 +534,9 @@ impl ShardLoader {
         // The manifest first, then the volume indices, then the samples a batch at a time into the compact
         // table, each resolved to its volume on the way: the records are never all held at once.
         let dataset = ShardDataset::open_for_volumes(url).map_err(open_err(url))?;
-        let mut readers = vec![VolumeReader::open(&dataset).map_err(open_err(url))?];
+        let mut readers = vec![shared_readers.get(url, Some(&dataset))?];
         for vurl in volume_urls {
-            let ds = ShardDataset::open_for_volumes(vurl).map_err(open_err(vurl))?;
-            readers.push(VolumeReader::open(&ds).map_err(open_err(vurl))?);
+            readers.push(shared_readers.get(vurl, None)?);
         }
         let mut table = SampleTableBuilder::default();
         let mut sample_volume = Vec::new();
@@ -601,7 +653,7 @@ impl ShardLoader {
 
     /// Number of volumes the samples can come from (of every dataset read).
     pub fn num_volumes(&self) -> usize {
-        self.shared.readers.iter().map(VolumeReader::len).sum()
+        self.shared.readers.iter().map(|r| r.len()).sum()
     }
 
     /// The volume of sample `index`; `Err` names the sample when it is out of range or its volume is in

@@ -2,7 +2,7 @@
 //! crate's own decoding, store reads bounded by distinct volumes (ranged reads through the volume index), eviction
 //! under a small cache, errors that name the sample or volume, and read-ahead observed through the loader's counters.
 
-use m3d_data::loader::{LoadError, LoaderOptions, ShardLoader};
+use m3d_data::loader::{LoadError, LoaderOptions, ShardLoader, VolumeReaders};
 use m3d_shards::encode::{encode_image, pack_mask};
 use m3d_shards::manifest::volume_shard_key;
 use m3d_shards::{
@@ -346,7 +346,8 @@ fn volumes_from_another_dataset_are_read_without_its_sample_table() {
     std::fs::write(dir.path().join("cap").join(key), b"not parquet").unwrap();
     assert!(ShardDataset::open(&cap).is_err());
 
-    let loader = ShardLoader::open_with_volumes(&vqa, &[cap], opts(1 << 20, 0)).unwrap();
+    let loader =
+        ShardLoader::open_with_volumes(&vqa, std::slice::from_ref(&cap), opts(1 << 20, 0)).unwrap();
     let table: Vec<SampleRecord> = loader.samples().iter().map(Result::unwrap).collect();
     assert_eq!(table, samples);
     for (i, s) in samples.iter().enumerate() {
@@ -359,4 +360,21 @@ fn volumes_from_another_dataset_are_read_without_its_sample_table() {
         assert_eq!(g.mask, None);
     }
     assert_eq!(loader.stats().volume_reads, VOLUMES);
+
+    // Loaders of one training set share the volume readers: cap's index is held once for both.
+    let mut readers = VolumeReaders::default();
+    let vqa_loader = ShardLoader::open_sharing(
+        &vqa,
+        std::slice::from_ref(&cap),
+        opts(1 << 20, 0),
+        &mut readers,
+    )
+    .unwrap();
+    assert_eq!(readers.len(), 2, "vqa's (empty) index and cap's");
+    std::fs::write(dir.path().join("cap").join(key), b"still not parquet").unwrap();
+    // Cap's own loader would need its (garbled) sample table; its volume index is taken from `readers`.
+    assert!(ShardLoader::open_sharing(&cap, &[], opts(1 << 20, 0), &mut readers).is_err());
+    assert_eq!(readers.len(), 2);
+    let got = vqa_loader.load(&[0, 5]).unwrap();
+    assert_eq!(got.len(), 2);
 }

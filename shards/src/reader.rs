@@ -57,7 +57,9 @@ pub struct VolumeReader {
     store: Store,
     entries: Vec<ShardEntry>,
     index: VolumeIndex,
-    by_id: HashMap<String, usize>,
+    /// Positions in `index.volumes` ordered by volume id (first occurrence of a repeated id first), searched by
+    /// [`VolumeReader::locate`]: 4 bytes a volume where a map by id held a second copy of every id.
+    by_id: Vec<u32>,
     footers: Mutex<Footers>,
 }
 
@@ -74,11 +76,20 @@ impl VolumeReader {
     /// The reader of `dataset`'s volumes: reads its index ([`ShardError::NoIndex`] without one), no shard.
     pub fn open(dataset: &ShardDataset) -> Result<VolumeReader, ShardError> {
         let index = dataset.volume_index()?;
-        let by_id = index
-            .by_id()
-            .into_iter()
-            .map(|(k, v)| (k.to_string(), v))
-            .collect();
+        let n = u32::try_from(index.volumes.len()).map_err(|_| {
+            ShardError::Invalid(format!(
+                "{} volumes in `{}`: more than a reader indexes",
+                index.volumes.len(),
+                dataset.store().url()
+            ))
+        })?;
+        let mut by_id: Vec<u32> = (0..n).collect();
+        // Stable: among equal ids the first position stays first, which `locate` returns.
+        by_id.sort_by(|&a, &b| {
+            index.volumes[a as usize]
+                .volume_id
+                .cmp(&index.volumes[b as usize].volume_id)
+        });
         Ok(VolumeReader {
             store: dataset.store().clone(),
             entries: dataset.manifest().volume_shards.clone(),
@@ -100,7 +111,10 @@ impl VolumeReader {
 
     /// The position of volume `id` (for [`VolumeReader::read`]).
     pub fn locate(&self, id: &str) -> Option<usize> {
-        self.by_id.get(id).copied()
+        let id_at = |p: u32| self.index.volumes[p as usize].volume_id.as_str();
+        let first = self.by_id.partition_point(|&p| id_at(p) < id);
+        let p = *self.by_id.get(first)?;
+        (id_at(p) == id).then_some(p as usize)
     }
 
     /// Where volume number `i` is.
