@@ -6,7 +6,10 @@
 //! most one read per distinct volume it needs. The volumes one call needs are planned per shard: nearby ones
 //! come with one request (`VolumeReader::spans`), which is what makes a block shuffle cheap on object storage.
 //! A read-ahead thread reads the volumes of the next steps' index lists ([`ShardLoader::prefetch`]; requests
-//! that queued up are read together), several requests at a time.
+//! that queued up are read together), several requests at a time; a shard of at most 1 MiB it fetches whole
+//! (checked against the manifest) and keeps, compressed, for the loads of the shard's other volumes, so small
+//! volumes under a global shuffle cost a request per shard rather than per sample. A load reads only its own
+//! volumes' bytes.
 //!
 //! Output depends only on the indices asked for, never on what happens to be cached.
 
@@ -78,6 +81,23 @@ pub enum LoadError {
 
 /// Volumes of one read-ahead request read at the same time: on an object store each read is mostly waiting.
 const READ_AHEAD_THREADS: usize = 8;
+
+/// A shard of at most this many bytes is fetched whole by read-ahead (one request costs about what a megabyte
+/// of transfer does on object storage, `m3d_shards::COALESCE_GAP`) and kept, as fetched, for the loads of its
+/// other volumes: with small volumes a global shuffle then costs a request per shard, not per sample. Loads
+/// themselves read only their own bytes.
+const WHOLE_SHARD_MAX: u64 = m3d_shards::COALESCE_GAP;
+
+/// Bytes of whole shards kept (compressed, as fetched), least recently used dropped first.
+const RAW_SHARD_BYTES: usize = 64 << 20;
+
+/// Whole small shards read-ahead fetched, by (reader, shard), with their last use.
+#[derive(Default)]
+struct RawShards {
+    map: HashMap<(usize, u32), (bytes::Bytes, u64)>,
+    held: usize,
+    tick: u64,
+}
 
 /// Loader settings.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -191,6 +211,7 @@ struct Shared {
     state: Mutex<CacheState>,
     cv: Condvar,
     counters: Counters,
+    raw: Mutex<RawShards>,
 }
 
 impl Shared {
@@ -294,7 +315,7 @@ impl Shared {
         let next = AtomicUsize::new(0);
         let work = || {
             while let Some((r, span)) = jobs.get(next.fetch_add(1, Ordering::Relaxed)) {
-                let mut results = self.read_span(*r, span);
+                let mut results = self.read_span(*r, span, by_prefetch);
                 let mut done = done.lock().unwrap_or_else(|p| p.into_inner());
                 for (key, result) in results.drain(..) {
                     self.finish(&mut done, key, result, by_prefetch);
@@ -318,11 +339,33 @@ impl Shared {
             .collect()
     }
 
-    /// Reads the volumes of one span of reader `r`, counting the request and each volume.
-    fn read_span(&self, r: usize, span: &m3d_shards::ReadSpan) -> Vec<(VolumeKey, Lookup)> {
+    /// Reads the volumes of one span of reader `r`: from a whole shard read-ahead kept, else with one request
+    /// (read-ahead fetches a shard of at most [`WHOLE_SHARD_MAX`] bytes whole and keeps it for the loads that
+    /// follow; loads read their own bytes).
+    fn read_span(
+        &self,
+        r: usize,
+        span: &m3d_shards::ReadSpan,
+        by_prefetch: bool,
+    ) -> Vec<(VolumeKey, Lookup)> {
         let reader = &self.readers[r];
-        self.counters.requests.fetch_add(1, Ordering::Relaxed);
-        match reader.read_span(span, true, true) {
+        let outcome = if let Some(whole) = self.raw_get((r, span.shard)) {
+            reader.read_span_from(span, &whole, true, true)
+        } else if by_prefetch
+            && reader
+                .shard_bytes(span.shard)
+                .is_some_and(|b| b <= WHOLE_SHARD_MAX)
+        {
+            self.counters.requests.fetch_add(1, Ordering::Relaxed);
+            reader.fetch_shard(span.shard).and_then(|whole| {
+                self.raw_put((r, span.shard), whole.clone());
+                reader.read_span_from(span, &whole, true, true)
+            })
+        } else {
+            self.counters.requests.fetch_add(1, Ordering::Relaxed);
+            reader.read_span(span, true, true)
+        };
+        match outcome {
             Ok(records) => records
                 .into_iter()
                 .map(|(v, record)| {
@@ -354,6 +397,45 @@ impl Shared {
                         )
                     })
                     .collect()
+            }
+        }
+    }
+
+    fn raw_lock(&self) -> MutexGuard<'_, RawShards> {
+        // Only a cache: a panic while holding it leaves a consistent map.
+        self.raw.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn raw_get(&self, key: (usize, u32)) -> Option<bytes::Bytes> {
+        let mut raw = self.raw_lock();
+        raw.tick += 1;
+        let tick = raw.tick;
+        raw.map.get_mut(&key).map(|(b, last)| {
+            *last = tick;
+            b.clone()
+        })
+    }
+
+    fn raw_put(&self, key: (usize, u32), whole: bytes::Bytes) {
+        let mut raw = self.raw_lock();
+        raw.tick += 1;
+        let tick = raw.tick;
+        raw.held += whole.len();
+        if let Some((old, _)) = raw.map.insert(key, (whole, tick)) {
+            raw.held -= old.len();
+        }
+        while raw.held > RAW_SHARD_BYTES {
+            let Some(victim) = raw
+                .map
+                .iter()
+                .filter(|(k, _)| **k != key)
+                .min_by_key(|(_, (_, t))| *t)
+                .map(|(k, _)| *k)
+            else {
+                break;
+            };
+            if let Some((b, _)) = raw.map.remove(&victim) {
+                raw.held -= b.len();
             }
         }
     }
@@ -574,6 +656,7 @@ impl ShardLoader {
             state: Mutex::new(CacheState::default()),
             cv: Condvar::new(),
             counters: Counters::default(),
+            raw: Mutex::new(RawShards::default()),
         });
         let (prefetch_tx, thread) = if opts.prefetch_depth > 0 {
             let (tx, rx) = sync_channel::<Vec<VolumeKey>>(opts.prefetch_depth);

@@ -303,6 +303,48 @@ fn prefetch_fills_the_cache_so_the_next_load_hits() {
     assert_eq!(plain.stats().prefetch_dropped, 1);
 }
 
+/// Read-ahead fetches a small shard (under 1 MiB) whole with one request and keeps its bytes: the loads of
+/// the shard's other volumes then decode from them without a request. Loads alone read only their own bytes.
+#[test]
+fn read_ahead_reads_a_small_shard_whole_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = write_dataset(dir.path());
+    // Samples 0..4 are shard 0's two volumes (two samples each).
+    let loader = ShardLoader::open(&url, opts(1 << 20, 2)).unwrap();
+    assert!(loader.prefetch(&[0]).unwrap());
+    loader.wait_prefetched();
+    assert_eq!(loader.last_prefetch_error(), None);
+    assert_eq!(loader.stats().requests, 1);
+    let got = loader.load(&[3, 1, 2]).unwrap();
+    let st = loader.stats();
+    assert_eq!(
+        st.requests, 1,
+        "the second volume came from the kept shard: {st:?}"
+    );
+    assert_eq!(st.volume_reads, 2, "{st:?}");
+    assert_eq!(got, plain_load(&url, &[3, 1, 2]));
+    // The other shards were never fetched: loading them costs a request each (their two volumes adjacent).
+    loader.load(&[4, 6, 8, 10]).unwrap();
+    assert_eq!(loader.stats().requests, 3);
+
+    // Measured in bytes on the store: the whole shard once, nothing more for its other volume.
+    let (store, log) = Store::open(&url).unwrap().with_io_log();
+    let ds = ShardDataset::open_store(store).unwrap();
+    let reader = m3d_shards::VolumeReader::open(&ds).unwrap();
+    let whole = reader.fetch_shard(0).unwrap();
+    assert_eq!(whole.len() as u64, reader.shard_bytes(0).unwrap());
+    let before = log.events().len();
+    let span = reader.spans(&[0, 1]).unwrap().remove(0);
+    let records = reader.read_span_from(&span, &whole, true, true).unwrap();
+    assert_eq!(records.len(), 2);
+    assert!(records.iter().all(|(_, r)| r.is_ok()));
+    assert_eq!(
+        log.events().len(),
+        before,
+        "decoded from the whole shard, no request"
+    );
+}
+
 /// A sample-only dataset whose volumes are in another (M3D-VQA's on M3D-Cap's): the samples decode as the
 /// volume dataset's own samples of the same volume do, and the volume dataset is opened for its index alone
 /// (`ShardDataset::open_for_volumes`: its sample table, which would only take memory, is not read — a corrupt

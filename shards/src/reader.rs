@@ -13,6 +13,7 @@
 use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard};
 
+use bytes::Bytes;
 use parquet::arrow::arrow_reader::ArrowReaderMetadata;
 
 use crate::dataset::ShardDataset;
@@ -138,7 +139,9 @@ impl VolumeReader {
         self.footers.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn footer(&self, shard: u32) -> Result<ArrowReaderMetadata, ShardError> {
+    /// The parsed footer of `shard`: cached, else sliced from `whole` (the shard's bytes, when the caller has
+    /// them) or fetched, and checked against the index either way.
+    fn footer(&self, shard: u32, whole: Option<&Bytes>) -> Result<ArrowReaderMetadata, ShardError> {
         {
             let mut f = self.lock();
             f.tick += 1;
@@ -154,7 +157,17 @@ impl VolumeReader {
             .footers
             .get(shard as usize)
             .ok_or_else(|| ShardError::Invalid(format!("no footer for shard {shard}")))?;
-        let bytes = self.store.get_range(&entry.key, range.range())?;
+        let within = whole.and_then(|w| {
+            let (start, end) = (
+                usize::try_from(range.offset).ok()?,
+                usize::try_from(range.offset + range.length).ok()?,
+            );
+            (end <= w.len()).then(|| w.slice(start..end))
+        });
+        let bytes = match within {
+            Some(b) => b,
+            None => self.store.get_range(&entry.key, range.range())?,
+        };
         range.check(&entry.key, &bytes)?;
         let meta = volume_footer(&bytes, &entry.key)?;
         let mut f = self.lock();
@@ -219,35 +232,74 @@ impl VolumeReader {
         masks: bool,
     ) -> Result<Vec<(usize, Result<VolumeRecord, ShardError>)>, ShardError> {
         let entry = self.entry(span.shard)?;
-        let meta = self.footer(span.shard)?;
+        let meta = self.footer(span.shard, None)?;
         let bytes = self.store.get_range(&entry.key, span.range.clone())?;
+        Ok(self.decode_span(span, &meta, &bytes, span.range.start, images, masks))
+    }
+
+    /// The size of shard `shard` in bytes.
+    pub fn shard_bytes(&self, shard: u32) -> Option<u64> {
+        self.entries.get(shard as usize).map(|e| e.bytes)
+    }
+
+    /// Fetches the whole of shard `shard` with one request, checked against the manifest (sha256 or crc32,
+    /// and its size): for read-ahead of a shard so small that reading it whole costs what one request costs.
+    pub fn fetch_shard(&self, shard: u32) -> Result<Bytes, ShardError> {
+        crate::dataset::fetch_checked(&self.store, self.entry(shard)?)
+    }
+
+    /// [`VolumeReader::read_span`] from `whole`, the shard's bytes as [`VolumeReader::fetch_shard`] returned
+    /// them: no request (but the footer's, when `whole` does not hold it and it is not cached).
+    #[allow(clippy::type_complexity)]
+    pub fn read_span_from(
+        &self,
+        span: &ReadSpan,
+        whole: &Bytes,
+        images: bool,
+        masks: bool,
+    ) -> Result<Vec<(usize, Result<VolumeRecord, ShardError>)>, ShardError> {
+        let meta = self.footer(span.shard, Some(whole))?;
+        Ok(self.decode_span(span, &meta, whole, 0, images, masks))
+    }
+
+    /// Decodes the volumes of `span` from `bytes`, which hold the shard's bytes from offset `base` on.
+    #[allow(clippy::type_complexity)]
+    fn decode_span(
+        &self,
+        span: &ReadSpan,
+        meta: &ArrowReaderMetadata,
+        bytes: &Bytes,
+        base: u64,
+        images: bool,
+        masks: bool,
+    ) -> Vec<(usize, Result<VolumeRecord, ShardError>)> {
         let got = bytes.len() as u64;
-        Ok(span
-            .volumes
+        span.volumes
             .iter()
             .map(|&v| {
                 let record = self.index.volumes.get(v).ok_or_else(|| {
                     ShardError::Invalid(format!("volume {v} out of range ({} volumes)", self.len()))
                 });
                 let record = record.and_then(|loc| {
-                    let start = loc.bytes.offset.saturating_sub(span.range.start);
+                    let entry = self.entry(loc.shard)?;
+                    let start = loc.bytes.offset.saturating_sub(base);
                     let end = start + loc.bytes.length;
-                    if loc.shard != span.shard || loc.bytes.offset < span.range.start || end > got {
+                    if loc.shard != span.shard || loc.bytes.offset < base || end > got {
                         return Err(ShardError::Invalid(format!(
-                            "volume `{}` (bytes {:?}) is not within the read of `{}` bytes {:?} ({got} bytes)",
+                            "volume `{}` (bytes {:?}) is not within the read of `{}` bytes {base}..{} ",
                             loc.volume_id,
                             loc.bytes.range(),
                             entry.key,
-                            span.range
+                            base + got
                         )));
                     }
                     // Bounds checked above; `slice` shares the request's buffer.
                     let own = bytes.slice(start as usize..end as usize);
-                    self.decode(&meta, entry, loc, own, images, masks)
+                    self.decode(meta, entry, loc, own, images, masks)
                 });
                 (v, record)
             })
-            .collect())
+            .collect()
     }
 
     /// Checks one volume's own bytes against the index and decodes them.
@@ -256,7 +308,7 @@ impl VolumeReader {
         meta: &ArrowReaderMetadata,
         entry: &ShardEntry,
         loc: &VolumeLocation,
-        bytes: bytes::Bytes,
+        bytes: Bytes,
         images: bool,
         masks: bool,
     ) -> Result<VolumeRecord, ShardError> {
