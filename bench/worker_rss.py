@@ -130,7 +130,8 @@ def main() -> None:
     base_w = worker_rss(args.m3d, base, env)
     print(f"training set: {opened['samples']} samples ({args.volumes} cap + {args.vqa_samples} vqa), "
           f"{args.volumes} volumes; compact sample tables {opened['sample_table_bytes'] / 2**20:.0f} MiB for "
-          f"{opened['text_bytes_indexed'] / 2**20:.0f} MiB of text; open {opened['open_s']:.2f} s")
+          f"{opened['text_bytes_indexed'] / 2**20:.0f} MiB of text, "
+          f"{opened['sample_table_memory_bytes'] / 2**20:.0f} MiB of them in memory; open {opened['open_s']:.2f} s")
     print("| process | VmHWM (MiB) | VmRSS (MiB) | RssAnon + RssFile (MiB) |")
     print("| --- | ---: | ---: | ---: |")
     print(f"| `TrainData::open` alone (stream_bench rss) | {opened['peak_rss_mib']:.0f} | {opened['rss_mib']:.0f} | |")

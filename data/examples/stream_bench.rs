@@ -300,6 +300,7 @@ fn rss(path: &str) -> Result<(), Error> {
             "sample_record_size": std::mem::size_of::<SampleRecord>(),
             "record_bytes": data.len() as usize * std::mem::size_of::<SampleRecord>(),
             "sample_table_bytes": data.sample_table_bytes(),
+            "sample_table_memory_bytes": data.sample_table_memory_bytes(),
         })
     );
     Ok(())

@@ -161,6 +161,14 @@ impl TrainData {
             .sum()
     }
 
+    /// Bytes of the datasets' sample tables held in memory (see [`crate::samples::SampleTable::memory_bytes`]).
+    pub fn sample_table_memory_bytes(&self) -> usize {
+        self.sources
+            .iter()
+            .map(|s| s.loader.samples().memory_bytes())
+            .sum()
+    }
+
     /// Which `data.tasks` entry a global index belongs to.
     pub fn task_of(&self, index: u64) -> Result<usize, DatasetError> {
         let (src, _) = self.entry(index)?;

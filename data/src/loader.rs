@@ -620,7 +620,12 @@ impl ShardLoader {
         for vurl in volume_urls {
             readers.push(shared_readers.get(vurl, None)?);
         }
-        let mut table = SampleTableBuilder::default();
+        let tmp = std::env::temp_dir();
+        let mut table = SampleTableBuilder::spilling(&tmp).unwrap_or_else(|e| {
+            // Memory instead of the temp folder: the same table, only larger in RSS.
+            tracing::warn!(url, error = %e, "keeping the sample table in memory");
+            SampleTableBuilder::default()
+        });
         let mut sample_volume = Vec::new();
         let mut table_error = None;
         dataset

@@ -7,6 +7,12 @@
 //! for every sample without decoding (its task and split) is kept beside them as one byte and an interned
 //! number. A record is materialised when a batch asks for it: one block decompressed per lookup (tens of
 //! microseconds), a cost per sample of a step, not per step of a run.
+//!
+//! The worker's tables keep their compressed blocks in an unlinked file in the temp folder
+//! ([`SampleTableBuilder::spilling`]; the space is freed when the process ends, however it ends), read back with
+//! positioned reads that the page cache serves: memory then holds only each sample's task and split and each
+//! block's place, as Mosaic Streaming keeps its shards on local disk. Tables built with
+//! [`SampleTableBuilder::default`] hold their blocks in memory.
 
 use m3d_shards::schema::{SampleRecord, Task};
 
@@ -29,13 +35,30 @@ pub enum SampleTableError {
     Codec { block: usize, reason: String },
     #[error("more than {max} distinct splits")]
     TooManySplits { max: usize },
+    /// Writing or reading the table's file in the temp folder failed.
+    #[error("the sample table's file in the temp folder: {0}")]
+    Spill(String),
+}
+
+/// Where the compressed blocks are, back to back.
+enum Blocks {
+    Memory(Vec<u8>),
+    /// An unlinked file of the temp folder.
+    File(std::fs::File),
+}
+
+impl Default for Blocks {
+    fn default() -> Self {
+        Blocks::Memory(Vec::new())
+    }
 }
 
 /// The records of a dataset, compressed in blocks; see the module docs.
 #[derive(Default)]
 pub struct SampleTable {
-    /// zstd-compressed blocks and their decoded sizes.
-    blocks: Vec<(Box<[u8]>, usize)>,
+    store: Blocks,
+    /// Each block's offset in `store`, compressed length and decoded length.
+    blocks: Vec<(u64, u32, u32)>,
     tasks: Vec<Task>,
     /// Interned: index into `split_names`.
     splits: Vec<u16>,
@@ -72,9 +95,24 @@ impl SampleTable {
         self.split_names.get(usize::from(s)).map(String::as_str)
     }
 
-    /// Bytes held: the compressed blocks and the per-sample task and split.
+    /// Bytes of the compressed blocks, in memory or in the spill file.
     pub fn stored_bytes(&self) -> usize {
-        self.blocks.iter().map(|(b, _)| b.len()).sum::<usize>() + self.tasks.len() * 3
+        self.blocks.iter().map(|&(_, len, _)| len as usize).sum()
+    }
+
+    /// Bytes the table holds in memory: the per-sample task and split, each block's place and, unless they
+    /// are spilled to a file, the blocks.
+    pub fn memory_bytes(&self) -> usize {
+        let blocks = match &self.store {
+            Blocks::Memory(v) => v.len(),
+            Blocks::File(_) => 0,
+        };
+        blocks + self.tasks.len() * 3 + self.blocks.len() * 16
+    }
+
+    /// Whether the compressed blocks are in a file rather than in memory.
+    pub fn is_spilled(&self) -> bool {
+        matches!(self.store, Blocks::File(_))
     }
 
     /// Sample `i`, decoded.
@@ -112,11 +150,23 @@ impl SampleTable {
     }
 
     fn block(&self, b: usize) -> Result<Vec<u8>, SampleTableError> {
-        let (compressed, size) = self.blocks.get(b).ok_or_else(|| self.corrupt(b))?;
-        zstd::bulk::decompress(compressed, *size).map_err(|e| SampleTableError::Codec {
-            block: b,
-            reason: e.to_string(),
-        })
+        let &(offset, len, size) = self.blocks.get(b).ok_or_else(|| self.corrupt(b))?;
+        let codec = |reason: String| SampleTableError::Codec { block: b, reason };
+        let read;
+        let compressed: &[u8] = match &self.store {
+            Blocks::Memory(v) => v
+                .get(offset as usize..offset as usize + len as usize)
+                .ok_or_else(|| self.corrupt(b))?,
+            Blocks::File(f) => {
+                use std::os::unix::fs::FileExt;
+                let mut buf = vec![0u8; len as usize];
+                f.read_exact_at(&mut buf, offset)
+                    .map_err(|e| SampleTableError::Spill(e.to_string()))?;
+                read = buf;
+                &read
+            }
+        };
+        zstd::bulk::decompress(compressed, size as usize).map_err(|e| codec(e.to_string()))
     }
 
     fn corrupt(&self, block: usize) -> SampleTableError {
@@ -133,9 +183,39 @@ pub struct SampleTableBuilder {
     table: SampleTable,
     open: Vec<u8>,
     open_rows: usize,
+    /// Bytes written to `table.store` so far.
+    written: u64,
 }
 
 impl SampleTableBuilder {
+    /// A builder whose table keeps its compressed blocks in a new unlinked file in folder `dir` (see the
+    /// module docs).
+    pub fn spilling(dir: &std::path::Path) -> Result<Self, SampleTableError> {
+        let spill = |e: std::io::Error| SampleTableError::Spill(format!("{}: {e}", dir.display()));
+        let path = dir.join(format!(
+            ".m3d-samples-{}-{:x}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos())
+        ));
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(spill)?;
+        // Unlinked at once: the file lives as long as the handle, whatever way the process ends.
+        std::fs::remove_file(&path).map_err(spill)?;
+        Ok(SampleTableBuilder {
+            table: SampleTable {
+                store: Blocks::File(file),
+                ..SampleTable::default()
+            },
+            ..SampleTableBuilder::default()
+        })
+    }
+
     /// Reserves the per-sample arrays for `n` samples (the manifest's count).
     pub fn reserve(&mut self, n: usize) {
         self.table.tasks.reserve_exact(n);
@@ -174,14 +254,22 @@ impl SampleTableBuilder {
         if self.open_rows == 0 {
             return Ok(());
         }
+        let block = self.table.blocks.len();
+        let codec = |reason: String| SampleTableError::Codec { block, reason };
         let compressed =
-            zstd::bulk::compress(&self.open, LEVEL).map_err(|e| SampleTableError::Codec {
-                block: self.table.blocks.len(),
-                reason: e.to_string(),
-            })?;
-        self.table
-            .blocks
-            .push((compressed.into_boxed_slice(), self.open.len()));
+            zstd::bulk::compress(&self.open, LEVEL).map_err(|e| codec(e.to_string()))?;
+        let len = u32::try_from(compressed.len()).map_err(|e| codec(e.to_string()))?;
+        let size = u32::try_from(self.open.len()).map_err(|e| codec(e.to_string()))?;
+        match &mut self.table.store {
+            Blocks::Memory(v) => v.extend_from_slice(&compressed),
+            Blocks::File(f) => {
+                use std::os::unix::fs::FileExt;
+                f.write_all_at(&compressed, self.written)
+                    .map_err(|e| SampleTableError::Spill(e.to_string()))?;
+            }
+        }
+        self.table.blocks.push((self.written, len, size));
+        self.written += u64::from(len);
         self.open.clear();
         self.open_rows = 0;
         Ok(())
@@ -190,6 +278,9 @@ impl SampleTableBuilder {
     /// The table.
     pub fn finish(mut self) -> Result<SampleTable, SampleTableError> {
         self.seal()?;
+        if let Blocks::Memory(v) = &mut self.table.store {
+            v.shrink_to_fit();
+        }
         self.table.blocks.shrink_to_fit();
         self.table.tasks.shrink_to_fit();
         self.table.splits.shrink_to_fit();
@@ -415,6 +506,45 @@ mod tests {
             "{} of {text}",
             t.stored_bytes()
         );
+    }
+
+    #[test]
+    fn a_spilled_table_reads_back_the_same_and_holds_only_its_index_in_memory() {
+        let dir = std::env::temp_dir();
+        let n = 2 * BLOCK_ROWS + 5;
+        let records: Vec<SampleRecord> = (0..n).map(record).collect();
+        let mut b = SampleTableBuilder::spilling(&dir).unwrap();
+        for r in &records {
+            b.push(r).unwrap();
+        }
+        let t = b.finish().unwrap();
+        assert!(t.is_spilled());
+        // The file is unlinked from the start: nothing of it is left in the folder.
+        let leftovers = std::fs::read_dir(&dir)
+            .unwrap()
+            .filter_map(Result::ok)
+            .filter(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .starts_with(&format!(".m3d-samples-{}-", std::process::id()))
+            })
+            .count();
+        assert_eq!(leftovers, 0);
+        for i in [0, 1, BLOCK_ROWS - 1, BLOCK_ROWS, n - 1] {
+            assert_eq!(t.get(i).unwrap(), records[i], "record {i}");
+        }
+        let all: Vec<SampleRecord> = t.iter().map(Result::unwrap).collect();
+        assert_eq!(all, records);
+        assert!(t.stored_bytes() > 0);
+        assert_eq!(t.memory_bytes(), n * 3 + 3 * 16);
+    }
+
+    #[test]
+    fn a_spill_folder_that_does_not_exist_is_an_error_naming_it() {
+        let err = SampleTableBuilder::spilling(std::path::Path::new("/nonexistent/m3d-spill"))
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("/nonexistent/m3d-spill"), "{err}");
     }
 
     #[test]
