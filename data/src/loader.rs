@@ -91,13 +91,8 @@ const WHOLE_SHARD_MAX: u64 = m3d_shards::COALESCE_GAP;
 /// Bytes of whole shards kept (compressed, as fetched), least recently used dropped first.
 const RAW_SHARD_BYTES: usize = 64 << 20;
 
-/// Whole small shards read-ahead fetched, by (reader, shard), with their last use.
-#[derive(Default)]
-struct RawShards {
-    map: HashMap<(usize, u32), (bytes::Bytes, u64)>,
-    held: usize,
-    tick: u64,
-}
+/// Whole small shards read-ahead fetched, by (reader, shard).
+type RawShards = Lru<(usize, u32), bytes::Bytes>;
 
 /// Loader settings.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -178,12 +173,71 @@ struct CachedVolume {
     bytes: usize,
 }
 
+/// Values with a size in bytes, the least recently used dropped once they hold more than a budget: the
+/// loader's decoded volumes and read-ahead's whole small shards.
+struct Lru<K, V> {
+    map: HashMap<K, (V, u64)>,
+    held: usize,
+    tick: u64,
+}
+
+impl<K, V> Default for Lru<K, V> {
+    fn default() -> Self {
+        Lru {
+            map: HashMap::new(),
+            held: 0,
+            tick: 0,
+        }
+    }
+}
+
+impl<K: std::hash::Hash + Eq + Copy, V> Lru<K, V> {
+    /// The value of `key`, now the most recently used.
+    fn get(&mut self, key: &K) -> Option<&V> {
+        self.tick += 1;
+        let tick = self.tick;
+        self.map.get_mut(key).map(|(v, last)| {
+            *last = tick;
+            &*v
+        })
+    }
+
+    fn contains(&self, key: &K) -> bool {
+        self.map.contains_key(key)
+    }
+
+    /// Inserts `value` of `size` bytes and drops the least recently used others until at most `budget` bytes
+    /// are held (the value just inserted stays: it alone fits, callers check). Returns how many it dropped.
+    fn insert(&mut self, key: K, value: V, size: impl Fn(&V) -> usize, budget: usize) -> u64 {
+        self.tick += 1;
+        self.held += size(&value);
+        if let Some((old, _)) = self.map.insert(key, (value, self.tick)) {
+            self.held -= size(&old);
+        }
+        let mut dropped = 0;
+        while self.held > budget {
+            let Some(victim) = self
+                .map
+                .iter()
+                .filter(|(k, _)| **k != key)
+                .min_by_key(|(_, (_, last))| *last)
+                .map(|(k, _)| *k)
+            else {
+                break;
+            };
+            if let Some((v, _)) = self.map.remove(&victim) {
+                self.held -= size(&v);
+                dropped += 1;
+            }
+        }
+        dropped
+    }
+}
+
 #[derive(Default)]
 struct CacheState {
-    /// Cached volumes and their last-use tick.
-    entries: HashMap<VolumeKey, (Arc<CachedVolume>, u64)>,
-    total_bytes: usize,
-    tick: u64,
+    /// Cached volumes.
+    volumes: Lru<VolumeKey, Arc<CachedVolume>>,
     /// Volumes being read right now (by `load` or read-ahead), so a second reader waits instead of re-reading.
     loading: HashSet<VolumeKey>,
     /// Prefetch requests queued or being worked on.
@@ -238,10 +292,7 @@ impl Shared {
     fn get(&self, key: VolumeKey, by_prefetch: bool) -> Lookup {
         let mut st = self.lock();
         loop {
-            st.tick += 1;
-            let tick = st.tick;
-            if let Some((vol, last)) = st.entries.get_mut(&key) {
-                *last = tick;
+            if let Some(vol) = st.volumes.get(&key) {
                 if !by_prefetch {
                     self.counters.cache_hits.fetch_add(1, Ordering::Relaxed);
                 }
@@ -255,21 +306,9 @@ impl Shared {
         }
         st.loading.insert(key);
         drop(st);
-        if by_prefetch {
-            self.counters.prefetch_reads.fetch_add(1, Ordering::Relaxed);
-        } else {
-            self.counters.cache_misses.fetch_add(1, Ordering::Relaxed);
-        }
-        self.counters.volume_reads.fetch_add(1, Ordering::Relaxed);
         self.counters.requests.fetch_add(1, Ordering::Relaxed);
         let result = self.read_volume(key);
-        let mut st = self.lock();
-        st.loading.remove(&key);
-        if let Ok(vol) = &result {
-            self.insert(&mut st, key, Arc::clone(vol));
-        }
-        drop(st);
-        self.cv.notify_all();
+        self.settle(key, &result, by_prefetch);
         result
     }
 
@@ -283,9 +322,7 @@ impl Shared {
         {
             let mut st = self.lock();
             for &key in keys {
-                if key.0 < claimed.len()
-                    && !st.entries.contains_key(&key)
-                    && !st.loading.contains(&key)
+                if key.0 < claimed.len() && !st.volumes.contains(&key) && !st.loading.contains(&key)
                 {
                     st.loading.insert(key);
                     claimed[key.0].push(key.1);
@@ -306,7 +343,9 @@ impl Shared {
                     let msg = e.to_string();
                     for v in volumes {
                         let err = self.volume_error((r, v), ShardError::Invalid(msg.clone()));
-                        self.finish(&mut done, (r, v), Err(err), by_prefetch);
+                        let err = Err(err);
+                        self.settle((r, v), &err, by_prefetch);
+                        done.insert((r, v), err);
                     }
                 }
             }
@@ -318,7 +357,8 @@ impl Shared {
                 let mut results = self.read_span(*r, span, by_prefetch);
                 let mut done = done.lock().unwrap_or_else(|p| p.into_inner());
                 for (key, result) in results.drain(..) {
-                    self.finish(&mut done, key, result, by_prefetch);
+                    self.settle(key, &result, by_prefetch);
+                    done.insert(key, result);
                 }
             }
         };
@@ -407,47 +447,16 @@ impl Shared {
     }
 
     fn raw_get(&self, key: (usize, u32)) -> Option<bytes::Bytes> {
-        let mut raw = self.raw_lock();
-        raw.tick += 1;
-        let tick = raw.tick;
-        raw.map.get_mut(&key).map(|(b, last)| {
-            *last = tick;
-            b.clone()
-        })
+        self.raw_lock().get(&key).cloned()
     }
 
     fn raw_put(&self, key: (usize, u32), whole: bytes::Bytes) {
-        let mut raw = self.raw_lock();
-        raw.tick += 1;
-        let tick = raw.tick;
-        raw.held += whole.len();
-        if let Some((old, _)) = raw.map.insert(key, (whole, tick)) {
-            raw.held -= old.len();
-        }
-        while raw.held > RAW_SHARD_BYTES {
-            let Some(victim) = raw
-                .map
-                .iter()
-                .filter(|(k, _)| **k != key)
-                .min_by_key(|(_, (_, t))| *t)
-                .map(|(k, _)| *k)
-            else {
-                break;
-            };
-            if let Some((b, _)) = raw.map.remove(&victim) {
-                raw.held -= b.len();
-            }
-        }
+        self.raw_lock()
+            .insert(key, whole, bytes::Bytes::len, RAW_SHARD_BYTES);
     }
 
     /// Records the outcome of reading claimed volume `key`: counted, cached when read, released for waiters.
-    fn finish(
-        &self,
-        done: &mut HashMap<VolumeKey, Lookup>,
-        key: VolumeKey,
-        result: Lookup,
-        by_prefetch: bool,
-    ) {
+    fn settle(&self, key: VolumeKey, result: &Lookup, by_prefetch: bool) {
         if by_prefetch {
             self.counters.prefetch_reads.fetch_add(1, Ordering::Relaxed);
         } else {
@@ -456,12 +465,11 @@ impl Shared {
         self.counters.volume_reads.fetch_add(1, Ordering::Relaxed);
         let mut st = self.lock();
         st.loading.remove(&key);
-        if let Ok(vol) = &result {
+        if let Ok(vol) = result {
             self.insert(&mut st, key, Arc::clone(vol));
         }
         drop(st);
         self.cv.notify_all();
-        done.insert(key, result);
     }
 
     /// Reads (into the cache) those of `keys` not cached yet, several at a time. Failures are kept for
@@ -472,7 +480,7 @@ impl Shared {
             let st = self.lock();
             keys.iter()
                 .copied()
-                .filter(|k| !st.entries.contains_key(k))
+                .filter(|k| !st.volumes.contains(k))
                 .collect()
         };
         for r in self.get_many(&missing, true) {
@@ -486,26 +494,10 @@ impl Shared {
         if vol.bytes > self.cache_bytes {
             return;
         }
-        st.tick += 1;
-        let tick = st.tick;
-        st.total_bytes += vol.bytes;
-        st.entries.insert(key, (vol, tick));
-        while st.total_bytes > self.cache_bytes {
-            // Least recently used other than the one just inserted (which alone fits).
-            let Some(victim) = st
-                .entries
-                .iter()
-                .filter(|(k, _)| **k != key)
-                .min_by_key(|(_, (_, last))| *last)
-                .map(|(k, _)| *k)
-            else {
-                break;
-            };
-            if let Some((v, _)) = st.entries.remove(&victim) {
-                st.total_bytes -= v.bytes;
-                self.counters.evictions.fetch_add(1, Ordering::Relaxed);
-            }
-        }
+        let dropped = st.volumes.insert(key, vol, |v| v.bytes, self.cache_bytes);
+        self.counters
+            .evictions
+            .fetch_add(dropped, Ordering::Relaxed);
     }
 
     fn read_volume(&self, key: VolumeKey) -> Result<Arc<CachedVolume>, LoadError> {
@@ -882,8 +874,12 @@ impl ShardLoader {
     /// The ids of the volumes currently cached, least recently used first.
     pub fn cached_volumes(&self) -> Vec<String> {
         let st = self.shared.lock();
-        let mut v: Vec<(&CachedVolume, u64)> =
-            st.entries.values().map(|(c, t)| (c.as_ref(), *t)).collect();
+        let mut v: Vec<(&CachedVolume, u64)> = st
+            .volumes
+            .map
+            .values()
+            .map(|(c, t)| (c.as_ref(), *t))
+            .collect();
         v.sort_by_key(|(_, t)| *t);
         v.into_iter()
             .map(|(c, _)| c.record.volume_id.clone())
@@ -892,7 +888,7 @@ impl ShardLoader {
 
     /// Decoded bytes currently held by the cache.
     pub fn cached_bytes(&self) -> usize {
-        self.shared.lock().total_bytes
+        self.shared.lock().volumes.held
     }
 
     pub fn stats(&self) -> LoaderStats {
