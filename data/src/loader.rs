@@ -717,18 +717,33 @@ impl ShardLoader {
 
     /// Sample record `index`, decoded from the table.
     pub fn sample(&self, index: u64) -> Result<SampleRecord, LoadError> {
-        let i = usize::try_from(index).unwrap_or(usize::MAX);
-        self.samples.get(i).map_err(|source| match source {
-            SampleTableError::OutOfRange { len, .. } => LoadError::SampleOutOfRange {
-                url: self.url.clone(),
-                index,
-                len,
-            },
-            source => LoadError::Samples {
-                url: self.url.clone(),
-                source,
-            },
+        let mut one = self.samples_at(&[index])?;
+        one.pop().ok_or_else(|| LoadError::SampleOutOfRange {
+            url: self.url.clone(),
+            index,
+            len: self.samples.len(),
         })
+    }
+
+    /// Sample records `indices`, in that order, each block of the table decompressed once.
+    fn samples_at(&self, indices: &[u64]) -> Result<Vec<SampleRecord>, LoadError> {
+        let positions: Vec<usize> = indices
+            .iter()
+            .map(|&i| usize::try_from(i).unwrap_or(usize::MAX))
+            .collect();
+        self.samples
+            .get_many(&positions)
+            .map_err(|source| match source {
+                SampleTableError::OutOfRange { index, len } => LoadError::SampleOutOfRange {
+                    url: self.url.clone(),
+                    index: index as u64,
+                    len,
+                },
+                source => LoadError::Samples {
+                    url: self.url.clone(),
+                    source,
+                },
+            })
     }
 
     /// Number of volumes the samples can come from (of every dataset read).
@@ -791,11 +806,11 @@ impl ShardLoader {
         for (key, vol) in order.iter().zip(self.shared.get_many(&order, false)) {
             volumes.insert(*key, vol?);
         }
+        let records = self.samples_at(indices)?;
         let mut scratch = Vec::new();
         let mut out = Vec::with_capacity(indices.len());
-        for (pos, &index) in indices.iter().enumerate() {
+        for ((pos, &index), sample) in indices.iter().enumerate().zip(records) {
             let key = self.volume_of(index)?;
-            let sample = self.sample(index)?;
             let vol = volumes.get(&key).map(|v| &v.record).ok_or_else(|| {
                 LoadError::VolumeNotIndexed {
                     index,

@@ -117,19 +117,37 @@ impl SampleTable {
 
     /// Sample `i`, decoded.
     pub fn get(&self, i: usize) -> Result<SampleRecord, SampleTableError> {
-        let out_of_range = || SampleTableError::OutOfRange {
-            index: i,
-            len: self.len(),
-        };
-        if i >= self.len() {
-            return Err(out_of_range());
+        let mut one = self.get_many(&[i])?;
+        one.pop().ok_or_else(|| self.corrupt(i / BLOCK_ROWS))
+    }
+
+    /// Samples `indices` (in that order, repeats allowed), decoded, each block decompressed once however many
+    /// of them it holds: a step's samples under a block shuffle are neighbours.
+    pub fn get_many(&self, indices: &[usize]) -> Result<Vec<SampleRecord>, SampleTableError> {
+        if let Some(&index) = indices.iter().find(|&&i| i >= self.len()) {
+            return Err(SampleTableError::OutOfRange {
+                index,
+                len: self.len(),
+            });
         }
-        let block = self.block(i / BLOCK_ROWS)?;
-        let mut rest = block.as_slice();
-        for _ in 0..i % BLOCK_ROWS {
-            skip_record(&mut rest).ok_or_else(|| self.corrupt(i / BLOCK_ROWS))?;
+        let mut by_position: Vec<usize> = (0..indices.len()).collect();
+        by_position.sort_unstable_by_key(|&k| indices[k]);
+        let mut out: Vec<Option<SampleRecord>> = vec![None; indices.len()];
+        let mut open: Option<(usize, Vec<u8>)> = None;
+        for k in by_position {
+            let (i, b) = (indices[k], indices[k] / BLOCK_ROWS);
+            let block = match &open {
+                Some((ob, block)) if *ob == b => block,
+                _ => &open.insert((b, self.block(b)?)).1,
+            };
+            let mut rest = block.as_slice();
+            for _ in 0..i % BLOCK_ROWS {
+                skip_record(&mut rest).ok_or_else(|| self.corrupt(b))?;
+            }
+            out[k] = Some(decode_record(&mut rest).ok_or_else(|| self.corrupt(b))?);
         }
-        decode_record(&mut rest).ok_or_else(|| self.corrupt(i / BLOCK_ROWS))
+        // Every position was filled above.
+        Ok(out.into_iter().flatten().collect())
     }
 
     /// Every sample, in order, decoding each block once.
@@ -482,6 +500,25 @@ mod tests {
         ));
         assert_eq!(t.task(n), None);
         assert_eq!(t.split(n), None);
+    }
+
+    #[test]
+    fn many_at_once_come_back_in_the_order_asked_with_repeats() {
+        let n = 2 * BLOCK_ROWS + 3;
+        let records: Vec<SampleRecord> = (0..n).map(record).collect();
+        let mut b = SampleTableBuilder::default();
+        for r in &records {
+            b.push(r).unwrap();
+        }
+        let t = b.finish().unwrap();
+        let asked = [n - 1, 0, BLOCK_ROWS + 1, 1, 0, BLOCK_ROWS - 1];
+        let got = t.get_many(&asked).unwrap();
+        let want: Vec<SampleRecord> = asked.iter().map(|&i| records[i].clone()).collect();
+        assert_eq!(got, want);
+        assert!(matches!(
+            t.get_many(&[0, n]),
+            Err(SampleTableError::OutOfRange { index, .. }) if index == n
+        ));
     }
 
     #[test]
