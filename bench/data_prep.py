@@ -28,6 +28,27 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, os.path.join(ROOT, "tests", "oracle"))
 
 
+def reference_train_transform(seed):
+    """The reference's MONAI training transform of an image (M3D-Cap's `train_transform`), seeded; also used by
+    bench/stream_throughput.py's Streaming ranks."""
+    import monai.transforms as mtf
+    import torch
+    from monai.data import set_track_meta
+
+    set_track_meta(False)
+    tf = mtf.Compose([
+        mtf.RandRotate90(prob=0.5, spatial_axes=(1, 2)),
+        mtf.RandFlip(prob=0.10, spatial_axis=0),
+        mtf.RandFlip(prob=0.10, spatial_axis=1),
+        mtf.RandFlip(prob=0.10, spatial_axis=2),
+        mtf.RandScaleIntensity(factors=0.1, prob=0.5),
+        mtf.RandShiftIntensity(offsets=0.1, prob=0.5),
+        mtf.ToTensor(dtype=torch.float),
+    ])
+    tf.set_random_state(seed)
+    return tf
+
+
 def target_dir():
     return os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target"))
 
@@ -127,20 +148,7 @@ def main():
                         "ratio": (shard_bytes / n) / (sum(npy_bytes) / n)}
 
     # 3. reader throughput, one core each: decode + augment to f32.
-    import monai.transforms as mtf
-    from monai.data import set_track_meta
-
-    set_track_meta(False)
-    train_tf = mtf.Compose([
-        mtf.RandRotate90(prob=0.5, spatial_axes=(1, 2)),
-        mtf.RandFlip(prob=0.10, spatial_axis=0),
-        mtf.RandFlip(prob=0.10, spatial_axis=1),
-        mtf.RandFlip(prob=0.10, spatial_axis=2),
-        mtf.RandScaleIntensity(factors=0.1, prob=0.5),
-        mtf.RandShiftIntensity(offsets=0.1, prob=0.5),
-        mtf.ToTensor(dtype=torch.float),
-    ])
-    train_tf.set_random_state(42)
+    train_tf = reference_train_transform(42)
     passes = 3
     t = time.perf_counter()
     for _ in range(passes):

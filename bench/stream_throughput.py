@@ -45,22 +45,13 @@ import json, os, resource, sys, time
 t0 = time.time()
 import numpy as np
 import torch
-import monai.transforms as mtf
-from monai.data import set_track_meta
 from streaming import StreamingDataset
 torch.set_num_threads(1)
-set_track_meta(False)
-remote, local, per_rank, steps, warmup, seed = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:7])
-tf = mtf.Compose([
-    mtf.RandRotate90(prob=0.5, spatial_axes=(1, 2)),
-    mtf.RandFlip(prob=0.10, spatial_axis=0),
-    mtf.RandFlip(prob=0.10, spatial_axis=1),
-    mtf.RandFlip(prob=0.10, spatial_axis=2),
-    mtf.RandScaleIntensity(factors=0.1, prob=0.5),
-    mtf.RandShiftIntensity(offsets=0.1, prob=0.5),
-    mtf.ToTensor(dtype=torch.float),
-])
-tf.set_random_state(seed + int(os.environ["RANK"]))
+remote, local, per_rank, steps, warmup, seed, bench_dir = (sys.argv[1], sys.argv[2], *map(int, sys.argv[3:7]),
+                                                           sys.argv[7])
+sys.path.insert(0, bench_dir)
+from data_prep import reference_train_transform
+tf = reference_train_transform(seed + int(os.environ["RANK"]))
 t_open = time.time()
 ds = StreamingDataset(remote=remote, local=local, shuffle=True, shuffle_seed=seed, batch_size=per_rank)
 opened = time.time() - t_open
@@ -155,7 +146,7 @@ def main():
                 envs = [dict(env, WORLD_SIZE="2", LOCAL_WORLD_SIZE="2", RANK=str(k), LOCAL_RANK=str(k),
                              MASTER_ADDR="127.0.0.1", MASTER_PORT="29517") for k in range(2)]
                 cmd = [sys.executable, "-c", STREAMING_RANK, f"{root}/mds-{shape_s}", str(cache),
-                       str(per_rank), str(steps), str(args.warmup), str(r)]
+                       str(per_rank), str(steps), str(args.warmup), str(r), str(Path(__file__).resolve().parent)]
                 result["streaming"] = run_ranks([cmd, cmd], envs)
                 shutil.rmtree(cache, ignore_errors=True)
                 rows.append((shape_s, n, gb, steps, r, result))

@@ -6,13 +6,12 @@
 # GET, see docs/benchmarks.md).
 #   bash bench/stream_throughput.sh [--store s3|file] [--server s3s|moto] [--shapes 4x32x32:12000,32x256x256:600:8:60]
 #     [--rounds 2]
-# Mosaic Streaming is installed as bench/open_stream.sh does it (without its dependencies; see there).
+# Mosaic Streaming is installed into the venv on first use without its dependencies (bench/mosaic_streaming.sh).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 M3D_SKIP_BUILD=1 source scripts/setup.sh
-if ! "$M3D_VENV/bin/python" -c "import streaming, torchvision" 2>/dev/null; then
-  "$M3D_VENV/bin/pip" install --quiet --no-deps "mosaicml-streaming==0.13.0" "torchvision==0.28.*"
-fi
+source bench/mosaic_streaming.sh
+m3d_mosaic_streaming
 source bench/s3s_fs.sh
 m3d_s3s_fs "$@"
 cargo build --release -p m3d-shards --example open_bench
