@@ -14,7 +14,9 @@ use m3d_data_prep::vqa::VqaOptions;
 use m3d_data_prep::{convert_volumes, ConvertOptions, ConvertReport, Part};
 
 mod control;
+mod k8s;
 mod report;
+mod signals;
 mod train;
 
 // See cli/Cargo.toml: volume-sized buffers must be reused, not returned to the kernel after every item.
@@ -74,6 +76,9 @@ enum Command {
     /// Evaluate a trained model on held-out shards.
     #[command(subcommand)]
     Eval(Eval),
+    /// Render Kubernetes objects for a recipe (JobSet) or a data-prep conversion.
+    #[command(subcommand)]
+    K8s(k8s::K8s),
 }
 
 #[derive(Subcommand)]
@@ -152,6 +157,10 @@ enum DataPrep {
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
+        /// Wait up to this long (e.g. 30m) for the parts' records to appear before merging, for a finalize
+        /// pod started beside the part pods.
+        #[arg(long, value_parser = m3d_coordinator::cli::parse_duration)]
+        wait: Option<std::time::Duration>,
     },
     /// Add the volume index to a dataset converted before m3d wrote one (reads every volume shard once, then
     /// writes `index/volumes.parquet` and the manifest that lists it).
@@ -236,8 +245,14 @@ struct Common {
     dtype: Option<Dtype>,
     /// Convert only part I of N (e.g. 2/8; one per machine, all with the same options and --out), then run
     /// `m3d data-prep finalize <out>`: the dataset has no manifest until then.
-    #[arg(long, value_name = "I/N")]
+    #[arg(long, value_name = "I/N", conflicts_with = "part_index")]
     part: Option<Part>,
+    /// --part as a 0-based index (part I+1 of --parts), for Indexed Jobs: `--part-index $JOB_COMPLETION_INDEX`.
+    #[arg(long, value_name = "I", requires = "parts")]
+    part_index: Option<usize>,
+    /// The number of parts with --part-index.
+    #[arg(long, value_name = "N", requires = "part_index")]
+    parts: Option<usize>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -271,7 +286,13 @@ impl Common {
         o.limit = self.limit;
         o.force = self.force;
         o.progress = true;
-        o.part = self.part;
+        o.part = match (self.part, self.part_index, self.parts) {
+            (Some(p), _, _) => Some(p),
+            (None, Some(i), Some(n)) => Some(Part::new(i + 1, n).with_context(|| {
+                format!("--part-index {i} --parts {n}: want 0 <= index < parts")
+            })?),
+            _ => None,
+        };
         Ok(o)
     }
 }
@@ -344,6 +365,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Export(a) => return train::export(a),
         Command::MergeLora(a) => return train::merge_lora(a),
         Command::Eval(Eval::Retrieval(a)) => return train::eval_retrieval(a),
+        Command::K8s(cmd) => return k8s::run(cmd),
         Command::DataPrep(cmd) => match cmd {
             DataPrep::Synth {
                 dir,
@@ -443,7 +465,11 @@ fn run(cli: Cli) -> Result<()> {
                 let report = convert_volumes(&src, &opts).context("converting M3D-RefSeg")?;
                 print_report(&report, common.json)?;
             }
-            DataPrep::Finalize { url, json } => {
+            DataPrep::Finalize { url, json, wait } => {
+                if let Some(limit) = wait {
+                    m3d_data_prep::wait_for_parts(&url, limit)
+                        .with_context(|| format!("waiting for the parts under {url}"))?;
+                }
                 let report = m3d_data_prep::finalize(&url)
                     .with_context(|| format!("finalizing the parts under {url}"))?;
                 print_report(&report, json)?;
@@ -545,7 +571,7 @@ fn main() -> std::process::ExitCode {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {}", report::render(&e));
-            std::process::ExitCode::FAILURE
+            m3d_coordinator::cli::exit_status(&e)
         }
     }
 }

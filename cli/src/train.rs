@@ -195,10 +195,22 @@ pub fn worker(a: WorkerArgs) -> Result<()> {
         run: run_dir(&recipe),
         threads: a.threads,
         after_open: Some(crate::release_freed_memory),
+        stop: crate::signals::stop_flag()?,
     };
     match run_worker(&recipe, &opts) {
         Ok(WorkerExit::Finished) => tracing::info!(worker = %opts.worker_id, "finished"),
         Ok(WorkerExit::Stopped) => tracing::info!(worker = %opts.worker_id, "the job is over"),
+        Ok(WorkerExit::Terminated { step }) => {
+            let what = match step {
+                Some(s) if recipe.checkpoint.every > 0 => {
+                    format!("stopped after step {s}, checkpoint committed")
+                }
+                Some(s) => format!("stopped after step {s} (the recipe writes no checkpoints)"),
+                None => "stopped before training".to_string(),
+            };
+            tracing::info!(worker = %opts.worker_id, "{what}");
+            return Err(m3d_coordinator::cli::Terminated(what).into());
+        }
         Err(e) => {
             // Bad data, a bad recipe, a refused token: starting the worker again would fail the same way.
             eprintln!(
@@ -522,6 +534,10 @@ pub fn train(a: TrainArgs) -> Result<()> {
         timeout: a.collective_timeout,
         threads: a.threads,
     };
+    // SIGTERM/SIGINT: the workers are stopped the same way (each finishes its step, rank 0 commits a
+    // checkpoint), the coordinator keeps serving until they have exited, and --resume continues.
+    let stop = crate::signals::stop_flag()?;
+    let mut stopping = false;
     let mut children = Vec::new();
     for i in 0..workers {
         let id = format!("w{i}");
@@ -538,6 +554,13 @@ pub fn train(a: TrainArgs) -> Result<()> {
     let mut last_step = coord.status().step;
     let outcome: Result<()> = loop {
         std::thread::sleep(Duration::from_millis(200));
+        if !stopping && stop.load(std::sync::atomic::Ordering::SeqCst) {
+            stopping = true;
+            println!("stopping: the workers finish their step and save a checkpoint");
+            for w in children.iter().filter(|w| !w.exited_ok) {
+                crate::signals::terminate(w.child.id());
+            }
+        }
         let status = coord.status();
         if status.step != last_step && status.phase == JobPhase::Running {
             // Rank 0 reports about once a second, not every step: a line whenever a multiple of log_every
@@ -561,7 +584,11 @@ pub fn train(a: TrainArgs) -> Result<()> {
         let mut failed_worker = None;
         for w in children.iter_mut().filter(|w| !w.exited_ok) {
             if let Some(code) = w.child.try_wait()? {
-                if code.success() {
+                if code.success()
+                    || (stopping
+                        && code.code()
+                            == Some(i32::from(m3d_coordinator::cli::Terminated::EXIT_STATUS)))
+                {
                     w.exited_ok = true;
                 } else if code.code() == Some(FATAL_EXIT) {
                     let log = logs.join(format!("{}.log", w.id));
@@ -569,7 +596,7 @@ pub fn train(a: TrainArgs) -> Result<()> {
                         Some(line) => format!("{line} (log: {})", log.display()),
                         None => format!("worker {} failed; see {}", w.id, log.display()),
                     });
-                } else if status.phase.is_final() {
+                } else if status.phase.is_final() || stopping {
                     failed_worker = Some(format!("worker {} exited with {code}", w.id));
                 } else if w.starts > a.restarts {
                     failed_worker = Some(format!(
@@ -595,6 +622,16 @@ pub fn train(a: TrainArgs) -> Result<()> {
         if children.iter().all(|w| w.exited_ok) {
             if status.phase == JobPhase::Completed {
                 break Ok(());
+            }
+            if stopping {
+                let at = match &status.last_checkpoint {
+                    Some(c) => format!(
+                        "last committed checkpoint: step {} ({}); `m3d train --resume` continues",
+                        c.step, c.url
+                    ),
+                    None => "no checkpoint was committed".to_string(),
+                };
+                break Err(m3d_coordinator::cli::Terminated(at).into());
             }
             break Err(anyhow::anyhow!(
                 "every worker exited but the job is {}",

@@ -65,6 +65,31 @@ pub struct CoordinatorArgs {
     /// Exit (after a short grace period for the last status queries) once the job has completed or failed.
     #[arg(long)]
     exit_on_finish: bool,
+    /// On SIGTERM, keep serving until the round's workers have gone quiet (they save and commit a checkpoint
+    /// on their own SIGTERM) or this long has passed; then write the job state and exit with status 143.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    drain_timeout: Duration,
+}
+
+/// The process was stopped by SIGTERM after saving what it had to (the coordinator its job state, a worker
+/// its checkpoint): the binaries exit with status 143 (128 + SIGTERM), not 0, because a stopped process has
+/// not finished its work — Kubernetes would count a pod that exits 0 as a completed index of its Job.
+#[derive(Debug, thiserror::Error)]
+#[error("stopped by SIGTERM: {0}")]
+pub struct Terminated(pub String);
+
+impl Terminated {
+    /// The exit status for a process stopped this way.
+    pub const EXIT_STATUS: u8 = 143;
+}
+
+/// The exit status for `e`: [`Terminated::EXIT_STATUS`] when it is a [`Terminated`], else 1.
+pub fn exit_status(e: &anyhow::Error) -> std::process::ExitCode {
+    if e.downcast_ref::<Terminated>().is_some() {
+        std::process::ExitCode::from(Terminated::EXIT_STATUS)
+    } else {
+        std::process::ExitCode::FAILURE
+    }
 }
 
 /// How the roles log (to stderr): human-readable on a terminal, JSON lines for clusters.
@@ -150,6 +175,10 @@ pub fn runtime() -> Result<tokio::runtime::Runtime> {
 
 /// Runs the coordinator until interrupted (or, with `--exit-on-finish`, until the job has ended).
 pub fn run(a: CoordinatorArgs) -> Result<()> {
+    let checkpoint_base = match &a.recipe {
+        Some(path) => Some(m3d_recipes::Recipe::load(path, &a.sets)?.checkpoint_url()),
+        None => None,
+    };
     let (plan, min_workers, max_workers, data_fingerprint) = match &a.recipe {
         Some(path) => {
             let recipe = m3d_recipes::Recipe::load(path, &a.sets)?;
@@ -211,10 +240,24 @@ pub fn run(a: CoordinatorArgs) -> Result<()> {
         plan,
     };
     let token = load_token(a.token_file.as_ref())?;
+    // A checkpoint saved on SIGTERM may have been committed in the store after the previous coordinator
+    // stopped answering: the newest committed one is where the next round resumes.
+    let found = match &checkpoint_base {
+        Some(base) => crate::checkpoints::latest_committed(base)
+            .with_context(|| format!("listing the checkpoints under {base}"))?,
+        None => None,
+    };
+    let drain_timeout = a.drain_timeout;
     runtime()?.block_on(async move {
         let coord = Coordinator::open(cfg, Some(&a.state))
             .await
             .with_context(|| format!("opening the job state at {}", a.state))?;
+        if let Some(c) = found {
+            coord
+                .adopt_checkpoint(c)
+                .await
+                .with_context(|| format!("writing the job state at {}", a.state))?;
+        }
         let (listener, addr) = crate::grpc::bind(a.listen)
             .await
             .with_context(|| format!("binding {}", a.listen))?;
@@ -223,6 +266,8 @@ pub fn run(a: CoordinatorArgs) -> Result<()> {
         tracing::info!(%addr, state = %a.state, auth = token.is_some(), "coordinator serving");
         let mut watch = coord.watch();
         let exit_on_finish = a.exit_on_finish;
+        let terminated = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (drain_coord, drain_flag) = (coord.clone(), terminated.clone());
         let shutdown = async move {
             let finished = async {
                 if !exit_on_finish {
@@ -244,15 +289,40 @@ pub fn run(a: CoordinatorArgs) -> Result<()> {
                     Err(_) => std::future::pending::<()>().await,
                 }
             };
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => tracing::info!("interrupted: shutting down"),
-                _ = terminate => tracing::info!("terminated: shutting down"),
-                _ = finished => tracing::info!("job finished: shutting down"),
+            let stop = tokio::select! {
+                _ = tokio::signal::ctrl_c() => "interrupted",
+                _ = terminate => "terminated",
+                _ = finished => {
+                    tracing::info!("job finished: shutting down");
+                    return;
+                }
+            };
+            drain_flag.store(true, std::sync::atomic::Ordering::SeqCst);
+            // Workers stopped with us save a checkpoint first and commit it here: serve until they are gone.
+            let quiet = Duration::from_secs(2);
+            let started = std::time::Instant::now();
+            tracing::info!(
+                signal = stop,
+                timeout_s = drain_timeout.as_secs_f64(),
+                "draining: serving until the workers have stopped"
+            );
+            while !drain_coord.members_quiet(quiet) && started.elapsed() < drain_timeout {
+                tokio::time::sleep(Duration::from_millis(200)).await;
             }
+            tracing::info!(drained_s = started.elapsed().as_secs_f64(), "shutting down");
         };
-        crate::serve(coord, listener, token, shutdown)
+        crate::serve(coord.clone(), listener, token, shutdown)
             .await
-            .context("serving gRPC")
+            .context("serving gRPC")?;
+        coord
+            .flush()
+            .await
+            .with_context(|| format!("writing the job state at {}", a.state))?;
+        if terminated.load(std::sync::atomic::Ordering::SeqCst) && !coord.status().phase.is_final()
+        {
+            return Err(Terminated(format!("job state saved at {}", a.state)).into());
+        }
+        Ok(())
     })
 }
 

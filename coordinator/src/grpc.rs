@@ -97,7 +97,8 @@ impl<C: ControlPlane> CoordinatorService<C> {
         }
     }
 
-    /// The tonic server (`m3d.v2` and `m3d.v1`), with the bearer-token check on both when `token` is set. Streams
+    /// The tonic server (`m3d.v2` and `m3d.v1`, with the bearer-token check on both when `token` is set, and
+    /// `grpc.health.v1.Health` without it, for readiness probes). Streams
     /// are not limited to hyper's default of 200 per connection: every worker of a round waits in `Register` at
     /// once, and a benchmark or a proxy multiplexes thousands of them on a few connections.
     pub fn into_router(self, token: Option<Token>) -> tonic::transport::server::Router {
@@ -113,9 +114,12 @@ impl<C: ControlPlane> CoordinatorService<C> {
             }
             Ok(req)
         };
+        // The health service reports SERVING for as long as the server runs; probes carry no token.
+        let (_, health) = tonic_health::server::health_reporter();
         tonic::transport::Server::builder()
             .max_concurrent_streams(Some(1 << 16))
             .tcp_nodelay(true)
+            .add_service(health)
             .add_service(tonic::service::interceptor::InterceptedService::new(
                 CoordinatorServiceServer::from_arc(svc.clone()),
                 interceptor.clone(),

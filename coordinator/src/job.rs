@@ -474,6 +474,45 @@ impl Coordinator {
         Ok(coord)
     }
 
+    /// Whether no member of the current round has sent a heartbeat for `quiet` (true without a round): after
+    /// SIGTERM the coordinator keeps serving until then, so that workers stopping on their own SIGTERM can
+    /// commit the checkpoint they save on the way out.
+    pub fn members_quiet(&self, quiet: Duration) -> bool {
+        let st = self.lock();
+        let now = Instant::now();
+        st.members
+            .iter()
+            .all(|m| now.saturating_duration_since(m.last_seen) >= quiet)
+    }
+
+    /// Writes the job state now (before the process exits).
+    pub async fn flush(&self) -> Result<(), CoordError> {
+        self.persist(true).await
+    }
+
+    /// Takes `checkpoint` as the last committed one if it is newer than the state's: a checkpoint complete in
+    /// the store whose commit call never reached a coordinator (it was stopped while the workers saved theirs
+    /// on SIGTERM). The next round resumes from it. Returns whether it was taken.
+    pub async fn adopt_checkpoint(&self, checkpoint: CheckpointRef) -> Result<bool, CoordError> {
+        {
+            let mut st = self.lock();
+            if checkpoint.step > self.inner.cfg.plan.total_steps()
+                || st
+                    .last_checkpoint
+                    .as_ref()
+                    .is_some_and(|c| c.step >= checkpoint.step)
+            {
+                return Ok(false);
+            }
+            tracing::info!(step = checkpoint.step, url = %checkpoint.url, "adopted a committed checkpoint found in the store");
+            st.last_checkpoint = Some(checkpoint);
+            st.version += 1;
+            self.publish(&st);
+        }
+        self.persist(true).await?;
+        Ok(true)
+    }
+
     pub fn config(&self) -> &JobConfig {
         &self.inner.cfg
     }

@@ -13,6 +13,7 @@
 //!
 //! **Invariant: the coordinator never touches tensors.**
 
+pub mod checkpoints;
 pub mod cli;
 pub mod client;
 pub mod config;

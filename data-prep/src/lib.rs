@@ -21,5 +21,5 @@ pub mod text;
 pub mod vqa;
 
 pub use error::{PrepError, Result};
-pub use parts::{finalize, Part};
+pub use parts::{finalize, wait_for_parts, Part};
 pub use pipeline::{convert_volumes, ConvertOptions, ConvertReport};

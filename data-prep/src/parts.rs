@@ -180,6 +180,41 @@ fn first_difference(
     }
 }
 
+/// Waits until every part of the split recorded under `url` has its record (`parts/part-I-of-N.json` for
+/// I = 1..N, N read from the first record seen), polling every few seconds for up to `limit`: a finalize pod
+/// started beside the part pods (a plain Indexed Job has no ordering between Jobs) waits here.
+pub fn wait_for_parts(url: &str, limit: std::time::Duration) -> Result<()> {
+    let started = std::time::Instant::now();
+    let mut missing = String::from("no part record yet");
+    loop {
+        if let Ok(store) = Store::open_existing(url) {
+            let found: Vec<(usize, usize)> = store
+                .list(PARTS_PREFIX)?
+                .iter()
+                .filter_map(|(k, _)| Part::from_key(k))
+                .collect();
+            if let Some(&(_, n)) = found.first() {
+                let absent: Vec<String> = (1..=n)
+                    .filter(|i| !found.contains(&(*i, n)))
+                    .map(|i| format!("{i}/{n}"))
+                    .collect();
+                if absent.is_empty() {
+                    return Ok(());
+                }
+                missing = format!("parts {} missing", absent.join(", "));
+            }
+        }
+        if started.elapsed() >= limit {
+            return Err(PrepError::Parts(format!(
+                "{url}: gave up after {:.0} s: {missing}",
+                limit.as_secs_f64()
+            )));
+        }
+        tracing::info!(%url, %missing, "waiting for the parts");
+        std::thread::sleep(std::time::Duration::from_secs(5).min(limit));
+    }
+}
+
 /// Merges the part records under `url` into the dataset: checks that parts 1..N are each there exactly once, were
 /// written with the same N and the same settings, and that their shards are in place; then writes the sample
 /// shards, the volume index, `skipped.json` and, last, `manifest.json`, exactly as a single conversion does.

@@ -416,6 +416,14 @@ pub struct WorkersSection {
     /// `cpu` or `cuda` (one GPU per worker). Default: `cpu`.
     #[serde(default = "default_device")]
     pub device: DeviceKind,
+    /// Restarts of the whole job on a cluster for failures other than preemption and node loss (which never
+    /// count): the rendered JobSet's `failurePolicy.maxRestarts`. Default: `3`.
+    #[serde(default = "default_max_restarts")]
+    pub max_restarts: u32,
+}
+
+fn default_max_restarts() -> u32 {
+    3
 }
 
 fn default_min_workers() -> usize {
@@ -431,6 +439,7 @@ impl Default for WorkersSection {
             min: default_min_workers(),
             max: None,
             device: default_device(),
+            max_restarts: default_max_restarts(),
         }
     }
 }

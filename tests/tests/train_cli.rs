@@ -482,3 +482,151 @@ fn tiny_clip_learns_retrieval() {
     assert!(r1 > 5.0 * chance, "R@1 {r1} vs chance {chance}: {r}");
     let _ = PathBuf::new();
 }
+
+/// Sends SIGTERM to `child` (as Kubernetes, podman and `kill` stop a process).
+fn sigterm(child: &Child) {
+    let ok = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill -TERM {}", child.id());
+}
+
+/// Waits for `child` to exit (at most `limit`), returning its exit code.
+fn exit_code(child: &mut Child, limit: Duration) -> Option<i32> {
+    let start = std::time::Instant::now();
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s.code();
+        }
+        assert!(start.elapsed() < limit, "still running after {limit:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The committed checkpoint steps under `dir` (folders with a COMMIT record).
+fn committed(dir: &Path) -> Vec<u64> {
+    let mut steps: Vec<u64> = std::fs::read_dir(dir)
+        .map(|d| {
+            d.filter_map(|e| {
+                let e = e.ok()?;
+                let step = e
+                    .file_name()
+                    .to_str()?
+                    .strip_prefix("step-")?
+                    .parse()
+                    .ok()?;
+                e.path().join("COMMIT").is_file().then_some(step)
+            })
+            .collect()
+        })
+        .unwrap_or_default();
+    steps.sort_unstable();
+    steps
+}
+
+#[test]
+fn sigterm_to_every_process_saves_a_checkpoint_at_the_current_step_and_the_job_resumes_from_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cap, _) = synth_shards(dir.path(), 16);
+    let run = dir.path().join("run");
+    let ckpt = run.join("checkpoints");
+    let recipe_args: Vec<String> = [
+        vec!["--recipe".to_string(), recipe("clip-tiny.yaml")],
+        [
+            format!("data.tasks.0.shards=[{cap}]"),
+            "train.max_steps=100000".into(),
+            "train.log_every=1".into(),
+            // Only the stop writes a checkpoint in this test.
+            "checkpoint.every=100000".into(),
+            format!("output.run={}", run.display()),
+        ]
+        .iter()
+        .flat_map(|s| ["--set".to_string(), s.clone()])
+        .collect(),
+    ]
+    .concat();
+    let token = "s3cret-token-value";
+    let state = dir.path().join("state").display().to_string();
+    let mut coord_args = recipe_args.clone();
+    coord_args
+        .extend(["--state", &state, "--min-workers", "2", "--exit-on-finish"].map(String::from));
+    let start = |tag: &str| {
+        let (coord, url) = coordinator(
+            &coord_args,
+            &[("M3D_TOKEN", token)],
+            &dir.path().join(format!("coordinator-{tag}.log")),
+        );
+        let workers: Vec<Proc> = ["w0", "w1"]
+            .iter()
+            .map(|id| {
+                worker(
+                    &url,
+                    &recipe_args,
+                    id,
+                    Some(token),
+                    &dir.path().join(format!("{id}-{tag}.log")),
+                )
+            })
+            .collect();
+        (coord, url, workers)
+    };
+    let (mut coord, url, mut workers) = start("a");
+    wait_for("step 5", Duration::from_secs(180), || {
+        status(&url, token)["step"].as_u64().unwrap_or(0) >= 5
+    });
+    // Every process of the job is stopped at once, as a JobSet restart or a node drain does.
+    let stopped = std::time::Instant::now();
+    for w in &workers {
+        sigterm(&w.child);
+    }
+    sigterm(&coord.child);
+    for w in &mut workers {
+        assert_eq!(exit_code(&mut w.child, Duration::from_secs(60)), Some(143));
+    }
+    assert_eq!(
+        exit_code(&mut coord.child, Duration::from_secs(60)),
+        Some(143)
+    );
+    let took = stopped.elapsed();
+    assert!(took < Duration::from_secs(30), "stopping took {took:?}");
+    // One committed checkpoint, at the last step trained: nothing done is lost.
+    let steps = committed(&ckpt);
+    assert_eq!(steps.len(), 1, "{steps:?}");
+    let saved = steps[0];
+    let last_logged = losses(&run).last().map(|p| p.0).unwrap();
+    assert_eq!(
+        saved, last_logged,
+        "checkpoint {saved}, metrics up to {last_logged}"
+    );
+    // The coordinator recorded it in its state before exiting.
+    let job: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("state/job.json")).unwrap()).unwrap();
+    assert_eq!(
+        job["last_checkpoint"]["step"].as_u64(),
+        Some(saved),
+        "{job}"
+    );
+
+    // The relaunched job (same state, same command lines) resumes from that checkpoint.
+    let (_coord, url, workers) = start("b");
+    wait_for(
+        "a step after the checkpoint",
+        Duration::from_secs(180),
+        || status(&url, token)["step"].as_u64().unwrap_or(0) > saved,
+    );
+    drop(workers);
+    let log = std::fs::read_to_string(dir.path().join("w0-b.log")).unwrap();
+    assert!(
+        log.contains("resumed from checkpoint") && log.contains(&format!("step={saved}")),
+        "{log}"
+    );
+    for entry in std::fs::read_dir(dir.path()).unwrap() {
+        let p = entry.unwrap().path();
+        if p.extension().is_some_and(|e| e == "log") {
+            let text = std::fs::read_to_string(&p).unwrap_or_default();
+            assert!(!text.contains(token), "{} shows the token", p.display());
+        }
+    }
+}

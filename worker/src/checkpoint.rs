@@ -93,16 +93,12 @@ fn list_changes(changes: &[Changed]) -> String {
         .join("; ")
 }
 
-const COMMIT: &str = "COMMIT";
+use m3d_coordinator::checkpoints::{committed_in, step_of, COMMIT};
+pub use m3d_coordinator::checkpoints::{step_dir, step_url};
 const MODEL: &str = "model.safetensors";
 const OPTIMIZER: &str = "optimizer.safetensors";
 const STATE: &str = "state.json";
 const TOKENIZER: &str = "tokenizer.json";
-
-/// The folder of step `step`'s checkpoint.
-pub fn step_dir(step: u64) -> String {
-    format!("step-{step:09}")
-}
 
 /// Format of `state.json` this code writes. Records without a `format` field (written before it existed)
 /// read as 0, and carry no [`RunIdentity`].
@@ -549,23 +545,6 @@ pub fn committed_steps(store: &Store) -> Result<Vec<u64>, CheckpointError> {
     Ok(committed_in(&store.list("").map_err(store_err(store))?))
 }
 
-/// The step of a key under a step folder (`step-000000020/...`).
-fn step_of(key: &str) -> Option<u64> {
-    key.split('/').next()?.strip_prefix("step-")?.parse().ok()
-}
-
-/// Committed steps among listed keys, ascending.
-fn committed_in(keys: &[(String, u64)]) -> Vec<u64> {
-    let mut steps: Vec<u64> = keys
-        .iter()
-        .filter(|(key, _)| key.ends_with(&format!("/{COMMIT}")))
-        .filter_map(|(key, _)| step_of(key))
-        .collect();
-    steps.sort_unstable();
-    steps.dedup();
-    steps
-}
-
 /// Deletes the committed checkpoints that are neither among the last `keep_last` nor a multiple of
 /// `keep_every`, commit record first (so a half-deleted checkpoint is simply not committed), and any
 /// uncommitted folder older than the newest commit (a writer killed mid-upload). Returns the deleted steps.
@@ -783,11 +762,6 @@ impl Found {
     pub fn url(&self) -> String {
         step_url(self.store.url(), self.step)
     }
-}
-
-/// The URL of step `step`'s checkpoint under `base`.
-pub fn step_url(base: &str, step: u64) -> String {
-    format!("{}/{}", base.trim_end_matches('/'), step_dir(step))
 }
 
 /// How an [`Uploader`] writes and keeps checkpoints.

@@ -11,6 +11,8 @@
 //! finished: that step waits for the answer); every rank's final report (the end of the round waits for it).
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use m3d_collectives::{
@@ -176,6 +178,10 @@ pub struct WorkerOptions {
     /// every sample shard through transient buffers, and the binary, which owns the allocator, hands that
     /// memory back to the system here (`m3d` asks mimalloc to purge what it freed).
     pub after_open: Option<fn()>,
+    /// Set (by the binary's SIGTERM handler) to stop: at the next step boundary every rank stops, rank 0
+    /// saves and commits a checkpoint, and this worker returns [`WorkerExit::Terminated`]; before a round
+    /// has formed it returns at once.
+    pub stop: Arc<AtomicBool>,
 }
 
 /// How the worker ended.
@@ -185,6 +191,9 @@ pub enum WorkerExit {
     Finished,
     /// The coordinator said the job is over before this worker finished (it failed, or completed without it).
     Stopped,
+    /// Asked to stop ([`WorkerOptions::stop`]): `step` is the last step done and, when the recipe checkpoints,
+    /// committed (`None`: stopped before training).
+    Terminated { step: Option<u64> },
 }
 
 struct Coordinated<'a> {
@@ -416,6 +425,9 @@ pub fn run_worker(recipe: &Recipe, opts: &WorkerOptions) -> Result<WorkerExit, R
     let own_plan = m3d_coordinator::plan_spec(recipe, data.len())?;
     let mut own_fingerprint: Option<String> = None;
     loop {
+        if opts.stop.load(Ordering::SeqCst) {
+            return Ok(WorkerExit::Terminated { step: None });
+        }
         let listener =
             RingListener::bind(SocketAddr::new(opts.bind, 0)).map_err(|source| RoleError::Io {
                 what: format!("binding the collective listener on {}", opts.bind),
@@ -562,8 +574,12 @@ pub fn run_worker(recipe: &Recipe, opts: &WorkerOptions) -> Result<WorkerExit, R
             &round,
             comm.as_mut(),
             &mut control,
+            &opts.stop,
         )? {
             RoundEnd::Finished => return Ok(WorkerExit::Finished),
+            RoundEnd::Terminated { step } => {
+                return Ok(WorkerExit::Terminated { step: Some(step) })
+            }
             RoundEnd::Stop => return Ok(WorkerExit::Stopped),
             RoundEnd::Reregister(reason) => {
                 tracing::warn!(worker = %opts.worker_id, generation = a.generation, %reason, "round broken; registering again");

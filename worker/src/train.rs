@@ -12,12 +12,13 @@
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
-use m3d_collectives::Collective;
+use m3d_collectives::{Collective, ReduceOp};
 use m3d_coordinator::job::WorkerAction;
 use m3d_coordinator::plan::{PlanSpec, StepPlan};
 use m3d_models::lamed::{LamedBatch, LamedHostChecks};
@@ -148,6 +149,9 @@ pub enum RoundEnd {
     Reregister(String),
     /// The job is over (completed or failed elsewhere).
     Stop,
+    /// This worker was asked to stop (SIGTERM): every rank stopped after global step `step`, whose checkpoint
+    /// rank 0 wrote and committed (when the recipe checkpoints).
+    Terminated { step: u64 },
 }
 
 pub use crate::output::RunDir;
@@ -240,6 +244,12 @@ fn save_final_to(model: &TrainModel, run: &RunDir, step: u64) -> Result<(), Trai
 
 /// Runs one round: builds the model, broadcasts rank 0's parameters, trains from `round.resume_step` to
 /// the end of the job.
+///
+/// `stop` is this process's stop request (set on SIGTERM). The ranks agree on it after every step (a one-value
+/// all-reduce, so all stop after the same step however the signal reached them): rank 0 then saves and
+/// commits that step's checkpoint, and the round ends with [`RoundEnd::Terminated`] on the ranks that were
+/// asked to stop and [`RoundEnd::Reregister`] on the others.
+#[allow(clippy::too_many_arguments)]
 pub fn run_round(
     recipe: &Recipe,
     data: &TrainData,
@@ -248,6 +258,7 @@ pub fn run_round(
     round: &RoundInfo,
     comm: &mut dyn Collective,
     control: &mut dyn Control,
+    stop: &AtomicBool,
 ) -> Result<RoundEnd, TrainError> {
     let rank = round.rank;
     let world = round.world_size as usize;
@@ -421,6 +432,7 @@ pub fn run_round(
             identity,
             tokenizer_json,
             checkpoint_base,
+            stop,
         };
         let end = match lp.run() {
             Err(TrainError::RoundOver(reason)) => Ok(RoundEnd::Reregister(reason)),
@@ -527,9 +539,30 @@ struct Loop<'a> {
     identity: Option<RunIdentity>,
     tokenizer_json: Option<Bytes>,
     checkpoint_base: String,
+    stop: &'a AtomicBool,
 }
 
 impl Loop<'_> {
+    /// Whether any rank was asked to stop before this point (`Some(asked_here)`), agreed by all ranks with one
+    /// all-reduce of a single value; a collective that fails ends the round.
+    fn stop_agreed(&mut self) -> Result<Option<bool>, TrainError> {
+        let here = self.stop.load(Ordering::SeqCst);
+        let round_over = |e: m3d_collectives::CollectiveError| {
+            TrainError::RoundOver(format!("agreeing on a stop request: {e}"))
+        };
+        let mut flag = self
+            .comm
+            .scalars(&[f64::from(u8::from(here))])
+            .map_err(round_over)?;
+        self.comm
+            .all_reduce(&mut flag, ReduceOp::Sum)
+            .map_err(round_over)?;
+        let asked = flag
+            .f_double_value(&[0])
+            .map_err(|e| TrainError::RoundOver(format!("reading the stop flag: {e}")))?;
+        Ok((asked > 0.0).then_some(here))
+    }
+
     /// Hands the builder the plans of the steps up to `step + depth`, computing them in chunks, and starts
     /// reading their shards.
     fn feed(&mut self, step: u64) -> Result<(), TrainError> {
@@ -683,6 +716,12 @@ impl Loop<'_> {
                     w.write(&line)?;
                 }
             }
+            // A stop request ends the round after this step, unless it is the last one anyway.
+            let stopping = if done < self.total {
+                self.stop_agreed()?
+            } else {
+                None
+            };
             if let Some(up) = self.uploader.as_mut() {
                 if step == self.round.resume_step {
                     // AdamW's state exists after the first step: prepare the first checkpoint's memory now.
@@ -694,7 +733,7 @@ impl Loop<'_> {
                 // `train.max_steps`) without redoing a step.
                 commit_finished(&mut *self.control, &self.checkpoint_base, up.poll()?)?;
                 let every = self.recipe.checkpoint.every;
-                if every > 0 && (done % every == 0 || done == self.total) {
+                if every > 0 && (done % every == 0 || done == self.total || stopping.is_some()) {
                     let stall = Instant::now();
                     // The previous upload finishes before the next staging copy is made: at most one
                     // checkpoint is ever held in host memory.
@@ -731,9 +770,26 @@ impl Loop<'_> {
                         "checkpoint staged"
                     );
                 }
-                if done == self.total {
+                if done == self.total || stopping.is_some() {
                     commit_finished(&mut *self.control, &self.checkpoint_base, up.wait()?)?;
                 }
+            }
+            if let Some(here) = stopping {
+                if let Some(w) = self.metrics.as_deref_mut() {
+                    w.flush()?;
+                }
+                // The other ranks wait here until rank 0 has committed the checkpoint: a rank that left
+                // earlier would end the round at the coordinator before the commit reached it. Past this
+                // point the process leaves either way, so a failure is only logged.
+                if let Err(e) = self.stop_agreed() {
+                    tracing::warn!(error = %e, "the ranks did not meet after the stop checkpoint");
+                }
+                tracing::info!(step = done, asked_here = here, "stopped on request");
+                return Ok(if here {
+                    RoundEnd::Terminated { step: done }
+                } else {
+                    RoundEnd::Reregister(format!("another rank was asked to stop at step {done}"))
+                });
             }
             if done == self.total && rank == 0 {
                 // The last lines are readable before the job can be called complete.

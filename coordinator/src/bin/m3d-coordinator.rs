@@ -28,7 +28,7 @@ fn main() -> std::process::ExitCode {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
-            std::process::ExitCode::FAILURE
+            m3d_coordinator::cli::exit_status(&e)
         }
     }
 }

@@ -1,0 +1,279 @@
+//! `m3d k8s render` and `m3d k8s render-prep`: flags in, YAML out (files in a folder, or one stream on stdout).
+//! The objects themselves are `m3d_k8s`'s.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand, ValueEnum};
+use m3d_k8s::{Flavor, Object, PrepJob, TrainJob};
+use m3d_recipes::{DeviceKind, ModelKind, Recipe};
+
+#[derive(Subcommand)]
+pub enum K8s {
+    /// Render a training recipe as Kubernetes objects: a JobSet (coordinator + workers), the recipe as a
+    /// ConfigMap and the job token as a Secret.
+    Render(RenderArgs),
+    /// Render a data-prep conversion split over pods (one part per pod, then finalize).
+    #[command(name = "render-prep")]
+    RenderPrep(RenderPrepArgs),
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum FlavorArg {
+    /// A JobSet (jobset.x-k8s.io/v1alpha2; needs the JobSet controller).
+    Jobset,
+    /// Plain objects: an Indexed Job + headless Service for the workers, a Deployment + Service for the
+    /// coordinator.
+    IndexedJob,
+}
+
+impl FlavorArg {
+    fn flavor(self) -> Flavor {
+        match self {
+            FlavorArg::Jobset => Flavor::JobSet,
+            FlavorArg::IndexedJob => Flavor::IndexedJob,
+        }
+    }
+}
+
+#[derive(Args)]
+pub struct RenderArgs {
+    /// The recipe (its data, checkpoint.url and output.run must be object store URLs).
+    recipe: PathBuf,
+    /// The container image with `m3d` and `m3d-coordinator` (k8s/image.sh builds one).
+    #[arg(long)]
+    image: String,
+    /// Worker pods [default: the recipe's workers.max, else workers.min].
+    #[arg(long)]
+    workers: Option<u32>,
+    /// GPUs per worker pod [default: 1 when workers.device is cuda, else 0].
+    #[arg(long)]
+    gpus_per_worker: Option<u32>,
+    #[arg(long, default_value = "default")]
+    namespace: String,
+    /// Name of the job's objects [default: from the recipe's name].
+    #[arg(long)]
+    name: Option<String>,
+    /// Kueue LocalQueue: label the job for it and create it suspended, for Kueue to admit as one gang.
+    #[arg(long)]
+    queue: Option<String>,
+    /// PriorityClass of the pods.
+    #[arg(long)]
+    priority_class: Option<String>,
+    /// Secret whose keys become every pod's environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
+    /// AWS_ENDPOINT_URL, AWS_REGION, ...).
+    #[arg(long)]
+    s3_secret: Option<String>,
+    /// An existing Secret holding the job token under the key `token`; without it a Secret with a fresh
+    /// token is rendered.
+    #[arg(long)]
+    token_secret: Option<String>,
+    /// Where the coordinator keeps the job state [default: <output.run>/coordinator].
+    #[arg(long)]
+    state: Option<String>,
+    /// Recipe overrides, as `m3d train --set`.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    sets: Vec<String>,
+    #[arg(long, value_enum, default_value_t = FlavorArg::Jobset)]
+    flavor: FlavorArg,
+    /// CPU request of a worker pod [default: 8 with GPUs, else 2].
+    #[arg(long)]
+    cpu: Option<String>,
+    /// Memory request (and limit) of a worker pod [default: 64Gi with GPUs, else 8Gi].
+    #[arg(long)]
+    memory: Option<String>,
+    /// Size limit of a worker's memory-backed /dev/shm [default: 16Gi with GPUs, else 1Gi].
+    #[arg(long)]
+    shm: Option<String>,
+    /// Seconds between SIGTERM and SIGKILL for a worker [default: from the checkpoint size, see
+    /// docs/kubernetes.md].
+    #[arg(long)]
+    grace_period: Option<i64>,
+    /// Restarts for failures other than preemption and node loss (which never count) [default: the
+    /// recipe's workers.max_restarts].
+    #[arg(long)]
+    max_restarts: Option<u32>,
+    /// Allow several worker pods on one node (by default each gets a node of its own when it has GPUs).
+    #[arg(long)]
+    shared_nodes: bool,
+    /// Write one file per object into this folder (created); without it, one YAML stream on stdout.
+    #[arg(short = 'o', long)]
+    out: Option<PathBuf>,
+}
+
+#[derive(Args)]
+pub struct RenderPrepArgs {
+    #[arg(long)]
+    image: String,
+    /// Pods converting in parallel (each `--part-index $JOB_COMPLETION_INDEX --parts N`).
+    #[arg(long)]
+    parts: u32,
+    /// The dataset URL the conversion writes (as the data-prep arguments' --out).
+    #[arg(long)]
+    out_url: String,
+    #[arg(long)]
+    name: String,
+    #[arg(long, default_value = "default")]
+    namespace: String,
+    #[arg(long)]
+    s3_secret: Option<String>,
+    /// A PersistentVolumeClaim with the published raw data, mounted read-only: CLAIM:/mount/path.
+    #[arg(long, value_name = "CLAIM:PATH")]
+    claim: Vec<String>,
+    #[arg(long)]
+    cpu: Option<String>,
+    #[arg(long)]
+    memory: Option<String>,
+    #[arg(long)]
+    priority_class: Option<String>,
+    #[arg(long)]
+    queue: Option<String>,
+    #[arg(long, value_enum, default_value_t = FlavorArg::Jobset)]
+    flavor: FlavorArg,
+    #[arg(short = 'o', long)]
+    out: Option<PathBuf>,
+    /// The `m3d data-prep` arguments of one conversion, after `--`: e.g. `-- cap --src /data/M3D_Cap --out
+    /// s3://bucket/shards/cap`.
+    #[arg(last = true, required = true)]
+    args: Vec<String>,
+}
+
+pub fn run(cmd: K8s) -> Result<()> {
+    match cmd {
+        K8s::Render(a) => render(a),
+        K8s::RenderPrep(a) => render_prep(a),
+    }
+}
+
+/// Checkpoint size (model weights + AdamW state) the default grace period is derived from: M3D-CLIP's is
+/// measured (2.4 GB, docs/benchmarks.md); M3D-LaMed's is that of a 7B LLM's bf16 weights with LoRA adapters
+/// and their optimizer state, rounded up.
+fn checkpoint_bytes(recipe: &Recipe) -> u64 {
+    match (recipe.model.kind, recipe.model.preset.as_str()) {
+        (ModelKind::Clip, "m3d") => 2_400_000_000,
+        (ModelKind::Lamed, p) if p != "tiny" && p != "debug" => 16_000_000_000,
+        _ => 100_000_000,
+    }
+}
+
+/// Seconds a worker may need to finish the step in flight before saving.
+const STEP_ALLOWANCE_S: u64 = 60;
+
+fn render(a: RenderArgs) -> Result<()> {
+    let mut sets = a.sets.clone();
+    let base = Recipe::load(&a.recipe, &sets)?;
+    let workers = match a.workers {
+        Some(n) => n,
+        None => {
+            u32::try_from(base.workers.max.unwrap_or(base.workers.min)).context("workers.max")?
+        }
+    };
+    if workers == 0 {
+        bail!("--workers 0: a job needs at least one worker");
+    }
+    // Every pod of the gang is in every round: the world size is the pod count.
+    sets.push(format!("workers.min={workers}"));
+    sets.push(format!("workers.max={workers}"));
+    let recipe = Recipe::load(&a.recipe, &sets)?;
+    let cuda = recipe.workers.device == DeviceKind::Cuda;
+    let gpus = a.gpus_per_worker.unwrap_or(u32::from(cuda));
+    let quantity = |v: Option<String>, gpu: &str, cpu: &str| {
+        k8s_openapi::apimachinery::pkg::api::resource::Quantity(
+            v.unwrap_or_else(|| if gpus > 0 { gpu } else { cpu }.to_string()),
+        )
+    };
+    let name = match a.name {
+        Some(n) => n,
+        None => m3d_k8s::sanitize_name(recipe.name(), 40),
+    };
+    let state_url = a
+        .state
+        .unwrap_or_else(|| format!("{}/coordinator", recipe.run_url().trim_end_matches('/')));
+    let grace = a
+        .grace_period
+        .unwrap_or_else(|| m3d_k8s::grace_period_s(checkpoint_bytes(&recipe), STEP_ALLOWANCE_S));
+    let job = TrainJob {
+        name,
+        namespace: a.namespace,
+        image: a.image,
+        workers,
+        gpus_per_worker: gpus,
+        worker_cpu: Some(quantity(a.cpu, "8", "2")),
+        worker_memory: Some(quantity(a.memory, "64Gi", "8Gi")),
+        shm: quantity(a.shm, "16Gi", "1Gi"),
+        queue: a.queue,
+        priority_class: a.priority_class,
+        s3_secret: a.s3_secret,
+        token: if a.token_secret.is_none() {
+            m3d_k8s::new_token()
+        } else {
+            String::new()
+        },
+        token_secret: a.token_secret,
+        state_url,
+        flavor: a.flavor.flavor(),
+        grace_period_s: grace,
+        max_restarts: a.max_restarts.unwrap_or(recipe.workers.max_restarts),
+        exclusive_placement: gpus > 0 && !a.shared_nodes,
+        recipe,
+    };
+    let objects = m3d_k8s::render_train(&job)?;
+    emit(&objects, a.out.as_deref())
+}
+
+fn render_prep(a: RenderPrepArgs) -> Result<()> {
+    let mut claims = Vec::new();
+    for c in &a.claim {
+        let Some((claim, path)) = c.split_once(':') else {
+            bail!("--claim {c}: expected CLAIM:/mount/path");
+        };
+        claims.push((claim.to_string(), path.to_string()));
+    }
+    let q = |v: Option<String>| v.map(k8s_openapi::apimachinery::pkg::api::resource::Quantity);
+    let job = PrepJob {
+        name: a.name,
+        namespace: a.namespace,
+        image: a.image,
+        parts: a.parts,
+        args: a.args,
+        out: a.out_url,
+        s3_secret: a.s3_secret,
+        claims,
+        cpu: q(a.cpu),
+        memory: q(a.memory),
+        priority_class: a.priority_class,
+        queue: a.queue,
+        flavor: a.flavor.flavor(),
+    };
+    let objects = m3d_k8s::render_prep(&job)?;
+    emit(&objects, a.out.as_deref())
+}
+
+/// Writes the objects: numbered files in `dir` (a Secret's file readable by its owner only), or one stream on
+/// stdout.
+fn emit(objects: &[Object], dir: Option<&std::path::Path>) -> Result<()> {
+    let Some(dir) = dir else {
+        print!("{}", m3d_k8s::to_yaml_documents(objects)?);
+        return Ok(());
+    };
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    for (i, o) in objects.iter().enumerate() {
+        let path = dir.join(o.file_name(i));
+        let yaml = o.to_yaml()?;
+        write_private(&path, yaml.as_bytes(), o.kind == "Secret")
+            .with_context(|| format!("writing {}", path.display()))?;
+        println!("{}", path.display());
+    }
+    Ok(())
+}
+
+fn write_private(path: &std::path::Path, bytes: &[u8], private: bool) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    if private {
+        opts.mode(0o600);
+    }
+    opts.open(path)?.write_all(bytes)
+}
