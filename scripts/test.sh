@@ -6,6 +6,9 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/setup.sh
 export M3D_PYTHON="$M3D_VENV/bin/python"
+# The Kubernetes tests run the rendered pods with root podman (scripts/podman-setup.sh installs podman + runc with
+# apt-get where they are missing). If it cannot work here, those tests fail and say why; the rest still run.
+source scripts/podman-setup.sh || echo "[test] podman is not usable here: tests/tests/k8s_podman_cli.rs will fail"
 cargo fmt --all -- --check
 cargo clippy --release --workspace --all-targets --locked -- -D warnings
 # The lent GPU machines' torch 2.11 / tch 0.24 build must keep compiling (scripts/torch211.sh: a generated

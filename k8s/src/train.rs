@@ -358,6 +358,8 @@ pub fn render_train(job: &TrainJob) -> Result<Vec<Object>, K8sError> {
 
 fn jobset(job: &TrainJob, cm: &str) -> Result<js::JobSet, K8sError> {
     let coordinator = JobSpec {
+        // Indexed, as JobSet's defaulting makes it: its pod's host name is `<name>-coordinator-0-0`.
+        completion_mode: Some("Indexed".to_string()),
         backoff_limit: Some(0),
         completions: Some(1),
         parallelism: Some(1),

@@ -77,6 +77,12 @@ pub struct S3Server {
 impl S3Server {
     /// Starts `python -m moto.server` on a free loopback port, logging to `log`, and waits until it listens.
     pub fn start(log: &Path) -> S3Server {
+        S3Server::start_on(log, "127.0.0.1")
+    }
+
+    /// [`S3Server::start`] listening on `host` (`0.0.0.0`: also reachable from containers, through their
+    /// network's gateway).
+    pub fn start_on(log: &Path, host: &str) -> S3Server {
         let python = python();
         let probe = Command::new(&python)
             .args(["-c", "import moto.server"])
@@ -91,14 +97,7 @@ impl S3Server {
         let port = free_port();
         let log_file = std::fs::File::create(log).expect("create moto log");
         let child = Command::new(&python)
-            .args([
-                "-m",
-                "moto.server",
-                "-H",
-                "127.0.0.1",
-                "-p",
-                &port.to_string(),
-            ])
+            .args(["-m", "moto.server", "-H", host, "-p", &port.to_string()])
             .stdout(Stdio::from(log_file.try_clone().expect("clone log handle")))
             .stderr(Stdio::from(log_file))
             .spawn()

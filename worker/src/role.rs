@@ -384,6 +384,22 @@ impl Drop for AbortOnDrop {
     }
 }
 
+/// Resolves once `stop` is set (checked every 100 ms).
+async fn stopped(stop: &AtomicBool) {
+    while !stop.load(Ordering::SeqCst) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The error a call ends with when the worker is asked to stop while waiting for it.
+fn stop_error(url: &str) -> ClientError {
+    ClientError::Rpc {
+        url: url.to_string(),
+        code: Code::Cancelled,
+        message: "this worker was asked to stop".into(),
+    }
+}
+
 /// Runs the worker until the job is over.
 pub fn run_worker(recipe: &Recipe, opts: &WorkerOptions) -> Result<WorkerExit, RoleError> {
     if let Some(t) = opts.threads {
@@ -453,11 +469,20 @@ pub fn run_worker(recipe: &Recipe, opts: &WorkerOptions) -> Result<WorkerExit, R
             gpus: u32::from(cuda),
             nccl_unique_id,
         };
+        // Registration waits for the round to form (a long poll): a stop request ends the wait at once.
         let a = match patiently(&rt, &opts.worker_id, "registration", || {
-            let (mut c, info) = (client.clone(), &info);
-            async move { c.register(info).await }
+            let (mut c, info, stop) = (client.clone(), &info, &opts.stop);
+            async move {
+                tokio::select! {
+                    r = c.register(info) => r,
+                    () = stopped(stop) => Err(stop_error(&opts.coordinator)),
+                }
+            }
         }) {
             Ok(a) => a,
+            Err(_) if opts.stop.load(Ordering::SeqCst) => {
+                return Ok(WorkerExit::Terminated { step: None })
+            }
             Err(e) if matches!(e.code(), Some(Code::FailedPrecondition | Code::Aborted)) => {
                 // Either the job is over, or a round is training without this worker (it joins the next).
                 let status = patiently(&rt, &opts.worker_id, "job status", || {
