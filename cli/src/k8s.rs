@@ -93,9 +93,10 @@ pub struct RenderArgs {
     /// recipe's workers.max_restarts].
     #[arg(long)]
     max_restarts: Option<u32>,
-    /// Allow several worker pods on one node (by default each gets a node of its own when it has GPUs).
-    #[arg(long)]
-    shared_nodes: bool,
+    /// Place all worker pods in one domain of this node label, exclusive to the job (JobSet exclusive
+    /// placement, e.g. a node-pool label). Not `kubernetes.io/hostname` unless every worker fits one node.
+    #[arg(long, value_name = "NODE_LABEL")]
+    exclusive_topology: Option<String>,
     /// Write one file per object into this folder (created); without it, one YAML stream on stdout.
     #[arg(short = 'o', long)]
     out: Option<PathBuf>,
@@ -214,7 +215,7 @@ fn render(a: RenderArgs) -> Result<()> {
         flavor: a.flavor.flavor(),
         grace_period_s: grace,
         max_restarts: a.max_restarts.unwrap_or(recipe.workers.max_restarts),
-        exclusive_placement: gpus > 0 && !a.shared_nodes,
+        exclusive_topology: a.exclusive_topology,
         recipe,
     };
     let objects = m3d_k8s::render_train(&job)?;

@@ -248,6 +248,7 @@ pub fn run(a: CoordinatorArgs) -> Result<()> {
         None => None,
     };
     let drain_timeout = a.drain_timeout;
+    let heartbeat_timeout = a.heartbeat_timeout;
     runtime()?.block_on(async move {
         let coord = Coordinator::open(cfg, Some(&a.state))
             .await
@@ -298,8 +299,11 @@ pub fn run(a: CoordinatorArgs) -> Result<()> {
                 }
             };
             drain_flag.store(true, std::sync::atomic::Ordering::SeqCst);
+            drain_coord.drain();
             // Workers stopped with us save a checkpoint first and commit it here: serve until they are gone.
-            let quiet = Duration::from_secs(2);
+            // Quiet for longer than a heartbeat interval (a third of the timeout): a worker between two beats
+            // is not gone.
+            let quiet = (heartbeat_timeout / 2).max(Duration::from_secs(2));
             let started = std::time::Instant::now();
             tracing::info!(
                 signal = stop,

@@ -383,6 +383,9 @@ struct Inner {
     store: Option<m3d_store::Store>,
     /// Serialises writes of the job document; holds the version last written.
     written: tokio::sync::Mutex<u64>,
+    /// Set when the process is stopping ([`Coordinator::drain`]): members that go quiet are leaving with
+    /// it, not failing, so no restart round is formed.
+    draining: std::sync::atomic::AtomicBool,
 }
 
 /// The coordinator of one job. Cheap to clone (shared state).
@@ -467,6 +470,7 @@ impl Coordinator {
                 status_tx,
                 store,
                 written: tokio::sync::Mutex::new(0),
+                draining: std::sync::atomic::AtomicBool::new(false),
             }),
         };
         coord.persist(true).await?;
@@ -483,6 +487,14 @@ impl Coordinator {
         st.members
             .iter()
             .all(|m| now.saturating_duration_since(m.last_seen) >= quiet)
+    }
+
+    /// The process is stopping: from now on members that go quiet are leaving with it (their round is
+    /// continued or restarted by whichever coordinator runs next), so none is declared failed.
+    pub fn drain(&self) {
+        self.inner
+            .draining
+            .store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Writes the job state now (before the process exits).
@@ -729,7 +741,11 @@ impl Coordinator {
                     m.last_seen = now;
                 }
             }
-            if matches!(st.phase, JobPhase::Running | JobPhase::Checkpointing) {
+            let draining = self
+                .inner
+                .draining
+                .load(std::sync::atomic::Ordering::SeqCst);
+            if !draining && matches!(st.phase, JobPhase::Running | JobPhase::Checkpointing) {
                 let timeout = self.inner.cfg.heartbeat_timeout;
                 let dead = st
                     .members

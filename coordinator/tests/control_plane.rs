@@ -863,3 +863,37 @@ async fn v1_is_served_beside_v2_by_the_same_job_behind_the_same_token() {
     assert_eq!((peers.world_size, peers.peers.len()), (1, 1));
     server.shutdown().await;
 }
+
+/// Kubernetes' `grpc` readiness probe asks `grpc.health.v1.Health/Check` without any token: the coordinator
+/// answers SERVING even when workers must present one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_health_service_answers_a_probe_without_the_token() {
+    let token = Token::new("probe-test-token");
+    let server = Server::start(
+        cfg(1, 1, Duration::from_secs(5), Duration::from_secs(5), 0),
+        None,
+        token,
+    )
+    .await;
+    let channel = tonic::transport::Channel::from_shared(server.url.clone())
+        .expect("url")
+        .connect()
+        .await
+        .expect("connect");
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    let answer = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .expect("health check")
+        .into_inner();
+    assert_eq!(
+        answer.status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+    // The job's own service still refuses a call without the token.
+    let mut c = server.client().await;
+    assert!(c.status().await.is_err());
+    server.shutdown().await;
+}

@@ -65,8 +65,10 @@ pub struct TrainJob {
     /// Restarts of the whole job for failures other than disruptions (`JobSet.spec.failurePolicy.maxRestarts`;
     /// the Indexed Job's `backoffLimit`).
     pub max_restarts: u32,
-    /// One worker pod per node (`alpha.jobset.sigs.k8s.io/exclusive-topology: kubernetes.io/hostname`).
-    pub exclusive_placement: bool,
+    /// JobSet's exclusive placement (`alpha.jobset.sigs.k8s.io/exclusive-topology: KEY`): the workers Job's
+    /// pods all in one domain of this node label (a node pool, a rack), which no other Job shares. It is per
+    /// child Job, and all workers are one Job: `kubernetes.io/hostname` would put every worker on one node.
+    pub exclusive_topology: Option<String>,
 }
 
 /// The grace period a worker needs to stop cleanly: finish the step in flight (`step_allowance_s`), then write
@@ -380,10 +382,10 @@ fn jobset(job: &TrainJob, cm: &str) -> Result<js::JobSet, K8sError> {
         labels: Some(labels(&job.name, Some("workers"))),
         ..Default::default()
     };
-    if job.exclusive_placement {
+    if let Some(key) = &job.exclusive_topology {
         workers_meta.annotations = Some(BTreeMap::from([(
             "alpha.jobset.sigs.k8s.io/exclusive-topology".to_string(),
-            "kubernetes.io/hostname".to_string(),
+            key.clone(),
         )]));
     }
     let mut md = meta(&job.name, &job.namespace, labels(&job.name, None));

@@ -79,7 +79,17 @@ fn find<'a>(files: &'a [PathBuf], kind: &str) -> &'a PathBuf {
 #[test]
 fn a_rendered_jobset_passes_the_schemas_and_a_broken_field_is_caught() {
     let dir = tempfile::tempdir().unwrap();
-    let files = render(dir.path(), &["--workers", "2", "--queue", "team-a"]);
+    let files = render(
+        dir.path(),
+        &[
+            "--workers",
+            "2",
+            "--queue",
+            "team-a",
+            "--exclusive-topology",
+            "cloud.google.com/gke-nodepool",
+        ],
+    );
     assert_eq!(files.len(), 3, "{files:?}");
     let refs: Vec<&Path> = files.iter().map(PathBuf::as_path).collect();
     let (ok, report) = validate(&refs);
@@ -107,6 +117,11 @@ fn a_rendered_jobset_passes_the_schemas_and_a_broken_field_is_caught() {
     let jobs = js["spec"]["replicatedJobs"].as_array().unwrap();
     let (coord, workers) = (&jobs[0], &jobs[1]);
     assert_eq!(coord["name"], "coordinator");
+    assert_eq!(
+        workers["template"]["metadata"]["annotations"]
+            ["alpha.jobset.sigs.k8s.io/exclusive-topology"],
+        "cloud.google.com/gke-nodepool"
+    );
     assert_eq!(workers["dependsOn"][0]["name"], "coordinator");
     assert_eq!(workers["dependsOn"][0]["status"], "Ready");
     for j in jobs {
