@@ -162,7 +162,16 @@ const STEP_ALLOWANCE_S: u64 = 60;
 
 fn render(a: RenderArgs) -> Result<()> {
     let mut sets = a.sets.clone();
-    let base = Recipe::load(&a.recipe, &sets)?;
+    // The recipe as given, for its world size and device; with --workers its own range does not matter
+    // (the world is fixed below), so it is read with a world of one.
+    let base = match a.workers {
+        Some(_) => {
+            let mut one = sets.clone();
+            one.extend(["workers.min=1".to_string(), "workers.max=1".to_string()]);
+            Recipe::load(&a.recipe, &one)?
+        }
+        None => Recipe::load(&a.recipe, &sets)?,
+    };
     let workers = match a.workers {
         Some(n) => n,
         None => {
@@ -172,12 +181,13 @@ fn render(a: RenderArgs) -> Result<()> {
     if workers == 0 {
         bail!("--workers 0: a job needs at least one worker");
     }
-    // Every pod of the gang is in every round: the world size is the pod count.
-    sets.push(format!("workers.min={workers}"));
-    sets.push(format!("workers.max={workers}"));
-    let recipe = Recipe::load(&a.recipe, &sets)?;
-    let cuda = recipe.workers.device == DeviceKind::Cuda;
+    let cuda = base.workers.device == DeviceKind::Cuda;
     let gpus = a.gpus_per_worker.unwrap_or(u32::from(cuda));
+    // Every process of the gang is in every round: the world size is pods x processes per pod.
+    let world = workers * gpus.max(1);
+    sets.push(format!("workers.min={world}"));
+    sets.push(format!("workers.max={world}"));
+    let recipe = Recipe::load(&a.recipe, &sets)?;
     let quantity = |v: Option<String>, gpu: &str, cpu: &str| {
         k8s_openapi::apimachinery::pkg::api::resource::Quantity(
             v.unwrap_or_else(|| if gpus > 0 { gpu } else { cpu }.to_string()),

@@ -104,6 +104,10 @@ pub struct WorkerArgs {
     /// libtorch intra-op threads (default: this host's cores divided among its workers in the round).
     #[arg(long)]
     threads: Option<usize>,
+    /// Worker processes to run (one per GPU of a pod): with N > 1 this process starts N `m3d worker`s with
+    /// the same flags and ids `<worker-id>-<i>`, forwards SIGTERM to them, and exits as the worst of them.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    procs: u32,
 }
 
 #[derive(Args)]
@@ -180,6 +184,9 @@ fn run_dir(recipe: &Recipe) -> RunDir {
 }
 
 pub fn worker(a: WorkerArgs) -> Result<()> {
+    if a.procs > 1 {
+        return worker_processes(&a);
+    }
     let recipe = Recipe::load(&a.recipe, &a.sets)?;
     let token = load_token(a.token_file.as_ref())?;
     let host = a.host.unwrap_or_else(host_name);
@@ -222,6 +229,80 @@ pub fn worker(a: WorkerArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// `m3d worker --procs N`: N worker processes of one host (a pod with N GPUs). Ranks are ordered by host, then
+/// id, so they are contiguous and their local ranks 0..N pick `cuda:0..N`.
+fn worker_processes(a: &WorkerArgs) -> Result<()> {
+    let host = a.host.clone().unwrap_or_else(host_name);
+    let base = a
+        .worker_id
+        .clone()
+        .unwrap_or_else(|| format!("{host}-{}", std::process::id()));
+    // Every flag as given, less the ones set per child.
+    let mut flags: Vec<std::ffi::OsString> = Vec::new();
+    let mut argv = std::env::args_os().skip_while(|x| x != "worker").skip(1);
+    while let Some(x) = argv.next() {
+        let text = x.to_string_lossy();
+        if text == "--procs" || text == "--worker-id" || text == "--host" {
+            argv.next();
+        } else if !["--procs=", "--worker-id=", "--host="]
+            .iter()
+            .any(|p| text.starts_with(p))
+        {
+            flags.push(x);
+        }
+    }
+    let exe = std::env::current_exe().context("locating the m3d executable")?;
+    let stop = crate::signals::stop_flag()?;
+    let mut children = Vec::new();
+    for i in 0..a.procs {
+        let child = Command::new(&exe)
+            .arg("worker")
+            .args(&flags)
+            .args(["--worker-id", &format!("{base}-{i}"), "--host", &host])
+            .spawn()
+            .with_context(|| format!("starting worker process {i}"))?;
+        children.push(Some(child));
+    }
+    let mut stopping = false;
+    let mut codes: Vec<Option<i32>> = vec![None; children.len()];
+    loop {
+        if !stopping && stop.load(std::sync::atomic::Ordering::SeqCst) {
+            stopping = true;
+            for c in children.iter().flatten() {
+                crate::signals::terminate(c.id());
+            }
+        }
+        for (i, slot) in children.iter_mut().enumerate() {
+            if let Some(c) = slot {
+                if let Some(status) = c.try_wait()? {
+                    codes[i] = Some(status.code().unwrap_or(1));
+                    *slot = None;
+                }
+            }
+        }
+        let failed = codes
+            .iter()
+            .flatten()
+            .find(|&&c| c != 0 && c != i32::from(m3d_coordinator::cli::Terminated::EXIT_STATUS));
+        if let Some(&code) = failed {
+            // One process of the pod failed: so does the pod (its Job restarts it whole).
+            for c in children.iter_mut().flatten() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+            std::process::exit(code);
+        }
+        if children.iter().all(Option::is_none) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    if codes.iter().flatten().all(|&c| c == 0) {
+        return Ok(());
+    }
+    Err(m3d_coordinator::cli::Terminated(format!("{} worker processes stopped", a.procs)).into())
 }
 
 /// The error a worker reported before exiting with [`FATAL_EXIT`]: the last `error: worker ...` line of its log,

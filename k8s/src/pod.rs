@@ -8,9 +8,9 @@ use k8s_openapi::api::batch::v1::{
     PodFailurePolicy, PodFailurePolicyOnPodConditionsPattern, PodFailurePolicyRule,
 };
 use k8s_openapi::api::core::v1::{
-    Capabilities, ConfigMapVolumeSource, EmptyDirVolumeSource, EnvFromSource, EnvVar, EnvVarSource,
-    ObjectFieldSelector, PodSecurityContext, ResourceRequirements, SeccompProfile, SecretEnvSource,
-    SecretKeySelector, SecurityContext, Volume, VolumeMount,
+    Capabilities, ConfigMapVolumeSource, Container, EmptyDirVolumeSource, EnvFromSource, EnvVar,
+    EnvVarSource, ObjectFieldSelector, PodSecurityContext, PodSpec, ResourceRequirements,
+    SeccompProfile, SecretEnvSource, SecretKeySelector, SecurityContext, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -215,14 +215,15 @@ pub(crate) fn resources(
     }
 }
 
-/// A pod the cluster took away (preemption, eviction, node drain or loss: the `DisruptionTarget` condition)
-/// fails its Job at once with reason `PodFailurePolicy`, which the JobSet's failure policy restarts without
-/// counting; any other failed pod fails the Job through `backoffLimit: 0` (reason `BackoffLimitExceeded`),
-/// which counts.
-pub(crate) fn fail_on_disruption() -> PodFailurePolicy {
+/// What a Job does with a pod the cluster took away (preemption, eviction, node drain or loss: the
+/// `DisruptionTarget` condition). In a JobSet, `FailJob`: the Job fails at once with reason `PodFailurePolicy`,
+/// which the JobSet's failure policy restarts without counting (any other failed pod fails the Job through
+/// `backoffLimit: 0`, reason `BackoffLimitExceeded`, which counts). In a plain Job, `Ignore`: the pod is
+/// replaced without counting against `backoffLimit`.
+pub(crate) fn on_disruption(action: &str) -> PodFailurePolicy {
     PodFailurePolicy {
         rules: vec![PodFailurePolicyRule {
-            action: "FailJob".to_string(),
+            action: action.to_string(),
             on_pod_conditions: Some(vec![PodFailurePolicyOnPodConditionsPattern {
                 type_: "DisruptionTarget".to_string(),
                 status: "True".to_string(),
@@ -232,17 +233,20 @@ pub(crate) fn fail_on_disruption() -> PodFailurePolicy {
     }
 }
 
-/// For a plain Indexed Job (no JobSet controller): a disrupted pod is replaced without counting against
-/// `backoffLimit`; the coordinator forms a new round with it.
-pub(crate) fn ignore_disruption() -> PodFailurePolicy {
-    PodFailurePolicy {
-        rules: vec![PodFailurePolicyRule {
-            action: "Ignore".to_string(),
-            on_pod_conditions: Some(vec![PodFailurePolicyOnPodConditionsPattern {
-                type_: "DisruptionTarget".to_string(),
-                status: "True".to_string(),
-            }]),
-            ..Default::default()
-        }],
+/// A pod of one m3d container: never restarted in place (its Job decides), the non-root pod security context.
+pub(crate) fn pod_spec(
+    container: Container,
+    volumes: Vec<Volume>,
+    grace_period_s: Option<i64>,
+    priority_class: Option<&String>,
+) -> PodSpec {
+    PodSpec {
+        containers: vec![container],
+        volumes: Some(volumes),
+        restart_policy: Some("Never".to_string()),
+        termination_grace_period_seconds: grace_period_s,
+        security_context: Some(pod_security()),
+        priority_class_name: priority_class.cloned(),
+        ..Default::default()
     }
 }

@@ -60,25 +60,19 @@ fn pod_spec(job: &PrepJob, name: &str, args: Vec<String>) -> PodSpec {
             ..Default::default()
         });
     }
-    PodSpec {
-        containers: vec![Container {
-            name: name.to_string(),
-            image: Some(job.image.clone()),
-            command: Some(vec!["m3d".to_string()]),
-            args: Some(args),
-            env: Some(pod::common_env()),
-            env_from: pod::env_from_secret(job.s3_secret.as_deref()),
-            resources: Some(pod::resources(job.cpu.as_ref(), job.memory.as_ref(), 0)),
-            security_context: Some(pod::container_security()),
-            volume_mounts: Some(mounts),
-            ..Default::default()
-        }],
-        volumes: Some(volumes),
-        restart_policy: Some("Never".to_string()),
-        security_context: Some(pod::pod_security()),
-        priority_class_name: job.priority_class.clone(),
+    let container = Container {
+        name: name.to_string(),
+        image: Some(job.image.clone()),
+        command: Some(vec!["m3d".to_string()]),
+        args: Some(args),
+        env: Some(pod::common_env()),
+        env_from: pod::env_from_secret(job.s3_secret.as_deref()),
+        resources: Some(pod::resources(job.cpu.as_ref(), job.memory.as_ref(), 0)),
+        security_context: Some(pod::container_security()),
+        volume_mounts: Some(mounts),
         ..Default::default()
-    }
+    };
+    pod::pod_spec(container, volumes, None, job.priority_class.as_ref())
 }
 
 fn template(job: &PrepJob, role: &str, spec: PodSpec) -> PodTemplateSpec {
@@ -107,7 +101,7 @@ fn parts_spec(job: &PrepJob) -> JobSpec {
         parallelism: Some(n),
         // Each part retries on its own (a disruption does not count); one part out of attempts fails the Job.
         backoff_limit_per_index: Some(PART_ATTEMPTS - 1),
-        pod_failure_policy: Some(pod::ignore_disruption()),
+        pod_failure_policy: Some(pod::on_disruption("Ignore")),
         template: template(job, "parts", pod_spec(job, "part", args)),
         ..Default::default()
     }
@@ -126,7 +120,7 @@ fn finalize_spec(job: &PrepJob, wait: bool) -> JobSpec {
         completions: Some(1),
         parallelism: Some(1),
         backoff_limit: Some(PART_ATTEMPTS - 1),
-        pod_failure_policy: Some(pod::ignore_disruption()),
+        pod_failure_policy: Some(pod::on_disruption("Ignore")),
         template: template(job, "finalize", pod_spec(job, "finalize", args)),
         ..Default::default()
     }

@@ -39,7 +39,7 @@ pub struct TrainJob {
     pub name: String,
     pub namespace: String,
     pub image: String,
-    /// Worker pods (the world size when `gpus_per_worker` is 1).
+    /// Worker pods (the world size is `workers × max(gpus_per_worker, 1)`).
     pub workers: u32,
     /// GPUs per worker pod (`nvidia.com/gpu` limit); 0 on CPU.
     pub gpus_per_worker: u32,
@@ -215,16 +215,13 @@ fn coordinator_pod(job: &TrainJob, config_map: &str) -> PodSpec {
         volume_mounts: Some(mounts),
         ..Default::default()
     };
-    PodSpec {
-        containers: vec![container],
-        volumes: Some(volumes),
-        restart_policy: Some("Never".to_string()),
-        // The coordinator outlives the workers' last checkpoint commit: it drains for as long as they may take.
-        termination_grace_period_seconds: Some(job.grace_period_s + 30),
-        security_context: Some(pod::pod_security()),
-        priority_class_name: job.priority_class.clone(),
-        ..Default::default()
-    }
+    // The coordinator outlives the workers' last checkpoint commit: it drains for as long as they may take.
+    pod::pod_spec(
+        container,
+        volumes,
+        Some(job.grace_period_s + 30),
+        job.priority_class.as_ref(),
+    )
 }
 
 fn worker_pod(job: &TrainJob, config_map: &str) -> PodSpec {
@@ -257,6 +254,9 @@ fn worker_pod(job: &TrainJob, config_map: &str) -> PodSpec {
             "worker-$(JOB_COMPLETION_INDEX)".into(),
             "--host".into(),
             "$(POD_NAME)".into(),
+            // One process per GPU of the pod.
+            "--procs".into(),
+            job.gpus_per_worker.max(1).to_string(),
         ]),
         env: Some(env),
         env_from: pod::env_from_secret(job.s3_secret.as_deref()),
@@ -269,15 +269,12 @@ fn worker_pod(job: &TrainJob, config_map: &str) -> PodSpec {
         volume_mounts: Some(mounts),
         ..Default::default()
     };
-    PodSpec {
-        containers: vec![container],
-        volumes: Some(volumes),
-        restart_policy: Some("Never".to_string()),
-        termination_grace_period_seconds: Some(job.grace_period_s),
-        security_context: Some(pod::pod_security()),
-        priority_class_name: job.priority_class.clone(),
-        ..Default::default()
-    }
+    pod::pod_spec(
+        container,
+        volumes,
+        Some(job.grace_period_s),
+        job.priority_class.as_ref(),
+    )
 }
 
 fn indexed_job_spec(pods: u32, template: PodTemplateSpec, backoff_limit: i32) -> JobSpec {
@@ -326,15 +323,7 @@ pub fn render_train(job: &TrainJob) -> Result<Vec<Object>, K8sError> {
             ),
         });
     }
-    if job.gpus_per_worker > 1 {
-        return Err(K8sError::Option {
-            flag: "--gpus-per-worker",
-            why: "one GPU per worker pod for now (a pod runs one `m3d worker` process); use --workers for \
-                  more GPUs"
-                .into(),
-        });
-    }
-    let world = job.workers as usize;
+    let world = job.workers as usize * job.gpus_per_worker.max(1) as usize;
     let sizes = job.recipe.world_sizes();
     if !sizes.contains(&world) {
         return Err(K8sError::Recipe {
@@ -365,7 +354,7 @@ fn jobset(job: &TrainJob, cm: &str) -> Result<js::JobSet, K8sError> {
         backoff_limit: Some(0),
         completions: Some(1),
         parallelism: Some(1),
-        pod_failure_policy: Some(pod::fail_on_disruption()),
+        pod_failure_policy: Some(pod::on_disruption("FailJob")),
         template: template(&job.name, "coordinator", coordinator_pod(job, cm)),
         ..Default::default()
     };
@@ -374,7 +363,7 @@ fn jobset(job: &TrainJob, cm: &str) -> Result<js::JobSet, K8sError> {
         template(&job.name, "workers", worker_pod(job, cm)),
         0,
     );
-    workers.pod_failure_policy = Some(pod::fail_on_disruption());
+    workers.pod_failure_policy = Some(pod::on_disruption("FailJob"));
     let coordinator: js::JobSetReplicatedJobsTemplateSpec =
         convert("coordinator Job spec", &coordinator)?;
     let workers: js::JobSetReplicatedJobsTemplateSpec = convert("workers Job spec", &workers)?;
@@ -518,7 +507,7 @@ fn indexed_flavor(job: &TrainJob, cm: &str) -> Result<Vec<Object>, K8sError> {
         template(&job.name, "workers", pod),
         job.max_restarts as i32,
     );
-    spec.pod_failure_policy = Some(pod::ignore_disruption());
+    spec.pod_failure_policy = Some(pod::on_disruption("Ignore"));
     let mut md = meta(
         &format!("{}-workers", job.name),
         &job.namespace,

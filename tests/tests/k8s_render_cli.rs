@@ -314,3 +314,40 @@ fn the_validator_refuses_what_it_must() {
     let script = workspace_root().join("k8s/validate/test_validate_manifests.py");
     m3d_testkit::run_python(&script, &[]);
 }
+
+#[test]
+fn a_pod_with_several_gpus_runs_one_process_per_gpu() {
+    let dir = tempfile::tempdir().unwrap();
+    let files = render(
+        dir.path(),
+        &[
+            "--workers",
+            "2",
+            "--gpus-per-worker",
+            "4",
+            "--set",
+            "workers.device=cuda",
+            "--set",
+            "train.global_batch=32",
+        ],
+    );
+    let refs: Vec<&Path> = files.iter().map(PathBuf::as_path).collect();
+    let (ok, report) = validate(&refs);
+    assert!(ok, "{report}");
+    let js = yaml(find(&files, "jobset"));
+    let c =
+        &js["spec"]["replicatedJobs"][1]["template"]["spec"]["template"]["spec"]["containers"][0];
+    let args: Vec<&str> = c["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    let at = args.iter().position(|a| *a == "--procs").unwrap();
+    assert_eq!(args[at + 1], "4");
+    assert_eq!(c["resources"]["limits"]["nvidia.com/gpu"], "4");
+    // The world is 2 pods x 4 processes.
+    let cm = yaml(find(&files, "configmap"));
+    let recipe = cm["data"]["recipe.yaml"].as_str().unwrap();
+    assert!(recipe.contains("min: 8"), "{recipe}");
+}

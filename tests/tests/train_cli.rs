@@ -630,3 +630,61 @@ fn sigterm_to_every_process_saves_a_checkpoint_at_the_current_step_and_the_job_r
         }
     }
 }
+
+#[test]
+fn one_worker_command_with_two_processes_trains_as_two_ranks() {
+    // `m3d worker --procs 2`: what a pod with 2 GPUs runs (here on CPU): two ranks of one host.
+    let dir = tempfile::tempdir().unwrap();
+    let (cap, _) = synth_shards(dir.path(), 16);
+    let run = dir.path().join("run");
+    let recipe_args: Vec<String> = [
+        vec!["--recipe".to_string(), recipe("clip-tiny.yaml")],
+        [
+            format!("data.tasks.0.shards=[{cap}]"),
+            "train.max_steps=4".into(),
+            format!("output.run={}", run.display()),
+        ]
+        .iter()
+        .flat_map(|s| ["--set".to_string(), s.clone()])
+        .collect(),
+    ]
+    .concat();
+    let token = "procs-token";
+    let mut coord_args = recipe_args.clone();
+    coord_args.extend(
+        [
+            "--state",
+            &dir.path().join("state").display().to_string(),
+            "--min-workers",
+            "2",
+        ]
+        .map(String::from),
+    );
+    let (_coord, url) = coordinator(
+        &coord_args,
+        &[("M3D_TOKEN", token)],
+        &dir.path().join("c.log"),
+    );
+    let mut args = recipe_args.clone();
+    args.extend(["--procs".to_string(), "2".to_string()]);
+    let mut pod = worker(
+        &url,
+        &args,
+        "pod0",
+        Some(token),
+        &dir.path().join("pod.log"),
+    );
+    assert_eq!(exit_code(&mut pod.child, Duration::from_secs(300)), Some(0));
+    let s = status(&url, token);
+    assert_eq!(s["phase"], "completed", "{s}");
+    assert_eq!(losses(&run).last().map(|p| p.0), Some(4));
+    let ids: Vec<String> = s["members"]
+        .as_array()
+        .map(|m| {
+            m.iter()
+                .map(|p| p["worker_id"].as_str().unwrap_or("").to_string())
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(ids.is_empty() || ids == ["pod0-0", "pod0-1"], "{ids:?}");
+}
