@@ -175,14 +175,14 @@ pub fn runtime() -> Result<tokio::runtime::Runtime> {
 
 /// Runs the coordinator until interrupted (or, with `--exit-on-finish`, until the job has ended).
 pub fn run(a: CoordinatorArgs) -> Result<()> {
-    let checkpoint_base = match &a.recipe {
-        Some(path) => Some(m3d_recipes::Recipe::load(path, &a.sets)?.checkpoint_url()),
+    let recipe = match &a.recipe {
+        Some(path) => Some(m3d_recipes::Recipe::load(path, &a.sets)?),
         None => None,
     };
-    let (plan, min_workers, max_workers, data_fingerprint) = match &a.recipe {
-        Some(path) => {
-            let recipe = m3d_recipes::Recipe::load(path, &a.sets)?;
-            let set = crate::TrainingSet::of(&recipe)?;
+    let checkpoint_base = recipe.as_ref().map(|r| r.checkpoint_url());
+    let (plan, min_workers, max_workers, data_fingerprint) = match &recipe {
+        Some(recipe) => {
+            let set = crate::TrainingSet::of(recipe)?;
             let min = match a.min_workers {
                 Some(m) => m,
                 None => u32::try_from(recipe.workers.min).context("workers.min")?,
@@ -195,7 +195,7 @@ pub fn run(a: CoordinatorArgs) -> Result<()> {
                 (None, None, None) => min,
             };
             (
-                crate::plan_spec(&recipe, set.samples)?,
+                crate::plan_spec(recipe, set.samples)?,
                 min,
                 max,
                 Some(set.fingerprint),

@@ -273,6 +273,15 @@ fn lamed_segmentation_trains_and_two_workers_equal_one() {
     assert!(d1 < d0 - 0.01, "Dice {d0} -> {d1}");
 }
 
+/// `--recipe recipes/clip-tiny.yaml` and `--set` for each of `sets`: a role's recipe flags.
+fn clip_tiny_args(sets: &[String]) -> Vec<String> {
+    let mut args = vec!["--recipe".to_string(), recipe("clip-tiny.yaml")];
+    for s in sets {
+        args.extend(["--set".to_string(), s.clone()]);
+    }
+    args
+}
+
 struct Proc {
     child: Child,
 }
@@ -328,19 +337,12 @@ fn killed_worker_is_detected_and_the_job_restarts_and_completes() {
     let dir = tempfile::tempdir().unwrap();
     let (cap, _) = synth_shards(dir.path(), 16);
     let run = dir.path().join("run");
-    let recipe_args: Vec<String> = [
-        vec!["--recipe".to_string(), recipe("clip-tiny.yaml")],
-        [
-            format!("data.tasks.0.shards=[{cap}]"),
-            "train.max_steps=40".into(),
-            "train.log_every=1".into(),
-            format!("output.run={}", run.display()),
-        ]
-        .iter()
-        .flat_map(|s| ["--set".to_string(), s.clone()])
-        .collect(),
-    ]
-    .concat();
+    let recipe_args = clip_tiny_args(&[
+        format!("data.tasks.0.shards=[{cap}]"),
+        "train.max_steps=40".into(),
+        "train.log_every=1".into(),
+        format!("output.run={}", run.display()),
+    ]);
     let token = "s3cret-token-value";
     let mut coord_args = recipe_args.clone();
     coord_args.extend(
@@ -532,21 +534,14 @@ fn sigterm_to_every_process_saves_a_checkpoint_at_the_current_step_and_the_job_r
     let (cap, _) = synth_shards(dir.path(), 16);
     let run = dir.path().join("run");
     let ckpt = run.join("checkpoints");
-    let recipe_args: Vec<String> = [
-        vec!["--recipe".to_string(), recipe("clip-tiny.yaml")],
-        [
-            format!("data.tasks.0.shards=[{cap}]"),
-            "train.max_steps=100000".into(),
-            "train.log_every=1".into(),
-            // Only the stop writes a checkpoint in this test.
-            "checkpoint.every=100000".into(),
-            format!("output.run={}", run.display()),
-        ]
-        .iter()
-        .flat_map(|s| ["--set".to_string(), s.clone()])
-        .collect(),
-    ]
-    .concat();
+    let recipe_args = clip_tiny_args(&[
+        format!("data.tasks.0.shards=[{cap}]"),
+        "train.max_steps=100000".into(),
+        "train.log_every=1".into(),
+        // Only the stop writes a checkpoint in this test.
+        "checkpoint.every=100000".into(),
+        format!("output.run={}", run.display()),
+    ]);
     let token = "s3cret-token-value";
     let state = dir.path().join("state").display().to_string();
     let mut coord_args = recipe_args.clone();
@@ -637,18 +632,11 @@ fn one_worker_command_with_two_processes_trains_as_two_ranks() {
     let dir = tempfile::tempdir().unwrap();
     let (cap, _) = synth_shards(dir.path(), 16);
     let run = dir.path().join("run");
-    let recipe_args: Vec<String> = [
-        vec!["--recipe".to_string(), recipe("clip-tiny.yaml")],
-        [
-            format!("data.tasks.0.shards=[{cap}]"),
-            "train.max_steps=4".into(),
-            format!("output.run={}", run.display()),
-        ]
-        .iter()
-        .flat_map(|s| ["--set".to_string(), s.clone()])
-        .collect(),
-    ]
-    .concat();
+    let recipe_args = clip_tiny_args(&[
+        format!("data.tasks.0.shards=[{cap}]"),
+        "train.max_steps=4".into(),
+        format!("output.run={}", run.display()),
+    ]);
     let token = "procs-token";
     let mut coord_args = recipe_args.clone();
     coord_args.extend(
