@@ -34,6 +34,9 @@ pub enum RecipePlanError {
         split: String,
         datasets: String,
     },
+    /// `data.tasks[].kinds` names a kind the task does not have.
+    #[error("data.tasks.{task_index}.kinds: {reason}")]
+    Kinds { task_index: usize, reason: String },
     #[error("recipe `{recipe}`: {source}")]
     Plan {
         recipe: String,
@@ -61,7 +64,20 @@ impl TrainingSet {
         let mut listing = format!("split {}\n", d.split);
         let mut samples = 0u64;
         for (i, task) in d.tasks.iter().enumerate() {
+            if task.weight == 0.0 {
+                continue;
+            }
             listing.push_str(&format!("task {i} {} weight {}\n", task.task, task.weight));
+            // Only a selection changes the listing, so runs without one keep their fingerprints.
+            if !task.kinds.is_empty() {
+                listing.push_str(&format!("kinds {}\n", task.kinds.join(" ")));
+            }
+            let selected = Task::selection(&task.task, &task.kinds).map_err(|reason| {
+                RecipePlanError::Kinds {
+                    task_index: i,
+                    reason,
+                }
+            })?;
             let mut n = 0u64;
             let urls = task.shards.iter().map(|u| ("shards", u));
             for (role, url) in urls.chain(task.volumes.iter().map(|u| ("volumes", u))) {
@@ -85,9 +101,7 @@ impl TrainingSet {
                         .counts
                         .iter()
                         .filter(|(stored, _)| {
-                            Task::ALL.iter().any(|t| {
-                                t.as_str() == stored.as_str() && t.in_recipe_task(&task.task)
-                            })
+                            selected.iter().any(|t| t.as_str() == stored.as_str())
                         })
                         .filter_map(|(_, splits)| splits.get(&d.split))
                         .sum::<u64>();

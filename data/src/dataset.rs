@@ -63,7 +63,17 @@ impl TrainData {
         let mut entries = Vec::new();
         let mut readers = VolumeReaders::default();
         for (ti, t) in d.tasks.iter().enumerate() {
+            if t.weight == 0.0 {
+                continue;
+            }
             let mut task_entries: Vec<(u32, u64)> = Vec::new();
+            let selected = m3d_shards::Task::selection(&t.task, &t.kinds).map_err(|reason| {
+                DatasetError::Task {
+                    task_index: ti,
+                    task: t.task.clone(),
+                    reason,
+                }
+            })?;
             for url in &t.shards {
                 let loader =
                     ShardLoader::open_sharing(url, &t.volumes, opts.clone(), &mut readers)?;
@@ -73,7 +83,7 @@ impl TrainData {
                     (0..table.len())
                         .filter(|&i| {
                             table.split(i) == Some(d.split.as_str())
-                                && table.task(i).is_some_and(|k| k.in_recipe_task(&t.task))
+                                && table.task(i).is_some_and(|k| selected.contains(&k))
                         })
                         .map(|i| (src, i as u64)),
                 );

@@ -20,6 +20,7 @@ pub mod llama;
 pub mod llm;
 pub mod phi3;
 pub mod precision;
+pub mod presets;
 pub mod projector;
 pub mod segvol;
 pub mod tokenizer;

@@ -225,6 +225,12 @@ impl Recipe {
             if m.lora.is_some() {
                 return bad("model.lora", "LoRA applies to `lamed` models only".into());
             }
+            if m.llm.is_some() {
+                return bad(
+                    "model.llm",
+                    "a base LLM applies to `lamed` models only".into(),
+                );
+            }
             if m.segmentation {
                 return bad(
                     "model.segmentation",
@@ -279,13 +285,15 @@ impl Recipe {
                     format!("CLIP trains on image-text pairs (`cap`), not `{}`", t.task),
                 );
             }
-            if matches!(t.task.as_str(), "seg" | "refseg") && !m.segmentation {
+            let with_masks = t.task == "refseg"
+                || (t.task == "seg" && (t.kinds.is_empty() || t.kinds.iter().any(|k| k == "seg")));
+            if with_masks && t.weight > 0.0 && !m.segmentation {
                 // Their masks would be loaded and silently left out of the loss.
                 return bad(
                     &f("task"),
                     format!(
                         "`{}` samples carry masks, which train the segmentation module: set \
-                         model.segmentation: true",
+                         model.segmentation: true (or train only `kinds: [rec, reg]` of `seg`)",
                         t.task
                     ),
                 );
@@ -296,9 +304,15 @@ impl Recipe {
                     "at least one non-empty shard URL is needed".into(),
                 );
             }
-            if !(t.weight.is_finite() && t.weight > 0.0) {
-                return bad(&f("weight"), format!("{} must be > 0", t.weight));
+            if !(t.weight.is_finite() && t.weight >= 0.0) {
+                return bad(&f("weight"), format!("{} must be >= 0", t.weight));
             }
+        }
+        if d.tasks.iter().all(|t| t.weight == 0.0) {
+            return bad(
+                "data.tasks",
+                "every task has weight 0: nothing to train on".into(),
+            );
         }
         if d.max_text_len < 2 {
             return bad(
@@ -515,6 +529,7 @@ pub fn schema_paths() -> Vec<String> {
             kind: ModelKind::Lamed,
             preset: "debug".into(),
             config: None,
+            llm: None,
             tokenizer: None,
             init_from: vec![InitFrom {
                 path: "x".into(),
@@ -531,6 +546,7 @@ pub fn schema_paths() -> Vec<String> {
                 task: "cap".into(),
                 shards: vec!["x".into()],
                 volumes: vec!["y".into()],
+                kinds: Vec::new(),
                 weight: 1.0,
             }],
             split: "train".into(),

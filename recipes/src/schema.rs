@@ -56,6 +56,16 @@ pub struct ModelSection {
     /// Path or URL of an HF-style `config.json` that replaces the preset. Default: none.
     #[serde(default)]
     pub config: Option<String>,
+    /// LaMed: local HF folder of the base LLM, the reference's `--model_name_or_path` (`Llama-2-7b-chat-hf`,
+    /// `Meta-Llama-3-8B-Instruct`, `Phi-3-mini-4k-instruct`: `config.json`, `tokenizer.json`, safetensors,
+    /// sharded or not). Its `config.json` is the LLM (unless `config` is given; the preset's vision tower,
+    /// projector and SegVol stay), its `tokenizer.json` the run's (unless `tokenizer` is given), and its
+    /// weights are loaded before `init_from`, every LLM parameter required, with `embed_tokens` and
+    /// `lm_head` cut to the tokenizer's entries and grown by the four LaMed tokens, each new row the mean of
+    /// the kept rows (the reference's `resize_token_embeddings` + `initialize_vision_tokenizer`).
+    /// Default: none.
+    #[serde(default)]
+    pub llm: Option<String>,
     /// Path of the HF `tokenizer.json` (folder or file). Default: none, which is only allowed with the
     /// `debug` and `tiny` presets: a word-level vocabulary is then built from the training texts (the same
     /// on every worker) and written to `<run>/tokenizer.json`.
@@ -217,8 +227,14 @@ pub struct TaskData {
     /// (M3D-VQA's samples name M3D-Cap volumes: `volumes: [<cap shards>]`). Default: `[]`.
     #[serde(default)]
     pub volumes: Vec<String>,
+    /// Which stored sample kinds of the task train, by their names in the shards: `vqa` has `vqa_closed`,
+    /// `vqa_open`, `vqa_yes_no`; `seg` has `seg`, `rec`, `reg`; `cap` has `caption`; `refseg` has `refseg`
+    /// (M3D-LaMed's stage 1 trains `vqa` with `[vqa_closed, vqa_open]`). Default: `[]`, every kind.
+    #[serde(default)]
+    pub kinds: Vec<String>,
     /// How often each sample of this task is drawn per epoch: the task contributes `ceil(weight × samples)`
-    /// entries to the epoch's order (a weight below 1 takes a prefix of its samples, in shard order).
+    /// entries to the epoch's order (a weight below 1 takes a prefix of its samples, in shard order); `0`
+    /// leaves the task out (its datasets are not opened), which lets `--set` switch a task off.
     /// Default: `1.0`.
     #[serde(default = "default_weight")]
     pub weight: f64,

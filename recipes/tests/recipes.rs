@@ -18,6 +18,93 @@ fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
     p
 }
 
+/// The shipped full-size recipes hold the reference's settings (docs/recipes.md cites the lines): a change to
+/// any of these numbers must be a deliberate one.
+#[test]
+fn full_size_recipes_match_the_reference() {
+    let load = |file: &str| {
+        let r = Recipe::load(&root().join("recipes").join(file), &[])
+            .unwrap_or_else(|e| panic!("{file}: {e}"));
+        assert_eq!(r.world_sizes(), 8..=8, "{file}: 8 GPUs");
+        assert_eq!(r.workers.device, m3d_recipes::DeviceKind::Cuda, "{file}");
+        assert_eq!(r.precision(), m3d_recipes::Precision::Bf16, "{file}");
+        assert_eq!(r.data.max_text_len, 512, "{file}");
+        assert_eq!(r.train.warmup_ratio, 0.03, "{file}");
+        assert_eq!(r.train.schedule, m3d_recipes::Schedule::Cosine, "{file}");
+        assert_eq!(r.train.seed, 42, "{file}");
+        for url in [r.checkpoint_url(), r.run_url()] {
+            assert!(url.starts_with("s3://"), "{file}: {url}");
+        }
+        r
+    };
+    let clip = load("clip.yaml");
+    assert_eq!(clip.model.kind, ModelKind::Clip);
+    assert_eq!(clip.model.preset, "m3d");
+    assert_eq!((clip.train.global_batch, clip.micro_batch(8)), (256, 32));
+    assert_eq!(
+        (clip.train.lr, clip.train.weight_decay, clip.train.epochs),
+        (1e-4, 0.1, 100)
+    );
+    for (preset, stage2_epochs) in [("llama2-7b", 4), ("llama3-8b", 3), ("phi3-mini", 5)] {
+        let s1 = load(&format!("lamed-{preset}-stage1.yaml"));
+        assert_eq!(s1.model.preset, preset);
+        assert!(s1.model.lora.is_none() && !s1.model.segmentation);
+        assert_eq!(
+            s1.model.trainable,
+            ["model.mm_projector.", "model.embed_tokens."]
+        );
+        assert_eq!((s1.train.global_batch, s1.micro_batch(8)), (128, 16));
+        assert_eq!(
+            (s1.train.lr, s1.train.weight_decay, s1.train.epochs),
+            (1e-4, 0.0, 3)
+        );
+        let tasks: Vec<(&str, Vec<String>)> = s1
+            .data
+            .tasks
+            .iter()
+            .map(|t| (t.task.as_str(), t.kinds.clone()))
+            .collect();
+        assert_eq!(
+            tasks,
+            [
+                ("cap", vec![]),
+                (
+                    "vqa",
+                    vec!["vqa_closed".to_string(), "vqa_open".to_string()]
+                )
+            ]
+        );
+        let s2 = load(&format!("lamed-{preset}-stage2.yaml"));
+        let lora = s2.model.lora.as_ref().expect("stage 2 has LoRA");
+        assert_eq!((lora.r, lora.alpha, lora.dropout), (16, 32.0, 0.05));
+        assert!(
+            lora.target_modules.is_empty(),
+            "M3D's rule: every LLM Linear"
+        );
+        assert!(s2.model.segmentation);
+        assert_eq!((s2.train.global_batch, s2.micro_batch(8)), (64, 8));
+        assert_eq!((s2.train.lr, s2.train.epochs), (5e-5, stage2_epochs));
+        let names: Vec<&str> = s2.data.tasks.iter().map(|t| t.task.as_str()).collect();
+        assert_eq!(names, ["cap", "vqa", "seg", "refseg"]);
+        assert!(s2
+            .data
+            .tasks
+            .iter()
+            .all(|t| t.kinds.is_empty() && t.weight == 1.0));
+        // The switch that reproduces the reference's current code (segmentation sets commented out).
+        let current = Recipe::load(
+            &root().join(format!("recipes/lamed-{preset}-stage2.yaml")),
+            &[
+                "data.tasks.2.kinds=[rec, reg]".to_string(),
+                "data.tasks.3.weight=0".to_string(),
+            ],
+        )
+        .unwrap();
+        assert_eq!(current.data.tasks[2].kinds, ["rec", "reg"]);
+        assert_eq!(current.data.tasks[3].weight, 0.0);
+    }
+}
+
 #[test]
 fn tiny_recipes_parse_and_validate() {
     for (file, kind, world) in [

@@ -136,6 +136,34 @@ impl Task {
         }
     }
 
+    /// The stored tasks a recipe task (`data.tasks[].task`) trains on: every one [`Task::in_recipe_task`]
+    /// admits, or, when `kinds` (`data.tasks[].kinds`) names some, those alone. A kind that is not a stored
+    /// task of the recipe task is an error naming the kinds it has.
+    pub fn selection(recipe_task: &str, kinds: &[String]) -> Result<Vec<Task>, String> {
+        let all: Vec<Task> = Task::ALL
+            .into_iter()
+            .filter(|t| t.in_recipe_task(recipe_task))
+            .collect();
+        if kinds.is_empty() {
+            return Ok(all);
+        }
+        kinds
+            .iter()
+            .map(|k| {
+                all.iter()
+                    .copied()
+                    .find(|t| t.as_str() == k)
+                    .ok_or_else(|| {
+                        let names: Vec<&str> = all.iter().map(|t| t.as_str()).collect();
+                        format!(
+                            "`{k}` is not a kind of task `{recipe_task}` ({})",
+                            names.join(", ")
+                        )
+                    })
+            })
+            .collect()
+    }
+
     /// The stored name (`"caption"`, `"vqa_closed"`, ...).
     pub fn as_str(self) -> &'static str {
         match self {

@@ -7,14 +7,15 @@
 use std::path::{Path, PathBuf};
 
 use m3d_instruct::{instruction, Family, Templates};
-use m3d_models::clip::{M3dClip, M3dClipConfig};
+use m3d_models::clip::M3dClip;
 use m3d_models::lamed::{
-    build_example, collate, Lamed, LamedBatch, LamedConfig, LamedHostChecks, ADDED_TOKENS,
-    IGNORE_INDEX,
+    build_example, collate, extend_llm_checkpoint, Lamed, LamedBatch, LamedConfig, LamedHostChecks,
+    ADDED_TOKENS, IGNORE_INDEX,
 };
 use m3d_models::layers::CheckedIds;
 use m3d_models::lora::{freeze_base, LoraConfig};
 use m3d_models::precision::Precision;
+use m3d_models::presets;
 use m3d_models::tokenizer::{Padding, Tokenizer};
 use m3d_models::weights::{load_into, read_safetensors_bytes, read_tensors, KeyMap, LoadOptions};
 use m3d_models::{ModelError, VarBuilder};
@@ -62,12 +63,26 @@ pub enum JobError {
     },
 }
 
+/// A model-configuration error, attributed to `model.config` when one is given, else to `model.preset`.
+fn model_err(m: &m3d_recipes::ModelSection, e: ModelError) -> JobError {
+    let field = if m.config.is_some() {
+        "config"
+    } else {
+        "preset"
+    };
+    recipe_err(field, e.to_string())
+}
+
 fn recipe_err(field: &str, reason: impl Into<String>) -> JobError {
     JobError::Recipe {
         field: field.into(),
         reason: reason.into(),
     }
 }
+
+/// End-of-text tokens, by family: Llama-2 and Phi-3 `</s>`, Llama-3 `<|end_of_text|>` (128001, which the
+/// reference sets as Llama-3's eos), word-level vocabularies in BERT's style `[SEP]`.
+const EOS_TOKENS: [&str; 3] = ["</s>", "<|end_of_text|>", "[SEP]"];
 
 /// The network being trained.
 pub enum Net {
@@ -99,6 +114,10 @@ pub fn resolve_tokenizer(
     if let Some(p) = &m.tokenizer {
         return Ok(Tokenizer::from_file(Path::new(p))?);
     }
+    if let Some(folder) = &m.llm {
+        return Tokenizer::from_file(Path::new(folder))
+            .map_err(|e| recipe_err("llm", format!("{folder}: {e}")));
+    }
     for (index, init) in m.init_from.iter().enumerate() {
         let err = |source| JobError::InitFrom {
             index,
@@ -112,7 +131,7 @@ pub fn resolve_tokenizer(
             return Ok(t);
         }
     }
-    if !matches!(m.preset.as_str(), "tiny" | "debug") || m.config.is_some() {
+    if !presets::builds_own_vocabulary(&m.preset) || m.config.is_some() {
         return Err(recipe_err(
             "tokenizer",
             format!(
@@ -279,6 +298,34 @@ impl InitSource {
     }
 }
 
+/// Loads a base LLM's HF folder into a LaMed model (`model.llm`): its `embed_tokens`/`lm_head` rows cut to
+/// the tokenizer's `base_vocab` entries and grown by the four LaMed tokens (mean rows), then every LLM
+/// parameter required and nothing unexpected; the vision tower, projector, SegVol and LoRA adapters are
+/// left to `init_from` (or their initialisation).
+fn load_base_llm(
+    vs: &VarStore,
+    folder: &Path,
+    base_vocab: i64,
+    lora: bool,
+) -> Result<(), JobError> {
+    let err = |e: String| recipe_err("llm", format!("{}: {e}", folder.display()));
+    let tensors = read_tensors(folder).map_err(|e| err(e.to_string()))?;
+    let tensors = extend_llm_checkpoint(tensors, base_vocab).map_err(|e| err(e.to_string()))?;
+    // Checkpoints converted by older transformers carry RoPE's `inv_freq`, a buffer computed from the config.
+    let mut opts = LoadOptions::default()
+        .ignore_unexpected("rotary_emb.inv_freq")
+        .allow_missing("model.vision_tower.")
+        .allow_missing("model.mm_projector.")
+        .allow_missing("model.seg_projector.")
+        .allow_missing("model.seg_module.");
+    if lora {
+        opts = opts.allow_missing("lora_");
+    }
+    let report = load_into(vs, tensors, &opts).map_err(|e| err(e.to_string()))?;
+    tracing::info!(path = %folder.display(), loaded = report.loaded, "base LLM weights");
+    Ok(())
+}
+
 /// File `name` of a store folder of weights; a run's `final/` is checked against its commit record and
 /// refused while incomplete (see [`crate::output::get_final_file`]).
 fn store_file(store: &Store, name: &str) -> Result<Option<bytes::Bytes>, CheckpointError> {
@@ -360,12 +407,6 @@ impl TrainModel {
     /// injection and freezing, precision.
     pub fn build(recipe: &Recipe, tokenizer: Tokenizer, device: Device) -> Result<Self, JobError> {
         let m = &recipe.model;
-        if m.config.is_some() {
-            return Err(recipe_err(
-                "config",
-                "a config.json model is not supported by the trainer yet; use a preset",
-            ));
-        }
         tch::manual_seed(recipe.train.seed as i64);
         let mut vs = VarStore::new(device);
         let mut tokenizer = tokenizer;
@@ -382,6 +423,8 @@ impl TrainModel {
             ..LoraConfig::m3d_lamed()
         });
         let vb = VarBuilder::new(&vs).with_lora(lora.clone());
+        // The base tokenizer's entries (LaMed: before its four tokens are added below).
+        let base_vocab = tokenizer.vocab_size(true) as i64;
         let (net, config) = match m.kind {
             ModelKind::Clip => {
                 if lora.is_some() {
@@ -391,31 +434,13 @@ impl TrainModel {
                     ));
                 }
                 let vocab = tokenizer.vocab_size(true) as i64;
-                let mut cfg = match m.preset.as_str() {
-                    "tiny" => M3dClipConfig::tiny(vocab),
-                    "debug" => M3dClipConfig::debug(),
-                    "m3d" => M3dClipConfig::m3d(),
-                    other => {
-                        return Err(recipe_err(
-                            "preset",
-                            format!("unknown M3D-CLIP preset `{other}` (m3d, tiny, debug)"),
-                        ))
-                    }
-                };
-                if m.preset == "debug" {
-                    cfg.text.vocab_size = vocab;
-                }
-                if cfg.text.vocab_size < vocab {
-                    return Err(recipe_err(
-                        "tokenizer",
-                        format!(
-                            "{} has {vocab} tokens, the text encoder only {}",
-                            tokenizer.path().display(),
-                            cfg.text.vocab_size
-                        ),
-                    ));
-                }
-                cfg.max_text_len = recipe.data.max_text_len as i64;
+                let cfg = presets::clip_config(
+                    &m.preset,
+                    m.config.as_deref().map(Path::new),
+                    vocab,
+                    recipe.data.max_text_len as i64,
+                )
+                .map_err(|e| model_err(m, e))?;
                 let clip = M3dClip::new(&vb, &cfg)?;
                 let json = serde_json::to_value(&cfg).unwrap_or_default();
                 (Net::Clip(Box::new(clip)), json)
@@ -428,48 +453,33 @@ impl TrainModel {
                 tokenizer.add_special_tokens(special);
                 tokenizer.add_tokens(normal);
                 if tokenizer.pad_token().is_none() {
-                    let unk = ["<unk>", "[UNK]"]
+                    // The reference: pad = unk where there is one (Llama-2, Phi-3), else pad = eos
+                    // (Llama-3, whose eos it sets to `<|end_of_text|>`).
+                    let pad = ["<unk>", "[UNK]"]
                         .into_iter()
+                        .chain(EOS_TOKENS)
                         .find(|t| tokenizer.token_to_id(t).is_some())
                         .ok_or_else(|| {
                             recipe_err(
                                 "tokenizer",
-                                "the tokenizer has neither a pad nor an unk token",
+                                "the tokenizer has neither a pad, an unk nor an eos token",
                             )
                         })?;
-                    tokenizer.set_pad_token(unk)?;
+                    tokenizer.set_pad_token(pad)?;
                 }
-                let cfg = match m.preset.as_str() {
-                    "tiny" => LamedConfig::tiny(base_len, m.segmentation),
-                    "debug" => LamedConfig::debug(),
-                    "llama2-7b" => LamedConfig::llama2_7b(),
-                    "llama3-8b" => LamedConfig::llama3_8b(),
-                    "phi3-mini" => LamedConfig::phi3_mini(),
-                    other => {
-                        return Err(recipe_err(
-                            "preset",
-                            format!(
-                                "unknown LaMed preset `{other}` (llama2-7b, llama3-8b, phi3-mini, tiny, debug)"
-                            ),
-                        ))
-                    }
-                };
-                if cfg.tokens.im_patch != base_len {
-                    return Err(recipe_err(
-                        "tokenizer",
-                        format!(
-                            "{} has {base_len} tokens; preset `{}` expects {}",
-                            tokenizer.path().display(),
-                            m.preset,
-                            cfg.tokens.im_patch
-                        ),
-                    ));
-                }
+                let llm_config = m.llm.as_ref().map(|f| Path::new(f).join("config.json"));
+                let config = m.config.as_ref().map(PathBuf::from).or(llm_config);
+                let cfg =
+                    presets::lamed_config(&m.preset, config.as_deref(), base_len, m.segmentation)
+                        .map_err(|e| model_err(m, e))?;
                 let lamed = Lamed::new(&vb, &cfg)?;
                 let json = serde_json::to_value(&cfg).unwrap_or_default();
                 (Net::Lamed(Box::new(lamed)), json)
             }
         };
+        if let Some(folder) = &m.llm {
+            load_base_llm(&vs, Path::new(folder), base_vocab, lora.is_some())?;
+        }
         for (index, init) in m.init_from.iter().enumerate() {
             let err = |source| JobError::InitFrom {
                 index,
@@ -522,9 +532,9 @@ impl TrainModel {
             Net::Clip(c) => (c.config().vision.img_size, c.config().text.vocab_size, None),
             Net::Lamed(l) => {
                 let pad = tokenizer.pad_token().map(|(_, id)| id).unwrap_or(0);
-                let eos = tokenizer
-                    .token_to_id("</s>")
-                    .or_else(|| tokenizer.token_to_id("[SEP]"))
+                let eos = EOS_TOKENS
+                    .into_iter()
+                    .find_map(|t| tokenizer.token_to_id(t))
                     .unwrap_or(pad);
                 (
                     l.config().vision.img_size,
