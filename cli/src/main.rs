@@ -15,6 +15,7 @@ use m3d_data_prep::{convert_volumes, ConvertOptions, ConvertReport, Part};
 
 mod control;
 mod k8s;
+mod plan;
 mod report;
 mod signals;
 mod train;
@@ -76,6 +77,8 @@ enum Command {
     /// Evaluate a trained model on held-out shards.
     #[command(subcommand)]
     Eval(Eval),
+    /// What a recipe costs before launching it: parameters, memory per GPU, FLOPs, time.
+    Plan(plan::PlanArgs),
     /// Render Kubernetes objects for a recipe (JobSet) or a data-prep conversion.
     #[command(subcommand)]
     K8s(k8s::K8s),
@@ -366,6 +369,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::MergeLora(a) => return train::merge_lora(a),
         Command::Eval(Eval::Retrieval(a)) => return train::eval_retrieval(a),
         Command::K8s(cmd) => return k8s::run(cmd),
+        Command::Plan(a) => return plan::plan(a),
         Command::DataPrep(cmd) => match cmd {
             DataPrep::Synth {
                 dir,

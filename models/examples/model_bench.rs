@@ -29,6 +29,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use m3d_models::clip::{M3dClip, M3dClipConfig, SingleProcess};
+use m3d_models::flops::{attention_flops, matmul_flops, nonembedding_params, Params};
 use m3d_models::lamed::{Lamed, LamedBatch, LamedConfig};
 use m3d_models::lora::{self, LoraConfig};
 use m3d_models::precision::Precision;
@@ -137,49 +138,6 @@ struct Synthetic {
     /// Per component: its parameters, whether the backward reaches it, its FLOPs per step.
     parts: serde_json::Value,
     tokens: i64,
-}
-
-/// Non-embedding parameters of the variables `select` picks, split by whether they train.
-#[derive(Clone, Copy, Default)]
-struct Params {
-    trained: f64,
-    frozen: f64,
-}
-
-fn nonembedding_params(vs: &VarStore, select: impl Fn(&str) -> bool) -> Params {
-    let mut p = Params::default();
-    for (k, t) in vs.variables() {
-        if select(&k) && !k.contains("embed") && !k.contains("position") {
-            if t.requires_grad() {
-                p.trained += t.numel() as f64;
-            } else {
-                p.frozen += t.numel() as f64;
-            }
-        }
-    }
-    p
-}
-
-/// Matrix-product FLOPs of one forward + backward of a component with parameters `p` over `tokens` tokens:
-/// forward 2·N·T; where the backward reaches it, input gradients 2·N·T and weight gradients 2·N_trained·T.
-fn matmul_flops(p: Params, tokens: i64, backward: bool) -> f64 {
-    let (n, t) = (p.trained + p.frozen, tokens as f64);
-    if backward {
-        4.0 * n * t + 2.0 * p.trained * t
-    } else {
-        2.0 * n * t
-    }
-}
-
-/// Attention scores and weighted sums of `layers` layers of width `d` over `tokens` tokens (no causal
-/// halving): 4·L·d·T² forward, twice that backward.
-fn attention_flops(layers: i64, d: i64, tokens: i64, backward: bool) -> f64 {
-    let fwd = 4.0 * (layers * d) as f64 * (tokens * tokens) as f64;
-    if backward {
-        3.0 * fwd
-    } else {
-        fwd
-    }
 }
 
 fn synthetic(case: &str, batch: i64, vs: &mut VarStore, precision: Precision) -> Result<Synthetic> {

@@ -121,7 +121,8 @@ impl<'a> VarBuilder<'a> {
     /// A trainable parameter.
     pub fn var(&self, name: &str, dims: &[i64], init: Init) -> Result<Tensor> {
         if self.ctx.shape_only {
-            return Ok(self.path.add(name, self.placeholder(dims)?, false));
+            // Trainable as a real parameter is, so the trainable rules and counts apply to shape-only models.
+            return Ok(self.path.add(name, self.placeholder(dims)?, true));
         }
         Ok(self.path.f_var(name, dims, init)?)
     }

@@ -9,6 +9,7 @@
 
 pub mod builder;
 pub mod error;
+pub mod flops;
 pub mod layers;
 pub mod lora;
 pub mod weights;

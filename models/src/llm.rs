@@ -55,6 +55,22 @@ impl LlmConfig {
         self.spec().map(|_| ())
     }
 
+    /// The sizes that decide a decoder's memory and compute (`m3d plan`).
+    pub fn shape(&self) -> Result<LlmShape> {
+        let s = self.spec()?;
+        Ok(LlmShape {
+            hidden_size: s.hidden_size,
+            intermediate_size: s.intermediate_size,
+            num_hidden_layers: s.num_hidden_layers,
+            num_heads: s.num_heads,
+            num_kv_heads: s.num_kv_heads,
+            head_dim: s.head_dim,
+            vocab_size: s.vocab_size,
+            attention_dropout: s.attention_dropout,
+            resid_pdrop: s.resid_pdrop,
+        })
+    }
+
     /// The validated decoder shape [`CausalLm`] is built from.
     pub(crate) fn spec(&self) -> Result<DecoderSpec> {
         each_family!(self, c => c.spec())
@@ -650,6 +666,20 @@ pub(crate) enum ProjLayout {
     },
     /// Phi-3: `qkv_proj` and `gate_up_proj`, no biases.
     Fused,
+}
+
+/// A decoder's sizes, whichever family it is ([`LlmConfig::shape`]).
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct LlmShape {
+    pub hidden_size: i64,
+    pub intermediate_size: i64,
+    pub num_hidden_layers: i64,
+    pub num_heads: i64,
+    pub num_kv_heads: i64,
+    pub head_dim: i64,
+    pub vocab_size: i64,
+    pub attention_dropout: f64,
+    pub resid_pdrop: f64,
 }
 
 /// A validated decoder shape, whichever family's config.json it was read from.

@@ -24,9 +24,11 @@ pub const CLIP_PRESETS: [&str; 3] = ["m3d", "tiny", "debug"];
 /// The M3D-LaMed presets.
 pub const LAMED_PRESETS: [&str; 5] = ["llama2-7b", "llama3-8b", "phi3-mini", "tiny", "debug"];
 
-/// Base tokenizer entries (before the four LaMed tokens) of the presets whose LLM is a published one.
+/// Base tokenizer entries (LaMed: before its four tokens) of the presets whose text model is a published
+/// one: M3D-CLIP's `bert-base-uncased` and the three LLMs.
 pub fn published_tokenizer_len(preset: &str) -> Option<i64> {
     match preset {
+        "m3d" => Some(30_522),
         "llama2-7b" => Some(32_000),
         "llama3-8b" => Some(128_256),
         "phi3-mini" => Some(32_011),

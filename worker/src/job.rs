@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 
 use m3d_instruct::{instruction, Family, Templates};
-use m3d_models::clip::M3dClip;
+use m3d_models::clip::{M3dClip, M3dClipConfig};
 use m3d_models::lamed::{
     build_example, collate, extend_llm_checkpoint, Lamed, LamedBatch, LamedConfig, LamedHostChecks,
     ADDED_TOKENS, IGNORE_INDEX,
@@ -63,10 +63,12 @@ pub enum JobError {
     },
 }
 
-/// A model-configuration error, attributed to `model.config` when one is given, else to `model.preset`.
+/// A model-configuration error, attributed to `model.config`, else `model.llm`, else `model.preset`.
 fn model_err(m: &m3d_recipes::ModelSection, e: ModelError) -> JobError {
     let field = if m.config.is_some() {
         "config"
+    } else if m.llm.is_some() {
+        "llm"
     } else {
         "preset"
     };
@@ -110,6 +112,17 @@ pub fn resolve_tokenizer(
     data: &TrainData,
     scratch: &Path,
 ) -> Result<Tokenizer, JobError> {
+    resolve_tokenizer_with(recipe, scratch, || {
+        data.texts().map_err(Box::new).map_err(Into::into)
+    })
+}
+
+/// [`resolve_tokenizer`] with the training texts read only if a word-level vocabulary is built from them.
+pub fn resolve_tokenizer_with(
+    recipe: &Recipe,
+    scratch: &Path,
+    texts: impl FnOnce() -> Result<Vec<String>, JobError>,
+) -> Result<Tokenizer, JobError> {
     let m = &recipe.model;
     if let Some(p) = &m.tokenizer {
         return Ok(Tokenizer::from_file(Path::new(p))?);
@@ -144,7 +157,7 @@ pub fn resolve_tokenizer(
         ModelKind::Clip => VocabStyle::Bert,
         ModelKind::Lamed => VocabStyle::Llama,
     };
-    let owned = data.texts().map_err(Box::new)?;
+    let owned = texts()?;
     let mut texts: Vec<&str> = owned.iter().map(String::as_str).collect();
     let templates = Templates::default();
     let template_texts = templates.all_texts();
@@ -402,6 +415,107 @@ pub struct LamedBuilt {
     pub masked: i64,
 }
 
+/// A recipe's model before any weight exists: its configuration, resolved once for the trainer and for
+/// `m3d plan`.
+#[derive(Debug, Clone)]
+pub enum ModelSpec {
+    Clip(Box<M3dClipConfig>),
+    Lamed(Box<LamedConfig>),
+}
+
+impl ModelSpec {
+    pub fn is_lamed(&self) -> bool {
+        matches!(self, ModelSpec::Lamed(_))
+    }
+
+    /// The configuration as JSON (written next to the final weights).
+    pub fn to_json(&self) -> serde_json::Value {
+        match self {
+            ModelSpec::Clip(c) => serde_json::to_value(c),
+            ModelSpec::Lamed(c) => serde_json::to_value(c),
+        }
+        .unwrap_or_default()
+    }
+
+    /// Creates the network's parameters through `vb` (shape-only for `m3d plan`).
+    pub fn build(&self, vb: &VarBuilder) -> Result<Net, JobError> {
+        Ok(match self {
+            ModelSpec::Clip(c) => Net::Clip(Box::new(M3dClip::new(vb, c)?)),
+            ModelSpec::Lamed(c) => Net::Lamed(Box::new(Lamed::new(vb, c)?)),
+        })
+    }
+}
+
+/// The model `recipe` describes over a tokenizer of `base_vocab` entries (LaMed: before its four tokens):
+/// `model.preset`, `model.config` or the `config.json` of `model.llm`.
+pub fn model_spec(recipe: &Recipe, base_vocab: i64) -> Result<ModelSpec, JobError> {
+    let m = &recipe.model;
+    match m.kind {
+        ModelKind::Clip => {
+            if m.lora.is_some() {
+                return Err(recipe_err(
+                    "lora",
+                    "M3D-CLIP is trained in full, without LoRA",
+                ));
+            }
+            let cfg = presets::clip_config(
+                &m.preset,
+                m.config.as_deref().map(Path::new),
+                base_vocab,
+                recipe.data.max_text_len as i64,
+            )
+            .map_err(|e| model_err(m, e))?;
+            Ok(ModelSpec::Clip(Box::new(cfg)))
+        }
+        ModelKind::Lamed => {
+            let llm_config = m.llm.as_ref().map(|f| Path::new(f).join("config.json"));
+            let config = m.config.as_ref().map(PathBuf::from).or(llm_config);
+            let cfg =
+                presets::lamed_config(&m.preset, config.as_deref(), base_vocab, m.segmentation)
+                    .map_err(|e| model_err(m, e))?;
+            Ok(ModelSpec::Lamed(Box::new(cfg)))
+        }
+    }
+}
+
+/// `model.lora` as the model builder takes it (M3D's target rule when the recipe names no modules).
+pub fn lora_config(recipe: &Recipe) -> Option<LoraConfig> {
+    recipe.model.lora.as_ref().map(|l| LoraConfig {
+        r: l.r,
+        alpha: l.alpha,
+        dropout: l.dropout,
+        target_modules: if l.target_modules.is_empty() {
+            LoraConfig::m3d_lamed().target_modules
+        } else {
+            l.target_modules.clone()
+        },
+        use_rslora: l.use_rslora,
+        ..LoraConfig::m3d_lamed()
+    })
+}
+
+/// Sets which parameters of `vs` train: with LoRA the adapters plus `model.trainable` (by name, as the
+/// reference's keyword rule), without it the `model.trainable` prefixes, or everything when none is given.
+/// A recipe that leaves nothing trainable is refused.
+pub fn set_trainable(vs: &VarStore, recipe: &Recipe, lora: bool) -> Result<(), JobError> {
+    let m = &recipe.model;
+    let prefixes: Vec<&str> = m.trainable.iter().map(String::as_str).collect();
+    if lora {
+        freeze_base(vs, &prefixes);
+    } else if !prefixes.is_empty() {
+        for (name, t) in vs.variables() {
+            let _ = t.set_requires_grad(prefixes.iter().any(|p| name.starts_with(p)));
+        }
+    }
+    if !vs.variables().values().any(|t| t.requires_grad()) {
+        return Err(recipe_err(
+            "trainable",
+            format!("no parameter starts with any of {:?}", m.trainable),
+        ));
+    }
+    Ok(())
+}
+
 impl TrainModel {
     /// Builds the recipe's model on `device`: seeded initialisation, `init_from` loads in order, LoRA
     /// injection and freezing, precision.
@@ -410,73 +524,35 @@ impl TrainModel {
         tch::manual_seed(recipe.train.seed as i64);
         let mut vs = VarStore::new(device);
         let mut tokenizer = tokenizer;
-        let lora = m.lora.as_ref().map(|l| LoraConfig {
-            r: l.r,
-            alpha: l.alpha,
-            dropout: l.dropout,
-            target_modules: if l.target_modules.is_empty() {
-                LoraConfig::m3d_lamed().target_modules
-            } else {
-                l.target_modules.clone()
-            },
-            use_rslora: l.use_rslora,
-            ..LoraConfig::m3d_lamed()
-        });
+        let lora = lora_config(recipe);
         let vb = VarBuilder::new(&vs).with_lora(lora.clone());
         // The base tokenizer's entries (LaMed: before its four tokens are added below).
         let base_vocab = tokenizer.vocab_size(true) as i64;
-        let (net, config) = match m.kind {
-            ModelKind::Clip => {
-                if lora.is_some() {
-                    return Err(recipe_err(
-                        "lora",
-                        "M3D-CLIP is trained in full, without LoRA",
-                    ));
-                }
-                let vocab = tokenizer.vocab_size(true) as i64;
-                let cfg = presets::clip_config(
-                    &m.preset,
-                    m.config.as_deref().map(Path::new),
-                    vocab,
-                    recipe.data.max_text_len as i64,
-                )
-                .map_err(|e| model_err(m, e))?;
-                let clip = M3dClip::new(&vb, &cfg)?;
-                let json = serde_json::to_value(&cfg).unwrap_or_default();
-                (Net::Clip(Box::new(clip)), json)
+        let spec = model_spec(recipe, base_vocab)?;
+        if spec.is_lamed() {
+            // The reference adds <im_patch>, <bx_start>, <bx_end> as special tokens and [SEG] as a normal
+            // one, in this order, so their ids follow the base vocabulary.
+            let (special, normal) = ADDED_TOKENS.split_at(3);
+            tokenizer.add_special_tokens(special);
+            tokenizer.add_tokens(normal);
+            if tokenizer.pad_token().is_none() {
+                // The reference: pad = unk where there is one (Llama-2, Phi-3), else pad = eos (Llama-3,
+                // whose eos it sets to `<|end_of_text|>`).
+                let pad = ["<unk>", "[UNK]"]
+                    .into_iter()
+                    .chain(EOS_TOKENS)
+                    .find(|t| tokenizer.token_to_id(t).is_some())
+                    .ok_or_else(|| {
+                        recipe_err(
+                            "tokenizer",
+                            "the tokenizer has neither a pad, an unk nor an eos token",
+                        )
+                    })?;
+                tokenizer.set_pad_token(pad)?;
             }
-            ModelKind::Lamed => {
-                let base_len = tokenizer.vocab_size(true) as i64;
-                // The reference adds <im_patch>, <bx_start>, <bx_end> as special tokens and [SEG] as a
-                // normal one, in this order, so their ids follow the base vocabulary.
-                let (special, normal) = ADDED_TOKENS.split_at(3);
-                tokenizer.add_special_tokens(special);
-                tokenizer.add_tokens(normal);
-                if tokenizer.pad_token().is_none() {
-                    // The reference: pad = unk where there is one (Llama-2, Phi-3), else pad = eos
-                    // (Llama-3, whose eos it sets to `<|end_of_text|>`).
-                    let pad = ["<unk>", "[UNK]"]
-                        .into_iter()
-                        .chain(EOS_TOKENS)
-                        .find(|t| tokenizer.token_to_id(t).is_some())
-                        .ok_or_else(|| {
-                            recipe_err(
-                                "tokenizer",
-                                "the tokenizer has neither a pad, an unk nor an eos token",
-                            )
-                        })?;
-                    tokenizer.set_pad_token(pad)?;
-                }
-                let llm_config = m.llm.as_ref().map(|f| Path::new(f).join("config.json"));
-                let config = m.config.as_ref().map(PathBuf::from).or(llm_config);
-                let cfg =
-                    presets::lamed_config(&m.preset, config.as_deref(), base_len, m.segmentation)
-                        .map_err(|e| model_err(m, e))?;
-                let lamed = Lamed::new(&vb, &cfg)?;
-                let json = serde_json::to_value(&cfg).unwrap_or_default();
-                (Net::Lamed(Box::new(lamed)), json)
-            }
-        };
+        }
+        let config = spec.to_json();
+        let net = spec.build(&vb)?;
         if let Some(folder) = &m.llm {
             load_base_llm(&vs, Path::new(folder), base_vocab, lora.is_some())?;
         }
@@ -507,21 +583,7 @@ impl TrainModel {
             let report = load_into(&vs, tensors, &opts).map_err(|e| err(e.into()))?;
             tracing::info!(path = %init.path, loaded = report.loaded, missing = report.missing.len(), "initial weights");
         }
-        // Trainable parameters.
-        let prefixes: Vec<&str> = m.trainable.iter().map(String::as_str).collect();
-        if lora.is_some() {
-            freeze_base(&vs, &prefixes);
-        } else if !prefixes.is_empty() {
-            for (name, t) in vs.variables() {
-                let _ = t.set_requires_grad(prefixes.iter().any(|p| name.starts_with(p)));
-            }
-        }
-        if !vs.variables().values().any(|t| t.requires_grad()) {
-            return Err(recipe_err(
-                "trainable",
-                format!("no parameter starts with any of {:?}", m.trainable),
-            ));
-        }
+        set_trainable(&vs, recipe, lora.is_some())?;
         let precision = match recipe.precision() {
             m3d_recipes::Precision::F32 => Precision::F32,
             m3d_recipes::Precision::Bf16 => Precision::Bf16,
