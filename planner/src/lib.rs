@@ -80,6 +80,8 @@ pub struct Memory {
     pub optimizer: f64,
     /// Gradient buckets of the all-reduce (two in flight), with more than one worker.
     pub buckets: f64,
+    /// The micro-batch's inputs on the device.
+    pub inputs: f64,
     /// One micro-batch's saved activations, by component.
     pub activations: Activations,
     /// Everything, at the peak (the end of the forward pass of a micro-batch, gradients already there).
@@ -310,7 +312,8 @@ pub fn plan(recipe: &Recipe, opts: &PlanOptions) -> Result<Plan, PlanError> {
     } else {
         0.0
     };
-    let fixed = weights + gradients + master_and_f32_grads + optimizer + buckets;
+    let inputs = activations.inputs;
+    let fixed = weights + gradients + master_and_f32_grads + optimizer + buckets + inputs;
     let total = fixed + activations.saved() + activations.transient;
     let total_checkpointed = fixed + activations.checkpointed + activations.transient;
 
@@ -418,6 +421,7 @@ pub fn plan(recipe: &Recipe, opts: &PlanOptions) -> Result<Plan, PlanError> {
             master_and_f32_grads,
             optimizer,
             buckets,
+            inputs,
             activations,
             total,
             total_checkpointed,
@@ -495,6 +499,7 @@ impl Plan {
             ("master + f32 grads", m.master_and_f32_grads),
             ("AdamW moments", m.optimizer),
             ("all-reduce buckets", m.buckets),
+            ("batch inputs", m.inputs),
         ] {
             s += &format!("  {name:<24} {:>12}\n", gib(b));
         }

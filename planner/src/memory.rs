@@ -55,9 +55,12 @@ pub struct Numerics {
 pub struct Activations {
     /// Bytes kept for the backward pass, per component (summed over the micro-batch).
     pub parts: Vec<(String, f64)>,
-    /// The largest transient on top of the saved bytes: the logits and their f32 copy while the loss is
-    /// computed.
+    /// The largest transient on top of the saved bytes: the gradients of the losses' inputs at the start
+    /// of the backward pass (the logits and their f32 copy; SegVol's full-size logits), or, when it is
+    /// larger, the patch copy of a frozen vision tower's images.
     pub transient: f64,
+    /// The batch itself: images (and masks) in f32.
+    pub inputs: f64,
     /// The saved bytes with activation checkpointing of every decoder layer and ViT/BERT block: each
     /// keeps only its input, and one block's activations exist again while it is recomputed.
     pub checkpointed: f64,
@@ -198,8 +201,12 @@ pub fn lamed(
         trains: f.vision,
         grad_in: false,
     };
+    let voxels = (v.img_size[0] * v.img_size[1] * v.img_size[2]) as f64 * v.in_channels as f64;
+    out.inputs = b * voxels * 4.0 * if cfg.seg.is_some() { 2.0 } else { 1.0 };
+    // A frozen tower still copies its images into patches for the patch embedding, briefly.
+    let mut patch_copy = if f.vision { 0.0 } else { b * voxels * a };
     if f.vision {
-        let patches = vt * v.patch_dim() as f64 * a;
+        let patches = v.num_patches() as f64 * v.patch_dim() as f64 * a;
         let layers = v.num_layers as f64;
         let blocks = layers * vit_block(v, vflow, n) * vt;
         let width = vt * v.hidden_size as f64 * a;
@@ -267,6 +274,7 @@ pub fn lamed(
         out.add_plain("loss", logits * 4.0);
         out.transient = logits * (a + 4.0);
     }
+    let mut loss_transient = out.transient;
     if let Some(seg) = cfg.seg.as_ref().filter(|_| seg_samples > 0) {
         let e = &seg.image_encoder;
         let et = e.num_tokens() as f64;
@@ -277,17 +285,24 @@ pub fn lamed(
         let el = e.num_layers as f64;
         let (encoder, stack) = if f.seg_encoder {
             let stack = et * el * vit_block(e, eflow, n);
-            (et * e.patch_dim() as f64 * a + stack, stack)
+            (
+                e.num_patches() as f64 * e.patch_dim() as f64 * a + stack,
+                stack,
+            )
         } else {
             (0.0, 0.0)
         };
         // The decoder's two x2 transposed convolutions over the grid (C/4 then C/8 channels, each kept for
         // its LayerNorm/GELU and the next convolution), and the full-size logits, their sigmoid and the
-        // Dice/BCE terms in f32.
+        // Dice/BCE terms in f32: the upsampled logits, their sigmoid and the two cleaned targets are saved;
+        // their gradients (four more) exist at the start of the backward pass.
         let c = e.hidden_size as f64;
         let grid = e.num_patches() as f64;
         let upscale = 3.0 * (c / 4.0) * 8.0 * grid + 2.0 * (c / 8.0) * 64.0 * grid;
-        let voxels = (v.img_size[0] * v.img_size[1] * v.img_size[2]) as f64;
+        loss_transient += seg_samples as f64 * 4.0 * voxels * 4.0;
+        if !f.seg_encoder {
+            patch_copy = patch_copy.max(seg_samples as f64 * voxels * a);
+        }
         let rest = if f.seg_rest || f.seg_encoder {
             upscale * a
         } else {
@@ -302,6 +317,7 @@ pub fn lamed(
             k * el * et * e.hidden_size as f64 * a,
         );
     }
+    out.transient = loss_transient.max(patch_copy);
     out
 }
 
@@ -317,12 +333,18 @@ pub fn clip(
     let mut out = Activations::default();
     let (a, b) = (n.act, batch as f64);
     let vt = vision.num_tokens() as f64;
+    let voxels =
+        (vision.img_size[0] * vision.img_size[1] * vision.img_size[2] * vision.in_channels) as f64;
+    out.inputs = b * voxels * 4.0;
+    if !trains.0 {
+        out.transient = b * voxels * a;
+    }
     if trains.0 {
         let flow = Flow {
             trains: true,
             grad_in: false,
         };
-        let patches = vt * vision.patch_dim() as f64 * a;
+        let patches = vision.num_patches() as f64 * vision.patch_dim() as f64 * a;
         let layers = vision.num_layers as f64;
         let blocks = layers * vit_block(vision, flow, n) * vt;
         let width = vt * vision.hidden_size as f64 * a;
