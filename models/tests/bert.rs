@@ -320,9 +320,13 @@ fn tokenizer_added_tokens_and_errors_name_the_file() {
     let m = minilm();
     let mut tok = Tokenizer::from_file(&m.model.join("tokenizer.json")).unwrap();
     let n = tok.vocab_size(true);
-    assert_eq!(tok.add_special_tokens(&["<im_patch>", "<bx_start>"]), 2);
-    assert_eq!(tok.add_tokens(&["[SEG]"]), 1);
-    assert_eq!(tok.add_tokens(&["[SEG]"]), 0);
+    assert_eq!(
+        tok.add_special_tokens(&["<im_patch>", "<bx_start>"])
+            .unwrap(),
+        2
+    );
+    assert_eq!(tok.add_tokens(&["[SEG]"]).unwrap(), 1);
+    assert_eq!(tok.add_tokens(&["[SEG]"]).unwrap(), 0);
     assert_eq!(tok.vocab_size(true), n + 3);
     let im = tok.token_to_id("<im_patch>").unwrap();
     let seg = tok.token_to_id("[SEG]").unwrap();
@@ -331,12 +335,10 @@ fn tokenizer_added_tokens_and_errors_name_the_file() {
         .unwrap();
     assert_eq!(ids[1..3], [im, im]);
     assert!(ids.contains(&seg));
-    // Special tokens are dropped by decode(.., skip_special_tokens), ordinary added tokens kept.
+    // Special tokens are dropped by decode(.., skip_special_tokens), ordinary added tokens kept — as their
+    // normalised (here lower-cased) match, which is what transformers' fast tokenizer decodes too.
     let text = tok.decode(&ids, true).unwrap();
-    assert!(
-        !text.contains("<im_patch>") && text.contains("[SEG]"),
-        "{text}"
-    );
+    assert_eq!(text, "the [seg] ok");
     tok.set_pad_token("[UNK]").unwrap();
     assert_eq!(tok.pad_token(), Some(("[UNK]", 100)));
     assert!(tok.set_pad_token("<nope>").is_err());

@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 use m3d_instruct::{instruction, Family, Templates};
 use m3d_models::clip::{M3dClip, M3dClipConfig};
 use m3d_models::lamed::{
-    build_example, collate, extend_llm_checkpoint, Lamed, LamedBatch, LamedConfig, LamedHostChecks,
-    ADDED_TOKENS, IGNORE_INDEX,
+    build_example, collate, extend_llm_checkpoint, prompt_bos, Lamed, LamedBatch, LamedConfig,
+    LamedHostChecks, ADDED_TOKENS, IGNORE_INDEX,
 };
 use m3d_models::layers::CheckedIds;
 use m3d_models::lora::{freeze_base, LoraConfig};
@@ -533,8 +533,8 @@ impl TrainModel {
             // The reference adds <im_patch>, <bx_start>, <bx_end> as special tokens and [SEG] as a normal
             // one, in this order, so their ids follow the base vocabulary.
             let (special, normal) = ADDED_TOKENS.split_at(3);
-            tokenizer.add_special_tokens(special);
-            tokenizer.add_tokens(normal);
+            tokenizer.add_special_tokens(special)?;
+            tokenizer.add_tokens(normal)?;
             if tokenizer.pad_token().is_none() {
                 // The reference: pad = unk where there is one (Llama-2, Phi-3), else pad = eos (Llama-3,
                 // whose eos it sets to `<|end_of_text|>`).
@@ -549,6 +549,10 @@ impl TrainModel {
                         )
                     })?;
                 tokenizer.set_pad_token(pad)?;
+            }
+            if let ModelSpec::Lamed(cfg) = &spec {
+                prompt_bos(&tokenizer, cfg.tokens.im_patch)
+                    .map_err(|e| recipe_err("tokenizer", e.to_string()))?;
             }
         }
         let config = spec.to_json();
