@@ -38,6 +38,32 @@ pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
     path: PathBuf,
     pad: Option<(String, u32)>,
+    eos: Option<(String, u32)>,
+}
+
+/// The special tokens of a `tokenizer_config.json` (a token is a string or `{"content": ...}`).
+#[derive(Default)]
+struct ConfigTokens {
+    pad: Option<String>,
+    eos: Option<String>,
+}
+
+impl ConfigTokens {
+    fn read(path: &Path) -> Result<Self> {
+        if !path.is_file() {
+            return Ok(Self::default());
+        }
+        let value: serde_json::Value = crate::error::read_json(path)?;
+        let token = |key: &str| match value.get(key) {
+            Some(serde_json::Value::String(s)) => Some(s.clone()),
+            Some(v) => v.get("content").and_then(|c| c.as_str()).map(String::from),
+            None => None,
+        };
+        Ok(ConfigTokens {
+            pad: token("pad_token"),
+            eos: token("eos_token"),
+        })
+    }
 }
 
 impl std::fmt::Debug for Tokenizer {
@@ -81,16 +107,33 @@ impl Tokenizer {
                 path: file.clone(),
                 message: e.to_string(),
             })?;
-        let pad = from_file_padding.or_else(|| {
-            ["[PAD]", "<pad>"]
-                .iter()
-                .find_map(|t| inner.token_to_id(t).map(|id| (t.to_string(), id)))
-        });
+        // `tokenizer_config.json` beside it names the special tokens, as transformers reads them.
+        let config = ConfigTokens::read(&file.with_file_name("tokenizer_config.json"))?;
+        let known = |t: &Option<String>| {
+            t.as_ref()
+                .and_then(|t| inner.token_to_id(t).map(|id| (t.clone(), id)))
+        };
+        let pad = from_file_padding
+            .or_else(|| known(&config.pad))
+            .or_else(|| {
+                ["[PAD]", "<pad>"]
+                    .iter()
+                    .find_map(|t| inner.token_to_id(t).map(|id| (t.to_string(), id)))
+            });
+        let eos = known(&config.eos);
         Ok(Tokenizer {
             inner,
             path: file,
             pad,
+            eos,
         })
+    }
+
+    /// The end-of-sequence token `tokenizer_config.json` names (`eos_token`), if there is one.
+    pub fn config_eos_token(&self) -> Option<(&str, i64)> {
+        self.eos
+            .as_ref()
+            .map(|(t, id)| (t.as_str(), i64::from(*id)))
     }
 
     /// The `tokenizer.json` this was loaded from.

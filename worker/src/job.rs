@@ -82,9 +82,23 @@ fn recipe_err(field: &str, reason: impl Into<String>) -> JobError {
     }
 }
 
-/// End-of-text tokens, by family: Llama-2 and Phi-3 `</s>`, Llama-3 `<|end_of_text|>` (128001, which the
-/// reference sets as Llama-3's eos), word-level vocabularies in BERT's style `[SEP]`.
+/// End-of-text tokens when `tokenizer_config.json` names none: Llama-2 `</s>`, Llama-3 `<|end_of_text|>`,
+/// word-level vocabularies in BERT's style `[SEP]`.
 const EOS_TOKENS: [&str; 3] = ["</s>", "<|end_of_text|>", "[SEP]"];
+
+/// The eos id LaMed's examples end with, as the reference sets it (LaMed/src/train/train.py:287-291):
+/// Llama-3's `<|end_of_text|>` (128001, whatever its config names: the Instruct model's says `<|eot_id|>`),
+/// else the tokenizer's own (`tokenizer_config.json`, e.g. Phi-3's `<|endoftext|>`), else [`EOS_TOKENS`].
+fn eos_id(tokenizer: &Tokenizer) -> Option<i64> {
+    tokenizer
+        .token_to_id("<|end_of_text|>")
+        .or_else(|| tokenizer.config_eos_token().map(|(_, id)| id))
+        .or_else(|| {
+            EOS_TOKENS
+                .into_iter()
+                .find_map(|t| tokenizer.token_to_id(t))
+        })
+}
 
 /// The network being trained.
 pub enum Net {
@@ -538,17 +552,18 @@ impl TrainModel {
             if tokenizer.pad_token().is_none() {
                 // The reference: pad = unk where there is one (Llama-2, Phi-3), else pad = eos (Llama-3,
                 // whose eos it sets to `<|end_of_text|>`).
-                let pad = ["<unk>", "[UNK]"]
+                let unk = ["<unk>", "[UNK]"]
                     .into_iter()
-                    .chain(EOS_TOKENS)
                     .find(|t| tokenizer.token_to_id(t).is_some())
-                    .ok_or_else(|| {
-                        recipe_err(
-                            "tokenizer",
-                            "the tokenizer has neither a pad, an unk nor an eos token",
-                        )
-                    })?;
-                tokenizer.set_pad_token(pad)?;
+                    .map(String::from);
+                let eos = eos_id(&tokenizer).and_then(|id| tokenizer.id_to_token(id));
+                let pad = unk.or(eos).ok_or_else(|| {
+                    recipe_err(
+                        "tokenizer",
+                        "the tokenizer has neither a pad, an unk nor an eos token",
+                    )
+                })?;
+                tokenizer.set_pad_token(&pad)?;
             }
             if let ModelSpec::Lamed(cfg) = &spec {
                 prompt_bos(&tokenizer, cfg.tokens.im_patch)
@@ -598,10 +613,7 @@ impl TrainModel {
             Net::Clip(c) => (c.config().vision.img_size, c.config().text.vocab_size, None),
             Net::Lamed(l) => {
                 let pad = tokenizer.pad_token().map(|(_, id)| id).unwrap_or(0);
-                let eos = EOS_TOKENS
-                    .into_iter()
-                    .find_map(|t| tokenizer.token_to_id(t))
-                    .unwrap_or(pad);
+                let eos = eos_id(&tokenizer).unwrap_or(pad);
                 (
                     l.config().vision.img_size,
                     0,
