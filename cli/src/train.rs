@@ -501,6 +501,7 @@ pub fn train(a: TrainArgs) -> Result<()> {
                 path: url.clone(),
                 select_prefix: None,
                 add_prefix: None,
+                exclude: Vec::new(),
                 strict: true,
             }),
         }

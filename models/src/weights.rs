@@ -256,6 +256,9 @@ pub struct LoadOptions {
     /// Checkpoint keys (by prefix or substring, after the key map) that are skipped without complaint, e.g.
     /// BERT's `embeddings.position_ids` buffer that older transformers versions saved.
     pub ignore_unexpected: Vec<String>,
+    /// Only the model parameters under this prefix must be in the checkpoint (a component loaded into its
+    /// place in a larger model, e.g. SegVol into `model.seg_module.`); the rest is not "missing".
+    pub scope: Option<String>,
 }
 
 impl Default for LoadOptions {
@@ -265,6 +268,7 @@ impl Default for LoadOptions {
             key_map: KeyMap::identity(),
             allow_missing: Vec::new(),
             ignore_unexpected: Vec::new(),
+            scope: None,
         }
     }
 }
@@ -286,6 +290,10 @@ impl LoadOptions {
     }
     pub fn ignore_unexpected(mut self, pattern: &str) -> Self {
         self.ignore_unexpected.push(pattern.to_string());
+        self
+    }
+    pub fn within(mut self, prefix: &str) -> Self {
+        self.scope = Some(prefix.to_string());
         self
     }
 }
@@ -332,6 +340,11 @@ pub fn load_into_vars(
     let mut missing: Vec<String> = vars
         .keys()
         .filter(|k| !seen.contains(*k))
+        .filter(|k| {
+            opts.scope
+                .as_ref()
+                .is_none_or(|s| k.starts_with(s.as_str()))
+        })
         .filter(|k| {
             !opts
                 .allow_missing

@@ -535,6 +535,7 @@ pub fn schema_paths() -> Vec<String> {
                 path: "x".into(),
                 select_prefix: None,
                 add_prefix: None,
+                exclude: Vec::new(),
                 strict: true,
             }],
             lora: None,

@@ -105,9 +105,14 @@ pub struct InitFrom {
     /// Default: none.
     #[serde(default)]
     pub add_prefix: Option<String>,
+    /// Checkpoint keys left out before `select_prefix` (by prefix): `[model.text_encoder.]` for BAAI/SegVol's
+    /// file, whose text encoder M3D does not use (the reference skips those keys). Default: `[]`.
+    #[serde(default)]
+    pub exclude: Vec<String>,
     /// Whether the load must cover the model's parameters exactly (missing, unexpected and mis-shaped keys
-    /// are errors). With `false`, the keys the checkpoint has are loaded and the rest is reported. Default:
-    /// `true`.
+    /// are errors); with `add_prefix`, the parameters under that prefix (a component loaded into its place:
+    /// the vision tower, SegVol). With `false`, the keys the checkpoint has are loaded and the rest is
+    /// reported. Default: `true`.
     #[serde(default = "yes")]
     pub strict: bool,
 }

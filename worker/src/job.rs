@@ -581,9 +581,10 @@ impl TrainModel {
                 path: init.path.clone(),
                 source: Box::new(source),
             };
-            let tensors = InitSource::of(&init.path)
+            let mut tensors = InitSource::of(&init.path)
                 .and_then(|s| s.weights())
                 .map_err(err)?;
+            tensors.retain(|(k, _)| !init.exclude.iter().any(|p| k.starts_with(p.as_str())));
             let key_map = match (&init.select_prefix, &init.add_prefix) {
                 (Some(s), Some(a)) => KeyMap::move_prefix(s, a),
                 (Some(s), None) => KeyMap::select_prefix(s),
@@ -596,6 +597,9 @@ impl TrainModel {
                 LoadOptions::lenient()
             }
             .with_key_map(key_map);
+            if let Some(prefix) = &init.add_prefix {
+                opts = opts.within(prefix);
+            }
             if lora.is_some() {
                 opts = opts.allow_missing("lora_");
             }
