@@ -66,16 +66,10 @@ fn lamed_initialises_from_the_published_llm_segvol_and_clip_layouts() {
         .into_iter()
         .collect();
 
-    for (family, base, rows_in_checkpoint, pad, eos) in [
-        ("llama2", 32_000i64, 32_000i64, "<unk>", "</s>"),
-        (
-            "llama3",
-            128_256,
-            128_256,
-            "<|end_of_text|>",
-            "<|end_of_text|>",
-        ),
-        ("phi3", 32_011, 32_064, "<|endoftext|>", "<|endoftext|>"),
+    for (family, base, rows_in_checkpoint, pad) in [
+        ("llama2", 32_000i64, 32_000i64, "<unk>"),
+        ("llama3", 128_256, 128_256, "<|end_of_text|>"),
+        ("phi3", 32_011, 32_064, "<|endoftext|>"),
     ] {
         let folder = root.join(family);
         let r = recipe(
