@@ -62,6 +62,9 @@ if ! command -v nasm >/dev/null 2>&1; then
   fi
 fi
 
+# The target folder outlives clones; each clone adds its own test binaries. Drop superseded ones.
+python3 "$M3D_ROOT/scripts/prune-target.py" "$CARGO_TARGET_DIR" || echo "[setup] warning: pruning $CARGO_TARGET_DIR failed" >&2
+
 if [ "${M3D_SKIP_BUILD:-0}" != "1" ]; then
   echo "[setup] building the workspace (target dir $CARGO_TARGET_DIR)"
   (cd "$M3D_ROOT" && cargo build --release --workspace --all-targets --locked)

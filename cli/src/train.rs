@@ -33,12 +33,12 @@ pub struct TrainArgs {
     /// Override a recipe value, e.g. --set train.lr=2e-4 (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     sets: Vec<String>,
-    /// A worker silent for this long has failed.
-    #[arg(long, default_value = "10s", value_parser = parse_duration)]
-    heartbeat_timeout: Duration,
-    /// Restart rounds allowed after failures.
-    #[arg(long, default_value_t = 3)]
-    restarts: u32,
+    /// A worker silent for this long has failed. Default: the recipe's `workers.heartbeat_timeout_s`.
+    #[arg(long, value_parser = parse_duration)]
+    heartbeat_timeout: Option<Duration>,
+    /// Restart rounds allowed after failures. Default: the recipe's `workers.restart_rounds`.
+    #[arg(long)]
+    restarts: Option<u32>,
     /// Timeout of the workers' collective operations.
     #[arg(long, default_value = "120s", value_parser = parse_duration)]
     collective_timeout: Duration,
@@ -509,6 +509,11 @@ pub fn train(a: TrainArgs) -> Result<()> {
     if !a.init_from.is_empty() {
         recipe.validate(&format!("{} with --init-from", a.recipe.display()))?;
     }
+    // Job settings: the flag, else the recipe.
+    let heartbeat_timeout = a
+        .heartbeat_timeout
+        .unwrap_or_else(|| recipe.heartbeat_timeout());
+    let restarts = a.restarts.unwrap_or(recipe.workers.restart_rounds);
     let workers = a.workers.unwrap_or(recipe.workers.min);
     if !recipe.world_sizes().contains(&workers) || recipe.grad_accum(workers).is_err() {
         bail!(
@@ -562,8 +567,8 @@ pub fn train(a: TrainArgs) -> Result<()> {
         min_workers: workers as u32,
         max_workers: workers as u32,
         rendezvous_timeout: Duration::from_secs(120),
-        heartbeat_timeout: a.heartbeat_timeout,
-        max_restarts: a.restarts,
+        heartbeat_timeout,
+        max_restarts: restarts,
         plan,
     };
     let mut secret = [0u8; 24];
@@ -680,7 +685,7 @@ pub fn train(a: TrainArgs) -> Result<()> {
                     });
                 } else if status.phase.is_final() || stopping {
                     failed_worker = Some(format!("worker {} exited with {code}", w.id));
-                } else if w.starts > a.restarts {
+                } else if w.starts > restarts {
                     failed_worker = Some(format!(
                         "worker {} exited with {code} after {} starts; see {}",
                         w.id,

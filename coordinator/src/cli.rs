@@ -31,14 +31,17 @@ pub struct CoordinatorArgs {
     #[arg(long)]
     max_workers: Option<u32>,
     /// How long a round waits for slow starters (e.g. 30s, 500ms, 2m), counted from its first registration.
-    #[arg(long, default_value = "30s", value_parser = parse_duration)]
-    rendezvous_timeout: Duration,
-    /// A worker silent for this long has failed.
-    #[arg(long, default_value = "10s", value_parser = parse_duration)]
-    heartbeat_timeout: Duration,
-    /// Restart rounds allowed after failures; one more failure fails the job.
-    #[arg(long, default_value_t = 3)]
-    restarts: u32,
+    /// Default: the recipe's `workers.rendezvous_timeout_s`, else 30s.
+    #[arg(long, value_parser = parse_duration)]
+    rendezvous_timeout: Option<Duration>,
+    /// A worker silent for this long has failed. Default: the recipe's `workers.heartbeat_timeout_s`, else
+    /// 10s.
+    #[arg(long, value_parser = parse_duration)]
+    heartbeat_timeout: Option<Duration>,
+    /// Restart rounds allowed after failures; one more failure fails the job. Default: the recipe's
+    /// `workers.restart_rounds`, else 3.
+    #[arg(long)]
+    restarts: Option<u32>,
     /// Take the data plan (samples, global batch, seed, epochs, max steps, shuffle) and the workers' range from
     /// this recipe and its shards. Without it, --samples, --global-batch and --min-workers must be given: there are
     /// no defaults for a plan.
@@ -229,14 +232,22 @@ pub fn run(a: CoordinatorArgs) -> Result<()> {
             (plan, min, a.max_workers.unwrap_or(min), None)
         }
     };
+    // Job settings: the flag, else the recipe, else the recipe schema's defaults.
+    let defaults = m3d_recipes::WorkersSection::default();
+    let workers = recipe.as_ref().map(|r| &r.workers).unwrap_or(&defaults);
+    let heartbeat_timeout = a
+        .heartbeat_timeout
+        .unwrap_or_else(|| Duration::from_secs_f64(workers.heartbeat_timeout_s));
     let cfg = JobConfig {
         data_fingerprint,
         initial_checkpoint: None,
         min_workers,
         max_workers,
-        rendezvous_timeout: a.rendezvous_timeout,
-        heartbeat_timeout: a.heartbeat_timeout,
-        max_restarts: a.restarts,
+        rendezvous_timeout: a
+            .rendezvous_timeout
+            .unwrap_or_else(|| Duration::from_secs_f64(workers.rendezvous_timeout_s)),
+        heartbeat_timeout,
+        max_restarts: a.restarts.unwrap_or(workers.restart_rounds),
         plan,
     };
     let token = load_token(a.token_file.as_ref())?;
@@ -248,7 +259,6 @@ pub fn run(a: CoordinatorArgs) -> Result<()> {
         None => None,
     };
     let drain_timeout = a.drain_timeout;
-    let heartbeat_timeout = a.heartbeat_timeout;
     runtime()?.block_on(async move {
         let coord = Coordinator::open(cfg, Some(&a.state))
             .await

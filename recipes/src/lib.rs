@@ -401,6 +401,14 @@ impl Recipe {
                 );
             }
         }
+        for (field, secs) in [
+            ("workers.heartbeat_timeout_s", w.heartbeat_timeout_s),
+            ("workers.rendezvous_timeout_s", w.rendezvous_timeout_s),
+        ] {
+            if !(secs.is_finite() && secs > 0.0 && secs <= 86_400.0) {
+                return bad(field, format!("{secs} must be in (0, 86400] seconds"));
+            }
+        }
         // batch arithmetic, for every world size the job may run with
         for world in self.world_sizes() {
             let micro = self.micro_batch(world);
@@ -509,6 +517,16 @@ impl Recipe {
             .url
             .clone()
             .unwrap_or_else(|| format!("{}/checkpoints", self.run_url().trim_end_matches('/')))
+    }
+
+    /// `workers.heartbeat_timeout_s` as a duration.
+    pub fn heartbeat_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_secs_f64(self.workers.heartbeat_timeout_s)
+    }
+
+    /// `workers.rendezvous_timeout_s` as a duration.
+    pub fn rendezvous_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_secs_f64(self.workers.rendezvous_timeout_s)
     }
 
     /// `train.precision`, or f32 on the CPU and bf16 on CUDA.

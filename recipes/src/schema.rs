@@ -441,6 +441,29 @@ pub struct WorkersSection {
     /// count): the rendered JobSet's `failurePolicy.maxRestarts`. Default: `3`.
     #[serde(default = "default_max_restarts")]
     pub max_restarts: u32,
+    /// Restart rounds the coordinator forms after a worker fails (a round with every survivor, resuming
+    /// from the last checkpoint); one failure more fails the job. `m3d coordinator --restarts` and
+    /// `m3d train --restarts` override it. Default: `3`.
+    #[serde(default = "default_restart_rounds")]
+    pub restart_rounds: u32,
+    /// Seconds without a heartbeat after which a worker has failed (`--heartbeat-timeout` overrides it).
+    /// Default: `10`.
+    #[serde(default = "default_heartbeat_timeout_s")]
+    pub heartbeat_timeout_s: f64,
+    /// Seconds a round waits for slow starters once its first worker registered, before it starts with at
+    /// least `min` workers (`m3d coordinator --rendezvous-timeout` overrides it). Default: `30`.
+    #[serde(default = "default_rendezvous_timeout_s")]
+    pub rendezvous_timeout_s: f64,
+}
+
+fn default_restart_rounds() -> u32 {
+    3
+}
+fn default_heartbeat_timeout_s() -> f64 {
+    10.0
+}
+fn default_rendezvous_timeout_s() -> f64 {
+    30.0
 }
 
 fn default_max_restarts() -> u32 {
@@ -461,6 +484,9 @@ impl Default for WorkersSection {
             max: None,
             device: default_device(),
             max_restarts: default_max_restarts(),
+            restart_rounds: default_restart_rounds(),
+            heartbeat_timeout_s: default_heartbeat_timeout_s(),
+            rendezvous_timeout_s: default_rendezvous_timeout_s(),
         }
     }
 }

@@ -187,6 +187,23 @@ fn defaults_are_the_documented_ones() {
     assert_eq!(r.run_url(), "runs/run");
     assert_eq!(r.checkpoint.keep_last, 2);
     assert_eq!(r.total_steps(7), 7);
+    let w = &r.workers;
+    assert_eq!(
+        (
+            w.restart_rounds,
+            w.heartbeat_timeout_s,
+            w.rendezvous_timeout_s
+        ),
+        (3, 10.0, 30.0)
+    );
+    assert_eq!(r.heartbeat_timeout(), std::time::Duration::from_secs(10));
+    // Job settings are the recipe's, checked like the rest.
+    let e = Recipe::from_yaml_str(
+        &format!("{MINIMAL}workers:\n  heartbeat_timeout_s: 0\n"),
+        "hb.yaml",
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("workers.heartbeat_timeout_s"), "{e}");
 }
 
 #[test]

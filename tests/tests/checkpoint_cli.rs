@@ -195,7 +195,8 @@ fn killed_worker_makes_the_job_restart_from_the_last_commit() {
     let dir = tempfile::tempdir().unwrap();
     let cap = synth_cap(dir.path());
     let run = dir.path().join("run");
-    let a = args(&run, &cap, 2, &["--heartbeat-timeout", "3s"]);
+    // The heartbeat timeout from the recipe (workers.heartbeat_timeout_s), not a flag.
+    let a = args(&run, &cap, 2, &["--set", "workers.heartbeat_timeout_s=3"]);
     let mut child = Command::new(m3d_bin())
         .args(&a)
         .stdout(Stdio::piped())
