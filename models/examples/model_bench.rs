@@ -29,7 +29,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use m3d_models::clip::{M3dClip, M3dClipConfig, SingleProcess};
-use m3d_models::flops::{attention_flops, matmul_flops, nonembedding_params, Params};
+use m3d_models::flops::{self, attention_flops, matmul_flops, nonembedding_params};
 use m3d_models::lamed::{Lamed, LamedBatch, LamedConfig};
 use m3d_models::lora::{self, LoraConfig};
 use m3d_models::precision::Precision;
@@ -176,18 +176,7 @@ fn synthetic(case: &str, batch: i64, vs: &mut VarStore, precision: Precision) ->
                 precision.apply(vs)?;
                 let ids = Tensor::randint_low(1000, 30000, [b, t], (Kind::Int64, dev));
                 let mask = Tensor::ones([b, t], (Kind::Int64, dev));
-                let nvis = nonembedding_params(vs, |k| k.starts_with("vision_encoder."));
-                let ntxt = nonembedding_params(vs, |k| k.starts_with("language_encoder."));
-                let flops = b as f64
-                    * (matmul_flops(nvis, nv, true)
-                        + attention_flops(v.num_layers, v.hidden_size, nv, true)
-                        + matmul_flops(ntxt, t, true)
-                        + attention_flops(
-                            cfg.text.num_hidden_layers,
-                            cfg.text.hidden_size,
-                            t,
-                            true,
-                        ));
+                let flops = b as f64 * flops::total(&flops::clip(vs, &cfg, t));
                 let step: Step = Box::new(move || {
                     Ok(model.forward_loss(&images, &ids, &mask, &SingleProcess, true)?)
                 });
@@ -244,37 +233,19 @@ fn synthetic(case: &str, batch: i64, vs: &mut VarStore, precision: Precision) ->
             // passes through it to the adapters and the projector: 4·N·T; the LoRA adapters train: 6·N·T;
             // its attention runs forward and backward: 12·L·d·T². The segmentation parts do not run
             // (no masks). The flags come from the variables, so other freezing choices count correctly.
-            let nvis = nonembedding_params(vs, |k| k.contains("vision_tower"));
-            let nproj = nonembedding_params(vs, |k| k.contains("mm_projector"));
-            let nllm = nonembedding_params(vs, |k| {
-                k.starts_with("model.layers.") || k.starts_with("lm_head")
-            });
-            let embed_trains = vs
-                .variables()
+            let per_sample = flops::lamed(vs, &cfg, t);
+            let flops = b as f64 * flops::total(&per_sample);
+            let parts: serde_json::Map<String, serde_json::Value> = per_sample
                 .iter()
-                .any(|(k, t)| k.contains("embed_tokens") && t.requires_grad());
-            let vis_backward = nvis.trained > 0.0;
-            let proj_backward = vis_backward || nproj.trained > 0.0;
-            let llm_backward = proj_backward || embed_trains || nllm.trained > 0.0;
-            let nv = v.num_tokens();
-            let (layers, d) = (cfg.llm.num_hidden_layers(), cfg.llm.hidden_size());
-            let n_proj_tokens = cfg.projector.num_output_tokens();
-            let part = |p: Params, backward: bool, f: f64| {
-                serde_json::json!({
-                    "trained": p.trained, "frozen": p.frozen, "backward": backward, "flops": b as f64 * f,
+                .map(|(name, p)| {
+                    let json = serde_json::json!({
+                        "trained": p.params.trained, "frozen": p.params.frozen,
+                        "backward": p.backward, "flops": b as f64 * p.flops,
+                    });
+                    (name.to_string(), json)
                 })
-            };
-            let fvis = matmul_flops(nvis, nv, vis_backward)
-                + attention_flops(v.num_layers, v.hidden_size, nv, vis_backward);
-            let fproj = matmul_flops(nproj, n_proj_tokens, proj_backward);
-            let fllm =
-                matmul_flops(nllm, t, llm_backward) + attention_flops(layers, d, t, llm_backward);
-            let flops = b as f64 * (fvis + fproj + fllm);
-            let parts = serde_json::json!({
-                "vision_tower": part(nvis, vis_backward, fvis),
-                "mm_projector": part(nproj, proj_backward, fproj),
-                "llm": part(nllm, llm_backward, fllm),
-            });
+                .collect();
+            let parts = serde_json::Value::Object(parts);
             let step: Step = Box::new(move || {
                 let out = model.forward_t(&batch_in, true)?;
                 out.loss.context("labels given, so a loss")

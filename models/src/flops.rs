@@ -60,3 +60,110 @@ pub fn attention_flops(layers: i64, d: i64, tokens: i64, backward: bool) -> f64 
         fwd
     }
 }
+
+/// One component's share of a sample's FLOPs.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct PartFlops {
+    pub params: Params,
+    /// The backward pass reaches it.
+    pub backward: bool,
+    pub flops: f64,
+}
+
+/// FLOPs per sample of M3D-CLIP with texts of `text_tokens`: both towers train (which parameters do is read
+/// from `vs`). Parts: `vision_encoder`, `language_encoder`.
+pub fn clip(
+    vs: &VarStore,
+    cfg: &crate::clip::M3dClipConfig,
+    text_tokens: i64,
+) -> Vec<(&'static str, PartFlops)> {
+    let v = &cfg.vision;
+    let t = &cfg.text;
+    let part = |prefix: &str, tokens: i64, layers: i64, width: i64| {
+        let params = nonembedding_params(vs, |k| k.starts_with(prefix));
+        PartFlops {
+            params,
+            backward: true,
+            flops: matmul_flops(params, tokens, true)
+                + attention_flops(layers, width, tokens, true),
+        }
+    };
+    vec![
+        (
+            "vision_encoder",
+            part(
+                "vision_encoder.",
+                v.num_tokens(),
+                v.num_layers,
+                v.hidden_size,
+            ),
+        ),
+        (
+            "language_encoder",
+            part(
+                "language_encoder.",
+                text_tokens,
+                t.num_hidden_layers,
+                t.hidden_size,
+            ),
+        ),
+    ]
+}
+
+/// FLOPs per sample of M3D-LaMed over sequences of `text_tokens`, with what trains read from `vs`: the
+/// vision tower runs a backward only if it trains (nothing is before it), the projector if it or the tower
+/// trains, the LLM (lm_head included) if anything before or in it trains. Parts: `vision_tower`,
+/// `mm_projector`, `llm`. The segmentation module runs only on samples with a mask and is not counted.
+pub fn lamed(
+    vs: &VarStore,
+    cfg: &crate::lamed::LamedConfig,
+    text_tokens: i64,
+) -> Vec<(&'static str, PartFlops)> {
+    let v = &cfg.vision;
+    let vis = nonembedding_params(vs, |k| k.contains("vision_tower"));
+    let proj = nonembedding_params(vs, |k| k.contains("mm_projector"));
+    let llm = nonembedding_params(vs, |k| {
+        k.starts_with("model.layers.") || k.starts_with("lm_head")
+    });
+    let embed_trains = vs
+        .variables()
+        .iter()
+        .any(|(k, t)| k.contains("embed_tokens") && t.requires_grad());
+    let vis_backward = vis.trained > 0.0;
+    let proj_backward = vis_backward || proj.trained > 0.0;
+    let llm_backward = proj_backward || embed_trains || llm.trained > 0.0;
+    let (layers, d) = (cfg.llm.num_hidden_layers(), cfg.llm.hidden_size());
+    vec![
+        (
+            "vision_tower",
+            PartFlops {
+                params: vis,
+                backward: vis_backward,
+                flops: matmul_flops(vis, v.num_tokens(), vis_backward)
+                    + attention_flops(v.num_layers, v.hidden_size, v.num_tokens(), vis_backward),
+            },
+        ),
+        (
+            "mm_projector",
+            PartFlops {
+                params: proj,
+                backward: proj_backward,
+                flops: matmul_flops(proj, cfg.projector.num_output_tokens(), proj_backward),
+            },
+        ),
+        (
+            "llm",
+            PartFlops {
+                params: llm,
+                backward: llm_backward,
+                flops: matmul_flops(llm, text_tokens, llm_backward)
+                    + attention_flops(layers, d, text_tokens, llm_backward),
+            },
+        ),
+    ]
+}
+
+/// The sum of the parts' FLOPs.
+pub fn total(parts: &[(&'static str, PartFlops)]) -> f64 {
+    parts.iter().map(|(_, p)| p.flops).sum()
+}

@@ -19,7 +19,7 @@ pub mod memory;
 use std::path::PathBuf;
 
 use m3d_coordinator::recipe::TrainingSet;
-use m3d_models::flops::{attention_flops, matmul_flops, nonembedding_params};
+use m3d_models::flops;
 use m3d_models::presets;
 use m3d_models::VarBuilder;
 use m3d_recipes::{DeviceKind, ModelKind, Precision, Recipe};
@@ -292,12 +292,7 @@ pub fn plan(recipe: &Recipe, opts: &PlanOptions) -> Result<Plan, PlanError> {
                 seg_encoder: trains("seg_module.image_encoder"),
                 seg_rest: trains("seg_module") || trains("seg_projector"),
             };
-            let masks = recipe.data.tasks.iter().any(|t| {
-                t.weight > 0.0
-                    && (t.task == "refseg"
-                        || (t.task == "seg"
-                            && (t.kinds.is_empty() || t.kinds.iter().any(|k| k == "seg"))))
-            });
+            let masks = recipe.data.tasks.iter().any(|t| t.carries_masks());
             let seg_samples = if masks { micro as i64 } else { 0 };
             memory::lamed(c, flows, lora.as_ref(), micro as i64, text, seg_samples, n)
         }
@@ -318,39 +313,10 @@ pub fn plan(recipe: &Recipe, opts: &PlanOptions) -> Result<Plan, PlanError> {
     let total_checkpointed = fixed + activations.checkpointed + activations.transient;
 
     // FLOPs per sample.
-    let flops_per_sample = match &spec {
-        ModelSpec::Clip(c) => {
-            let v = &c.vision;
-            let nvis = nonembedding_params(&vs, |k| k.starts_with("vision_encoder."));
-            let ntxt = nonembedding_params(&vs, |k| k.starts_with("language_encoder."));
-            let tt = c.max_text_len.min(text);
-            matmul_flops(nvis, v.num_tokens(), true)
-                + attention_flops(v.num_layers, v.hidden_size, v.num_tokens(), true)
-                + matmul_flops(ntxt, tt, true)
-                + attention_flops(c.text.num_hidden_layers, c.text.hidden_size, tt, true)
-        }
-        ModelSpec::Lamed(c) => {
-            let v = &c.vision;
-            let nvis = nonembedding_params(&vs, |k| k.contains("vision_tower"));
-            let nproj = nonembedding_params(&vs, |k| k.contains("mm_projector"));
-            let nllm = nonembedding_params(&vs, |k| {
-                k.starts_with("model.layers.") || k.starts_with("lm_head")
-            });
-            let vis_backward = nvis.trained > 0.0;
-            let proj_backward = vis_backward || nproj.trained > 0.0;
-            let llm_backward = proj_backward || trains("embed_tokens") || nllm.trained > 0.0;
-            matmul_flops(nvis, v.num_tokens(), vis_backward)
-                + attention_flops(v.num_layers, v.hidden_size, v.num_tokens(), vis_backward)
-                + matmul_flops(nproj, c.projector.num_output_tokens(), proj_backward)
-                + matmul_flops(nllm, text, llm_backward)
-                + attention_flops(
-                    c.llm.num_hidden_layers(),
-                    c.llm.hidden_size(),
-                    text,
-                    llm_backward,
-                )
-        }
-    };
+    let flops_per_sample = flops::total(&match &spec {
+        ModelSpec::Clip(c) => flops::clip(&vs, c, c.max_text_len.min(text)),
+        ModelSpec::Lamed(c) => flops::lamed(&vs, c, text),
+    });
 
     // Steps and time.
     let (samples_per_epoch, samples_source) = match opts.samples {

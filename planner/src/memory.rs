@@ -85,10 +85,35 @@ impl Activations {
         self.checkpointed += bytes - stack + if stack > 0.0 { inputs + recompute } else { 0.0 };
     }
 
+    /// A ViT that trains on `batch` images (nothing before it, so it saves only what its own weights
+    /// need): the patch copy the patch embedding keeps, its blocks, and its output.
+    fn add_trained_vit(&mut self, name: &str, v: &ViT3dConfig, batch: f64, n: Numerics) {
+        let flow = Flow {
+            trains: true,
+            grad_in: false,
+        };
+        let (a, tokens, layers) = (n.act, v.num_tokens() as f64, v.num_layers as f64);
+        let patches = v.num_patches() as f64 * v.patch_dim() as f64 * a;
+        let blocks = layers * vit_block(v, flow, n) * tokens;
+        let width = tokens * v.hidden_size as f64 * a;
+        self.add_stacked(
+            name,
+            batch * (patches + blocks + width),
+            batch * blocks,
+            layers,
+            batch * layers * width,
+        );
+    }
+
     fn add_plain(&mut self, name: &str, bytes: f64) {
         self.add(name, bytes);
         self.checkpointed += bytes;
     }
+}
+
+/// Values in one input volume of a vision tower.
+fn voxels(v: &ViT3dConfig) -> f64 {
+    (v.in_channels * v.img_size.iter().product::<i64>()) as f64
 }
 
 /// Bytes per token of one `m3d_models::llm::DecoderLayer` (pre-norm, rotary attention, gated MLP).
@@ -196,27 +221,12 @@ pub fn lamed(
     let b = batch as f64;
     let v = &cfg.vision;
     let vt = v.num_tokens() as f64;
-    // Vision tower: images need no gradient, so it saves only what its own training needs.
-    let vflow = Flow {
-        trains: f.vision,
-        grad_in: false,
-    };
-    let voxels = (v.img_size[0] * v.img_size[1] * v.img_size[2]) as f64 * v.in_channels as f64;
+    let voxels = voxels(v);
     out.inputs = b * voxels * 4.0 * if cfg.seg.is_some() { 2.0 } else { 1.0 };
     // A frozen tower still copies its images into patches for the patch embedding, briefly.
     let mut patch_copy = if f.vision { 0.0 } else { b * voxels * a };
     if f.vision {
-        let patches = v.num_patches() as f64 * v.patch_dim() as f64 * a;
-        let layers = v.num_layers as f64;
-        let blocks = layers * vit_block(v, vflow, n) * vt;
-        let width = vt * v.hidden_size as f64 * a;
-        out.add_stacked(
-            "vision_tower",
-            b * (patches + blocks + width),
-            b * blocks,
-            layers,
-            b * layers * width,
-        );
+        out.add_trained_vit("vision_tower", v, b, n);
     }
     // Projector: pooling keeps its input when the vision tower trains; its Linears keep theirs when it
     // trains.
@@ -332,29 +342,12 @@ pub fn clip(
 ) -> Activations {
     let mut out = Activations::default();
     let (a, b) = (n.act, batch as f64);
-    let vt = vision.num_tokens() as f64;
-    let voxels =
-        (vision.img_size[0] * vision.img_size[1] * vision.img_size[2] * vision.in_channels) as f64;
+    let voxels = voxels(vision);
     out.inputs = b * voxels * 4.0;
-    if !trains.0 {
-        out.transient = b * voxels * a;
-    }
     if trains.0 {
-        let flow = Flow {
-            trains: true,
-            grad_in: false,
-        };
-        let patches = vision.num_patches() as f64 * vision.patch_dim() as f64 * a;
-        let layers = vision.num_layers as f64;
-        let blocks = layers * vit_block(vision, flow, n) * vt;
-        let width = vt * vision.hidden_size as f64 * a;
-        out.add_stacked(
-            "vision_encoder",
-            b * (patches + blocks + width),
-            b * blocks,
-            layers,
-            b * layers * width,
-        );
+        out.add_trained_vit("vision_encoder", vision, b, n);
+    } else {
+        out.transient = b * voxels * a;
     }
     if trains.1 {
         let flow = Flow {

@@ -285,9 +285,7 @@ impl Recipe {
                     format!("CLIP trains on image-text pairs (`cap`), not `{}`", t.task),
                 );
             }
-            let with_masks = t.task == "refseg"
-                || (t.task == "seg" && (t.kinds.is_empty() || t.kinds.iter().any(|k| k == "seg")));
-            if with_masks && t.weight > 0.0 && !m.segmentation {
+            if t.carries_masks() && !m.segmentation {
                 // Their masks would be loaded and silently left out of the loss.
                 return bad(
                     &f("task"),

@@ -249,6 +249,17 @@ fn default_weight() -> f64 {
     1.0
 }
 
+impl TaskData {
+    /// Whether this task trains on samples with masks (the segmentation module's): `refseg`, and `seg`
+    /// unless its `kinds` leave `seg` out; a task switched off (weight 0) trains on none.
+    pub fn carries_masks(&self) -> bool {
+        self.weight > 0.0
+            && (self.task == "refseg"
+                || (self.task == "seg"
+                    && (self.kinds.is_empty() || self.kinds.iter().any(|k| k == "seg"))))
+    }
+}
+
 /// The shape of the learning-rate schedule.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

@@ -21,27 +21,19 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import BertConfig, LlamaConfig, LlamaForCausalLM, Phi3Config, Phi3ForCausalLM
+from transformers import BertConfig
 
 ORACLES = Path(__file__).resolve().parents[2] / "models" / "tests" / "oracle"
 sys.path.insert(0, str(ORACLES))
 from clip_oracle import RefClip  # noqa: E402
-from lamed_oracle import M3D_VIT, attach  # noqa: E402
+from lamed_oracle import M3D_VIT, PUBLISHED_LLMS, attach  # noqa: E402
 from seg_oracle import m3d_config  # noqa: E402
 
 IGNORE = ["vision_tower", "mm_projector", "embed_tokens", "lm_head", "seg_projector", "seg_module"]
 
-LLMS = {
-    "llama2-7b": (LlamaForCausalLM, LlamaConfig(vocab_size=32000 + 4, hidden_size=4096, intermediate_size=11008,
-                                                num_hidden_layers=32, num_attention_heads=32,
-                                                tie_word_embeddings=False)),
-    "llama3-8b": (LlamaForCausalLM, LlamaConfig(vocab_size=128256 + 4, hidden_size=4096, intermediate_size=14336,
-                                                num_hidden_layers=32, num_attention_heads=32,
-                                                num_key_value_heads=8, tie_word_embeddings=False)),
-    "phi3-mini": (Phi3ForCausalLM, Phi3Config(vocab_size=32011 + 4, hidden_size=3072, intermediate_size=8192,
-                                              num_hidden_layers=32, num_attention_heads=32,
-                                              num_key_value_heads=32, tie_word_embeddings=False)),
-}
+# Our preset names for the oracle's published LLMs.
+LLMS = {"llama2-7b": PUBLISHED_LLMS["llama2_7b"], "llama3-8b": PUBLISHED_LLMS["llama3_8b"],
+        "phi3-mini": PUBLISHED_LLMS["phi3_mini"]}
 
 
 def lamed_part(name):

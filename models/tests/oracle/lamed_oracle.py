@@ -185,18 +185,22 @@ def main(out: Path):
 M3D_VIT = dict(img=[32, 256, 256], patch=[4, 16, 16], hidden=768, mlp=3072, layers=12, heads=12)
 
 
+# The published LaMed LLMs (tokenizer + the 4 LaMed tokens), as their config.json files shape them.
+PUBLISHED_LLMS = {
+    "llama2_7b": (LlamaForCausalLM, LlamaConfig(vocab_size=32000 + 4, hidden_size=4096, intermediate_size=11008,
+                                                num_hidden_layers=32, num_attention_heads=32,
+                                                tie_word_embeddings=False)),
+    "llama3_8b": (LlamaForCausalLM, LlamaConfig(vocab_size=128256 + 4, hidden_size=4096, intermediate_size=14336,
+                                                num_hidden_layers=32, num_attention_heads=32,
+                                                num_key_value_heads=8, tie_word_embeddings=False)),
+    "phi3_mini": (Phi3ForCausalLM, Phi3Config(vocab_size=32011 + 4, hidden_size=3072, intermediate_size=8192,
+                                              num_hidden_layers=32, num_attention_heads=32,
+                                              num_key_value_heads=32, tie_word_embeddings=False)),
+}
+
+
 def count(out: Path):
-    presets = {
-        "llama2_7b": (LlamaForCausalLM, LlamaConfig(vocab_size=32000 + 4, hidden_size=4096, intermediate_size=11008,
-                                                    num_hidden_layers=32, num_attention_heads=32,
-                                                    tie_word_embeddings=False)),
-        "llama3_8b": (LlamaForCausalLM, LlamaConfig(vocab_size=128256 + 4, hidden_size=4096, intermediate_size=14336,
-                                                    num_hidden_layers=32, num_attention_heads=32,
-                                                    num_key_value_heads=8, tie_word_embeddings=False)),
-        "phi3_mini": (Phi3ForCausalLM, Phi3Config(vocab_size=32011 + 4, hidden_size=3072, intermediate_size=8192,
-                                                  num_hidden_layers=32, num_attention_heads=32,
-                                                  num_key_value_heads=32, tie_word_embeddings=False)),
-    }
+    presets = PUBLISHED_LLMS
     counts = {}
     for name, (cls, cfg) in presets.items():
         with torch.device("meta"):
