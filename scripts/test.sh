@@ -34,4 +34,4 @@ run_tests --workspace
 # on different kernel sets by themselves: see `Kernels` in tests/tests/common.)
 echo "[test] tolerance tests on the basic kernels (ATEN_CPU_CAPABILITY=default)"
 ATEN_CPU_CAPABILITY=default MKL_ENABLE_INSTRUCTIONS=SSE4_2 ONEDNN_MAX_CPU_ISA=SSE41 \
-  run_tests -p m3d-models -p m3d-worker -p m3d-volume -p m3d-collectives
+  run_tests -p m3d-models -p m3d-worker -p m3d-eval -p m3d-volume -p m3d-collectives

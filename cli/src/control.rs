@@ -66,7 +66,7 @@ pub struct StatusArgs {
 struct MetricsProgress {
     run: String,
     lines: usize,
-    last: Option<m3d_worker::metrics::MetricsLine>,
+    last: Option<m3d_runs::metrics::MetricsLine>,
 }
 
 impl MetricsProgress {
@@ -76,7 +76,7 @@ impl MetricsProgress {
 }
 
 fn metrics_progress(run: &str) -> Result<MetricsProgress> {
-    let (_, lines) = m3d_worker::output::read_run_metrics(run)
+    let (_, lines) = m3d_runs::output::read_run_metrics(run)
         .with_context(|| format!("reading the metrics of {run}"))?;
     Ok(MetricsProgress {
         run: run.to_string(),

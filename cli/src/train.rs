@@ -13,11 +13,11 @@ use clap::Args;
 use m3d_coordinator::{
     CheckpointRef, ControlPlane, Coordinator, JobConfig, JobPhase, PlanSpec, Token,
 };
+use m3d_export::ExportKind;
 use m3d_recipes::Recipe;
+use m3d_runs::output::RunDir;
 use m3d_store::Store;
 use m3d_worker::checkpoint::{self, IdentityCheck};
-use m3d_worker::export::ExportKind;
-use m3d_worker::output::RunDir;
 use m3d_worker::role::{run_worker, WorkerExit, WorkerOptions};
 use rand::RngCore;
 
@@ -132,7 +132,7 @@ pub struct EvalRetrievalArgs {
 }
 
 fn eval_device(s: &str) -> Result<String, String> {
-    m3d_worker::eval::parse_device(s).map(|_| s.to_string())
+    m3d_eval::parse_device(s).map(|_| s.to_string())
 }
 
 #[derive(Args)]
@@ -736,12 +736,8 @@ pub fn train(a: TrainArgs) -> Result<()> {
     let status = coord.status();
     let metrics = run.metrics_display();
     let png = run.child("loss.png");
-    m3d_worker::plot::plot_inputs(
-        &[run.display()],
-        &png,
-        m3d_worker::plot::PlotSize::default(),
-    )
-    .with_context(|| format!("plotting {metrics}"))?;
+    m3d_runs::plot::plot_inputs(&[run.display()], &png, m3d_runs::plot::PlotSize::default())
+        .with_context(|| format!("plotting {metrics}"))?;
     println!(
         "done: {} steps in {:.1} s, final loss {:.4}, {} restart(s); final weights {}, metrics {metrics}, plot {png}",
         status.step,
@@ -757,17 +753,17 @@ pub fn plot(a: PlotArgs) -> Result<()> {
     if a.inputs.is_empty() {
         bail!("give at least one metrics file or run folder");
     }
-    m3d_worker::plot::plot_inputs(&a.inputs, &a.out, m3d_worker::plot::PlotSize::default())?;
+    m3d_runs::plot::plot_inputs(&a.inputs, &a.out, m3d_runs::plot::PlotSize::default())?;
     println!("wrote {}", a.out);
     Ok(())
 }
 
 pub fn eval_retrieval(a: EvalRetrievalArgs) -> Result<()> {
     let device = match a.device.as_deref() {
-        Some(d) => m3d_worker::eval::parse_device(d).map_err(anyhow::Error::msg)?,
-        None => m3d_worker::eval::default_device(),
+        Some(d) => m3d_eval::parse_device(d).map_err(anyhow::Error::msg)?,
+        None => m3d_eval::default_device(),
     };
-    let r = m3d_worker::eval::clip_retrieval_on(&a.model, &a.shards, &a.split, a.batch, device)
+    let r = m3d_eval::clip_retrieval_on(&a.model, &a.shards, &a.split, a.batch, device)
         .with_context(|| format!("evaluating {}", a.model.display()))?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&r)?);
@@ -797,7 +793,7 @@ pub fn export(a: ExportArgs) -> Result<()> {
             merge_lora: a.merge_lora,
         }
     };
-    let files = m3d_worker::export::export(&a.from, &a.out, kind)
+    let files = m3d_export::export(&a.from, &a.out, kind)
         .with_context(|| format!("exporting {}", a.from.display()))?;
     for f in files {
         println!("wrote {}", f.display());

@@ -79,8 +79,9 @@ char* m3d_clear_grad_ready_hook(void* tensor) {
 
 // Sets reached[i] to 1 for each of the n tensors in `params` whose gradient accumulator the backward pass of
 // `root` reaches, 0 for the others (DDP's search for unused parameters: the graph is walked from root's gradient
-// edge through every node's next edges; a parameter is reached when its AccumulateGrad node is). Returns null on
-// success, else a malloc'ed message.
+// edge through every node's next edges; a parameter is reached when its AccumulateGrad node is). An activation
+// checkpoint (recompute.cpp) hides the parameters of its block until the backward pass re-runs it, so a graph
+// with one counts every parameter as reached. Returns null on success, else a malloc'ed message.
 char* m3d_reached_params(void* root, void* const* params, size_t n, uint8_t* reached) {
   try {
     const at::Tensor& r = *static_cast<at::Tensor*>(root);
@@ -102,6 +103,10 @@ char* m3d_reached_params(void* root, void* const* params, size_t n, uint8_t* rea
     while (!stack.empty()) {
       torch::autograd::Node* node = stack.back();
       stack.pop_back();
+      if (node->name() == "M3dRecomputeBackward") {
+        std::memset(reached, 1, n);
+        return nullptr;
+      }
       if (auto* acc = dynamic_cast<torch::autograd::AccumulateGrad*>(node)) {
         const auto it = index.find(acc->variable.unsafeGetTensorImpl());
         if (it != index.end()) {

@@ -1,5 +1,5 @@
-//! Post-accumulate-grad hooks on libtorch parameters: the one piece of the autograd engine that overlapping the
-//! gradient all-reduce with the backward pass needs and `tch` does not expose.
+//! The autograd pieces `tch` does not expose: post-accumulate-grad hooks on libtorch parameters (what overlapping
+//! the gradient all-reduce with the backward pass needs) and activation checkpointing ([`checkpoint`]).
 //!
 //! DDP's `Reducer` learns that a parameter's gradient is final from a hook on its gradient accumulator and starts
 //! reducing a bucket as soon as its last gradient is in, while the backward pass still computes earlier layers.
@@ -15,6 +15,9 @@
 //! autograd graph for the parameters its backward pass will not reach (DDP's unused-parameter search), so that
 //! their (zero) gradients can be made ready first rather than last.
 //!
+//! [`checkpoint`] (module `recompute`) is activation checkpointing: a block re-run in the backward pass by an
+//! autograd node of the shim.
+//!
 //! On a GPU the hook runs when the accumulation has been *queued*: work queued after it on the same stream (the
 //! default stream, which libtorch's autograd and `m3d-collectives` use) sees the final values.
 
@@ -28,6 +31,9 @@ use std::sync::{Mutex, MutexGuard};
 
 use tch::Tensor;
 
+mod recompute;
+pub use recompute::{checkpoint, MAX_OUTPUTS};
+
 /// Errors of installing hooks.
 #[derive(Debug, thiserror::Error)]
 pub enum HookError {
@@ -35,6 +41,8 @@ pub enum HookError {
     Install { index: usize, detail: String },
     #[error("walking the autograd graph: {0}")]
     Graph(String),
+    #[error("activation checkpoint: {0}")]
+    Checkpoint(String),
 }
 
 type ReadyFn = extern "C" fn(ctx: *const c_void, index: usize);

@@ -9,12 +9,15 @@
 //! current transformers no longer saves; [`hf_load_options`] skips it. This model has no such buffer: the
 //! positions are always `0..T`.
 
+use std::sync::Arc;
+
 use tch::{Kind, Tensor};
 
 use crate::builder::VarBuilder;
 use crate::error::{ModelError, Result};
 use crate::layers::{
-    check_token_ids, dropout, dtype_min, Activation, CheckedIds, Embedding, LayerNorm, Linear,
+    check_token_ids, checkpointed, dropout, dtype_min, Activation, CheckedIds, Embedding,
+    LayerNorm, Linear,
 };
 use crate::weights::LoadOptions;
 
@@ -324,10 +327,13 @@ impl BertLayer {
 #[derive(Debug)]
 pub struct Bert {
     pub embeddings: BertEmbeddings,
-    pub layers: Vec<BertLayer>,
+    /// Shared, so that an activation checkpoint can hold its layer until the backward pass re-runs it.
+    pub layers: Vec<Arc<BertLayer>>,
     /// `pooler.dense` (tanh of the first token); M3D-CLIP keeps it in its state dict but never uses it.
     pub pooler: Option<Linear>,
     cfg: BertConfig,
+    /// Re-run each layer in the backward pass instead of keeping its activations (training forwards only).
+    checkpointing: bool,
 }
 
 impl Bert {
@@ -335,7 +341,7 @@ impl Bert {
         cfg.validate()?;
         let embeddings = BertEmbeddings::new(&vb.pp("embeddings"), cfg)?;
         let layers = (0..cfg.num_hidden_layers)
-            .map(|i| BertLayer::new(&vb.pp("encoder.layer").pp(i), cfg))
+            .map(|i| BertLayer::new(&vb.pp("encoder.layer").pp(i), cfg).map(Arc::new))
             .collect::<Result<Vec<_>>>()?;
         let pooler = if cfg.add_pooling_layer {
             let h = cfg.hidden_size;
@@ -348,7 +354,14 @@ impl Bert {
             layers,
             pooler,
             cfg: cfg.clone(),
+            checkpointing: false,
         })
+    }
+
+    /// Activation checkpointing of the layers in training forwards (`train.activation_checkpointing`): each
+    /// layer keeps only its input and is re-run in the backward pass.
+    pub fn set_activation_checkpointing(&mut self, on: bool) {
+        self.checkpointing = on;
     }
 
     pub fn config(&self) -> &BertConfig {
@@ -380,7 +393,20 @@ impl Bert {
         let keep = attention_mask.to_kind(kind).unsqueeze(1).unsqueeze(1);
         let bias = (keep.ones_like() - keep) * dtype_min(kind);
         for layer in &self.layers {
-            x = layer.forward_t(&x, &bias, train);
+            x = if self.checkpointing && train {
+                let (layer, bias) = (Arc::clone(layer), bias.shallow_clone());
+                let outs = checkpointed(&[&x], move |ins| {
+                    Ok(vec![layer.forward_t(&ins[0], &bias, true)])
+                });
+                // Only a libtorch error inside the layer fails here, where the plain layer panics.
+                match outs.map(|o| o.into_iter().next()) {
+                    Ok(Some(out)) => out,
+                    Ok(None) => panic!("a checkpointed BERT layer returned nothing"),
+                    Err(e) => panic!("{e}"),
+                }
+            } else {
+                layer.forward_t(&x, &bias, train)
+            };
         }
         x
     }

@@ -127,8 +127,15 @@ impl<'a> VarBuilder<'a> {
         Ok(self.path.f_var(name, dims, init)?)
     }
 
-    /// A persistent buffer: saved and loaded with the weights, never trained (e.g. BERT's `position_ids`).
+    /// A persistent buffer: saved and loaded with the weights, never trained (SegVol's
+    /// `positional_encoding_gaussian_matrix`). Its name must be one of [`BUFFERS`], which is how rules that set
+    /// trainability by name keep it frozen (a `VarStore` holds no such mark).
     pub fn buffer(&self, name: &str, value: Tensor) -> Result<Tensor> {
+        if !BUFFERS.contains(&name) {
+            return Err(crate::ModelError::Config(format!(
+                "buffer `{name}` is not listed in m3d_models::builder::BUFFERS"
+            )));
+        }
         if self.ctx.shape_only {
             let dims = value.size();
             return Ok(self.path.add(name, self.placeholder(&dims)?, false));
@@ -141,6 +148,16 @@ impl<'a> VarBuilder<'a> {
         let one = Tensor::f_zeros(Vec::<i64>::new().as_slice(), (self.kind(), self.device()))?;
         Ok(one.f_expand(dims, false)?)
     }
+}
+
+/// The names (last path component) of the persistent buffers [`VarBuilder::buffer`] creates: state-dict entries
+/// that are not parameters in the reference, so never trained, whatever prefix `model.trainable` names.
+pub const BUFFERS: [&str; 1] = ["positional_encoding_gaussian_matrix"];
+
+/// Whether the state-dict key `name` is one of the [`BUFFERS`].
+pub fn is_buffer(name: &str) -> bool {
+    let last = name.rsplit('.').next().unwrap_or(name);
+    BUFFERS.contains(&last)
 }
 
 /// PyTorch's default initialisation of `nn.Linear`/`nn.Conv*` weights (kaiming uniform with a = sqrt(5),

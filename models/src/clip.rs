@@ -303,6 +303,14 @@ impl M3dClip {
         })
     }
 
+    /// Activation checkpointing (`train.activation_checkpointing`) of the vision encoder's blocks and the text
+    /// encoder's layers: each keeps only its input in a training forward and is re-run in the backward pass,
+    /// with the same gradients.
+    pub fn set_activation_checkpointing(&mut self, on: bool) {
+        self.vision_encoder.set_activation_checkpointing(on);
+        self.language_encoder.set_activation_checkpointing(on);
+    }
+
     pub fn config(&self) -> &M3dClipConfig {
         &self.cfg
     }

@@ -36,6 +36,8 @@ pub enum ModelError {
     Input(String),
     #[error("libtorch: {0}")]
     Tch(#[from] tch::TchError),
+    #[error("{0}")]
+    Checkpoint(#[from] m3d_grad_hooks::HookError),
 }
 
 pub type Result<T, E = ModelError> = std::result::Result<T, E>;

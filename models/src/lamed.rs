@@ -504,6 +504,19 @@ impl Lamed {
         })
     }
 
+    /// Activation checkpointing (`train.activation_checkpointing`) of the decoder layers, the vision tower's
+    /// blocks and SegVol's image-encoder blocks: each keeps only its input in a training forward and is re-run
+    /// in the backward pass, with the same gradients.
+    pub fn set_activation_checkpointing(&mut self, on: bool) {
+        self.llm.set_activation_checkpointing(on);
+        self.vision_tower.set_activation_checkpointing(on);
+        if let Some(seg) = &mut self.seg {
+            seg.seg_module
+                .image_encoder
+                .set_activation_checkpointing(on);
+        }
+    }
+
     pub fn config(&self) -> &LamedConfig {
         &self.cfg
     }

@@ -274,3 +274,22 @@ pub(crate) fn to_device_async(t: &Tensor, device: Device) -> Tensor {
         t.to_device_(device, t.kind(), true, false)
     }
 }
+
+/// Runs `block` on `inputs` as an activation checkpoint (`m3d_grad_hooks::checkpoint`): only the inputs are kept
+/// for the backward pass, which runs `block` again. The recomputation runs under the autocast kind of this
+/// forward (a thread-local setting the engine's thread would not have), so it computes what the forward did.
+pub fn checkpointed<F>(inputs: &[&Tensor], block: F) -> Result<Vec<Tensor>>
+where
+    F: Fn(&[Tensor]) -> Result<Vec<Tensor>> + 'static,
+{
+    let kind = crate::precision::autocast_kind();
+    let body = move |ins: &[Tensor]| {
+        crate::precision::autocast(kind, || block(ins)).map_err(|e| e.to_string())
+    };
+    // SAFETY: the blocks m3d checkpoints capture `Arc`s of their layers and tensors of the forward pass they
+    // belong to. While the backward pass runs the block on the engine's thread, the thread that called backward
+    // waits in it, and the layers' weights are only read (optimizer steps come after backward returns).
+    #[allow(unsafe_code)]
+    let outs = unsafe { m3d_grad_hooks::checkpoint(inputs, body) }?;
+    Ok(outs)
+}

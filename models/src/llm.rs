@@ -10,13 +10,15 @@
 //! derived from it the way `generate` does (`cumsum(mask) - 1`, so left padding is handled).
 
 use std::path::Path;
+use std::sync::Arc;
 
 use tch::{Device, Kind, Tensor};
 
 use crate::builder::VarBuilder;
 use crate::error::{read_json, ModelError, Result};
 use crate::layers::{
-    check_token_ids, dropout, dtype_min, Activation, CheckedIds, Embedding, Linear, RmsNorm,
+    check_token_ids, checkpointed, dropout, dtype_min, Activation, CheckedIds, Embedding, Linear,
+    RmsNorm,
 };
 
 /// An HF config.json of a supported decoder, by `model_type`.
@@ -472,6 +474,21 @@ struct DecoderInputs {
     bias: AttnBias,
 }
 
+impl DecoderInputs {
+    /// The same tensors (shallow copies), for a checkpointed layer to keep.
+    fn shallow_clone(&self) -> DecoderInputs {
+        DecoderInputs {
+            cos: self.cos.shallow_clone(),
+            sin: self.sin.shallow_clone(),
+            bias: match &self.bias {
+                AttnBias::Mask(m) => AttnBias::Mask(m.shallow_clone()),
+                AttnBias::Causal => AttnBias::Causal,
+                AttnBias::Nothing => AttnBias::Nothing,
+            },
+        }
+    }
+}
+
 /// The attention bias of one forward: an additive (B, 1, T, T_total) mask (0 where allowed, the dtype's
 /// minimum where not), or plain causal attention without a mask, or none at all (one new token, no padding).
 enum AttnBias {
@@ -910,21 +927,25 @@ impl DecoderLayer {
 #[derive(Debug)]
 pub struct DecoderModel {
     pub embed_tokens: Embedding,
-    pub layers: Vec<DecoderLayer>,
+    /// Shared, so that an activation checkpoint can hold its layer until the backward pass re-runs it.
+    pub layers: Vec<Arc<DecoderLayer>>,
     pub norm: RmsNorm,
     rotary: RotaryEmbedding,
+    /// Re-run each layer in the backward pass instead of keeping its activations (training forwards only).
+    checkpointing: bool,
 }
 
 impl DecoderModel {
     fn new(vb: &VarBuilder, s: &DecoderSpec) -> Result<Self> {
         let layers = (0..s.num_hidden_layers)
-            .map(|i| DecoderLayer::new(&vb.pp("layers").pp(i), s))
+            .map(|i| DecoderLayer::new(&vb.pp("layers").pp(i), s).map(Arc::new))
             .collect::<Result<Vec<_>>>()?;
         Ok(DecoderModel {
             embed_tokens: Embedding::new(&vb.pp("embed_tokens"), s.vocab_size, s.hidden_size)?,
             layers,
             norm: RmsNorm::new(&vb.pp("norm"), s.hidden_size, s.rms_norm_eps)?,
             rotary: RotaryEmbedding::new(s.rope.clone(), vb.device()),
+            checkpointing: false,
         })
     }
 }
@@ -1020,7 +1041,18 @@ impl CausalLm {
             self.spec.sliding_window,
         )?;
         let mut xs = embeds;
+        let checkpoint = self.model.checkpointing && train && cache.is_none();
         for (i, layer) in self.model.layers.iter().enumerate() {
+            if checkpoint {
+                let (layer, inputs) = (Arc::clone(layer), inputs.shallow_clone());
+                let outs = checkpointed(&[&xs], move |ins| {
+                    Ok(vec![layer.forward_t(&ins[0], &inputs, None, true)?])
+                })?;
+                xs = outs.into_iter().next().ok_or_else(|| {
+                    ModelError::Input(format!("checkpointed layer {i} returned nothing"))
+                })?;
+                continue;
+            }
             let layer_cache = cache.as_deref_mut().map(|c| (c, i));
             xs = layer.forward_t(&xs, &inputs, layer_cache, train)?;
         }
@@ -1050,6 +1082,12 @@ impl CausalLm {
 
     pub fn config(&self) -> &LlmConfig {
         &self.cfg
+    }
+
+    /// Activation checkpointing of the decoder layers in training forwards (`train.activation_checkpointing`):
+    /// each layer keeps only its input and is re-run in the backward pass (HF's `gradient_checkpointing_enable`).
+    pub fn set_activation_checkpointing(&mut self, on: bool) {
+        self.model.checkpointing = on;
     }
 
     /// An empty cache with one slot per layer.

@@ -12,12 +12,14 @@
 //! never used without cross-attention (and so never trained); this model does not have it, and
 //! [`monai_load_options`] drops those keys when reading a checkpoint saved by a recent MONAI.
 
+use std::sync::Arc;
+
 use tch::nn::Init;
 use tch::{Kind, Tensor};
 
 use crate::builder::VarBuilder;
 use crate::error::{ModelError, Result};
-use crate::layers::{dropout, LayerNorm, Linear};
+use crate::layers::{checkpointed, dropout, LayerNorm, Linear};
 use crate::weights::LoadOptions;
 
 /// `nn.LayerNorm`'s default epsilon, which MONAI's ViT never changes.
@@ -300,9 +302,12 @@ pub struct ViT3d {
     pub patch_embedding: PatchEmbedding,
     /// (1, 1, hidden), zero-initialised as in M3D.
     pub cls_token: Option<Tensor>,
-    pub blocks: Vec<TransformerBlock>,
+    /// Shared, so that an activation checkpoint can hold its block until the backward pass re-runs it.
+    pub blocks: Vec<Arc<TransformerBlock>>,
     pub norm: LayerNorm,
     cfg: ViT3dConfig,
+    /// Re-run each block in the backward pass instead of keeping its activations (training forwards only).
+    checkpointing: bool,
 }
 
 impl ViT3d {
@@ -315,7 +320,7 @@ impl ViT3d {
             None
         };
         let blocks = (0..cfg.num_layers)
-            .map(|i| TransformerBlock::new(&vb.pp("blocks").pp(i), cfg))
+            .map(|i| TransformerBlock::new(&vb.pp("blocks").pp(i), cfg).map(Arc::new))
             .collect::<Result<Vec<_>>>()?;
         let norm = LayerNorm::new(&vb.pp("norm"), cfg.hidden_size, LN_EPS)?;
         Ok(ViT3d {
@@ -324,11 +329,18 @@ impl ViT3d {
             blocks,
             norm,
             cfg: cfg.clone(),
+            checkpointing: false,
         })
     }
 
     pub fn config(&self) -> &ViT3dConfig {
         &self.cfg
+    }
+
+    /// Activation checkpointing of the blocks in training forwards (`train.activation_checkpointing`): each
+    /// block keeps only its input and is re-run in the backward pass.
+    pub fn set_activation_checkpointing(&mut self, on: bool) {
+        self.checkpointing = on;
     }
 
     /// `x`: (B, C, D, H, W) with the configured channels and size. Returns the last hidden state after the
@@ -345,7 +357,18 @@ impl ViT3d {
         }
         let mut hidden_states = Vec::with_capacity(self.blocks.len());
         for block in &self.blocks {
-            h = block.forward_t(&h, train);
+            h = if self.checkpointing && train {
+                let block = Arc::clone(block);
+                let outs = checkpointed(&[&h], move |ins| Ok(vec![block.forward_t(&ins[0], true)]));
+                // Only a libtorch error inside the block fails here, where the plain block panics.
+                match outs.map(|o| o.into_iter().next()) {
+                    Ok(Some(out)) => out,
+                    Ok(None) => panic!("a checkpointed ViT block returned nothing"),
+                    Err(e) => panic!("{e}"),
+                }
+            } else {
+                block.forward_t(&h, train)
+            };
             hidden_states.push(h.shallow_clone());
         }
         (self.norm.forward(&h), hidden_states)

@@ -113,8 +113,11 @@ pub struct Plan {
     pub gpu: Option<Gpu>,
     /// Memory the job may use on the GPU (its memory less [`Gpu::reserve_bytes`]).
     pub usable_bytes: Option<f64>,
+    /// Whether the recipe's setting (`train.activation_checkpointing`) fits the GPU.
     pub fits: bool,
     pub fits_checkpointed: bool,
+    /// The recipe's `train.activation_checkpointing`.
+    pub activation_checkpointing: bool,
     /// Model FLOPs of one sample's forward and backward.
     pub flops_per_sample: f64,
     pub samples_per_epoch: u64,
@@ -341,11 +344,24 @@ pub fn plan(recipe: &Recipe, opts: &PlanOptions) -> Result<Plan, PlanError> {
         total_steps as f64 * global as f64 * flops_per_sample / (world as f64 * peak * opts.mfu)
     });
     let usable_bytes = gpu.map(|g| g.memory_bytes - g.reserve_bytes());
-    let fits = usable_bytes.is_none_or(|u| total <= u);
+    // The recipe's own setting decides whether it fits; the other figure is shown beside it.
+    let checkpointing = recipe.train.activation_checkpointing;
+    let (applicable, saved) = if checkpointing {
+        (total_checkpointed, activations.checkpointed)
+    } else {
+        (total, activations.saved())
+    };
+    let fits = usable_bytes.is_none_or(|u| applicable <= u);
     let fits_checkpointed = usable_bytes.is_none_or(|u| total_checkpointed <= u);
     let mut advice = Vec::new();
     if let (Some(u), false) = (usable_bytes, fits) {
-        let per_sample = activations.saved() / micro as f64;
+        if !checkpointing && fits_checkpointed {
+            advice.push(format!(
+                "train.activation_checkpointing: true ({} in all)",
+                gib(total_checkpointed)
+            ));
+        }
+        let per_sample = saved / micro as f64;
         let room = u - fixed - activations.transient / micro as f64;
         // The largest micro-batch that fits and divides each worker's share of the global batch.
         let most = (room / per_sample).floor().max(0.0) as usize;
@@ -396,6 +412,7 @@ pub fn plan(recipe: &Recipe, opts: &PlanOptions) -> Result<Plan, PlanError> {
         usable_bytes,
         fits,
         fits_checkpointed,
+        activation_checkpointing: checkpointing,
         flops_per_sample,
         samples_per_epoch,
         samples_source,
@@ -482,6 +499,14 @@ impl Plan {
             "  {:<24} {:>12}\n",
             "total, act. checkpointing",
             gib(m.total_checkpointed)
+        );
+        s += &format!(
+            "  (the recipe trains {} activation checkpointing)\n",
+            if self.activation_checkpointing {
+                "with"
+            } else {
+                "without"
+            }
         );
         match (&self.gpu, self.usable_bytes) {
             (Some(g), Some(u)) => {

@@ -349,6 +349,11 @@ pub struct TrainSection {
     /// Default: `true`. `false` reduces every bucket after the backward pass.
     #[serde(default = "default_overlap")]
     pub overlap_grad_reduce: bool,
+    /// Activation checkpointing: every decoder layer, ViT block and BERT layer keeps only its input in the
+    /// forward pass and is re-run in the backward pass (HF's `gradient_checkpointing`): the same gradients, a
+    /// fraction of the activation memory, about a third more compute. Default: `false`.
+    #[serde(default)]
+    pub activation_checkpointing: bool,
 }
 
 fn default_seed() -> u64 {
@@ -423,6 +428,7 @@ impl Default for TrainSection {
             log_every: default_log_every(),
             bucket_mb: default_bucket_mb(),
             overlap_grad_reduce: default_overlap(),
+            activation_checkpointing: false,
         }
     }
 }
@@ -556,6 +562,12 @@ pub struct OutputSection {
     /// Default: `30`.
     #[serde(default = "default_metrics_flush_s")]
     pub metrics_flush_s: u64,
+    /// A local folder that receives the run's inputs as the trainer saw them: `init.safetensors` (the weights
+    /// before the first step), `trainable.json` and `batches.safetensors` (every step's batch, each distinct
+    /// volume stored once), for replaying the run in another trainer (the trajectory test against HF's
+    /// `Trainer` does). One worker only. Default: none.
+    #[serde(default)]
+    pub record_batches: Option<String>,
 }
 
 fn default_metrics_flush_s() -> u64 {
@@ -567,6 +579,7 @@ impl Default for OutputSection {
         OutputSection {
             run: None,
             metrics_flush_s: default_metrics_flush_s(),
+            record_batches: None,
         }
     }
 }

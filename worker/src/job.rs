@@ -106,6 +106,16 @@ pub enum Net {
     Lamed(Box<Lamed>),
 }
 
+impl Net {
+    /// `train.activation_checkpointing`.
+    pub fn set_activation_checkpointing(&mut self, on: bool) {
+        match self {
+            Net::Clip(c) => c.set_activation_checkpointing(on),
+            Net::Lamed(l) => l.set_activation_checkpointing(on),
+        }
+    }
+}
+
 /// The seed of libtorch's generator for optimizer step `step` on `rank`. Dropout draws from that generator;
 /// seeding it at every step makes its state a function of (seed, step, rank), so it needs no saving: a run
 /// resumed from a checkpoint draws exactly what the uninterrupted run drew (with the same world size).
@@ -354,10 +364,12 @@ fn load_base_llm(
 }
 
 /// File `name` of a store folder of weights; a run's `final/` is checked against its commit record and
-/// refused while incomplete (see [`crate::output::get_final_file`]).
+/// refused while incomplete (see [`m3d_runs::output::get_final_file`]).
 fn store_file(store: &Store, name: &str) -> Result<Option<bytes::Bytes>, CheckpointError> {
-    crate::output::get_final_file(store, name).map_err(|e| match e {
-        crate::output::OutputError::Store { url, source } => CheckpointError::Store { url, source },
+    m3d_runs::output::get_final_file(store, name).map_err(|e| match e {
+        m3d_runs::output::OutputError::Store { url, source } => {
+            CheckpointError::Store { url, source }
+        }
         e => CheckpointError::Invalid {
             url: store.url().to_string(),
             key: name.to_string(),
@@ -521,6 +533,13 @@ pub fn set_trainable(vs: &VarStore, recipe: &Recipe, lora: bool) -> Result<(), J
             let _ = t.set_requires_grad(prefixes.iter().any(|p| name.starts_with(p)));
         }
     }
+    // Buffers are state, not parameters: a trained module keeps them as they are (the reference's
+    // `requires_grad = True` loop runs over `named_parameters`, which has none of them).
+    for (name, t) in vs.variables() {
+        if m3d_models::builder::is_buffer(&name) {
+            let _ = t.set_requires_grad(false);
+        }
+    }
     if !vs.variables().values().any(|t| t.requires_grad()) {
         return Err(recipe_err(
             "trainable",
@@ -571,7 +590,8 @@ impl TrainModel {
             }
         }
         let config = spec.to_json();
-        let net = spec.build(&vb)?;
+        let mut net = spec.build(&vb)?;
+        net.set_activation_checkpointing(recipe.train.activation_checkpointing);
         if let Some(folder) = &m.llm {
             load_base_llm(&vs, Path::new(folder), base_vocab, lora.is_some())?;
         }

@@ -26,9 +26,10 @@ use m3d_coordinator::{
     ProgressReporter, Token, PROGRESS_EVERY,
 };
 use m3d_recipes::{DeviceKind, Recipe};
+use m3d_runs::output::RunDir;
 
 use crate::job::resolve_tokenizer;
-use crate::train::{run_round, Control, RoundEnd, RoundInfo, RunDir, TrainError};
+use crate::train::{run_round, Control, RoundEnd, RoundInfo, TrainError};
 use m3d_data::dataset::TrainData;
 
 /// Errors that end a worker process.

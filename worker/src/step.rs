@@ -286,6 +286,18 @@ pub struct StepOptions {
     pub overlap: bool,
 }
 
+impl StepOptions {
+    /// The step a recipe's `train` section describes, for a loss that needs `reduction`.
+    pub fn from_recipe(train: &m3d_recipes::TrainSection, reduction: GradReduction) -> Self {
+        StepOptions {
+            reduction,
+            max_grad_norm: train.max_grad_norm,
+            bucket_bytes: train.bucket_mb << 20,
+            overlap: train.overlap_grad_reduce,
+        }
+    }
+}
+
 impl Default for StepOptions {
     fn default() -> Self {
         StepOptions {

@@ -21,10 +21,11 @@ use bytes::Bytes;
 use m3d_collectives::{Collective, ReduceOp};
 use m3d_coordinator::job::WorkerAction;
 use m3d_coordinator::plan::{PlanSpec, StepPlan};
-use m3d_models::lamed::{LamedBatch, LamedHostChecks};
 use m3d_models::tokenizer::Tokenizer;
 use m3d_models::weights::LoadOptions;
-use m3d_recipes::{ModelKind, Recipe};
+use m3d_recipes::Recipe;
+use m3d_runs::metrics::{Meter, MetricsError, MetricsLine};
+use m3d_runs::output::{OutputError, RunDir, RunMetrics};
 use m3d_store::Store;
 use tch::Tensor;
 
@@ -32,15 +33,12 @@ use crate::checkpoint::{
     self, CheckpointError, CheckpointState, RunIdentity, Staged, UploadOptions, Uploader,
     STATE_FORMAT,
 };
-use crate::job::{device_for, Batcher, ClipBatch, JobError, Net, TrainModel};
-use crate::metrics::{Meter, MetricsError, MetricsLine};
+use crate::job::{device_for, Batcher, JobError, Net, TrainModel};
+use crate::objective::{ClipContrastive, LamedLm, LamedLmSeg, Objective};
 use crate::optim::{AdamW, OptimError};
-use crate::output::{OutputError, RunMetrics};
+use crate::record::BatchRecorder;
 use crate::schedule::LrSchedule;
-use crate::step::{
-    CollectiveGather, DataParallelStep, GatherGrad, GradReduction, LamedStepInput, StepError,
-    StepOptions,
-};
+use crate::step::{DataParallelStep, StepError, StepOptions};
 use m3d_data::dataset::{DatasetError, TrainData};
 use m3d_data::loader::LoadedSample;
 
@@ -154,8 +152,6 @@ pub enum RoundEnd {
     Terminated { step: u64 },
 }
 
-pub use crate::output::RunDir;
-
 /// Attempts of a checkpoint upload before the worker gives up.
 const CHECKPOINT_ATTEMPTS: u32 = 4;
 /// Retries of each request inside one upload attempt, and the time they may take: the attempts above
@@ -216,7 +212,7 @@ fn save_final_files(model: &TrainModel, dir: &Path, weights: bool) -> Result<(),
 /// Saves the final weights into the run: [`save_final`] into `<run>/final/` for a local folder. For a store,
 /// the weights go from a host copy straight into the upload (no local file the size of the model), the
 /// small files through a local temporary folder, and the commit record last
-/// ([`crate::output::upload_final`]).
+/// ([`m3d_runs::output::upload_final`]).
 fn save_final_to(model: &TrainModel, run: &RunDir, step: u64) -> Result<(), TrainError> {
     match run {
         RunDir::Local(dir) => save_final(model, &dir.join("final")),
@@ -226,7 +222,7 @@ fn save_final_to(model: &TrainModel, run: &RunDir, step: u64) -> Result<(), Trai
             let saved = save_final_files(model, &local, false).and_then(|()| {
                 let host = m3d_models::weights::to_host_tensors(&model.state_dict())?;
                 let weights = m3d_models::weights::safetensors_parts(&host)?;
-                Ok(crate::output::upload_final(
+                Ok(m3d_runs::output::upload_final(
                     url,
                     &local,
                     vec![("model.safetensors".to_string(), weights)],
@@ -260,7 +256,6 @@ pub fn run_round(
     control: &mut dyn Control,
     stop: &AtomicBool,
 ) -> Result<RoundEnd, TrainError> {
-    let rank = round.rank;
     let world = round.world_size as usize;
     let total = round.plan.total_steps();
     // The world size must split the global batch into whole micro-batches.
@@ -323,17 +318,90 @@ pub fn run_round(
         opt.load_state_dict(&loaded.optimizer)?;
         tracing::info!(step = round.resume_step, %url, "resumed from checkpoint");
     }
-    let schedule = LrSchedule::from_recipe(&recipe.train, total);
-    let reduction = match recipe.model.kind {
-        ModelKind::Clip => GradReduction::Mean,
-        ModelKind::Lamed => GradReduction::Sum,
+    let started = Started {
+        recipe,
+        data,
+        run,
+        round,
+        comm,
+        control,
+        stop,
+        model: &model,
+        opt,
+        first_plans,
+        prefetched_until,
+        depth,
     };
-    let mut stepper = DataParallelStep::new(StepOptions {
-        reduction,
-        max_grad_norm: recipe.train.max_grad_norm,
-        bucket_bytes: recipe.train.bucket_mb << 20,
-        overlap: recipe.train.overlap_grad_reduce,
-    });
+    // The one place a model picks its objective; everything after is the same loop for every model.
+    let precision = model.precision;
+    match &model.net {
+        Net::Clip(clip) => train_with(
+            &ClipContrastive {
+                model: clip,
+                precision,
+            },
+            started,
+        ),
+        Net::Lamed(lamed) if lamed.config().seg.is_some() => train_with(
+            &LamedLmSeg {
+                model: lamed,
+                precision,
+            },
+            started,
+        ),
+        Net::Lamed(lamed) => train_with(
+            &LamedLm {
+                model: lamed,
+                precision,
+            },
+            started,
+        ),
+    }
+}
+
+/// A round whose model is built and whose first steps' shards are being read: what [`train_with`] continues
+/// from.
+struct Started<'a> {
+    recipe: &'a Recipe,
+    data: &'a TrainData,
+    run: &'a RunDir,
+    round: &'a RoundInfo,
+    comm: &'a mut dyn Collective,
+    control: &'a mut dyn Control,
+    stop: &'a AtomicBool,
+    model: &'a TrainModel,
+    opt: AdamW,
+    /// The plans computed before the model was built, and the steps whose shards were queued then.
+    first_plans: VecDeque<StepPlan>,
+    prefetched_until: u64,
+    depth: usize,
+}
+
+/// The rest of a round for `objective`: the step, metrics and checkpoint components from their recipe sections,
+/// the batch thread, and the step loop.
+fn train_with<O: Objective>(objective: &O, started: Started<'_>) -> Result<RoundEnd, TrainError> {
+    let Started {
+        recipe,
+        data,
+        run,
+        round,
+        comm,
+        control,
+        stop,
+        model,
+        mut opt,
+        first_plans,
+        prefetched_until,
+        depth,
+    } = started;
+    let rank = round.rank;
+    let world = round.world_size as usize;
+    let total = round.plan.total_steps();
+    let schedule = LrSchedule::from_recipe(&recipe.train, total);
+    let mut stepper = DataParallelStep::new(StepOptions::from_recipe(
+        &recipe.train,
+        objective.reduction(),
+    ));
     let mut metrics = if rank == 0 {
         let flush = Duration::from_secs(recipe.output.metrics_flush_s);
         Some(run.open_metrics(round.resume_step, flush)?)
@@ -386,9 +454,25 @@ pub fn run_round(
         }
         None => None,
     };
+    let recorder = match &recipe.output.record_batches {
+        None => None,
+        Some(_) if world != 1 || round.resume_step != 0 => {
+            return Err(TrainError::Recipe(
+                "output.record_batches records a run of one worker from step 0".into(),
+            ))
+        }
+        Some(dir) => {
+            let trainable: Vec<String> = opt.params().into_iter().map(|(n, _)| n).collect();
+            Some(BatchRecorder::create(
+                Path::new(dir),
+                &model.state_dict(),
+                &trainable,
+            )?)
+        }
+    };
     let micro = recipe.micro_batch(world);
     let (plan_tx, plan_rx) = sync_channel::<StepPlan>(depth + PLAN_CHUNK as usize);
-    let (ready_tx, ready_rx) = sync_channel::<Result<(StepPlan, Built), TrainError>>(depth);
+    let (ready_tx, ready_rx) = sync_channel::<Result<(StepPlan, O::Batch), TrainError>>(depth);
     let batcher = model.batcher.clone();
     std::thread::scope(|scope| {
         // The batch builder: loads, decodes, augments and tokenises the next steps while this thread trains
@@ -397,7 +481,7 @@ pub fn run_round(
             .name("m3d-batches".into())
             .spawn_scoped(scope, move || {
                 for plan in plan_rx {
-                    let built = build_batch(data, &batcher, &plan, micro).map(|b| (plan, b));
+                    let built = build_batch::<O>(data, &batcher, &plan, micro).map(|b| (plan, b));
                     let failed = built.is_err();
                     if ready_tx.send(built).is_err() || failed {
                         break;
@@ -409,13 +493,14 @@ pub fn run_round(
                 source: e,
             })?;
         let mut lp = Loop {
+            objective,
             recipe,
             data,
             round,
             run,
             comm,
             control,
-            model: &model,
+            model,
             opt: &mut opt,
             schedule: &schedule,
             stepper: &mut stepper,
@@ -433,6 +518,7 @@ pub fn run_round(
             tokenizer_json,
             checkpoint_base,
             stop,
+            recorder,
         };
         let end = match lp.run() {
             Err(TrainError::RoundOver(reason)) => Ok(RoundEnd::Reregister(reason)),
@@ -444,55 +530,21 @@ pub fn run_round(
     })
 }
 
-/// A batch built ahead of its step, already on the training device (its host copies were pinned and sent
-/// without waiting on this thread, see [`crate::batch`]), with what was checked on the host.
-enum Built {
-    Clip(ClipBatch),
-    Lamed {
-        micro: Vec<(LamedBatch, Tensor)>,
-        /// Each micro-batch's host checks: its forward pass reads nothing back from the device.
-        checks: Vec<LamedHostChecks>,
-        tokens: i64,
-        /// Samples with a non-empty mask (segmentation).
-        masked: i64,
-    },
-}
-
-fn build_batch(
+/// Loads and decodes the samples of `plan` and builds them into `O`'s batch, ahead of its step (on the batch
+/// thread; the batch is on the training device, its host copies pinned and sent without waiting, see
+/// [`crate::batch`]).
+fn build_batch<O: Objective>(
     data: &TrainData,
     batcher: &Batcher,
     plan: &StepPlan,
     micro: usize,
-) -> Result<Built, TrainError> {
+) -> Result<O::Batch, TrainError> {
     let loaded = data.load(
         &plan.samples,
         &batcher.augmentation(&plan.samples, plan.epoch),
     )?;
     let samples: Vec<(u64, LoadedSample)> = plan.samples.iter().copied().zip(loaded).collect();
-    if !batcher.is_lamed() {
-        return Ok(Built::Clip(batcher.clip_batch(&samples)?));
-    }
-    let mut out = Vec::new();
-    let mut checks = Vec::new();
-    let (mut tokens, mut masked) = (0, 0);
-    for chunk in samples.chunks(micro.max(1)) {
-        let mut built = batcher.lamed_batch(chunk, plan.epoch)?;
-        tokens += built.scored;
-        masked += built.masked;
-        let labels = built
-            .batch
-            .labels
-            .take()
-            .ok_or_else(|| TrainError::Recipe("a LaMed batch without labels".into()))?;
-        out.push((built.batch, labels));
-        checks.push(built.checks);
-    }
-    Ok(Built::Lamed {
-        micro: out,
-        checks,
-        tokens,
-        masked,
-    })
+    Ok(O::build(batcher, &samples, plan.epoch, micro)?)
 }
 
 /// Commits the checkpoint of a finished upload, if there is one, with the coordinator: restart rounds resume
@@ -509,7 +561,8 @@ fn commit_finished(
 }
 
 /// The state of one round's step loop.
-struct Loop<'a> {
+struct Loop<'a, O: Objective> {
+    objective: &'a O,
     recipe: &'a Recipe,
     data: &'a TrainData,
     round: &'a RoundInfo,
@@ -522,7 +575,7 @@ struct Loop<'a> {
     stepper: &'a mut DataParallelStep,
     metrics: Option<&'a mut RunMetrics>,
     plan_tx: Option<SyncSender<StepPlan>>,
-    ready_rx: Receiver<Result<(StepPlan, Built), TrainError>>,
+    ready_rx: Receiver<Result<(StepPlan, O::Batch), TrainError>>,
     /// Plans computed but not yet handed to the batch builder.
     plans: VecDeque<StepPlan>,
     /// First step whose plan has not been computed.
@@ -540,9 +593,11 @@ struct Loop<'a> {
     tokenizer_json: Option<Bytes>,
     checkpoint_base: String,
     stop: &'a AtomicBool,
+    /// `output.record_batches`.
+    recorder: Option<BatchRecorder>,
 }
 
-impl Loop<'_> {
+impl<O: Objective> Loop<'_, O> {
     /// Whether any rank was asked to stop before this point (`Some(asked_here)`), agreed by all ranks with one
     /// all-reduce of a single value; a collective that fails ends the round.
     fn stop_agreed(&mut self) -> Result<Option<bool>, TrainError> {
@@ -629,79 +684,31 @@ impl Loop<'_> {
                 )));
             }
             let samples = plan.samples.len() as u64 * world as u64;
+            if let Some(rec) = self.recorder.as_mut() {
+                rec.add(step, O::record(&built)?)?;
+                if step + 1 == self.total {
+                    if let Some(rec) = self.recorder.take() {
+                        rec.finish()?;
+                    }
+                }
+            }
             tch::manual_seed(crate::job::step_seed(self.recipe.train.seed, step, rank));
-            // The step's global Dice and BCE (segmentation), for the metrics.
-            let mut seg_parts: Option<[f64; 2]> = None;
-            let model = self.model;
-            let out = match (&model.net, built) {
-                (Net::Clip(clip), Built::Clip(b)) => {
-                    let r = self.stepper.train_step(
-                        &mut *self.comm,
-                        self.opt,
-                        self.schedule,
-                        step,
-                        |comm| {
-                            let gather = CollectiveGather::new(comm, GatherGrad::AllRanks);
-                            let loss = model.precision.run(|| {
-                                clip.forward_loss_checked(
-                                    &b.images,
-                                    &b.input_ids,
-                                    &b.attention_mask,
-                                    &b.checked,
-                                    &gather,
-                                    true,
-                                )
-                            });
-                            gather.finish()?;
-                            Ok(loss?)
-                        },
-                    );
-                    meter.add(samples, 0, data_wait);
-                    match r {
-                        Ok(o) => o,
-                        Err(e) => return classify(e),
-                    }
-                }
-                (
-                    Net::Lamed(lamed),
-                    Built::Lamed {
-                        micro,
-                        checks,
-                        tokens,
-                        masked,
-                    },
-                ) => {
-                    // Counts, losses and seg parts are reduced over the global batch on the collective's
-                    // device (see `step`); a failed collective is a broken round.
-                    let r = self.stepper.train_step_lamed_checked(
-                        &mut *self.comm,
-                        self.opt,
-                        self.schedule,
-                        step,
-                        LamedStepInput {
-                            model: lamed,
-                            precision: model.precision,
-                            micro: &micro,
-                            tokens,
-                            masked,
-                        },
-                        &checks,
-                    );
-                    match r {
-                        Ok(o) => {
-                            meter.add(samples, o.tokens as u64, data_wait);
-                            seg_parts = o.seg;
-                            o.step
-                        }
-                        Err(e) => return classify(e),
-                    }
-                }
-                _ => {
-                    return Err(TrainError::Recipe(
-                        "the batch does not fit the model".into(),
-                    ))
-                }
+            let r = self.objective.step(
+                self.stepper,
+                &mut *self.comm,
+                self.opt,
+                self.schedule,
+                step,
+                built,
+            );
+            // A failed collective is a broken round; anything else ends the worker.
+            let stepped = match r {
+                Ok(s) => s,
+                Err(e) => return classify(e),
             };
+            meter.add(samples, stepped.tokens, data_wait);
+            let out = stepped.out;
+            let model = self.model;
             let done = step + 1;
             if let Some(w) = self.metrics.as_deref_mut() {
                 if done % log_every == 0 || done == self.total {
@@ -709,9 +716,8 @@ impl Loop<'_> {
                     line.grad_norm = Some(out.grad_norm);
                     line.extra.insert("epoch".into(), plan.epoch as f64);
                     line.extra.insert("world_size".into(), world as f64);
-                    if let Some([dice, bce]) = seg_parts {
-                        line.extra.insert("seg_dice".into(), dice);
-                        line.extra.insert("seg_bce".into(), bce);
+                    for (name, value) in &stepped.metrics {
+                        line.extra.insert((*name).into(), *value);
                     }
                     w.write(&line)?;
                 }

@@ -4,6 +4,7 @@
 
 use std::path::Path;
 
+use m3d_eval::{clip_retrieval, clip_retrieval_on, retrieval_scores, EvalError};
 use m3d_models::bert::BertConfig;
 use m3d_models::clip::{M3dClip, M3dClipConfig, SingleProcess};
 use m3d_models::tokenizer::{Padding, Tokenizer};
@@ -13,7 +14,6 @@ use m3d_shards::manifest::{sample_shard_key, volume_shard_key};
 use m3d_shards::{
     ImageDtype, Manifest, SampleRecord, ShardEntry, Store, Task, VolumeRecord, WriteOptions,
 };
-use m3d_worker::eval::{clip_retrieval, clip_retrieval_on, retrieval_scores, EvalError};
 use m3d_worker::vocab::{word_level_tokenizer, write_tokenizer, VocabStyle};
 use tch::nn::VarStore;
 use tch::{Device, Tensor};
@@ -133,7 +133,7 @@ fn cpu_retrieval_is_unchanged_and_independent_of_the_batch_size() {
     let shards = write_shards(&dir.path().join("cap"), [1, d as u32, h as u32, w as u32]);
 
     // What the evaluation computed before it took a device: one batch, the device-checked forward pass.
-    let (_vs, clip, tok) = m3d_worker::eval::load_clip(&model_dir, Device::Cpu).unwrap();
+    let (_vs, clip, tok) = m3d_eval::load_clip(&model_dir, Device::Cpu).unwrap();
     let loader = m3d_data::loader::ShardLoader::open(&shards, Default::default()).unwrap();
     let indices: Vec<u64> = (0..PAIRS as u64).collect();
     let samples = loader.load(&indices).unwrap();

@@ -4,7 +4,7 @@
 
 use std::process::ExitCode;
 
-use m3d_worker::plot::{plot_inputs, PlotSize};
+use m3d_runs::plot::{plot_inputs, PlotSize};
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();

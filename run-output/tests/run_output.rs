@@ -5,12 +5,12 @@
 use std::path::Path;
 use std::time::Duration;
 
-use m3d_store::Store;
-use m3d_worker::metrics::MetricsLine;
-use m3d_worker::output::{
+use m3d_runs::metrics::MetricsLine;
+use m3d_runs::output::{
     get_final_file, part_key, read_run_metrics, upload_final, RunDir, StoreMetrics,
 };
-use m3d_worker::plot::{plot_inputs, PlotSize};
+use m3d_runs::plot::{plot_inputs, PlotSize};
+use m3d_store::Store;
 
 const NEVER: Duration = Duration::from_secs(3600);
 

@@ -2,22 +2,21 @@
 //! ([`clip_retrieval`]): CLS features of every image and report of a split, cosine similarity, and
 //! R@1/5/10 in both directions, as the reference computes them (pair i's image matches pair i's text).
 //! The encoders run in batches on a chosen device ([`clip_retrieval_on`]; by default the first GPU when there
-//! is one, else the CPU), the batches reaching it as the trainer's do ([`crate::batch::to_device`]).
+//! is one, else the CPU), the batches reaching it as the trainer's do ([`m3d_worker::batch::to_device`]).
 
 use std::path::Path;
 
+use m3d_data::loader::{LoaderOptions, ShardLoader};
 use m3d_models::clip::{M3dClip, M3dClipConfig, SingleProcess};
 use m3d_models::layers::CheckedIds;
 use m3d_models::tokenizer::{Padding, Tokenizer};
 use m3d_models::weights::{load_file_into, LoadOptions};
 use m3d_models::VarBuilder;
+use m3d_worker::batch::{stack_volumes, to_device};
+use m3d_worker::job::JobError;
 use serde::Serialize;
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
-
-use crate::batch::{stack_volumes, to_device};
-use crate::job::JobError;
-use m3d_data::loader::{LoaderOptions, ShardLoader};
 
 /// Retrieval scores over `pairs` image-text pairs, in [0, 1].
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]

@@ -5,8 +5,8 @@ use std::io::Write;
 use std::path::Path;
 use std::process::Command;
 
-use m3d_worker::metrics::{read_metrics, Meter, MetricsError, MetricsLine, MetricsWriter};
-use m3d_worker::plot::{render, PlotSize, Series};
+use m3d_runs::metrics::{read_metrics, Meter, MetricsError, MetricsLine, MetricsWriter};
+use m3d_runs::plot::{render, PlotSize, Series};
 
 /// Equal up to the last bit of float parsing (serde_json's default parser may differ in one ulp).
 fn same(a: &[MetricsLine], b: &[MetricsLine]) -> bool {
