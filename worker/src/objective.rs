@@ -279,17 +279,15 @@ impl Objective for LamedLm<'_> {
 }
 
 /// M3D-LaMed's loss with its segmentation module: the LM loss plus Dice and BCE of SegVol's masks for the
-/// samples that have one (weights 1, as the reference), logged as `seg_dice` / `seg_bce`.
-pub struct LamedLmSeg<'a> {
-    pub model: &'a Lamed,
-    pub precision: Precision,
-}
+/// samples that have one (weights 1, as the reference), logged as `seg_dice` / `seg_bce`. Batches as
+/// [`LamedLm`]'s (with masks).
+pub struct LamedLmSeg<'a>(pub LamedLm<'a>);
 
 impl Objective for LamedLmSeg<'_> {
     type Batch = LamedMicroBatches;
 
     fn reduction(&self) -> GradReduction {
-        GradReduction::Sum
+        self.0.reduction()
     }
 
     fn build(
@@ -298,11 +296,11 @@ impl Objective for LamedLmSeg<'_> {
         epoch: u64,
         micro: usize,
     ) -> Result<LamedMicroBatches, JobError> {
-        build_lamed(batcher, samples, epoch, micro)
+        LamedLm::build(batcher, samples, epoch, micro)
     }
 
     fn record(b: &LamedMicroBatches) -> Result<Vec<(&'static str, Tensor)>, StepError> {
-        record_lamed(b)
+        LamedLm::record(b)
     }
 
     fn step(
@@ -314,9 +312,10 @@ impl Objective for LamedLmSeg<'_> {
         step: u64,
         b: LamedMicroBatches,
     ) -> Result<Stepped, StepError> {
+        let lm = &self.0;
         let (mut stepped, seg) = lamed_step(
-            self.model,
-            self.precision,
+            lm.model,
+            lm.precision,
             stepper,
             comm,
             opt,

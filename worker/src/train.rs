@@ -343,10 +343,10 @@ pub fn run_round(
             started,
         ),
         Net::Lamed(lamed) if lamed.config().seg.is_some() => train_with(
-            &LamedLmSeg {
+            &LamedLmSeg(LamedLm {
                 model: lamed,
                 precision,
-            },
+            }),
             started,
         ),
         Net::Lamed(lamed) => train_with(
