@@ -395,15 +395,9 @@ impl Bert {
         for layer in &self.layers {
             x = if self.checkpointing && train {
                 let (layer, bias) = (Arc::clone(layer), bias.shallow_clone());
-                let outs = checkpointed(&[&x], move |ins| {
-                    Ok(vec![layer.forward_t(&ins[0], &bias, true)])
-                });
                 // Only a libtorch error inside the layer fails here, where the plain layer panics.
-                match outs.map(|o| o.into_iter().next()) {
-                    Ok(Some(out)) => out,
-                    Ok(None) => panic!("a checkpointed BERT layer returned nothing"),
-                    Err(e) => panic!("{e}"),
-                }
+                checkpointed(&x, move |x| Ok(layer.forward_t(x, &bias, true)))
+                    .unwrap_or_else(|e| panic!("{e}"))
             } else {
                 layer.forward_t(&x, &bias, train)
             };

@@ -275,21 +275,24 @@ pub(crate) fn to_device_async(t: &Tensor, device: Device) -> Tensor {
     }
 }
 
-/// Runs `block` on `inputs` as an activation checkpoint (`m3d_grad_hooks::checkpoint`): only the inputs are kept
-/// for the backward pass, which runs `block` again. The recomputation runs under the autocast kind of this
-/// forward (a thread-local setting the engine's thread would not have), so it computes what the forward did.
-pub fn checkpointed<F>(inputs: &[&Tensor], block: F) -> Result<Vec<Tensor>>
+/// Runs `block` on `x` as an activation checkpoint (`m3d_grad_hooks::checkpoint`): only `x` is kept for the
+/// backward pass, which runs `block` again. The recomputation runs under the autocast kind of this forward (a
+/// thread-local setting the engine's thread would not have), so it computes what the forward did.
+pub fn checkpointed<F>(x: &Tensor, block: F) -> Result<Tensor>
 where
-    F: Fn(&[Tensor]) -> Result<Vec<Tensor>> + 'static,
+    F: Fn(&Tensor) -> Result<Tensor> + 'static,
 {
     let kind = crate::precision::autocast_kind();
     let body = move |ins: &[Tensor]| {
-        crate::precision::autocast(kind, || block(ins)).map_err(|e| e.to_string())
+        crate::precision::autocast(kind, || block(&ins[0]).map(|y| vec![y]))
+            .map_err(|e| e.to_string())
     };
     // SAFETY: the blocks m3d checkpoints capture `Arc`s of their layers and tensors of the forward pass they
     // belong to. While the backward pass runs the block on the engine's thread, the thread that called backward
     // waits in it, and the layers' weights are only read (optimizer steps come after backward returns).
     #[allow(unsafe_code)]
-    let outs = unsafe { m3d_grad_hooks::checkpoint(inputs, body) }?;
-    Ok(outs)
+    let outs = unsafe { m3d_grad_hooks::checkpoint(&[x], body) }?;
+    outs.into_iter()
+        .next()
+        .ok_or_else(|| ModelError::Input("a checkpointed block returned nothing".into()))
 }

@@ -1045,12 +1045,7 @@ impl CausalLm {
         for (i, layer) in self.model.layers.iter().enumerate() {
             if checkpoint {
                 let (layer, inputs) = (Arc::clone(layer), inputs.shallow_clone());
-                let outs = checkpointed(&[&xs], move |ins| {
-                    Ok(vec![layer.forward_t(&ins[0], &inputs, None, true)?])
-                })?;
-                xs = outs.into_iter().next().ok_or_else(|| {
-                    ModelError::Input(format!("checkpointed layer {i} returned nothing"))
-                })?;
+                xs = checkpointed(&xs, move |x| layer.forward_t(x, &inputs, None, true))?;
                 continue;
             }
             let layer_cache = cache.as_deref_mut().map(|c| (c, i));

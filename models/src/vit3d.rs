@@ -359,13 +359,9 @@ impl ViT3d {
         for block in &self.blocks {
             h = if self.checkpointing && train {
                 let block = Arc::clone(block);
-                let outs = checkpointed(&[&h], move |ins| Ok(vec![block.forward_t(&ins[0], true)]));
                 // Only a libtorch error inside the block fails here, where the plain block panics.
-                match outs.map(|o| o.into_iter().next()) {
-                    Ok(Some(out)) => out,
-                    Ok(None) => panic!("a checkpointed ViT block returned nothing"),
-                    Err(e) => panic!("{e}"),
-                }
+                checkpointed(&h, move |x| Ok(block.forward_t(x, true)))
+                    .unwrap_or_else(|e| panic!("{e}"))
             } else {
                 block.forward_t(&h, train)
             };

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 
 use tch::{Device, Kind, Tensor};
 
-use crate::train::TrainError;
+use crate::train::{io, TrainError};
 
 /// Volumes stored once each.
 #[derive(Default)]
@@ -51,13 +51,6 @@ pub struct BatchRecorder {
     images: Pool,
     segs: Pool,
     tensors: Vec<(String, Tensor)>,
-}
-
-fn io(path: &Path) -> impl Fn(std::io::Error) -> TrainError + '_ {
-    move |source| TrainError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
 }
 
 impl BatchRecorder {

@@ -163,7 +163,7 @@ const CHECKPOINT_REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
 /// Steps of plan computed at a time.
 const PLAN_CHUNK: u32 = 16;
 
-fn io(path: &Path) -> impl Fn(std::io::Error) -> TrainError + '_ {
+pub(crate) fn io(path: &Path) -> impl Fn(std::io::Error) -> TrainError + '_ {
     move |source| TrainError::Io {
         path: path.to_path_buf(),
         source,
