@@ -123,7 +123,7 @@ pub fn volume_record(
         shape: image.shape().map(|d| d as u32),
         dtype,
         image_crc32: crc32fast::hash(&encoded),
-        image: encoded,
+        image: encoded.into(),
         masks,
     }
 }

@@ -185,7 +185,7 @@ fn write_cap(url: &str, args: &[String]) -> Result<(), Error> {
                         shape: [1, 1, 2, 2],
                         dtype: ImageDtype::U8,
                         image_crc32: crc32fast::hash(&image),
-                        image,
+                        image: image.into(),
                         masks: Vec::new(),
                     }
                 })

@@ -47,7 +47,7 @@ fn volume(s: usize, v: usize) -> VolumeRecord {
         shape: SHAPE,
         dtype,
         image_crc32: VolumeRecord::crc32(&bytes),
-        image: bytes,
+        image: bytes.into(),
         masks,
     }
 }

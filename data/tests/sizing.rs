@@ -18,7 +18,7 @@ fn volume(name: &str, v: usize) -> VolumeRecord {
         shape: [1, 2, 4, 4],
         dtype: ImageDtype::U8,
         image_crc32: VolumeRecord::crc32(&bytes),
-        image: bytes,
+        image: bytes.into(),
         masks: Vec::new(),
     }
 }

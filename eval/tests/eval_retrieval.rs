@@ -62,7 +62,7 @@ fn write_shards(dir: &Path, shape: [u32; 4]) -> String {
                 shape,
                 dtype: ImageDtype::F32,
                 image_crc32: VolumeRecord::crc32(&bytes),
-                image: bytes,
+                image: bytes.into(),
                 masks: Vec::new(),
             }
         })

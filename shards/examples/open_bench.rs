@@ -89,7 +89,7 @@ fn write(url: &str, args: &[String]) -> Result<(), Error> {
                                         shape: [1, d, h, w],
                                         dtype: ImageDtype::U8,
                                         image_crc32: crc32fast::hash(&image),
-                                        image,
+                                        image: image.into(),
                                         masks: Vec::new(),
                                     }
                                 })

@@ -222,7 +222,7 @@ fn volume_batch(records: &[VolumeRecord], key: &str) -> Result<RecordBatch, Shar
     let shape_values = UInt32Array::from_iter_values(records.iter().flat_map(|r| r.shape));
     let shape = FixedSizeListArray::try_new(shape_item_field(), 4, Arc::new(shape_values), None)
         .map_err(|e| ShardError::arrow(key, e))?;
-    let image = LargeBinaryArray::from_iter_values(records.iter().map(|r| r.image.as_slice()));
+    let image = LargeBinaryArray::from_iter_values(records.iter().map(|r| &r.image[..]));
     let crc = UInt32Array::from_iter_values(records.iter().map(|r| r.image_crc32));
 
     // Collected first: arrow's from_iter_values needs an exactly sized iterator.
@@ -382,6 +382,7 @@ pub fn volume_footer(footer: &[u8], key: &str) -> Result<ArrowReaderMetadata, Sh
 
 /// The bytes of a shard object of `file_len` bytes that a reader holds: `bytes` from `offset` (a row group's
 /// range). Asking for anything else is an error, never a silent read elsewhere.
+#[derive(Clone)]
 struct RangeChunk {
     file_len: u64,
     offset: u64,
@@ -450,8 +451,17 @@ pub fn read_volume_row_group(
         offset,
         bytes,
     };
+    // A row group of one volume (what data-prep writes) has its image as the single value of one data page: that
+    // value is taken straight from the decompressed page, where Arrow would copy it twice more (into its array,
+    // then out into the record). Anything else goes through Arrow.
+    let page_image = if images && rg.num_rows() == 1 {
+        single_image_value(&chunk, meta, rg, key)?
+    } else {
+        None
+    };
+    let arrow_images = images && page_image.is_none();
     let reader = ParquetRecordBatchReaderBuilder::new_with_metadata(chunk, meta.clone())
-        .with_projection(volume_projection(meta, images, masks))
+        .with_projection(volume_projection(meta, arrow_images, masks))
         .with_row_groups(vec![row_group])
         .with_batch_size(usize::try_from(rg.num_rows()).unwrap_or(1).clamp(1, 1024))
         .build()
@@ -460,9 +470,115 @@ pub fn read_volume_row_group(
     let mut next_row = first_row;
     for batch in reader {
         let batch = batch.map_err(|e| ShardError::arrow(key, e))?;
-        decode_volume_batch(&batch, key, images, masks, &mut next_row, &mut pending)?;
+        decode_volume_batch(
+            &batch,
+            key,
+            arrow_images,
+            masks,
+            &mut next_row,
+            &mut pending,
+        )?;
+    }
+    if let (Some(image), Some(Ok(rec))) = (page_image, pending.front_mut()) {
+        if let Err(e) = attach_image(rec, image, key, first_row) {
+            pending[0] = Err(e);
+        }
     }
     pending.into_iter().collect()
+}
+
+/// The image of a one-row row group read from its column chunk's pages: `None` when the chunk is not laid out
+/// as data-prep writes it (one PLAIN-encoded data page holding the one value), which the caller then decodes
+/// through Arrow.
+fn single_image_value(
+    chunk: &RangeChunk,
+    meta: &ArrowReaderMetadata,
+    rg: &parquet::file::metadata::RowGroupMetaData,
+    key: &str,
+) -> Result<Option<Bytes>, ShardError> {
+    use parquet::basic::Encoding;
+    use parquet::column::page::{Page, PageReader};
+    use parquet::file::serialized_reader::SerializedPageReader;
+
+    let Some(column) = meta
+        .parquet_schema()
+        .columns()
+        .iter()
+        .position(|c| c.path().parts() == ["image"])
+    else {
+        return Ok(None);
+    };
+    let mut pages = SerializedPageReader::new(Arc::new(chunk.clone()), rg.column(column), 1, None)
+        .map_err(|e| ShardError::parquet(key, e))?;
+    let page = pages
+        .get_next_page()
+        .map_err(|e| ShardError::parquet(key, e))?;
+    let value = match page {
+        Some(Page::DataPage {
+            buf,
+            num_values: 1,
+            encoding: Encoding::PLAIN,
+            ..
+        }) => buf,
+        Some(Page::DataPageV2 {
+            buf,
+            num_values: 1,
+            encoding: Encoding::PLAIN,
+            def_levels_byte_len,
+            rep_levels_byte_len,
+            ..
+        }) => buf.slice((def_levels_byte_len + rep_levels_byte_len) as usize..),
+        _ => return Ok(None),
+    };
+    // PLAIN BYTE_ARRAY: a little-endian u32 length, then the bytes.
+    let Some((len, rest)) = value.split_first_chunk::<4>() else {
+        return Ok(None);
+    };
+    let len = u32::from_le_bytes(*len) as usize;
+    if rest.len() != len
+        || pages
+            .get_next_page()
+            .map_err(|e| ShardError::parquet(key, e))?
+            .is_some()
+    {
+        return Ok(None);
+    }
+    Ok(Some(value.slice(4..)))
+}
+
+/// Checks `img` against `rec`'s crc32 and shape, then makes it `rec`'s image.
+fn attach_image(
+    rec: &mut VolumeRecord,
+    img: Bytes,
+    key: &str,
+    row: usize,
+) -> Result<(), ShardError> {
+    let actual = crc32fast::hash(&img);
+    if actual != rec.image_crc32 {
+        return Err(ShardError::ImageCrc {
+            key: key.to_string(),
+            row,
+            volume_id: rec.volume_id.clone(),
+            expected: rec.image_crc32,
+            actual,
+        });
+    }
+    let expected = rec.numel() * rec.dtype.size();
+    if img.len() != expected {
+        return Err(ShardError::Row {
+            key: key.to_string(),
+            row,
+            reason: format!(
+                "volume `{}`: image has {} bytes, shape {:?} as {} needs {expected}",
+                rec.volume_id,
+                img.len(),
+                rec.shape,
+                rec.dtype
+            ),
+        });
+    }
+    rec.image = img;
+    Ok(())
 }
 
 /// The columns of a volume shard to read.
@@ -898,7 +1014,7 @@ fn decode_volume_batch(
                 source: source.value(i).to_string(),
                 shape: shp,
                 dtype: dt,
-                image: Vec::new(),
+                image: Bytes::new(),
                 image_crc32: crc.value(i),
                 masks: Vec::new(),
             };
@@ -933,29 +1049,12 @@ fn decode_volume_batch(
                 }
             }
             if let Some(image) = image {
-                let img = image.value(i);
-                let actual = crc32fast::hash(img);
-                if actual != rec.image_crc32 {
-                    pending.push_back(Err(ShardError::ImageCrc {
-                        key: key.to_string(),
-                        row,
-                        volume_id: rec.volume_id,
-                        expected: rec.image_crc32,
-                        actual,
-                    }));
+                if let Err(e) =
+                    attach_image(&mut rec, Bytes::copy_from_slice(image.value(i)), key, row)
+                {
+                    pending.push_back(Err(e));
                     continue;
                 }
-                let expected = rec.numel() * rec.dtype.size();
-                if img.len() != expected {
-                    pending.push_back(Err(row_err(format!(
-                        "image has {} bytes, shape {:?} as {} needs {expected}",
-                        img.len(),
-                        rec.shape,
-                        rec.dtype
-                    ))));
-                    continue;
-                }
-                rec.image = img.to_vec();
             }
             pending.push_back(Ok(rec));
         }

@@ -4,6 +4,7 @@
 use std::fmt;
 use std::str::FromStr;
 
+use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use crate::encode::ImageDtype;
@@ -45,8 +46,9 @@ pub struct VolumeRecord {
     /// (C, D, H, W), normally 1 x 32 x 256 x 256.
     pub shape: [u32; 4],
     pub dtype: ImageDtype,
-    /// [`crate::encode::encode_image`] output; empty when a reader was asked not to read images.
-    pub image: Vec<u8>,
+    /// [`crate::encode::encode_image`] output; empty when a reader was asked not to read images. `Bytes` so that a
+    /// reader hands out the decompressed page without copying it, and a cached record clones cheaply.
+    pub image: Bytes,
     /// crc32 (IEEE) of `image`, verified when the image is read.
     pub image_crc32: u32,
     /// Masks over the spatial shape `shape[1..]`.
@@ -257,7 +259,7 @@ mod tests {
             source: "s".into(),
             shape: [1, 1, 1, 3],
             dtype: ImageDtype::U8,
-            image: vec![7, 8, 9],
+            image: vec![7, 8, 9].into(),
             image_crc32: 0xdead_beef,
             masks: vec![MaskRecord {
                 class_index: 1,

@@ -94,7 +94,9 @@ fn flipped_image_byte_inside_a_valid_shard_is_a_crc_error_naming_the_volume() {
     // The crc was computed when the image was encoded; flip one image byte afterwards, then write a
     // well-formed shard (and manifest sha256) around the corrupted image.
     let victim = shards[0][1].volume_id.clone();
-    shards[0][1].image[17] ^= 0x04;
+    let mut image = shards[0][1].image.to_vec();
+    image[17] ^= 0x04;
+    shards[0][1].image = image.into();
     common::write_dataset(&store, &shards, &samples);
 
     let ds = ShardDataset::open(dir.path().to_str().unwrap()).unwrap();
@@ -106,6 +108,14 @@ fn flipped_image_byte_inside_a_valid_shard_is_a_crc_error_naming_the_volume() {
     );
     assert!(results[0].is_ok() && results[2].is_ok());
     let err = results[1].as_ref().unwrap_err();
+    assert!(matches!(err, ShardError::ImageCrc { row: 1, .. }), "{err}");
+    assert!(err.to_string().contains(&victim), "{err}");
+
+    // A ranged read of the volume (the worker's path) checks the same crc.
+    let reader = m3d_shards::VolumeReader::open(&ds).unwrap();
+    let err = reader
+        .read(reader.locate(&victim).unwrap(), true, false)
+        .unwrap_err();
     assert!(matches!(err, ShardError::ImageCrc { row: 1, .. }), "{err}");
     assert!(err.to_string().contains(&victim), "{err}");
 

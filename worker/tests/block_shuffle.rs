@@ -33,7 +33,7 @@ fn volume(s: usize, v: usize) -> VolumeRecord {
         shape: SHAPE,
         dtype: ImageDtype::U8,
         image_crc32: VolumeRecord::crc32(&bytes),
-        image: bytes,
+        image: bytes.into(),
         masks: Vec::new(),
     }
 }

@@ -50,7 +50,7 @@ pub fn synthetic_volume(
         shape,
         dtype,
         image_crc32: crc32fast::hash(&bytes),
-        image: bytes,
+        image: bytes.into(),
         masks: masks
             .iter()
             .enumerate()
