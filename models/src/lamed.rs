@@ -30,9 +30,10 @@ use tch::{Device, Kind, Reduction, Tensor};
 
 use crate::builder::VarBuilder;
 use crate::error::{ModelError, Result};
+use crate::generate::{generate, left_pad_embeds, GenerateOptions};
 use crate::layers::{dropout, to_device_async, CheckedIds, Linear};
 use crate::llama::LlamaConfig;
-use crate::llm::{greedy_generate, CausalLm, GenerateInput, LlmConfig};
+use crate::llm::{CausalLm, LlmConfig};
 use crate::phi3::Phi3Config;
 use crate::projector::{build_projector, Projector, ProjectorConfig, ProjectorType};
 use crate::segvol::{self, SegVol, SegVolConfig};
@@ -800,13 +801,47 @@ impl Lamed {
         max_new_tokens: usize,
         eos_ids: &[i64],
     ) -> Result<Vec<i64>> {
-        let embeds = tch::no_grad(|| self.input_embeds(input_ids, images, false))?;
-        greedy_generate(
-            &self.llm,
-            GenerateInput::Embeds(embeds),
-            max_new_tokens,
-            eos_ids,
-        )
+        let opts = GenerateOptions::greedy(max_new_tokens, eos_ids);
+        let prompts = [input_ids.shallow_clone()];
+        Ok(self
+            .generate_batch(&prompts, images, &opts)?
+            .pop()
+            .unwrap_or_default())
+    }
+
+    /// Generation for several prompts at once: prompt `i` (1, T_i) with image `i` of `images` (B, C, D, H, W).
+    /// Each prompt's embeddings are built as for a batch of one (the image tokens right after its BOS), then
+    /// the rows are left-padded into one batch ([`crate::generate`]). Returns each prompt's new tokens.
+    pub fn generate_batch(
+        &self,
+        prompts: &[Tensor],
+        images: Option<&Tensor>,
+        opts: &GenerateOptions,
+    ) -> Result<Vec<Vec<i64>>> {
+        if let Some(images) = images {
+            if images.size().first() != Some(&(prompts.len() as i64)) {
+                return Err(ModelError::Shape {
+                    name: "images (B, C, D, H, W), one per prompt".into(),
+                    expected: vec![prompts.len() as i64],
+                    got: images.size(),
+                });
+            }
+        }
+        let embeds = tch::no_grad(|| -> Result<Vec<Tensor>> {
+            prompts
+                .iter()
+                .enumerate()
+                .map(|(i, ids)| {
+                    let image = images.map(|im| im.narrow(0, i as i64, 1));
+                    self.input_embeds(ids, image.as_ref(), false)
+                })
+                .collect()
+        })?;
+        let same_length = embeds.windows(2).all(|w| w[0].size()[1] == w[1].size()[1]);
+        let (embeds, mask) = left_pad_embeds(&embeds)?;
+        // Without padding, no mask: the plain causal path is what a batch of one has always taken.
+        let mask = (!same_length).then_some(mask);
+        generate(&self.llm, &embeds, mask.as_ref(), opts)
     }
 
     /// [`Lamed::generate`], then, when the answer contains `[SEG]`, the mask logits (1, 1, D, H, W) that
@@ -819,21 +854,35 @@ impl Lamed {
         max_new_tokens: usize,
         eos_ids: &[i64],
     ) -> Result<(Vec<i64>, Option<Tensor>)> {
+        let generated = self.generate(input_ids, Some(images), max_new_tokens, eos_ids)?;
+        let logits = self.seg_logits(input_ids, images, &generated)?;
+        Ok((generated, logits))
+    }
+
+    /// The mask logits (1, 1, D, H, W) for an answer `generated` to prompt `input_ids` (1, T) about `images`
+    /// (1, C, D, H, W), when the answer holds `[SEG]` (else `None`): SegVol prompted by the averaged last
+    /// hidden states that predicted each generated `[SEG]`. The finished sequence is run once more to collect
+    /// those states (the reference keeps them while decoding; the values are the same).
+    pub fn seg_logits(
+        &self,
+        input_ids: &Tensor,
+        images: &Tensor,
+        generated: &[i64],
+    ) -> Result<Option<Tensor>> {
         let seg = self
             .seg
             .as_ref()
             .ok_or_else(|| ModelError::Config("this LaMed has no segmentation module".into()))?;
-        let generated = self.generate(input_ids, Some(images), max_new_tokens, eos_ids)?;
         if !generated
             .iter()
             .skip(1)
             .any(|&id| id == self.cfg.tokens.seg)
         {
-            return Ok((generated, None));
+            return Ok(None);
         }
-        let logits = tch::no_grad(|| -> Result<Tensor> {
+        tch::no_grad(|| -> Result<Option<Tensor>> {
             let prompt = self.input_embeds(input_ids, Some(images), false)?;
-            let gen = Tensor::from_slice(&generated)
+            let gen = Tensor::from_slice(generated)
                 .view([1, -1])
                 .to_device(self.device());
             let embeds = Tensor::cat(&[prompt, self.llm.embed_tokens(&gen)?], 1);
@@ -842,12 +891,12 @@ impl Lamed {
             let p = input_ids.size()[1];
             let hidden = hidden.narrow(1, p, generated.len() as i64);
             let prompts = self.seg_prompts(seg, &hidden, &gen, false)?;
-            Ok(seg
-                .seg_module
-                .forward_t(&images.to_kind(self.param_kind()), Some(&prompts), false)?
-                .logits)
-        })?;
-        Ok((generated, Some(logits)))
+            Ok(Some(
+                seg.seg_module
+                    .forward_t(&images.to_kind(self.param_kind()), Some(&prompts), false)?
+                    .logits,
+            ))
+        })
     }
 }
 

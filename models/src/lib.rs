@@ -10,6 +10,7 @@
 pub mod builder;
 pub mod error;
 pub mod flops;
+pub mod generate;
 pub mod layers;
 pub mod lora;
 pub mod weights;

@@ -1117,22 +1117,8 @@ pub fn greedy_generate(
                 embeds.size()
             )));
         }
-        let mut cache = model.new_cache();
-        let mut out = Vec::with_capacity(max_new_tokens);
-        let mut hidden = model.forward_embeds(&embeds, None, Some(&mut cache), false)?;
-        while out.len() < max_new_tokens {
-            let last = hidden.narrow(1, hidden.size()[1] - 1, 1);
-            let next = model.logits(&last).argmax(-1, false).int64_value(&[0, 0]);
-            out.push(next);
-            if eos_ids.contains(&next) || out.len() == max_new_tokens {
-                break;
-            }
-            let ids = Tensor::from_slice(&[next])
-                .view([1, 1])
-                .to_device(embeds.device());
-            let step = model.embed_tokens(&ids)?;
-            hidden = model.forward_embeds(&step, None, Some(&mut cache), false)?;
-        }
-        Ok(out)
+        let opts = crate::generate::GenerateOptions::greedy(max_new_tokens, eos_ids);
+        let mut rows = crate::generate::generate(model, &embeds, None, &opts)?;
+        Ok(rows.pop().unwrap_or_default())
     })
 }

@@ -9,6 +9,7 @@ mod llm_support;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
+use m3d_models::generate::{filtered_probs, generate, GenerateOptions, Sampling};
 use m3d_models::llm::{greedy_generate, AttentionImpl, CausalLm, GenerateInput, KvCache};
 use m3d_models::ModelError;
 use tch::{Kind, Tensor};
@@ -189,4 +190,165 @@ fn greedy_generate_checks_its_input() {
     assert!(greedy_generate(&model, GenerateInput::Ids(ids), 0, &[])
         .unwrap()
         .is_empty());
+}
+
+/// A left-padded batch of two prompts decodes as transformers' `generate` decodes it, each row stopping at the
+/// eos on its own (row 0 early, then fed pad while row 1 goes on).
+fn check_batch_generation(family: &str) {
+    let dir = oracle().join(family);
+    let io = common::read(&dir.join("io.safetensors"));
+    let ids = common::get(&io, "gen_batch_ids");
+    let mask = common::get(&io, "gen_batch_mask");
+    let eos = tokens(common::get(&io, "gen_batch_eos"))[0];
+    let hf = common::get(&io, "gen_batch");
+    let expected: Vec<Vec<i64>> = (0..2)
+        .map(|r| {
+            let row = tokens(&hf.get(r));
+            match row.iter().position(|&t| t == eos) {
+                Some(end) => row[..=end].to_vec(),
+                None => row,
+            }
+        })
+        .collect();
+    assert!(
+        expected[0].len() < 12,
+        "{family}: row 0 should stop early: {expected:?}"
+    );
+    for imp in [AttentionImpl::Eager, AttentionImpl::Sdpa] {
+        let (_vs, model) = load(&dir, imp);
+        let embeds = model.embed_tokens(ids).unwrap();
+        let mut opts = GenerateOptions::greedy(12, &[eos]);
+        opts.pad_id = 0;
+        let got = generate(&model, &embeds, Some(mask), &opts).unwrap();
+        assert_eq!(got, expected, "{family} {imp:?}: left-padded batch");
+        // Each row alone (no padding) gives its batch row.
+        for (r, want) in expected.iter().enumerate() {
+            let real = mask.get(r as i64).sum(Kind::Int64).int64_value(&[]);
+            let alone = ids.narrow(0, r as i64, 1).narrow(1, 7 - real, real);
+            let got = greedy_generate(&model, GenerateInput::Ids(alone), 12, &[eos]).unwrap();
+            assert_eq!(&got, want, "{family} {imp:?}: row {r} alone");
+        }
+    }
+}
+
+#[test]
+fn llama_left_padded_batch_generates_as_transformers() {
+    check_batch_generation("llama");
+}
+
+#[test]
+fn phi3_left_padded_batch_generates_as_transformers() {
+    check_batch_generation("phi3");
+}
+
+/// Sampling: reproducible for a seed and varied across seeds; with top-k 1, or a top-p below the best token's
+/// probability, or a temperature near 0, it is greedy decoding.
+#[test]
+fn sampling_is_seeded_and_reduces_to_greedy_at_its_limits() {
+    let dir = oracle().join("llama");
+    let io = common::read(&dir.join("io.safetensors"));
+    let prompt = common::get(&io, "prompt_ids");
+    let greedy = tokens(common::get(&io, "greedy"));
+    let (_vs, model) = load(&dir, AttentionImpl::Sdpa);
+    let embeds = model.embed_tokens(prompt).unwrap();
+    let with = |s: Sampling| {
+        let opts = GenerateOptions {
+            sampling: Some(s),
+            ..GenerateOptions::greedy(12, &[])
+        };
+        generate(&model, &embeds, None, &opts).unwrap().remove(0)
+    };
+    let free = |seed| Sampling {
+        temperature: 1.5,
+        top_k: 0,
+        top_p: 1.0,
+        seed,
+    };
+    assert_eq!(with(free(7)), with(free(7)));
+    let draws: std::collections::HashSet<Vec<i64>> = (0..6).map(|s| with(free(s))).collect();
+    assert!(draws.len() > 1, "six seeds gave one continuation");
+    assert_eq!(
+        with(Sampling {
+            top_k: 1,
+            ..free(3)
+        }),
+        greedy
+    );
+    assert_eq!(
+        with(Sampling {
+            top_p: 1e-9,
+            ..free(3)
+        }),
+        greedy
+    );
+    assert_eq!(
+        with(Sampling {
+            temperature: 1e-4,
+            ..free(3)
+        }),
+        greedy
+    );
+    let bad = GenerateOptions {
+        sampling: Some(Sampling {
+            top_p: 0.0,
+            ..free(1)
+        }),
+        ..GenerateOptions::greedy(4, &[])
+    };
+    assert!(matches!(
+        generate(&model, &embeds, None, &bad),
+        Err(ModelError::Input(_))
+    ));
+}
+
+/// The top-k and top-p filters keep exactly the tokens HF's `TopKLogitsWarper` and `TopPLogitsWarper` keep,
+/// written out here on a small distribution: probabilities 0.5, 0.25, 0.15, 0.1 (ascending cumulative 0.1,
+/// 0.25, 0.5, 1.0).
+#[test]
+fn top_k_and_top_p_keep_what_transformers_keeps() {
+    let probs = [0.1f64, 0.5, 0.15, 0.25];
+    let logits = Tensor::from_slice(&probs.map(f64::ln))
+        .to_kind(Kind::Float)
+        .view([1, 4]);
+    let kept = |s: Sampling| -> Vec<bool> {
+        let p = filtered_probs(&logits, &s);
+        Vec::<f32>::try_from(p.view([-1]))
+            .unwrap()
+            .iter()
+            .map(|&v| v > 0.0)
+            .collect()
+    };
+    let base = Sampling {
+        temperature: 1.0,
+        top_k: 0,
+        top_p: 1.0,
+        seed: 0,
+    };
+    assert_eq!(kept(base), [true; 4]);
+    assert_eq!(
+        kept(Sampling { top_k: 2, ..base }),
+        [false, true, false, true]
+    );
+    // 1 - 0.8 = 0.2: the 0.1 token (cumulative 0.1 <= 0.2) goes, the 0.15 one (0.25) stays.
+    assert_eq!(
+        kept(Sampling { top_p: 0.8, ..base }),
+        [false, true, true, true]
+    );
+    // 1 - 0.6 = 0.4: cumulative 0.1 and 0.25 go; 0.5 stays.
+    assert_eq!(
+        kept(Sampling { top_p: 0.6, ..base }),
+        [false, true, false, true]
+    );
+    assert_eq!(
+        kept(Sampling { top_p: 0.1, ..base }),
+        [false, true, false, false]
+    );
+    // Renormalised over what is kept.
+    let p =
+        Vec::<f32>::try_from(filtered_probs(&logits, &Sampling { top_k: 2, ..base }).view([-1]))
+            .unwrap();
+    assert!(
+        (p[1] - 2.0 / 3.0).abs() < 1e-6 && (p[3] - 1.0 / 3.0).abs() < 1e-6,
+        "{p:?}"
+    );
 }

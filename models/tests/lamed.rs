@@ -141,6 +141,18 @@ fn lamed_matches_transformers() {
     let images = common::get(&io, "images").narrow(0, 0, 1);
     let generated = model.generate(prompt, Some(&images), 8, &[2]).unwrap();
     assert_eq!(generated, vec_i64(common::get(&io, "gen_output")));
+    // Batched with a shorter prompt (two question tokens fewer) about another image: each row as alone.
+    let t = prompt.size()[1];
+    let shorter = prompt.narrow(1, 0, t - 2);
+    let two = common::get(&io, "images").narrow(0, 0, 2);
+    let alone = model
+        .generate(&shorter, Some(&two.narrow(0, 1, 1)), 8, &[2])
+        .unwrap();
+    let opts = m3d_models::generate::GenerateOptions::greedy(8, &[2]);
+    let batch = model
+        .generate_batch(&[prompt.shallow_clone(), shorter], Some(&two), &opts)
+        .unwrap();
+    assert_eq!(batch, vec![generated.clone(), alone]);
 
     println!(
         "lamed: max |logits - oracle| = {d_logits:e}, |hidden| = {d_hidden:e}, \

@@ -4,7 +4,9 @@ weights.safetensors, config.json and io.safetensors with
 - prompt_ids (1, 7); greedy (12 new tokens, no eos); greedy_eos (eos = greedy[5], so it stops there);
 - prompt_embeds (1, 7, H) (embeddings plus noise) and greedy_embeds (12 new tokens from inputs_embeds);
 - batch_ids / batch_mask (2, 12, row 1 left-padded by 3) and batch_logits: one full forward with the
-  position ids `generate` uses, which cached decoding must reproduce.
+  position ids `generate` uses, which cached decoding must reproduce;
+- gen_batch_ids / gen_batch_mask (2, 7, row 1 left-padded by 3), gen_batch_eos (an id row 0 produces early)
+  and gen_batch (2, 12): `generate` on that left-padded batch stopping at the eos, pad (0) after a row's end.
 The seed is chosen so the greedy continuation has >= 4 distinct tokens and every greedy step wins by a margin
 (no near-ties that rounding could flip)."""
 import pathlib
@@ -32,8 +34,8 @@ def greedy(model, **inputs):
     seq = out.sequences
     if "input_ids" in inputs:
         seq = seq[:, inputs["input_ids"].shape[1]:]
-    margins = [s.topk(2, dim=-1).values[0] for s in out.scores]
-    margin = min(float(v[0] - v[1]) for v in margins)
+    margins = [s.topk(2, dim=-1).values for s in out.scores]
+    margin = min(float((v[:, 0] - v[:, 1]).min()) for v in margins)
     return seq, margin
 
 
@@ -63,8 +65,17 @@ def run(out, family):
     with torch.no_grad():
         blogits = model(input_ids=batch, attention_mask=bmask, position_ids=generate_position_ids(bmask),
                         use_cache=False).logits
+    gen_batch = torch.randint(3, kwargs["vocab_size"], (2, 7))
+    gen_mask = torch.ones_like(gen_batch)
+    gen_mask[1, :3] = 0
+    gen_batch[1, :3] = kwargs["pad_token_id"]
+    free, _ = greedy(model, input_ids=gen_batch, attention_mask=gen_mask)
+    gen_eos = int(free[0, 3])
+    gen_out, margin = greedy(model, input_ids=gen_batch, attention_mask=gen_mask, eos=gen_eos)
+    assert margin > 1e-4, margin
     save(model, out)
-    save_file({"prompt_ids": prompt, "greedy": ids, "greedy_eos": ids_eos, "prompt_embeds": embeds,
+    save_file({"gen_batch_ids": gen_batch, "gen_batch_mask": gen_mask, "gen_batch": gen_out.contiguous(),
+               "gen_batch_eos": torch.tensor([gen_eos]), "prompt_ids": prompt, "greedy": ids, "greedy_eos": ids_eos, "prompt_embeds": embeds,
                "greedy_embeds": ids_e, "batch_ids": batch, "batch_mask": bmask, "batch_logits": blogits},
               str(pathlib.Path(out) / "io.safetensors"))
     print(family, "seed", seed, "greedy", ids.tolist(), "embeds", ids_e.tolist(), "margins", m1, m2)
