@@ -167,6 +167,19 @@ fn writer_props(
         b = b
             .set_dictionary_enabled(false)
             .set_statistics_enabled(EnabledStatistics::None);
+        // A volume's small columns are a few bytes each per row group, which no codec shrinks; compressed, each
+        // costs a reader a decompression context per volume (zstd's was 5 % of reading a volume).
+        for small in [
+            "volume_id",
+            "dataset",
+            "source",
+            "shape.list.item",
+            "dtype",
+            "image_crc32",
+        ] {
+            let path = ColumnPath::new(small.split('.').map(str::to_string).collect());
+            b = b.set_column_compression(path, Compression::UNCOMPRESSED);
+        }
         if opts.image_codec == ImageCodec::Lz4 {
             b = b.set_column_compression(ColumnPath::from("image"), Compression::LZ4_RAW);
         }
