@@ -62,6 +62,20 @@ if ! command -v nasm >/dev/null 2>&1; then
   fi
 fi
 
+# WordNet 3.0 (Debian's wordnet-base, plus wordnet-sense-index for the index.sense NLTK's reader insists on) in
+# /usr/share/wordnet: m3d-scoring's METEOR reads it, and its oracle test fails without it. Installed where apt can.
+if [ ! -f /usr/share/wordnet/data.noun ] || [ ! -f /usr/share/wordnet/index.sense ]; then
+  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    echo "[setup] installing WordNet 3.0 (wordnet-base, wordnet-sense-index) for METEOR"
+    timeout 300 apt-get install -y -qq --no-install-recommends wordnet-base wordnet-sense-index >/dev/null 2>&1 \
+      || { timeout 300 apt-get update -qq >/dev/null 2>&1 \
+        && timeout 300 apt-get install -y -qq --no-install-recommends wordnet-base wordnet-sense-index >/dev/null 2>&1; } \
+      || echo "[setup] warning: could not install WordNet; m3d-scoring's METEOR tests will fail" >&2
+  else
+    echo "[setup] warning: WordNet not in /usr/share/wordnet (and no root apt-get); m3d-scoring's METEOR tests will fail" >&2
+  fi
+fi
+
 # The target folder outlives clones; each clone adds its own test binaries. Drop superseded ones.
 python3 "$M3D_ROOT/scripts/prune-target.py" "$CARGO_TARGET_DIR" || echo "[setup] warning: pruning $CARGO_TARGET_DIR failed" >&2
 

@@ -14,6 +14,7 @@ use m3d_data_prep::vqa::VqaOptions;
 use m3d_data_prep::{convert_volumes, ConvertOptions, ConvertReport, Part};
 
 mod control;
+mod generate;
 mod k8s;
 mod plan;
 mod report;
@@ -77,6 +78,8 @@ enum Command {
     /// Evaluate a trained model on held-out shards.
     #[command(subcommand)]
     Eval(Eval),
+    /// Ask a trained M3D-LaMed about volumes: answers, boxes, and masks for `[SEG]` answers.
+    Generate(generate::GenerateArgs),
     /// What a recipe costs before launching it: parameters, memory per GPU, FLOPs, time.
     Plan(plan::PlanArgs),
     /// Render Kubernetes objects for a recipe (JobSet) or a data-prep conversion.
@@ -88,6 +91,8 @@ enum Command {
 enum Eval {
     /// M3D-CLIP image-text retrieval (R@1/5/10 in both directions).
     Retrieval(train::EvalRetrievalArgs),
+    /// M3D-Bench for M3D-LaMed: report generation, VQA, REC/REG and segmentation on the test splits.
+    Bench(generate::EvalBenchArgs),
 }
 
 #[derive(Subcommand)]
@@ -368,6 +373,8 @@ fn run(cli: Cli) -> Result<()> {
         Command::Export(a) => return train::export(a),
         Command::MergeLora(a) => return train::merge_lora(a),
         Command::Eval(Eval::Retrieval(a)) => return train::eval_retrieval(a),
+        Command::Generate(a) => return generate::generate(a),
+        Command::Eval(Eval::Bench(a)) => return generate::eval_bench(a),
         Command::K8s(cmd) => return k8s::run(cmd),
         Command::Plan(a) => return plan::plan(a),
         Command::DataPrep(cmd) => match cmd {

@@ -17,6 +17,7 @@ pub mod pipeline;
 pub mod progress;
 pub mod refseg;
 pub mod seg;
+pub mod single;
 pub mod text;
 pub mod vqa;
 

@@ -4,6 +4,8 @@
 //! The encoders run in batches on a chosen device ([`clip_retrieval_on`]; by default the first GPU when there
 //! is one, else the CPU), the batches reaching it as the trainer's do ([`m3d_worker::batch::to_device`]).
 
+pub mod bench;
+
 use std::path::Path;
 
 use m3d_data::loader::{LoaderOptions, ShardLoader};

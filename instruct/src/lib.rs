@@ -16,6 +16,8 @@ use rand::seq::IndexedRandom;
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 
+pub mod bench;
+
 /// Errors deriving an instruction.
 #[derive(Debug, thiserror::Error)]
 pub enum InstructError {

@@ -986,6 +986,50 @@ pub fn extend_llm_checkpoint(
     Ok(out)
 }
 
+/// End-of-text tokens when `tokenizer_config.json` names none: Llama-2 `</s>`, Llama-3 `<|end_of_text|>`,
+/// word-level vocabularies in BERT's style `[SEP]`.
+const EOS_TOKENS: [&str; 3] = ["</s>", "<|end_of_text|>", "[SEP]"];
+
+/// The eos id LaMed's examples end with, as the reference sets it (LaMed/src/train/train.py:287-291):
+/// Llama-3's `<|end_of_text|>` (128001, whatever its config names: the Instruct model's says `<|eot_id|>`),
+/// else the tokenizer's own (`tokenizer_config.json`, e.g. Phi-3's `<|endoftext|>`), else [`EOS_TOKENS`].
+pub fn eos_id(tokenizer: &crate::tokenizer::Tokenizer) -> Option<i64> {
+    tokenizer
+        .token_to_id("<|end_of_text|>")
+        .or_else(|| tokenizer.config_eos_token().map(|(_, id)| id))
+        .or_else(|| {
+            EOS_TOKENS
+                .into_iter()
+                .find_map(|t| tokenizer.token_to_id(t))
+        })
+}
+
+/// Makes a base LLM's tokenizer LaMed's, as the reference's training script does: `<im_patch>`, `<bx_start>`,
+/// `<bx_end>` added as special tokens and `[SEG]` as a normal one, in this order (so their ids follow the base
+/// vocabulary), and a pad token where there is none: unk where there is one (Llama-2, Phi-3), else eos
+/// (Llama-3). Tokens already there are kept, so a tokenizer saved with a LaMed (a released checkpoint's)
+/// passes through unchanged.
+pub fn prepare_tokenizer(tokenizer: &mut crate::tokenizer::Tokenizer) -> Result<()> {
+    let (special, normal) = ADDED_TOKENS.split_at(3);
+    tokenizer.add_special_tokens(special)?;
+    tokenizer.add_tokens(normal)?;
+    if tokenizer.pad_token().is_none() {
+        let unk = ["<unk>", "[UNK]"]
+            .into_iter()
+            .find(|t| tokenizer.token_to_id(t).is_some())
+            .map(String::from);
+        let eos = eos_id(tokenizer).and_then(|id| tokenizer.id_to_token(id));
+        let pad = unk.or(eos).ok_or_else(|| {
+            ModelError::Config(format!(
+                "{}: the tokenizer has neither a pad, an unk nor an eos token",
+                tokenizer.path().display()
+            ))
+        })?;
+        tokenizer.set_pad_token(&pad)?;
+    }
+    Ok(())
+}
+
 /// The BOS a LaMed prompt starts with. The reference splices the image features over positions
 /// `1..=num_image_tokens` and keeps position 0 (`LaMed/src/model/lamed_arch.py`): it assumes the tokenizer
 /// puts exactly one BOS before the text, as Llama-2's, Llama-3's and Phi-3's `tokenizer.json` templates do.

@@ -91,6 +91,11 @@ impl LlmConfig {
         each_family!(self, c => c.vocab_size = n)
     }
 
+    /// The context length the model was trained for (the longest prompt plus answer `generate` accepts).
+    pub fn max_position_embeddings(&self) -> i64 {
+        each_family!(self, c => c.max_position_embeddings)
+    }
+
     pub fn num_hidden_layers(&self) -> i64 {
         each_family!(self, c => c.num_hidden_layers)
     }

@@ -10,7 +10,7 @@ use m3d_instruct::{instruction, Family, Templates};
 use m3d_models::clip::{M3dClip, M3dClipConfig};
 use m3d_models::lamed::{
     build_example, collate, extend_llm_checkpoint, prompt_bos, Lamed, LamedBatch, LamedConfig,
-    LamedHostChecks, ADDED_TOKENS, IGNORE_INDEX,
+    LamedHostChecks, IGNORE_INDEX,
 };
 use m3d_models::layers::CheckedIds;
 use m3d_models::lora::{freeze_base, LoraConfig};
@@ -80,24 +80,6 @@ fn recipe_err(field: &str, reason: impl Into<String>) -> JobError {
         field: field.into(),
         reason: reason.into(),
     }
-}
-
-/// End-of-text tokens when `tokenizer_config.json` names none: Llama-2 `</s>`, Llama-3 `<|end_of_text|>`,
-/// word-level vocabularies in BERT's style `[SEP]`.
-const EOS_TOKENS: [&str; 3] = ["</s>", "<|end_of_text|>", "[SEP]"];
-
-/// The eos id LaMed's examples end with, as the reference sets it (LaMed/src/train/train.py:287-291):
-/// Llama-3's `<|end_of_text|>` (128001, whatever its config names: the Instruct model's says `<|eot_id|>`),
-/// else the tokenizer's own (`tokenizer_config.json`, e.g. Phi-3's `<|endoftext|>`), else [`EOS_TOKENS`].
-fn eos_id(tokenizer: &Tokenizer) -> Option<i64> {
-    tokenizer
-        .token_to_id("<|end_of_text|>")
-        .or_else(|| tokenizer.config_eos_token().map(|(_, id)| id))
-        .or_else(|| {
-            EOS_TOKENS
-                .into_iter()
-                .find_map(|t| tokenizer.token_to_id(t))
-        })
 }
 
 /// The network being trained.
@@ -563,27 +545,8 @@ impl TrainModel {
         let base_vocab = tokenizer.vocab_size(true) as i64;
         let spec = model_spec(recipe, base_vocab)?;
         if spec.is_lamed() {
-            // The reference adds <im_patch>, <bx_start>, <bx_end> as special tokens and [SEG] as a normal
-            // one, in this order, so their ids follow the base vocabulary.
-            let (special, normal) = ADDED_TOKENS.split_at(3);
-            tokenizer.add_special_tokens(special)?;
-            tokenizer.add_tokens(normal)?;
-            if tokenizer.pad_token().is_none() {
-                // The reference: pad = unk where there is one (Llama-2, Phi-3), else pad = eos (Llama-3,
-                // whose eos it sets to `<|end_of_text|>`).
-                let unk = ["<unk>", "[UNK]"]
-                    .into_iter()
-                    .find(|t| tokenizer.token_to_id(t).is_some())
-                    .map(String::from);
-                let eos = eos_id(&tokenizer).and_then(|id| tokenizer.id_to_token(id));
-                let pad = unk.or(eos).ok_or_else(|| {
-                    recipe_err(
-                        "tokenizer",
-                        "the tokenizer has neither a pad, an unk nor an eos token",
-                    )
-                })?;
-                tokenizer.set_pad_token(&pad)?;
-            }
+            m3d_models::lamed::prepare_tokenizer(&mut tokenizer)
+                .map_err(|e| recipe_err("tokenizer", e.to_string()))?;
             if let ModelSpec::Lamed(cfg) = &spec {
                 prompt_bos(&tokenizer, cfg.tokens.im_patch)
                     .map_err(|e| recipe_err("tokenizer", e.to_string()))?;
@@ -637,7 +600,7 @@ impl TrainModel {
             Net::Clip(c) => (c.config().vision.img_size, c.config().text.vocab_size, None),
             Net::Lamed(l) => {
                 let pad = tokenizer.pad_token().map(|(_, id)| id).unwrap_or(0);
-                let eos = eos_id(&tokenizer).unwrap_or(pad);
+                let eos = m3d_models::lamed::eos_id(&tokenizer).unwrap_or(pad);
                 (
                     l.config().vision.img_size,
                     0,

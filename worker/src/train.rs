@@ -200,6 +200,11 @@ fn save_final_files(model: &TrainModel, dir: &Path, weights: bool) -> Result<(),
     std::fs::write(tmp.join("config.json"), cfg).map_err(io(&tmp))?;
     let tok = model.tokenizer.path();
     std::fs::copy(tok, tmp.join("tokenizer.json")).map_err(io(tok))?;
+    // It names the special tokens (Phi-3's eos among them), which loading the folder again needs.
+    let tok_config = tok.with_file_name("tokenizer_config.json");
+    if tok_config.is_file() {
+        std::fs::copy(&tok_config, tmp.join("tokenizer_config.json")).map_err(io(&tok_config))?;
+    }
     if let Some(lora) = &model.lora {
         m3d_models::lora::save_adapter(&tmp.join("adapter"), &model.vs, lora, Some("CAUSAL_LM"))?;
     }

@@ -1,0 +1,275 @@
+//! `m3d generate` and `m3d eval bench` as a user runs them, on a tiny LaMed trained by `m3d train` from
+//! synthetic shards: answers from a shard volume and a raw `.npy`; several prompts batched (left padding) give
+//! what each gives alone; a model that answers `[SEG]` writes its mask as NIfTI on the input's grid and a PNG
+//! overlay; bad input is refused naming what is wrong; the benchmark covers every task and gives the same
+//! per-sample results on 1 and 2 workers.
+
+mod common;
+
+use std::path::Path;
+
+use common::{m3d_err, m3d_ok, s, synth_small, workspace_root};
+
+/// Trains the tiny LaMed with SegVol for two steps on synthetic M3D-Seg shards; returns (final dir, seg shards).
+fn trained(dir: &Path) -> (String, String) {
+    let raw = dir.join("raw");
+    synth_small(&raw);
+    let seg = dir.join("shards/seg");
+    m3d_ok(&[
+        "data-prep",
+        "seg",
+        "--src",
+        s(&raw.join("M3D_Seg")),
+        "--out",
+        s(&seg),
+    ]);
+    let cap = dir.join("shards/cap");
+    m3d_ok(&[
+        "data-prep",
+        "cap",
+        "--src",
+        s(&raw.join("M3D_Cap")),
+        "--out",
+        s(&cap),
+    ]);
+    let vqa = dir.join("shards/vqa");
+    m3d_ok(&[
+        "data-prep",
+        "vqa",
+        "--src",
+        s(&raw.join("M3D_VQA")),
+        "--out",
+        s(&vqa),
+        "--cap",
+        s(&cap),
+    ]);
+    let refseg = dir.join("shards/refseg");
+    m3d_ok(&[
+        "data-prep",
+        "refseg",
+        "--src",
+        s(&raw.join("M3D_RefSeg")),
+        "--out",
+        s(&refseg),
+    ]);
+    let run = dir.join("run");
+    let recipe = workspace_root().join("recipes/lamed-stage2-tiny.yaml");
+    let sets = [
+        format!("data.tasks=[{{task: seg, shards: [{}]}}]", seg.display()),
+        "model.init_from=[]".into(),
+        "model.segmentation=true".into(),
+        "train.max_steps=2".into(),
+        "checkpoint.every=0".into(),
+        format!("output.run={}", run.display()),
+    ];
+    let mut args = vec!["train", s(&recipe), "--workers", "1"];
+    for set in &sets {
+        args.extend(["--set", set.as_str()]);
+    }
+    m3d_ok(&args);
+    (s(&run.join("final")).to_string(), s(&seg).to_string())
+}
+
+fn json_lines(out: &str) -> Vec<serde_json::Value> {
+    out.lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect()
+}
+
+fn texts(out: &str) -> Vec<String> {
+    json_lines(out)
+        .iter()
+        .map(|v| v["text"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn generate_answers_batches_and_writes_masks() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, seg) = trained(dir.path());
+    let volume = format!("{seg}#0000/case_00000");
+    let raw_npy = dir.path().join("raw/M3D_Seg/0000/case_00000/image.npy");
+    let (a, b) = (
+        "What is liver in this image?",
+        "Can you describe the findings in this image please?",
+    );
+    let ask = |image: &str, prompts: &[&str]| {
+        let mut args = vec![
+            "generate",
+            "--model",
+            &model,
+            "--image",
+            image,
+            "--max-new-tokens",
+            "6",
+        ];
+        args.extend(["--device", "cpu", "--json"]);
+        for p in prompts {
+            args.extend(["--prompt", p]);
+        }
+        m3d_ok(&args)
+    };
+
+    // Two prompts of different lengths in one batch: each answer is the one it gets alone.
+    let both = texts(&ask(&volume, &[a, b]));
+    assert_eq!(both.len(), 2);
+    assert_eq!(both[0], texts(&ask(&volume, &[a]))[0]);
+    assert_eq!(both[1], texts(&ask(&volume, &[b]))[0]);
+    assert!(both.iter().all(|t| !t.is_empty()), "{both:?}");
+    // A raw .npy goes through the M3D-Seg preprocessing (the shard stores it in f16, so the answers need not be
+    // equal; data-prep's tests compare the preprocessing itself).
+    assert_eq!(texts(&ask(s(&raw_npy), &[a])).len(), 1);
+
+    // A model that always says [SEG]: the mask comes back on the input's grid.
+    let seg_id = serde_json::from_slice::<serde_json::Value>(
+        &std::fs::read(Path::new(&model).join("config.json")).unwrap(),
+    )
+    .unwrap()["tokens"]["seg"]
+        .as_i64()
+        .unwrap();
+    common::oracle("always_seg.py", &[&model, &seg_id.to_string()]);
+    let out = dir.path().join("masks");
+    let printed = m3d_ok(&[
+        "generate",
+        "--model",
+        &model,
+        "--image",
+        s(&raw_npy),
+        "--task",
+        "seg",
+        "--target",
+        "liver",
+        "--max-new-tokens",
+        "3",
+        "--device",
+        "cpu",
+        "--json",
+        "--out",
+        s(&out),
+    ]);
+    let answer = &json_lines(&printed)[0];
+    assert_eq!(
+        answer["tokens"],
+        serde_json::json!([seg_id, seg_id, seg_id])
+    );
+    let nifti = out.join("answer-0.nii.gz");
+    assert_eq!(answer["mask"].as_str(), Some(s(&nifti)));
+    assert!(out.join("answer-0.png").is_file() && out.join("answers.json").is_file());
+    let shapes = common::oracle("nifti_and_npy_shapes.py", &[s(&nifti), s(&raw_npy)]);
+    let shapes: serde_json::Value = serde_json::from_str(shapes.trim()).unwrap();
+    assert_eq!(shapes["nifti"], shapes["npy_spatial"], "{shapes}");
+}
+
+#[test]
+fn generate_refuses_bad_input_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, _) = trained(dir.path());
+    let gen = |model: &str, image: &str, prompt: &str| {
+        m3d_err(&[
+            "generate", "--model", model, "--image", image, "--prompt", prompt, "--device", "cpu",
+        ])
+    };
+    let missing = dir.path().join("nowhere");
+    assert!(gen(s(&missing), "x.npy", "hi").contains(s(&missing)));
+
+    let flat = dir.path().join("flat.npy");
+    common::oracle("write_npy.py", &[s(&flat), "4,5"]);
+    let err = gen(&model, s(&flat), "hi");
+    assert!(err.contains(s(&flat)) && err.contains("[4, 5]"), "{err}");
+
+    let broken = dir.path().join("broken.nii.gz");
+    std::fs::write(&broken, b"not a nifti").unwrap();
+    assert!(gen(&model, s(&broken), "hi").contains(s(&broken)));
+
+    let long = "word ".repeat(2000);
+    let err = gen(
+        &model,
+        s(&dir.path().join("raw/M3D_Seg/0000/case_00000/image.npy")),
+        &long,
+    );
+    assert!(err.contains("context"), "{err}");
+
+    let weights = Path::new(&model).join("model.safetensors");
+    std::fs::remove_file(&weights).unwrap();
+    assert!(gen(&model, "x.npy", "hi").contains("model.safetensors"));
+}
+
+#[test]
+fn eval_bench_covers_every_task_and_two_workers_equal_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, _) = trained(dir.path());
+    let shards = dir.path().join("shards");
+    let cap = shards.join("cap");
+    let data: Vec<_> = ["cap", "vqa", "seg", "refseg"]
+        .iter()
+        .map(|d| shards.join(d))
+        .collect();
+    let bench = |workers: &str, out: &Path| {
+        let mut args = vec!["eval", "bench", "--model", &model, "--volumes", s(&cap)];
+        for d in &data {
+            args.extend(["--data", s(d)]);
+        }
+        args.extend([
+            "--limit",
+            "2",
+            "--max-new-tokens",
+            "4",
+            "--batch",
+            "3",
+            "--device",
+            "cpu",
+        ]);
+        args.extend(["--workers", workers, "-o", s(out)]);
+        m3d_ok(&args)
+    };
+    let (one, two) = (dir.path().join("one"), dir.path().join("two"));
+    let printed = bench("1", &one);
+    bench("2", &two);
+    let results = std::fs::read_to_string(one.join("results.jsonl")).unwrap();
+    assert_eq!(
+        results,
+        std::fs::read_to_string(two.join("results.jsonl")).unwrap()
+    );
+    assert!(two.join("parts/rank-1-of-2.jsonl").is_file());
+
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(one.join("bench.json")).unwrap()).unwrap();
+    let tasks = report["tasks"].as_object().unwrap();
+    let names: Vec<&str> = tasks.keys().map(String::as_str).collect();
+    assert_eq!(
+        names,
+        [
+            "cap",
+            "rec",
+            "refseg",
+            "reg",
+            "seg",
+            "vqa-closed",
+            "vqa-open"
+        ]
+    );
+    let metric = |task: &str, m: &str| tasks[task]["metrics"][m].as_f64();
+    for (task, m) in [
+        ("cap", "bleu1"),
+        ("cap", "rouge1"),
+        ("vqa-closed", "accuracy"),
+        ("vqa-open", "rouge1"),
+        ("rec", "iou"),
+        ("rec", "acc@0.5"),
+        ("reg", "bleu1"),
+        ("seg", "dice"),
+        ("refseg", "dice"),
+    ] {
+        let v = metric(task, m).unwrap_or_else(|| panic!("{task} {m} missing: {report}"));
+        assert!((0.0..=100.0).contains(&v), "{task} {m} = {v}");
+    }
+    assert_eq!(report["published"]["vqa-closed"]["accuracy"], 75.78);
+    assert!(printed.contains("| vqa-closed |") && one.join("bench.md").is_file());
+    for line in results.lines() {
+        let r: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert!(
+            r["prediction"].is_string() && r["question"].is_string(),
+            "{r}"
+        );
+    }
+}
