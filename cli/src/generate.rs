@@ -211,9 +211,13 @@ pub struct EvalBenchArgs {
     /// Processes sharing the samples (each answers every N-th; the parent merges their results).
     #[arg(long, default_value_t = 1)]
     workers: usize,
-    /// Run as rank R of `--workers` and write only this rank's results (what `--workers` starts).
-    #[arg(long, hide = true)]
+    /// Run as rank R of `--workers` and write only this rank's part (what `--workers` starts itself; on a
+    /// cluster, one per pod over a shared `-o`, then `--merge`).
+    #[arg(long, conflicts_with = "merge")]
     rank: Option<usize>,
+    /// Only merge the `--workers` ranks' parts already in `-o` into the report.
+    #[arg(long)]
+    merge: bool,
     #[arg(long, default_value_t = 8)]
     batch: usize,
     #[arg(long, default_value_t = 256)]
@@ -272,7 +276,9 @@ pub fn eval_bench(a: EvalBenchArgs) -> Result<()> {
     if a.rank.is_some() {
         return run_rank(&opts);
     }
-    if a.workers == 1 {
+    if a.merge {
+        // The parts were written by ranks started elsewhere.
+    } else if a.workers == 1 {
         run_rank(&opts)?;
     } else {
         // Each rank a process of its own, as on a cluster; their results meet in the part files.

@@ -409,8 +409,19 @@ fn the_reference_class_list_names_the_class() {
     )
     .unwrap();
     assert_eq!(p.question, "Please segment the liver in this image.");
+    // A channel past the reference's list: not the reference's dataset (synthetic data reuses its codes), so the
+    // sample's own class; without one, an error naming the channel.
     s.mask_index = Some(4);
     s.volume_id = "0003/case".into();
+    let p = rebuild(
+        BenchTask::Seg,
+        Some(Family::Cls),
+        &s,
+        draws(2, None, Some(0)),
+    )
+    .unwrap();
+    assert_eq!(p.question, "Please segment the liver in this image.");
+    s.class_name = None;
     let e = rebuild(
         BenchTask::Seg,
         Some(Family::Cls),

@@ -231,6 +231,33 @@ fn eval_bench_covers_every_task_and_two_workers_equal_one() {
         std::fs::read_to_string(two.join("results.jsonl")).unwrap()
     );
     assert!(two.join("parts/rank-1-of-2.jsonl").is_file());
+    // Ranks run elsewhere leave their parts; `--merge` makes the report from them, and refuses a missing one.
+    let merge = |out: &Path| {
+        let mut args = vec![
+            "eval",
+            "bench",
+            "--model",
+            &model,
+            "--merge",
+            "--workers",
+            "2",
+        ];
+        for d in &data {
+            args.extend(["--data", s(d)]);
+        }
+        args.extend(["--limit", "2", "-o", s(out)]);
+        args.iter().map(|a| a.to_string()).collect::<Vec<_>>()
+    };
+    std::fs::remove_file(two.join("results.jsonl")).unwrap();
+    let args = merge(&two);
+    m3d_ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(
+        results,
+        std::fs::read_to_string(two.join("results.jsonl")).unwrap()
+    );
+    std::fs::remove_file(two.join("parts/rank-1-of-2.jsonl")).unwrap();
+    let err = m3d_err(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(err.contains("rank 1 of 2"), "{err}");
 
     let report: serde_json::Value =
         serde_json::from_slice(&std::fs::read(one.join("bench.json")).unwrap()).unwrap();
