@@ -260,6 +260,11 @@ pub fn eval_bench(a: EvalBenchArgs) -> Result<()> {
         world: a.workers,
     };
     let run_rank = |opts: &m3d_eval::bench::BenchOptions| -> Result<()> {
+        if a.workers > 1 {
+            // The ranks share this machine's cores: each takes its share instead of all of them.
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            tch::set_num_threads((cores / a.workers).max(1) as i32);
+        }
         let device = match a.device.as_deref() {
             Some(d) => m3d_eval::parse_device(d).map_err(anyhow::Error::msg)?,
             None => m3d_eval::default_device(),
