@@ -216,9 +216,18 @@ pub fn run_rank(
     for chunk in mine.chunks(opts.batch.max(1)) {
         let mut requests = Vec::new();
         let mut asked: Vec<(BenchPrompt, Option<Vec<f32>>)> = Vec::new();
+        // One load per dataset for the whole chunk, so its volume reads are planned (and coalesced) together.
+        let mut loaded = std::collections::HashMap::new();
+        for (d, loader) in loaders.iter().enumerate() {
+            let wanted: Vec<u64> = chunk.iter().filter(|w| w.1 == d).map(|w| w.2).collect();
+            if !wanted.is_empty() {
+                for sample in loader.load(&wanted)? {
+                    loaded.insert((d, sample.index), sample);
+                }
+            }
+        }
         for &(task, d, i) in chunk {
-            let mut loaded = loaders[d].load(&[i])?;
-            let sample = loaded.pop().ok_or_else(|| {
+            let sample = loaded.get(&(d, i)).ok_or_else(|| {
                 EvalError::Input(format!("sample {i} of {} did not load", data[d]))
             })?;
             let image = Tensor::from_slice(&sample.image).view(sample.shape.map(|s| s as i64));
