@@ -231,6 +231,22 @@ pub struct EvalBenchArgs {
     /// WordNet 3.0 dict folder for METEOR.
     #[arg(long, default_value = "/usr/share/wordnet")]
     wordnet: PathBuf,
+    /// BERTScore encoder: an HF folder (roberta-large, as M3D-Bench scores; nothing is downloaded). Without it
+    /// the report has no BERTScore.
+    #[arg(long)]
+    bertscore: Option<PathBuf>,
+    /// The encoder layer BERTScore reads [default: 17 for roberta-large; required for any other encoder].
+    #[arg(long, requires = "bertscore")]
+    bertscore_layer: Option<i64>,
+    /// The M3D-CLIP folder the `retrieval` task scores (a run's `final/`).
+    #[arg(long)]
+    clip: Option<PathBuf>,
+    /// CPU threads of each rank [default: this machine's cores / --workers].
+    #[arg(long)]
+    threads: Option<usize>,
+    /// PNG overlays (predicted and reference mask) of this many samples of each segmentation task.
+    #[arg(long, default_value_t = 4)]
+    overlays: usize,
     /// cpu, cuda or cuda:N [default: cuda when a GPU is visible, else cpu].
     #[arg(long)]
     device: Option<String>,
@@ -256,11 +272,16 @@ pub fn eval_bench(a: EvalBenchArgs) -> Result<()> {
             m3d_scoring::Convention::Corrected
         },
         wordnet: a.wordnet.is_dir().then(|| a.wordnet.clone()),
+        bertscore: a.bertscore.clone().map(|d| (d, a.bertscore_layer)),
+        clip: a.clip.clone(),
+        overlays: a.overlays,
         rank: a.rank.unwrap_or(0),
         world: a.workers,
     };
     let run_rank = |opts: &m3d_eval::bench::BenchOptions| -> Result<()> {
-        if a.workers > 1 {
+        if let Some(t) = a.threads {
+            tch::set_num_threads(t.max(1) as i32);
+        } else if a.workers > 1 {
             // The ranks share this machine's cores: each takes its share instead of all of them.
             let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
             tch::set_num_threads((cores / a.workers).max(1) as i32);

@@ -92,7 +92,7 @@ enum Eval {
     /// M3D-CLIP image-text retrieval (R@1/5/10 in both directions).
     Retrieval(train::EvalRetrievalArgs),
     /// M3D-Bench for M3D-LaMed: report generation, VQA, REC/REG and segmentation on the test splits.
-    Bench(generate::EvalBenchArgs),
+    Bench(Box<generate::EvalBenchArgs>),
 }
 
 #[derive(Subcommand)]
@@ -374,7 +374,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::MergeLora(a) => return train::merge_lora(a),
         Command::Eval(Eval::Retrieval(a)) => return train::eval_retrieval(a),
         Command::Generate(a) => return generate::generate(a),
-        Command::Eval(Eval::Bench(a)) => return generate::eval_bench(a),
+        Command::Eval(Eval::Bench(a)) => return generate::eval_bench(*a),
         Command::K8s(cmd) => return k8s::run(cmd),
         Command::Plan(a) => return plan::plan(a),
         Command::DataPrep(cmd) => match cmd {

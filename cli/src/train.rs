@@ -149,6 +149,10 @@ pub struct ExportArgs {
     /// Fold LoRA adapters into their base weights (as PEFT's merge_and_unload).
     #[arg(long)]
     merge_lora: bool,
+    /// A LaMed in the released M3D-LaMed layout (LoRA merged, `config.json` of `LamedPhi3ForCausalLM` /
+    /// `LamedLlamaForCausalLM`, tokenizer files), loadable by `m3d generate` and by the reference's code.
+    #[arg(long, conflicts_with_all = ["merge_lora", "vision_encoder"])]
+    released: bool,
 }
 
 #[derive(Args)]
@@ -788,6 +792,8 @@ pub fn eval_retrieval(a: EvalRetrievalArgs) -> Result<()> {
 pub fn export(a: ExportArgs) -> Result<()> {
     let kind = if a.vision_encoder {
         ExportKind::VisionEncoder
+    } else if a.released {
+        ExportKind::Released
     } else {
         ExportKind::Full {
             merge_lora: a.merge_lora,
@@ -807,5 +813,6 @@ pub fn merge_lora(a: MergeLoraArgs) -> Result<()> {
         out: a.out,
         vision_encoder: false,
         merge_lora: true,
+        released: false,
     })
 }

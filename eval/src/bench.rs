@@ -19,6 +19,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use m3d_data::loader::{LoaderOptions, ShardLoader};
+use m3d_data_prep::single::write_overlay_png;
 use m3d_infer::{LamedModel, Request};
 use m3d_instruct::bench::{bench_prompts, BenchPrompt, BenchTask};
 use m3d_scoring::bleu::{bleu, BleuParams};
@@ -31,10 +32,12 @@ use m3d_scoring::vqa::closed_vqa_correct;
 use m3d_scoring::wordnet::WordNet;
 use m3d_scoring::Convention;
 use m3d_shards::schema::Task;
+use m3d_volume::Volume;
 use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
-use crate::EvalError;
+use crate::bertscore::BertScorer;
+use crate::{EvalError, Retrieval};
 
 /// What to evaluate and how.
 #[derive(Debug, Clone)]
@@ -52,6 +55,14 @@ pub struct BenchOptions {
     pub convention: Convention,
     /// WordNet 3.0 dict folder for METEOR (`/usr/share/wordnet` with Debian's `wordnet-base`).
     pub wordnet: Option<PathBuf>,
+    /// BERTScore's encoder folder (roberta-large for M3D-Bench's numbers) and the layer it reads (`None`: 17,
+    /// roberta-large's); without one the report has no BERTScore.
+    pub bertscore: Option<(PathBuf, Option<i64>)>,
+    /// The M3D-CLIP folder that the `retrieval` task scores (LaMed does not retrieve).
+    pub clip: Option<PathBuf>,
+    /// PNG overlays (`overlays/`) of this many segmentation samples of each segmentation task, the first ones
+    /// in the fixed order (whichever rank evaluates them).
+    pub overlays: usize,
     pub rank: usize,
     pub world: usize,
 }
@@ -69,7 +80,11 @@ pub struct SampleResult {
     pub question: String,
     pub answer: String,
     pub prediction: String,
-    /// The metrics of this prompt (`bleu1`, `rouge1`, `meteor`, `correct`, `iou`, `dice`).
+    /// The overlay PNGs of a segmentation answer (predicted mask, then the reference mask), relative to the
+    /// output folder.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub overlays: Vec<String>,
+    /// The metrics of this prompt (`bleu1`, `rouge1`, `meteor`, `bertscore_f1`, `correct`, `iou`, `dice`).
     pub scores: BTreeMap<String, f64>,
 }
 
@@ -86,6 +101,9 @@ fn accepts(task: BenchTask, stored: Task) -> bool {
         BenchTask::Retrieval => false,
     }
 }
+
+/// A sample of a task: (task, dataset index, sample index).
+type WorkItem = (BenchTask, usize, u64);
 
 /// The part file of `rank` of `world`.
 pub fn part_path(out: &Path, rank: usize, world: usize) -> PathBuf {
@@ -155,11 +173,6 @@ pub fn run_rank(
             opts.rank, opts.world
         )));
     }
-    if opts.tasks.contains(&BenchTask::Retrieval) {
-        return Err(EvalError::Input(
-            "retrieval scores an M3D-CLIP: run `m3d eval retrieval --model <clip>`".into(),
-        ));
-    }
     let loaders: Vec<ShardLoader> = data
         .iter()
         .map(|url| {
@@ -173,9 +186,15 @@ pub fn run_rank(
             )
         })
         .collect::<Result<_, _>>()?;
+    if opts.tasks.contains(&BenchTask::Retrieval) && opts.rank == 0 {
+        retrieval(model, data, &loaders, opts, out)?;
+    }
     // (task, dataset, sample) in the fixed order, then this rank's share.
-    let mut work: Vec<(BenchTask, usize, u64)> = Vec::new();
+    let mut work: Vec<WorkItem> = Vec::new();
     for &task in &opts.tasks {
+        if task == BenchTask::Retrieval {
+            continue;
+        }
         let before = work.len();
         for (d, loader) in loaders.iter().enumerate() {
             let table = loader.samples();
@@ -197,6 +216,16 @@ pub fn run_rank(
             )));
         }
     }
+    // The first `overlays` samples of each segmentation task, by their place in the fixed order.
+    let mut drawn = std::collections::HashSet::new();
+    for task in [BenchTask::Seg, BenchTask::RefSeg] {
+        drawn.extend(
+            work.iter()
+                .filter(|w| w.0 == task)
+                .take(opts.overlays)
+                .copied(),
+        );
+    }
     let mine: Vec<_> = work
         .iter()
         .enumerate()
@@ -205,6 +234,10 @@ pub fn run_rank(
         .collect();
 
     let scorer = TextScorer::new(opts)?;
+    let bertscore = match &opts.bertscore {
+        Some((dir, layers)) => Some(BertScorer::load(dir, *layers, model.device())?),
+        None => None,
+    };
     let image_tokens = model.config().num_image_tokens() as usize;
     let path = part_path(out, opts.rank, opts.world);
     let dir = path.parent().unwrap_or(out);
@@ -215,7 +248,8 @@ pub fn run_rank(
     let mut done = 0;
     for chunk in mine.chunks(opts.batch.max(1)) {
         let mut requests = Vec::new();
-        let mut asked: Vec<(BenchPrompt, Option<Vec<f32>>)> = Vec::new();
+        // Each prompt with its sample's reference mask and its work item.
+        let mut asked: Vec<(BenchPrompt, Option<Vec<f32>>, WorkItem)> = Vec::new();
         // One load per dataset for the whole chunk, so its volume reads are planned (and coalesced) together.
         let mut loaded = std::collections::HashMap::new();
         for (d, loader) in loaders.iter().enumerate() {
@@ -240,17 +274,39 @@ pub fn run_rank(
                     question: p.question.clone(),
                     prompt: p.prompt.clone(),
                 });
-                asked.push((p, sample.mask.clone()));
+                asked.push((p, sample.mask.clone(), (task, d, i)));
             }
         }
         let masks = asked
             .iter()
-            .any(|(p, _)| matches!(p.task, BenchTask::Seg | BenchTask::RefSeg));
+            .any(|(p, _, _)| matches!(p.task, BenchTask::Seg | BenchTask::RefSeg));
         let answers = model
             .answer(&requests, &model.options(opts.max_new_tokens), masks)
             .map_err(|e| EvalError::Input(e.to_string()))?;
-        for ((p, mask), a) in asked.into_iter().zip(answers) {
+        let texts = |p: &BenchPrompt| {
+            matches!(p.task, BenchTask::Cap | BenchTask::VqaOpen | BenchTask::Reg)
+        };
+        // One BERTScore call for the chunk's free-text answers (each pair still scored alone).
+        let mut bert = match &bertscore {
+            Some(b) => {
+                let pairs: Vec<(&str, &str)> = asked
+                    .iter()
+                    .zip(&answers)
+                    .filter(|((p, _, _), _)| texts(p))
+                    .map(|((p, _, _), a)| (a.text.as_str(), p.answer.as_str()))
+                    .collect();
+                b.score(&pairs)?.into_iter()
+            }
+            None => Vec::new().into_iter(),
+        };
+        for ((p, mask, key), a) in asked.into_iter().zip(answers) {
             let mut scores = BTreeMap::new();
+            let mut overlays = Vec::new();
+            if texts(&p) {
+                if let Some(b) = bert.next() {
+                    scores.insert("bertscore_f1".into(), b.f1);
+                }
+            }
             match p.task {
                 BenchTask::Cap | BenchTask::VqaOpen | BenchTask::Reg => {
                     scorer.score(&a.text, &p.answer, &mut scores)
@@ -280,6 +336,13 @@ pub fn run_rank(
                     let d = dice(&logits, &target, opts.convention)
                         .map_err(|e| EvalError::Input(format!("{}: {e}", p.sample_id)))?;
                     scores.insert("dice".into(), d);
+                    if drawn.contains(&key) {
+                        let sample = loaded.get(&(key.1, key.2)).ok_or_else(|| {
+                            EvalError::Input(format!("sample {} did not load", p.sample_id))
+                        })?;
+                        overlays =
+                            draw_overlays(out, &p, sample.shape, &sample.image, &logits, &target)?;
+                    }
                 }
                 BenchTask::Retrieval => {}
             }
@@ -292,6 +355,7 @@ pub fn run_rank(
                 question: p.question,
                 answer: p.answer,
                 prediction: a.text,
+                overlays,
                 scores,
             };
             let line = serde_json::to_string(&r).map_err(|e| io_err(&tmp, e))?;
@@ -306,15 +370,115 @@ pub fn run_rank(
     Ok(path)
 }
 
+/// Where rank 0 leaves the retrieval scores for [`merge`].
+fn retrieval_path(out: &Path) -> PathBuf {
+    out.join("parts").join("retrieval.json")
+}
+
+/// Image-text retrieval by the `--clip` model over the caption pairs of the split in the first dataset that has
+/// them (all of them: the reference's M3D-Bench retrieval set is 2,000 pairs), written for [`merge`]. It runs
+/// on rank 0 alone: every image is ranked against every text.
+fn retrieval(
+    model: &LamedModel,
+    data: &[String],
+    loaders: &[ShardLoader],
+    opts: &BenchOptions,
+    out: &Path,
+) -> Result<(), EvalError> {
+    let clip = opts.clip.as_ref().ok_or_else(|| {
+        EvalError::Input(
+            "the retrieval task scores an M3D-CLIP: name it with --clip <folder>".into(),
+        )
+    })?;
+    let has_pairs = |loader: &ShardLoader| {
+        let table = loader.samples();
+        (0..table.len()).any(|i| {
+            table.split(i) == Some(opts.split.as_str())
+                && table.task(i).is_some_and(|t| t.in_recipe_task("cap"))
+        })
+    };
+    let url = data
+        .iter()
+        .zip(loaders)
+        .find(|(_, l)| has_pairs(l))
+        .map(|(u, _)| u)
+        .ok_or_else(|| {
+            EvalError::Input(format!(
+                "task `retrieval`: no caption pair of split `{}` in {data:?}",
+                opts.split
+            ))
+        })?;
+    let r = crate::clip_retrieval_on(clip, url, &opts.split, 16, model.device())?;
+    let path = retrieval_path(out);
+    let dir = path.parent().unwrap_or(out);
+    std::fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
+    let json = serde_json::to_vec_pretty(&r).map_err(|e| io_err(&path, e))?;
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(&tmp, json).map_err(|e| io_err(&tmp, e))?;
+    std::fs::rename(&tmp, &path).map_err(|e| io_err(&path, e))
+}
+
+/// Writes `overlays/<task>-<sample>-<family><template>-{pred,truth}.png`: the volume's axial slices with the predicted
+/// mask (logits above 0, i.e. probability above 0.5, as the reference thresholds) and with the reference mask.
+fn draw_overlays(
+    out: &Path,
+    p: &BenchPrompt,
+    shape: [usize; 4],
+    image: &[f32],
+    logits: &[f32],
+    target: &[f32],
+) -> Result<Vec<String>, EvalError> {
+    let dir = out.join("overlays");
+    std::fs::create_dir_all(&dir).map_err(|e| io_err(&dir, e))?;
+    let safe: String = p
+        .sample_id
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let family = p
+        .family
+        .map_or("q".to_string(), |f| format!("{f:?}").to_lowercase());
+    let stem = format!(
+        "{}-{safe}-{family}{}",
+        p.task,
+        p.template_index().unwrap_or(0)
+    );
+    let volume = |v: Vec<u8>| {
+        Volume::new(shape, v).map_err(|e| EvalError::Input(format!("{}: {e}", p.sample_id)))
+    };
+    let image = Volume::new(shape, image.to_vec())
+        .map_err(|e| EvalError::Input(format!("{}: {e}", p.sample_id)))?;
+    let mut written = Vec::new();
+    for (kind, mask) in [
+        ("pred", logits.iter().map(|&l| u8::from(l > 0.0)).collect()),
+        ("truth", target.iter().map(|&t| u8::from(t > 0.5)).collect()),
+    ] {
+        let name = format!("overlays/{stem}-{kind}.png");
+        write_overlay_png(&image, &volume(mask)?, &out.join(&name))
+            .map_err(|e| EvalError::Input(e.to_string()))?;
+        written.push(name);
+    }
+    Ok(written)
+}
+
 /// The published M3D-LaMed-Llama-2-7B numbers (M3D paper), beside which the report puts ours.
 const PUBLISHED: &[(&str, &str, f64)] = &[
     ("cap", "bleu1", 15.15),
     ("cap", "rouge1", 19.55),
     ("cap", "meteor", 14.38),
+    ("cap", "bertscore_f1", 88.46),
     ("vqa-open", "bleu1", 49.38),
     ("vqa-open", "rouge1", 52.39),
     ("vqa-open", "meteor", 33.58),
+    ("vqa-open", "bertscore_f1", 91.53),
     ("vqa-closed", "accuracy", 75.78),
+    ("retrieval", "ir_r1", 19.10),
 ];
 
 /// Aggregates of one task (or one question type of it): sample count and mean of each metric, in percent.
@@ -381,6 +545,8 @@ pub struct BenchReport {
     pub by_question_type: BTreeMap<String, BTreeMap<String, Aggregate>>,
     /// Task -> metric -> the published M3D-LaMed-Llama-2-7B value.
     pub published: BTreeMap<String, BTreeMap<String, f64>>,
+    /// (task, sample, Dice in percent, overlay PNGs) of the segmentation samples drawn.
+    pub overlays: Vec<(String, String, f64, Vec<String>)>,
     pub notes: Vec<String>,
 }
 
@@ -446,6 +612,31 @@ pub fn merge(
                 .collect(),
         );
     }
+    if opts.tasks.contains(&BenchTask::Retrieval) {
+        let path = retrieval_path(out);
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| io_err(&path, format!("{e} (rank 0 has not scored retrieval)")))?;
+        let r: Retrieval = serde_json::from_str(&text).map_err(|e| io_err(&path, e))?;
+        // The reference's names (eval_itr.py): IR ranks the texts for each image, TR the images for each text.
+        let metrics = [
+            ("ir_r1", r.image_to_text_r1),
+            ("ir_r5", r.image_to_text_r5),
+            ("ir_r10", r.image_to_text_r10),
+            ("tr_r1", r.text_to_image_r1),
+            ("tr_r5", r.text_to_image_r5),
+            ("tr_r10", r.text_to_image_r10),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), 100.0 * v))
+        .collect();
+        tasks.insert(
+            "retrieval".into(),
+            Aggregate {
+                prompts: r.pairs,
+                metrics,
+            },
+        );
+    }
     let mut published: BTreeMap<String, BTreeMap<String, f64>> = BTreeMap::new();
     for &(task, metric, value) in PUBLISHED {
         if order.contains_key(task) {
@@ -456,7 +647,14 @@ pub fn merge(
         }
     }
     let mut notes = vec![
-        "BERTScore is not computed yet.".to_string(),
+        match &opts.bertscore {
+            Some((dir, layer)) => format!(
+                "BERTScore F1: bert_score 0.3.13's recipe (no idf, no baseline rescaling) on {}, layer {}.",
+                dir.display(),
+                layer.map_or("17 (roberta-large's)".to_string(), |l| l.to_string())
+            ),
+            None => "BERTScore skipped: no encoder given (--bertscore <roberta-large folder>).".into(),
+        },
         "METEOR tokenises each text as one line (nltk word_tokenize with preserve_line=True)."
             .to_string(),
     ];
@@ -469,12 +667,26 @@ pub fn merge(
                 .into(),
         );
     }
+    let overlays = results
+        .iter()
+        .filter(|r| !r.overlays.is_empty())
+        .map(|r| {
+            let dice = r.scores.get("dice").copied().unwrap_or(0.0);
+            (
+                r.task.clone(),
+                r.sample_id.clone(),
+                100.0 * dice,
+                r.overlays.clone(),
+            )
+        })
+        .collect();
     let report = BenchReport {
         model: model.to_string(),
         world,
         tasks,
         by_question_type,
         published,
+        overlays,
         notes,
     };
     let json = out.join("bench.json");
@@ -516,6 +728,16 @@ pub fn markdown(r: &BenchReport) -> String {
                     agg.prompts
                 ));
             }
+        }
+    }
+    if !r.overlays.is_empty() {
+        s.push_str("\n## Segmentation overlays (predicted mask, reference mask)\n\n");
+        for (task, sample, dice, files) in &r.overlays {
+            s.push_str(&format!("**{task}** `{sample}`, Dice {dice:.2}\n\n"));
+            for f in files {
+                s.push_str(&format!("![{f}]({f}) "));
+            }
+            s.push_str("\n\n");
         }
     }
     if !r.notes.is_empty() {

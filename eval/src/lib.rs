@@ -5,6 +5,7 @@
 //! is one, else the CPU), the batches reaching it as the trainer's do ([`m3d_worker::batch::to_device`]).
 
 pub mod bench;
+pub mod bertscore;
 
 use std::path::Path;
 
@@ -21,7 +22,7 @@ use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
 /// Retrieval scores over `pairs` image-text pairs, in [0, 1].
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, serde::Deserialize)]
 pub struct Retrieval {
     pub pairs: usize,
     pub image_to_text_r1: f64,

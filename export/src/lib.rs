@@ -1,11 +1,13 @@
 //! Plain weights out of a run: `m3d export` and `m3d merge-lora`. The input is a run's `final/` folder or a
 //! checkpoint folder (`model.safetensors`, with `adapter/` when the run trained LoRA); the output is an HF-style
 //! folder (`model.safetensors`, sharded with an index past 5 GB, plus `config.json` and `tokenizer.json` when the
-//! input has them), or the vision encoder alone in the layout of M3D's `pretrained_ViT.bin` (MONAI ViT keys
+//! input has them), a LaMed in the layout of the released M3D-LaMed checkpoints (LoRA merged, the flat
+//! `config.json` of `LamedLlamaForCausalLM` / `LamedPhi3ForCausalLM`, the tokenizer files), or the vision encoder alone in the layout of M3D's `pretrained_ViT.bin` (MONAI ViT keys
 //! without a prefix), which LaMed stage 1 starts from.
 
 use std::path::{Path, PathBuf};
 
+use m3d_models::lamed::LamedConfig;
 use m3d_models::lora::{is_lora_key, merge_tensors, read_adapter_config};
 use m3d_models::weights::{read_tensors, save_safetensors, save_sharded};
 use m3d_models::ModelError;
@@ -33,6 +35,10 @@ pub enum ExportKind {
     Full { merge_lora: bool },
     /// The vision encoder alone, keys without their prefix (`pretrained_ViT.safetensors`).
     VisionEncoder,
+    /// A LaMed as M3D publishes it: every parameter under its published name with LoRA merged (PEFT's
+    /// `merge_and_unload`), `config.json` as [`m3d_models::lamed::LamedConfig::to_hf_json`] writes it, and the
+    /// tokenizer files.
+    Released,
 }
 
 /// Prefixes of the vision encoder in M3D-CLIP and in LaMed checkpoints.
@@ -69,6 +75,55 @@ pub fn export(from: &Path, out: &Path, kind: ExportKind) -> Result<Vec<PathBuf>,
             save_safetensors(&path, &vision)?;
             written.push(path);
         }
+        ExportKind::Released => {
+            let cfg_path = from.join("config.json");
+            let bytes = std::fs::read(&cfg_path).map_err(|source| ExportError::Io {
+                path: cfg_path.clone(),
+                source,
+            })?;
+            let input = |reason: String| ExportError::Input {
+                path: cfg_path.clone(),
+                reason,
+            };
+            let value: serde_json::Value =
+                serde_json::from_slice(&bytes).map_err(|e| input(e.to_string()))?;
+            let cfg = LamedConfig::from_config_json(&value)
+                .map_err(|e| input(format!("not a LaMed: {e}")))?;
+            let tensors = if tensors.iter().any(|(k, _)| is_lora_key(k)) {
+                let lora = read_adapter_config(&from.join("adapter"))?;
+                merge_tensors(&tensors, lora.scaling())
+            } else {
+                tensors
+            };
+            if let Some((k, _)) = tensors
+                .iter()
+                .find(|(k, _)| !(k.starts_with("model.") || k.starts_with("lm_head.")))
+            {
+                return Err(ExportError::Input {
+                    path: file,
+                    reason: format!("`{k}` is not a LaMed parameter name"),
+                });
+            }
+            save_sharded(out, &tensors, MAX_SHARD_BYTES)?;
+            written.extend(model_files(out)?);
+            let hf = cfg.to_hf_json()?;
+            let dst = out.join("config.json");
+            let text = serde_json::to_string_pretty(&hf).map_err(|e| input(e.to_string()))?;
+            std::fs::write(&dst, text).map_err(|source| ExportError::Io {
+                path: dst.clone(),
+                source,
+            })?;
+            written.push(dst);
+            written.extend(copy_files(
+                from,
+                out,
+                &[
+                    "tokenizer.json",
+                    "tokenizer_config.json",
+                    "special_tokens_map.json",
+                ],
+            )?);
+        }
         ExportKind::Full { merge_lora } => {
             let has_lora = tensors.iter().any(|(k, _)| is_lora_key(k));
             let tensors = if merge_lora {
@@ -84,36 +139,46 @@ pub fn export(from: &Path, out: &Path, kind: ExportKind) -> Result<Vec<PathBuf>,
                 tensors
             };
             save_sharded(out, &tensors, MAX_SHARD_BYTES)?;
-            for entry in std::fs::read_dir(out).map_err(|source| ExportError::Io {
-                path: out.to_path_buf(),
-                source,
-            })? {
-                let p = entry
-                    .map_err(|source| ExportError::Io {
-                        path: out.to_path_buf(),
-                        source,
-                    })?
-                    .path();
-                if p.file_name()
-                    .and_then(|n| n.to_str())
-                    .is_some_and(|n| n.starts_with("model"))
-                {
-                    written.push(p);
-                }
-            }
-            for name in ["config.json", "tokenizer.json"] {
-                let src = from.join(name);
-                if src.is_file() {
-                    let dst = out.join(name);
-                    std::fs::copy(&src, &dst).map_err(|source| ExportError::Io {
-                        path: src.clone(),
-                        source,
-                    })?;
-                    written.push(dst);
-                }
-            }
+            written.extend(model_files(out)?);
+            written.extend(copy_files(from, out, &["config.json", "tokenizer.json"])?);
         }
     }
     written.sort();
+    Ok(written)
+}
+
+/// The weight files `save_sharded` wrote into `out`.
+fn model_files(out: &Path) -> Result<Vec<PathBuf>, ExportError> {
+    let io = |source| ExportError::Io {
+        path: out.to_path_buf(),
+        source,
+    };
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(out).map_err(io)? {
+        let p = entry.map_err(io)?.path();
+        if p.file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with("model"))
+        {
+            files.push(p);
+        }
+    }
+    Ok(files)
+}
+
+/// Copies those of `names` that `from` holds into `out`.
+fn copy_files(from: &Path, out: &Path, names: &[&str]) -> Result<Vec<PathBuf>, ExportError> {
+    let mut written = Vec::new();
+    for name in names {
+        let src = from.join(name);
+        if src.is_file() {
+            let dst = out.join(name);
+            std::fs::copy(&src, &dst).map_err(|source| ExportError::Io {
+                path: src.clone(),
+                source,
+            })?;
+            written.push(dst);
+        }
+    }
     Ok(written)
 }

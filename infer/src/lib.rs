@@ -98,21 +98,7 @@ pub fn read_config(dir: &Path) -> Result<LamedConfig> {
     let bytes = std::fs::read(&path).map_err(|e| file_err(&path, e))?;
     let value: serde_json::Value =
         serde_json::from_slice(&bytes).map_err(|e| file_err(&path, e))?;
-    let released = value
-        .get("model_type")
-        .and_then(|t| t.as_str())
-        .is_some_and(|t| t.starts_with("lamed_"));
-    let cfg = if released {
-        LamedConfig::from_hf_json(&value).map_err(|e| file_err(&path, e))?
-    } else {
-        serde_json::from_value(value).map_err(|e| {
-            file_err(
-                &path,
-                format!("neither a LaMed config saved by a run nor a released one (`model_type` lamed_*): {e}"),
-            )
-        })?
-    };
-    cfg.validate().map_err(|e| file_err(&path, e))?;
+    let cfg = LamedConfig::from_config_json(&value).map_err(|e| file_err(&path, e))?;
     Ok(cfg)
 }
 
@@ -157,6 +143,11 @@ impl LamedModel {
             pad,
             device,
         })
+    }
+
+    /// Where the model runs.
+    pub fn device(&self) -> Device {
+        self.device
     }
 
     pub fn config(&self) -> &LamedConfig {

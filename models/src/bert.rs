@@ -2,6 +2,11 @@
 //! (`models/bert/modeling_bert.py`, checked against transformers 5.23): absolute position embeddings,
 //! post-norm layers, optional tanh pooler. M3D-CLIP's text encoder is `bert-base-uncased` as a `BertModel`.
 //!
+//! RoBERTa (`RobertaModel`, Liu et al., arXiv:1907.11692; `config.json` `model_type: roberta`) is the same
+//! network with one difference this model honours: positions count from `pad_token_id + 1` over the non-padding
+//! tokens (`create_position_ids_from_input_ids`), so padding does not move them. BERTScore's encoder is
+//! `roberta-large`.
+//!
 //! Checkpoint keys are `BertModel`'s (`embeddings.*`, `encoder.layer.N.*`, `pooler.dense.*`). Checkpoints of
 //! the pre-training heads (`BertForPreTraining`, e.g. `bert-base-uncased/model.safetensors`) put them under
 //! `bert.` — load those with `KeyMap::select_prefix("bert.")` (which also drops the `cls.*` heads). Files
@@ -25,6 +30,9 @@ use crate::weights::LoadOptions;
 /// defaults (which are bert-base-uncased).
 #[derive(Debug, Clone, serde::Deserialize, serde::Serialize)]
 pub struct BertConfig {
+    /// `bert` or `roberta` (see the module docs); BERT when absent.
+    #[serde(default = "d::model_type")]
+    pub model_type: String,
     #[serde(default = "d::vocab_size")]
     pub vocab_size: i64,
     #[serde(default = "d::hidden_size")]
@@ -60,6 +68,9 @@ pub struct BertConfig {
 
 mod d {
     use crate::layers::Activation;
+    pub fn model_type() -> String {
+        "bert".into()
+    }
     pub fn vocab_size() -> i64 {
         30522
     }
@@ -102,6 +113,7 @@ impl BertConfig {
     /// `bert-base-uncased`: 12 layers, hidden 768, 12 heads, vocabulary 30522, 512 positions.
     pub fn bert_base_uncased() -> Self {
         BertConfig {
+            model_type: d::model_type(),
             vocab_size: d::vocab_size(),
             hidden_size: d::hidden_size(),
             num_hidden_layers: d::num_hidden_layers(),
@@ -134,6 +146,19 @@ impl BertConfig {
         }
     }
 
+    pub fn is_roberta(&self) -> bool {
+        self.model_type == "roberta"
+    }
+
+    /// The longest input: RoBERTa's positions start at `pad_token_id + 1` (514 positions hold 512 tokens).
+    pub fn max_tokens(&self) -> i64 {
+        if self.is_roberta() {
+            self.max_position_embeddings - self.pad_token_id - 1
+        } else {
+            self.max_position_embeddings
+        }
+    }
+
     /// Reads an HF `config.json`.
     pub fn from_file(path: &std::path::Path) -> Result<Self> {
         let cfg: Self = crate::error::read_json(path)?;
@@ -157,6 +182,18 @@ impl BertConfig {
             return bad(format!(
                 "hidden_size {} is not divisible by num_attention_heads {}",
                 self.hidden_size, self.num_attention_heads
+            ));
+        }
+        if self.model_type != "bert" && self.model_type != "roberta" {
+            return bad(format!(
+                "model_type `{}` is not supported (bert or roberta)",
+                self.model_type
+            ));
+        }
+        if self.is_roberta() && (self.pad_token_id < 0 || self.max_tokens() < 1) {
+            return bad(format!(
+                "RoBERTa positions start after pad_token_id {}, past max_position_embeddings {}",
+                self.pad_token_id, self.max_position_embeddings
             ));
         }
         if self.position_embedding_type != "absolute" {
@@ -184,6 +221,7 @@ pub struct BertEmbeddings {
     pub token_type_embeddings: Embedding,
     pub layer_norm: LayerNorm,
     pad_token_id: i64,
+    roberta: bool,
     dropout: f64,
 }
 
@@ -204,13 +242,19 @@ impl BertEmbeddings {
             )?,
             layer_norm: LayerNorm::new(&vb.pp("LayerNorm"), h, cfg.layer_norm_eps)?,
             pad_token_id: cfg.pad_token_id,
+            roberta: cfg.is_roberta(),
             dropout: cfg.hidden_dropout_prob,
         })
     }
 
     pub fn forward_t(&self, input_ids: &Tensor, token_type_ids: &Tensor, train: bool) -> Tensor {
-        let t = input_ids.size()[1];
-        let positions = Tensor::arange(t, (Kind::Int64, input_ids.device())).unsqueeze(0);
+        let positions = if self.roberta {
+            let real = input_ids.ne(self.pad_token_id).to_kind(Kind::Int64);
+            real.cumsum(1, Kind::Int64) * &real + self.pad_token_id
+        } else {
+            let t = input_ids.size()[1];
+            Tensor::arange(t, (Kind::Int64, input_ids.device())).unsqueeze(0)
+        };
         // `nn.Embedding(padding_idx=pad_token_id)`: the pad row gets no gradient, so it is never trained.
         let words = Tensor::embedding(
             &self.word_embeddings.weight,
@@ -448,10 +492,12 @@ impl Bert {
             Some(c) => c.covers("BERT input_ids", input_ids, self.cfg.vocab_size)?,
             None => check_token_ids("BERT input_ids", input_ids, self.cfg.vocab_size)?,
         }
-        if s[1] > self.cfg.max_position_embeddings {
+        if s[1] > self.cfg.max_tokens() {
             return Err(ModelError::Input(format!(
-                "BERT input of {} tokens exceeds max_position_embeddings {}",
-                s[1], self.cfg.max_position_embeddings
+                "{} input of {} tokens exceeds its {} positions",
+                self.cfg.model_type,
+                s[1],
+                self.cfg.max_tokens()
             )));
         }
         for (name, t) in [

@@ -87,6 +87,12 @@ fn default_seg_dropout() -> f64 {
     0.1
 }
 
+/// Keys of a released-layout `config.json` that carry shapes the reference hard-codes, for models that differ
+/// from them ([`LamedConfig::to_hf_json`]).
+const M3D_VISION_KEY: &str = "m3d_vision";
+const M3D_SEG_KEY: &str = "m3d_seg";
+const M3D_SEG_DROPOUT_KEY: &str = "m3d_seg_projector_dropout";
+
 /// Everything that shapes a LaMed model.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct LamedConfig {
@@ -219,17 +225,27 @@ impl LamedConfig {
             .map_err(|e| bad(format!("projector fields: {e}")))?;
         let get_i64 = |k: &str| value.get(k).and_then(|v| v.as_i64());
         let in_channels = get_i64("image_channel").unwrap_or(1);
-        let vision = ViT3dConfig {
-            in_channels,
-            img_size: projector.image_size,
-            patch_size: projector.patch_size,
-            ..ViT3dConfig::m3d_clip()
+        let extension = |key: &str| -> Result<Option<serde_json::Value>> {
+            Ok(value.get(key).filter(|v| !v.is_null()).cloned())
+        };
+        let vision = match extension(M3D_VISION_KEY)? {
+            Some(v) => {
+                serde_json::from_value(v).map_err(|e| bad(format!("{M3D_VISION_KEY}: {e}")))?
+            }
+            None => ViT3dConfig {
+                in_channels,
+                img_size: projector.image_size,
+                patch_size: projector.patch_size,
+                ..ViT3dConfig::m3d_clip()
+            },
         };
         let seg = match value.get("segmentation_module").and_then(|v| v.as_str()) {
-            Some(s) if s.to_lowercase().contains("segvol") => Some(SegVolConfig::for_image(
-                projector.image_size,
-                projector.patch_size,
-            )),
+            Some(s) if s.to_lowercase().contains("segvol") => Some(match extension(M3D_SEG_KEY)? {
+                Some(v) => {
+                    serde_json::from_value(v).map_err(|e| bad(format!("{M3D_SEG_KEY}: {e}")))?
+                }
+                None => SegVolConfig::for_image(projector.image_size, projector.patch_size),
+            }),
             Some(s) => return Err(bad(format!("unknown segmentation_module `{s}`"))),
             None => None,
         };
@@ -247,7 +263,10 @@ impl LamedConfig {
             vision_select_feature: select_feature,
             projector,
             seg,
-            seg_projector_dropout: 0.1,
+            seg_projector_dropout: value
+                .get(M3D_SEG_DROPOUT_KEY)
+                .and_then(|v| v.as_f64())
+                .unwrap_or(0.1),
             tokens: LamedTokens {
                 im_patch,
                 bx_start: seg_id - 2,
@@ -257,6 +276,99 @@ impl LamedConfig {
         };
         cfg.validate()?;
         Ok(cfg)
+    }
+
+    /// A `config.json` in either layout: the released one (`model_type` `lamed_*`, [`LamedConfig::from_hf_json`])
+    /// or the one a run writes into `final/` (this struct's serde form). Validated.
+    pub fn from_config_json(value: &serde_json::Value) -> Result<Self> {
+        let released = value
+            .get("model_type")
+            .and_then(|t| t.as_str())
+            .is_some_and(|t| t.starts_with("lamed_"));
+        let cfg = if released {
+            LamedConfig::from_hf_json(value)?
+        } else {
+            serde_json::from_value(value.clone()).map_err(|e| {
+                ModelError::Config(format!(
+                    "neither a LaMed config saved by a run nor a released one (`model_type` lamed_*): {e}"
+                ))
+            })?
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// The released checkpoints' `config.json` ([`LamedConfig::from_hf_json`] reads it back): the LLM's HF
+    /// fields under `model_type` `lamed_llama` / `lamed_phi3` with `architectures`
+    /// `LamedLlamaForCausalLM` / `LamedPhi3ForCausalLM`, and LaMed's flat fields (`image_channel`,
+    /// `image_size`, `patch_size`, `vision_tower`, `mm_projector_type`, the `proj_*` fields,
+    /// `segmentation_module`, `seg_token_id`, ...). The reference fixes the vision tower at ViT-B and SegVol's
+    /// decoder at its published shape; a model of other shapes also carries them under `m3d_vision` /
+    /// `m3d_seg` (keys the reference ignores), so a small model round-trips.
+    pub fn to_hf_json(&self) -> Result<serde_json::Value> {
+        let bad = |m: String| ModelError::Config(format!("LaMed config.json: {m}"));
+        let json = |v: std::result::Result<serde_json::Value, serde_json::Error>| {
+            v.map_err(|e| bad(e.to_string()))
+        };
+        let mut out = json(serde_json::to_value(&self.llm))?;
+        let (model_type, architecture) = match &self.llm {
+            LlmConfig::Llama(_) => ("lamed_llama", "LamedLlamaForCausalLM"),
+            LlmConfig::Phi3(_) => ("lamed_phi3", "LamedPhi3ForCausalLM"),
+        };
+        let serde_json::Value::Object(projector) = json(serde_json::to_value(&self.projector))?
+        else {
+            return Err(bad("the projector is not a JSON object".into()));
+        };
+        let Some(obj) = out.as_object_mut() else {
+            return Err(bad("the LLM config is not a JSON object".into()));
+        };
+        obj.extend(projector);
+        let t = &self.tokens;
+        if (t.bx_start, t.bx_end) != (t.seg - 2, t.seg - 1) {
+            return Err(bad(format!(
+                "the released layout places <bx_start>, <bx_end> just before [SEG] ({}); these are {:?}",
+                t.seg, t
+            )));
+        }
+        let fields = serde_json::json!({
+            "model_type": model_type,
+            "architectures": [architecture],
+            "image_channel": self.vision.in_channels,
+            "vision_tower": "vit3d",
+            "vision_select_layer": self.vision_select_layer,
+            "vision_select_feature": self.vision_select_feature,
+            "segmentation_module": self.seg.as_ref().map(|_| "segvol"),
+            "seg_token_id": t.seg,
+            "img_token_id": t.im_patch,
+        });
+        if let serde_json::Value::Object(f) = fields {
+            obj.extend(f);
+        }
+        let published_vision = ViT3dConfig {
+            in_channels: self.vision.in_channels,
+            img_size: self.projector.image_size,
+            patch_size: self.projector.patch_size,
+            ..ViT3dConfig::m3d_clip()
+        };
+        let vision = json(serde_json::to_value(&self.vision))?;
+        if vision != json(serde_json::to_value(&published_vision))? {
+            obj.insert(M3D_VISION_KEY.into(), vision);
+        }
+        if let Some(seg) = &self.seg {
+            let seg = json(serde_json::to_value(seg))?;
+            let published =
+                SegVolConfig::for_image(self.projector.image_size, self.projector.patch_size);
+            if seg != json(serde_json::to_value(&published))? {
+                obj.insert(M3D_SEG_KEY.into(), seg);
+            }
+        }
+        if self.seg_projector_dropout != 0.1 {
+            obj.insert(
+                M3D_SEG_DROPOUT_KEY.into(),
+                serde_json::Value::from(self.seg_projector_dropout),
+            );
+        }
+        Ok(out)
     }
 
     pub fn validate(&self) -> Result<()> {

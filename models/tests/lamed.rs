@@ -154,6 +154,23 @@ fn lamed_matches_transformers() {
         .unwrap();
     assert_eq!(batch, vec![generated.clone(), alone]);
 
+    // The reference's generate(seg_enable=True): same tokens, and the mask from the averaged hidden states
+    // that preceded each [SEG]. 1e-5: float32 SegVol logits of order 1, where the reference decodes with a
+    // KV cache and we re-run the finished sequence (the same sums in another order).
+    tch::no_grad(|| {
+        let head = common::get(&io, "seg_gen_lm_head");
+        let mut vars = vs.variables();
+        vars.get_mut("lm_head.weight").unwrap().copy_(head);
+    });
+    let (said, mask) = model.generate_with_seg(prompt, &images, 10, &[2]).unwrap();
+    assert_eq!(said, vec_i64(common::get(&io, "seg_gen_output")));
+    let mask = mask.expect("the answer has [SEG]");
+    let d_mask = common::max_abs_diff(&mask, common::get(&io, "seg_gen_logits"));
+    assert!(
+        d_mask < 1e-5,
+        "seg mask differs from the reference's by {d_mask:e}"
+    );
+
     println!(
         "lamed: max |logits - oracle| = {d_logits:e}, |hidden| = {d_hidden:e}, \
          |lm loss| = {:e}, worst grad rel diff = {worst:e}, generated {generated:?}",
@@ -243,6 +260,40 @@ fn presets_and_reference_config_json() {
         LamedConfig::from_hf_json(&no_seg),
         Err(ModelError::Config(_))
     ));
+}
+
+#[test]
+fn released_config_json_round_trips() {
+    let _guard = serial();
+    // The published shapes: the flat fields alone describe the model, as the reference reads them.
+    for cfg in [LamedConfig::llama2_7b(), LamedConfig::phi3_mini()] {
+        let json = cfg.to_hf_json().unwrap();
+        let arch = json["architectures"][0].as_str().unwrap();
+        assert!(
+            arch == "LamedLlamaForCausalLM" || arch == "LamedPhi3ForCausalLM",
+            "{arch}"
+        );
+        assert_eq!(json["seg_token_id"], cfg.tokens.seg);
+        assert_eq!(json["mm_projector_type"], "spp");
+        assert!(json.get("m3d_vision").is_none() && json.get("m3d_seg").is_none());
+        let back = LamedConfig::from_config_json(&json).unwrap();
+        assert_eq!(
+            serde_json::to_value(&back).unwrap(),
+            serde_json::to_value(&cfg).unwrap()
+        );
+    }
+    // A small model keeps the shapes the reference hard-codes under m3d_* keys, and round-trips too.
+    let mut tiny = LamedConfig::tiny(100, true);
+    let json = tiny.to_hf_json().unwrap();
+    assert!(json.get("m3d_vision").is_some() && json.get("m3d_seg").is_some());
+    let back = LamedConfig::from_config_json(&json).unwrap();
+    assert_eq!(
+        serde_json::to_value(&back).unwrap(),
+        serde_json::to_value(&tiny).unwrap()
+    );
+    // Box tokens that do not sit just before [SEG] cannot be written in the released layout.
+    tiny.tokens.bx_start += 1;
+    assert!(tiny.to_hf_json().is_err());
 }
 
 #[test]

@@ -116,6 +116,37 @@ fn generate_answers_batches_and_writes_masks() {
     assert_eq!(both[0], texts(&ask(&volume, &[a]))[0]);
     assert_eq!(both[1], texts(&ask(&volume, &[b]))[0]);
     assert!(both.iter().all(|t| !t.is_empty()), "{both:?}");
+    // Exported in the released layout (LoRA merged, flat `lamed_*` config), the model answers the same.
+    let released = dir.path().join("released");
+    m3d_ok(&[
+        "export",
+        "--from",
+        &model,
+        "--out",
+        s(&released),
+        "--released",
+    ]);
+    let cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(released.join("config.json")).unwrap()).unwrap();
+    assert!(
+        cfg["model_type"].as_str().unwrap().starts_with("lamed_"),
+        "{cfg}"
+    );
+    assert_eq!(cfg["segmentation_module"], "segvol");
+    assert!(!released.join("adapter").exists());
+    let ask_released = |prompts: &[&str]| {
+        let mut args = vec!["generate", "--model", s(&released), "--image", &volume];
+        args.extend(["--max-new-tokens", "6", "--device", "cpu", "--json"]);
+        for p in prompts {
+            args.extend(["--prompt", p]);
+        }
+        json_lines(&m3d_ok(&args))
+    };
+    let from_final = json_lines(&ask(&volume, &[a, b]));
+    let from_released = ask_released(&[a, b]);
+    for (f, r) in from_final.iter().zip(&from_released) {
+        assert_eq!(f["tokens"], r["tokens"]);
+    }
     // A raw .npy goes through the M3D-Seg preprocessing (the shard stores it in f16, so the answers need not be
     // equal; data-prep's tests compare the preprocessing itself).
     assert_eq!(texts(&ask(s(&raw_npy), &[a])).len(), 1);
@@ -204,8 +235,45 @@ fn eval_bench_covers_every_task_and_two_workers_equal_one() {
         .iter()
         .map(|d| shards.join(d))
         .collect();
+    // BERTScore from a tiny RoBERTa folder (the eval crate's oracle makes one), read at its second layer.
+    let roberta = dir.path().join("roberta");
+    m3d_testkit::run_python(
+        &m3d_testkit::workspace_root().join("eval/tests/oracle/bertscore_oracle.py"),
+        &[
+            "make",
+            s(&roberta),
+            s(&m3d_testkit::workspace_root().join("scoring/tests/data/corpus.jsonl")),
+        ],
+    );
+    // Retrieval scores an M3D-CLIP: the tiny one, trained for a step on the same captions.
+    let clip_run = dir.path().join("clip-run");
+    m3d_ok(&[
+        "train",
+        s(&workspace_root().join("recipes/clip-tiny.yaml")),
+        "--workers",
+        "1",
+        "--set",
+        &format!("data.tasks=[{{task: cap, shards: [{}]}}]", cap.display()),
+        "--set",
+        "train.max_steps=1",
+        "--set",
+        "train.global_batch=2",
+        "--set",
+        "workers.max=1",
+        "--set",
+        "checkpoint.every=0",
+        "--set",
+        &format!("output.run={}", clip_run.display()),
+    ]);
+    let clip = clip_run.join("final");
     let bench = |workers: &str, out: &Path| {
         let mut args = vec!["eval", "bench", "--model", &model, "--volumes", s(&cap)];
+        args.extend(["--clip", s(&clip)]);
+        args.extend([
+            "--tasks",
+            "cap,vqa-closed,vqa-open,rec,reg,seg,refseg,retrieval",
+        ]);
+        args.extend(["--bertscore", s(&roberta), "--bertscore-layer", "2"]);
         for d in &data {
             args.extend(["--data", s(d)]);
         }
@@ -270,6 +338,7 @@ fn eval_bench_covers_every_task_and_two_workers_equal_one() {
             "rec",
             "refseg",
             "reg",
+            "retrieval",
             "seg",
             "vqa-closed",
             "vqa-open"
@@ -281,16 +350,43 @@ fn eval_bench_covers_every_task_and_two_workers_equal_one() {
         ("cap", "rouge1"),
         ("vqa-closed", "accuracy"),
         ("vqa-open", "rouge1"),
+        ("cap", "bertscore_f1"),
+        ("vqa-open", "bertscore_f1"),
+        ("reg", "bertscore_f1"),
         ("rec", "iou"),
         ("rec", "acc@0.5"),
         ("reg", "bleu1"),
         ("seg", "dice"),
         ("refseg", "dice"),
+        ("retrieval", "ir_r1"),
+        ("retrieval", "tr_r10"),
     ] {
         let v = metric(task, m).unwrap_or_else(|| panic!("{task} {m} missing: {report}"));
         assert!((0.0..=100.0).contains(&v), "{task} {m} = {v}");
     }
     assert_eq!(report["published"]["vqa-closed"]["accuracy"], 75.78);
+    assert_eq!(report["published"]["cap"]["bertscore_f1"], 88.46);
+    // Overlays of the first segmentation samples (4 by default; --limit 2 leaves 2 per task), written by
+    // whichever rank evaluated them: the same files on 1 and 2 workers.
+    let overlays = report["overlays"].as_array().unwrap();
+    let samples: std::collections::BTreeSet<_> = overlays
+        .iter()
+        .map(|o| (o[0].as_str(), o[1].as_str()))
+        .collect();
+    assert_eq!(samples.len(), 4, "{report}");
+    for o in overlays {
+        for f in o[3].as_array().unwrap() {
+            let f = f.as_str().unwrap();
+            assert_eq!(
+                std::fs::read(one.join(f)).unwrap(),
+                std::fs::read(two.join(f)).unwrap(),
+                "{f}"
+            );
+            assert!(std::fs::read_to_string(one.join("bench.md"))
+                .unwrap()
+                .contains(f));
+        }
+    }
     assert!(printed.contains("| vqa-closed |") && one.join("bench.md").is_file());
     for line in results.lines() {
         let r: serde_json::Value = serde_json::from_str(line).unwrap();

@@ -7,7 +7,8 @@ seg_oracle.py, all attached under the reference's module names (`model.vision_to
                                  weights.safetensors (the LaMed checkpoint), examples.json (token lists and
                                  the reference data pipeline's input_ids / attention_mask / labels) and
                                  io.safetensors (inputs, logits, losses, seg logits and prompts, gradients of
-                                 the total loss, a greedy generation with image).
+                                 the total loss, a greedy generation with image, and a generation through the
+                                 reference's `generate(seg_enable=True)` with its mask logits).
   lamed_oracle.py <out> count    parameter counts of the published configurations, built on the meta device:
                                  counts.json {preset: {"state": n, "params": n}}.
 """
@@ -178,8 +179,68 @@ def main(out: Path):
 
     sd = {k: v.contiguous() for k, v in lm.state_dict().items() if ".norm_cross_attn." not in k}
     save_file(sd, str(out / "weights.safetensors"))
+
+    seg_generate(lm, prompt, images[:1], io)
     save_file({k: v.contiguous() for k, v in io.items()}, str(out / "io.safetensors"))
     json.dump(examples, open(out / "examples.json", "w"))
+
+
+def reference_seg_generate(lm, images, inputs_embeds, max_new_tokens):
+    """LamedPhi3ForCausalLM / LamedLlamaForCausalLM.generate(..., seg_enable=True) of BAAI-DCAI/M3D@63e72005
+    (LaMed/src/model/language_model/lamed_*.py), with the model's modules under their reference names."""
+    outputs = lm.generate(inputs_embeds=inputs_embeds, output_hidden_states=True, return_dict_in_generate=True,
+                          max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, eos_token_id=EOS,
+                          pad_token_id=PAD)
+    output_hidden_states = outputs.hidden_states
+    output_ids = outputs.sequences
+    seg_token_mask = output_ids[:, 1:] == SEG
+    last_tensors = [tuple[-1] for tuple in output_hidden_states]
+    last_hidden_state = torch.cat(last_tensors[1:], dim=1)
+    seg_prompts = []
+    noseg_ids = []
+    m = lm.model
+    for i in range(len(seg_token_mask)):
+        if torch.sum(seg_token_mask[i]) == 1:
+            seg_token = last_hidden_state[i][seg_token_mask[i]]
+            seg_prompt = m.seg_projector(seg_token)
+        elif torch.sum(seg_token_mask[i]) > 1:
+            seg_tokens = last_hidden_state[i][seg_token_mask[i]]
+            seg_token = torch.mean(seg_tokens, dim=0, keepdim=True)
+            seg_prompt = m.seg_projector(seg_token)
+        else:
+            noseg_ids.append(i)
+            seg_prompt = torch.zeros([1, m.seg_projector[2].out_features], dtype=last_hidden_state.dtype)
+        seg_prompts.append(seg_prompt)
+    seg_prompts = torch.cat(seg_prompts, dim=0)
+    logits, _, _ = m.seg_module(images, seg_prompts)
+    logits[noseg_ids] = -torch.inf
+    return output_ids, logits, last_tensors
+
+
+def seg_generate(lm, prompt, image, io):
+    """A generation that says [SEG] at some steps and not at others, through the reference's seg_enable path.
+    The LM head scores only [SEG] (row r) and token 5 (row -r), so each step picks by the sign of r . h, with r
+    chosen so that the answer mixes both, and the mask depends on which hidden states preceded a [SEG]. Saves the head, the tokens
+    and the mask logits."""
+    with torch.no_grad():
+        # The residual stream is mostly the fed token's embedding: r points from [SEG]'s normalised embedding to
+        # token 5's, so feeding 5 tends to give [SEG] and feeding [SEG] to give 5.
+        emb_w = lm.model.embed_tokens.weight
+        unit = lambda x: x / x.pow(2).mean().sqrt()  # noqa: E731
+        r = lm.model.norm.weight * (unit(emb_w[5]) - unit(emb_w[SEG]))
+        lm.lm_head.weight.zero_()
+        lm.lm_head.weight[SEG] = r
+        lm.lm_head.weight[5] = -r
+        emb = splice(lm, prompt, image)
+        ids, logits, states = reference_seg_generate(lm, image, emb, 10)
+    said = ids[0, 1:].tolist()
+    assert said.count(SEG) >= 2 and any(t != SEG for t in said), ids
+    # Every choice wins by a clear margin, so float differences cannot flip a token.
+    margins = [abs(float(h[0, -1] @ r)) for h in states]
+    assert min(margins) > 1e-3, margins
+    io["seg_gen_lm_head"] = lm.lm_head.weight.detach().clone()
+    io["seg_gen_output"] = ids
+    io["seg_gen_logits"] = logits
 
 
 M3D_VIT = dict(img=[32, 256, 256], patch=[4, 16, 16], hidden=768, mlp=3072, layers=12, heads=12)
