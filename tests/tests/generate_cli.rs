@@ -326,6 +326,32 @@ fn eval_bench_covers_every_task_and_two_workers_equal_one() {
     std::fs::remove_file(two.join("parts/rank-1-of-2.jsonl")).unwrap();
     let err = m3d_err(&args.iter().map(String::as_str).collect::<Vec<_>>());
     assert!(err.contains("rank 1 of 2"), "{err}");
+    // Retrieval without a CLIP to score, and a CLIP exported as a released LaMed: both refused, saying why.
+    let err = m3d_err(&[
+        "eval",
+        "bench",
+        "--model",
+        &model,
+        "--data",
+        s(&cap),
+        "--tasks",
+        "retrieval",
+        "-o",
+        s(&dir.path().join("no-clip")),
+    ]);
+    assert!(err.contains("--clip"), "{err}");
+    let err = m3d_err(&[
+        "export",
+        "--from",
+        s(&clip),
+        "--out",
+        s(&dir.path().join("x")),
+        "--released",
+    ]);
+    assert!(
+        err.contains("config.json") && err.contains("not a LaMed"),
+        "{err}"
+    );
 
     let report: serde_json::Value =
         serde_json::from_slice(&std::fs::read(one.join("bench.json")).unwrap()).unwrap();
