@@ -292,11 +292,17 @@ pub fn eval_bench(a: EvalBenchArgs) -> Result<()> {
         };
         let model = LamedModel::load(&a.model, device, Precision::default_for(device))
             .with_context(|| format!("loading {}", a.model.display()))?;
-        let rank = opts.rank;
+        let label = format!("rank {}", opts.rank);
+        let mut bar: Option<indicatif::ProgressBar> = None;
         m3d_eval::bench::run_rank(&model, &a.data, &a.volumes, opts, &a.out, |done, all| {
-            eprint!("\rrank {rank}: {done}/{all} samples");
+            bar.get_or_insert_with(|| {
+                m3d_data_prep::progress::bar_of(all as u64, &label, "samples", true)
+            })
+            .set_position(done as u64);
         })?;
-        eprintln!();
+        if let Some(b) = bar {
+            b.finish();
+        }
         Ok(())
     };
     if a.rank.is_some() {
