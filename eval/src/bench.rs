@@ -390,17 +390,10 @@ fn retrieval(
             "the retrieval task scores an M3D-CLIP: name it with --clip <folder>".into(),
         )
     })?;
-    let has_pairs = |loader: &ShardLoader| {
-        let table = loader.samples();
-        (0..table.len()).any(|i| {
-            table.split(i) == Some(opts.split.as_str())
-                && table.task(i).is_some_and(|t| t.in_recipe_task("cap"))
-        })
-    };
     let url = data
         .iter()
         .zip(loaders)
-        .find(|(_, l)| has_pairs(l))
+        .find(|(_, l)| !crate::caption_pairs(l, &opts.split).is_empty())
         .map(|(u, _)| u)
         .ok_or_else(|| {
             EvalError::Input(format!(

@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 
 use m3d_models::bert::{hf_load_options, Bert, BertConfig};
 use m3d_models::tokenizer::Tokenizer;
-use m3d_models::weights::{load_file_into, KeyMap};
+use m3d_models::weights::{load_read_into, read_tensors, KeyMap};
 use m3d_models::VarBuilder;
 use serde::Serialize;
 use tch::nn::VarStore;
@@ -123,12 +123,11 @@ impl BertScorer {
         cfg.attention_probs_dropout_prob = 0.0;
 
         let weights = weights_file(dir)?;
-        let names = m3d_models::weights::read_tensors(&weights)?;
+        let tensors = read_tensors(&weights)?;
         // `RobertaForMaskedLM` files (the Hub's roberta-large) keep the encoder under `roberta.`.
         let prefix = ["roberta.", "bert."]
             .into_iter()
-            .find(|p| names.iter().any(|(k, _)| k.starts_with(p)));
-        drop(names);
+            .find(|p| tensors.iter().any(|(k, _)| k.starts_with(p)));
         let mut opts = hf_load_options().ignore_unexpected("pooler.");
         if let Some(p) = prefix {
             opts = opts.with_key_map(KeyMap::select_prefix(p));
@@ -138,7 +137,7 @@ impl BertScorer {
         }
         let vs = VarStore::new(device);
         let model = Bert::new(&VarBuilder::new(&vs), &cfg)?;
-        load_file_into(&vs, &weights, &opts)?;
+        load_read_into(&vs, &weights, tensors, &opts)?;
 
         let tokenizer = Tokenizer::from_file(dir)?;
         let special = |names: &[&str]| {

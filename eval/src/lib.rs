@@ -125,6 +125,17 @@ pub fn load_clip(
     Ok((vs, clip, tokenizer))
 }
 
+/// The caption samples of `split` in the dataset `loader` reads: retrieval's image-text pairs.
+pub fn caption_pairs(loader: &ShardLoader, split: &str) -> Vec<u64> {
+    let table = loader.samples();
+    (0..table.len())
+        .filter(|&i| {
+            table.split(i) == Some(split) && table.task(i).is_some_and(|t| t.in_recipe_task("cap"))
+        })
+        .map(|i| i as u64)
+        .collect()
+}
+
 /// Retrieval of the `cap` samples of `split` in the shard dataset `shards` by the model in `model_dir`,
 /// in batches of `batch`, on [`default_device`].
 pub fn clip_retrieval(
@@ -154,13 +165,7 @@ pub fn clip_retrieval_on(
             ..LoaderOptions::default()
         },
     )?;
-    let table = loader.samples();
-    let indices: Vec<u64> = (0..table.len())
-        .filter(|&i| {
-            table.split(i) == Some(split) && table.task(i).is_some_and(|t| t.in_recipe_task("cap"))
-        })
-        .map(|i| i as u64)
-        .collect();
+    let indices = caption_pairs(&loader, split);
     if indices.len() < 2 {
         return Err(EvalError::Input(format!(
             "{shards}: {} caption pair(s) in split `{split}`; retrieval needs at least 2",

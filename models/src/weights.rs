@@ -375,7 +375,17 @@ pub fn load_into_vars(
 
 /// Reads `path` (see [`read_tensors`]) and loads it into `vs`.
 pub fn load_file_into(vs: &VarStore, path: &Path, opts: &LoadOptions) -> Result<LoadReport> {
-    let tensors = read_tensors(path)?;
+    load_read_into(vs, path, read_tensors(path)?, opts)
+}
+
+/// [`load_into`] of the `tensors` already read from `path` (for callers that look at the keys first); a
+/// mismatch names the file.
+pub fn load_read_into(
+    vs: &VarStore,
+    path: &Path,
+    tensors: Vec<(String, Tensor)>,
+    opts: &LoadOptions,
+) -> Result<LoadReport> {
     load_into(vs, tensors, opts).map_err(|e| match e {
         ModelError::StateDict(r) => {
             ModelError::weights(path, format!("does not match the model:\n{r}"))
