@@ -208,16 +208,40 @@ pub struct EvalBenchArgs {
     /// At most K samples of each task.
     #[arg(long)]
     limit: Option<usize>,
-    /// Processes sharing the samples (each answers every N-th; the parent merges their results).
+    /// Ranks sharing the work items (each answers every N-th; rank 0 merges the results). Alone, this
+    /// command starts a coordinator and N rank processes on this machine (1: no coordinator); with --serve,
+    /// the job's world size.
     #[arg(long, default_value_t = 1)]
     workers: usize,
-    /// Run as rank R of `--workers` and write only this rank's part (what `--workers` starts itself; on a
-    /// cluster, one per pod over a shared `-o`, then `--merge`).
-    #[arg(long, conflicts_with = "merge")]
-    rank: Option<usize>,
-    /// Only merge the `--workers` ranks' parts already in `-o` into the report.
+    /// Serve the coordinator of this evaluation on ADDR (e.g. 0.0.0.0:7070; port 0: any, printed on stdout)
+    /// instead of evaluating; ranks join with --coordinator. Exits when the job has ended.
+    #[arg(long, value_name = "ADDR", conflicts_with = "coordinator")]
+    serve: Option<std::net::SocketAddr>,
+    /// Run as one rank of the evaluation job whose coordinator is at URL (http://host:port): every rank and
+    /// the coordinator are started with the same flags and see the same `-o` folder.
+    #[arg(long, value_name = "URL")]
+    coordinator: Option<String>,
+    /// This rank's id, stable across its restarts (default: host name and process id).
+    #[arg(long, requires = "coordinator")]
+    worker_id: Option<String>,
+    /// With --serve: the round starts with at least this many ranks once the rendezvous timeout has passed
+    /// [default: --workers].
+    #[arg(long, requires = "serve")]
+    min_workers: Option<usize>,
+    /// With --serve: restart rounds allowed after a rank fails (the survivors re-evaluate their new slices).
+    #[arg(long, default_value_t = 0, requires = "serve")]
+    restarts: u32,
+    /// With --serve: where the job state lives [default: `-o`/coordinator].
+    #[arg(long, requires = "serve")]
+    state: Option<String>,
+    #[arg(long, default_value = "120s", value_parser = m3d_coordinator::cli::parse_duration)]
+    rendezvous_timeout: std::time::Duration,
+    /// A rank silent for this long has failed.
+    #[arg(long, default_value = "10s", value_parser = m3d_coordinator::cli::parse_duration)]
+    heartbeat_timeout: std::time::Duration,
+    /// File holding the bearer token of the coordinator (else the M3D_TOKEN environment variable).
     #[arg(long)]
-    merge: bool,
+    token_file: Option<PathBuf>,
     #[arg(long, default_value_t = 8)]
     batch: usize,
     #[arg(long, default_value_t = 256)]
@@ -275,64 +299,179 @@ pub fn eval_bench(a: EvalBenchArgs) -> Result<()> {
         bertscore: a.bertscore.clone().map(|d| (d, a.bertscore_layer)),
         clip: a.clip.clone(),
         overlays: a.overlays,
-        rank: a.rank.unwrap_or(0),
-        world: a.workers,
+        rank: 0,
+        world: 1,
+        planned_items: None,
     };
-    let run_rank = |opts: &m3d_eval::bench::BenchOptions| -> Result<()> {
-        if let Some(t) = a.threads {
-            tch::set_num_threads(t.max(1) as i32);
-        } else if a.workers > 1 {
-            // The ranks share this machine's cores: each takes its share instead of all of them.
-            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-            tch::set_num_threads((cores / a.workers).max(1) as i32);
-        }
-        let device = match a.device.as_deref() {
-            Some(d) => m3d_eval::parse_device(d).map_err(anyhow::Error::msg)?,
-            None => m3d_eval::default_device(),
-        };
-        let model = LamedModel::load(&a.model, device, Precision::default_for(device))
-            .with_context(|| format!("loading {}", a.model.display()))?;
-        let label = format!("rank {}", opts.rank);
-        let mut bar: Option<indicatif::ProgressBar> = None;
-        m3d_eval::bench::run_rank(&model, &a.data, &a.volumes, opts, &a.out, |done, all| {
-            bar.get_or_insert_with(|| {
-                m3d_data_prep::progress::bar_of(all as u64, &label, "samples", true)
-            })
-            .set_position(done as u64);
-        })?;
-        if let Some(b) = bar {
-            b.finish();
-        }
-        Ok(())
+    let label = a.model.display().to_string();
+    if let Some(listen) = a.serve {
+        return serve_eval(&a, &opts, listen);
+    }
+    if a.coordinator.is_none() && a.workers > 1 {
+        return eval_job_here(&a, &opts);
+    }
+    if let Some(t) = a.threads {
+        tch::set_num_threads(t.max(1) as i32);
+    } else if a.workers > 1 {
+        // The ranks share this machine's cores: each takes its share instead of all of them.
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        tch::set_num_threads((cores / a.workers).max(1) as i32);
+    }
+    let device = match a.device.as_deref() {
+        Some(d) => m3d_eval::parse_device(d).map_err(anyhow::Error::msg)?,
+        None => m3d_eval::default_device(),
     };
-    if a.rank.is_some() {
-        return run_rank(&opts);
+    let model = LamedModel::load(&a.model, device, Precision::default_for(device))
+        .with_context(|| format!("loading {}", a.model.display()))?;
+    let mut bar: Option<indicatif::ProgressBar> = None;
+    let mut progress = |label: &str, done: usize, all: usize| {
+        bar.get_or_insert_with(|| {
+            m3d_data_prep::progress::bar_of(all as u64, label, "samples", true)
+        })
+        .set_position(done as u64);
+    };
+    let report = match &a.coordinator {
+        None => {
+            m3d_eval::bench::run_rank(&model, &a.data, &a.volumes, &opts, &a.out, |d, n| {
+                progress("rank 0", d, n);
+                Ok(())
+            })?;
+            Some(m3d_eval::bench::merge(&a.out, 1, &label, &opts)?)
+        }
+        Some(url) => {
+            let plan = m3d_eval::job::EvalPlan::of(&label, &a.data, &a.volumes, &opts)?;
+            let host = crate::train::host_name();
+            let rank = m3d_eval::job::RankOptions {
+                coordinator: url.clone(),
+                token: m3d_coordinator::cli::load_token(a.token_file.as_ref())?,
+                worker_id: a
+                    .worker_id
+                    .clone()
+                    .unwrap_or_else(|| format!("{host}-{}", std::process::id())),
+                host,
+            };
+            let bar_label = format!("{} ", rank.worker_id);
+            m3d_eval::job::run_rank_of_job(
+                &model,
+                &label,
+                &a.data,
+                &a.volumes,
+                &opts,
+                &plan,
+                &a.out,
+                &rank,
+                |d, n| progress(&bar_label, d, n),
+            )?
+        }
+    };
+    if let Some(b) = bar {
+        b.finish();
     }
-    if a.merge {
-        // The parts were written by ranks started elsewhere.
-    } else if a.workers == 1 {
-        run_rank(&opts)?;
-    } else {
-        // Each rank a process of its own, as on a cluster; their results meet in the part files.
-        let exe = std::env::current_exe().context("locating the m3d binary")?;
-        let args: Vec<String> = std::env::args().skip(1).collect();
-        let children: Vec<_> = (0..a.workers)
-            .map(|r| {
-                std::process::Command::new(&exe)
-                    .args(&args)
-                    .args(["--rank", &r.to_string()])
-                    .spawn()
-                    .with_context(|| format!("starting rank {r}"))
-            })
-            .collect::<Result<_>>()?;
-        for (r, mut c) in children.into_iter().enumerate() {
-            let status = c.wait().with_context(|| format!("waiting for rank {r}"))?;
-            if !status.success() {
-                bail!("rank {r} of {} failed ({status})", a.workers);
-            }
+    if let Some(report) = report {
+        print!("{}", m3d_eval::bench::markdown(&report));
+    }
+    Ok(())
+}
+
+/// The coordinator of an evaluation job: the plan from the datasets' manifests, ranks from `--workers`.
+fn eval_job_config(
+    a: &EvalBenchArgs,
+    opts: &m3d_eval::bench::BenchOptions,
+    min_workers: usize,
+) -> Result<m3d_coordinator::JobConfig> {
+    let plan =
+        m3d_eval::job::EvalPlan::of(&a.model.display().to_string(), &a.data, &a.volumes, opts)?;
+    Ok(m3d_coordinator::JobConfig {
+        min_workers: u32::try_from(min_workers).context("--min-workers")?,
+        max_workers: u32::try_from(a.workers).context("--workers")?,
+        rendezvous_timeout: a.rendezvous_timeout,
+        heartbeat_timeout: a.heartbeat_timeout,
+        max_restarts: a.restarts,
+        plan: plan.plan,
+        data_fingerprint: Some(plan.settings),
+        initial_checkpoint: None,
+    })
+}
+
+/// `m3d eval bench --serve ADDR`: the job's coordinator alone (a pod of its own on a cluster).
+fn serve_eval(
+    a: &EvalBenchArgs,
+    opts: &m3d_eval::bench::BenchOptions,
+    listen: std::net::SocketAddr,
+) -> Result<()> {
+    let min = a.min_workers.unwrap_or(a.workers);
+    let cfg = eval_job_config(a, opts, min)?;
+    let state = match &a.state {
+        Some(s) => s.clone(),
+        None => a.out.join("coordinator").display().to_string(),
+    };
+    m3d_coordinator::cli::serve_job(
+        cfg,
+        m3d_coordinator::cli::ServeOptions {
+            listen,
+            state,
+            token: m3d_coordinator::cli::load_token(a.token_file.as_ref())?,
+            exit_on_finish: true,
+            drain_timeout: std::time::Duration::from_secs(10),
+        },
+        None,
+    )
+}
+
+/// `--workers N` on this machine: a coordinator in this process and N rank processes, as on a cluster.
+fn eval_job_here(a: &EvalBenchArgs, opts: &m3d_eval::bench::BenchOptions) -> Result<()> {
+    let cfg = eval_job_config(a, opts, a.workers)?;
+    let mut secret = [0u8; 24];
+    rand::RngCore::fill_bytes(&mut rand::rng(), &mut secret);
+    let token_text: String = secret.iter().map(|b| format!("{b:02x}")).collect();
+    let rt = m3d_coordinator::cli::runtime()?;
+    let coord = rt
+        .block_on(m3d_coordinator::Coordinator::open(cfg, None))
+        .context("starting the coordinator")?;
+    let (listener, addr) = rt
+        .block_on(m3d_coordinator::grpc::bind("127.0.0.1:0".parse()?))
+        .context("binding the coordinator")?;
+    let url = format!("http://{addr}");
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let token = m3d_coordinator::Token::new(&token_text);
+    let server = rt.spawn(m3d_coordinator::serve(coord, listener, token, async {
+        let _ = stop_rx.await;
+    }));
+    let exe = std::env::current_exe().context("locating the m3d binary")?;
+    let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    let children: Vec<_> = (0..a.workers)
+        .map(|r| {
+            std::process::Command::new(&exe)
+                .args(&args)
+                .args(["--coordinator", &url, "--worker-id", &format!("rank{r}")])
+                // The token goes through the environment, never the command line (`ps` shows that).
+                .env("M3D_TOKEN", &token_text)
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .with_context(|| format!("starting rank process {r}"))
+        })
+        .collect::<Result<_>>()?;
+    let mut failed = None;
+    for (r, mut c) in children.into_iter().enumerate() {
+        let status = c
+            .wait()
+            .with_context(|| format!("waiting for rank process {r}"))?;
+        if !status.success() && failed.is_none() {
+            failed = Some(format!(
+                "rank process {r} of {} failed ({status})",
+                a.workers
+            ));
         }
     }
-    let report = m3d_eval::bench::merge(&a.out, a.workers, &a.model.display().to_string(), &opts)?;
-    print!("{}", m3d_eval::bench::markdown(&report));
+    let _ = stop_tx.send(());
+    let _ = rt.block_on(server);
+    if let Some(f) = failed {
+        bail!(f);
+    }
+    let md = a.out.join("bench.md");
+    print!(
+        "{}",
+        std::fs::read_to_string(&md).with_context(|| format!("reading {}", md.display()))?
+    );
     Ok(())
 }

@@ -121,6 +121,9 @@ pub struct EvalRetrievalArgs {
     /// The split whose image-text pairs are retrieved (M3D-Bench uses `hard_test`).
     #[arg(long, default_value = "test")]
     split: String,
+    /// Only the split's first K pairs (M3D-Bench retrieves among 2,000).
+    #[arg(long)]
+    limit: Option<usize>,
     #[arg(long, default_value_t = 16)]
     batch: usize,
     /// Where the encoders run: cpu, cuda (the first GPU) or cuda:N [default: cuda when a GPU is visible,
@@ -174,7 +177,7 @@ pub struct PlotArgs {
     out: String,
 }
 
-fn host_name() -> String {
+pub fn host_name() -> String {
     std::fs::read_to_string("/etc/hostname")
         .ok()
         .map(|s| s.trim().to_string())
@@ -767,7 +770,7 @@ pub fn eval_retrieval(a: EvalRetrievalArgs) -> Result<()> {
         Some(d) => m3d_eval::parse_device(d).map_err(anyhow::Error::msg)?,
         None => m3d_eval::default_device(),
     };
-    let r = m3d_eval::clip_retrieval_on(&a.model, &a.shards, &a.split, a.batch, device)
+    let r = m3d_eval::clip_retrieval_on(&a.model, &a.shards, &a.split, a.limit, a.batch, device)
         .with_context(|| format!("evaluating {}", a.model.display()))?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&r)?);

@@ -222,6 +222,7 @@ pub fn run(a: CoordinatorArgs) -> Result<()> {
             }
             let min = a.min_workers.unwrap_or(1);
             let plan = PlanSpec {
+                kind: crate::PlanKind::Train,
                 max_steps: None,
                 samples: a.samples.unwrap_or(0),
                 global_batch: a.global_batch.unwrap_or(0),
@@ -258,7 +259,41 @@ pub fn run(a: CoordinatorArgs) -> Result<()> {
             .with_context(|| format!("listing the checkpoints under {base}"))?,
         None => None,
     };
-    let drain_timeout = a.drain_timeout;
+    serve_job(
+        cfg,
+        ServeOptions {
+            listen: a.listen,
+            state: a.state,
+            token,
+            exit_on_finish: a.exit_on_finish,
+            drain_timeout: a.drain_timeout,
+        },
+        found,
+    )
+}
+
+/// How [`serve_job`] serves a job.
+pub struct ServeOptions {
+    pub listen: SocketAddr,
+    /// Where the job state lives (path, file://, s3://).
+    pub state: String,
+    pub token: Option<Token>,
+    /// Exit once the job has completed or failed (after a short grace period for the last status queries).
+    pub exit_on_finish: bool,
+    /// On SIGTERM, how long to keep serving while the workers stop.
+    pub drain_timeout: Duration,
+}
+
+/// Serves the job `cfg` until interrupted (or, with `exit_on_finish`, until it has ended), starting from the
+/// committed checkpoint `found` when there is one. What `m3d coordinator` runs, and the coordinator of
+/// `m3d eval bench --serve`.
+pub fn serve_job(
+    cfg: JobConfig,
+    a: ServeOptions,
+    found: Option<crate::CheckpointRef>,
+) -> Result<()> {
+    let (drain_timeout, token) = (a.drain_timeout, a.token);
+    let heartbeat_timeout = cfg.heartbeat_timeout;
     runtime()?.block_on(async move {
         let coord = Coordinator::open(cfg, Some(&a.state))
             .await

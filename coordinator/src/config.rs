@@ -46,10 +46,16 @@ impl JobConfig {
         }
         self.plan.validate()?;
         if !(self.min_workers..=self.max_workers).any(|w| self.plan.fits(w)) {
-            return Err(CoordError::Config(format!(
-                "no world size in {}..={} divides the global batch {}",
-                self.min_workers, self.max_workers, self.plan.global_batch
-            )));
+            return Err(CoordError::Config(match self.plan.kind {
+                crate::PlanKind::Train => format!(
+                    "no world size in {}..={} divides the global batch {}",
+                    self.min_workers, self.max_workers, self.plan.global_batch
+                ),
+                crate::PlanKind::Eval => format!(
+                    "{} workers at least for an evaluation of {} samples",
+                    self.min_workers, self.plan.samples
+                ),
+            }));
         }
         Ok(())
     }

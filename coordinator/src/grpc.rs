@@ -522,6 +522,10 @@ fn plan_to_pb(p: &PlanSpec, data_fingerprint: Option<&str>) -> pb::DataPlanSpec 
             Shuffle::Global => 0,
             Shuffle::Blocks { window, .. } => window,
         },
+        kind: match p.kind {
+            crate::PlanKind::Train => pb::PlanKind::Training,
+            crate::PlanKind::Eval => pb::PlanKind::Evaluation,
+        } as i32,
     }
 }
 
@@ -545,6 +549,11 @@ pub(crate) fn plan_from_pb(p: &pb::DataPlanSpec) -> PlanSpec {
                 block,
                 window: p.shuffle_window,
             },
+        },
+        // Unspecified (a coordinator that predates the field) is training.
+        kind: match pb::PlanKind::try_from(p.kind) {
+            Ok(pb::PlanKind::Evaluation) => crate::PlanKind::Eval,
+            _ => crate::PlanKind::Train,
         },
     }
 }

@@ -34,7 +34,7 @@ pub use job::{
     Assignment, CheckpointRef, ControlPlane, Coordinator, DataPlan, HeartbeatReply, JobPhase,
     JobStatus, Peer, Progress, WorkerAction, WorkerInfo,
 };
-pub use plan::{BlockOrder, EpochOrder, PlanSpec, SampleOrder, Shuffle, StepPlan};
-pub use recipe::{plan_spec, RecipePlanError, TrainingSet};
+pub use plan::{BlockOrder, EpochOrder, PlanKind, PlanSpec, SampleOrder, Shuffle, StepPlan};
+pub use recipe::{dataset_manifest, plan_spec, shard_listing, RecipePlanError, TrainingSet};
 /// gRPC status codes, as [`ClientError::code`] reports them.
 pub use tonic::Code;

@@ -24,6 +24,11 @@
 //! of `W` gets the contiguous slice `[r*G/W, (r+1)*G/W)` of it (so concatenating the ranks' slices in rank order
 //! gives the global batch in order). `G % W == 0` is required: every rank gets the same number of samples and
 //! steps, and no rank waits on another's extra batch.
+//!
+//! An evaluation job ([`PlanKind::Eval`], `m3d eval bench`) uses the same rendezvous, liveness and completion,
+//! with a plan of its own: one pass over samples `0..samples` in order (no shuffle), rank `r` of `W` taking
+//! `r, r + W, r + 2W, ...`, as one step that a rank completes when its results are written. Any world size up
+//! to `samples` fits: ranks differ by at most one sample, and nothing waits on a peer.
 
 use crate::error::PlanError;
 
@@ -46,6 +51,32 @@ pub struct PlanSpec {
     /// field existed reads as): [`Shuffle::Global`].
     #[serde(default)]
     pub shuffle: Shuffle,
+    /// Training or evaluation. Default (and what state written before the field existed reads as):
+    /// [`PlanKind::Train`].
+    #[serde(default)]
+    pub kind: PlanKind,
+}
+
+/// What the ranks do with a plan; see the module docs.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum PlanKind {
+    /// Global batches of the epoch's order, each cut into equal contiguous rank slices.
+    #[default]
+    Train,
+    /// One in-order pass, rank `r` of `W` taking every `W`-th sample from `r`; one step.
+    Eval,
+}
+
+impl std::fmt::Display for PlanKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            PlanKind::Train => "training",
+            PlanKind::Eval => "evaluation",
+        })
+    }
 }
 
 /// How an epoch's sample order is drawn; see the module docs.
@@ -116,6 +147,17 @@ impl PlanSpec {
         if self.epochs == 0 {
             return Err(PlanError::Invalid("epochs must be at least 1".into()));
         }
+        if self.kind == PlanKind::Eval
+            && (self.global_batch != self.samples
+                || self.epochs != 1
+                || self.max_steps.is_some()
+                || self.shuffle != Shuffle::Global)
+        {
+            return Err(PlanError::Invalid(
+                "an evaluation plan is one in-order pass: global batch = samples, 1 epoch, no max steps or shuffle"
+                    .into(),
+            ));
+        }
         if let Shuffle::Blocks { block, window } = self.shuffle {
             if block == 0 {
                 return Err(PlanError::Invalid(
@@ -158,7 +200,24 @@ impl PlanSpec {
 
     /// Whether `world_size` ranks can split the global batch evenly.
     pub fn fits(&self, world_size: u32) -> bool {
-        world_size > 0 && self.global_batch % u64::from(world_size) == 0
+        match self.kind {
+            PlanKind::Train => world_size > 0 && self.global_batch % u64::from(world_size) == 0,
+            PlanKind::Eval => world_size > 0 && u64::from(world_size) <= self.samples,
+        }
+    }
+
+    /// The plan of an evaluation over `samples` items (see [`PlanKind::Eval`]); `seed` keys whatever the
+    /// evaluation draws per sample.
+    pub fn evaluation(samples: u64, seed: u64) -> PlanSpec {
+        PlanSpec {
+            samples,
+            global_batch: samples,
+            seed,
+            epochs: 1,
+            max_steps: None,
+            shuffle: Shuffle::Global,
+            kind: PlanKind::Eval,
+        }
     }
 
     /// The order of `epoch` under this spec's [`Shuffle`].
@@ -188,6 +247,12 @@ impl PlanSpec {
     /// Rank `rank` of `world_size`'s samples at global step `step`.
     pub fn rank_slice(&self, step: u64, rank: u32, world_size: u32) -> Result<Vec<u64>, PlanError> {
         self.validate()?;
+        if self.kind == PlanKind::Eval && !self.fits(world_size) {
+            return Err(PlanError::Invalid(format!(
+                "{world_size} ranks for an evaluation of {} samples",
+                self.samples
+            )));
+        }
         if !self.fits(world_size) {
             return Err(PlanError::WorldSize {
                 global_batch: self.global_batch,
@@ -204,6 +269,11 @@ impl PlanSpec {
                 step,
                 total_steps: self.total_steps(),
             });
+        }
+        if self.kind == PlanKind::Eval {
+            return Ok((u64::from(rank)..self.samples)
+                .step_by(world_size as usize)
+                .collect());
         }
         let (epoch, k) = self.position(step);
         let per_rank = self.global_batch / u64::from(world_size);
@@ -499,6 +569,7 @@ mod tests {
 
     fn spec(samples: u64, global_batch: u64, shuffle: Shuffle) -> PlanSpec {
         PlanSpec {
+            kind: PlanKind::Train,
             samples,
             global_batch,
             seed: 11,
@@ -659,6 +730,7 @@ mod tests {
         assert_eq!(
             serde_json::from_str::<PlanSpec>(old).unwrap(),
             PlanSpec {
+                kind: PlanKind::Train,
                 max_steps: None,
                 ..p
             }

@@ -81,21 +81,9 @@ impl TrainingSet {
             let mut n = 0u64;
             let urls = task.shards.iter().map(|u| ("shards", u));
             for (role, url) in urls.chain(task.volumes.iter().map(|u| ("volumes", u))) {
-                let err = |source: ShardError| RecipePlanError::Dataset {
-                    url: url.clone(),
-                    source,
-                };
-                let store = Store::open_existing(url).map_err(|e| err(e.into()))?;
-                let manifest = Manifest::load(&store).map_err(err)?;
+                let manifest = dataset_manifest(url)?;
                 listing.push_str(&format!("{role}\n"));
-                for (kind, shards) in [
-                    ("volumes", &manifest.volume_shards),
-                    ("samples", &manifest.sample_shards),
-                ] {
-                    for e in shards {
-                        listing.push_str(&format!("{kind} {} {}\n", e.key, e.sha256));
-                    }
-                }
+                shard_listing(&manifest, &mut listing);
                 if role == "shards" {
                     n += manifest
                         .counts
@@ -124,10 +112,34 @@ impl TrainingSet {
     }
 }
 
+/// The manifest of the dataset at `url` (one read).
+pub fn dataset_manifest(url: &str) -> Result<Manifest, RecipePlanError> {
+    let err = |source: ShardError| RecipePlanError::Dataset {
+        url: url.to_string(),
+        source,
+    };
+    let store = Store::open_existing(url).map_err(|e| err(e.into()))?;
+    Manifest::load(&store).map_err(err)
+}
+
+/// Appends what identifies a dataset's contents to a fingerprint's listing: the key and sha256 of every shard
+/// its manifest lists, one line each (the manifest's own bytes carry its creation time, so they are not used).
+pub fn shard_listing(manifest: &Manifest, listing: &mut String) {
+    for (kind, shards) in [
+        ("volumes", &manifest.volume_shards),
+        ("samples", &manifest.sample_shards),
+    ] {
+        for e in shards {
+            listing.push_str(&format!("{kind} {} {}\n", e.key, e.sha256));
+        }
+    }
+}
+
 /// The data plan `recipe` asks for over a training set of `samples` entries: its global batch, seed, epochs,
 /// `max_steps` and shuffle, validated.
 pub fn plan_spec(recipe: &Recipe, samples: u64) -> Result<PlanSpec, RecipePlanError> {
     let spec = PlanSpec {
+        kind: crate::PlanKind::Train,
         samples,
         global_batch: recipe.train.global_batch as u64,
         seed: recipe.train.seed,

@@ -24,6 +24,7 @@ fn cfg(min: u32, max: u32, rendezvous: Duration, heartbeat: Duration, restarts: 
         heartbeat_timeout: heartbeat,
         max_restarts: restarts,
         plan: PlanSpec {
+            kind: m3d_coordinator::PlanKind::Train,
             max_steps: None,
             samples: 100,
             global_batch: 12,
@@ -896,4 +897,47 @@ async fn the_health_service_answers_a_probe_without_the_token() {
     let mut c = server.client().await;
     assert!(c.status().await.is_err());
     server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_evaluation_job_forms_any_world_size_and_completes_when_every_rank_reports_its_one_step()
+{
+    let mut config = cfg(3, 3, Duration::from_secs(600), Duration::from_secs(30), 0);
+    config.plan = PlanSpec::evaluation(7, 11);
+    config.data_fingerprint = Some("data=abc\ntasks=cap\n".into());
+    let server = Server::start(config, None, None).await;
+    let workers: Vec<WorkerInfo> = (0..3).map(|i| worker(&format!("e{i}"), "h")).collect();
+    let got = register_all(&server.url, workers).await;
+    for (_, a) in &got {
+        // The plan's kind and the evaluation's settings reach every rank over the wire.
+        assert_eq!(a.plan, PlanSpec::evaluation(7, 11));
+        assert_eq!(a.data_fingerprint.as_deref(), Some("data=abc\ntasks=cap\n"));
+        assert_eq!(a.world_size, 3);
+    }
+    let mut c = server.client().await;
+    for (i, (w, a)) in got.iter().enumerate() {
+        assert_ne!(c.status().await.expect("status").phase, JobPhase::Completed);
+        let action = c
+            .report_progress(
+                &w.worker_id,
+                a.generation,
+                Progress {
+                    step: 1,
+                    loss: 0.0,
+                    samples: 7,
+                },
+            )
+            .await
+            .expect("report");
+        let last = i == got.len() - 1;
+        assert_eq!(
+            action,
+            if last {
+                WorkerAction::Stop
+            } else {
+                WorkerAction::Continue
+            }
+        );
+    }
+    assert_eq!(c.status().await.expect("status").phase, JobPhase::Completed);
 }

@@ -6,6 +6,7 @@ use m3d_coordinator::{JobConfig, PlanError, PlanSpec};
 
 fn spec(samples: u64, global_batch: u64) -> PlanSpec {
     PlanSpec {
+        kind: m3d_coordinator::PlanKind::Train,
         max_steps: None,
         samples,
         global_batch,
@@ -133,4 +134,52 @@ fn a_world_size_that_does_not_divide_the_global_batch_is_refused() {
         spec(5, 12).validate().is_err(),
         "fewer samples than one global batch"
     );
+}
+
+#[test]
+fn an_evaluation_plan_is_one_in_order_pass_split_by_stride_for_any_world_size() {
+    let p = PlanSpec::evaluation(10, 3);
+    assert_eq!(p.total_steps(), 1);
+    for world in 1..=10u32 {
+        assert!(p.fits(world), "{world} ranks");
+        let mut union = Vec::new();
+        for rank in 0..world {
+            let mine = p.rank_slice(0, rank, world).expect("slice");
+            // Rank r takes r, r + W, r + 2W, ...: ranks differ by at most one item.
+            assert!(mine
+                .iter()
+                .enumerate()
+                .all(|(i, &x)| x == u64::from(rank) + i as u64 * u64::from(world)));
+            assert!(mine.len().abs_diff(10 / world as usize) <= 1);
+            union.extend(mine);
+        }
+        union.sort_unstable();
+        assert_eq!(union, (0..10).collect::<Vec<u64>>(), "world {world}");
+    }
+    assert!(!p.fits(11) && !p.fits(0));
+    assert!(p.rank_slice(0, 0, 11).is_err());
+    assert!(p.rank_slice(1, 0, 2).is_err(), "one step only");
+    // An evaluation is not shuffled, and covers its items once.
+    for bad in [
+        PlanSpec { epochs: 2, ..p },
+        PlanSpec {
+            global_batch: 5,
+            ..p
+        },
+        PlanSpec {
+            shuffle: m3d_coordinator::Shuffle::Blocks {
+                block: 2,
+                window: 2,
+            },
+            ..p
+        },
+    ] {
+        assert!(bad.validate().is_err(), "{bad:?}");
+    }
+    // A training plan of the same numbers is not: the kind decides how ranks split it.
+    let train = PlanSpec {
+        kind: m3d_coordinator::PlanKind::Train,
+        ..p
+    };
+    assert!(!train.fits(3), "10 is not divisible by 3");
 }

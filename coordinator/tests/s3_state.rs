@@ -26,6 +26,7 @@ async fn job_state_on_s3_survives_a_coordinator_restart() {
         heartbeat_timeout: Duration::from_secs(60),
         max_restarts: 1,
         plan: PlanSpec {
+            kind: m3d_coordinator::PlanKind::Train,
             max_steps: None,
             samples: 64,
             global_batch: 4,

@@ -94,6 +94,7 @@ fn read(url: &str, args: &[String]) -> Result<(), Error> {
     let loader = ShardLoader::open(url, opts)?;
     let opened = start.elapsed().as_secs_f64();
     let spec = PlanSpec {
+        kind: m3d_coordinator::PlanKind::Train,
         samples: loader.len() as u64,
         global_batch,
         seed,

@@ -2,9 +2,10 @@
 //! builds them ([`m3d_instruct::bench`], the template drawn per sample from a seeded stream and recorded),
 //! answered by greedy decoding in batches ([`m3d_infer`]), scored with [`m3d_scoring`].
 //!
-//! Work is split by rank: the task's samples in a fixed order (tasks as asked, datasets as listed, samples in
-//! shard order, the `--limit` first of each task), rank `r` of `W` taking every `W`-th. Each rank writes its
-//! per-sample results to `parts/rank-R-of-W.jsonl`; [`merge`] reads every part (refusing a missing one) and
+//! Work is split by rank: the work items in a fixed order (each task's samples: tasks as asked, datasets as
+//! listed, samples in shard order, the `--limit` first of each task; then retrieval, one item), rank `r` of `W`
+//! taking every `W`-th ([`m3d_coordinator::PlanKind::Eval`]; ranks and world come from the coordinator, see
+//! [`crate::job`]). Each rank writes its per-sample results to `parts/rank-R-of-W.jsonl`; [`merge`] reads every part (refusing a missing one) and
 //! writes `results.jsonl`, `bench.json` and `bench.md`. A result depends only on its sample, never on the
 //! rank or the batch it ran in (left-padded batches decode as single prompts; the template draw is keyed by
 //! the sample), so 1 and N workers give the same per-sample results.
@@ -12,7 +13,8 @@
 //! Metrics per task, as the reference's `Bench/eval/eval_*.py` compute them (with its defects corrected unless
 //! [`Convention::Reference`]): captions, open VQA and REG: BLEU-1, ROUGE-1 F, METEOR (with WordNet; skipped,
 //! and said so in the report, when no WordNet is given); closed VQA: accuracy; REC: IoU and Acc@0.5; seg and
-//! refseg: Dice of the `[SEG]` mask against the sample's mask. BERTScore is not computed yet.
+//! refseg: Dice of the `[SEG]` mask against the sample's mask; BERTScore F1 ([`crate::bertscore`]) for the free
+//! text when an encoder is given.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -65,6 +67,21 @@ pub struct BenchOptions {
     pub overlays: usize,
     pub rank: usize,
     pub world: usize,
+    /// The work items the coordinator planned ([`crate::job::EvalPlan`], from the manifests): the sample
+    /// tables must give as many.
+    pub planned_items: Option<u64>,
+}
+
+impl BenchOptions {
+    /// What can be refused before any data is read.
+    pub fn check(&self) -> Result<(), EvalError> {
+        if self.tasks.contains(&BenchTask::Retrieval) && self.clip.is_none() {
+            return Err(EvalError::Input(
+                "the retrieval task scores an M3D-CLIP: name it with --clip <folder>".into(),
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// One evaluated prompt.
@@ -89,7 +106,7 @@ pub struct SampleResult {
 }
 
 /// Samples a bench task takes from a shard dataset.
-fn accepts(task: BenchTask, stored: Task) -> bool {
+pub(crate) fn accepts(task: BenchTask, stored: Task) -> bool {
     match task {
         BenchTask::Cap => stored == Task::Caption,
         BenchTask::VqaClosed => stored == Task::VqaClosed,
@@ -165,7 +182,7 @@ pub fn run_rank(
     volumes: &[String],
     opts: &BenchOptions,
     out: &Path,
-    mut progress: impl FnMut(usize, usize),
+    mut progress: impl FnMut(usize, usize) -> Result<(), EvalError>,
 ) -> Result<PathBuf, EvalError> {
     if opts.world == 0 || opts.rank >= opts.world {
         return Err(EvalError::Input(format!(
@@ -173,6 +190,7 @@ pub fn run_rank(
             opts.rank, opts.world
         )));
     }
+    opts.check()?;
     let loaders: Vec<ShardLoader> = data
         .iter()
         .map(|url| {
@@ -186,9 +204,6 @@ pub fn run_rank(
             )
         })
         .collect::<Result<_, _>>()?;
-    if opts.tasks.contains(&BenchTask::Retrieval) && opts.rank == 0 {
-        retrieval(model, data, &loaders, opts, out)?;
-    }
     // (task, dataset, sample) in the fixed order, then this rank's share.
     let mut work: Vec<WorkItem> = Vec::new();
     for &task in &opts.tasks {
@@ -215,6 +230,22 @@ pub fn run_rank(
                 opts.split
             )));
         }
+    }
+    // Retrieval is the last item, after every task's samples.
+    let retrieval_item = opts
+        .tasks
+        .contains(&BenchTask::Retrieval)
+        .then_some(work.len());
+    let items = work.len() + usize::from(retrieval_item.is_some());
+    if let Some(planned) = opts.planned_items {
+        if planned != items as u64 {
+            return Err(EvalError::Input(format!(
+                "the datasets' manifests count {planned} work items, their sample tables {items}: {data:?}"
+            )));
+        }
+    }
+    if retrieval_item.is_some_and(|i| i % opts.world == opts.rank) {
+        retrieval(model, data, &loaders, opts, out)?;
     }
     // The first `overlays` samples of each segmentation task, by their place in the fixed order.
     let mut drawn = std::collections::HashSet::new();
@@ -362,7 +393,8 @@ pub fn run_rank(
             writeln!(file, "{line}").map_err(|e| io_err(&tmp, e))?;
         }
         done += chunk.len();
-        progress(done, mine.len());
+        progress(done, mine.len())?;
+        m3d_worker::failpoint::pause("eval-batch");
     }
     file.flush().map_err(|e| io_err(&tmp, e))?;
     drop(file);
@@ -370,14 +402,14 @@ pub fn run_rank(
     Ok(path)
 }
 
-/// Where rank 0 leaves the retrieval scores for [`merge`].
+/// Where the rank of the retrieval item leaves its scores for [`merge`].
 fn retrieval_path(out: &Path) -> PathBuf {
     out.join("parts").join("retrieval.json")
 }
 
 /// Image-text retrieval by the `--clip` model over the caption pairs of the split in the first dataset that has
-/// them (all of them: the reference's M3D-Bench retrieval set is 2,000 pairs), written for [`merge`]. It runs
-/// on rank 0 alone: every image is ranked against every text.
+/// them (the `--limit` first; the reference's M3D-Bench retrieval set is 2,000 pairs), written for [`merge`].
+/// It is one work item, the last: one rank ranks every image against every text.
 fn retrieval(
     model: &LamedModel,
     data: &[String],
@@ -401,7 +433,7 @@ fn retrieval(
                 opts.split
             ))
         })?;
-    let r = crate::clip_retrieval_on(clip, url, &opts.split, 16, model.device())?;
+    let r = crate::clip_retrieval_on(clip, url, &opts.split, opts.limit, 16, model.device())?;
     let path = retrieval_path(out);
     let dir = path.parent().unwrap_or(out);
     std::fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
@@ -607,8 +639,12 @@ pub fn merge(
     }
     if opts.tasks.contains(&BenchTask::Retrieval) {
         let path = retrieval_path(out);
-        let text = std::fs::read_to_string(&path)
-            .map_err(|e| io_err(&path, format!("{e} (rank 0 has not scored retrieval)")))?;
+        let text = std::fs::read_to_string(&path).map_err(|e| {
+            io_err(
+                &path,
+                format!("{e} (the retrieval item's rank has not scored it)"),
+            )
+        })?;
         let r: Retrieval = serde_json::from_str(&text).map_err(|e| io_err(&path, e))?;
         // The reference's names (eval_itr.py): IR ranks the texts for each image, TR the images for each text.
         let metrics = [

@@ -6,6 +6,7 @@
 
 pub mod bench;
 pub mod bertscore;
+pub mod job;
 
 use std::path::Path;
 
@@ -44,6 +45,12 @@ pub enum EvalError {
     Load(#[from] m3d_data::loader::LoadError),
     #[error("{0}")]
     Input(String),
+    /// Talking to the coordinator, or what it answered.
+    #[error("{0}")]
+    Control(String),
+    /// The rank's round ended before its slice was done (the coordinator formed a new one).
+    #[error("interrupted: {0}")]
+    Interrupted(String),
     #[error(transparent)]
     Tch(#[from] tch::TchError),
 }
@@ -144,14 +151,16 @@ pub fn clip_retrieval(
     split: &str,
     batch: usize,
 ) -> Result<Retrieval, EvalError> {
-    clip_retrieval_on(model_dir, shards, split, batch, default_device())
+    clip_retrieval_on(model_dir, shards, split, None, batch, default_device())
 }
 
-/// [`clip_retrieval`] with the encoders, the features and the similarity matrix on `device`.
+/// [`clip_retrieval`] over the first `limit` pairs (all without one; M3D-Bench's set is 2,000), with the
+/// encoders, the features and the similarity matrix on `device`.
 pub fn clip_retrieval_on(
     model_dir: &Path,
     shards: &str,
     split: &str,
+    limit: Option<usize>,
     batch: usize,
     device: Device,
 ) -> Result<Retrieval, EvalError> {
@@ -165,7 +174,10 @@ pub fn clip_retrieval_on(
             ..LoaderOptions::default()
         },
     )?;
-    let indices = caption_pairs(&loader, split);
+    let mut indices = caption_pairs(&loader, split);
+    if let Some(limit) = limit {
+        indices.truncate(limit);
+    }
     if indices.len() < 2 {
         return Err(EvalError::Input(format!(
             "{shards}: {} caption pair(s) in split `{split}`; retrieval needs at least 2",

@@ -163,7 +163,7 @@ fn cpu_retrieval_is_unchanged_and_independent_of_the_batch_size() {
     assert_eq!(want.pairs, PAIRS);
 
     for batch in [1, 3, PAIRS, 16] {
-        let got = clip_retrieval_on(&model_dir, &shards, "test", batch, Device::Cpu).unwrap();
+        let got = clip_retrieval_on(&model_dir, &shards, "test", None, batch, Device::Cpu).unwrap();
         assert_eq!(got, want, "batch {batch}");
     }
     if !tch::Cuda::is_available() {
@@ -172,7 +172,8 @@ fn cpu_retrieval_is_unchanged_and_independent_of_the_batch_size() {
             clip_retrieval(&model_dir, &shards, "test", 4).unwrap(),
             want
         );
-        let err = clip_retrieval_on(&model_dir, &shards, "test", 4, Device::Cuda(0)).unwrap_err();
+        let err =
+            clip_retrieval_on(&model_dir, &shards, "test", None, 4, Device::Cuda(0)).unwrap_err();
         assert!(
             matches!(&err, EvalError::Input(m) if m.contains("cuda:0")),
             "{err}"

@@ -266,7 +266,7 @@ fn eval_bench_covers_every_task_and_two_workers_equal_one() {
         &format!("output.run={}", clip_run.display()),
     ]);
     let clip = clip_run.join("final");
-    let bench = |workers: &str, out: &Path| {
+    let bench_args = |workers: &str, out: &Path| -> Vec<String> {
         let mut args = vec!["eval", "bench", "--model", &model, "--volumes", s(&cap)];
         args.extend(["--clip", s(&clip)]);
         args.extend([
@@ -288,7 +288,11 @@ fn eval_bench_covers_every_task_and_two_workers_equal_one() {
             "cpu",
         ]);
         args.extend(["--workers", workers, "-o", s(out)]);
-        m3d_ok(&args)
+        args.iter().map(|a| a.to_string()).collect()
+    };
+    let bench = |workers: &str, out: &Path| {
+        let args = bench_args(workers, out);
+        m3d_ok(&args.iter().map(String::as_str).collect::<Vec<_>>())
     };
     let (one, two) = (dir.path().join("one"), dir.path().join("two"));
     let printed = bench("1", &one);
@@ -299,33 +303,130 @@ fn eval_bench_covers_every_task_and_two_workers_equal_one() {
         std::fs::read_to_string(two.join("results.jsonl")).unwrap()
     );
     assert!(two.join("parts/rank-1-of-2.jsonl").is_file());
-    // Ranks run elsewhere leave their parts; `--merge` makes the report from them, and refuses a missing one.
-    let merge = |out: &Path| {
-        let mut args = vec![
-            "eval",
-            "bench",
-            "--model",
-            &model,
-            "--merge",
-            "--workers",
-            "2",
-        ];
-        for d in &data {
-            args.extend(["--data", s(d)]);
-        }
-        args.extend(["--limit", "2", "-o", s(out)]);
-        args.iter().map(|a| a.to_string()).collect::<Vec<_>>()
+    // As on a cluster: the coordinator of the evaluation (`--serve`) and two rank processes started alone,
+    // with the token the coordinator requires; rank 0 merges and prints the report.
+    let three = dir.path().join("three");
+    let token = [("M3D_TOKEN", "eval-secret")];
+    let serve = |workers: &str, out: &Path| {
+        let mut args = bench_args(workers, out);
+        args.extend(["--serve".into(), "127.0.0.1:0".into()]);
+        let mut child = std::process::Command::new(common::m3d_bin())
+            .args(&args)
+            .envs(token)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let url = format!("http://{}", common::listening_address(&mut child));
+        (child, url)
     };
-    std::fs::remove_file(two.join("results.jsonl")).unwrap();
-    let args = merge(&two);
-    m3d_ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let rank =
+        |workers: &str, out: &Path, url: &str, id: &str, extra: &[&str], env: &[(&str, &str)]| {
+            let mut args = bench_args(workers, out);
+            args.extend(["--coordinator", url, "--worker-id", id].map(String::from));
+            args.extend(extra.iter().map(|x| x.to_string()));
+            std::process::Command::new(common::m3d_bin())
+                .args(&args)
+                .envs(env.iter().copied())
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        };
+    let (mut coordinator, url) = serve("2", &three);
+    let ranks = [
+        rank("2", &three, &url, "pod-a", &[], &token),
+        rank("2", &three, &url, "pod-b", &[], &token),
+    ];
+    let outs: Vec<_> = ranks.map(|r| r.wait_with_output().unwrap()).into();
+    for o in &outs {
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    assert!(coordinator.wait().unwrap().success());
     assert_eq!(
         results,
-        std::fs::read_to_string(two.join("results.jsonl")).unwrap()
+        std::fs::read_to_string(three.join("results.jsonl")).unwrap()
     );
-    std::fs::remove_file(two.join("parts/rank-1-of-2.jsonl")).unwrap();
-    let err = m3d_err(&args.iter().map(String::as_str).collect::<Vec<_>>());
-    assert!(err.contains("rank 1 of 2"), "{err}");
+    let printed_by: Vec<bool> = outs
+        .iter()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains("| vqa-closed |"))
+        .collect();
+    assert_eq!(
+        printed_by,
+        [true, false],
+        "rank 0 (pod-a) prints the report"
+    );
+    // A rank without the token is refused; one started with other settings refuses the coordinator's plan,
+    // naming the flag and both values.
+    let (mut coordinator, url) = serve("1", &dir.path().join("four"));
+    let refused = |extra: &[&str], env: &[(&str, &str)]| {
+        let o = rank("1", &dir.path().join("four"), &url, "pod-c", extra, env)
+            .wait_with_output()
+            .unwrap();
+        assert!(!o.status.success());
+        String::from_utf8_lossy(&o.stderr).to_string()
+    };
+    let err = refused(&[], &[]);
+    assert!(err.to_lowercase().contains("unauthenticated"), "{err}");
+    let err = refused(&["--overlays", "3", "--seed", "7"], &token);
+    for named in [
+        "the coordinator's --overlays is 4, this rank's is 3",
+        "the coordinator's --seed is 0, this rank's is 7",
+    ] {
+        assert!(err.contains(named), "{err}");
+    }
+    coordinator.kill().unwrap();
+    coordinator.wait().unwrap();
+    // A rank lost mid-slice (killed while paused after its first batch): the survivor registers again, a
+    // restart round of one forms, and the report is the same.
+    let five = dir.path().join("five");
+    let (mut coordinator, url) = {
+        let mut args = bench_args("2", &five);
+        args.extend(
+            [
+                "--serve",
+                "127.0.0.1:0",
+                "--min-workers",
+                "1",
+                "--restarts",
+                "1",
+                "--heartbeat-timeout",
+                "2s",
+                "--rendezvous-timeout",
+                "2s",
+            ]
+            .map(String::from),
+        );
+        let mut child = std::process::Command::new(common::m3d_bin())
+            .args(&args)
+            .envs(token)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let url = format!("http://{}", common::listening_address(&mut child));
+        (child, url)
+    };
+    let survivor = rank("2", &five, &url, "pod-a", &[], &token);
+    let mut lost = rank(
+        "2",
+        &five,
+        &url,
+        "pod-b",
+        &[],
+        &[token[0], ("M3D_FAILPOINTS", "eval-batch=60000")],
+    );
+    common::wait_for("rank 0's part", std::time::Duration::from_secs(120), || {
+        five.join("parts/rank-0-of-2.jsonl").is_file()
+    });
+    lost.kill().unwrap();
+    lost.wait().unwrap();
+    let o = survivor.wait_with_output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(coordinator.wait().unwrap().success());
+    assert!(five.join("parts/rank-0-of-1.jsonl").is_file());
+    assert_eq!(
+        results,
+        std::fs::read_to_string(five.join("results.jsonl")).unwrap()
+    );
     // Retrieval without a CLIP to score, and a CLIP exported as a released LaMed: both refused, saying why.
     let err = m3d_err(&[
         "eval",

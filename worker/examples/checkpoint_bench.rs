@@ -59,6 +59,7 @@ fn main() {
         step_in_epoch: 1,
         world_size: 1,
         plan: m3d_coordinator::plan::PlanSpec {
+            kind: m3d_coordinator::PlanKind::Train,
             samples: 1,
             global_batch: 1,
             seed: 0,

@@ -88,6 +88,7 @@ pub fn check_plan(
         }
     };
     let steps = |m: Option<u64>| m.map_or("none".to_string(), |m| m.to_string());
+    cmp("the job", theirs.kind.to_string(), ours.kind.to_string());
     cmp(
         "the training set's samples",
         theirs.samples.to_string(),
@@ -219,7 +220,7 @@ const COORDINATOR_PATIENCE: Duration = Duration::from_secs(60);
 /// ([`ClientError::is_transient`]), or [`COORDINATOR_PATIENCE`] has passed: every call a worker makes goes
 /// through here, so a coordinator that restarts (or whose pod moves, or that starts after its workers) costs
 /// a wait, not the job.
-fn patiently<T, F, Fut>(
+pub fn patiently<T, F, Fut>(
     rt: &tokio::runtime::Runtime,
     worker_id: &str,
     what: &str,

@@ -88,6 +88,7 @@ fn write_dataset(dir: &std::path::Path) -> String {
 
 fn plan(shuffle: Shuffle) -> PlanSpec {
     PlanSpec {
+        kind: m3d_coordinator::PlanKind::Train,
         samples: SAMPLES,
         global_batch: 4,
         seed: 3,
@@ -167,6 +168,7 @@ fn block_shuffle_reads_each_volume_once_per_epoch_with_a_one_window_cache() {
     // A step of one whole window: its volumes are whole shards, each brought by one request, so an epoch
     // costs one request per shard. The global shuffle's steps scatter over every shard.
     let wide = |shuffle| PlanSpec {
+        kind: m3d_coordinator::PlanKind::Train,
         global_batch: BLOCK * WINDOW,
         ..plan(shuffle)
     };

@@ -30,6 +30,7 @@ fn state(step: u64) -> CheckpointState {
         step_in_epoch: step,
         world_size: 2,
         plan: PlanSpec {
+            kind: m3d_coordinator::PlanKind::Train,
             samples: 100,
             global_batch: 4,
             seed: 1,

@@ -60,6 +60,7 @@ async fn every_ranks_computed_slices_equal_the_coordinators_plan_under_both_shuf
     ] {
         for (world, max_steps) in [(1u32, None), (2, None), (3, Some(20)), (4, None)] {
             let plan = PlanSpec {
+                kind: m3d_coordinator::PlanKind::Train,
                 samples: 101,
                 global_batch: 12,
                 seed: 9,
