@@ -16,10 +16,9 @@
 //! `(1, H, W, D)` is, and the preprocessing's `swapaxes(-1, -3)` makes it `(1, Z, Y, X)`. The voxel order is
 //! taken as stored: like the reference, nothing is reoriented to a canonical orientation from the affine.
 
-use std::io::{BufRead, Read, Write};
 use std::path::{Path, PathBuf};
 
-use m3d_formats::nifti::{read_nifti, write_nifti, NiftiDtype};
+use m3d_formats::nifti::{read_nifti, write_nifti_in, NiftiDtype, NiftiSpace};
 use m3d_formats::npy::{read_npy, NpyArray, NpyData};
 use m3d_formats::FormatError;
 use m3d_shards::{ShardDataset, ShardError, VolumeReader};
@@ -103,15 +102,6 @@ pub enum SingleError {
         expected: [usize; 4],
         found: [usize; 4],
     },
-    /// A NIfTI header whose spatial fields cannot be read.
-    #[error("{}: NIfTI header: {reason}", path.display())]
-    NiftiHeader { path: PathBuf, reason: String },
-    #[error("{}: {source}", path.display())]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
     #[error("{}: cannot write PNG: {reason}", path.display())]
     Png { path: PathBuf, reason: String },
     /// A volume does not fit its geometry (a resize or paste of the inverse mapping with inconsistent shapes).
@@ -120,13 +110,6 @@ pub enum SingleError {
 }
 
 type Result<T, E = SingleError> = std::result::Result<T, E>;
-
-fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> SingleError + '_ {
-    move |source| SingleError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
-}
 
 // ---------------------------------------------------------------------------------------------
 // The argument
@@ -200,76 +183,6 @@ pub struct SegCrop {
     pub swapped_shape: [usize; 3],
     /// The CropForeground box within `swapped_shape`, which was resized to the model shape.
     pub bbox: BBox,
-}
-
-/// The spatial fields of a NIfTI header (NIfTI-2 values rounded to `f32`), everything a mask needs to overlay
-/// its image in a viewer.
-#[derive(Debug, Clone, PartialEq)]
-pub struct NiftiSpace {
-    /// `pixdim[1..=3]`.
-    pub pixdim: [f32; 3],
-    /// `pixdim[0]`: the qform's handedness (`-1` flips the third axis; `0` counts as `1`).
-    pub qfac: f32,
-    pub xyzt_units: u8,
-    pub qform_code: i16,
-    /// `quatern_b`, `quatern_c`, `quatern_d`.
-    pub quatern: [f32; 3],
-    /// `qoffset_x`, `qoffset_y`, `qoffset_z`.
-    pub qoffset: [f32; 3],
-    pub sform_code: i16,
-    /// `srow_x`, `srow_y`, `srow_z`.
-    pub srow: [[f32; 4]; 3],
-}
-
-impl NiftiSpace {
-    /// The voxel-to-world affine a viewer uses: the sform when `sform_code > 0`, else the qform when
-    /// `qform_code > 0`, else `diag(pixdim)` (NIfTI's "method 1").
-    pub fn affine(&self) -> [[f64; 4]; 4] {
-        let mut a = [[0.0; 4]; 4];
-        a[3][3] = 1.0;
-        if self.sform_code > 0 {
-            for (row, src) in a.iter_mut().zip(&self.srow) {
-                *row = src.map(f64::from);
-            }
-        } else if self.qform_code > 0 {
-            let [b, c, d] = self.quatern.map(f64::from);
-            let aa = (1.0 - (b * b + c * c + d * d)).max(0.0).sqrt();
-            let r = [
-                [
-                    aa * aa + b * b - c * c - d * d,
-                    2.0 * (b * c - aa * d),
-                    2.0 * (b * d + aa * c),
-                ],
-                [
-                    2.0 * (b * c + aa * d),
-                    aa * aa + c * c - b * b - d * d,
-                    2.0 * (c * d - aa * b),
-                ],
-                [
-                    2.0 * (b * d - aa * c),
-                    2.0 * (c * d + aa * b),
-                    aa * aa + d * d - c * c - b * b,
-                ],
-            ];
-            let qfac = if self.qfac < 0.0 { -1.0 } else { 1.0 };
-            let scale = [
-                f64::from(self.pixdim[0]),
-                f64::from(self.pixdim[1]),
-                qfac * f64::from(self.pixdim[2]),
-            ];
-            for ((row, rot), offset) in a.iter_mut().zip(&r).zip(self.qoffset) {
-                for j in 0..3 {
-                    row[j] = rot[j] * scale[j];
-                }
-                row[3] = f64::from(offset);
-            }
-        } else {
-            for (i, (row, spacing)) in a.iter_mut().zip(self.pixdim).enumerate() {
-                row[i] = f64::from(spacing);
-            }
-        }
-        a
-    }
 }
 
 /// How a prepared volume relates to its input: enough to map a model-space mask back ([`mask_to_input`]) and
@@ -387,7 +300,6 @@ fn prepare_nifti(path: &Path, target: [usize; 3]) -> Result<PreparedImage> {
         }
     };
     check_finite(&input, &nii.data)?;
-    let space = read_nifti_space(path)?;
     let volume = Volume::new([1, spatial[0], spatial[1], spatial[2]], nii.data)?;
     let geometry = Geometry {
         kind: SourceKind::Nifti,
@@ -396,7 +308,7 @@ fn prepare_nifti(path: &Path, target: [usize; 3]) -> Result<PreparedImage> {
         input_spatial: spatial,
         model_shape: target,
         crop: None,
-        nifti: Some(space),
+        nifti: Some(nii.space),
     };
     seg_preprocess(volume, path, geometry)
 }
@@ -565,189 +477,17 @@ pub fn write_mask_nifti(
     };
     // `write_nifti` takes f32 values (it checks each is a valid u8): 0/1 convert exactly.
     let values: Vec<f32> = mask_in_input.data().iter().map(|&v| f32::from(v)).collect();
-    let pixdim = geometry.nifti.as_ref().map_or([1.0; 3], |s| s.pixdim);
-    write_nifti(path, &shape, &values, NiftiDtype::U8, pixdim)?;
-    match &geometry.nifti {
-        Some(space) => patch_space(path, space),
-        None => Ok(()),
-    }
-}
-
-/// NIfTI-1 byte offsets of the spatial fields (`nifti1.h`).
-mod n1 {
-    pub const PIXDIM0: usize = 76;
-    pub const XYZT_UNITS: usize = 123;
-    pub const QFORM_CODE: usize = 252;
-    pub const SFORM_CODE: usize = 254;
-    pub const QUATERN_B: usize = 256;
-    pub const QOFFSET_X: usize = 268;
-    pub const SROW_X: usize = 280;
-    pub const PIXDIM1: usize = 80;
-}
-
-/// NIfTI-2 byte offsets of the same fields (`nifti2.h`; doubles and 32-bit codes).
-mod n2 {
-    pub const PIXDIM0: usize = 104;
-    pub const QFORM_CODE: usize = 344;
-    pub const SFORM_CODE: usize = 348;
-    pub const QUATERN_B: usize = 352;
-    pub const QOFFSET_X: usize = 376;
-    pub const SROW_X: usize = 400;
-    pub const XYZT_UNITS: usize = 500;
-}
-
-/// Reads the spatial header fields of a `.nii` / `.nii.gz` (NIfTI-1 or -2, either byte order); only the header
-/// is decompressed. Public so that callers (and tests) can compare a written mask's world space with the input's.
-pub fn read_nifti_space(path: &Path) -> Result<NiftiSpace> {
-    let header = read_header_bytes(path)?;
-    parse_space(&header).map_err(|reason| SingleError::NiftiHeader {
-        path: path.to_path_buf(),
-        reason,
-    })
-}
-
-/// Up to the first 540 bytes (a NIfTI-2 header) of the file, gunzipped when it is gzip.
-fn read_header_bytes(path: &Path) -> Result<Vec<u8>> {
-    let file = std::fs::File::open(path).map_err(io_err(path))?;
-    let mut reader = std::io::BufReader::new(file);
-    // Peek, not consume: gzip is told from the content, as `read_nifti` tells it.
-    let gz = reader
-        .fill_buf()
-        .map_err(io_err(path))?
-        .starts_with(&[0x1f, 0x8b]);
-    let head: Box<dyn Read> = if gz {
-        Box::new(flate2::read::MultiGzDecoder::new(reader))
-    } else {
-        Box::new(reader)
+    let space = match &geometry.nifti {
+        Some(space) => space.clone(),
+        None => NiftiSpace::diagonal([1.0; 3]),
     };
-    let mut header = Vec::with_capacity(540);
-    head.take(540)
-        .read_to_end(&mut header)
-        .map_err(io_err(path))?;
-    Ok(header)
-}
-
-fn parse_space(b: &[u8]) -> Result<NiftiSpace, String> {
-    let word = |bytes: [u8; 4]| (i32::from_le_bytes(bytes), i32::from_be_bytes(bytes));
-    let first: [u8; 4] = b
-        .get(..4)
-        .and_then(|s| s.try_into().ok())
-        .ok_or_else(|| format!("{} bytes, no header", b.len()))?;
-    let (le, be) = word(first);
-    let (version, big) = match (le, be) {
-        (348, _) => (1, false),
-        (_, 348) => (1, true),
-        (540, _) => (2, false),
-        (_, 540) => (2, true),
-        _ => return Err(format!("sizeof_hdr is {le}, not 348 or 540")),
-    };
-    let need = if version == 1 { 348 } else { 540 };
-    if b.len() < need {
-        return Err(format!("truncated header: {} of {need} bytes", b.len()));
-    }
-    let f = Fields { b, big };
-    Ok(if version == 1 {
-        NiftiSpace {
-            pixdim: [0, 1, 2].map(|i| f.f32(n1::PIXDIM1 + 4 * i)),
-            qfac: f.f32(n1::PIXDIM0),
-            xyzt_units: b[n1::XYZT_UNITS],
-            qform_code: f.i16(n1::QFORM_CODE),
-            quatern: [0, 1, 2].map(|i| f.f32(n1::QUATERN_B + 4 * i)),
-            qoffset: [0, 1, 2].map(|i| f.f32(n1::QOFFSET_X + 4 * i)),
-            sform_code: f.i16(n1::SFORM_CODE),
-            srow: [0, 1, 2].map(|r| [0, 1, 2, 3].map(|k| f.f32(n1::SROW_X + 16 * r + 4 * k))),
-        }
-    } else {
-        // Codes beyond i16 do not exist (0..4); the units fit in the NIfTI-1 byte.
-        NiftiSpace {
-            pixdim: [1, 2, 3].map(|i| f.f64(n2::PIXDIM0 + 8 * i) as f32),
-            qfac: f.f64(n2::PIXDIM0) as f32,
-            xyzt_units: f.i32(n2::XYZT_UNITS) as u8,
-            qform_code: f.i32(n2::QFORM_CODE) as i16,
-            quatern: [0, 1, 2].map(|i| f.f64(n2::QUATERN_B + 8 * i) as f32),
-            qoffset: [0, 1, 2].map(|i| f.f64(n2::QOFFSET_X + 8 * i) as f32),
-            sform_code: f.i32(n2::SFORM_CODE) as i16,
-            srow: [0, 1, 2]
-                .map(|r| [0, 1, 2, 3].map(|k| f.f64(n2::SROW_X + 32 * r + 8 * k) as f32)),
-        }
-    })
-}
-
-/// Fixed-offset reads of a header in its byte order (offsets are checked against the header size by the caller).
-struct Fields<'a> {
-    b: &'a [u8],
-    big: bool,
-}
-
-impl Fields<'_> {
-    fn arr<const N: usize>(&self, off: usize) -> [u8; N] {
-        let mut a = [0u8; N];
-        a.copy_from_slice(&self.b[off..off + N]);
-        if self.big {
-            a.reverse();
-        }
-        a
-    }
-    fn i16(&self, off: usize) -> i16 {
-        i16::from_le_bytes(self.arr(off))
-    }
-    fn i32(&self, off: usize) -> i32 {
-        i32::from_le_bytes(self.arr(off))
-    }
-    fn f32(&self, off: usize) -> f32 {
-        f32::from_le_bytes(self.arr(off))
-    }
-    fn f64(&self, off: usize) -> f64 {
-        f64::from_le_bytes(self.arr(off))
-    }
-}
-
-/// Sets the spatial fields of the NIfTI-1 file `write_nifti` just wrote at `path` (little-endian, its sform
-/// `diag(pixdim)`) to `space`, rewriting the file (gzip again when it was).
-fn patch_space(path: &Path, space: &NiftiSpace) -> Result<()> {
-    let raw = std::fs::read(path).map_err(io_err(path))?;
-    let gz = raw.starts_with(&[0x1f, 0x8b]);
-    let mut bytes = if gz {
-        let mut out = Vec::new();
-        flate2::read::MultiGzDecoder::new(raw.as_slice())
-            .read_to_end(&mut out)
-            .map_err(io_err(path))?;
-        out
-    } else {
-        raw
-    };
-    if bytes.len() < 348 {
-        return Err(SingleError::NiftiHeader {
-            path: path.to_path_buf(),
-            reason: format!("written file has {} bytes", bytes.len()),
-        });
-    }
-    let mut put = |off: usize, v: &[u8]| bytes[off..off + v.len()].copy_from_slice(v);
-    put(n1::PIXDIM0, &space.qfac.to_le_bytes());
-    put(n1::XYZT_UNITS, &[space.xyzt_units]);
-    put(n1::QFORM_CODE, &space.qform_code.to_le_bytes());
-    put(n1::SFORM_CODE, &space.sform_code.to_le_bytes());
-    for (i, v) in space.quatern.iter().enumerate() {
-        put(n1::QUATERN_B + 4 * i, &v.to_le_bytes());
-    }
-    for (i, v) in space.qoffset.iter().enumerate() {
-        put(n1::QOFFSET_X + 4 * i, &v.to_le_bytes());
-    }
-    for (r, row) in space.srow.iter().enumerate() {
-        for (k, v) in row.iter().enumerate() {
-            put(n1::SROW_X + 16 * r + 4 * k, &v.to_le_bytes());
-        }
-    }
-    let file = std::fs::File::create(path).map_err(io_err(path))?;
-    let mut w = std::io::BufWriter::new(file);
-    if gz {
-        let mut enc = flate2::write::GzEncoder::new(w, flate2::Compression::default());
-        enc.write_all(&bytes).map_err(io_err(path))?;
-        w = enc.finish().map_err(io_err(path))?;
-    } else {
-        w.write_all(&bytes).map_err(io_err(path))?;
-    }
-    w.flush().map_err(io_err(path))
+    Ok(write_nifti_in(
+        path,
+        &shape,
+        &values,
+        NiftiDtype::U8,
+        &space,
+    )?)
 }
 
 // ---------------------------------------------------------------------------------------------

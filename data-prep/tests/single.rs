@@ -9,10 +9,10 @@ use m3d_data_prep::cap::TARGET;
 use m3d_data_prep::pipeline::volume_record;
 use m3d_data_prep::seg::preprocess_image;
 use m3d_data_prep::single::{
-    mask_to_input, prepare, read_nifti_space, write_mask_nifti, write_overlay_png, ImageSource,
-    SingleError, SourceKind,
+    mask_to_input, prepare, write_mask_nifti, write_overlay_png, ImageSource, SingleError,
+    SourceKind,
 };
-use m3d_formats::nifti::{read_nifti, write_nifti, NiftiDtype};
+use m3d_formats::nifti::{read_nifti, read_nifti_space, write_nifti, NiftiDtype, NiftiSpace};
 use m3d_formats::npy::{write_npy, NpyArray, NpyData};
 use m3d_shards::{ImageDtype, Manifest, Store, WriteOptions};
 use m3d_volume::Volume;
@@ -261,7 +261,7 @@ fn a_mask_maps_back_onto_the_input_grid_and_world_space() {
         (SROW, QOFFSET, -1.0)
     );
     // The qform and the sform describe the same matrix here.
-    let q = m3d_data_prep::single::NiftiSpace {
+    let q = NiftiSpace {
         sform_code: 0,
         ..space.clone()
     }
@@ -326,6 +326,10 @@ fn a_mask_maps_back_onto_the_input_grid_and_world_space() {
             .collect::<Vec<_>>()
     );
     assert_eq!(read_nifti_space(&out).unwrap(), space);
+    assert_eq!(
+        read.space, space,
+        "read_nifti gives the same spatial fields"
+    );
     let raw = gunzip(&out);
     assert_eq!(i16::from_le_bytes([raw[70], raw[71]]), 2, "datatype uint8");
     let srow_x: Vec<f32> = (0..4)

@@ -17,8 +17,121 @@ pub struct NiftiVolume {
     pub shape: Vec<usize>,
     /// Scaled values in C order: for 3-D, index `((x * Y) + y) * Z + z`.
     pub data: Vec<f32>,
-    /// `pixdim[1..=3]`: voxel spacing along the first three axes.
+    /// `pixdim[1..=3]`: voxel spacing along the first three axes (also in `space`).
     pub pixdim: [f32; 3],
+    /// The header's spatial fields: where the voxels lie in the world.
+    pub space: NiftiSpace,
+}
+
+/// The spatial fields of a NIfTI header (NIfTI-2 values rounded to `f32`), everything a volume needs to overlay
+/// another in a viewer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NiftiSpace {
+    /// `pixdim[1..=3]`.
+    pub pixdim: [f32; 3],
+    /// `pixdim[0]`: the qform's handedness (`-1` flips the third axis; `0` counts as `1`).
+    pub qfac: f32,
+    pub xyzt_units: u8,
+    pub qform_code: i16,
+    /// `quatern_b`, `quatern_c`, `quatern_d`.
+    pub quatern: [f32; 3],
+    /// `qoffset_x`, `qoffset_y`, `qoffset_z`.
+    pub qoffset: [f32; 3],
+    pub sform_code: i16,
+    /// `srow_x`, `srow_y`, `srow_z`.
+    pub srow: [[f32; 4]; 3],
+}
+
+impl NiftiSpace {
+    /// Millimetre voxels of `pixdim` on the axes: no qform, an aligned sform `diag(pixdim)`.
+    pub fn diagonal(pixdim: [f32; 3]) -> NiftiSpace {
+        let mut srow = [[0.0; 4]; 3];
+        for (i, row) in srow.iter_mut().enumerate() {
+            row[i] = pixdim[i];
+        }
+        NiftiSpace {
+            pixdim,
+            qfac: 1.0,
+            xyzt_units: 2,
+            qform_code: 0,
+            quatern: [0.0; 3],
+            qoffset: [0.0; 3],
+            sform_code: 2,
+            srow,
+        }
+    }
+
+    /// The voxel-to-world affine a viewer uses: the sform when `sform_code > 0`, else the qform when
+    /// `qform_code > 0`, else `diag(pixdim)` (NIfTI's "method 1").
+    pub fn affine(&self) -> [[f64; 4]; 4] {
+        let mut a = [[0.0; 4]; 4];
+        a[3][3] = 1.0;
+        if self.sform_code > 0 {
+            for (row, src) in a.iter_mut().zip(&self.srow) {
+                *row = src.map(f64::from);
+            }
+        } else if self.qform_code > 0 {
+            let [b, c, d] = self.quatern.map(f64::from);
+            let aa = (1.0 - (b * b + c * c + d * d)).max(0.0).sqrt();
+            let r = [
+                [
+                    aa * aa + b * b - c * c - d * d,
+                    2.0 * (b * c - aa * d),
+                    2.0 * (b * d + aa * c),
+                ],
+                [
+                    2.0 * (b * c + aa * d),
+                    aa * aa + c * c - b * b - d * d,
+                    2.0 * (c * d - aa * b),
+                ],
+                [
+                    2.0 * (b * d - aa * c),
+                    2.0 * (c * d + aa * b),
+                    aa * aa + d * d - c * c - b * b,
+                ],
+            ];
+            let qfac = if self.qfac < 0.0 { -1.0 } else { 1.0 };
+            let scale = [
+                f64::from(self.pixdim[0]),
+                f64::from(self.pixdim[1]),
+                qfac * f64::from(self.pixdim[2]),
+            ];
+            for ((row, rot), offset) in a.iter_mut().zip(&r).zip(self.qoffset) {
+                for j in 0..3 {
+                    row[j] = rot[j] * scale[j];
+                }
+                row[3] = f64::from(offset);
+            }
+        } else {
+            for (i, (row, spacing)) in a.iter_mut().zip(self.pixdim).enumerate() {
+                row[i] = f64::from(spacing);
+            }
+        }
+        a
+    }
+}
+
+/// NIfTI-1 byte offsets of the spatial fields (`nifti1.h`).
+mod n1 {
+    pub const PIXDIM0: usize = 76;
+    pub const XYZT_UNITS: usize = 123;
+    pub const QFORM_CODE: usize = 252;
+    pub const SFORM_CODE: usize = 254;
+    pub const QUATERN_B: usize = 256;
+    pub const QOFFSET_X: usize = 268;
+    pub const SROW_X: usize = 280;
+    pub const PIXDIM1: usize = 80;
+}
+
+/// NIfTI-2 byte offsets of the same fields (`nifti2.h`; doubles and 32-bit codes).
+mod n2 {
+    pub const PIXDIM0: usize = 104;
+    pub const QFORM_CODE: usize = 344;
+    pub const SFORM_CODE: usize = 348;
+    pub const QUATERN_B: usize = 352;
+    pub const QOFFSET_X: usize = 376;
+    pub const SROW_X: usize = 400;
+    pub const XYZT_UNITS: usize = 500;
 }
 
 /// Storage types [`write_nifti`] can produce.
@@ -57,6 +170,28 @@ pub fn read_nifti(path: &Path) -> Result<NiftiVolume, FormatError> {
     parse_nifti(&bytes, path)
 }
 
+/// The spatial fields of a `.nii` / `.nii.gz` (NIfTI-1 or -2, either byte order); only the header is read (and
+/// decompressed).
+pub fn read_nifti_space(path: &Path) -> Result<NiftiSpace, FormatError> {
+    let file = std::fs::File::open(path).map_err(|e| FormatError::io(path, e))?;
+    let mut reader = std::io::BufReader::new(file);
+    // Peek, not consume: gzip is told from the content, as `read_nifti` tells it.
+    let gz = std::io::BufRead::fill_buf(&mut reader)
+        .map_err(|e| FormatError::io(path, e))?
+        .starts_with(&[0x1f, 0x8b]);
+    let head: Box<dyn Read> = if gz {
+        Box::new(flate2::read::MultiGzDecoder::new(reader))
+    } else {
+        Box::new(reader)
+    };
+    // A NIfTI-2 header and the NIfTI-1 magic fit in 540 bytes.
+    let mut header = Vec::with_capacity(540);
+    head.take(540)
+        .read_to_end(&mut header)
+        .map_err(|e| nerr(path, format!("reading the header: {e}")))?;
+    Ok(parse_header(&header, path)?.space)
+}
+
 /// Fields of either header version that matter for reading the data.
 struct Header {
     /// Bytes before the data when `vox_offset` is unset: header plus the 4-byte extension flag.
@@ -68,6 +203,7 @@ struct Header {
     vox_offset: f64,
     slope: f64,
     inter: f64,
+    space: NiftiSpace,
 }
 
 struct Fields<'a> {
@@ -86,6 +222,9 @@ impl Fields<'_> {
     }
     fn i16(&self, off: usize) -> i16 {
         i16::from_le_bytes(self.arr(off))
+    }
+    fn i32(&self, off: usize) -> i32 {
+        i32::from_le_bytes(self.arr(off))
     }
     fn i64(&self, off: usize) -> i64 {
         i64::from_le_bytes(self.arr(off))
@@ -147,6 +286,17 @@ fn parse_header(b: &[u8], path: &Path) -> Result<Header, FormatError> {
             vox_offset: f.f32(108),
             slope: f.f32(112),
             inter: f.f32(116),
+            space: NiftiSpace {
+                pixdim: [0, 1, 2].map(|i| f.f32(n1::PIXDIM1 + 4 * i) as f32),
+                qfac: f.f32(n1::PIXDIM0) as f32,
+                xyzt_units: b[n1::XYZT_UNITS],
+                qform_code: f.i16(n1::QFORM_CODE),
+                quatern: [0, 1, 2].map(|i| f.f32(n1::QUATERN_B + 4 * i) as f32),
+                qoffset: [0, 1, 2].map(|i| f.f32(n1::QOFFSET_X + 4 * i) as f32),
+                sform_code: f.i16(n1::SFORM_CODE),
+                srow: [0, 1, 2]
+                    .map(|r| [0, 1, 2, 3].map(|k| f.f32(n1::SROW_X + 16 * r + 4 * k) as f32)),
+            },
         }
     } else {
         let magic = &b[4..12];
@@ -162,6 +312,18 @@ fn parse_header(b: &[u8], path: &Path) -> Result<Header, FormatError> {
             vox_offset: f.i64(168) as f64,
             slope: f.f64(176),
             inter: f.f64(184),
+            // Codes beyond i16 do not exist (0..4); the units fit in the NIfTI-1 byte.
+            space: NiftiSpace {
+                pixdim: [1, 2, 3].map(|i| f.f64(n2::PIXDIM0 + 8 * i) as f32),
+                qfac: f.f64(n2::PIXDIM0) as f32,
+                xyzt_units: f.i32(n2::XYZT_UNITS) as u8,
+                qform_code: f.i32(n2::QFORM_CODE) as i16,
+                quatern: [0, 1, 2].map(|i| f.f64(n2::QUATERN_B + 8 * i) as f32),
+                qoffset: [0, 1, 2].map(|i| f.f64(n2::QOFFSET_X + 8 * i) as f32),
+                sform_code: f.i32(n2::SFORM_CODE) as i16,
+                srow: [0, 1, 2]
+                    .map(|r| [0, 1, 2, 3].map(|k| f.f64(n2::SROW_X + 32 * r + 8 * k) as f32)),
+            },
         }
     };
     Ok(h)
@@ -266,6 +428,7 @@ pub fn parse_nifti(bytes: &[u8], name: &Path) -> Result<NiftiVolume, FormatError
         shape,
         data,
         pixdim: [h.pixdim[0] as f32, h.pixdim[1] as f32, h.pixdim[2] as f32],
+        space: h.space,
     })
 }
 
@@ -311,6 +474,24 @@ pub fn write_nifti(
     data_c_order: &[f32],
     dtype: NiftiDtype,
     pixdim: [f32; 3],
+) -> Result<(), FormatError> {
+    write_nifti_in(
+        path,
+        shape,
+        data_c_order,
+        dtype,
+        &NiftiSpace::diagonal(pixdim),
+    )
+}
+
+/// [`write_nifti`] with the spatial fields of `space` (`pixdim`, units, qform and sform), e.g. those of the
+/// volume a mask was computed from, so that it overlays that volume in a viewer.
+pub fn write_nifti_in(
+    path: &Path,
+    shape: &[usize],
+    data_c_order: &[f32],
+    dtype: NiftiDtype,
+    space: &NiftiSpace,
 ) -> Result<(), FormatError> {
     if shape.is_empty() || shape.len() > 7 {
         return Err(nerr(
@@ -364,17 +545,27 @@ pub fn write_nifti(
     put(&mut h, 70, &code.to_le_bytes());
     put(&mut h, 72, &bitpix.to_le_bytes());
     let mut pd = [1.0f32; 8];
-    pd[1..4].copy_from_slice(&pixdim);
+    pd[0] = space.qfac;
+    pd[1..4].copy_from_slice(&space.pixdim);
     for (k, v) in pd.iter().enumerate() {
-        put(&mut h, 76 + 4 * k, &v.to_le_bytes());
+        put(&mut h, n1::PIXDIM0 + 4 * k, &v.to_le_bytes());
     }
     put(&mut h, 108, &352.0f32.to_le_bytes());
     put(&mut h, 112, &1.0f32.to_le_bytes());
     put(&mut h, 116, &0.0f32.to_le_bytes());
-    h[123] = 2; // xyzt_units: millimetres
-    put(&mut h, 254, &2i16.to_le_bytes()); // sform_code: aligned
-    for (row, &z) in pixdim.iter().enumerate() {
-        put(&mut h, 280 + 16 * row + 4 * row, &z.to_le_bytes());
+    h[n1::XYZT_UNITS] = space.xyzt_units;
+    put(&mut h, n1::QFORM_CODE, &space.qform_code.to_le_bytes());
+    put(&mut h, n1::SFORM_CODE, &space.sform_code.to_le_bytes());
+    for (i, v) in space.quatern.iter().enumerate() {
+        put(&mut h, n1::QUATERN_B + 4 * i, &v.to_le_bytes());
+    }
+    for (i, v) in space.qoffset.iter().enumerate() {
+        put(&mut h, n1::QOFFSET_X + 4 * i, &v.to_le_bytes());
+    }
+    for (r, row) in space.srow.iter().enumerate() {
+        for (k, v) in row.iter().enumerate() {
+            put(&mut h, n1::SROW_X + 16 * r + 4 * k, &v.to_le_bytes());
+        }
     }
     put(&mut h, 344, b"n+1\0");
 

@@ -10,13 +10,30 @@ fn nibabel_files_read_as_get_fdata() {
     let d = dir.path();
     common::run_oracle("nifti_oracle.py", &["gen", d.to_str().unwrap()]);
     let rows = common::manifest(d);
-    assert_eq!(rows.len(), 7);
+    assert_eq!(rows.len(), 10);
     for row in rows {
         let (name, shape) = (&row[0], common::parse_shape(&row[1]));
         let zooms: Vec<f32> = row[2].split(',').map(|z| z.parse().unwrap()).collect();
         let v = read_nifti(&d.join(name)).unwrap();
         assert_eq!(v.shape, shape, "{name}");
         assert_eq!(v.pixdim.to_vec(), zooms, "{name}");
+        assert_eq!(v.space.pixdim, v.pixdim, "{name}");
+        // The world space: nibabel's affine from the same header fields. From NIfTI-1's float32 fields both
+        // compute in float64 (a qform through its quaternion), so they agree to a few ulps of float64: 1e-9
+        // relative. NIfTI-2 stores float64, which `NiftiSpace` holds as f32 (rounded once: 2^-24 relative),
+        // so there 1.2e-7 (2^-23) relative.
+        let rel = if name.contains("_n2") { 1.2e-7 } else { 1e-9 };
+        let want: Vec<f64> = row[3].split(',').map(|x| x.parse().unwrap()).collect();
+        let ours: Vec<f64> = v.space.affine().iter().flatten().copied().collect();
+        assert_eq!(ours.len(), want.len(), "{name}");
+        for (k, (&g, &w)) in ours.iter().zip(&want).enumerate() {
+            assert!(
+                (g - w).abs() <= rel * w.abs().max(1.0),
+                "{name} affine[{}][{}]: ours {g}, nibabel {w}",
+                k / 4,
+                k % 4
+            );
+        }
         let raw = std::fs::read(d.join(format!("{name}.bin"))).unwrap();
         let want: Vec<f64> = raw
             .chunks_exact(8)

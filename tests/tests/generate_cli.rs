@@ -307,9 +307,10 @@ fn eval_bench_covers_every_task_and_two_workers_equal_one() {
     // with the token the coordinator requires; rank 0 merges and prints the report.
     let three = dir.path().join("three");
     let token = [("M3D_TOKEN", "eval-secret")];
-    let serve = |workers: &str, out: &Path| {
+    let serve = |workers: &str, out: &Path, extra: &[&str]| {
         let mut args = bench_args(workers, out);
         args.extend(["--serve".into(), "127.0.0.1:0".into()]);
+        args.extend(extra.iter().map(|x| x.to_string()));
         let mut child = std::process::Command::new(common::m3d_bin())
             .args(&args)
             .envs(token)
@@ -332,7 +333,7 @@ fn eval_bench_covers_every_task_and_two_workers_equal_one() {
                 .spawn()
                 .unwrap()
         };
-    let (mut coordinator, url) = serve("2", &three);
+    let (mut coordinator, url) = serve("2", &three, &[]);
     let ranks = [
         rank("2", &three, &url, "pod-a", &[], &token),
         rank("2", &three, &url, "pod-b", &[], &token),
@@ -357,7 +358,7 @@ fn eval_bench_covers_every_task_and_two_workers_equal_one() {
     );
     // A rank without the token is refused; one started with other settings refuses the coordinator's plan,
     // naming the flag and both values.
-    let (mut coordinator, url) = serve("1", &dir.path().join("four"));
+    let (mut coordinator, url) = serve("1", &dir.path().join("four"), &[]);
     let refused = |extra: &[&str], env: &[(&str, &str)]| {
         let o = rank("1", &dir.path().join("four"), &url, "pod-c", extra, env)
             .wait_with_output()
@@ -379,32 +380,20 @@ fn eval_bench_covers_every_task_and_two_workers_equal_one() {
     // A rank lost mid-slice (killed while paused after its first batch): the survivor registers again, a
     // restart round of one forms, and the report is the same.
     let five = dir.path().join("five");
-    let (mut coordinator, url) = {
-        let mut args = bench_args("2", &five);
-        args.extend(
-            [
-                "--serve",
-                "127.0.0.1:0",
-                "--min-workers",
-                "1",
-                "--restarts",
-                "1",
-                "--heartbeat-timeout",
-                "2s",
-                "--rendezvous-timeout",
-                "2s",
-            ]
-            .map(String::from),
-        );
-        let mut child = std::process::Command::new(common::m3d_bin())
-            .args(&args)
-            .envs(token)
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        let url = format!("http://{}", common::listening_address(&mut child));
-        (child, url)
-    };
+    let (mut coordinator, url) = serve(
+        "2",
+        &five,
+        &[
+            "--min-workers",
+            "1",
+            "--restarts",
+            "1",
+            "--heartbeat-timeout",
+            "2s",
+            "--rendezvous-timeout",
+            "2s",
+        ],
+    );
     let survivor = rank("2", &five, &url, "pod-a", &[], &token);
     let mut lost = rank(
         "2",

@@ -14,12 +14,21 @@ def gen(d):
     rng = np.random.default_rng(7)
     lines = []
 
-    def save(name, arr, dtype, zooms, slope_inter=None, big_endian=False):
-        hdr = nib.Nifti1Header()
+    def save(name, arr, dtype, zooms, slope_inter=None, big_endian=False, affine=None, qform_only=False,
+             nifti2=False):
+        header, image = (nib.Nifti2Header, nib.Nifti2Image) if nifti2 else (nib.Nifti1Header, nib.Nifti1Image)
+        hdr = header()
         if big_endian:
             hdr = hdr.as_byteswapped(">")
-        img = nib.Nifti1Image(arr.astype(dtype), np.diag(list(zooms) + [1.0]), header=hdr)
-        img.header.set_zooms(tuple(zooms) + (1.0,) * (arr.ndim - len(zooms)))
+        if affine is None:
+            img = image(arr.astype(dtype), np.diag(list(zooms) + [1.0]), header=hdr)
+            img.header.set_zooms(tuple(zooms) + (1.0,) * (arr.ndim - len(zooms)))
+        else:
+            img = image(arr.astype(dtype), affine, header=hdr)
+            if qform_only:
+                # The world space from the quaternion alone (sform_code 0).
+                img.set_qform(affine, code=1)
+                img.set_sform(None, code=0)
         img.set_data_dtype(dtype)
         if slope_inter is not None:
             img.header.set_slope_inter(*slope_inter)
@@ -30,7 +39,10 @@ def gen(d):
         data = back.get_fdata()
         np.ascontiguousarray(data, dtype="<f8").tofile(os.path.join(d, name + ".bin"))
         z = back.header.get_zooms()[:3]
-        lines.append("\t".join([name, ",".join(map(str, data.shape)), ",".join(repr(float(v)) for v in z)]))
+        # nibabel's affine for the file: the sform when its code is set, else the qform (get_best_affine).
+        a = back.affine
+        lines.append("\t".join([name, ",".join(map(str, data.shape)), ",".join(repr(float(v)) for v in z),
+                                 ",".join(repr(float(v)) for v in a.ravel())]))
 
     i16 = rng.integers(-1024, 3000, (7, 6, 5))
     save("ct_i16_scaled.nii.gz", i16, np.int16, (0.7, 0.8, 2.5), slope_inter=(0.5, -1024.0))
@@ -40,6 +52,18 @@ def gen(d):
     save("f32_4d.nii.gz", rng.standard_normal((3, 4, 5, 2)), np.float32, (1.0, 1.0, 1.0))
     save("i16_be.nii", i16, np.int16, (1.0, 1.0, 1.0), slope_inter=(2.0, 3.0), big_endian=True)
     save("f64_scaled.nii", rng.standard_normal((3, 3, 3)), np.float64, (1.0, 1.0, 1.0), slope_inter=(1.5, 0.25))
+    # Oblique world spaces: a rotation, anisotropic voxels and an offset; one mirrored (qfac -1) and read from
+    # its qform alone, one as NIfTI-2.
+    t = np.deg2rad(30.0)
+    rot = np.array([[np.cos(t), -np.sin(t), 0.0], [np.sin(t), np.cos(t), 0.0], [0.0, 0.0, 1.0]])
+    oblique = np.eye(4)
+    oblique[:3, :3] = rot @ np.diag([0.7, 0.8, 2.5])
+    oblique[:3, 3] = [-100.5, 20.25, 7.0]
+    mirrored = oblique @ np.diag([1.0, 1.0, -1.0, 1.0])
+    small = rng.standard_normal((4, 3, 2))
+    save("oblique_sform.nii.gz", small, np.float32, None, affine=oblique)
+    save("mirrored_qform.nii", small, np.float32, None, affine=mirrored, qform_only=True)
+    save("oblique_n2.nii.gz", small, np.float32, None, affine=oblique, nifti2=True)
     with open(os.path.join(d, "manifest.txt"), "w") as f:
         f.write("\n".join(lines) + "\n")
 
