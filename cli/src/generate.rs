@@ -274,9 +274,10 @@ pub struct EvalBenchArgs {
     /// cpu, cuda or cuda:N [default: cuda when a GPU is visible, else cpu].
     #[arg(long)]
     device: Option<String>,
-    /// Output folder: parts/, results.jsonl, bench.json, bench.md.
+    /// Output folder (a path, or a store URL: file://, s3://): parts/, overlays/, results.jsonl, bench.json,
+    /// bench.md.
     #[arg(short = 'o', long)]
-    out: PathBuf,
+    out: String,
 }
 
 pub fn eval_bench(a: EvalBenchArgs) -> Result<()> {
@@ -330,13 +331,16 @@ pub fn eval_bench(a: EvalBenchArgs) -> Result<()> {
         })
         .set_position(done as u64);
     };
+    let out = m3d_eval::output::BenchOut::open(&a.out)?;
     let report = match &a.coordinator {
         None => {
-            m3d_eval::bench::run_rank(&model, &a.data, &a.volumes, &opts, &a.out, |d, n| {
+            m3d_eval::bench::run_rank(&model, &a.data, &a.volumes, &opts, out.dir(), |d, n| {
                 progress("rank 0", d, n);
                 Ok(())
             })?;
-            Some(m3d_eval::bench::merge(&a.out, 1, &label, &opts)?)
+            let report = m3d_eval::bench::merge(out.dir(), 1, &label, &opts)?;
+            out.upload_all()?;
+            Some(report)
         }
         Some(url) => {
             let plan = m3d_eval::job::EvalPlan::of(&label, &a.data, &a.volumes, &opts)?;
@@ -350,7 +354,7 @@ pub fn eval_bench(a: EvalBenchArgs) -> Result<()> {
                     .unwrap_or_else(|| format!("{host}-{}", std::process::id())),
                 host,
             };
-            let bar_label = format!("{} ", rank.worker_id);
+            let bar_label = rank.worker_id.clone();
             m3d_eval::job::run_rank_of_job(
                 &model,
                 &label,
@@ -358,7 +362,7 @@ pub fn eval_bench(a: EvalBenchArgs) -> Result<()> {
                 &a.volumes,
                 &opts,
                 &plan,
-                &a.out,
+                &out,
                 &rank,
                 |d, n| progress(&bar_label, d, n),
             )?
@@ -403,7 +407,7 @@ fn serve_eval(
     let cfg = eval_job_config(a, opts, min)?;
     let state = match &a.state {
         Some(s) => s.clone(),
-        None => a.out.join("coordinator").display().to_string(),
+        None => m3d_eval::output::BenchOut::open(&a.out)?.child("coordinator"),
     };
     m3d_coordinator::cli::serve_job(
         cfg,
@@ -468,10 +472,7 @@ fn eval_job_here(a: &EvalBenchArgs, opts: &m3d_eval::bench::BenchOptions) -> Res
     if let Some(f) = failed {
         bail!(f);
     }
-    let md = a.out.join("bench.md");
-    print!(
-        "{}",
-        std::fs::read_to_string(&md).with_context(|| format!("reading {}", md.display()))?
-    );
+    let md = m3d_eval::output::BenchOut::open(&a.out)?.read("bench.md")?;
+    print!("{}", String::from_utf8_lossy(&md));
     Ok(())
 }

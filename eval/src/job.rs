@@ -28,6 +28,7 @@ use m3d_shards::Task;
 use m3d_worker::role::patiently;
 
 use crate::bench::{accepts, merge, run_rank, BenchOptions, BenchReport};
+use crate::output::{BenchOut, REPORT};
 use crate::EvalError;
 
 /// How long a finished rank waits for a coordinator that does not answer before giving up.
@@ -185,7 +186,8 @@ pub struct RankOptions {
 }
 
 /// Runs one rank of the evaluation job at `rank_opts.coordinator`: registers, checks the plan against
-/// `plan` (this rank's own), evaluates its slice into `out` (shared by every rank: results meet there), reports
+/// `plan` (this rank's own), evaluates its slice into `out` (shared by every rank: a folder they all see, or a
+/// store folder; results meet there), reports
 /// it done, and waits for the job to end; rank 0 of the last round then merges the report, which it returns.
 /// `progress(done, all)` is called after each batch.
 #[allow(clippy::too_many_arguments)]
@@ -196,7 +198,7 @@ pub fn run_rank_of_job(
     volumes: &[String],
     opts: &BenchOptions,
     plan: &EvalPlan,
-    out: &Path,
+    out: &BenchOut,
     rank_opts: &RankOptions,
     mut progress: impl FnMut(usize, usize),
 ) -> Result<Option<BenchReport>, EvalError> {
@@ -273,7 +275,7 @@ pub fn run_rank_of_job(
         o.rank = a.rank as usize;
         o.world = a.world_size as usize;
         o.planned_items = Some(a.plan.samples);
-        let done = run_rank(model, data, volumes, &o, out, |done, all| {
+        let done = run_rank(model, data, volumes, &o, out.dir(), |done, all| {
             progress(done, all);
             if round_over() {
                 return Err(EvalError::Interrupted(format!(
@@ -291,6 +293,8 @@ pub fn run_rank_of_job(
             }
             Err(e) => return Err(e),
         }
+        // In the store before the slice counts as done: a completed job has every part.
+        out.upload_all()?;
         patiently(&rt, id, "report", || {
             let mut c = client.clone();
             let p = Progress {
@@ -350,6 +354,9 @@ pub fn run_rank_of_job(
         if a.rank != 0 {
             return Ok(None);
         }
-        return merge(out, a.world_size as usize, model_label, opts).map(Some);
+        out.download_parts()?;
+        let report = merge(out.dir(), a.world_size as usize, model_label, opts)?;
+        out.upload(&REPORT)?;
+        return Ok(Some(report));
     }
 }

@@ -303,6 +303,40 @@ fn eval_bench_covers_every_task_and_two_workers_equal_one() {
         std::fs::read_to_string(two.join("results.jsonl")).unwrap()
     );
     assert!(two.join("parts/rank-1-of-2.jsonl").is_file());
+    // Into object storage (an S3 server on loopback): the ranks stage locally and upload their parts and
+    // overlays; rank 0 merges what it downloads and uploads the report, which is the same.
+    let s3 = m3d_testkit::S3Server::start(&dir.path().join("moto.log"));
+    s3.create_bucket("m3d");
+    let endpoint = s3.endpoint();
+    let s3_env = [
+        ("AWS_ACCESS_KEY_ID", "AKIAM3DTEST"),
+        ("AWS_SECRET_ACCESS_KEY", "m3d-eval-secret"),
+        ("AWS_REGION", "us-east-1"),
+        ("AWS_ENDPOINT_URL", endpoint.as_str()),
+    ];
+    let args = bench_args("2", Path::new("s3://m3d/bench"));
+    let to_s3 = common::m3d_ok_env(
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+        &s3_env,
+    );
+    assert_eq!(to_s3, printed);
+    let keys = s3.keys("m3d", "bench/");
+    for k in [
+        "bench/bench.json",
+        "bench/bench.md",
+        "bench/results.jsonl",
+        "bench/parts/rank-0-of-2.jsonl",
+        "bench/parts/rank-1-of-2.jsonl",
+        "bench/parts/retrieval.json",
+    ] {
+        assert!(keys.iter().any(|x| x == k), "{k} not in {keys:?}");
+    }
+    assert_eq!(
+        keys.iter()
+            .filter(|k| k.starts_with("bench/overlays/"))
+            .count(),
+        std::fs::read_dir(one.join("overlays")).unwrap().count()
+    );
     // As on a cluster: the coordinator of the evaluation (`--serve`) and two rank processes started alone,
     // with the token the coordinator requires; rank 0 merges and prints the report.
     let three = dir.path().join("three");
