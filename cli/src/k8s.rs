@@ -1,11 +1,11 @@
-//! `m3d k8s render` and `m3d k8s render-prep`: flags in, YAML out (files in a folder, or one stream on stdout).
+//! `m3d k8s render`, `render-prep` and `render-eval`: flags in, YAML out (files in a folder, or one stream on stdout).
 //! The objects themselves are `m3d_k8s`'s.
 
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand, ValueEnum};
-use m3d_k8s::{Flavor, Object, PrepJob, TrainJob};
+use m3d_k8s::{EvalJob, Flavor, Object, PrepJob, TrainJob};
 use m3d_recipes::{DeviceKind, ModelKind, Recipe};
 
 #[derive(Subcommand)]
@@ -16,6 +16,10 @@ pub enum K8s {
     /// Render a data-prep conversion split over pods (one part per pod, then finalize).
     #[command(name = "render-prep")]
     RenderPrep(RenderPrepArgs),
+    /// Render `m3d eval bench` over pods: a JobSet of one coordinator pod and N rank pods sharing an
+    /// object-store output folder, and the job token as a Secret.
+    #[command(name = "render-eval")]
+    RenderEval(RenderEvalArgs),
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -139,10 +143,89 @@ pub struct RenderPrepArgs {
     args: Vec<String>,
 }
 
+#[derive(Args)]
+pub struct RenderEvalArgs {
+    #[arg(long)]
+    image: String,
+    #[arg(long)]
+    name: String,
+    #[arg(long, default_value = "default")]
+    namespace: String,
+    /// Rank pods (each answers every N-th work item).
+    #[arg(long)]
+    ranks: u32,
+    /// GPUs per rank pod (`nvidia.com/gpu`); 0 on CPU.
+    #[arg(long, default_value_t = 0)]
+    gpus_per_rank: u32,
+    /// A PersistentVolumeClaim mounted read-only on every pod (the model folder): CLAIM:/mount/path.
+    #[arg(long, value_name = "CLAIM:PATH")]
+    claim: Vec<String>,
+    #[arg(long)]
+    s3_secret: Option<String>,
+    /// An existing Secret with the job token (key `token`); without it, one is rendered with a fresh token.
+    #[arg(long)]
+    token_secret: Option<String>,
+    #[arg(long)]
+    cpu: Option<String>,
+    #[arg(long)]
+    memory: Option<String>,
+    #[arg(long)]
+    priority_class: Option<String>,
+    #[arg(long)]
+    queue: Option<String>,
+    /// Restart rounds over the surviving ranks after a rank fails.
+    #[arg(long, default_value_t = 0)]
+    restarts: u32,
+    #[arg(short = 'o', long)]
+    out: Option<PathBuf>,
+    /// The `m3d eval bench` arguments every pod shares, after `--`: e.g. `-- --model /models/lamed --data
+    /// s3://bucket/shards/cap --volumes s3://bucket/shards/cap -o s3://bucket/bench`.
+    #[arg(last = true, required = true)]
+    args: Vec<String>,
+}
+
+fn claims(given: &[String]) -> Result<Vec<(String, String)>> {
+    given
+        .iter()
+        .map(|c| match c.split_once(':') {
+            Some((claim, path)) => Ok((claim.to_string(), path.to_string())),
+            None => bail!("--claim {c}: expected CLAIM:/mount/path"),
+        })
+        .collect()
+}
+
+fn render_eval(a: RenderEvalArgs) -> Result<()> {
+    let q = |v: Option<String>| v.map(k8s_openapi::apimachinery::pkg::api::resource::Quantity);
+    let job = EvalJob {
+        name: a.name,
+        namespace: a.namespace,
+        image: a.image,
+        ranks: a.ranks,
+        gpus_per_rank: a.gpus_per_rank,
+        args: a.args,
+        s3_secret: a.s3_secret,
+        token: if a.token_secret.is_none() {
+            m3d_k8s::new_token()
+        } else {
+            String::new()
+        },
+        token_secret: a.token_secret,
+        claims: claims(&a.claim)?,
+        cpu: q(a.cpu),
+        memory: q(a.memory),
+        priority_class: a.priority_class,
+        queue: a.queue,
+        restarts: a.restarts,
+    };
+    let objects = m3d_k8s::render_eval(&job)?;
+    emit(&objects, a.out.as_deref())
+}
+
 pub fn run(cmd: K8s) -> Result<()> {
     match cmd {
         K8s::Render(a) => render(a),
         K8s::RenderPrep(a) => render_prep(a),
+        K8s::RenderEval(a) => render_eval(a),
     }
 }
 
@@ -233,13 +316,7 @@ fn render(a: RenderArgs) -> Result<()> {
 }
 
 fn render_prep(a: RenderPrepArgs) -> Result<()> {
-    let mut claims = Vec::new();
-    for c in &a.claim {
-        let Some((claim, path)) = c.split_once(':') else {
-            bail!("--claim {c}: expected CLAIM:/mount/path");
-        };
-        claims.push((claim.to_string(), path.to_string()));
-    }
+    let claims = claims(&a.claim)?;
     let q = |v: Option<String>| v.map(k8s_openapi::apimachinery::pkg::api::resource::Quantity);
     let job = PrepJob {
         name: a.name,

@@ -8,11 +8,13 @@
 //! **Invariant: `worker` knows nothing about Kubernetes**; everything a pod needs reaches the process as flags,
 //! environment variables and mounted files.
 
+mod eval;
 mod objects;
 mod pod;
 mod prep;
 mod train;
 
+pub use eval::{render_eval, EvalJob};
 pub use objects::{to_yaml_documents, Object};
 pub use prep::{render_prep, PrepJob};
 pub use train::{coordinator_host, grace_period_s, render_train, Flavor, TrainJob};

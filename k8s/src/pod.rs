@@ -9,8 +9,9 @@ use k8s_openapi::api::batch::v1::{
 };
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMapVolumeSource, Container, EmptyDirVolumeSource, EnvFromSource, EnvVar,
-    EnvVarSource, ObjectFieldSelector, PodSecurityContext, PodSpec, ResourceRequirements,
-    SeccompProfile, SecretEnvSource, SecretKeySelector, SecurityContext, Volume, VolumeMount,
+    EnvVarSource, ObjectFieldSelector, PersistentVolumeClaimVolumeSource, PodSecurityContext,
+    PodSpec, PodTemplateSpec, ResourceRequirements, SeccompProfile, Secret, SecretEnvSource,
+    SecretKeySelector, SecurityContext, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -230,6 +231,53 @@ pub(crate) fn on_disruption(action: &str) -> PodFailurePolicy {
             }]),
             ..Default::default()
         }],
+    }
+}
+
+/// PersistentVolumeClaims `(claim, mount path)` mounted read-only (the published raw data, a model folder),
+/// added to a pod's volumes and its container's mounts.
+pub(crate) fn claim_volumes(
+    claims: &[(String, String)],
+    volumes: &mut Vec<Volume>,
+    mounts: &mut Vec<VolumeMount>,
+) {
+    for (i, (claim, path)) in claims.iter().enumerate() {
+        let vol = format!("data-{i}");
+        volumes.push(Volume {
+            name: vol.clone(),
+            persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+                claim_name: claim.clone(),
+                read_only: Some(true),
+            }),
+            ..Default::default()
+        });
+        mounts.push(VolumeMount {
+            name: vol,
+            mount_path: path.clone(),
+            read_only: Some(true),
+            ..Default::default()
+        });
+    }
+}
+
+/// The Secret holding a job's coordinator token (key [`TOKEN_KEY`]).
+pub(crate) fn token_secret(job: &str, namespace: &str, secret: &str, token: &str) -> Secret {
+    Secret {
+        metadata: meta(secret, namespace, labels(job, None)),
+        type_: Some("Opaque".to_string()),
+        string_data: Some(BTreeMap::from([(TOKEN_KEY.to_string(), token.to_string())])),
+        ..Default::default()
+    }
+}
+
+/// A Job's pod template: `spec` with the job's labels and `role`.
+pub(crate) fn template(job: &str, role: &str, spec: PodSpec) -> PodTemplateSpec {
+    PodTemplateSpec {
+        metadata: Some(ObjectMeta {
+            labels: Some(labels(job, Some(role))),
+            ..Default::default()
+        }),
+        spec: Some(spec),
     }
 }
 

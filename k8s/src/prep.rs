@@ -5,11 +5,8 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::batch::v1::{Job, JobSpec};
-use k8s_openapi::api::core::v1::{
-    Container, PersistentVolumeClaimVolumeSource, PodSpec, PodTemplateSpec, Volume, VolumeMount,
-};
+use k8s_openapi::api::core::v1::{Container, PodSpec};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kcr_jobset_x_k8s_io::v1alpha2::jobsets as js;
 
 use crate::objects::{convert, Object};
@@ -43,23 +40,7 @@ pub struct PrepJob {
 
 fn pod_spec(job: &PrepJob, name: &str, args: Vec<String>) -> PodSpec {
     let (mut volumes, mut mounts) = pod::volumes(None, None);
-    for (i, (claim, path)) in job.claims.iter().enumerate() {
-        let vol = format!("data-{i}");
-        volumes.push(Volume {
-            name: vol.clone(),
-            persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
-                claim_name: claim.clone(),
-                read_only: Some(true),
-            }),
-            ..Default::default()
-        });
-        mounts.push(VolumeMount {
-            name: vol,
-            mount_path: path.clone(),
-            read_only: Some(true),
-            ..Default::default()
-        });
-    }
+    pod::claim_volumes(&job.claims, &mut volumes, &mut mounts);
     let container = Container {
         name: name.to_string(),
         image: Some(job.image.clone()),
@@ -73,16 +54,6 @@ fn pod_spec(job: &PrepJob, name: &str, args: Vec<String>) -> PodSpec {
         ..Default::default()
     };
     pod::pod_spec(container, volumes, None, job.priority_class.as_ref())
-}
-
-fn template(job: &PrepJob, role: &str, spec: PodSpec) -> PodTemplateSpec {
-    PodTemplateSpec {
-        metadata: Some(ObjectMeta {
-            labels: Some(labels(&job.name, Some(role))),
-            ..Default::default()
-        }),
-        spec: Some(spec),
-    }
 }
 
 fn parts_spec(job: &PrepJob) -> JobSpec {
@@ -102,7 +73,7 @@ fn parts_spec(job: &PrepJob) -> JobSpec {
         // Each part retries on its own (a disruption does not count); one part out of attempts fails the Job.
         backoff_limit_per_index: Some(PART_ATTEMPTS - 1),
         pod_failure_policy: Some(pod::on_disruption("Ignore")),
-        template: template(job, "parts", pod_spec(job, "part", args)),
+        template: pod::template(&job.name, "parts", pod_spec(job, "part", args)),
         ..Default::default()
     }
 }
@@ -121,7 +92,7 @@ fn finalize_spec(job: &PrepJob, wait: bool) -> JobSpec {
         parallelism: Some(1),
         backoff_limit: Some(PART_ATTEMPTS - 1),
         pod_failure_policy: Some(pod::on_disruption("Ignore")),
-        template: template(job, "finalize", pod_spec(job, "finalize", args)),
+        template: pod::template(&job.name, "finalize", pod_spec(job, "finalize", args)),
         ..Default::default()
     }
 }

@@ -11,7 +11,7 @@ use k8s_openapi::api::core::v1::{
     Service, ServicePort, ServiceSpec,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kcr_jobset_x_k8s_io::v1alpha2::jobsets as js;
 use m3d_recipes::{DeviceKind, Recipe};
@@ -19,7 +19,7 @@ use sha2::{Digest, Sha256};
 
 use crate::objects::{convert, Object};
 use crate::pod::{self, labels, meta};
-use crate::{check_name, K8sError, COORDINATOR_PORT, RECIPE_DIR, RECIPE_FILE, TOKEN_KEY};
+use crate::{check_name, K8sError, COORDINATOR_PORT, RECIPE_DIR, RECIPE_FILE};
 
 /// How the job is laid out on the cluster.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -149,12 +149,7 @@ fn recipe_config_map(job: &TrainJob) -> ConfigMap {
 }
 
 fn token_secret(job: &TrainJob) -> Secret {
-    Secret {
-        metadata: meta(&secret_name(job), &job.namespace, labels(&job.name, None)),
-        type_: Some("Opaque".to_string()),
-        string_data: Some(BTreeMap::from([(TOKEN_KEY.to_string(), job.token.clone())])),
-        ..Default::default()
-    }
+    pod::token_secret(&job.name, &job.namespace, &secret_name(job), &job.token)
 }
 
 fn recipe_path() -> String {
@@ -289,16 +284,6 @@ fn indexed_job_spec(pods: u32, template: PodTemplateSpec, backoff_limit: i32) ->
     }
 }
 
-fn template(name: &str, role: &str, spec: PodSpec) -> PodTemplateSpec {
-    PodTemplateSpec {
-        metadata: Some(ObjectMeta {
-            labels: Some(labels(name, Some(role))),
-            ..Default::default()
-        }),
-        spec: Some(spec),
-    }
-}
-
 /// Renders the job's objects in apply order.
 pub fn render_train(job: &TrainJob) -> Result<Vec<Object>, K8sError> {
     // `<name>-coordinator-0-0` must stay a DNS label (63) with the Job controller's 5-character pod suffix.
@@ -355,12 +340,12 @@ fn jobset(job: &TrainJob, cm: &str) -> Result<js::JobSet, K8sError> {
         completions: Some(1),
         parallelism: Some(1),
         pod_failure_policy: Some(pod::on_disruption("FailJob")),
-        template: template(&job.name, "coordinator", coordinator_pod(job, cm)),
+        template: pod::template(&job.name, "coordinator", coordinator_pod(job, cm)),
         ..Default::default()
     };
     let mut workers = indexed_job_spec(
         job.workers,
-        template(&job.name, "workers", worker_pod(job, cm)),
+        pod::template(&job.name, "workers", worker_pod(job, cm)),
         0,
     );
     workers.pod_failure_policy = Some(pod::on_disruption("FailJob"));
@@ -481,7 +466,7 @@ fn indexed_flavor(job: &TrainJob, cm: &str) -> Result<Vec<Object>, K8sError> {
                 type_: Some("Recreate".to_string()),
                 ..Default::default()
             }),
-            template: template(&job.name, "coordinator", coord_pod),
+            template: pod::template(&job.name, "coordinator", coord_pod),
             ..Default::default()
         }),
         ..Default::default()
@@ -504,7 +489,7 @@ fn indexed_flavor(job: &TrainJob, cm: &str) -> Result<Vec<Object>, K8sError> {
     pod.subdomain = Some(format!("{}-workers", job.name));
     let mut spec = indexed_job_spec(
         job.workers,
-        template(&job.name, "workers", pod),
+        pod::template(&job.name, "workers", pod),
         job.max_restarts as i32,
     );
     spec.pod_failure_policy = Some(pod::on_disruption("Ignore"));

@@ -8,7 +8,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{m3d, m3d_ok, workspace_root};
+use common::{m3d, m3d_err, m3d_ok, workspace_root};
 
 const S3_SETS: [&str; 6] = [
     "--set",
@@ -350,4 +350,87 @@ fn a_pod_with_several_gpus_runs_one_process_per_gpu() {
     let cm = yaml(find(&files, "configmap"));
     let recipe = cm["data"]["recipe.yaml"].as_str().unwrap();
     assert!(recipe.contains("min: 8"), "{recipe}");
+}
+
+#[test]
+fn render_eval_passes_the_schemas_and_refuses_what_cannot_run_across_pods() {
+    let out = tempfile::tempdir().unwrap();
+    let o = out.path().display().to_string();
+    let eval = |extra: &[&str], bench: &[&str]| {
+        let mut args = vec![
+            "k8s",
+            "render-eval",
+            "--image",
+            "m3d:test",
+            "--name",
+            "bench",
+            "--ranks",
+            "3",
+            "--claim",
+            "m3d-models:/models",
+            "--restarts",
+            "1",
+        ];
+        args.extend(extra);
+        args.push("--");
+        args.extend([
+            "--model",
+            "/models/lamed",
+            "--data",
+            "s3://m3d/shards/cap",
+            "--volumes",
+            "s3://m3d/shards/cap",
+        ]);
+        args.extend(bench);
+        args.iter().map(|a| a.to_string()).collect::<Vec<_>>()
+    };
+    let args = eval(&["-o", &o], &["-o", "s3://m3d/bench"]);
+    m3d_ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let files: Vec<PathBuf> = std::fs::read_dir(out.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    let refs: Vec<&Path> = files.iter().map(PathBuf::as_path).collect();
+    let (ok, report) = validate(&refs);
+    assert!(ok, "{report}");
+    let set = yaml(find(&files, "jobset"));
+    let jobs = set["spec"]["replicatedJobs"].as_array().unwrap();
+    let args_of = |i: usize| -> Vec<String> {
+        jobs[i]["template"]["spec"]["template"]["spec"]["containers"][0]["args"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap().to_string())
+            .collect()
+    };
+    let (serve, rank) = (args_of(0), args_of(1));
+    // The same evaluation on every pod: the coordinator serves it, the ranks dial it by its stable DNS name.
+    assert_eq!(serve[..12], rank[..12], "{serve:?} {rank:?}");
+    assert!(serve.windows(2).any(|w| w == ["--serve", "0.0.0.0:7070"]));
+    assert!(serve.windows(2).any(|w| w == ["--workers", "3"]));
+    assert!(serve.windows(2).any(|w| w == ["--restarts", "1"]));
+    assert!(rank
+        .windows(2)
+        .any(|w| w == ["--coordinator", "http://bench-coordinator-0-0.bench:7070"]));
+    assert_eq!(jobs[1]["template"]["spec"]["completions"], 3);
+    assert_eq!(
+        set["spec"]["successPolicy"]["targetReplicatedJobs"][0],
+        "ranks"
+    );
+    find(&files, "secret");
+    // An output folder one pod cannot share, and a flag that is set per pod: refused, saying why.
+    let err = m3d_err(
+        &eval(&[], &["-o", "/tmp/bench"])
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    );
+    assert!(err.contains("object store"), "{err}");
+    let err = m3d_err(
+        &eval(&[], &["-o", "s3://m3d/bench", "--workers", "2"])
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    );
+    assert!(err.contains("--workers is set per pod"), "{err}");
 }
