@@ -784,3 +784,122 @@ fn render_prep_parts_in_containers_equal_one_conversion_and_the_rendered_jobset_
         let _ = coord.wait();
     }
 }
+
+#[test]
+fn the_rendered_eval_runs_a_coordinator_pod_and_two_rank_pods_into_s3_with_the_hosts_results() {
+    require_podman();
+    let dir = tempfile::tempdir().unwrap();
+    chmod_readable(dir.path());
+    let s3 = m3d_testkit::S3Server::start_on(&dir.path().join("moto.log"), "0.0.0.0");
+    s3.create_bucket("m3d");
+    let env_owned = s3_env(&s3);
+    let env: Vec<(&str, &str)> = env_owned.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let raw = dir.path().join("raw");
+    m3d_ok(&[
+        "data-prep",
+        "synth",
+        raw.to_str().unwrap(),
+        "--cap-cases",
+        "8",
+    ]);
+    // The same captions on the host and in S3 (the pods read S3).
+    let cap = dir.path().join("cap");
+    let src = raw.join("M3D_Cap");
+    for out in [cap.to_str().unwrap(), "s3://m3d/shards/cap"] {
+        m3d_ok_env(
+            &[
+                "data-prep",
+                "cap",
+                "--src",
+                src.to_str().unwrap(),
+                "--out",
+                out,
+            ],
+            &env,
+        );
+    }
+    // A tiny LaMed trained a step on the host; the pods read it from a claim.
+    let run = dir.path().join("lamed");
+    m3d_ok(&[
+        "train",
+        workspace_root()
+            .join("recipes/lamed-stage1-tiny.yaml")
+            .to_str()
+            .unwrap(),
+        "--workers",
+        "1",
+        "--set",
+        &format!("data.tasks=[{{task: cap, shards: [{}]}}]", cap.display()),
+        "--set",
+        "train.max_steps=1",
+        "--set",
+        "workers.max=1",
+        "--set",
+        &format!("output.run={}", run.display()),
+    ]);
+    chmod_readable(dir.path());
+    // METEOR off on both sides: the image has no WordNet.
+    let bench = ["--tasks", "cap", "--limit", "5", "--max-new-tokens", "4"];
+    let bench = [&bench[..], &["--device", "cpu", "--wordnet", "/none"]].concat();
+    let host = dir.path().join("host");
+    let model = run.join("final");
+    let mut args = vec!["eval", "bench", "--model", model.to_str().unwrap()];
+    args.extend([
+        "--data",
+        cap.to_str().unwrap(),
+        "-o",
+        host.to_str().unwrap(),
+    ]);
+    args.extend(&bench);
+    m3d_ok(&args);
+
+    let render = dir.path().join("render");
+    let mut args = vec!["k8s", "render-eval", "--image"];
+    let image = image();
+    args.extend([image.as_str(), "--name", "bench", "--ranks", "2"]);
+    args.extend(["--s3-secret", "m3d-s3", "--claim", "m3d-models:/models"]);
+    args.extend(["-o", render.to_str().unwrap(), "--"]);
+    args.extend(["--model", "/models/final", "--data", "s3://m3d/shards/cap"]);
+    args.extend(["-o", "s3://m3d/bench"]);
+    args.extend(&bench);
+    m3d_ok(&args);
+    let scratch = dir.path().join("pods");
+    std::fs::create_dir_all(&scratch).unwrap();
+    let mut cluster = Cluster::new(image.clone(), &scratch);
+    cluster.claims.insert("m3d-models".into(), run.clone());
+    s3_secret(&render, &s3, &cluster);
+    let objects = read_objects(&render);
+    cluster.apply(&objects);
+    let jobset = objects.iter().find(|o| o["kind"] == "JobSet").unwrap();
+    let rjobs = jobset["spec"]["replicatedJobs"].as_array().unwrap();
+    let coordinator = cluster.run_replicated_job(jobset, &rjobs[0]);
+    let ranks = cluster.run_replicated_job(jobset, &rjobs[1]);
+    assert_eq!(ranks.len(), 2);
+    for p in ranks.iter().chain(&coordinator) {
+        assert_eq!(
+            cluster.wait_exit(p, Duration::from_secs(300)),
+            0,
+            "{}",
+            cluster.logs(p)
+        );
+    }
+    // Rank 0 merged the two ranks' parts: the report in S3 holds what one process on the host found.
+    let keys = s3.keys("m3d", "bench/");
+    for k in [
+        "bench/parts/rank-0-of-2.jsonl",
+        "bench/parts/rank-1-of-2.jsonl",
+        "bench/results.jsonl",
+        "bench/bench.md",
+    ] {
+        assert!(keys.iter().any(|x| x == k), "{k} not in {keys:?}");
+    }
+    for (k, v) in &env_owned {
+        std::env::set_var(k, v);
+    }
+    let store = m3d_store::Store::open("s3://m3d/bench").unwrap();
+    assert_eq!(
+        String::from_utf8(store.get("results.jsonl").unwrap().to_vec()).unwrap(),
+        std::fs::read_to_string(host.join("results.jsonl")).unwrap()
+    );
+    cluster.remove_all();
+}
