@@ -185,11 +185,10 @@ pub struct RankOptions {
     pub host: String,
 }
 
-/// Runs one rank of the evaluation job at `rank_opts.coordinator`: registers, checks the plan against
-/// `plan` (this rank's own), evaluates its slice into `out` (shared by every rank: a folder they all see, or a
-/// store folder; results meet there), reports
-/// it done, and waits for the job to end; rank 0 of the last round then merges the report, which it returns.
-/// `progress(done, all)` is called after each batch.
+/// Runs one rank of the evaluation job at `rank_opts.coordinator`: registers, checks the plan against `plan`
+/// (this rank's own), evaluates its slice into `out` (shared by every rank: a folder they all see, or a store
+/// folder; results meet there), reports it done, and waits for the job to end; rank 0 of the last round then
+/// merges the report, which it returns. `progress(done, all)` is called after each batch.
 #[allow(clippy::too_many_arguments)]
 pub fn run_rank_of_job(
     model: &LamedModel,

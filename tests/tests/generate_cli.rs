@@ -225,6 +225,29 @@ fn generate_refuses_bad_input_naming_it() {
     assert!(gen(&model, "x.npy", "hi").contains("model.safetensors"));
 }
 
+/// A child killed when dropped: a failed assertion does not leave a coordinator serving.
+struct Reaped(std::process::Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl std::ops::Deref for Reaped {
+    type Target = std::process::Child;
+    fn deref(&self) -> &std::process::Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Reaped {
+    fn deref_mut(&mut self) -> &mut std::process::Child {
+        &mut self.0
+    }
+}
+
 #[test]
 fn eval_bench_covers_every_task_and_two_workers_equal_one() {
     let dir = tempfile::tempdir().unwrap();
@@ -352,7 +375,7 @@ fn eval_bench_covers_every_task_and_two_workers_equal_one() {
             .spawn()
             .unwrap();
         let url = format!("http://{}", common::listening_address(&mut child));
-        (child, url)
+        (Reaped(child), url)
     };
     let rank =
         |workers: &str, out: &Path, url: &str, id: &str, extra: &[&str], env: &[(&str, &str)]| {
