@@ -118,10 +118,12 @@ fn eval_pod(job: &EvalJob, role: &str, args: Vec<String>, gpus: u32) -> PodSpec 
             failure_threshold: Some(3),
             ..Default::default()
         }),
+        // The coordinator is the `m3d` binary, which maps libtorch at start (~0.5 GiB resident, unlike the
+        // torch-free `m3d-coordinator` of training): 512Mi got it OOM-killed.
         resources: Some(if serving {
             pod::resources(
                 Some(&Quantity("500m".into())),
-                Some(&Quantity("512Mi".into())),
+                Some(&Quantity("2Gi".into())),
                 0,
             )
         } else {
