@@ -119,7 +119,7 @@ fn eval_pod(job: &EvalJob, role: &str, args: Vec<String>, gpus: u32) -> PodSpec 
             ..Default::default()
         }),
         // The coordinator is the `m3d` binary, which maps libtorch at start (~0.5 GiB resident, unlike the
-        // torch-free `m3d-coordinator` of training): 512Mi got it OOM-killed.
+        // torch-free `m3d-coordinator` of training): 512Mi would leave it no headroom.
         resources: Some(if serving {
             pod::resources(
                 Some(&Quantity("500m".into())),
