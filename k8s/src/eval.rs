@@ -3,8 +3,6 @@
 //! arguments, writing one object-store folder (`-o s3://...`); the JobSet succeeds when every rank has. The
 //! model folder (and any local input) comes from read-only PersistentVolumeClaims.
 
-use std::collections::BTreeMap;
-
 use k8s_openapi::api::batch::v1::JobSpec;
 use k8s_openapi::api::core::v1::{Container, ContainerPort, GRPCAction, PodSpec, Probe};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -212,12 +210,10 @@ pub fn render_eval(job: &EvalJob) -> Result<Vec<Object>, K8sError> {
         },
         ..Default::default()
     };
-    let mut md = meta(&job.name, &job.namespace, labels(&job.name, None));
-    if let Some(q) = &job.queue {
-        md.labels
-            .get_or_insert_with(BTreeMap::new)
-            .insert("kueue.x-k8s.io/queue-name".to_string(), q.clone());
-    }
+    let md = pod::queued(
+        meta(&job.name, &job.namespace, labels(&job.name, None)),
+        job.queue.as_ref(),
+    );
     let spec = js::JobSetSpec {
         suspend: job.queue.as_ref().map(|_| true),
         network: Some(js::JobSetNetwork {

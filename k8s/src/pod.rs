@@ -270,6 +270,16 @@ pub(crate) fn token_secret(job: &str, namespace: &str, secret: &str, token: &str
     }
 }
 
+/// `md` labelled for Kueue's `LocalQueue` `queue`, when there is one.
+pub(crate) fn queued(mut md: ObjectMeta, queue: Option<&String>) -> ObjectMeta {
+    if let Some(q) = queue {
+        md.labels
+            .get_or_insert_with(BTreeMap::new)
+            .insert("kueue.x-k8s.io/queue-name".to_string(), q.clone());
+    }
+    md
+}
+
 /// A Job's pod template: `spec` with the job's labels and `role`.
 pub(crate) fn template(job: &str, role: &str, spec: PodSpec) -> PodTemplateSpec {
     PodTemplateSpec {

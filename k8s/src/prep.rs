@@ -2,8 +2,6 @@
 //! $JOB_COMPLETION_INDEX --parts N`), then one pod that runs `m3d data-prep finalize`. As a JobSet the finalize
 //! job starts when every part is complete; as plain Jobs the finalize pod waits for the parts' records itself.
 
-use std::collections::BTreeMap;
-
 use k8s_openapi::api::batch::v1::{Job, JobSpec};
 use k8s_openapi::api::core::v1::{Container, PodSpec};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -126,12 +124,10 @@ pub fn render_prep(job: &PrepJob) -> Result<Vec<Object>, K8sError> {
             ),
         });
     }
-    let mut md = meta(&job.name, &job.namespace, labels(&job.name, None));
-    if let Some(q) = &job.queue {
-        md.labels
-            .get_or_insert_with(BTreeMap::new)
-            .insert("kueue.x-k8s.io/queue-name".to_string(), q.clone());
-    }
+    let md = pod::queued(
+        meta(&job.name, &job.namespace, labels(&job.name, None)),
+        job.queue.as_ref(),
+    );
     match job.flavor {
         Flavor::JobSet => {
             let parts: js::JobSetReplicatedJobsTemplateSpec =

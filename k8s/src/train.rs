@@ -362,12 +362,10 @@ fn jobset(job: &TrainJob, cm: &str) -> Result<js::JobSet, K8sError> {
             key.clone(),
         )]));
     }
-    let mut md = meta(&job.name, &job.namespace, labels(&job.name, None));
-    if let Some(q) = &job.queue {
-        md.labels
-            .get_or_insert_with(BTreeMap::new)
-            .insert("kueue.x-k8s.io/queue-name".to_string(), q.clone());
-    }
+    let md = pod::queued(
+        meta(&job.name, &job.namespace, labels(&job.name, None)),
+        job.queue.as_ref(),
+    );
     let spec = js::JobSetSpec {
         // Kueue admits a suspended JobSet as one gang (it unsuspends it when the whole quota is there).
         suspend: job.queue.as_ref().map(|_| true),
