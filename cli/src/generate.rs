@@ -334,10 +334,18 @@ pub fn eval_bench(a: EvalBenchArgs) -> Result<()> {
     let out = m3d_eval::output::BenchOut::open(&a.out)?;
     let report = match &a.coordinator {
         None => {
-            m3d_eval::bench::run_rank(&model, &a.data, &a.volumes, &opts, out.dir(), |d, n| {
-                progress("rank 0", d, n);
-                Ok(())
-            })?;
+            m3d_eval::bench::run_rank(
+                &model,
+                &a.data,
+                &a.volumes,
+                &opts,
+                out.dir(),
+                m3d_eval::bench::Share::Stride,
+                |d, n| {
+                    progress("rank 0", d, n);
+                    Ok(())
+                },
+            )?;
             let report = m3d_eval::bench::merge(out.dir(), 1, &label, &opts)?;
             out.upload_all()?;
             Some(report)

@@ -15,8 +15,8 @@ use crate::grpc::{
     plan_from_pb, status_from_pb, Token,
 };
 use crate::job::{
-    Assignment, CheckpointRef, DataPlan, HeartbeatReply, JobStatus, Peer, Progress, WorkerAction,
-    WorkerInfo,
+    Assignment, CheckpointRef, DataPlan, HeartbeatReply, JobStatus, Peer, Progress, WorkLease,
+    WorkerAction, WorkerInfo,
 };
 
 /// Errors of the client, naming the coordinator.
@@ -256,6 +256,36 @@ impl Client {
             .map_err(|s| self.rpc_err(s))?
             .into_inner();
         Ok(data_plan_from_pb(r))
+    }
+
+    /// The next items of an evaluation's pass for this rank, at most `max_items` (`start == end`: none left).
+    pub async fn lease_work(
+        &mut self,
+        worker_id: &str,
+        generation: u64,
+        max_items: u32,
+    ) -> Result<WorkLease, ClientError> {
+        let r = self
+            .rpc
+            .lease_work(pb::LeaseWorkRequest {
+                worker_id: worker_id.to_string(),
+                generation,
+                max_items,
+            })
+            .await
+            .map_err(|s| self.rpc_err(s))?
+            .into_inner();
+        if r.start > r.end || r.end > r.items {
+            return Err(self.invalid(format!(
+                "a work lease of items {}..{} of {}",
+                r.start, r.end, r.items
+            )));
+        }
+        Ok(WorkLease {
+            start: r.start,
+            end: r.end,
+            items: r.items,
+        })
     }
 
     /// The whole member list of the round, ordered by rank (paged through `GetPeers`): O(world size) bytes,

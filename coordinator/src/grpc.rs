@@ -329,6 +329,25 @@ impl<C: ControlPlane> CoordinatorRpc for CoordinatorService<C> {
         });
         Ok(Response::new(Box::pin(stream)))
     }
+
+    async fn lease_work(
+        &self,
+        req: Request<pb::LeaseWorkRequest>,
+    ) -> Result<Response<pb::LeaseWorkResponse>, Status> {
+        let r = req.into_inner();
+        if r.worker_id.is_empty() {
+            return Err(missing("worker_id"));
+        }
+        let l = self
+            .plane
+            .lease_work(&r.worker_id, r.generation, r.max_items)
+            .map_err(to_status)?;
+        Ok(Response::new(pb::LeaseWorkResponse {
+            start: l.start,
+            end: l.end,
+            items: l.items,
+        }))
+    }
 }
 
 /// The deprecated `m3d.v1` service, answered by the `m3d.v2` implementation: each v1 message is wire-identical to

@@ -17,7 +17,7 @@ use tokio::sync::{oneshot, watch};
 
 use crate::config::JobConfig;
 use crate::error::CoordError;
-use crate::plan::{PlanSpec, StepPlan};
+use crate::plan::{PlanKind, PlanSpec, StepPlan};
 
 /// The phases of a job and the only transitions between them (see [`JobPhase::can_become`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
@@ -159,6 +159,16 @@ pub struct DataPlan {
     pub steps: Vec<StepPlan>,
 }
 
+/// Items `start..end` of an evaluation's pass, handed to one rank ([`ControlPlane::lease_work`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WorkLease {
+    pub start: u64,
+    /// `start` when every item of the round has been handed out.
+    pub end: u64,
+    /// The number of items in the pass.
+    pub items: u64,
+}
+
 /// A rank's progress report.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Progress {
@@ -239,6 +249,15 @@ pub trait ControlPlane: Send + Sync + 'static {
     fn status(&self) -> JobStatus;
     /// The current status, updated on every change of the job.
     fn watch(&self) -> watch::Receiver<JobStatus>;
+    /// An evaluation job's next `max_items` items at most (a work queue over the round's one pass, in order):
+    /// ranks that finish sooner take more. Every round hands out the whole pass again (a broken round's results
+    /// are redone by the next one).
+    fn lease_work(
+        &self,
+        worker_id: &str,
+        generation: u64,
+        max_items: u32,
+    ) -> Result<WorkLease, CoordError>;
 }
 
 /// The persisted job document (`job.json` under the state URL).
@@ -320,6 +339,9 @@ struct State {
     /// Bumped on every change; the persister writes when it is ahead of what was written.
     version: u64,
     progress_dirty: bool,
+    /// An evaluation round's work queue: items `0..leased` of the pass have been handed out. Not persisted: a
+    /// new round (which a restarted coordinator always forms) starts the pass again.
+    leased: u64,
 }
 
 impl State {
@@ -423,6 +445,7 @@ impl Coordinator {
             failure: None,
             version: 0,
             progress_dirty: false,
+            leased: 0,
         };
         if let Some(store) = &store {
             let state_err = |reason: String| CoordError::State {
@@ -641,6 +664,7 @@ impl Coordinator {
         st.nccl_unique_id = uid.clone();
         st.round_opened = None;
         st.barrier = None;
+        st.leased = 0;
         st.transition(JobPhase::Running);
         tracing::info!(
             generation = st.generation,
@@ -1027,6 +1051,36 @@ impl ControlPlane for Coordinator {
             rank,
             world_size: world,
             steps,
+        })
+    }
+
+    fn lease_work(
+        &self,
+        worker_id: &str,
+        generation: u64,
+        max_items: u32,
+    ) -> Result<WorkLease, CoordError> {
+        let plan = &self.inner.cfg.plan;
+        if plan.kind != PlanKind::Eval {
+            return Err(CoordError::InvalidArgument(format!(
+                "work is leased only by an evaluation job, and this is a {} job (its ranks follow the data plan)",
+                plan.kind
+            )));
+        }
+        if max_items == 0 {
+            return Err(CoordError::InvalidArgument(
+                "a work lease of 0 items".to_string(),
+            ));
+        }
+        let mut st = self.lock();
+        st.member(worker_id, generation)?;
+        let start = st.leased;
+        let end = start.saturating_add(u64::from(max_items)).min(plan.samples);
+        st.leased = end;
+        Ok(WorkLease {
+            start,
+            end,
+            items: plan.samples,
         })
     }
 

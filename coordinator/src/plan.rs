@@ -66,7 +66,9 @@ pub enum PlanKind {
     /// Global batches of the epoch's order, each cut into equal contiguous rank slices.
     #[default]
     Train,
-    /// One in-order pass, rank `r` of `W` taking every `W`-th sample from `r`; one step.
+    /// One in-order pass; one step. m3d's ranks take items from the round's work queue
+    /// ([`crate::ControlPlane::lease_work`]); the static plan (rank `r` of `W` taking every `W`-th sample from `r`)
+    /// is what `GetDataPlan` answers, for clients without leases.
     Eval,
 }
 

@@ -941,3 +941,70 @@ async fn an_evaluation_job_forms_any_world_size_and_completes_when_every_rank_re
     }
     assert_eq!(c.status().await.expect("status").phase, JobPhase::Completed);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_evaluation_round_leases_its_pass_in_order_once_and_a_new_round_leases_it_again() {
+    let hb = Duration::from_millis(1500);
+    let mut config = cfg(1, 2, Duration::from_millis(300), hb, 1);
+    config.plan = PlanSpec::evaluation(10, 11);
+    let server = Server::start(config, None, None).await;
+    let got = register_all(&server.url, vec![worker("a", "h"), worker("b", "h")]).await;
+    assert!(got
+        .iter()
+        .all(|(_, a)| a.world_size == 2 && a.generation == 0));
+    let mut c = server.client().await;
+    // Whoever asks gets the next items, and the pass is handed out once: a then b then a then b.
+    let mut leased = Vec::new();
+    for (who, max) in [("a", 4), ("b", 4), ("a", 4), ("b", 4)] {
+        let l = c.lease_work(who, 0, max).await.expect("lease");
+        assert_eq!(l.items, 10);
+        leased.push((l.start, l.end));
+    }
+    assert_eq!(leased, vec![(0, 4), (4, 8), (8, 10), (10, 10)]);
+    let err = c.lease_work("a", 0, 0).await.expect_err("an empty lease");
+    assert_eq!(err.code(), Some(tonic::Code::InvalidArgument), "{err}");
+    let err = c.lease_work("z", 0, 1).await.expect_err("a stranger");
+    assert_eq!(err.code(), Some(tonic::Code::NotFound), "{err}");
+
+    // `b` falls silent: the round breaks, `a`'s old round is refused, and the next round starts the pass over.
+    let _beats = spawn_heartbeats(
+        server.client().await,
+        "a".into(),
+        0,
+        Duration::from_millis(100),
+    );
+    wait_for(&mut c, "a restart round", |s| {
+        s.phase == JobPhase::Restarting
+    })
+    .await;
+    let err = c
+        .lease_work("a", 0, 4)
+        .await
+        .expect_err("a lease of a broken round");
+    assert_eq!(err.code(), Some(tonic::Code::Aborted), "{err}");
+    let again = register_all(&server.url, vec![worker("a", "h")]).await;
+    let generation = again[0].1.generation;
+    assert_eq!(generation, 1);
+    let l = c.lease_work("a", generation, 100).await.expect("lease");
+    assert_eq!((l.start, l.end, l.items), (0, 10, 10));
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_training_job_leases_no_work() {
+    let server = Server::start(
+        cfg(1, 1, Duration::from_secs(600), Duration::from_secs(30), 0),
+        None,
+        None,
+    )
+    .await;
+    let got = register_all(&server.url, vec![worker("a", "h")]).await;
+    let mut c = server.client().await;
+    let err = c
+        .lease_work("a", got[0].1.generation, 4)
+        .await
+        .expect_err("a training job's lease");
+    assert_eq!(err.code(), Some(tonic::Code::InvalidArgument), "{err}");
+    assert!(err.to_string().contains("training"), "{err}");
+    server.shutdown().await;
+}

@@ -3,9 +3,9 @@
 //! answered by greedy decoding in batches ([`m3d_infer`]), scored with [`m3d_scoring`].
 //!
 //! Work is split by rank: the work items in a fixed order (each task's samples: tasks as asked, datasets as
-//! listed, samples in shard order, the `--limit` first of each task; then retrieval, one item), rank `r` of `W`
-//! taking every `W`-th ([`m3d_coordinator::PlanKind::Eval`]; ranks and world come from the coordinator, see
-//! [`crate::job`]). Each rank writes its per-sample results to `parts/rank-R-of-W.jsonl`; [`merge`] reads every part (refusing a missing one) and
+//! listed, samples in shard order, the `--limit` first of each task; then retrieval, one item), which ranks
+//! lease from the coordinator's work queue a batch at a time, or, without a coordinator, rank `r` of `W` taking
+//! every `W`-th ([`Share`]; ranks and world come from the coordinator, see [`crate::job`]). Each rank writes its per-sample results to `parts/rank-R-of-W.jsonl`; [`merge`] reads every part (refusing a missing one) and
 //! writes `results.jsonl`, `bench.json` and `bench.md`. A result depends only on its sample, never on the
 //! rank or the batch it ran in (left-padded batches decode as single prompts; the template draw is keyed by
 //! the sample), so 1 and N workers give the same per-sample results.
@@ -174,14 +174,28 @@ impl TextScorer {
     }
 }
 
+/// How a rank learns which work items (places in the pass's fixed order) are its own.
+pub enum Share<'a> {
+    /// Rank `opts.rank` of `opts.world` takes items `rank`, `rank + world`, ...: a fixed slice, for a run
+    /// without a coordinator.
+    Stride,
+    /// Items leased a batch at a time from a work queue (the coordinator's `LeaseWork`): called with the most
+    /// items wanted, it answers the next range of the pass, empty when none is left. A rank that is faster,
+    /// or started sooner, takes more, so no rank waits for a slower one at the end.
+    Leased(&'a mut dyn FnMut(usize) -> Result<std::ops::Range<u64>, EvalError>),
+}
+
 /// Runs this rank's share of the benchmark with `model` over the shard datasets `data` (each opened with the
 /// extra volume datasets `volumes`, e.g. M3D-Cap's for M3D-VQA), writing its part file under `out`.
+/// `progress(done, all)` is called after each batch: this rank's items under [`Share::Stride`], the pass's
+/// items handed out so far under [`Share::Leased`].
 pub fn run_rank(
     model: &LamedModel,
     data: &[String],
     volumes: &[String],
     opts: &BenchOptions,
     out: &Path,
+    mut share: Share<'_>,
     mut progress: impl FnMut(usize, usize) -> Result<(), EvalError>,
 ) -> Result<PathBuf, EvalError> {
     if opts.world == 0 || opts.rank >= opts.world {
@@ -244,9 +258,6 @@ pub fn run_rank(
             )));
         }
     }
-    if retrieval_item.is_some_and(|i| i % opts.world == opts.rank) {
-        retrieval(model, data, &loaders, opts, out)?;
-    }
     // The first `overlays` samples of each segmentation task, by their place in the fixed order.
     let mut drawn = std::collections::HashSet::new();
     for task in [BenchTask::Seg, BenchTask::RefSeg] {
@@ -257,12 +268,8 @@ pub fn run_rank(
                 .copied(),
         );
     }
-    let mine: Vec<_> = work
-        .iter()
-        .enumerate()
-        .filter(|(i, _)| i % opts.world == opts.rank)
-        .map(|(_, w)| *w)
-        .collect();
+    let mut strided = (opts.rank..items).step_by(opts.world);
+    let strided_len = strided.len();
 
     let scorer = TextScorer::new(opts)?;
     let bertscore = match &opts.bertscore {
@@ -276,130 +283,197 @@ pub fn run_rank(
     let tmp = path.with_extension("jsonl.tmp");
     let mut file =
         std::io::BufWriter::new(std::fs::File::create(&tmp).map_err(|e| io_err(&tmp, e))?);
+    let batch = opts.batch.max(1);
+    let started = std::time::Instant::now();
+    // This rank's items so far (under `Share::Stride` also what its progress bar counts).
     let mut done = 0;
-    for chunk in mine.chunks(opts.batch.max(1)) {
-        let mut requests = Vec::new();
-        // Each prompt with its sample's reference mask and its work item.
-        let mut asked: Vec<(BenchPrompt, Option<Vec<f32>>, WorkItem)> = Vec::new();
-        // One load per dataset for the whole chunk, so its volume reads are planned (and coalesced) together.
-        let mut loaded = std::collections::HashMap::new();
-        for (d, loader) in loaders.iter().enumerate() {
-            let wanted: Vec<u64> = chunk.iter().filter(|w| w.1 == d).map(|w| w.2).collect();
-            if !wanted.is_empty() {
-                for sample in loader.load(&wanted)? {
-                    loaded.insert((d, sample.index), sample);
+    loop {
+        let (next, shown) = match &mut share {
+            Share::Stride => {
+                let next: Vec<usize> = strided.by_ref().take(batch).collect();
+                let shown = (done + next.len(), strided_len);
+                (next, shown)
+            }
+            Share::Leased(lease) => {
+                let r = lease(batch)?;
+                let (start, end) = (r.start as usize, r.end as usize);
+                if end > items {
+                    return Err(EvalError::Control(format!(
+                        "leased items {start}..{end} of a pass of {items}"
+                    )));
                 }
+                ((start..end).collect(), (end, items))
             }
-        }
-        for &(task, d, i) in chunk {
-            let sample = loaded.get(&(d, i)).ok_or_else(|| {
-                EvalError::Input(format!("sample {i} of {} did not load", data[d]))
-            })?;
-            let image = Tensor::from_slice(&sample.image).view(sample.shape.map(|s| s as i64));
-            let prompts =
-                bench_prompts(task, &sample.sample, image_tokens, "<im_patch>", opts.seed)
-                    .map_err(|e| EvalError::Input(format!("{}: {e}", data[d])))?;
-            for p in prompts {
-                requests.push(Request {
-                    image: image.shallow_clone(),
-                    question: p.question.clone(),
-                    prompt: p.prompt.clone(),
-                });
-                asked.push((p, sample.mask.clone(), (task, d, i)));
-            }
-        }
-        let masks = asked
-            .iter()
-            .any(|(p, _, _)| matches!(p.task, BenchTask::Seg | BenchTask::RefSeg));
-        let answers = model
-            .answer(&requests, &model.options(opts.max_new_tokens), masks)
-            .map_err(|e| EvalError::Input(e.to_string()))?;
-        let texts = |p: &BenchPrompt| {
-            matches!(p.task, BenchTask::Cap | BenchTask::VqaOpen | BenchTask::Reg)
         };
-        // One BERTScore call for the chunk's free-text answers (each pair still scored alone).
-        let mut bert = match &bertscore {
-            Some(b) => {
-                let pairs: Vec<(&str, &str)> = asked
-                    .iter()
-                    .zip(&answers)
-                    .filter(|((p, _, _), _)| texts(p))
-                    .map(|((p, _, _), a)| (a.text.as_str(), p.answer.as_str()))
-                    .collect();
-                b.score(&pairs)?.into_iter()
-            }
-            None => Vec::new().into_iter(),
-        };
-        for ((p, mask, key), a) in asked.into_iter().zip(answers) {
-            let mut scores = BTreeMap::new();
-            let mut overlays = Vec::new();
-            if texts(&p) {
-                if let Some(b) = bert.next() {
-                    scores.insert("bertscore_f1".into(), b.f1);
-                }
-            }
-            match p.task {
-                BenchTask::Cap | BenchTask::VqaOpen | BenchTask::Reg => {
-                    scorer.score(&a.text, &p.answer, &mut scores)
-                }
-                BenchTask::VqaClosed => {
-                    let choice = p.answer_choice.as_deref().unwrap_or_default();
-                    let ok = closed_vqa_correct(&a.text, choice, opts.convention);
-                    scores.insert("correct".into(), f64::from(u8::from(ok)));
-                }
-                BenchTask::Rec => {
-                    let (key, value) = match rec_outcome(&a.text, &p.answer, opts.convention) {
-                        RecOutcome::Scored(iou) => ("iou", iou),
-                        RecOutcome::Unparsable => ("rec_unparsable", 1.0),
-                        RecOutcome::Negative { predicted_box } => {
-                            ("rec_negative_box", f64::from(u8::from(predicted_box)))
-                        }
-                    };
-                    scores.insert(key.into(), value);
-                }
-                BenchTask::Seg | BenchTask::RefSeg => {
-                    let target = mask.unwrap_or_default();
-                    // No [SEG] in the answer: an empty mask predicted.
-                    let logits = match &a.seg_logits {
-                        Some(l) => Vec::<f32>::try_from(l.view([-1]))?,
-                        None => vec![-1e4; target.len()],
-                    };
-                    let d = dice(&logits, &target, opts.convention)
-                        .map_err(|e| EvalError::Input(format!("{}: {e}", p.sample_id)))?;
-                    scores.insert("dice".into(), d);
-                    if drawn.contains(&key) {
-                        let sample = loaded.get(&(key.1, key.2)).ok_or_else(|| {
-                            EvalError::Input(format!("sample {} did not load", p.sample_id))
-                        })?;
-                        overlays =
-                            draw_overlays(out, &p, sample.shape, &sample.image, &logits, &target)?;
-                    }
-                }
-                BenchTask::Retrieval => {}
-            }
-            let r = SampleResult {
-                task: p.task.to_string(),
-                sample_id: p.sample_id.clone(),
-                family: p.family.map(|f| format!("{f:?}").to_lowercase()),
-                question_type: p.question_type.clone(),
-                template: p.template_index(),
-                question: p.question,
-                answer: p.answer,
-                prediction: a.text,
-                overlays,
-                scores,
-            };
-            let line = serde_json::to_string(&r).map_err(|e| io_err(&tmp, e))?;
-            writeln!(file, "{line}").map_err(|e| io_err(&tmp, e))?;
+        if next.is_empty() {
+            break;
         }
-        done += chunk.len();
-        progress(done, mine.len())?;
+        done += next.len();
+        if retrieval_item.is_some_and(|i| next.contains(&i)) {
+            retrieval(model, data, &loaders, opts, out)?;
+        }
+        let chunk: Vec<WorkItem> = next.iter().filter_map(|&i| work.get(i).copied()).collect();
+        if !chunk.is_empty() {
+            answer_chunk(
+                model,
+                data,
+                &loaders,
+                opts,
+                out,
+                &chunk,
+                &scorer,
+                bertscore.as_ref(),
+                &drawn,
+                image_tokens,
+                &tmp,
+                &mut file,
+            )?;
+        }
+        progress(shown.0, shown.1)?;
         m3d_worker::failpoint::pause("eval-batch");
     }
     file.flush().map_err(|e| io_err(&tmp, e))?;
     drop(file);
     std::fs::rename(&tmp, &path).map_err(|e| io_err(&path, e))?;
+    tracing::info!(
+        rank = opts.rank,
+        world = opts.world,
+        items = done,
+        seconds = started.elapsed().as_secs_f64(),
+        "slice evaluated"
+    );
     Ok(path)
+}
+
+/// Answers and scores one batch of work items, appending a result line per prompt to `file` (at `tmp`).
+#[allow(clippy::too_many_arguments)]
+fn answer_chunk(
+    model: &LamedModel,
+    data: &[String],
+    loaders: &[ShardLoader],
+    opts: &BenchOptions,
+    out: &Path,
+    chunk: &[WorkItem],
+    scorer: &TextScorer,
+    bertscore: Option<&BertScorer>,
+    drawn: &std::collections::HashSet<WorkItem>,
+    image_tokens: usize,
+    tmp: &Path,
+    file: &mut impl Write,
+) -> Result<(), EvalError> {
+    let mut requests = Vec::new();
+    // Each prompt with its sample's reference mask and its work item.
+    let mut asked: Vec<(BenchPrompt, Option<Vec<f32>>, WorkItem)> = Vec::new();
+    // One load per dataset for the whole chunk, so its volume reads are planned (and coalesced) together.
+    let mut loaded = std::collections::HashMap::new();
+    for (d, loader) in loaders.iter().enumerate() {
+        let wanted: Vec<u64> = chunk.iter().filter(|w| w.1 == d).map(|w| w.2).collect();
+        if !wanted.is_empty() {
+            for sample in loader.load(&wanted)? {
+                loaded.insert((d, sample.index), sample);
+            }
+        }
+    }
+    for &(task, d, i) in chunk {
+        let sample = loaded
+            .get(&(d, i))
+            .ok_or_else(|| EvalError::Input(format!("sample {i} of {} did not load", data[d])))?;
+        let image = Tensor::from_slice(&sample.image).view(sample.shape.map(|s| s as i64));
+        let prompts = bench_prompts(task, &sample.sample, image_tokens, "<im_patch>", opts.seed)
+            .map_err(|e| EvalError::Input(format!("{}: {e}", data[d])))?;
+        for p in prompts {
+            requests.push(Request {
+                image: image.shallow_clone(),
+                question: p.question.clone(),
+                prompt: p.prompt.clone(),
+            });
+            asked.push((p, sample.mask.clone(), (task, d, i)));
+        }
+    }
+    let masks = asked
+        .iter()
+        .any(|(p, _, _)| matches!(p.task, BenchTask::Seg | BenchTask::RefSeg));
+    let answers = model
+        .answer(&requests, &model.options(opts.max_new_tokens), masks)
+        .map_err(|e| EvalError::Input(e.to_string()))?;
+    let texts =
+        |p: &BenchPrompt| matches!(p.task, BenchTask::Cap | BenchTask::VqaOpen | BenchTask::Reg);
+    // One BERTScore call for the chunk's free-text answers (each pair still scored alone).
+    let mut bert = match bertscore {
+        Some(b) => {
+            let pairs: Vec<(&str, &str)> = asked
+                .iter()
+                .zip(&answers)
+                .filter(|((p, _, _), _)| texts(p))
+                .map(|((p, _, _), a)| (a.text.as_str(), p.answer.as_str()))
+                .collect();
+            b.score(&pairs)?.into_iter()
+        }
+        None => Vec::new().into_iter(),
+    };
+    for ((p, mask, key), a) in asked.into_iter().zip(answers) {
+        let mut scores = BTreeMap::new();
+        let mut overlays = Vec::new();
+        if texts(&p) {
+            if let Some(b) = bert.next() {
+                scores.insert("bertscore_f1".into(), b.f1);
+            }
+        }
+        match p.task {
+            BenchTask::Cap | BenchTask::VqaOpen | BenchTask::Reg => {
+                scorer.score(&a.text, &p.answer, &mut scores)
+            }
+            BenchTask::VqaClosed => {
+                let choice = p.answer_choice.as_deref().unwrap_or_default();
+                let ok = closed_vqa_correct(&a.text, choice, opts.convention);
+                scores.insert("correct".into(), f64::from(u8::from(ok)));
+            }
+            BenchTask::Rec => {
+                let (key, value) = match rec_outcome(&a.text, &p.answer, opts.convention) {
+                    RecOutcome::Scored(iou) => ("iou", iou),
+                    RecOutcome::Unparsable => ("rec_unparsable", 1.0),
+                    RecOutcome::Negative { predicted_box } => {
+                        ("rec_negative_box", f64::from(u8::from(predicted_box)))
+                    }
+                };
+                scores.insert(key.into(), value);
+            }
+            BenchTask::Seg | BenchTask::RefSeg => {
+                let target = mask.unwrap_or_default();
+                // No [SEG] in the answer: an empty mask predicted.
+                let logits = match &a.seg_logits {
+                    Some(l) => Vec::<f32>::try_from(l.view([-1]))?,
+                    None => vec![-1e4; target.len()],
+                };
+                let d = dice(&logits, &target, opts.convention)
+                    .map_err(|e| EvalError::Input(format!("{}: {e}", p.sample_id)))?;
+                scores.insert("dice".into(), d);
+                if drawn.contains(&key) {
+                    let sample = loaded.get(&(key.1, key.2)).ok_or_else(|| {
+                        EvalError::Input(format!("sample {} did not load", p.sample_id))
+                    })?;
+                    overlays =
+                        draw_overlays(out, &p, sample.shape, &sample.image, &logits, &target)?;
+                }
+            }
+            BenchTask::Retrieval => {}
+        }
+        let r = SampleResult {
+            task: p.task.to_string(),
+            sample_id: p.sample_id.clone(),
+            family: p.family.map(|f| format!("{f:?}").to_lowercase()),
+            question_type: p.question_type.clone(),
+            template: p.template_index(),
+            question: p.question,
+            answer: p.answer,
+            prediction: a.text,
+            overlays,
+            scores,
+        };
+        let line = serde_json::to_string(&r).map_err(|e| io_err(tmp, e))?;
+        writeln!(file, "{line}").map_err(|e| io_err(tmp, e))?;
+    }
+    Ok(())
 }
 
 /// Where the rank of the retrieval item leaves its scores for [`merge`].

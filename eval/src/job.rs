@@ -4,15 +4,17 @@
 //! then merges them into the report.
 //!
 //! The plan is [`m3d_coordinator::PlanKind::Eval`]: the evaluation's work items (each task's samples in the fixed order of
-//! [`crate::bench`], then retrieval as one item) as one in-order pass, rank `r` of `W` taking every `W`-th from
-//! `r`. The coordinator counts the items from the datasets' manifests alone ([`EvalPlan::of`]); each rank checks
+//! [`crate::bench`], then retrieval as one item) as one in-order pass, which the ranks lease from the
+//! coordinator a batch at a time (`LeaseWork`, [`crate::bench::Share::Leased`]): a rank that is faster, started
+//! sooner or drew shorter answers takes more, so no rank idles at the end while another finishes a fixed slice
+//! (answers stop at EOS, so equal item counts are not equal work). The coordinator counts the items from the datasets' manifests alone ([`EvalPlan::of`]); each rank checks
 //! them against its sample tables. Every rank and the coordinator must evaluate the same thing, so the plan
 //! carries the evaluation's settings (datasets, tasks, split, limit, model, decoding and scoring) and a rank whose
 //! own differ refuses, naming the flag and both values.
 //!
 //! A rank that fails (or stops heartbeating) breaks the round: the others stop their slice and register again,
 //! and the coordinator forms a restart round over the survivors (within `--min-workers` and `--restarts`), whose
-//! ranks evaluate the new world's slices from the start. Results depend only on the sample, so the report is
+//! ranks lease the whole pass again. Results depend only on the sample, so the report is
 //! the same whichever round wrote it.
 
 use std::collections::BTreeMap;
@@ -27,7 +29,7 @@ use m3d_instruct::bench::BenchTask;
 use m3d_shards::Task;
 use m3d_worker::role::patiently;
 
-use crate::bench::{accepts, merge, run_rank, BenchOptions, BenchReport};
+use crate::bench::{accepts, merge, run_rank, BenchOptions, BenchReport, Share};
 use crate::output::{BenchOut, REPORT};
 use crate::EvalError;
 
@@ -274,16 +276,44 @@ pub fn run_rank_of_job(
         o.rank = a.rank as usize;
         o.world = a.world_size as usize;
         o.planned_items = Some(a.plan.samples);
-        let done = run_rank(model, data, volumes, &o, out.dir(), |done, all| {
-            progress(done, all);
-            if round_over() {
-                return Err(EvalError::Interrupted(format!(
-                    "round {} ended by the coordinator",
-                    a.generation
-                )));
+        let generation = a.generation;
+        let mut lease = |max: usize| {
+            let max = u32::try_from(max).unwrap_or(u32::MAX);
+            match patiently(&rt, id, "lease work", || {
+                let mut c = client.clone();
+                async move { c.lease_work(id, generation, max).await }
+            }) {
+                Ok(l) => Ok(l.start..l.end),
+                // A round that has ended (a peer failed): this rank registers again.
+                Err(e)
+                    if matches!(
+                        e.code(),
+                        Some(m3d_coordinator::Code::Aborted | m3d_coordinator::Code::NotFound)
+                    ) =>
+                {
+                    Err(EvalError::Interrupted(e.to_string()))
+                }
+                Err(e) => Err(control(e)),
             }
-            Ok(())
-        });
+        };
+        let done = run_rank(
+            model,
+            data,
+            volumes,
+            &o,
+            out.dir(),
+            Share::Leased(&mut lease),
+            |done, all| {
+                progress(done, all);
+                if round_over() {
+                    return Err(EvalError::Interrupted(format!(
+                        "round {} ended by the coordinator",
+                        a.generation
+                    )));
+                }
+                Ok(())
+            },
+        );
         match done {
             Ok(_) => {}
             Err(EvalError::Interrupted(why)) => {

@@ -473,6 +473,44 @@ fn eval_bench_covers_every_task_and_two_workers_equal_one() {
         results,
         std::fs::read_to_string(five.join("results.jsonl")).unwrap()
     );
+    // The work queue: a rank that stalls after its first batch (alive and heartbeating) holds only what it
+    // leased; the other takes the rest, the job completes in its first round, and the report is the same.
+    let six = dir.path().join("six");
+    let (mut coordinator, url) = serve("2", &six, &[]);
+    let ranks = [
+        rank("2", &six, &url, "pod-a", &[], &token),
+        rank(
+            "2",
+            &six,
+            &url,
+            "pod-b",
+            &[],
+            &[token[0], ("M3D_FAILPOINTS", "eval-batch=15000")],
+        ),
+    ];
+    for o in ranks.map(|r| r.wait_with_output().unwrap()) {
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    assert!(coordinator.wait().unwrap().success());
+    assert_eq!(
+        results,
+        std::fs::read_to_string(six.join("results.jsonl")).unwrap()
+    );
+    let prompts = |part: &str| {
+        std::fs::read_to_string(six.join("parts").join(part))
+            .unwrap()
+            .lines()
+            .count()
+    };
+    let (fast, stalled) = (prompts("rank-0-of-2.jsonl"), prompts("rank-1-of-2.jsonl"));
+    assert!(
+        fast > stalled && fast + stalled == results.lines().count(),
+        "the stalled rank answered {stalled} prompts, the other {fast}"
+    );
+    assert!(
+        !six.join("parts/rank-0-of-1.jsonl").exists(),
+        "no restart round"
+    );
     // Retrieval without a CLIP to score, and a CLIP exported as a released LaMed: both refused, saying why.
     let err = m3d_err(&[
         "eval",
