@@ -171,6 +171,12 @@ fn python_client_generated_by_protoc_talks_to_the_coordinator_in_v2_and_v1() {
     assert!(u64_of(&r["heartbeat_interval_ms"]) > 0);
     assert_eq!(v["heartbeat"], "WORKER_ACTION_CONTINUE");
     assert_eq!(v["peers"], serde_json::json!(["py-0"]));
+    // `LeaseWork` (v2 only) reaches the coordinator, which refuses it for a training job.
+    let lease = v["lease_work"].as_str().unwrap_or_default();
+    assert!(
+        lease.starts_with("INVALID_ARGUMENT") && lease.contains("training"),
+        "{lease}"
+    );
     let steps = v["data_plan"].as_array().expect("data plan");
     assert_eq!(steps.len(), 2);
     for (i, step) in steps.iter().enumerate() {
