@@ -15,7 +15,8 @@ use tch::Tensor;
 #[derive(Args)]
 pub struct GenerateArgs {
     /// A LaMed: a run's `final/` folder, or a released checkpoint folder (config.json with `model_type`
-    /// lamed_llama / lamed_phi3, tokenizer, weights).
+    /// lamed_llama / lamed_phi3, tokenizer, weights); local, or a store URL (`s3://bucket/run/final`), which is
+    /// copied to a temporary local folder first.
     #[arg(long)]
     model: PathBuf,
     /// The volume(s): a `.nii`/`.nii.gz` or a raw `.npy` (preprocessed as `m3d data-prep seg` does), a
@@ -95,7 +96,8 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
         (None, false) => a.prompt.clone(),
         (None, true) => bail!("give --prompt TEXT or --task cap|seg|rec"),
     };
-    let model = LamedModel::load(&a.model, device, Precision::default_for(device))
+    let model_dir = m3d_eval::model_dir::ModelDir::open(&a.model)?;
+    let model = LamedModel::load(model_dir.path(), device, Precision::default_for(device))
         .with_context(|| format!("loading {}", a.model.display()))?;
     let shape = model.image_size();
     let prepared: Vec<PreparedImage> = a
@@ -322,7 +324,8 @@ pub fn eval_bench(a: EvalBenchArgs) -> Result<()> {
         Some(d) => m3d_eval::parse_device(d).map_err(anyhow::Error::msg)?,
         None => m3d_eval::default_device(),
     };
-    let model = LamedModel::load(&a.model, device, Precision::default_for(device))
+    let model_dir = m3d_eval::model_dir::ModelDir::open(&a.model)?;
+    let model = LamedModel::load(model_dir.path(), device, Precision::default_for(device))
         .with_context(|| format!("loading {}", a.model.display()))?;
     let mut bar: Option<indicatif::ProgressBar> = None;
     let mut progress = |label: &str, done: usize, all: usize| {

@@ -7,6 +7,7 @@
 pub mod bench;
 pub mod bertscore;
 pub mod job;
+pub mod model_dir;
 pub mod output;
 
 use std::path::Path;

@@ -6,7 +6,7 @@
 
 mod common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use common::{m3d_err, m3d_ok, s, synth_small, workspace_root};
 
@@ -337,12 +337,42 @@ fn eval_bench_covers_every_task_and_two_workers_equal_one() {
         ("AWS_REGION", "us-east-1"),
         ("AWS_ENDPOINT_URL", endpoint.as_str()),
     ];
-    let args = bench_args("2", Path::new("s3://m3d/bench"));
+    // The model from the bucket too, as a run with `output.run` in a store leaves its `final/`.
+    let mut files = 0;
+    for entry in walk(Path::new(&model)) {
+        let key = entry
+            .strip_prefix(&model)
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .to_string();
+        s3.put_object(
+            "m3d",
+            &format!("model/{key}"),
+            &std::fs::read(&entry).unwrap(),
+        );
+        files += 1;
+    }
+    assert!(files >= 3, "{files} files in {model}");
+    let mut args = bench_args("2", Path::new("s3://m3d/bench"));
+    let at = args.iter().position(|a| a == "--model").unwrap() + 1;
+    args[at] = "s3://m3d/model/".into();
     let to_s3 = common::m3d_ok_env(
         &args.iter().map(String::as_str).collect::<Vec<_>>(),
         &s3_env,
     );
-    assert_eq!(to_s3, printed);
+    assert_eq!(to_s3.replace("s3://m3d/model/", &model), printed);
+    // A store folder with no model in it is named.
+    args[at] = "s3://m3d/no-model".into();
+    let o = common::m3d_env(
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+        &s3_env,
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("--model s3://m3d/no-model"),
+        "{err}"
+    );
     let keys = s3.keys("m3d", "bench/");
     for k in [
         "bench/bench.json",
@@ -606,4 +636,18 @@ fn eval_bench_covers_every_task_and_two_workers_equal_one() {
             "{r}"
         );
     }
+}
+
+/// Every file under `dir`, recursively.
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            out.extend(walk(&path));
+        } else {
+            out.push(path);
+        }
+    }
+    out
 }
