@@ -63,6 +63,15 @@ impl ClientError {
         }
     }
 
+    /// Whether the coordinator refused the call because the caller's round is over (a stale generation, or a
+    /// worker the current round does not know): the caller registers again.
+    pub fn round_over(&self) -> bool {
+        matches!(
+            self.code(),
+            Some(tonic::Code::Aborted | tonic::Code::NotFound)
+        )
+    }
+
     /// `s` as this client's error: a status the coordinator sent, or one tonic made up locally for a
     /// connection that broke (those carry the transport error as their source; a received status has none).
     fn from_status(url: &str, s: Status) -> ClientError {

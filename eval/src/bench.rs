@@ -5,7 +5,8 @@
 //! Work is split by rank: the work items in a fixed order (each task's samples: tasks as asked, datasets as
 //! listed, samples in shard order, the `--limit` first of each task; then retrieval, one item), which ranks
 //! lease from the coordinator's work queue a batch at a time, or, without a coordinator, rank `r` of `W` taking
-//! every `W`-th ([`Share`]; ranks and world come from the coordinator, see [`crate::job`]). Each rank writes its per-sample results to `parts/rank-R-of-W.jsonl`; [`merge`] reads every part (refusing a missing one) and
+//! every `W`-th ([`Share`]; ranks and world come from the coordinator, see [`crate::job`]). Each rank writes its
+//! per-sample results to `parts/rank-R-of-W.jsonl`; [`merge`] reads every part (refusing a missing one) and
 //! writes `results.jsonl`, `bench.json` and `bench.md`. A result depends only on its sample, never on the
 //! rank or the batch it ran in (left-padded batches decode as single prompts; the template draw is keyed by
 //! the sample), so 1 and N workers give the same per-sample results.

@@ -7,7 +7,8 @@
 //! [`crate::bench`], then retrieval as one item) as one in-order pass, which the ranks lease from the
 //! coordinator a batch at a time (`LeaseWork`, [`crate::bench::Share::Leased`]): a rank that is faster, started
 //! sooner or drew shorter answers takes more, so no rank idles at the end while another finishes a fixed slice
-//! (answers stop at EOS, so equal item counts are not equal work). The coordinator counts the items from the datasets' manifests alone ([`EvalPlan::of`]); each rank checks
+//! (answers stop at EOS, so equal item counts are not equal work). The coordinator counts the items from the
+//! datasets' manifests alone ([`EvalPlan::of`]); each rank checks
 //! them against its sample tables. Every rank and the coordinator must evaluate the same thing, so the plan
 //! carries the evaluation's settings (datasets, tasks, split, limit, model, decoding and scoring) and a rank whose
 //! own differ refuses, naming the flag and both values.
@@ -285,14 +286,7 @@ pub fn run_rank_of_job(
             }) {
                 Ok(l) => Ok(l.start..l.end),
                 // A round that has ended (a peer failed): this rank registers again.
-                Err(e)
-                    if matches!(
-                        e.code(),
-                        Some(m3d_coordinator::Code::Aborted | m3d_coordinator::Code::NotFound)
-                    ) =>
-                {
-                    Err(EvalError::Interrupted(e.to_string()))
-                }
+                Err(e) if e.round_over() => Err(EvalError::Interrupted(e.to_string())),
                 Err(e) => Err(control(e)),
             }
         };

@@ -882,7 +882,7 @@ fn fresh_deletes_only_the_checkpoints_and_the_job_state() {
         run.join("coordinator").display()
     );
     assert!(out.contains(&want), "{want}\n{out}");
-    let mut left: Vec<String> = walk(&ckpts)
+    let mut left: Vec<String> = common::walk(&ckpts)
         .iter()
         .map(|p| p.strip_prefix(&ckpts).unwrap().display().to_string())
         .collect();
@@ -933,20 +933,6 @@ fn fresh_deletes_only_the_checkpoints_and_the_job_state() {
     let mut want: Vec<String> = strings(&other);
     want.sort();
     assert_eq!(s3.keys("m3d-shared", ""), want);
-}
-
-/// Every file under `dir`, recursively.
-fn walk(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir(dir).unwrap() {
-        let p = e.unwrap().path();
-        if p.is_dir() {
-            out.extend(walk(&p));
-        } else {
-            out.push(p);
-        }
-    }
-    out
 }
 
 /// The run's last step is checkpointed, so `--resume` with a larger `train.max_steps` extends a finished run

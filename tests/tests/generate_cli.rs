@@ -6,7 +6,7 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use common::{m3d_err, m3d_ok, s, synth_small, workspace_root};
 
@@ -339,7 +339,7 @@ fn eval_bench_covers_every_task_and_two_workers_equal_one() {
     ];
     // The model from the bucket too, as a run with `output.run` in a store leaves its `final/`.
     let mut files = 0;
-    for entry in walk(Path::new(&model)) {
+    for entry in common::walk(Path::new(&model)) {
         let key = entry
             .strip_prefix(&model)
             .unwrap()
@@ -636,18 +636,4 @@ fn eval_bench_covers_every_task_and_two_workers_equal_one() {
             "{r}"
         );
     }
-}
-
-/// Every file under `dir`, recursively.
-fn walk(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir(dir).unwrap() {
-        let path = entry.unwrap().path();
-        if path.is_dir() {
-            out.extend(walk(&path));
-        } else {
-            out.push(path);
-        }
-    }
-    out
 }

@@ -253,7 +253,7 @@ impl Coordinated<'_> {
     {
         let client = &self.client;
         patiently(self.rt, &self.worker_id, what, || call(client.clone())).map_err(|e| {
-            if matches!(e.code(), Some(Code::Aborted | Code::NotFound)) {
+            if e.round_over() {
                 TrainError::RoundOver(e.to_string())
             } else {
                 control_err(e)

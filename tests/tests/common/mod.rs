@@ -262,3 +262,17 @@ pub fn listening_address(child: &mut Child) -> String {
         .unwrap_or_else(|| panic!("the coordinator did not start: {line:?}"))
         .to_string()
 }
+
+/// Every file under `dir`, recursively.
+pub fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            out.extend(walk(&path));
+        } else {
+            out.push(path);
+        }
+    }
+    out
+}
