@@ -65,7 +65,8 @@ pub struct CoordinatorArgs {
     /// authentication).
     #[arg(long)]
     token_file: Option<PathBuf>,
-    /// Exit (after a short grace period for the last status queries) once the job has completed or failed.
+    /// Exit once the job has completed or failed: after a short grace period for the last status queries,
+    /// and after a failure once every worker still running has heard it (at most a heartbeat timeout).
     #[arg(long)]
     exit_on_finish: bool,
     /// On SIGTERM, keep serving until the round's workers have gone quiet (they save and commit a checkpoint
@@ -88,10 +89,15 @@ impl Terminated {
 
 /// The exit status for `e`: [`Terminated::EXIT_STATUS`] when it is a [`Terminated`], else 1.
 pub fn exit_status(e: &anyhow::Error) -> std::process::ExitCode {
+    std::process::ExitCode::from(exit_code(e))
+}
+
+/// [`exit_status`] as the number, for a process that ends through `_exit`.
+pub fn exit_code(e: &anyhow::Error) -> u8 {
     if e.downcast_ref::<Terminated>().is_some() {
-        std::process::ExitCode::from(Terminated::EXIT_STATUS)
+        Terminated::EXIT_STATUS
     } else {
-        std::process::ExitCode::FAILURE
+        1
     }
 }
 
@@ -278,7 +284,8 @@ pub struct ServeOptions {
     /// Where the job state lives (path, file://, s3://).
     pub state: String,
     pub token: Option<Token>,
-    /// Exit once the job has completed or failed (after a short grace period for the last status queries).
+    /// Exit once the job has completed or failed (after a short grace period for the last status queries, and
+    /// after a failure once every worker still running has heard it, at most a heartbeat timeout).
     pub exit_on_finish: bool,
     /// On SIGTERM, how long to keep serving while the workers stop.
     pub drain_timeout: Duration,
@@ -312,6 +319,7 @@ pub fn serve_job(
         tracing::info!(%addr, state = %a.state, auth = token.is_some(), "coordinator serving");
         let mut watch = coord.watch();
         let exit_on_finish = a.exit_on_finish;
+        let finish_coord = coord.clone();
         let terminated = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (drain_coord, drain_flag) = (coord.clone(), terminated.clone());
         let shutdown = async move {
@@ -323,6 +331,17 @@ pub fn serve_job(
                     if watch.changed().await.is_err() {
                         return;
                     }
+                }
+                // After a failure, until every rank still working has called and heard it (each calls at
+                // least once per heartbeat interval, well within the timeout), so that none waits on a
+                // coordinator gone away instead; then a grace period for the last status queries.
+                let started = std::time::Instant::now();
+                while !finish_coord.unheard().is_empty() && started.elapsed() < heartbeat_timeout {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                let unheard = finish_coord.unheard();
+                if !unheard.is_empty() {
+                    tracing::warn!(workers = ?unheard, "exiting before these workers heard that the job failed");
                 }
                 tokio::time::sleep(Duration::from_secs(2)).await;
             };

@@ -7,7 +7,7 @@
 //! writes progress to the state store at most once per second; transitions and commits are written before the
 //! call that caused them answers.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
@@ -342,6 +342,10 @@ struct State {
     /// An evaluation round's work queue: items `0..leased` of the pass have been handed out. Not persisted: a
     /// new round (which a restarted coordinator always forms) starts the pass again.
     leased: u64,
+    /// Members of the round a failure ended who have not been told yet (any call of theirs answers "the job
+    /// has ended" and strikes them off). A coordinator that exits once the job is over serves until this is
+    /// empty, so that a rank still working hears the failure rather than a coordinator gone away.
+    unheard: BTreeSet<String>,
 }
 
 impl State {
@@ -371,6 +375,7 @@ impl State {
 
     fn member(&mut self, worker_id: &str, generation: u64) -> Result<u32, CoordError> {
         if self.phase.is_final() {
+            self.unheard.remove(worker_id);
             return Err(CoordError::JobEnded {
                 state: self.phase.name(),
                 reason: self.failure.clone().unwrap_or_default(),
@@ -446,6 +451,7 @@ impl Coordinator {
             version: 0,
             progress_dirty: false,
             leased: 0,
+            unheard: BTreeSet::new(),
         };
         if let Some(store) = &store {
             let state_err = |reason: String| CoordError::State {
@@ -510,6 +516,12 @@ impl Coordinator {
         st.members
             .iter()
             .all(|m| now.saturating_duration_since(m.last_seen) >= quiet)
+    }
+
+    /// The members of the round a failure ended that have not called since (sorted): they are still to hear
+    /// that the job is over. Empty while the job runs and once it completed.
+    pub fn unheard(&self) -> Vec<String> {
+        self.lock().unheard.iter().cloned().collect()
     }
 
     /// The process is stopping: from now on members that go quiet are leaving with it (their round is
@@ -714,8 +726,9 @@ impl Coordinator {
         out
     }
 
-    /// A member failed: a restart round within the budget, else the job fails. Wakes barrier waiters.
-    fn fail_round(&self, st: &mut State, reason: String) {
+    /// A member failed (`culprit`, when one is to blame: it will not be heard from again): a restart round
+    /// within the budget, else the job fails. Wakes barrier waiters.
+    fn fail_round(&self, st: &mut State, reason: String, culprit: &str) {
         if let Some(b) = st.barrier.take() {
             for w in b.waiters {
                 let _ = w.send(Err(CoordError::RoundAborted {
@@ -724,6 +737,12 @@ impl Coordinator {
                 }));
             }
         }
+        let told: BTreeSet<String> = st
+            .peers
+            .iter()
+            .map(|p| p.worker_id.clone())
+            .filter(|w| w != culprit)
+            .collect();
         st.index.clear();
         st.members.clear();
         st.peers = Arc::new(Vec::new());
@@ -741,6 +760,7 @@ impl Coordinator {
                 self.inner.cfg.max_restarts
             ));
             st.transition(JobPhase::Failed);
+            st.unheard = told;
             for (_, w) in std::mem::take(&mut st.waiting) {
                 let _ = w.reply.send(Err(CoordError::JobEnded {
                     state: "failed",
@@ -785,7 +805,7 @@ impl Coordinator {
                         "worker `{who}` (rank {rank}) sent no heartbeat for {:?} in round {}",
                         timeout, st.generation
                     );
-                    self.fail_round(&mut st, reason);
+                    self.fail_round(&mut st, reason, &who);
                 }
             }
             let replies = self.try_form(&mut st, now);
@@ -960,7 +980,8 @@ impl ControlPlane for Coordinator {
                         "worker `{}` registered again during round {}",
                         worker.worker_id, st.generation
                     );
-                    self.fail_round(&mut st, reason);
+                    // Its answer says the job ended, if it did: it has heard.
+                    self.fail_round(&mut st, reason, &worker.worker_id);
                     Self::check_ended(&st)?;
                 } else {
                     return Err(CoordError::NotAccepting {

@@ -712,10 +712,63 @@ async fn the_job_completes_when_every_rank_reports_the_last_step() {
     let s = c.status().await.expect("status");
     assert_eq!(s.phase, JobPhase::Completed);
     assert_eq!(s.step, total);
+    assert!(
+        server.coord.unheard().is_empty(),
+        "a completed job has no one left to tell"
+    );
     assert_eq!(
         c.heartbeat("a", 0).await.expect("hb").action,
         WorkerAction::Stop
     );
+    server.shutdown().await;
+}
+
+/// A job that fails keeps the list of the round's members that have not heard it yet (what `--exit-on-finish`
+/// serves for): the silent member blamed is not on it, a survivor leaves it with its next call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_job_lists_the_members_that_have_not_heard_until_they_call() {
+    let hb = Duration::from_millis(800);
+    let server = Server::start(cfg(3, 3, Duration::from_secs(600), hb, 0), None, None).await;
+    register_all(
+        &server.url,
+        vec![worker("a", "h"), worker("b", "h"), worker("c", "h")],
+    )
+    .await;
+    assert!(server.coord.unheard().is_empty(), "the job runs");
+    // `a` keeps beating; `b` (rank 1) and `c` (rank 2) fall silent together, so `b` is the one blamed.
+    let mut beats = spawn_heartbeats(
+        server.client().await,
+        "a".into(),
+        0,
+        Duration::from_millis(100),
+    );
+    let mut c = server.client().await;
+    let s = wait_for(&mut c, "the job to fail", |s| s.phase == JobPhase::Failed).await;
+    assert!(
+        s.failure
+            .clone()
+            .unwrap_or_default()
+            .contains("`b` (rank 1)"),
+        "{:?}",
+        s.failure
+    );
+    let told = tokio::time::timeout(
+        GUARD,
+        beats.actions.wait_for(|a| *a != WorkerAction::Continue),
+    )
+    .await
+    .expect("heartbeats hang")
+    .map(|a| *a)
+    .expect("heartbeat task");
+    assert_eq!(told, WorkerAction::Stop);
+    assert_eq!(server.coord.unheard(), vec!["c".to_string()]);
+    // A lease (or any call of the round) tells it just as a heartbeat does.
+    let err = c
+        .data_plan("c", 0, 0, 1)
+        .await
+        .expect_err("the job is over");
+    assert_eq!(err.code(), Some(tonic::Code::FailedPrecondition), "{err}");
+    assert!(server.coord.unheard().is_empty());
     server.shutdown().await;
 }
 

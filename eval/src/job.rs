@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use m3d_coordinator::client::{spawn_heartbeats, Client};
-use m3d_coordinator::{JobPhase, PlanSpec, Progress, Token, WorkerAction, WorkerInfo};
+use m3d_coordinator::{JobPhase, JobStatus, PlanSpec, Progress, Token, WorkerAction, WorkerInfo};
 use m3d_infer::LamedModel;
 use m3d_instruct::bench::BenchTask;
 use m3d_shards::Task;
@@ -273,12 +273,34 @@ pub fn run_rank_of_job(
             )
         };
         let round_over = || *heartbeats.actions.borrow() != WorkerAction::Continue;
+        // A heartbeat answered "stop": the job ended (a peer failed beyond the restart budget). Its status is
+        // fetched at once, while the coordinator still serves (it waits for every rank to have heard, then
+        // a short grace), not at this rank's next batch boundary, which may come after it has exited.
+        let ended_status = std::sync::Arc::new(std::sync::Mutex::new(None::<JobStatus>));
+        let watcher = {
+            let mut actions = heartbeats.actions.clone();
+            let (mut c, slot) = (client.clone(), ended_status.clone());
+            rt.spawn(async move {
+                if actions.wait_for(|a| *a == WorkerAction::Stop).await.is_ok() {
+                    if let Ok(s) = c.status().await {
+                        if let Ok(mut slot) = slot.lock() {
+                            *slot = Some(s);
+                        }
+                    }
+                }
+            })
+        };
         let mut o = opts.clone();
         o.rank = a.rank as usize;
         o.world = a.world_size as usize;
         o.planned_items = Some(a.plan.samples);
         let generation = a.generation;
         let mut lease = |max: usize| {
+            if round_over() {
+                return Err(EvalError::Interrupted(format!(
+                    "round {generation} ended by the coordinator"
+                )));
+            }
             let max = u32::try_from(max).unwrap_or(u32::MAX);
             match patiently(&rt, id, "lease work", || {
                 let mut c = client.clone();
@@ -310,12 +332,28 @@ pub fn run_rank_of_job(
         );
         match done {
             Ok(_) => {}
+            Err(EvalError::Interrupted(_))
+                if *heartbeats.actions.borrow() == WorkerAction::Stop =>
+            {
+                watcher.abort();
+                let status = ended_status.lock().ok().and_then(|mut s| s.take());
+                return Err(EvalError::Control(match status {
+                    Some(s) => format!(
+                        "the evaluation job at {url} {}: {}",
+                        s.phase,
+                        s.failure.unwrap_or_default()
+                    ),
+                    None => format!("the evaluation job at {url} has ended without this rank"),
+                }));
+            }
             Err(EvalError::Interrupted(why)) => {
+                watcher.abort();
                 tracing::info!(worker = id, reason = %why, "registering again");
                 continue;
             }
             Err(e) => return Err(e),
         }
+        watcher.abort();
         // In the store before the slice counts as done: a completed job has every part.
         out.upload_all()?;
         patiently(&rt, id, "report", || {

@@ -541,6 +541,53 @@ fn eval_bench_covers_every_task_and_two_workers_equal_one() {
         !six.join("parts/rank-0-of-1.jsonl").exists(),
         "no restart round"
     );
+    // A job that fails (no restart budget) while a rank is busy: the coordinator serves until that rank has
+    // heard, so the rank ends at once with the failure, not a minute later with "stopped answering". The
+    // heartbeat interval (a third of 9 s) is longer than the coordinator's 2 s grace, and the survivor is
+    // busy (stalled after each batch) for 20 s, so it hears while busy, after that grace.
+    let seven = dir.path().join("seven");
+    let (mut coordinator, url) = serve(
+        "2",
+        &seven,
+        &["--restarts", "0", "--heartbeat-timeout", "9s"],
+    );
+    let busy = rank(
+        "2",
+        &seven,
+        &url,
+        "pod-a",
+        &[],
+        &[token[0], ("M3D_FAILPOINTS", "eval-batch=20000")],
+    );
+    let mut lost = rank(
+        "2",
+        &seven,
+        &url,
+        "pod-b",
+        &[],
+        &[token[0], ("M3D_FAILPOINTS", "eval-batch=60000")],
+    );
+    common::wait_for(
+        "both ranks' slices",
+        std::time::Duration::from_secs(120),
+        || {
+            (0..2).all(|r| {
+                seven
+                    .join(format!("parts/rank-{r}-of-2.jsonl.tmp"))
+                    .is_file()
+            })
+        },
+    );
+    lost.kill().unwrap();
+    lost.wait().unwrap();
+    let o = busy.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("failed") && err.contains("`pod-b`") && !err.contains("stopped answering"),
+        "{err}"
+    );
+    coordinator.wait().unwrap();
     // Retrieval without a CLIP to score, and a CLIP exported as a released LaMed: both refused, saying why.
     let err = m3d_err(&[
         "eval",
