@@ -151,7 +151,7 @@ pub struct RenderEvalArgs {
     name: String,
     #[arg(long, default_value = "default")]
     namespace: String,
-    /// Rank pods (each answers every N-th work item).
+    /// Rank pods (each takes work items from the coordinator's queue, a batch at a time).
     #[arg(long)]
     ranks: u32,
     /// GPUs per rank pod (`nvidia.com/gpu`); 0 on CPU.
@@ -176,6 +176,10 @@ pub struct RenderEvalArgs {
     /// Restart rounds over the surviving ranks after a rank fails.
     #[arg(long, default_value_t = 0)]
     restarts: u32,
+    /// A JobSet, or (clusters without the JobSet controller) the coordinator's Job and Service and an Indexed
+    /// Job of ranks.
+    #[arg(long, value_enum, default_value_t = FlavorArg::Jobset)]
+    flavor: FlavorArg,
     #[arg(short = 'o', long)]
     out: Option<PathBuf>,
     /// The `m3d eval bench` arguments every pod shares, after `--`: e.g. `-- --model /models/lamed --data
@@ -216,6 +220,7 @@ fn render_eval(a: RenderEvalArgs) -> Result<()> {
         priority_class: a.priority_class,
         queue: a.queue,
         restarts: a.restarts,
+        flavor: a.flavor.flavor(),
     };
     let objects = m3d_k8s::render_eval(&job)?;
     emit(&objects, a.out.as_deref())

@@ -105,6 +105,18 @@ async fn wait_for(client: &mut Client, what: &str, pred: impl Fn(&JobStatus) -> 
     found.unwrap_or_else(|_| panic!("gave up waiting for {what}"))
 }
 
+/// What `beats` were told once the coordinator stopped answering "continue".
+async fn told_by(beats: &mut m3d_coordinator::client::Heartbeats) -> WorkerAction {
+    tokio::time::timeout(
+        GUARD,
+        beats.actions.wait_for(|a| *a != WorkerAction::Continue),
+    )
+    .await
+    .expect("heartbeats hang")
+    .map(|a| *a)
+    .expect("heartbeat task")
+}
+
 async fn register_all(url: &str, workers: Vec<WorkerInfo>) -> Vec<(WorkerInfo, Assignment)> {
     let mut tasks = Vec::new();
     for w in workers {
@@ -264,14 +276,7 @@ async fn silent_worker_triggers_a_restart_round_then_the_budget_fails_the_job() 
         "failure names the silent worker: {failure}"
     );
     // The surviving worker is told to re-register; its old round's requests are refused.
-    let told = tokio::time::timeout(
-        GUARD,
-        beats.actions.wait_for(|a| *a != WorkerAction::Continue),
-    )
-    .await
-    .expect("heartbeats hang")
-    .map(|a| *a)
-    .expect("heartbeat task");
+    let told = told_by(&mut beats).await;
     assert_eq!(told, WorkerAction::Reregister);
     let h = c.heartbeat("a", 0).await.expect("heartbeat");
     assert_eq!((h.action, h.generation), (WorkerAction::Reregister, 1));
@@ -286,14 +291,7 @@ async fn silent_worker_triggers_a_restart_round_then_the_budget_fails_the_job() 
     let s = wait_for(&mut c, "the job to fail", |s| s.phase == JobPhase::Failed).await;
     assert_eq!(s.restarts, 1);
     assert!(s.failure.unwrap_or_default().contains("restart budget"));
-    let told = tokio::time::timeout(
-        GUARD,
-        beats.actions.wait_for(|a| *a != WorkerAction::Continue),
-    )
-    .await
-    .expect("heartbeats hang")
-    .map(|a| *a)
-    .expect("heartbeat task");
+    let told = told_by(&mut beats).await;
     assert_eq!(told, WorkerAction::Stop);
     let err = c.register(&worker("z", "h")).await.expect_err("job over");
     assert_eq!(err.code(), Some(tonic::Code::FailedPrecondition));
@@ -752,14 +750,7 @@ async fn a_failed_job_lists_the_members_that_have_not_heard_until_they_call() {
         "{:?}",
         s.failure
     );
-    let told = tokio::time::timeout(
-        GUARD,
-        beats.actions.wait_for(|a| *a != WorkerAction::Continue),
-    )
-    .await
-    .expect("heartbeats hang")
-    .map(|a| *a)
-    .expect("heartbeat task");
+    let told = told_by(&mut beats).await;
     assert_eq!(told, WorkerAction::Stop);
     assert_eq!(server.coord.unheard(), vec!["c".to_string()]);
     // A lease (or any call of the round) tells it just as a heartbeat does.

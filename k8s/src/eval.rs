@@ -1,9 +1,11 @@
-//! M3D-Bench across pods (`m3d k8s render-eval`): a JobSet with one coordinator pod (`m3d eval bench ...
-//! --serve`) and N rank pods (`m3d eval bench ... --coordinator`), all running the same `m3d eval bench`
-//! arguments, writing one object-store folder (`-o s3://...`); the JobSet succeeds when every rank has. The
-//! model folder (and any local input) comes from read-only PersistentVolumeClaims.
+//! M3D-Bench across pods (`m3d k8s render-eval`): one coordinator pod (`m3d eval bench ... --serve`) and N rank
+//! pods (`m3d eval bench ... --coordinator`), all running the same `m3d eval bench` arguments, writing one
+//! object-store folder (`-o s3://...`). As a JobSet (the default), which succeeds when every rank has; or, for
+//! clusters without the JobSet controller, two Jobs and a Service: the coordinator's Job behind
+//! `<name>-coordinator`, and an Indexed Job of ranks, which completes when every rank has. The model folder (and
+//! any local input) comes from read-only PersistentVolumeClaims or a store (`--model s3://...`).
 
-use k8s_openapi::api::batch::v1::JobSpec;
+use k8s_openapi::api::batch::v1::{Job, JobSpec};
 use k8s_openapi::api::core::v1::{Container, ContainerPort, GRPCAction, PodSpec, Probe};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use kcr_jobset_x_k8s_io::v1alpha2::jobsets as js;
@@ -37,6 +39,7 @@ pub struct EvalJob {
     pub queue: Option<String>,
     /// Restart rounds the coordinator forms over surviving ranks (`--restarts`) before the job fails.
     pub restarts: u32,
+    pub flavor: Flavor,
 }
 
 fn secret_name(job: &EvalJob) -> String {
@@ -163,7 +166,7 @@ pub fn render_eval(job: &EvalJob) -> Result<Vec<Object>, K8sError> {
         "--coordinator".to_string(),
         format!(
             "http://{}:{COORDINATOR_PORT}",
-            coordinator_host(&job.name, Flavor::JobSet)
+            coordinator_host(&job.name, job.flavor)
         ),
         "--worker-id".to_string(),
         "rank-$(JOB_COMPLETION_INDEX)".to_string(),
@@ -195,6 +198,68 @@ pub fn render_eval(job: &EvalJob) -> Result<Vec<Object>, K8sError> {
         ),
         ..Default::default()
     };
+    let mut objects = Vec::new();
+    if job.token_secret.is_none() {
+        objects.push(Object::of(&pod::token_secret(
+            &job.name,
+            &job.namespace,
+            &secret_name(job),
+            &job.token,
+        ))?);
+    }
+    match job.flavor {
+        Flavor::JobSet => objects.push(Object::of(&jobset(job, coordinator, ranks)?)?),
+        Flavor::IndexedJob => objects.extend(indexed_jobs(job, coordinator, ranks)?),
+    }
+    Ok(objects)
+}
+
+/// Two Jobs and the coordinator's Service, for clusters without the JobSet controller.
+fn indexed_jobs(
+    job: &EvalJob,
+    mut coordinator: JobSpec,
+    mut ranks: JobSpec,
+) -> Result<Vec<Object>, K8sError> {
+    // A coordinator pod lost is replaced, and continues from its state in the output folder (a new round
+    // over the ranks that register again). A rank pod lost to a disruption is replaced without counting
+    // against the backoff limit; a rank that fails counts, and the coordinator's restart budget decides.
+    coordinator.backoff_limit = Some(3);
+    coordinator.pod_failure_policy = Some(pod::on_disruption("Ignore"));
+    ranks.backoff_limit = Some(job.restarts as i32);
+    ranks.pod_failure_policy = Some(pod::on_disruption("Ignore"));
+    let mut ranks_meta = meta(
+        &format!("{}-ranks", job.name),
+        &job.namespace,
+        labels(&job.name, Some("ranks")),
+    );
+    if job.queue.is_some() {
+        // Kueue admits the ranks as one workload; the small coordinator is not queued (as in training).
+        ranks_meta = pod::queued(ranks_meta, job.queue.as_ref());
+        ranks.suspend = Some(true);
+    }
+    let coordinator = Job {
+        metadata: meta(
+            &format!("{}-coordinator", job.name),
+            &job.namespace,
+            labels(&job.name, Some("coordinator")),
+        ),
+        spec: Some(coordinator),
+        ..Default::default()
+    };
+    let ranks = Job {
+        metadata: ranks_meta,
+        spec: Some(ranks),
+        ..Default::default()
+    };
+    Ok(vec![
+        Object::of(&pod::coordinator_service(&job.name, &job.namespace))?,
+        Object::of(&coordinator)?,
+        Object::of(&ranks)?,
+    ])
+}
+
+/// One JobSet: the coordinator and the ranks as its replicated Jobs.
+fn jobset(job: &EvalJob, coordinator: JobSpec, ranks: JobSpec) -> Result<js::JobSet, K8sError> {
     let coordinator: js::JobSetReplicatedJobsTemplateSpec =
         convert("coordinator Job spec", &coordinator)?;
     let ranks: js::JobSetReplicatedJobsTemplateSpec = convert("ranks Job spec", &ranks)?;
@@ -236,15 +301,5 @@ pub fn render_eval(job: &EvalJob) -> Result<Vec<Object>, K8sError> {
     };
     let mut set = js::JobSet::new(&job.name, spec);
     set.metadata = md;
-    let mut objects = Vec::new();
-    if job.token_secret.is_none() {
-        objects.push(Object::of(&pod::token_secret(
-            &job.name,
-            &job.namespace,
-            &secret_name(job),
-            &job.token,
-        ))?);
-    }
-    objects.push(Object::of(&set)?);
-    Ok(objects)
+    Ok(set)
 }

@@ -11,12 +11,13 @@ use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMapVolumeSource, Container, EmptyDirVolumeSource, EnvFromSource, EnvVar,
     EnvVarSource, ObjectFieldSelector, PersistentVolumeClaimVolumeSource, PodSecurityContext,
     PodSpec, PodTemplateSpec, ResourceRequirements, SeccompProfile, Secret, SecretEnvSource,
-    SecretKeySelector, SecurityContext, Volume, VolumeMount,
+    SecretKeySelector, SecurityContext, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-use crate::{RECIPE_DIR, RUN_AS, TOKEN_KEY};
+use crate::{COORDINATOR_PORT, RECIPE_DIR, RUN_AS, TOKEN_KEY};
 
 /// The label every object of one job carries (selectors, `kubectl delete -l`).
 pub(crate) const JOB_LABEL: &str = "m3d.dev/job";
@@ -305,6 +306,26 @@ pub(crate) fn pod_spec(
         termination_grace_period_seconds: grace_period_s,
         security_context: Some(pod_security()),
         priority_class_name: priority_class.cloned(),
+        ..Default::default()
+    }
+}
+
+/// The Service `<job>-coordinator` in front of the coordinator pod's `grpc` port: how pods find the coordinator
+/// when no JobSet gives it a stable DNS name (the indexed-job flavors).
+pub(crate) fn coordinator_service(job: &str, namespace: &str) -> Service {
+    let role = labels(job, Some("coordinator"));
+    Service {
+        metadata: meta(&format!("{job}-coordinator"), namespace, role.clone()),
+        spec: Some(ServiceSpec {
+            selector: Some(role),
+            ports: Some(vec![ServicePort {
+                name: Some("grpc".to_string()),
+                port: i32::from(COORDINATOR_PORT),
+                target_port: Some(IntOrString::String("grpc".to_string())),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        }),
         ..Default::default()
     }
 }

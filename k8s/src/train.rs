@@ -8,11 +8,10 @@ use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy}
 use k8s_openapi::api::batch::v1::{Job, JobSpec};
 use k8s_openapi::api::core::v1::{
     ConfigMap, Container, ContainerPort, GRPCAction, PodSpec, PodTemplateSpec, Probe, Secret,
-    Service, ServicePort, ServiceSpec,
+    Service, ServiceSpec,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
-use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kcr_jobset_x_k8s_io::v1alpha2::jobsets as js;
 use m3d_recipes::{DeviceKind, Recipe};
 use sha2::{Digest, Sha256};
@@ -426,24 +425,7 @@ fn jobset(job: &TrainJob, cm: &str) -> Result<js::JobSet, K8sError> {
 fn indexed_flavor(job: &TrainJob, cm: &str) -> Result<Vec<Object>, K8sError> {
     let coord_labels = labels(&job.name, Some("coordinator"));
     let workers_labels = labels(&job.name, Some("workers"));
-    let coord_svc = Service {
-        metadata: meta(
-            &format!("{}-coordinator", job.name),
-            &job.namespace,
-            coord_labels.clone(),
-        ),
-        spec: Some(ServiceSpec {
-            selector: Some(coord_labels.clone()),
-            ports: Some(vec![ServicePort {
-                name: Some("grpc".to_string()),
-                port: i32::from(COORDINATOR_PORT),
-                target_port: Some(IntOrString::String("grpc".to_string())),
-                ..Default::default()
-            }]),
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
+    let coord_svc = pod::coordinator_service(&job.name, &job.namespace);
     let mut coord_pod = coordinator_pod(job, cm);
     // A Deployment's pods restart in place: the coordinator continues from its state in the store.
     coord_pod.restart_policy = Some("Always".to_string());

@@ -51,6 +51,11 @@ fn render(dir: &Path, extra: &[&str]) -> Vec<PathBuf> {
     args.extend(S3_SETS);
     args.extend(extra);
     m3d_ok(&args);
+    listed(dir)
+}
+
+/// The files under `dir`, sorted (the render order).
+fn listed(dir: &Path) -> Vec<PathBuf> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
         .unwrap()
         .map(|e| e.unwrap().path())
@@ -261,10 +266,7 @@ fn the_indexed_job_flavour_and_render_prep_pass_the_schemas() {
             "--out",
             "s3://m3d/shards/cap",
         ]);
-        let files: Vec<PathBuf> = std::fs::read_dir(out.path())
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .collect();
+        let files = listed(out.path());
         let refs: Vec<&Path> = files.iter().map(PathBuf::as_path).collect();
         let (ok, report) = validate(&refs);
         assert!(ok, "{flavor}: {report}");
@@ -386,10 +388,7 @@ fn render_eval_passes_the_schemas_and_refuses_what_cannot_run_across_pods() {
     };
     let args = eval(&["-o", &o], &["-o", "s3://m3d/bench"]);
     m3d_ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
-    let files: Vec<PathBuf> = std::fs::read_dir(out.path())
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .collect();
+    let files = listed(out.path());
     let refs: Vec<&Path> = files.iter().map(PathBuf::as_path).collect();
     let (ok, report) = validate(&refs);
     assert!(ok, "{report}");
@@ -433,4 +432,71 @@ fn render_eval_passes_the_schemas_and_refuses_what_cannot_run_across_pods() {
             .collect::<Vec<_>>(),
     );
     assert!(err.contains("--workers is set per pod"), "{err}");
+
+    // Without the JobSet controller: the coordinator's Job behind a Service, and an Indexed Job of ranks that
+    // dial that Service; queued through Kueue as the ranks' Job.
+    let plain = tempfile::tempdir().unwrap();
+    let p = plain.path().display().to_string();
+    let args = eval(
+        &["-o", &p, "--flavor", "indexed-job", "--queue", "gpus"],
+        &["-o", "s3://m3d/bench"],
+    );
+    m3d_ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let files = listed(plain.path());
+    let refs: Vec<&Path> = files.iter().map(PathBuf::as_path).collect();
+    let (ok, report) = validate(&refs);
+    assert!(ok, "{report}");
+    let mut kinds: Vec<String> = files
+        .iter()
+        .map(|f| yaml(f)["kind"].as_str().unwrap().to_string())
+        .collect();
+    kinds.sort();
+    assert_eq!(kinds, ["Job", "Job", "Secret", "Service"]);
+    let svc = yaml(find(&files, "service"));
+    let named = |suffix: &str| {
+        let f = files.iter().find(|f| f.to_string_lossy().ends_with(suffix));
+        yaml(f.unwrap_or_else(|| panic!("no {suffix} among {files:?}")))
+    };
+    let coordinator = named("-job-bench-coordinator.yaml");
+    let ranks = named("-job-bench-ranks.yaml");
+    let pod_of = |j: &serde_json::Value| j["spec"]["template"].clone();
+    // The Service selects the coordinator's pod, and forwards to its named gRPC port.
+    let selector = svc["spec"]["selector"].as_object().unwrap();
+    for (k, v) in selector {
+        assert_eq!(&pod_of(&coordinator)["metadata"]["labels"][k], v, "{k}");
+    }
+    assert_ne!(
+        pod_of(&ranks)["metadata"]["labels"]["m3d.dev/role"],
+        selector["m3d.dev/role"]
+    );
+    assert_eq!(svc["spec"]["ports"][0]["targetPort"], "grpc");
+    assert_eq!(
+        pod_of(&coordinator)["spec"]["containers"][0]["ports"][0]["name"],
+        "grpc"
+    );
+    let args_of = |j: &serde_json::Value| -> Vec<String> {
+        pod_of(j)["spec"]["containers"][0]["args"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap().to_string())
+            .collect()
+    };
+    let (serve, rank) = (args_of(&coordinator), args_of(&ranks));
+    assert_eq!(serve[..12], rank[..12], "{serve:?} {rank:?}");
+    assert!(serve.windows(2).any(|w| w == ["--serve", "0.0.0.0:7070"]));
+    assert!(rank
+        .windows(2)
+        .any(|w| w == ["--coordinator", "http://bench-coordinator:7070"]));
+    assert_eq!(ranks["spec"]["completionMode"], "Indexed");
+    assert_eq!(ranks["spec"]["completions"], 3);
+    assert_eq!(ranks["spec"]["backoffLimit"], 1, "the --restarts budget");
+    assert_eq!(ranks["spec"]["suspend"], true);
+    assert_eq!(
+        ranks["metadata"]["labels"]["kueue.x-k8s.io/queue-name"],
+        "gpus"
+    );
+    assert!(coordinator["metadata"]["labels"]
+        .get("kueue.x-k8s.io/queue-name")
+        .is_none());
 }
