@@ -15,7 +15,9 @@ use m3d_volume::augment::{AugmentConfig, AugmentParams};
 use rand::SeedableRng;
 
 // Decoding allocates a few MiB per volume; glibc hands such blocks back to the kernel on free, so every volume
-// paid page faults again (measured: half the reader's time). mimalloc keeps them; the `m3d` binary does the same.
+// paid page faults again (measured: half the reader's time). mimalloc keeps them, as in the `m3d` binary; run it
+// with that binary's purge delay (`MIMALLOC_PURGE_DELAY=1000`, as bench/data_prep.py does), or mimalloc's 10 ms
+// default hands them back between volumes all the same.
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

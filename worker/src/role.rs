@@ -416,12 +416,16 @@ pub fn run_worker(recipe: &Recipe, opts: &WorkerOptions) -> Result<WorkerExit, R
             source,
         })?;
     let data = TrainData::open(recipe).map_err(TrainError::from)?;
-    let scratch = std::env::temp_dir().join(format!(
-        "m3d-worker-{}-{}",
-        opts.worker_id,
-        std::process::id()
-    ));
-    let tokenizer = resolve_tokenizer(recipe, &data, &scratch).map_err(TrainError::from)?;
+    // The tokenizer's file (a vocabulary built here, or one copied from a checkpoint) is copied into every
+    // checkpoint and `final/`: the folder lives as long as the worker, and is removed when it returns.
+    let scratch = tempfile::Builder::new()
+        .prefix("m3d-worker-")
+        .tempdir()
+        .map_err(|source| RoleError::Io {
+            what: "creating a scratch folder for the tokenizer".into(),
+            source,
+        })?;
+    let tokenizer = resolve_tokenizer(recipe, &data, scratch.path()).map_err(TrainError::from)?;
     if let Some(after_open) = opts.after_open {
         after_open();
     }
