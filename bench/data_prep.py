@@ -87,6 +87,8 @@ def main():
     ap.add_argument("--cases", type=int, default=12)
     ap.add_argument("--slice-size", default="512x512")
     ap.add_argument("--rss-cases", type=int, default=4)
+    ap.add_argument("--read-passes", type=int, default=10,
+                    help="passes over the volumes in the warm reader comparison (each side; ~20 volumes a pass)")
     ap.add_argument("--resize-mode", choices=["trilinear", "area"], default="trilinear",
                     help="Cap resize on both sides: the current reference script's (trilinear, MONAI mode "
                          "'bilinear') or its first release's (area)")
@@ -149,7 +151,7 @@ def main():
 
     # 3. reader throughput, one core each: decode + augment to f32.
     train_tf = reference_train_transform(42)
-    passes = 3
+    passes = args.read_passes
     t = time.perf_counter()
     for _ in range(passes):
         for image, _ in series:
