@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use m3d_coordinator::client::{spawn_heartbeats, Client};
-use m3d_coordinator::{JobPhase, JobStatus, PlanSpec, Progress, Token, WorkerAction, WorkerInfo};
+use m3d_coordinator::{JobPhase, PlanSpec, Progress, Token, WorkerAction, WorkerInfo};
 use m3d_infer::LamedModel;
 use m3d_instruct::bench::BenchTask;
 use m3d_shards::Task;
@@ -276,18 +276,12 @@ pub fn run_rank_of_job(
         // A heartbeat answered "stop": the job ended (a peer failed beyond the restart budget). Its status is
         // fetched at once, while the coordinator still serves (it waits for every rank to have heard, then
         // a short grace), not at this rank's next batch boundary, which may come after it has exited.
-        let ended_status = std::sync::Arc::new(std::sync::Mutex::new(None::<JobStatus>));
         let watcher = {
             let mut actions = heartbeats.actions.clone();
-            let (mut c, slot) = (client.clone(), ended_status.clone());
+            let mut c = client.clone();
             rt.spawn(async move {
-                if actions.wait_for(|a| *a == WorkerAction::Stop).await.is_ok() {
-                    if let Ok(s) = c.status().await {
-                        if let Ok(mut slot) = slot.lock() {
-                            *slot = Some(s);
-                        }
-                    }
-                }
+                actions.wait_for(|a| *a == WorkerAction::Stop).await.ok()?;
+                c.status().await.ok()
             })
         };
         let mut o = opts.clone();
@@ -335,8 +329,12 @@ pub fn run_rank_of_job(
             Err(EvalError::Interrupted(_))
                 if *heartbeats.actions.borrow() == WorkerAction::Stop =>
             {
-                watcher.abort();
-                let status = ended_status.lock().ok().and_then(|mut s| s.take());
+                // The fetch started when the heartbeat heard "stop"; it may still be on its way.
+                let status = rt
+                    .block_on(async { tokio::time::timeout(Duration::from_secs(5), watcher).await })
+                    .ok()
+                    .and_then(Result::ok)
+                    .flatten();
                 return Err(EvalError::Control(match status {
                     Some(s) => format!(
                         "the evaluation job at {url} {}: {}",

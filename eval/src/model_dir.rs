@@ -1,12 +1,12 @@
 //! `--model` as a store URL (`s3://bucket/run/final`, `file:///...`) as well as a local folder: a run whose
 //! `output.run` is in a store leaves its `final/` there. A model loads from files (the weights memory-mapped,
-//! the tokenizer and configs read by path), so a store folder is first copied into a temporary local folder,
-//! which lives as long as the [`ModelDir`].
+//! the tokenizer and configs read by path), so a remote store folder is first copied into a temporary local
+//! folder, which lives as long as the [`ModelDir`]; a `file://` one is used in place.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use m3d_store::Store;
+use m3d_store::{Store, StoreKind};
 
 use crate::EvalError;
 
@@ -35,6 +35,12 @@ impl ModelDir {
         let objects = store.list("").map_err(|e| err(&e))?;
         if objects.is_empty() {
             return Err(err(&"no model there (the folder is empty or missing)"));
+        }
+        if let StoreKind::Local(root) = store.kind() {
+            return Ok(ModelDir {
+                path: root.clone(),
+                _copy: None,
+            });
         }
         let copy = tempfile::Builder::new()
             .prefix("m3d-model-")

@@ -227,16 +227,16 @@ fn indexed_jobs(
     coordinator.pod_failure_policy = Some(pod::on_disruption("Ignore"));
     ranks.backoff_limit = Some(job.restarts as i32);
     ranks.pod_failure_policy = Some(pod::on_disruption("Ignore"));
-    let mut ranks_meta = meta(
-        &format!("{}-ranks", job.name),
-        &job.namespace,
-        labels(&job.name, Some("ranks")),
+    // Kueue admits the ranks as one workload; the small coordinator is not queued (as in training).
+    let ranks_meta = pod::queued(
+        meta(
+            &format!("{}-ranks", job.name),
+            &job.namespace,
+            labels(&job.name, Some("ranks")),
+        ),
+        job.queue.as_ref(),
     );
-    if job.queue.is_some() {
-        // Kueue admits the ranks as one workload; the small coordinator is not queued (as in training).
-        ranks_meta = pod::queued(ranks_meta, job.queue.as_ref());
-        ranks.suspend = Some(true);
-    }
+    ranks.suspend = job.queue.as_ref().map(|_| true);
     let coordinator = Job {
         metadata: meta(
             &format!("{}-coordinator", job.name),

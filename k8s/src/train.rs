@@ -473,19 +473,16 @@ fn indexed_flavor(job: &TrainJob, cm: &str) -> Result<Vec<Object>, K8sError> {
         job.max_restarts as i32,
     );
     spec.pod_failure_policy = Some(pod::on_disruption("Ignore"));
-    let mut md = meta(
-        &format!("{}-workers", job.name),
-        &job.namespace,
-        labels(&job.name, Some("workers")),
-    );
-    if let Some(q) = &job.queue {
-        md.labels
-            .get_or_insert_with(BTreeMap::new)
-            .insert("kueue.x-k8s.io/queue-name".to_string(), q.clone());
-        spec.suspend = Some(true);
-    }
+    spec.suspend = job.queue.as_ref().map(|_| true);
     let workers = Job {
-        metadata: md,
+        metadata: pod::queued(
+            meta(
+                &format!("{}-workers", job.name),
+                &job.namespace,
+                labels(&job.name, Some("workers")),
+            ),
+            job.queue.as_ref(),
+        ),
         spec: Some(spec),
         ..Default::default()
     };
