@@ -1,16 +1,17 @@
 """Data-prep benchmarks, m3d against the reference way, side by side in one run (see docs/benchmarks.md).
 
-1. Conversion throughput per core: `m3d data-prep cap --threads 1` against the reference pipeline in Python
+1. Conversion throughput per core: `m3d-data-prep cap --threads 1` (the binary that runs `m3d data-prep`, without
+   libtorch) against the reference pipeline in Python
    (PIL + numpy + MONAI, the steps of m3d_cap_data_prepare.py, one process) on the same raw series, including
    writing the outputs (shards vs .npy files); 1b. decoding alone over the same slices (Pillow vs ours), as a
    share of each side's conversion time.
 2. Bytes per volume: shard bytes / volumes against the reference .npy (float32 1x32x256x256 + header).
 3. Reader throughput per core: volumes/s decoded + augmented to f32 (`shards/examples/read_bench.rs`) against
    np.load of the reference .npy + the reference MONAI train transform, one thread each.
-4. Peak RSS of `m3d data-prep cap` converting N and 10 N volumes.
+4. Peak RSS of `m3d-data-prep cap` converting N and 10 N volumes.
 
 Usage: python bench/data_prep.py [--work DIR] [--cases N] [--slice-size 512x512]
-Needs the m3d binary and the read_bench and decode_bench examples (scripts/setup.sh builds them) and the .venv.
+Needs the m3d and m3d-data-prep binaries and the read_bench and decode_bench examples (scripts/setup.sh builds them) and the .venv.
 """
 import argparse
 import json
@@ -55,6 +56,11 @@ def target_dir():
 
 def m3d_bin():
     return os.environ.get("M3D_BIN", os.path.join(target_dir(), "release", "m3d"))
+
+
+def prep_bin():
+    """`m3d-data-prep`, the binary a conversion runs as (beside `m3d`; no libtorch, so none of its start-up)."""
+    return os.path.join(os.path.dirname(m3d_bin()), "m3d-data-prep")
 
 
 def run(cmd, **kw):
@@ -103,7 +109,7 @@ def main():
     shutil.rmtree(args.work, ignore_errors=True)
     os.makedirs(args.work)
     raw = os.path.join(args.work, "raw")
-    run([m3d_bin(), "data-prep", "synth", raw, "--cap-cases", str(args.cases), "--slice-size", args.slice_size,
+    run([prep_bin(), "synth", raw, "--cap-cases", str(args.cases), "--slice-size", args.slice_size,
          "--seg-datasets", "1", "--seg-cases", "1", "--refseg-cases", "1"])
     cap_root = os.path.join(raw, "M3D_Cap")
     series = series_dirs(cap_root)
@@ -119,7 +125,7 @@ def main():
         np.save(dst, reference_prep.cap_series(sdir, ref_mode))
     ref_s = time.perf_counter() - t
     shards = os.path.join(args.work, "shards")
-    ours_s = run([m3d_bin(), "data-prep", "cap", "--src", cap_root, "--out", shards, "--threads", "1", "--force",
+    ours_s = run([prep_bin(), "cap", "--src", cap_root, "--out", shards, "--threads", "1", "--force",
                 "--resize-mode", args.resize_mode])
     results["convert"] = {"reference_s": ref_s, "m3d_s": ours_s, "reference_vol_per_s": n / ref_s,
                           "m3d_vol_per_s": n / ours_s, "ratio": ref_s / ours_s}
@@ -159,12 +165,9 @@ def main():
             assert x.shape == (1, 32, 256, 256)
     ref_read = passes * n / (time.perf_counter() - t)
     bench = os.path.join(target_dir(), "release", "examples", "read_bench")
-    # The allocator setting the `m3d` binary (which runs the workers' reads) makes at start: freed memory stays
-    # with the process for 1 s (cli/src/main.rs, PURGE_DELAY_MS). mimalloc's default, 10 ms, hands each
-    # volume's buffers back between volumes: ~140K page faults against ~2K for 1,168 volumes.
-    bench_env = {**os.environ, "MIMALLOC_PURGE_DELAY": "1000"}
+    # read_bench runs with the `m3d` binary's allocator policy (m3d-allocator), as the workers' reads do.
     out = subprocess.run([bench, shards, "--passes", str(passes), "--threads", "1"], check=True,
-                         capture_output=True, text=True, env=bench_env).stdout
+                         capture_output=True, text=True).stdout
     ours_read = json.loads(out.strip().splitlines()[-1])["volumes_per_s"]
     rb = json.loads(out.strip().splitlines()[-1])
     results["read"] = {"reference_vol_per_s": ref_read, "m3d_vol_per_s": ours_read, "ratio": ours_read / ref_read,
@@ -187,7 +190,7 @@ def main():
         ref_cold = n / (time.perf_counter() - t)
         drop_caches()
         out = subprocess.run([bench, shards, "--passes", "1", "--threads", "1"], check=True,
-                             capture_output=True, text=True, env=bench_env).stdout
+                             capture_output=True, text=True).stdout
         ours_cold = json.loads(out.strip().splitlines()[-1])["volumes_per_s"]
         results["read_cold"] = {"reference_vol_per_s": ref_cold, "m3d_vol_per_s": ours_cold,
                                 "ratio": ours_cold / ref_cold}
@@ -196,10 +199,10 @@ def main():
     rss = {}
     for cases in (args.rss_cases, 10 * args.rss_cases):
         r = os.path.join(args.work, f"rss_raw_{cases}")
-        run([m3d_bin(), "data-prep", "synth", r, "--cap-cases", str(cases), "--slice-size", args.slice_size,
+        run([prep_bin(), "synth", r, "--cap-cases", str(cases), "--slice-size", args.slice_size,
              "--seg-datasets", "1", "--seg-cases", "1", "--refseg-cases", "1"])
         vols = len(series_dirs(os.path.join(r, "M3D_Cap")))
-        mib = peak_rss_of([m3d_bin(), "data-prep", "cap", "--src", os.path.join(r, "M3D_Cap"),
+        mib = peak_rss_of([prep_bin(), "cap", "--src", os.path.join(r, "M3D_Cap"),
                            "--out", os.path.join(args.work, f"rss_out_{cases}"), "--threads", "2"])
         rss[str(vols)] = mib
     results["peak_rss_mib"] = rss

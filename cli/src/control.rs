@@ -1,47 +1,51 @@
-//! `m3d coordinator` and `m3d status`: the control-plane roles. The coordinator itself lives in
-//! `m3d-coordinator` (its flags: `m3d_coordinator::cli`); `m3d coordinator` hands over to the `m3d-coordinator`
-//! binary installed beside `m3d`, so the control plane never maps libtorch, and runs it in-process only where
-//! that binary is missing.
+//! `m3d coordinator` and `m3d status`: the control-plane roles, and [`hand_over`], how `m3d` runs a role in the
+//! lean binary installed beside it. The coordinator itself lives in `m3d-coordinator` (its flags:
+//! `m3d_coordinator::cli`); `m3d coordinator` hands over to that binary, so the control plane never maps libtorch,
+//! and runs it in-process only where that binary is missing. `m3d data-prep` hands over to `m3d-data-prep` alike.
 
 use std::ffi::OsString;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use m3d_coordinator::cli::{load_token, runtime, CoordinatorArgs};
+use m3d_coordinator::cli::{load_token, runtime, CoordinatorArgs, LogArgs};
 use m3d_coordinator::Client;
 
-/// The `m3d-coordinator` binary beside the running `m3d`, if installed.
-fn coordinator_binary() -> Option<PathBuf> {
+/// A binary installed beside the running `m3d`, if there is one.
+fn sibling_binary(name: &str) -> Option<PathBuf> {
     let exe = std::env::current_exe().ok()?;
-    let bin = exe.with_file_name("m3d-coordinator");
+    let bin = exe.with_file_name(name);
     bin.is_file().then_some(bin)
 }
 
-/// `m3d coordinator ...`: replaces this process by `m3d-coordinator ...` with the same arguments (the global
-/// `--log-format`/`-v` given again explicitly), or runs the coordinator here when the binary is missing.
-pub fn coordinator(a: CoordinatorArgs, log_format: &str, verbose: u8) -> Result<()> {
-    let Some(bin) = coordinator_binary() else {
+/// Replaces this process by the binary `name` installed beside `m3d`, given everything after `subcommand` on
+/// the command line, as given, and the global `--log-format`/`-v` again explicitly (they may have come before
+/// the subcommand's name). Returns `None` where that binary is not installed (the caller then runs the same code
+/// in this process), else the error of the `exec`, which returns only when it fails.
+pub fn hand_over(name: &str, subcommand: &str, log: LogArgs) -> Option<Result<()>> {
+    let bin = sibling_binary(name)?;
+    let argv: Vec<OsString> = std::env::args_os().skip(1).collect();
+    let at = argv.iter().position(|a| a == subcommand)?;
+    let mut args: Vec<OsString> = vec!["--log-format".into(), log.log_format.as_str().into()];
+    if log.verbose > 0 {
+        args.push(format!("-{}", "v".repeat(usize::from(log.verbose))).into());
+    }
+    args.extend(argv[at + 1..].iter().cloned());
+    use std::os::unix::process::CommandExt;
+    let err = std::process::Command::new(&bin).args(&args).exec();
+    Some(Err(err).with_context(|| format!("running {}", bin.display())))
+}
+
+/// `m3d coordinator ...`: `m3d-coordinator ...` with the same arguments ([`hand_over`]), or the coordinator in
+/// this process when that binary is missing.
+pub fn coordinator(a: CoordinatorArgs, log: LogArgs) -> Result<()> {
+    hand_over("m3d-coordinator", "coordinator", log).unwrap_or_else(|| {
         tracing::warn!(
             "m3d-coordinator is not installed beside m3d: running the coordinator in this process, which maps \
              libtorch (about 0.5 GiB resident)"
         );
-        return m3d_coordinator::cli::run(a);
-    };
-    let mut args: Vec<OsString> = vec!["--log-format".into(), log_format.into()];
-    if verbose > 0 {
-        args.push(format!("-{}", "v".repeat(usize::from(verbose))).into());
-    }
-    // Everything after the subcommand's name, as given (global flags there were parsed into `log_format`
-    // and `verbose` and are accepted again by m3d-coordinator).
-    let argv: Vec<OsString> = std::env::args_os().skip(1).collect();
-    let Some(at) = argv.iter().position(|a| a == "coordinator") else {
-        return m3d_coordinator::cli::run(a);
-    };
-    args.extend(argv[at + 1..].iter().cloned());
-    use std::os::unix::process::CommandExt;
-    let err = std::process::Command::new(&bin).args(&args).exec();
-    Err(err).with_context(|| format!("running {}", bin.display()))
+        m3d_coordinator::cli::run(a)
+    })
 }
 
 #[derive(Args)]

@@ -208,7 +208,7 @@ pub fn worker(a: WorkerArgs) -> Result<()> {
         collective_timeout: a.collective_timeout,
         run: run_dir(&recipe),
         threads: a.threads,
-        after_open: Some(crate::release_freed_memory),
+        after_open: Some(m3d_allocator::release_freed_memory),
         stop: crate::signals::stop_flag()?,
     };
     match run_worker(&recipe, &opts) {
@@ -230,7 +230,7 @@ pub fn worker(a: WorkerArgs) -> Result<()> {
             eprintln!(
                 "error: worker `{}`: {}",
                 opts.worker_id,
-                crate::report::render(&anyhow::Error::new(e))
+                m3d_coordinator::cli::report::render(&anyhow::Error::new(e))
             );
             std::process::exit(FATAL_EXIT);
         }

@@ -1,7 +1,8 @@
 //! The coordinator's command line, shared by the `m3d-coordinator` binary (the control plane's own process:
 //! no libtorch, no loader, so it idles at a few tens of MiB) and `m3d coordinator`, which runs that binary when it
 //! is installed beside `m3d` and this code in-process otherwise. Also the flag parsers the other roles share
-//! ([`parse_duration`], [`load_token`]).
+//! ([`parse_duration`], [`load_token`]), logging ([`init_logging`]), exit codes ([`exit_code`]) and how an error
+//! is printed ([`report::render`]).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -13,6 +14,8 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 
 use crate::{ControlPlane, Coordinator, JobConfig, PlanSpec, Token};
+
+pub mod report;
 
 #[derive(Args)]
 pub struct CoordinatorArgs {
@@ -115,6 +118,24 @@ impl LogFormat {
             LogFormat::Human => "human",
             LogFormat::Json => "json",
         }
+    }
+}
+
+/// The logging flags every m3d binary takes (`--log-format`, `-v`), before or after its subcommand.
+#[derive(Args, Clone, Copy)]
+pub struct LogArgs {
+    /// Log format: human on a terminal, json for clusters.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human, env = "M3D_LOG_FORMAT")]
+    pub log_format: LogFormat,
+    /// More logging (-v debug, -vv trace); RUST_LOG overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+}
+
+impl LogArgs {
+    /// [`init_logging`] with these flags.
+    pub fn init(self) {
+        init_logging(self.log_format, self.verbose);
     }
 }
 

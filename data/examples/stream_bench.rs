@@ -30,7 +30,7 @@ use m3d_shards::{
 use m3d_volume::augment::AugmentParams;
 
 #[global_allocator]
-static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOC: m3d_allocator::MiMalloc = m3d_allocator::MiMalloc;
 
 type Error = Box<dyn std::error::Error>;
 
@@ -289,6 +289,8 @@ fn rss(path: &str) -> Result<(), Error> {
     let recipe = m3d_recipes::Recipe::load(std::path::Path::new(path), &[])?;
     let start = Instant::now();
     let data = TrainData::open(&recipe)?;
+    // As the worker does right after opening (`m3d_allocator::release_freed_memory` as its `after_open`).
+    m3d_allocator::release_freed_memory();
     let opened = start.elapsed().as_secs_f64();
     let (rss, hwm) = rss_mib();
     // Measured after the RSS: decoding every text allocates them all.
@@ -308,6 +310,7 @@ fn rss(path: &str) -> Result<(), Error> {
 }
 
 fn main() -> Result<(), Error> {
+    m3d_allocator::configure();
     let args: Vec<String> = std::env::args().collect();
     let usage = "usage: stream_bench read|write-cap|write-vqa|rss <url or recipe> [options]";
     let (cmd, target) = (args.get(1).ok_or(usage)?, args.get(2).ok_or(usage)?);

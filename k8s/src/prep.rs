@@ -1,6 +1,8 @@
-//! A data-prep conversion across pods: one pod per part (`m3d data-prep <dataset> ... --part-index
-//! $JOB_COMPLETION_INDEX --parts N`), then one pod that runs `m3d data-prep finalize`. As a JobSet the finalize
+//! A data-prep conversion across pods: one pod per part (`m3d-data-prep <dataset> ... --part-index
+//! $JOB_COMPLETION_INDEX --parts N`), then one pod that runs `m3d-data-prep finalize`. As a JobSet the finalize
 //! job starts when every part is complete; as plain Jobs the finalize pod waits for the parts' records itself.
+//! The pods run `m3d-data-prep` (the `m3d data-prep` subcommands without libtorch), not `m3d`: each pod is spared
+//! libtorch's start-up and its ~0.5 GiB resident, so the image must carry that binary (k8s/image.sh, Containerfile).
 
 use k8s_openapi::api::batch::v1::{Job, JobSpec};
 use k8s_openapi::api::core::v1::{Container, PodSpec};
@@ -22,7 +24,7 @@ pub struct PrepJob {
     pub image: String,
     /// Pods converting in parallel (`--parts N`).
     pub parts: u32,
-    /// `m3d data-prep` arguments of one conversion without the part (`cap --src /data/M3D_Cap --out s3://..`).
+    /// `m3d-data-prep` arguments of one conversion without the part (`cap --src /data/M3D_Cap --out s3://..`).
     pub args: Vec<String>,
     /// The dataset URL the parts write (`--out`), which finalize merges.
     pub out: String,
@@ -42,7 +44,7 @@ fn pod_spec(job: &PrepJob, name: &str, args: Vec<String>) -> PodSpec {
     let container = Container {
         name: name.to_string(),
         image: Some(job.image.clone()),
-        command: Some(vec!["m3d".to_string()]),
+        command: Some(vec!["m3d-data-prep".to_string()]),
         args: Some(args),
         env: Some(pod::common_env()),
         env_from: pod::env_from_secret(job.s3_secret.as_deref()),
@@ -55,8 +57,7 @@ fn pod_spec(job: &PrepJob, name: &str, args: Vec<String>) -> PodSpec {
 }
 
 fn parts_spec(job: &PrepJob) -> JobSpec {
-    let mut args = vec!["data-prep".to_string()];
-    args.extend(job.args.iter().cloned());
+    let mut args = job.args.clone();
     args.extend([
         "--part-index".to_string(),
         "$(JOB_COMPLETION_INDEX)".to_string(),
@@ -77,11 +78,7 @@ fn parts_spec(job: &PrepJob) -> JobSpec {
 }
 
 fn finalize_spec(job: &PrepJob, wait: bool) -> JobSpec {
-    let mut args = vec![
-        "data-prep".to_string(),
-        "finalize".to_string(),
-        job.out.clone(),
-    ];
+    let mut args = vec!["finalize".to_string(), job.out.clone()];
     if wait {
         args.extend(["--wait".to_string(), "24h".to_string()]);
     }

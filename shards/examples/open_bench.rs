@@ -18,7 +18,7 @@ use m3d_shards::{
 use rand::{Rng, SeedableRng};
 
 #[global_allocator]
-static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOC: m3d_allocator::MiMalloc = m3d_allocator::MiMalloc;
 
 type Error = Box<dyn std::error::Error>;
 
@@ -215,6 +215,7 @@ fn open(url: &str, args: &[String]) -> Result<(), Error> {
 }
 
 fn main() -> Result<(), Error> {
+    m3d_allocator::configure();
     let args: Vec<String> = std::env::args().collect();
     let usage = "usage: open_bench write|open <url> [options]";
     let (cmd, url) = (args.get(1).ok_or(usage)?, args.get(2).ok_or(usage)?);

@@ -15,11 +15,10 @@ use m3d_volume::augment::{AugmentConfig, AugmentParams};
 use rand::SeedableRng;
 
 // Decoding allocates a few MiB per volume; glibc hands such blocks back to the kernel on free, so every volume
-// paid page faults again (measured: half the reader's time). mimalloc keeps them, as in the `m3d` binary; run it
-// with that binary's purge delay (`MIMALLOC_PURGE_DELAY=1000`, as bench/data_prep.py does), or mimalloc's 10 ms
-// default hands them back between volumes all the same.
+// paid page faults again (measured: half the reader's time). The `m3d` binary's allocator policy (m3d-allocator:
+// mimalloc, freed memory kept for 1 s), so that this measures what a worker does.
 #[global_allocator]
-static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOC: m3d_allocator::MiMalloc = m3d_allocator::MiMalloc;
 
 fn arg(args: &[String], name: &str, default: u64) -> Result<u64, String> {
     match args.iter().position(|a| a == name) {
@@ -38,6 +37,7 @@ struct Counts {
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    m3d_allocator::configure();
     let args: Vec<String> = std::env::args().collect();
     let url = args
         .get(1)

@@ -813,3 +813,69 @@ fn errors_show_each_cause_once_and_name_a_missing_dataset() {
     );
     assert!(!typo.exists(), "looking for a dataset created its folder");
 }
+
+/// `m3d data-prep` runs as `m3d-data-prep`, the binary beside `m3d` that links no libtorch (none of its start-up
+/// or resident memory in a conversion), with transparent huge pages off for the process; and that binary takes
+/// the same arguments. A `finalize --wait` on a folder with no parts keeps the process alive to be looked at.
+#[test]
+fn data_prep_runs_in_the_lean_binary_without_libtorch_or_huge_pages() {
+    use std::process::{Command, Stdio};
+    use std::time::{Duration, Instant};
+    let dir = tempfile::tempdir().unwrap();
+    let lean = common::m3d_bin().with_file_name("m3d-data-prep");
+    assert!(lean.is_file(), "{} not built", lean.display());
+    for via_m3d in [true, false] {
+        let out = dir.path().join(format!("empty-{via_m3d}"));
+        std::fs::create_dir_all(&out).unwrap();
+        let mut cmd = if via_m3d {
+            let mut c = Command::new(common::m3d_bin());
+            c.args(["-v", "data-prep"]);
+            c
+        } else {
+            Command::new(&lean)
+        };
+        let mut child = cmd
+            .args(["finalize", s(&out), "--wait", "60s"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        // The exec happens right after argument parsing; wait until the process image is the lean one (or give
+        // up and let the assertion say what it runs as).
+        let exe = |pid: u32| std::fs::read_link(format!("/proc/{pid}/exe")).unwrap();
+        let t0 = Instant::now();
+        while !exe(pid).ends_with("m3d-data-prep") && t0.elapsed() < Duration::from_secs(20) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        // Past start-up (mappings and the THP flag are set before the wait loop begins).
+        std::thread::sleep(Duration::from_millis(500));
+        let running = exe(pid);
+        let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert!(
+            running.ends_with("m3d-data-prep"),
+            "via m3d: {via_m3d}: data-prep runs as {}",
+            running.display()
+        );
+        assert!(
+            !maps.contains("libtorch"),
+            "via m3d: {via_m3d}: libtorch is mapped into the conversion"
+        );
+        // Kernels since 5.0 report the flag; older ones have no such line, and nothing to check.
+        if let Some(thp) = status.lines().find(|l| l.starts_with("THP_enabled:")) {
+            assert!(thp.ends_with('0'), "via m3d: {via_m3d}: {thp}");
+        }
+    }
+    // The same subcommands and flags: a bad one is refused by name either way.
+    let bad = common::m3d_err(&["data-prep", "cap", "--no-such-flag"]);
+    assert!(bad.contains("--no-such-flag"), "{bad}");
+    let out = Command::new(&lean)
+        .args(["cap", "--no-such-flag"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--no-such-flag"));
+}

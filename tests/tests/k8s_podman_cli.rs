@@ -55,18 +55,20 @@ fn require_podman() {
     );
 }
 
-/// The image with this build's `m3d` and `m3d-coordinator` (k8s/image.sh: FROM scratch + their library
-/// closure, nothing pulled).
+/// The image with this build's `m3d`, `m3d-coordinator` and `m3d-data-prep` (k8s/image.sh: FROM scratch + their
+/// library closure, nothing pulled).
 fn image() -> String {
     let tag = "localhost/m3d-test:latest".to_string();
     let m3d = m3d_bin();
     let coord = m3d.with_file_name("m3d-coordinator");
+    let prep = m3d.with_file_name("m3d-data-prep");
     let script = workspace_root().join("k8s/image.sh");
     let out = Command::new("bash")
         .arg(&script)
         .args(["--tag", &tag])
         .arg(&m3d)
         .arg(&coord)
+        .arg(&prep)
         .output()
         .expect("spawn k8s/image.sh");
     assert!(

@@ -276,6 +276,9 @@ fn the_indexed_job_flavour_and_render_prep_pass_the_schemas() {
             .collect();
         assert!(text.contains("$(JOB_COMPLETION_INDEX)"), "{text}");
         assert!(text.contains("finalize"), "{text}");
+        // The pods run the lean binary, which takes the subcommand first.
+        assert!(text.contains("- m3d-data-prep\n"), "{text}");
+        assert!(!text.contains("- data-prep\n"), "{text}");
     }
 }
 

@@ -1,9 +1,34 @@
-//! Correctly rounded single-precision fused multiply-add without a libm call.
+//! Correctly rounded single-precision fused multiply-add without a libm call, and the choice
+//! between it and the CPU's FMA instruction ([`FmaKernel`]).
 //!
 //! torch's CPU kernels are built per ISA level and the compiler contracts `a * b + c` into an FMA
 //! instruction on AVX2/AVX-512 machines; reproducing torch's results bit for bit therefore needs
 //! an FMA. `f32::mul_add` is exact but, without `-C target-feature=+fma`, is an out-of-line libm
 //! call per element; this version stays in registers and inlines into the resampling loops.
+//! Where the CPU has FMA (and AVX2), loops compiled for those features use the instruction
+//! itself: the same correctly rounded result, eight lanes at a time and no fix-up pass.
+
+/// How the resampling loops compute a fused `a * b + c`: both give the correctly rounded result,
+/// so outputs are bit-identical whichever runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum FmaKernel {
+    /// [`fma_f32_flagged`] in f64, then [`fma_f32`] for the flagged values: any x86-64 CPU.
+    Emulated,
+    /// The FMA instruction, in loops compiled for AVX2 + FMA (only chosen where the CPU has both).
+    Hardware,
+}
+
+impl FmaKernel {
+    /// The fastest kernel this CPU runs.
+    pub(crate) fn detect() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            return FmaKernel::Hardware;
+        }
+        FmaKernel::Emulated
+    }
+}
 
 /// `a * b + c` rounded once to f32 (for results in the normal f32 range).
 ///

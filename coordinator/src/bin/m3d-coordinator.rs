@@ -2,7 +2,7 @@
 //! nor the data loader, so the coordinator's container needs neither and it idles at a few tens of MiB.
 
 use clap::Parser;
-use m3d_coordinator::cli::{init_logging, LogFormat};
+use m3d_coordinator::cli::LogArgs;
 
 #[derive(Parser)]
 #[command(
@@ -11,23 +11,19 @@ use m3d_coordinator::cli::{init_logging, LogFormat};
     about = "The m3d coordinator: rendezvous, ranks, the data plan, checkpoints and restarts of one job"
 )]
 struct Cli {
-    /// Log format: human on a terminal, json for clusters.
-    #[arg(long, value_enum, default_value_t = LogFormat::Human, env = "M3D_LOG_FORMAT")]
-    log_format: LogFormat,
-    /// More logging (-v debug, -vv trace); RUST_LOG overrides.
-    #[arg(short, long, action = clap::ArgAction::Count)]
-    verbose: u8,
+    #[command(flatten)]
+    log: LogArgs,
     #[command(flatten)]
     args: m3d_coordinator::cli::CoordinatorArgs,
 }
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format, cli.verbose);
+    cli.log.init();
     match m3d_coordinator::cli::run(cli.args) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", m3d_coordinator::cli::report::render(&e));
             m3d_coordinator::cli::exit_status(&e)
         }
     }

@@ -10,7 +10,7 @@
 use rayon::prelude::*;
 
 use super::BBox;
-use crate::fma::{fma_f32, fma_f32_flagged};
+use crate::fma::{fma_f32, fma_f32_flagged, FmaKernel};
 use crate::{Volume, VolumeError};
 
 /// Below this many output voxels, rayon's task overhead outweighs the parallel speed-up.
@@ -105,6 +105,29 @@ fn for_each_plane<T: Send>(
         out.chunks_mut(plane_len)
             .enumerate()
             .for_each(|(i, p)| f(i, p));
+    }
+}
+
+/// [`for_each_plane`] with a per-task scratch value made by `init` (once per rayon job, or once
+/// when serial) instead of once per plane.
+fn for_each_plane_init<T: Send, S>(
+    out: &mut [T],
+    plane_len: usize,
+    init: impl Fn() -> S + Sync + Send,
+    f: impl Fn(&mut S, usize, &mut [T]) + Sync + Send,
+) {
+    if plane_len == 0 {
+        return;
+    }
+    if out.len() >= PAR_MIN_VOXELS {
+        out.par_chunks_mut(plane_len)
+            .enumerate()
+            .for_each_init(&init, |s, (i, p)| f(s, i, p));
+    } else {
+        let mut s = init();
+        out.chunks_mut(plane_len)
+            .enumerate()
+            .for_each(|(i, p)| f(&mut s, i, p));
     }
 }
 
@@ -352,6 +375,68 @@ fn blend_rows(out: &mut [f32], a: &[f32], b: &[f32], w0: f32, w1: f32) {
     }
 }
 
+/// [`blend_rows`] with the FMA instruction (the same results).
+///
+/// # Safety
+/// The CPU must have AVX2 and FMA ([`FmaKernel::detect`]).
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn blend_rows_fma(out: &mut [f32], a: &[f32], b: &[f32], w0: f32, w1: f32) {
+    for ((o, &x), &y) in out.iter_mut().zip(a).zip(b) {
+        *o = x.mul_add(w0, y * w1);
+    }
+}
+
+/// [`blend_row_taps`] with the FMA instruction (the same results).
+///
+/// # Safety
+/// The CPU must have AVX2 and FMA ([`FmaKernel::detect`]).
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn blend_row_taps_fma<T: Copy>(
+    out: &mut [f32],
+    row: &[T],
+    t: &LinearTaps,
+    f: &impl Fn(T) -> f32,
+) {
+    for ((((o, &i0), &i1), &l0), &l1) in out.iter_mut().zip(&t.i0).zip(&t.i1).zip(&t.l0).zip(&t.l1)
+    {
+        *o = f(row[i0]).mul_add(l0, f(row[i1]) * l1);
+    }
+}
+
+/// [`blend_rows`] on `kernel`.
+#[inline]
+fn blend_rows_on(kernel: FmaKernel, out: &mut [f32], a: &[f32], b: &[f32], w0: f32, w1: f32) {
+    match kernel {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `Hardware` is only chosen where the CPU has AVX2 and FMA (`FmaKernel::detect`).
+        #[allow(unsafe_code)]
+        FmaKernel::Hardware => unsafe { blend_rows_fma(out, a, b, w0, w1) },
+        _ => blend_rows(out, a, b, w0, w1),
+    }
+}
+
+/// [`blend_row_taps`] on `kernel`.
+#[inline]
+fn blend_row_taps_on<T: Copy>(
+    kernel: FmaKernel,
+    out: &mut [f32],
+    row: &[T],
+    t: &LinearTaps,
+    f: &impl Fn(T) -> f32,
+) {
+    match kernel {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `Hardware` is only chosen where the CPU has AVX2 and FMA (`FmaKernel::detect`).
+        #[allow(unsafe_code)]
+        FmaKernel::Hardware => unsafe { blend_row_taps_fma(out, row, t, f) },
+        _ => blend_row_taps(out, row, t, f),
+    }
+}
+
 /// The W pass over one row: per-output taps and weights.
 #[inline]
 fn blend_row_taps<T: Copy>(out: &mut [f32], row: &[T], t: &LinearTaps, f: &impl Fn(T) -> f32) {
@@ -393,6 +478,17 @@ pub fn try_resize_trilinear_box<T: Copy + Sync>(
     size: [usize; 3],
     f: impl Fn(T) -> f32 + Sync,
 ) -> Result<Volume<f32>, VolumeError> {
+    trilinear_box_on(FmaKernel::detect(), v, b, size, f)
+}
+
+/// [`try_resize_trilinear_box`] on a given FMA kernel (the tests run both).
+fn trilinear_box_on<T: Copy + Sync>(
+    kernel: FmaKernel,
+    v: &Volume<T>,
+    b: &BBox,
+    size: [usize; 3],
+    f: impl Fn(T) -> f32 + Sync,
+) -> Result<Volume<f32>, VolumeError> {
     let src = BoxView::new(v, b)?;
     let c = v.channels();
     let [d, h, w] = src.size;
@@ -425,16 +521,17 @@ pub fn try_resize_trilinear_box<T: Copy + Sync>(
     let nslots = needed.len();
     // tmp[c][slot] = input plane `needed[slot]` of channel c after the W and H passes.
     let mut tmp = vec![0f32; c * nslots * plane_out];
-    for_each_plane(&mut tmp, plane_out, |p, dst| {
+    // `rows`: the plane after the W pass, every value written before it is read.
+    let rows_init = || vec![0f32; h * ow];
+    for_each_plane_init(&mut tmp, plane_out, rows_init, |rows, p, dst| {
         let (ci, di) = (p / nslots, needed[p % nslots]);
-        let mut rows = vec![0f32; h * ow];
         for (hi, row_out) in rows.chunks_exact_mut(ow).enumerate() {
-            blend_row_taps(row_out, src.row(ci, di, hi), &tw, &f);
+            blend_row_taps_on(kernel, row_out, src.row(ci, di, hi), &tw, &f);
         }
         for (oi, dst_row) in dst.chunks_exact_mut(ow).enumerate() {
             let r0 = &rows[th.i0[oi] * ow..(th.i0[oi] + 1) * ow];
             let r1 = &rows[th.i1[oi] * ow..(th.i1[oi] + 1) * ow];
-            blend_rows(dst_row, r0, r1, th.l0[oi], th.l1[oi]);
+            blend_rows_on(kernel, dst_row, r0, r1, th.l0[oi], th.l1[oi]);
         }
     });
 
@@ -443,7 +540,8 @@ pub fn try_resize_trilinear_box<T: Copy + Sync>(
         let (ci, odi) = (p / od, p % od);
         let s0 = (ci * nslots + slot[td.i0[odi]]) * plane_out;
         let s1 = (ci * nslots + slot[td.i1[odi]]) * plane_out;
-        blend_rows(
+        blend_rows_on(
+            kernel,
             dst,
             &tmp[s0..s0 + plane_out],
             &tmp[s1..s1 + plane_out],
@@ -690,6 +788,34 @@ mod tests {
             try_resize_area_box(&v, &outside, [2, 2, 2], map),
             Err(VolumeError::BadBBox { .. })
         ));
+    }
+
+    /// The FMA instruction and its f64 emulation give the same bits through the whole trilinear
+    /// resize (u8 levels through a table, as data-prep reads slices, and arbitrary floats). Where the
+    /// CPU has no FMA only the emulation exists, and this checks it against itself.
+    #[test]
+    fn trilinear_is_the_same_on_both_fma_kernels() {
+        use rand::{Rng, SeedableRng};
+        let hw = FmaKernel::detect();
+        if hw == FmaKernel::Emulated {
+            eprintln!("this CPU has no AVX2 + FMA: only the emulated kernel runs here");
+        }
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
+        let lut: Vec<f32> = (0..256).map(|x| x as f32 / 255.0).collect();
+        let map = |x: u8| lut[usize::from(x)];
+        let v8 = Volume::from_fn([1, 13, 97, 83], |_, _, _, _| rng.random::<u8>());
+        let vf = Volume::from_fn([2, 7, 41, 39], |_, _, _, _| rng.random_range(-3.0f32..3.0));
+        let b = BBox {
+            start: [2, 5, 3],
+            end: [12, 90, 80],
+        };
+        for size in [[32, 256, 256], [4, 21, 17], [9, 64, 64], [31, 5, 160]] {
+            let one = |k| trilinear_box_on(k, &v8, &b, size, map).unwrap();
+            assert_eq!(one(FmaKernel::Emulated), one(hw), "u8 {size:?}");
+            let full = full_box(vf.spatial());
+            let two = |k| trilinear_box_on(k, &vf, &full, size, |x| x).unwrap();
+            assert_eq!(two(FmaKernel::Emulated), two(hw), "f32 {size:?}");
+        }
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! How the `m3d` command shows an error: one line, each level of the cause chain once.
+//! How the m3d binaries (`m3d`, `m3d-coordinator`, `m3d-data-prep`) show an error: one line, each level of the
+//! cause chain once.
 //!
 //! The project's library errors put their cause into their own message (so that a log line showing only the
 //! top level, `error = %e`, is complete) and also expose it as `source()` (so that callers can inspect it);
