@@ -502,7 +502,8 @@ pub fn read_volume_row_group(
 
 /// The image of a one-row row group read from its column chunk's pages: `None` when the chunk is not laid out
 /// as data-prep writes it (one PLAIN-encoded data page holding the one value), which the caller then decodes
-/// through Arrow.
+/// through Arrow. An LZ4_RAW page (M3D-Cap's `u8` volumes) is decompressed here rather than by parquet's codec,
+/// which zero-fills its whole output buffer first (4 % of a volume read, measured): lz4 writes every byte of it.
 fn single_image_value(
     chunk: &RangeChunk,
     meta: &ArrowReaderMetadata,
@@ -521,12 +522,42 @@ fn single_image_value(
     else {
         return Ok(None);
     };
-    let mut pages = SerializedPageReader::new(Arc::new(chunk.clone()), rg.column(column), 1, None)
+    let meta_of_chunk = rg.column(column);
+    // Pages of a chunk declared uncompressed come back as stored, for `lz4_block` below.
+    let lz4 = meta_of_chunk.compression() == Compression::LZ4_RAW;
+    let as_stored;
+    let chunk_meta = if lz4 {
+        as_stored = meta_of_chunk
+            .clone()
+            .into_builder()
+            .set_compression(Compression::UNCOMPRESSED)
+            .build()
+            .map_err(|e| ShardError::parquet(key, e))?;
+        &as_stored
+    } else {
+        meta_of_chunk
+    };
+    // The chunk's uncompressed size bounds its one page's: the capacity the decompressed value may fill.
+    let bound = usize::try_from(meta_of_chunk.uncompressed_size()).unwrap_or(0);
+    let lz4_block = |compressed: &[u8]| -> Result<Bytes, ShardError> {
+        lz4_flex::block::decompress(compressed, bound)
+            .map(Bytes::from)
+            .map_err(|e| {
+                ShardError::parquet(key, parquet::errors::ParquetError::External(Box::new(e)))
+            })
+    };
+    let mut pages = SerializedPageReader::new(Arc::new(chunk.clone()), chunk_meta, 1, None)
         .map_err(|e| ShardError::parquet(key, e))?;
     let page = pages
         .get_next_page()
         .map_err(|e| ShardError::parquet(key, e))?;
     let value = match page {
+        Some(Page::DataPage {
+            buf,
+            num_values: 1,
+            encoding: Encoding::PLAIN,
+            ..
+        }) if lz4 => lz4_block(&buf)?,
         Some(Page::DataPage {
             buf,
             num_values: 1,
@@ -539,8 +570,16 @@ fn single_image_value(
             encoding: Encoding::PLAIN,
             def_levels_byte_len,
             rep_levels_byte_len,
+            is_compressed,
             ..
-        }) => buf.slice((def_levels_byte_len + rep_levels_byte_len) as usize..),
+        }) => {
+            let values = buf.slice((def_levels_byte_len + rep_levels_byte_len) as usize..);
+            if lz4 && is_compressed {
+                lz4_block(&values)?
+            } else {
+                values
+            }
+        }
         _ => return Ok(None),
     };
     // PLAIN BYTE_ARRAY: a little-endian u32 length, then the bytes.
@@ -1116,6 +1155,69 @@ impl Iterator for VolumeShardReader {
             ) {
                 self.done = true;
                 return Some(Err(e));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::encode::ImageDtype;
+
+    fn record(id: &str, dtype: ImageDtype, seed: u8) -> VolumeRecord {
+        let shape = [1u32, 2, 8, 8];
+        let n = 128 * dtype.size();
+        // Compressible, and different per volume.
+        let image: Vec<u8> = (0..n).map(|i| ((i / 3) as u8).wrapping_mul(seed)).collect();
+        VolumeRecord {
+            volume_id: id.to_string(),
+            dataset: "cap".into(),
+            source: id.into(),
+            shape,
+            dtype,
+            image_crc32: VolumeRecord::crc32(&image),
+            image: Bytes::from(image),
+            masks: Vec::new(),
+        }
+    }
+
+    /// A shard as data-prep writes it (one volume per row group) has its image taken from the page, LZ4_RAW
+    /// (`u8`) pages decompressed here and zstd (`f16`) ones by parquet's codec, with the written bytes; the
+    /// Arrow path is only a fallback, so without this a broken page path would go unnoticed.
+    #[test]
+    fn one_volume_row_groups_take_the_image_from_the_page() {
+        for (dtype, codec) in [
+            (ImageDtype::U8, ImageCodec::Lz4),
+            (ImageDtype::F16, ImageCodec::Zstd),
+        ] {
+            let records = [record("a", dtype, 3), record("b", dtype, 7)];
+            let opts = WriteOptions {
+                rows_per_row_group: 1,
+                image_codec: codec,
+                ..WriteOptions::default()
+            };
+            let bytes = write_volume_shard(&records, &opts).unwrap();
+            let n = bytes.len();
+            let footer_len = u32::from_le_bytes(bytes[n - 8..n - 4].try_into().unwrap()) as usize;
+            let meta = volume_footer(&bytes[n - 8 - footer_len..], "k").unwrap();
+            let chunk = RangeChunk {
+                file_len: n as u64,
+                offset: 0,
+                bytes: bytes.clone(),
+            };
+            for (g, rec) in records.iter().enumerate() {
+                let rg = meta.metadata().row_group(g);
+                let image = single_image_value(&chunk, &meta, rg, "k").unwrap();
+                assert_eq!(
+                    image.as_deref(),
+                    Some(&rec.image[..]),
+                    "{dtype} row group {g}"
+                );
+                let read =
+                    read_volume_row_group(&meta, "k", n as u64, 0, bytes.clone(), g, true, false)
+                        .unwrap();
+                assert_eq!(read[0].image, rec.image);
             }
         }
     }
