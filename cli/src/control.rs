@@ -8,7 +8,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use m3d_coordinator::cli::{load_token, runtime, CoordinatorArgs, LogArgs};
+use m3d_coordinator::cli::{load_token, runtime, CoordinatorArgs};
 use m3d_coordinator::Client;
 
 /// A binary installed beside the running `m3d`, if there is one.
@@ -18,19 +18,16 @@ fn sibling_binary(name: &str) -> Option<PathBuf> {
     bin.is_file().then_some(bin)
 }
 
-/// Replaces this process by the binary `name` installed beside `m3d`, given everything after `subcommand` on
-/// the command line, as given, and the global `--log-format`/`-v` again explicitly (they may have come before
-/// the subcommand's name). Returns `None` where that binary is not installed (the caller then runs the same code
-/// in this process), else the error of the `exec`, which returns only when it fails.
-pub fn hand_over(name: &str, subcommand: &str, log: LogArgs) -> Option<Result<()>> {
+/// Replaces this process by the binary `name` installed beside `m3d`, given the command line as it came minus the
+/// `subcommand` word: the lean binaries take the same flags, and the global ones (`--log-format`, `-v`) wherever
+/// they stood, before or after it (passing them again would give them twice). Returns `None` where that binary
+/// is not installed (the caller then runs the same code in this process), else the error of the `exec`, which
+/// returns only when it fails.
+pub fn hand_over(name: &str, subcommand: &str) -> Option<Result<()>> {
     let bin = sibling_binary(name)?;
-    let argv: Vec<OsString> = std::env::args_os().skip(1).collect();
-    let at = argv.iter().position(|a| a == subcommand)?;
-    let mut args: Vec<OsString> = vec!["--log-format".into(), log.log_format.as_str().into()];
-    if log.verbose > 0 {
-        args.push(format!("-{}", "v".repeat(usize::from(log.verbose))).into());
-    }
-    args.extend(argv[at + 1..].iter().cloned());
+    let mut args: Vec<OsString> = std::env::args_os().skip(1).collect();
+    let at = args.iter().position(|a| a == subcommand)?;
+    args.remove(at);
     use std::os::unix::process::CommandExt;
     let err = std::process::Command::new(&bin).args(&args).exec();
     Some(Err(err).with_context(|| format!("running {}", bin.display())))
@@ -38,8 +35,8 @@ pub fn hand_over(name: &str, subcommand: &str, log: LogArgs) -> Option<Result<()
 
 /// `m3d coordinator ...`: `m3d-coordinator ...` with the same arguments ([`hand_over`]), or the coordinator in
 /// this process when that binary is missing.
-pub fn coordinator(a: CoordinatorArgs, log: LogArgs) -> Result<()> {
-    hand_over("m3d-coordinator", "coordinator", log).unwrap_or_else(|| {
+pub fn coordinator(a: CoordinatorArgs) -> Result<()> {
+    hand_over("m3d-coordinator", "coordinator").unwrap_or_else(|| {
         tracing::warn!(
             "m3d-coordinator is not installed beside m3d: running the coordinator in this process, which maps \
              libtorch (about 0.5 GiB resident)"

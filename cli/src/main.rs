@@ -71,7 +71,7 @@ enum Eval {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Coordinator(a) => control::coordinator(a, cli.log),
+        Command::Coordinator(a) => control::coordinator(a),
         Command::Status(a) => control::status(a),
         Command::Train(a) => train::train(a),
         Command::Worker(a) => train::worker(a),
@@ -84,11 +84,12 @@ fn run(cli: Cli) -> Result<()> {
         Command::K8s(cmd) => k8s::run(cmd),
         Command::Plan(a) => plan::plan(a),
         // The conversion links no libtorch: run it in `m3d-data-prep`, which does not pay libtorch's start-up.
-        Command::DataPrep(cmd) => control::hand_over("m3d-data-prep", "data-prep", cli.log)
-            .unwrap_or_else(|| {
+        Command::DataPrep(cmd) => {
+            control::hand_over("m3d-data-prep", "data-prep").unwrap_or_else(|| {
                 m3d_allocator::disable_transparent_huge_pages();
                 m3d_prep_cli::run(cmd)
-            }),
+            })
+        }
     }
 }
 

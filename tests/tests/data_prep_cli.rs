@@ -829,7 +829,8 @@ fn data_prep_runs_in_the_lean_binary_without_libtorch_or_huge_pages() {
         std::fs::create_dir_all(&out).unwrap();
         let mut cmd = if via_m3d {
             let mut c = Command::new(common::m3d_bin());
-            c.args(["-v", "data-prep"]);
+            // Global flags on both sides of the subcommand reach the lean binary once each.
+            c.args(["-v", "data-prep", "--log-format", "json"]);
             c
         } else {
             Command::new(&lean)
@@ -843,7 +844,10 @@ fn data_prep_runs_in_the_lean_binary_without_libtorch_or_huge_pages() {
         let pid = child.id();
         // The exec happens right after argument parsing; wait until the process image is the lean one (or give
         // up and let the assertion say what it runs as).
-        let exe = |pid: u32| std::fs::read_link(format!("/proc/{pid}/exe")).unwrap();
+        let exe = |pid: u32| {
+            std::fs::read_link(format!("/proc/{pid}/exe"))
+                .unwrap_or_else(|e| panic!("via m3d: {via_m3d}: the process ended early: {e}"))
+        };
         let t0 = Instant::now();
         while !exe(pid).ends_with("m3d-data-prep") && t0.elapsed() < Duration::from_secs(20) {
             std::thread::sleep(Duration::from_millis(50));
