@@ -84,12 +84,8 @@ fn run(cli: Cli) -> Result<()> {
         Command::K8s(cmd) => k8s::run(cmd),
         Command::Plan(a) => plan::plan(a),
         // The conversion links no libtorch: run it in `m3d-data-prep`, which does not pay libtorch's start-up.
-        Command::DataPrep(cmd) => {
-            control::hand_over("m3d-data-prep", "data-prep").unwrap_or_else(|| {
-                m3d_allocator::disable_transparent_huge_pages();
-                m3d_prep_cli::run(cmd)
-            })
-        }
+        Command::DataPrep(cmd) => control::hand_over("m3d-data-prep", "data-prep")
+            .unwrap_or_else(|| m3d_prep_cli::run(cmd)),
     }
 }
 

@@ -280,8 +280,10 @@ fn parse_size(s: &str) -> Result<(usize, usize)> {
     ))
 }
 
-/// Runs one `data-prep` subcommand.
+/// Runs one `data-prep` subcommand, in whichever binary: the process's memory is backed by small pages from here
+/// on ([`m3d_allocator::disable_transparent_huge_pages`]; a conversion is a data-prep process's whole life).
 pub fn run(cmd: DataPrep) -> Result<()> {
+    m3d_allocator::disable_transparent_huge_pages();
     match cmd {
         DataPrep::Synth {
             dir,

@@ -557,13 +557,13 @@ fn single_image_value(
             num_values: 1,
             encoding: Encoding::PLAIN,
             ..
-        }) if lz4 => lz4_block(&buf)?,
-        Some(Page::DataPage {
-            buf,
-            num_values: 1,
-            encoding: Encoding::PLAIN,
-            ..
-        }) => buf,
+        }) => {
+            if lz4 {
+                lz4_block(&buf)?
+            } else {
+                buf
+            }
+        }
         Some(Page::DataPageV2 {
             buf,
             num_values: 1,

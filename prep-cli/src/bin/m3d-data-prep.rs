@@ -22,7 +22,6 @@ struct Cli {
 
 fn main() -> std::process::ExitCode {
     m3d_allocator::configure();
-    m3d_allocator::disable_transparent_huge_pages();
     let cli = Cli::parse();
     cli.log.init();
     match m3d_prep_cli::run(cli.command) {

@@ -94,18 +94,7 @@ fn for_each_plane<T: Send>(
     plane_len: usize,
     f: impl Fn(usize, &mut [T]) + Sync + Send,
 ) {
-    if plane_len == 0 {
-        return;
-    }
-    if out.len() >= PAR_MIN_VOXELS {
-        out.par_chunks_mut(plane_len)
-            .enumerate()
-            .for_each(|(i, p)| f(i, p));
-    } else {
-        out.chunks_mut(plane_len)
-            .enumerate()
-            .for_each(|(i, p)| f(i, p));
-    }
+    for_each_plane_init(out, plane_len, || (), |_, i, p| f(i, p));
 }
 
 /// [`for_each_plane`] with a per-task scratch value made by `init` (once per rayon job, or once
