@@ -29,7 +29,8 @@
 # top with `podman build` (FROM the base, COPY bin/; seconds). Both carry fingerprints (paths, sizes, mtimes, modes of
 # every file, the options, this script) as labels: a re-run with nothing changed does nothing (<1 s), a re-run after
 # recompiling a binary only rebuilds the thin top layer, --force rebuilds both. Replaced images are removed.
-# --list prints the image's files and exits.
+# --list prints the image's files and exits. Runs hold a lock (one image.sh at a time on a machine) and remove the
+# images earlier runs left unnamed (see gc), and a base import first checks there is room for it, naming the numbers.
 # Needs root podman (see scripts/podman-setup.sh); CONTAINERS_CONF defaults to k8s/podman/containers.conf.
 set -euo pipefail
 
@@ -246,6 +247,33 @@ FP="$( { echo "$FP_BASE"; (cd "$CTX" && find bin -mindepth 1 -print0 | sort -z |
 label() { podman image inspect --format "{{index .Labels \"$2\"}}" "$1" 2>/dev/null || true; }
 image_id() { podman image inspect --format '{{.Id}}' "$1" 2>/dev/null || true; }
 
+# One image.sh at a time on this machine: two concurrent builds of the same tag (two tests starting together) would
+# each import a multi-GB base, and the loser's image would be left untagged, holding its disk until removed by hand.
+# With the lock the second caller waits and then finds the image up to date.
+LOCK="${TMPDIR:-/tmp}/m3d-image.sh.lock"
+exec 9>>"$LOCK"
+flock 9
+
+# gc KEEP_BASE_FP: remove what earlier runs of this script left behind and nothing can name any more: untagged images
+# carrying our labels (a binaries layer replaced by a rebuild, a base whose tag went to a newer import), then bases no
+# tagged image is built on (KEEP_BASE_FP excepted). An image a container still uses stays (podman refuses; ignored).
+gc() {
+  local id fp used=" $1 "
+  for id in $(podman images --noheading --filter dangling=true --filter label=m3d.image.fingerprint --format '{{.ID}}') \
+            $(podman images --noheading --filter dangling=true --filter label=m3d.image.base --format '{{.ID}}'); do
+    podman rmi "$id" >/dev/null 2>&1 || true
+  done
+  for id in $(podman images --noheading --filter dangling=false --filter label=m3d.image.fingerprint --format '{{.ID}}'); do
+    used+="$(label "$id" m3d.image.base) "
+  done
+  for fp in $(podman images --noheading --format '{{.Tag}}' localhost/m3d-image-base); do
+    [[ "$used" == *" $fp "* ]] || podman rmi "localhost/m3d-image-base:$fp" >/dev/null 2>&1 || true
+  done
+}
+
+# free_mib DIR: MiB available on DIR's filesystem.
+free_mib() { df -Pm "$1" | awk 'NR == 2 { print $4 }'; }
+
 if [ "$FORCE" = 0 ] && [ "$(label "$TAG" m3d.image.fingerprint)" = "$FP" ]; then
   echo "image.sh: $TAG is up to date (fingerprint $FP; $(elapsed) s)"
   exit 0
@@ -257,7 +285,20 @@ OLD_BASE_ID="$(image_id "$BASE_TAG")"
 # Layer 1, the base: libraries, loader, generated /etc, /tmp, /home/m3d. Rebuilt only when one of its files changes
 # (a new torch, a new --add), so the usual re-run after recompiling m3d skips this import.
 if [ "$FORCE" = 1 ] || [ -z "$OLD_BASE_ID" ]; then
+  gc "$OLD_BASE_FP"
   SIZE="$(awk '/ regular( empty)? file\|/ { s += $1 } END { printf "%.0f", s }' "$STAGE/host.stat")"
+  # podman import spools the stream to a temporary file, then unpacks it into its storage: twice the size, at peak.
+  GRAPH="$(podman info --format '{{.Store.GraphRoot}}')"
+  SPOOL="${TMPDIR:-/var/tmp}"
+  NEED=$((2 * SIZE / 1048576 + 256))
+  HAVE="$(free_mib "$GRAPH")"
+  if [ "$(df -P "$GRAPH" | awk 'NR == 2 { print $1 }')" != "$(df -P "$SPOOL" | awk 'NR == 2 { print $1 }')" ]; then
+    NEED=$((SIZE / 1048576 + 256))
+    [ "$(free_mib "$SPOOL")" -ge "$NEED" ] \
+      || die "importing the base needs ${NEED} MiB free in $SPOOL (podman's spool), has $(free_mib "$SPOOL") MiB"
+  fi
+  [ "$HAVE" -ge "$NEED" ] || die "importing the base ($((SIZE / 1048576)) MiB of host files) needs ${NEED} MiB free" \
+    "under $GRAPH, has ${HAVE} MiB; images there: $(podman images --format '{{.Repository}}:{{.Tag}} {{.Size}}' | tr '\n' ';')"
   echo "image.sh: importing base $BASE_TAG: $(wc -l < "$STAGE/host.list") host paths ($((SIZE / 1048576)) MiB)" \
        "+ $(wc -l < "$STAGE/stage.list") generated entries"
   # --no-recursion: only the listed entries (directories listed one by one); --mode=go+rX: readable by uid 65532.
@@ -276,17 +317,8 @@ fi
 podman build --quiet --pull=never --layers=false --file "$CTX/Containerfile" \
   --label "m3d.image.fingerprint=$FP" --label "m3d.image.base=$FP_BASE" --tag "$TAG" "$CTX" >/dev/null
 
-# Drop what this build replaced: the previous image of TAG (if now untagged), a base replaced by --force, and the
-# previous image's base when no other image is built on it (bases are found by their label, not by podman's parent
-# tracking, which a `podman rmi` of a base does not respect for images built with --layers=false).
-NEW_ID="$(image_id "$TAG")"
-if [ -n "$OLD_ID" ] && [ "$OLD_ID" != "$NEW_ID" ]; then podman rmi "$OLD_ID" >/dev/null 2>&1 || true; fi
-if [ -n "$OLD_BASE_ID" ] && [ "$OLD_BASE_ID" != "$(image_id "$BASE_TAG")" ]; then
-  podman rmi "$OLD_BASE_ID" >/dev/null 2>&1 || true
-fi
-if [ -n "$OLD_BASE_FP" ] && [ "$OLD_BASE_FP" != "$FP_BASE" ] \
-   && ! podman images --filter "label=m3d.image.base=$OLD_BASE_FP" --format '{{.Repository}}' \
-        | grep -vqx 'localhost/m3d-image-base'; then
-  podman rmi "localhost/m3d-image-base:$OLD_BASE_FP" >/dev/null 2>&1 || true
-fi
+# Drop what this build replaced (the previous image of TAG, now untagged; a base replaced by --force; the previous
+# base when no other image is built on it). Bases are found by their label, not by podman's parent tracking, which a
+# `podman rmi` of a base does not respect for images built with --layers=false.
+gc "$FP_BASE"
 echo "image.sh: built $TAG in $(elapsed) s"

@@ -1,6 +1,6 @@
 """Keeps the shared cargo target folder (kept between runs, outside the clone) from filling the disk: every
 clone of the repository builds its own copies of the workspace's test binaries (cargo keys them by the
-clone's path), so old copies pile up. Removes each executable in <target>/release/deps that has a newer
+clone's path), so old copies pile up. Removes each executable in <target>/release/{deps,examples} that has a newer
 build of the same name, and the incremental caches when less than 20 GiB is free. Nothing still in use is
 touched: the newest build of every name stays.
 
@@ -13,8 +13,9 @@ import sys
 from collections import defaultdict
 
 target = sys.argv[1]
-deps = os.path.join(target, "release", "deps")
-if os.path.isdir(deps):
+for deps in (os.path.join(target, "release", "deps"), os.path.join(target, "release", "examples")):
+    if not os.path.isdir(deps):
+        continue
     groups = defaultdict(list)
     for name in os.listdir(deps):
         path = os.path.join(deps, name)

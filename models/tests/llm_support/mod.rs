@@ -18,14 +18,38 @@ use crate::common;
 /// Runs `tests/oracle/<script> <dir> args..` into a fresh folder of the cargo test tmpdir and returns it.
 /// The folder is per process: nextest runs every test in its own process, concurrently, and a shared
 /// folder would be rewritten under a test that is reading it.
+/// Folders of earlier processes whose process is gone are removed first: the tmpdir is kept between runs (it lives in
+/// the shared target folder), and without this every run would leave its oracle outputs behind.
 pub fn run_oracle_into(name: &str, script: &str, args: &[&str]) -> PathBuf {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}-{}", std::process::id()));
+    let tmp = Path::new(env!("CARGO_TARGET_TMPDIR"));
+    remove_folders_of_gone_processes(tmp, name);
+    let dir = tmp.join(format!("{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("create oracle dir");
     let mut all = vec![dir.to_str().expect("utf-8 tmpdir")];
     all.extend_from_slice(args);
     m3d_testkit::run_python(&common::oracle_dir().join(script), &all);
     dir
+}
+
+fn remove_folders_of_gone_processes(tmp: &Path, name: &str) {
+    let Ok(entries) = std::fs::read_dir(tmp) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let file_name = entry.file_name();
+        let Some(pid) = file_name
+            .to_str()
+            .and_then(|n| n.strip_prefix(name))
+            .and_then(|n| n.strip_prefix('-'))
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
 }
 
 /// The folder of `llm_parity.py` run for `cases`, once per test binary (`cell` is that binary's static).
