@@ -337,19 +337,21 @@ pub fn eval_bench(a: EvalBenchArgs) -> Result<()> {
     let out = m3d_eval::output::BenchOut::open(&a.out)?;
     let report = match &a.coordinator {
         None => {
-            m3d_eval::bench::run_rank(
+            // A job of its own: an earlier evaluation's result files in this output are not this one's.
+            out.clear_parts()?;
+            let summary = m3d_eval::bench::run_rank(
                 &model,
                 &a.data,
                 &a.volumes,
                 &opts,
                 out.dir(),
-                m3d_eval::bench::Share::Stride,
+                m3d_eval::bench::Share::All,
                 |d, n| {
                     progress("rank 0", d, n);
                     Ok(())
                 },
             )?;
-            let report = m3d_eval::bench::merge(out.dir(), 1, &label, &opts)?;
+            let report = m3d_eval::bench::merge(out.dir(), summary.pass_items, 1, &label, &opts)?;
             out.upload_all()?;
             Some(report)
         }
@@ -416,10 +418,16 @@ fn serve_eval(
 ) -> Result<()> {
     let min = a.min_workers.unwrap_or(a.workers);
     let cfg = eval_job_config(a, opts, min)?;
+    let out = m3d_eval::output::BenchOut::open(&a.out)?;
     let state = match &a.state {
         Some(s) => s.clone(),
-        None => m3d_eval::output::BenchOut::open(&a.out)?.child("coordinator"),
+        None => out.child("coordinator"),
     };
+    // A job that starts afresh owns the output's result files: an earlier job's must be neither reused by a
+    // restart round nor merged. A coordinator that continues its saved job keeps them (its ranks reuse them).
+    if !m3d_coordinator::has_saved_job(&state)? {
+        out.clear_parts()?;
+    }
     m3d_coordinator::cli::serve_job(
         cfg,
         m3d_coordinator::cli::ServeOptions {
@@ -436,6 +444,8 @@ fn serve_eval(
 /// `--workers N` on this machine: a coordinator in this process and N rank processes, as on a cluster.
 fn eval_job_here(a: &EvalBenchArgs, opts: &m3d_eval::bench::BenchOptions) -> Result<()> {
     let cfg = eval_job_config(a, opts, a.workers)?;
+    // A coordinator without saved state: a new job, which owns the output's result files.
+    m3d_eval::output::BenchOut::open(&a.out)?.clear_parts()?;
     let mut secret = [0u8; 24];
     rand::RngCore::fill_bytes(&mut rand::rng(), &mut secret);
     let token_text: String = secret.iter().map(|b| format!("{b:02x}")).collect();

@@ -288,6 +288,24 @@ struct JobRecord {
 
 const RECORD_FORMAT: u32 = 1;
 const RECORD_KEY: &str = "job.json";
+
+/// Whether the state location `state_url` holds a job document, i.e. whether a coordinator opened there
+/// continues a job rather than starting one. A location that does not exist holds none.
+pub fn has_saved_job(state_url: &str) -> Result<bool, CoordError> {
+    let state_err = |reason: String| CoordError::State {
+        url: state_url.to_string(),
+        reason,
+    };
+    let store = match m3d_store::Store::open_existing(state_url) {
+        Ok(s) => s,
+        Err(m3d_store::StoreError::MissingFolder { .. }) => return Ok(false),
+        Err(e) => return Err(state_err(e.to_string())),
+    };
+    store
+        .get_opt(RECORD_KEY)
+        .map(|b| b.is_some())
+        .map_err(|e| state_err(e.to_string()))
+}
 /// Steps in one data-plan answer, so one request cannot make the coordinator build a huge message.
 pub const MAX_PLAN_STEPS: u32 = 1024;
 /// Peers in one `peers` answer.

@@ -31,8 +31,8 @@ pub use config::JobConfig;
 pub use error::{CoordError, PlanError};
 pub use grpc::{serve, CoordinatorService, Token};
 pub use job::{
-    Assignment, CheckpointRef, ControlPlane, Coordinator, DataPlan, HeartbeatReply, JobPhase,
-    JobStatus, Peer, Progress, WorkLease, WorkerAction, WorkerInfo,
+    has_saved_job, Assignment, CheckpointRef, ControlPlane, Coordinator, DataPlan, HeartbeatReply,
+    JobPhase, JobStatus, Peer, Progress, WorkLease, WorkerAction, WorkerInfo,
 };
 pub use plan::{BlockOrder, EpochOrder, PlanKind, PlanSpec, SampleOrder, Shuffle, StepPlan};
 pub use recipe::{dataset_manifest, plan_spec, shard_listing, RecipePlanError, TrainingSet};

@@ -4,12 +4,16 @@
 //!
 //! Work is split by rank: the work items in a fixed order (each task's samples: tasks as asked, datasets as
 //! listed, samples in shard order, the `--limit` first of each task; then retrieval, one item), which ranks
-//! lease from the coordinator's work queue a batch at a time, or, without a coordinator, rank `r` of `W` taking
-//! every `W`-th ([`Share`]; ranks and world come from the coordinator, see [`crate::job`]). Each rank writes its
-//! per-sample results to `parts/rank-R-of-W.jsonl`; [`merge`] reads every part (refusing a missing one) and
-//! writes `results.jsonl`, `bench.json` and `bench.md`. A result depends only on its sample, never on the
+//! lease from the coordinator's work queue a batch at a time, or, without a coordinator, one process takes in
+//! order ([`Share`]; ranks and world come from the coordinator, see [`crate::job`]). Each finished batch is a
+//! result file of its own, `parts/items-<start>-<end>.jsonl` (its items' results, each line naming its item),
+//! written whole or not at all; [`merge`] reads them all, refuses a pass with an item no file covers (naming
+//! the items), and writes `results.jsonl`, `bench.json` and `bench.md`. A rank of a restart round skips the
+//! items a finished file already covers (a failed rank's finished batches included), so a round that breaks
+//! late redoes only what no rank had finished. A result depends only on its sample, never on the
 //! rank or the batch it ran in (left-padded batches decode as single prompts; the template draw is keyed by
-//! the sample), so 1 and N workers give the same per-sample results.
+//! the sample), so 1 and N workers give the same per-sample results. Each rank also leaves a summary of its
+//! share in a round, `parts/rank-R-of-W.json` ([`RankSummary`]).
 //!
 //! Metrics per task, as the reference's `Bench/eval/eval_*.py` compute them (with its defects corrected unless
 //! [`Convention::Reference`]): captions, open VQA and REG: BLEU-1, ROUGE-1 F, METEOR (with WordNet; skipped,
@@ -18,7 +22,6 @@
 //! text when an encoder is given.
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use m3d_data::loader::{LoaderOptions, ShardLoader};
@@ -123,10 +126,86 @@ pub(crate) fn accepts(task: BenchTask, stored: Task) -> bool {
 /// A sample of a task: (task, dataset index, sample index).
 type WorkItem = (BenchTask, usize, u64);
 
-/// The part file of `rank` of `world`.
-pub fn part_path(out: &Path, rank: usize, world: usize) -> PathBuf {
+/// The result file of the pass's work items `items` (zero-padded, so that names sort by the first item).
+pub fn chunk_path(out: &Path, items: std::ops::Range<usize>) -> PathBuf {
     out.join("parts")
-        .join(format!("rank-{rank}-of-{world}.jsonl"))
+        .join(format!("items-{:08}-{:08}.jsonl", items.start, items.end))
+}
+
+/// The finished result files under `out/parts` with the items each covers, sorted by name.
+pub fn finished_chunks(out: &Path) -> Result<Vec<(std::ops::Range<usize>, PathBuf)>, EvalError> {
+    let dir = out.join("parts");
+    let entries = match std::fs::read_dir(&dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(io_err(&dir, e)),
+    };
+    let mut found = Vec::new();
+    for entry in entries {
+        let path = entry.map_err(|e| io_err(&dir, e))?.path();
+        let Some(range) = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_prefix("items-")?.strip_suffix(".jsonl"))
+            .and_then(|n| n.split_once('-'))
+            .and_then(|(a, b)| Some(a.parse::<usize>().ok()?..b.parse::<usize>().ok()?))
+        else {
+            continue;
+        };
+        if range.start < range.end {
+            found.push((range, path));
+        }
+    }
+    found.sort_by(|a, b| a.1.cmp(&b.1));
+    Ok(found)
+}
+
+/// The summary file of `rank` of `world` (one per round a rank finished its share in).
+pub fn summary_path(out: &Path, rank: usize, world: usize) -> PathBuf {
+    out.join("parts")
+        .join(format!("rank-{rank}-of-{world}.json"))
+}
+
+/// What one rank did in one round: written to [`summary_path`] when its share is done.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RankSummary {
+    pub rank: usize,
+    pub world: usize,
+    /// Work items of the whole pass.
+    pub pass_items: usize,
+    /// Items this rank took (leased, or the whole pass without a coordinator).
+    pub items: usize,
+    /// Of those, the ones it evaluated, and the ones an earlier round's finished result file already covered.
+    pub evaluated: usize,
+    pub reused: usize,
+    /// Prompts it answered.
+    pub prompts: usize,
+    pub seconds: f64,
+}
+
+/// A line of a result file: a prompt's result and the work item it belongs to.
+#[derive(Serialize, Deserialize)]
+struct ChunkLine {
+    item: usize,
+    #[serde(flatten)]
+    result: SampleResult,
+}
+
+/// Writes `lines` as the result file of `items`: a temporary file renamed into place, so a result file is
+/// either whole or absent.
+fn write_chunk(out: &Path, items: std::ops::Range<usize>, lines: &str) -> Result<(), EvalError> {
+    let path = chunk_path(out, items);
+    let tmp = path.with_extension("jsonl.tmp");
+    std::fs::write(&tmp, lines).map_err(|e| io_err(&tmp, e))?;
+    std::fs::rename(&tmp, &path).map_err(|e| io_err(&path, e))
+}
+
+/// Writes `value` as JSON to `path` through a temporary file.
+fn write_json_atomically(path: &Path, value: &impl Serialize) -> Result<(), EvalError> {
+    let json = serde_json::to_vec_pretty(value).map_err(|e| io_err(path, e))?;
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(&tmp, json).map_err(|e| io_err(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| io_err(path, e))
 }
 
 fn io_err(path: &Path, e: impl std::fmt::Display) -> EvalError {
@@ -177,9 +256,8 @@ impl TextScorer {
 
 /// How a rank learns which work items (places in the pass's fixed order) are its own.
 pub enum Share<'a> {
-    /// Rank `opts.rank` of `opts.world` takes items `rank`, `rank + world`, ...: a fixed slice, for a run
-    /// without a coordinator.
-    Stride,
+    /// The whole pass, in order, a batch at a time: a run without a coordinator.
+    All,
     /// Items leased a batch at a time from a work queue (the coordinator's `LeaseWork`): called with the most
     /// items wanted, it answers the next range of the pass, empty when none is left. A rank that is faster,
     /// or started sooner, takes more, so no rank waits for a slower one at the end.
@@ -187,9 +265,10 @@ pub enum Share<'a> {
 }
 
 /// Runs this rank's share of the benchmark with `model` over the shard datasets `data` (each opened with the
-/// extra volume datasets `volumes`, e.g. M3D-Cap's for M3D-VQA), writing its part file under `out`.
-/// `progress(done, all)` is called after each batch: this rank's items under [`Share::Stride`], the pass's
-/// items handed out so far under [`Share::Leased`].
+/// extra volume datasets `volumes`, e.g. M3D-Cap's for M3D-VQA), writing a result file per finished batch under
+/// `out` and skipping the items that the result files already there cover (an earlier round's).
+/// `progress(done, all)` is called after each batch, once its result file is in place: the pass's items
+/// handed out so far, of all of them.
 pub fn run_rank(
     model: &LamedModel,
     data: &[String],
@@ -198,7 +277,7 @@ pub fn run_rank(
     out: &Path,
     mut share: Share<'_>,
     mut progress: impl FnMut(usize, usize) -> Result<(), EvalError>,
-) -> Result<PathBuf, EvalError> {
+) -> Result<RankSummary, EvalError> {
     if opts.world == 0 || opts.rank >= opts.world {
         return Err(EvalError::Input(format!(
             "rank {} of world {}",
@@ -269,84 +348,111 @@ pub fn run_rank(
                 .copied(),
         );
     }
-    let mut strided = (opts.rank..items).step_by(opts.world);
-    let strided_len = strided.len();
-
     let scorer = TextScorer::new(opts)?;
     let bertscore = match &opts.bertscore {
         Some((dir, layers)) => Some(BertScorer::load(dir, *layers, model.device())?),
         None => None,
     };
     let image_tokens = model.config().num_image_tokens() as usize;
-    let path = part_path(out, opts.rank, opts.world);
-    let dir = path.parent().unwrap_or(out);
-    std::fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
-    let tmp = path.with_extension("jsonl.tmp");
-    let mut file =
-        std::io::BufWriter::new(std::fs::File::create(&tmp).map_err(|e| io_err(&tmp, e))?);
+    let parts = out.join("parts");
+    std::fs::create_dir_all(&parts).map_err(|e| io_err(&parts, e))?;
+    // What earlier rounds finished. Result files written during this round cover other items (the queue hands
+    // each item out once a round), so the list is taken once.
+    let mut finished = vec![false; items];
+    for (range, _) in finished_chunks(out)? {
+        if let Some(slots) = finished.get_mut(range.start..range.end.min(items)) {
+            slots.fill(true);
+        }
+    }
     let batch = opts.batch.max(1);
     let started = std::time::Instant::now();
-    // This rank's items so far (under `Share::Stride` also what its progress bar counts).
-    let mut done = 0;
+    let mut summary = RankSummary {
+        rank: opts.rank,
+        world: opts.world,
+        pass_items: items,
+        items: 0,
+        evaluated: 0,
+        reused: 0,
+        prompts: 0,
+        seconds: 0.0,
+    };
+    let mut cursor = 0;
     loop {
-        let (next, shown) = match &mut share {
-            Share::Stride => {
-                let next: Vec<usize> = strided.by_ref().take(batch).collect();
-                let shown = (done + next.len(), strided_len);
-                (next, shown)
+        let (start, end) = match &mut share {
+            Share::All => {
+                let r = (cursor, (cursor + batch).min(items));
+                cursor = r.1;
+                r
             }
             Share::Leased(lease) => {
                 let r = lease(batch)?;
                 let (start, end) = (r.start as usize, r.end as usize);
-                if end > items {
+                if end > items || start > end {
                     return Err(EvalError::Control(format!(
                         "leased items {start}..{end} of a pass of {items}"
                     )));
                 }
-                ((start..end).collect(), (end, items))
+                (start, end)
             }
         };
-        if next.is_empty() {
+        if start == end {
             break;
         }
-        done += next.len();
-        if retrieval_item.is_some_and(|i| next.contains(&i)) {
-            retrieval(model, data, &loaders, opts, out)?;
+        summary.items += end - start;
+        // Each run of items no finished file covers becomes a result file of its own.
+        let mut s = start;
+        while s < end {
+            if finished[s] {
+                summary.reused += 1;
+                s += 1;
+                continue;
+            }
+            let e = (s..end).find(|&i| finished[i]).unwrap_or(end);
+            if retrieval_item.is_some_and(|i| (s..e).contains(&i)) {
+                retrieval(model, data, &loaders, opts, out)?;
+            }
+            let chunk: Vec<(usize, WorkItem)> = (s..e)
+                .filter_map(|i| work.get(i).map(|&w| (i, w)))
+                .collect();
+            let mut lines = String::new();
+            if !chunk.is_empty() {
+                summary.prompts += answer_chunk(
+                    model,
+                    data,
+                    &loaders,
+                    opts,
+                    out,
+                    &chunk,
+                    &scorer,
+                    bertscore.as_ref(),
+                    &drawn,
+                    image_tokens,
+                    &mut lines,
+                )?;
+            }
+            write_chunk(out, s..e, &lines)?;
+            summary.evaluated += e - s;
+            s = e;
         }
-        let chunk: Vec<WorkItem> = next.iter().filter_map(|&i| work.get(i).copied()).collect();
-        if !chunk.is_empty() {
-            answer_chunk(
-                model,
-                data,
-                &loaders,
-                opts,
-                out,
-                &chunk,
-                &scorer,
-                bertscore.as_ref(),
-                &drawn,
-                image_tokens,
-                &tmp,
-                &mut file,
-            )?;
-        }
-        progress(shown.0, shown.1)?;
+        progress(end, items)?;
         m3d_worker::failpoint::pause("eval-batch");
     }
-    file.flush().map_err(|e| io_err(&tmp, e))?;
-    drop(file);
-    std::fs::rename(&tmp, &path).map_err(|e| io_err(&path, e))?;
+    summary.seconds = started.elapsed().as_secs_f64();
+    write_json_atomically(&summary_path(out, opts.rank, opts.world), &summary)?;
     tracing::info!(
         rank = opts.rank,
         world = opts.world,
-        items = done,
-        seconds = started.elapsed().as_secs_f64(),
-        "slice evaluated"
+        items = summary.items,
+        evaluated = summary.evaluated,
+        reused = summary.reused,
+        seconds = summary.seconds,
+        "share evaluated"
     );
-    Ok(path)
+    Ok(summary)
 }
 
-/// Answers and scores one batch of work items, appending a result line per prompt to `file` (at `tmp`).
+/// Answers and scores one batch of work items (each with its place in the pass), appending a result line per
+/// prompt to `lines`; returns the number of prompts.
 #[allow(clippy::too_many_arguments)]
 fn answer_chunk(
     model: &LamedModel,
@@ -354,28 +460,31 @@ fn answer_chunk(
     loaders: &[ShardLoader],
     opts: &BenchOptions,
     out: &Path,
-    chunk: &[WorkItem],
+    chunk: &[(usize, WorkItem)],
     scorer: &TextScorer,
     bertscore: Option<&BertScorer>,
     drawn: &std::collections::HashSet<WorkItem>,
     image_tokens: usize,
-    tmp: &Path,
-    file: &mut impl Write,
-) -> Result<(), EvalError> {
+    lines: &mut String,
+) -> Result<usize, EvalError> {
     let mut requests = Vec::new();
     // Each prompt with its sample's reference mask and its work item.
-    let mut asked: Vec<(BenchPrompt, Option<Vec<f32>>, WorkItem)> = Vec::new();
+    let mut asked: Vec<(BenchPrompt, Option<Vec<f32>>, WorkItem, usize)> = Vec::new();
     // One load per dataset for the whole chunk, so its volume reads are planned (and coalesced) together.
     let mut loaded = std::collections::HashMap::new();
     for (d, loader) in loaders.iter().enumerate() {
-        let wanted: Vec<u64> = chunk.iter().filter(|w| w.1 == d).map(|w| w.2).collect();
+        let wanted: Vec<u64> = chunk
+            .iter()
+            .filter(|(_, w)| w.1 == d)
+            .map(|(_, w)| w.2)
+            .collect();
         if !wanted.is_empty() {
             for sample in loader.load(&wanted)? {
                 loaded.insert((d, sample.index), sample);
             }
         }
     }
-    for &(task, d, i) in chunk {
+    for &(item, (task, d, i)) in chunk {
         let sample = loaded
             .get(&(d, i))
             .ok_or_else(|| EvalError::Input(format!("sample {i} of {} did not load", data[d])))?;
@@ -388,12 +497,12 @@ fn answer_chunk(
                 question: p.question.clone(),
                 prompt: p.prompt.clone(),
             });
-            asked.push((p, sample.mask.clone(), (task, d, i)));
+            asked.push((p, sample.mask.clone(), (task, d, i), item));
         }
     }
     let masks = asked
         .iter()
-        .any(|(p, _, _)| matches!(p.task, BenchTask::Seg | BenchTask::RefSeg));
+        .any(|(p, ..)| matches!(p.task, BenchTask::Seg | BenchTask::RefSeg));
     let answers = model
         .answer(&requests, &model.options(opts.max_new_tokens), masks)
         .map_err(|e| EvalError::Input(e.to_string()))?;
@@ -405,14 +514,15 @@ fn answer_chunk(
             let pairs: Vec<(&str, &str)> = asked
                 .iter()
                 .zip(&answers)
-                .filter(|((p, _, _), _)| texts(p))
-                .map(|((p, _, _), a)| (a.text.as_str(), p.answer.as_str()))
+                .filter(|((p, ..), _)| texts(p))
+                .map(|((p, ..), a)| (a.text.as_str(), p.answer.as_str()))
                 .collect();
             b.score(&pairs)?.into_iter()
         }
         None => Vec::new().into_iter(),
     };
-    for ((p, mask, key), a) in asked.into_iter().zip(answers) {
+    let prompts = asked.len();
+    for ((p, mask, key, item), a) in asked.into_iter().zip(answers) {
         let mut scores = BTreeMap::new();
         let mut overlays = Vec::new();
         if texts(&p) {
@@ -471,10 +581,12 @@ fn answer_chunk(
             overlays,
             scores,
         };
-        let line = serde_json::to_string(&r).map_err(|e| io_err(tmp, e))?;
-        writeln!(file, "{line}").map_err(|e| io_err(tmp, e))?;
+        let line = serde_json::to_string(&ChunkLine { item, result: r })
+            .map_err(|e| EvalError::Input(format!("the result of work item {item}: {e}")))?;
+        lines.push_str(&line);
+        lines.push('\n');
     }
-    Ok(())
+    Ok(prompts)
 }
 
 /// Where the rank of the retrieval item leaves its scores for [`merge`].
@@ -509,13 +621,7 @@ fn retrieval(
             ))
         })?;
     let r = crate::clip_retrieval_on(clip, url, &opts.split, opts.limit, 16, model.device())?;
-    let path = retrieval_path(out);
-    let dir = path.parent().unwrap_or(out);
-    std::fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
-    let json = serde_json::to_vec_pretty(&r).map_err(|e| io_err(&path, e))?;
-    let tmp = path.with_extension("json.tmp");
-    std::fs::write(&tmp, json).map_err(|e| io_err(&tmp, e))?;
-    std::fs::rename(&tmp, &path).map_err(|e| io_err(&path, e))
+    write_json_atomically(&retrieval_path(out), &r)
 }
 
 /// Writes `overlays/<task>-<sample>-<family><template>-{pred,truth}.png`: the volume's axial slices with the predicted
@@ -650,28 +756,68 @@ pub struct BenchReport {
     pub notes: Vec<String>,
 }
 
-/// Reads the `world` part files under `out` (all must be there), writes `results.jsonl` (sorted by task and
-/// sample), `bench.json` and `bench.md`, and returns the report.
+/// Reads the result files under `out` (together they must cover the pass's `items`; `world` ranks wrote them),
+/// writes `results.jsonl`
+/// (sorted by task and sample), `bench.json` and `bench.md`, and returns the report.
 pub fn merge(
     out: &Path,
+    items: usize,
     world: usize,
     model: &str,
     opts: &BenchOptions,
 ) -> Result<BenchReport, EvalError> {
+    // Each item's results come from the first result file (by name) that covers it: a batch finished twice
+    // (by a rank of a broken round and again after it) gives the same lines, so either copy serves.
+    let chunks = finished_chunks(out)?;
+    let mut owner: Vec<Option<usize>> = vec![None; items];
+    for (c, (range, path)) in chunks.iter().enumerate() {
+        if range.end > items {
+            return Err(io_err(
+                path,
+                format!("covers items up to {}, the pass has {items}: a result file of another evaluation (use a fresh -o)", range.end),
+            ));
+        }
+        for slot in &mut owner[range.clone()] {
+            slot.get_or_insert(c);
+        }
+    }
+    let mut missing = Vec::new();
+    let mut i = 0;
+    while i < items {
+        if owner[i].is_none() {
+            let e = (i..items).find(|&k| owner[k].is_some()).unwrap_or(items);
+            missing.push(format!("{i}..{e}"));
+            i = e;
+        } else {
+            i += 1;
+        }
+    }
+    if !missing.is_empty() {
+        return Err(EvalError::Input(format!(
+            "{}: no result file covers work items {} of {items} (their rank has not finished)",
+            out.join("parts").display(),
+            missing.join(", ")
+        )));
+    }
     let mut results: Vec<SampleResult> = Vec::new();
-    for rank in 0..world {
-        let path = part_path(out, rank, world);
-        let text = std::fs::read_to_string(&path).map_err(|e| {
-            io_err(
-                &path,
-                format!("{e} (rank {rank} of {world} has not finished)"),
-            )
-        })?;
+    for (c, (range, path)) in chunks.iter().enumerate() {
+        let text = std::fs::read_to_string(path).map_err(|e| io_err(path, e))?;
         for (n, line) in text.lines().enumerate() {
-            results.push(
-                serde_json::from_str(line)
-                    .map_err(|e| io_err(&path, format!("line {}: {e}", n + 1)))?,
-            );
+            let l: ChunkLine = serde_json::from_str(line)
+                .map_err(|e| io_err(path, format!("line {}: {e}", n + 1)))?;
+            if !range.contains(&l.item) {
+                return Err(io_err(
+                    path,
+                    format!(
+                        "line {}: work item {} is outside the file's items {range:?}",
+                        n + 1,
+                        l.item
+                    ),
+                ));
+            }
+            if owner[l.item] == Some(c) {
+                results.push(l.result);
+            }
         }
     }
     let order: BTreeMap<String, usize> = opts
@@ -851,4 +997,101 @@ pub fn markdown(r: &BenchReport) -> String {
         }
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts() -> BenchOptions {
+        BenchOptions {
+            tasks: vec![BenchTask::VqaClosed],
+            split: "test".into(),
+            limit: None,
+            batch: 2,
+            max_new_tokens: 4,
+            seed: 0,
+            convention: Convention::Corrected,
+            wordnet: None,
+            bertscore: None,
+            clip: None,
+            overlays: 0,
+            rank: 0,
+            world: 1,
+            planned_items: None,
+        }
+    }
+
+    /// The result lines of `items`, one prompt each, the prediction naming the file they came from.
+    fn lines(items: std::ops::Range<usize>, from: &str) -> String {
+        items
+            .map(|item| {
+                let result = SampleResult {
+                    task: "vqa-closed".into(),
+                    sample_id: format!("s{item}"),
+                    family: None,
+                    question_type: "plane".into(),
+                    template: None,
+                    question: "q".into(),
+                    answer: "A".into(),
+                    prediction: from.into(),
+                    overlays: Vec::new(),
+                    scores: BTreeMap::from([("correct".to_string(), 1.0)]),
+                };
+                serde_json::to_string(&ChunkLine { item, result }).unwrap() + "\n"
+            })
+            .collect()
+    }
+
+    #[test]
+    fn merge_takes_each_item_once_and_names_the_items_no_file_covers() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path();
+        std::fs::create_dir_all(out.join("parts")).unwrap();
+        write_chunk(out, 0..2, &lines(0..2, "first")).unwrap();
+        write_chunk(out, 4..6, &lines(4..6, "first")).unwrap();
+        // Names that are not finished result files are not read.
+        std::fs::write(out.join("parts/items-00000002-00000004.jsonl.tmp"), "junk").unwrap();
+        let err = merge(out, 6, 1, "m", &opts()).unwrap_err().to_string();
+        assert!(err.contains("work items 2..4 of 6"), "{err}");
+
+        // A batch finished twice (a broken round, then its restart) and a file overlapping three others: each
+        // item's lines come from the first file, by name, that covers it, so every item is there once.
+        write_chunk(out, 2..4, &lines(2..4, "first")).unwrap();
+        write_chunk(out, 1..5, &lines(1..5, "again")).unwrap();
+        let report = merge(out, 6, 1, "m", &opts()).unwrap();
+        assert_eq!(report.tasks["vqa-closed"].prompts, 6);
+        let merged: Vec<SampleResult> = std::fs::read_to_string(out.join("results.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let from: Vec<(&str, &str)> = merged
+            .iter()
+            .map(|r| (r.sample_id.as_str(), r.prediction.as_str()))
+            .collect();
+        assert_eq!(
+            from,
+            [
+                ("s0", "first"),
+                ("s1", "first"),
+                ("s2", "again"),
+                ("s3", "again"),
+                ("s4", "again"),
+                ("s5", "first")
+            ]
+        );
+
+        // A file of a longer pass (another evaluation's) and a line outside its file's items are refused.
+        write_chunk(out, 6..8, &lines(6..8, "other")).unwrap();
+        let err = merge(out, 6, 1, "m", &opts()).unwrap_err().to_string();
+        assert!(
+            err.contains("items-00000006-00000008.jsonl") && err.contains("fresh -o"),
+            "{err}"
+        );
+        std::fs::remove_file(chunk_path(out, 6..8)).unwrap();
+        write_chunk(out, 5..6, &lines(4..5, "first")).unwrap();
+        let err = merge(out, 6, 1, "m", &opts()).unwrap_err().to_string();
+        assert!(err.contains("work item 4 is outside"), "{err}");
+    }
 }

@@ -15,8 +15,10 @@
 //!
 //! A rank that fails (or stops heartbeating) breaks the round: the others stop their slice and register again,
 //! and the coordinator forms a restart round over the survivors (within `--min-workers` and `--restarts`), whose
-//! ranks lease the whole pass again. Results depend only on the sample, so the report is
-//! the same whichever round wrote it.
+//! ranks lease the whole pass again but evaluate only the items no finished result file covers (each batch's
+//! file is in the output, the store included, before the batch counts as done). Results depend only on the
+//! sample, so the report is the same whichever round wrote it. The output's `parts/` belongs to the job: a
+//! job that starts afresh (no saved coordinator state) clears it first ([`crate::output::BenchOut::clear_parts`]).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -306,6 +308,9 @@ pub fn run_rank_of_job(
                 Err(e) => Err(control(e)),
             }
         };
+        // The result files earlier rounds finished (every rank's, a failed one's included): this round skips
+        // their items.
+        out.download_parts()?;
         let done = run_rank(
             model,
             data,
@@ -314,6 +319,8 @@ pub fn run_rank_of_job(
             out.dir(),
             Share::Leased(&mut lease),
             |done, all| {
+                // Each finished batch goes to the store at once, so that it outlives this rank.
+                out.upload_all()?;
                 progress(done, all);
                 if round_over() {
                     return Err(EvalError::Interrupted(format!(
@@ -414,7 +421,13 @@ pub fn run_rank_of_job(
             return Ok(None);
         }
         out.download_parts()?;
-        let report = merge(out.dir(), a.world_size as usize, model_label, opts)?;
+        let report = merge(
+            out.dir(),
+            a.plan.samples as usize,
+            a.world_size as usize,
+            model_label,
+            opts,
+        )?;
         out.upload(&REPORT)?;
         return Ok(Some(report));
     }

@@ -5,7 +5,10 @@
 //! retrieval's scores (before it reports its slice done, so that a completed job has every part in the store);
 //! rank 0 downloads the parts, merges, and uploads the report. The object layout is the local folder's.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::SystemTime;
 
 use m3d_store::Store;
 
@@ -21,6 +24,9 @@ pub enum BenchOut {
         url: String,
         store: Store,
         staging: tempfile::TempDir,
+        /// Staging files already in the store (uploaded or downloaded), with the size and modification time
+        /// they had then: [`BenchOut::upload_all`] sends only what is new or changed.
+        synced: Mutex<HashMap<String, (u64, Option<SystemTime>)>>,
     },
 }
 
@@ -44,6 +50,7 @@ impl BenchOut {
             url,
             store,
             staging,
+            synced: Mutex::new(HashMap::new()),
         })
     }
 
@@ -71,16 +78,23 @@ impl BenchOut {
                 url,
                 store,
                 staging,
+                ..
             } => Some((url, store, staging.path())),
         }
     }
 
-    /// Uploads every file of the staging folder (a rank's part, overlays, retrieval's scores).
+    /// Uploads the files of the staging folder that are not in the store as they are now (a rank's result
+    /// files, overlays, retrieval's scores). Result files (`parts/items-*`) go last, so that a result file in
+    /// the store means the overlays and scores of its items are there too.
     pub fn upload_all(&self) -> Result<(), EvalError> {
-        let Some((_, _, staging)) = self.staged() else {
+        let BenchOut::Store {
+            staging, synced, ..
+        } = self
+        else {
             return Ok(());
         };
-        let mut names = Vec::new();
+        let staging = staging.path();
+        let mut files = Vec::new();
         let mut stack = vec![staging.to_path_buf()];
         while let Some(dir) = stack.pop() {
             let entries =
@@ -92,12 +106,28 @@ impl BenchOut {
                 if path.is_dir() {
                     stack.push(path);
                 } else if let Ok(rel) = path.strip_prefix(staging) {
-                    names.push(rel.to_string_lossy().replace('\\', "/"));
+                    let name = rel.to_string_lossy().replace('\\', "/");
+                    if name.ends_with(".tmp") {
+                        continue;
+                    }
+                    let meta = std::fs::metadata(&path)
+                        .map_err(|e| store_err(&path.display().to_string(), e))?;
+                    files.push((name, (meta.len(), meta.modified().ok())));
                 }
             }
         }
-        names.sort();
-        self.upload(&names.iter().map(String::as_str).collect::<Vec<_>>())
+        files.retain(|(name, stamp)| {
+            synced.lock().unwrap_or_else(|p| p.into_inner()).get(name) != Some(stamp)
+        });
+        files.sort_by_key(|(name, _)| (name.starts_with("parts/items-"), name.clone()));
+        for (name, stamp) in files {
+            self.upload(&[&name])?;
+            synced
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(name, stamp);
+        }
+        Ok(())
     }
 
     /// Uploads the named files of the staging folder.
@@ -116,21 +146,59 @@ impl BenchOut {
         Ok(())
     }
 
-    /// Downloads the ranks' parts (`parts/`) into the staging folder, for the merge.
+    /// Downloads the output's `parts/` (every rank's result files, summaries, retrieval's scores) into the
+    /// staging folder: for the merge, and for a restart round to see what earlier rounds finished.
     pub fn download_parts(&self) -> Result<(), EvalError> {
-        let Some((url, store, staging)) = self.staged() else {
+        let BenchOut::Store {
+            url,
+            store,
+            staging,
+            synced,
+        } = self
+        else {
             return Ok(());
         };
         for (key, _) in store.list("parts").map_err(|e| store_err(url, e))? {
+            let path = staging.path().join(&key);
+            if std::fs::metadata(&path).is_ok() {
+                // This process's own file: the store has what it uploaded, or it is newer.
+                continue;
+            }
             let bytes = store.get(&key).map_err(|e| store_err(url, e))?;
-            let path = staging.join(&key);
             if let Some(dir) = path.parent() {
                 std::fs::create_dir_all(dir)
                     .map_err(|e| store_err(&dir.display().to_string(), e))?;
             }
             std::fs::write(&path, &bytes).map_err(|e| store_err(&path.display().to_string(), e))?;
+            let meta =
+                std::fs::metadata(&path).map_err(|e| store_err(&path.display().to_string(), e))?;
+            synced
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(key, (meta.len(), meta.modified().ok()));
         }
         Ok(())
+    }
+
+    /// Removes the output's `parts/` (result files of an earlier job in the same output): a job that starts
+    /// afresh must neither reuse nor merge them.
+    pub fn clear_parts(&self) -> Result<(), EvalError> {
+        match self {
+            BenchOut::Local(p) => {
+                let parts = p.join("parts");
+                match std::fs::remove_dir_all(&parts) {
+                    Ok(()) => Ok(()),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                    Err(e) => Err(store_err(&parts.display().to_string(), e)),
+                }
+            }
+            BenchOut::Store { url, store, .. } => {
+                for (key, _) in store.list("parts").map_err(|e| store_err(url, e))? {
+                    store.delete(&key).map_err(|e| store_err(url, e))?;
+                }
+                Ok(())
+            }
+        }
     }
 
     /// The bytes of the output's file `name`.

@@ -325,7 +325,7 @@ fn eval_bench_covers_every_task_and_two_workers_equal_one() {
         results,
         std::fs::read_to_string(two.join("results.jsonl")).unwrap()
     );
-    assert!(two.join("parts/rank-1-of-2.jsonl").is_file());
+    assert!(two.join("parts/rank-1-of-2.json").is_file());
     // Into object storage (an S3 server on loopback): the ranks stage locally and upload their parts and
     // overlays; rank 0 merges what it downloads and uploads the report, which is the same.
     let s3 = m3d_testkit::S3Server::start(&dir.path().join("moto.log"));
@@ -362,7 +362,29 @@ fn eval_bench_covers_every_task_and_two_workers_equal_one() {
         &s3_env,
     );
     assert_eq!(to_s3.replace("s3://m3d/model/", &model), printed);
-    // A store folder with no model in it is named.
+    let keys = s3.keys("m3d", "bench/");
+    for k in [
+        "bench/bench.json",
+        "bench/bench.md",
+        "bench/results.jsonl",
+        "bench/parts/rank-0-of-2.json",
+        "bench/parts/rank-1-of-2.json",
+        "bench/parts/retrieval.json",
+    ] {
+        assert!(keys.iter().any(|x| x == k), "{k} not in {keys:?}");
+    }
+    assert!(
+        keys.iter().any(|k| k.starts_with("bench/parts/items-")),
+        "no result file in {keys:?}"
+    );
+    assert_eq!(
+        keys.iter()
+            .filter(|k| k.starts_with("bench/overlays/"))
+            .count(),
+        std::fs::read_dir(one.join("overlays")).unwrap().count()
+    );
+    // A store folder with no model in it is named (a new job in the same output: it starts by clearing the
+    // earlier job's result files).
     args[at] = "s3://m3d/no-model".into();
     let o = common::m3d_env(
         &args.iter().map(String::as_str).collect::<Vec<_>>(),
@@ -372,23 +394,6 @@ fn eval_bench_covers_every_task_and_two_workers_equal_one() {
     assert!(
         !o.status.success() && err.contains("--model s3://m3d/no-model"),
         "{err}"
-    );
-    let keys = s3.keys("m3d", "bench/");
-    for k in [
-        "bench/bench.json",
-        "bench/bench.md",
-        "bench/results.jsonl",
-        "bench/parts/rank-0-of-2.jsonl",
-        "bench/parts/rank-1-of-2.jsonl",
-        "bench/parts/retrieval.json",
-    ] {
-        assert!(keys.iter().any(|x| x == k), "{k} not in {keys:?}");
-    }
-    assert_eq!(
-        keys.iter()
-            .filter(|k| k.starts_with("bench/overlays/"))
-            .count(),
-        std::fs::read_dir(one.join("overlays")).unwrap().count()
     );
     // As on a cluster: the coordinator of the evaluation (`--serve`) and two rank processes started alone,
     // with the token the coordinator requires; rank 0 merges and prints the report.
@@ -465,7 +470,8 @@ fn eval_bench_covers_every_task_and_two_workers_equal_one() {
     coordinator.kill().unwrap();
     coordinator.wait().unwrap();
     // A rank lost mid-slice (killed while paused after its first batch): the survivor registers again, a
-    // restart round of one forms, and the report is the same.
+    // restart round of one forms, and the report is the same. Every item had a finished result file before
+    // the loss (the lost rank's first batch included), so the restart round evaluates nothing again.
     let five = dir.path().join("five");
     let (mut coordinator, url) = serve(
         "2",
@@ -490,15 +496,50 @@ fn eval_bench_covers_every_task_and_two_workers_equal_one() {
         &[],
         &[token[0], ("M3D_FAILPOINTS", "eval-batch=60000")],
     );
-    common::wait_for("rank 0's part", std::time::Duration::from_secs(120), || {
-        five.join("parts/rank-0-of-2.jsonl").is_file()
-    });
+    common::wait_for(
+        "rank 0's share",
+        std::time::Duration::from_secs(120),
+        || five.join("parts/rank-0-of-2.json").is_file(),
+    );
+    let chunks = |dir: &Path| -> Vec<(String, std::time::SystemTime)> {
+        let mut found: Vec<_> = std::fs::read_dir(dir.join("parts"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| {
+                let name = p.file_name().unwrap().to_string_lossy();
+                name.starts_with("items-") && name.ends_with(".jsonl")
+            })
+            .map(|p| {
+                let modified = std::fs::metadata(&p).unwrap().modified().unwrap();
+                (
+                    p.file_name().unwrap().to_string_lossy().to_string(),
+                    modified,
+                )
+            })
+            .collect();
+        found.sort();
+        found
+    };
+    let before = chunks(&five);
     lost.kill().unwrap();
     lost.wait().unwrap();
     let o = survivor.wait_with_output().unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(coordinator.wait().unwrap().success());
-    assert!(five.join("parts/rank-0-of-1.jsonl").is_file());
+    let summary = |dir: &Path, name: &str| -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(dir.join("parts").join(name)).unwrap()).unwrap()
+    };
+    let restart = summary(&five, "rank-0-of-1.json");
+    assert_eq!(
+        restart["evaluated"], 0,
+        "the restart round redid work: {restart}"
+    );
+    assert_eq!(restart["reused"], restart["pass_items"], "{restart}");
+    assert_eq!(
+        chunks(&five),
+        before,
+        "result files rewritten by the restart round"
+    );
     assert_eq!(
         results,
         std::fs::read_to_string(five.join("results.jsonl")).unwrap()
@@ -526,19 +567,14 @@ fn eval_bench_covers_every_task_and_two_workers_equal_one() {
         results,
         std::fs::read_to_string(six.join("results.jsonl")).unwrap()
     );
-    let prompts = |part: &str| {
-        std::fs::read_to_string(six.join("parts").join(part))
-            .unwrap()
-            .lines()
-            .count()
-    };
-    let (fast, stalled) = (prompts("rank-0-of-2.jsonl"), prompts("rank-1-of-2.jsonl"));
+    let prompts = |name: &str| summary(&six, name)["prompts"].as_u64().unwrap() as usize;
+    let (fast, stalled) = (prompts("rank-0-of-2.json"), prompts("rank-1-of-2.json"));
     assert!(
         fast > stalled && fast + stalled == results.lines().count(),
         "the stalled rank answered {stalled} prompts, the other {fast}"
     );
     assert!(
-        !six.join("parts/rank-0-of-1.jsonl").exists(),
+        !six.join("parts/rank-0-of-1.json").exists(),
         "no restart round"
     );
     // A job that fails (no restart budget) while a rank is busy: the coordinator serves until that rank has
@@ -567,16 +603,12 @@ fn eval_bench_covers_every_task_and_two_workers_equal_one() {
         &[],
         &[token[0], ("M3D_FAILPOINTS", "eval-batch=60000")],
     );
+    // Each rank pauses after its first batch (the busy one for 20 s, the lost one for 60 s): two result
+    // files mean both are in the pass.
     common::wait_for(
-        "both ranks' slices",
+        "both ranks' first batches",
         std::time::Duration::from_secs(120),
-        || {
-            (0..2).all(|r| {
-                seven
-                    .join(format!("parts/rank-{r}-of-2.jsonl.tmp"))
-                    .is_file()
-            })
-        },
+        || seven.join("parts").is_dir() && chunks(&seven).len() >= 2,
     );
     lost.kill().unwrap();
     lost.wait().unwrap();

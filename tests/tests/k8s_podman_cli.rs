@@ -909,13 +909,17 @@ fn the_rendered_eval_runs_a_coordinator_pod_and_two_rank_pods_into_s3_with_the_h
     // Rank 0 merged the two ranks' parts: the report in S3 holds what one process on the host found.
     let keys = s3.keys("m3d", "bench/");
     for k in [
-        "bench/parts/rank-0-of-2.jsonl",
-        "bench/parts/rank-1-of-2.jsonl",
+        "bench/parts/rank-0-of-2.json",
+        "bench/parts/rank-1-of-2.json",
         "bench/results.jsonl",
         "bench/bench.md",
     ] {
         assert!(keys.iter().any(|x| x == k), "{k} not in {keys:?}");
     }
+    assert!(
+        keys.iter().any(|k| k.starts_with("bench/parts/items-")),
+        "no result file in {keys:?}"
+    );
     for (k, v) in &env_owned {
         std::env::set_var(k, v);
     }
