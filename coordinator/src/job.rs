@@ -358,7 +358,8 @@ struct State {
     version: u64,
     progress_dirty: bool,
     /// An evaluation round's work queue: items `0..leased` of the pass have been handed out. Not persisted: a
-    /// new round (which a restarted coordinator always forms) starts the pass again.
+    /// new round, and a round that a restarted coordinator continues, hand the pass out again from its start
+    /// (the ranks skip what they find finished: `m3d_eval::bench::run_rank`).
     leased: u64,
     /// Members of the round a failure ended who have not been told yet (any call of theirs answers "the job
     /// has ended" and strikes them off). A coordinator that exits once the job is over serves until this is

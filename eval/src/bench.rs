@@ -356,8 +356,8 @@ pub fn run_rank(
     let image_tokens = model.config().num_image_tokens() as usize;
     let parts = out.join("parts");
     std::fs::create_dir_all(&parts).map_err(|e| io_err(&parts, e))?;
-    // What earlier rounds finished. Result files written during this round cover other items (the queue hands
-    // each item out once a round), so the list is taken once.
+    // What earlier rounds finished, and then what this rank finishes: a coordinator that restarts mid-round
+    // hands the pass out again from its start, and this rank's own batches are not evaluated twice.
     let mut finished = vec![false; items];
     for (range, _) in finished_chunks(out)? {
         if let Some(slots) = finished.get_mut(range.start..range.end.min(items)) {
@@ -377,6 +377,8 @@ pub fn run_rank(
         seconds: 0.0,
     };
     let mut cursor = 0;
+    // The end of the furthest range this rank has been handed.
+    let mut high_water = 0;
     loop {
         let (start, end) = match &mut share {
             Share::All => {
@@ -399,6 +401,16 @@ pub fn run_rank(
             break;
         }
         summary.items += end - start;
+        if start < high_water {
+            // The queue went back: a coordinator that restarted mid-round hands the pass out again. Other ranks'
+            // batches finished since this round began are in the folder (a local or shared one) by now.
+            for (range, _) in finished_chunks(out)? {
+                if let Some(slots) = finished.get_mut(range.start..range.end.min(items)) {
+                    slots.fill(true);
+                }
+            }
+        }
+        high_water = high_water.max(end);
         // Each run of items no finished file covers becomes a result file of its own.
         let mut s = start;
         while s < end {
@@ -431,6 +443,7 @@ pub fn run_rank(
                 )?;
             }
             write_chunk(out, s..e, &lines)?;
+            finished[s..e].fill(true);
             summary.evaluated += e - s;
             s = e;
         }

@@ -520,6 +520,30 @@ fn eval_bench_covers_every_task_and_two_workers_equal_one() {
         found.sort();
         found
     };
+    // The lost rank's first batch is finished too (it pauses after writing it) once the files cover the pass.
+    let pass_items = serde_json::from_slice::<serde_json::Value>(
+        &std::fs::read(five.join("parts/rank-0-of-2.json")).unwrap(),
+    )
+    .unwrap()["pass_items"]
+        .as_u64()
+        .unwrap() as usize;
+    common::wait_for(
+        "every batch finished",
+        std::time::Duration::from_secs(120),
+        || {
+            let mut covered = vec![false; pass_items];
+            for (name, _) in chunks(&five) {
+                let (a, b) = name
+                    .trim_start_matches("items-")
+                    .trim_end_matches(".jsonl")
+                    .split_once('-')
+                    .unwrap();
+                let (a, b): (usize, usize) = (a.parse().unwrap(), b.parse().unwrap());
+                covered[a..b].fill(true);
+            }
+            covered.iter().all(|&c| c)
+        },
+    );
     let before = chunks(&five);
     lost.kill().unwrap();
     lost.wait().unwrap();
@@ -715,4 +739,162 @@ fn eval_bench_covers_every_task_and_two_workers_equal_one() {
             "{r}"
         );
     }
+}
+
+/// A served evaluation of two ranks whose coordinator is killed mid-pass and started again on its saved state
+/// (`--state`), as a restarted coordinator pod would be: the ranks wait for it, the job completes with the same
+/// per-sample results as one process alone, and no work item is evaluated twice (the restarted coordinator hands
+/// the pass out again from its start, and each rank skips the batches either rank had finished).
+#[test]
+fn an_eval_job_outlives_its_coordinator_and_evaluates_each_item_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, _) = trained(dir.path());
+    let shards = dir.path().join("shards");
+    let cap = shards.join("cap");
+    let args = |out: &Path, extra: &[&str]| -> Vec<String> {
+        let mut a: Vec<String> = [
+            "eval",
+            "bench",
+            "--model",
+            &model,
+            "--volumes",
+            s(&cap),
+            "--data",
+            s(&cap),
+            "--data",
+            s(&shards.join("vqa")),
+            "--tasks",
+            "cap,vqa-closed,vqa-open",
+            "--limit",
+            "4",
+            "--max-new-tokens",
+            "4",
+            "--batch",
+            "2",
+            "--device",
+            "cpu",
+            "-o",
+            s(out),
+        ]
+        .map(String::from)
+        .into();
+        a.extend(extra.iter().map(|x| x.to_string()));
+        a
+    };
+    let alone = dir.path().join("alone");
+    m3d_ok(
+        &args(&alone, &["--workers", "1"])
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    );
+    let results = std::fs::read_to_string(alone.join("results.jsonl")).unwrap();
+
+    let out = dir.path().join("job");
+    let state = dir.path().join("state");
+    let listen = format!("127.0.0.1:{}", m3d_testkit::free_port());
+    let token = [("M3D_TOKEN", "eval-secret")];
+    let serve = || {
+        Reaped(
+            std::process::Command::new(common::m3d_bin())
+                .args(args(
+                    &out,
+                    &["--workers", "2", "--serve", &listen, "--state", s(&state)],
+                ))
+                .envs(token)
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .unwrap(),
+        )
+    };
+    let mut coordinator = serve();
+    // The ranks pause 2 s after each of their batches, so the pass is still going when the coordinator dies.
+    let rank = |id: &str| {
+        std::process::Command::new(common::m3d_bin())
+            .args(args(
+                &out,
+                &[
+                    "--workers",
+                    "2",
+                    "--coordinator",
+                    &format!("http://{listen}"),
+                    "--worker-id",
+                    id,
+                ],
+            ))
+            .envs([token[0], ("M3D_FAILPOINTS", "eval-batch=2000")])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let ranks = [rank("pod-a"), rank("pod-b")];
+    // The result files: (first item, end, modification time), by name.
+    let finished = || -> Vec<(usize, usize, std::time::SystemTime)> {
+        let Ok(dir) = std::fs::read_dir(out.join("parts")) else {
+            return Vec::new();
+        };
+        let mut found: Vec<_> = dir
+            .filter_map(|e| {
+                let e = e.unwrap();
+                let name = e.file_name().to_string_lossy().to_string();
+                let (a, b) = name
+                    .strip_prefix("items-")?
+                    .strip_suffix(".jsonl")?
+                    .split_once('-')?;
+                let modified = e.metadata().unwrap().modified().unwrap();
+                Some((a.parse().unwrap(), b.parse().unwrap(), modified))
+            })
+            .collect();
+        found.sort();
+        found
+    };
+    common::wait_for(
+        "three finished batches",
+        std::time::Duration::from_secs(120),
+        || finished().len() >= 3,
+    );
+    let before = finished();
+    coordinator.kill().unwrap();
+    coordinator.wait().unwrap();
+    assert!(state.join("job.json").is_file(), "no saved job state");
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    let mut coordinator = serve();
+    for o in ranks.map(|r| r.wait_with_output().unwrap()) {
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    assert!(coordinator.wait().unwrap().success());
+    assert_eq!(
+        results,
+        std::fs::read_to_string(out.join("results.jsonl")).unwrap()
+    );
+    let summaries: Vec<serde_json::Value> = (0..2)
+        .map(|r| {
+            serde_json::from_slice(
+                &std::fs::read(out.join(format!("parts/rank-{r}-of-2.json"))).unwrap(),
+            )
+            .unwrap()
+        })
+        .collect();
+    let summary = &summaries[0];
+    // Each item is in exactly one result file, and none finished before the restart was written again.
+    let after = finished();
+    let items = summary["pass_items"].as_u64().unwrap() as usize;
+    let mut next = 0;
+    for &(a, b, _) in &after {
+        assert_eq!(a, next, "result files {after:?} overlap or leave a gap");
+        next = b;
+    }
+    assert_eq!(next, items, "{after:?}");
+    for file in &before {
+        assert!(after.contains(file), "{file:?} was rewritten: {after:?}");
+    }
+    let reused: u64 = summaries
+        .iter()
+        .map(|s| s["reused"].as_u64().unwrap())
+        .sum();
+    assert!(
+        reused >= 3,
+        "the batches finished before the restart were not reused: {summaries:?}"
+    );
 }
