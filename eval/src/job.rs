@@ -291,6 +291,8 @@ pub fn run_rank_of_job(
         o.world = a.world_size as usize;
         o.planned_items = Some(a.plan.samples);
         let generation = a.generation;
+        // The end of the furthest range handed to this rank in this round.
+        let mut high_water = 0;
         let mut lease = |max: usize| {
             if round_over() {
                 return Err(EvalError::Interrupted(format!(
@@ -302,7 +304,15 @@ pub fn run_rank_of_job(
                 let mut c = client.clone();
                 async move { c.lease_work(id, generation, max).await }
             }) {
-                Ok(l) => Ok(l.start..l.end),
+                Ok(l) => {
+                    if l.start < high_water {
+                        // A coordinator restarted mid-round hands the pass out again: fetch the result files
+                        // the other ranks have finished since, which `run_rank` then skips.
+                        out.download_parts()?;
+                    }
+                    high_water = high_water.max(l.end);
+                    Ok(l.start..l.end)
+                }
                 // A round that has ended (a peer failed): this rank registers again.
                 Err(e) if e.round_over() => Err(EvalError::Interrupted(e.to_string())),
                 Err(e) => Err(control(e)),

@@ -742,16 +742,17 @@ fn eval_bench_covers_every_task_and_two_workers_equal_one() {
 }
 
 /// A served evaluation of two ranks whose coordinator is killed mid-pass and started again on its saved state
-/// (`--state`), as a restarted coordinator pod would be: the ranks wait for it, the job completes with the same
-/// per-sample results as one process alone, and no work item is evaluated twice (the restarted coordinator hands
-/// the pass out again from its start, and each rank skips the batches either rank had finished).
+/// (`--state`), as a restarted coordinator pod would be, with `-o` a local folder and then an S3 folder: the ranks
+/// wait for it, the job completes with the same per-sample results as one process alone, and no work item is
+/// evaluated twice (the restarted coordinator hands the pass out again from its start, and each rank skips the
+/// batches either rank had finished: the ranks' `evaluated` add up to the pass).
 #[test]
 fn an_eval_job_outlives_its_coordinator_and_evaluates_each_item_once() {
     let dir = tempfile::tempdir().unwrap();
     let (model, _) = trained(dir.path());
     let shards = dir.path().join("shards");
     let cap = shards.join("cap");
-    let args = |out: &Path, extra: &[&str]| -> Vec<String> {
+    let args = |out: &str, extra: &[&str]| -> Vec<String> {
         let mut a: Vec<String> = [
             "eval",
             "bench",
@@ -774,7 +775,7 @@ fn an_eval_job_outlives_its_coordinator_and_evaluates_each_item_once() {
             "--device",
             "cpu",
             "-o",
-            s(out),
+            out,
         ]
         .map(String::from)
         .into();
@@ -783,118 +784,162 @@ fn an_eval_job_outlives_its_coordinator_and_evaluates_each_item_once() {
     };
     let alone = dir.path().join("alone");
     m3d_ok(
-        &args(&alone, &["--workers", "1"])
+        &args(s(&alone), &["--workers", "1"])
             .iter()
             .map(String::as_str)
             .collect::<Vec<_>>(),
     );
     let results = std::fs::read_to_string(alone.join("results.jsonl")).unwrap();
 
-    let out = dir.path().join("job");
-    let state = dir.path().join("state");
-    let listen = format!("127.0.0.1:{}", m3d_testkit::free_port());
-    let token = [("M3D_TOKEN", "eval-secret")];
-    let serve = || {
-        Reaped(
+    // The job into `out`, its coordinator killed once `finished()` (result files so far) reaches 3; returns the
+    // report and the ranks' summaries, as `read(name)` gives the output's files.
+    let job = |out: &str,
+               state: &Path,
+               env: &[(&str, &str)],
+               finished: &dyn Fn() -> usize,
+               read: &dyn Fn(&str) -> Vec<u8>| {
+        let listen = format!("127.0.0.1:{}", m3d_testkit::free_port());
+        let mut env = env.to_vec();
+        env.push(("M3D_TOKEN", "eval-secret"));
+        let serve = || {
+            Reaped(
+                std::process::Command::new(common::m3d_bin())
+                    .args(args(
+                        out,
+                        &["--workers", "2", "--serve", &listen, "--state", s(state)],
+                    ))
+                    .envs(env.iter().copied())
+                    .stdout(std::process::Stdio::null())
+                    .spawn()
+                    .unwrap(),
+            )
+        };
+        let mut coordinator = serve();
+        // The ranks pause 2 s after each of their batches, so the pass is still going when the coordinator dies.
+        let rank = |id: &str| {
             std::process::Command::new(common::m3d_bin())
                 .args(args(
-                    &out,
-                    &["--workers", "2", "--serve", &listen, "--state", s(&state)],
+                    out,
+                    &[
+                        "--workers",
+                        "2",
+                        "--coordinator",
+                        &format!("http://{listen}"),
+                        "--worker-id",
+                        id,
+                    ],
                 ))
-                .envs(token)
-                .stdout(std::process::Stdio::null())
+                .envs(env.iter().copied())
+                .env("M3D_FAILPOINTS", "eval-batch=2000")
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
                 .spawn()
-                .unwrap(),
-        )
+                .unwrap()
+        };
+        let ranks = [rank("pod-a"), rank("pod-b")];
+        // Killed once its saved state says the round is running, so that the restarted coordinator continues
+        // that round (and hands its pass out again from the start) rather than forming a new one.
+        let saved = m3d_store::Store::open(s(state)).unwrap();
+        common::wait_for(
+            "three finished batches of a running round",
+            std::time::Duration::from_secs(120),
+            || {
+                finished() >= 3
+                    && saved.get_opt("job.json").unwrap().is_some_and(|b| {
+                        serde_json::from_slice::<serde_json::Value>(&b).unwrap()["phase"]
+                            == "running"
+                    })
+            },
+        );
+        coordinator.kill().unwrap();
+        coordinator.wait().unwrap();
+        std::thread::sleep(std::time::Duration::from_secs(1));
+        let mut coordinator = serve();
+        for o in ranks.map(|r| r.wait_with_output().unwrap()) {
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        }
+        assert!(coordinator.wait().unwrap().success());
+        let summaries: Vec<serde_json::Value> = (0..2)
+            .map(|r| serde_json::from_slice(&read(&format!("parts/rank-{r}-of-2.json"))).unwrap())
+            .collect();
+        (String::from_utf8(read("results.jsonl")).unwrap(), summaries)
     };
-    let mut coordinator = serve();
-    // The ranks pause 2 s after each of their batches, so the pass is still going when the coordinator dies.
-    let rank = |id: &str| {
-        std::process::Command::new(common::m3d_bin())
-            .args(args(
-                &out,
-                &[
-                    "--workers",
-                    "2",
-                    "--coordinator",
-                    &format!("http://{listen}"),
-                    "--worker-id",
-                    id,
-                ],
-            ))
-            .envs([token[0], ("M3D_FAILPOINTS", "eval-batch=2000")])
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap()
+    let once = |summaries: &[serde_json::Value]| {
+        let sum = |k: &str| -> u64 { summaries.iter().map(|s| s[k].as_u64().unwrap()).sum() };
+        assert_eq!(
+            sum("evaluated"),
+            summaries[0]["pass_items"].as_u64().unwrap(),
+            "an item evaluated twice, or not at all: {summaries:?}"
+        );
+        assert!(
+            sum("reused") >= 3,
+            "the batches finished before the restart were not reused: {summaries:?}"
+        );
     };
-    let ranks = [rank("pod-a"), rank("pod-b")];
-    // The result files: (first item, end, modification time), by name.
-    let finished = || -> Vec<(usize, usize, std::time::SystemTime)> {
-        let Ok(dir) = std::fs::read_dir(out.join("parts")) else {
+
+    // A local folder: also, no result file finished before the restart is written again.
+    let out = dir.path().join("job");
+    let files = || -> Vec<(String, std::time::SystemTime)> {
+        let Ok(d) = std::fs::read_dir(out.join("parts")) else {
             return Vec::new();
         };
-        let mut found: Vec<_> = dir
-            .filter_map(|e| {
-                let e = e.unwrap();
+        let mut found: Vec<_> = d
+            .map(|e| e.unwrap())
+            .filter(|e| e.file_name().to_string_lossy().starts_with("items-"))
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".jsonl"))
+            .map(|e| {
                 let name = e.file_name().to_string_lossy().to_string();
-                let (a, b) = name
-                    .strip_prefix("items-")?
-                    .strip_suffix(".jsonl")?
-                    .split_once('-')?;
-                let modified = e.metadata().unwrap().modified().unwrap();
-                Some((a.parse().unwrap(), b.parse().unwrap(), modified))
+                (name, e.metadata().unwrap().modified().unwrap())
             })
             .collect();
         found.sort();
         found
     };
-    common::wait_for(
-        "three finished batches",
-        std::time::Duration::from_secs(120),
-        || finished().len() >= 3,
+    let before = std::cell::RefCell::new(Vec::new());
+    let (report, summaries) = job(
+        s(&out),
+        &dir.path().join("state"),
+        &[],
+        &|| {
+            let now = files();
+            *before.borrow_mut() = now.clone();
+            now.len()
+        },
+        &|name| std::fs::read(out.join(name)).unwrap(),
     );
-    let before = finished();
-    coordinator.kill().unwrap();
-    coordinator.wait().unwrap();
-    assert!(state.join("job.json").is_file(), "no saved job state");
-    std::thread::sleep(std::time::Duration::from_secs(1));
-    let mut coordinator = serve();
-    for o in ranks.map(|r| r.wait_with_output().unwrap()) {
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    }
-    assert!(coordinator.wait().unwrap().success());
-    assert_eq!(
-        results,
-        std::fs::read_to_string(out.join("results.jsonl")).unwrap()
-    );
-    let summaries: Vec<serde_json::Value> = (0..2)
-        .map(|r| {
-            serde_json::from_slice(
-                &std::fs::read(out.join(format!("parts/rank-{r}-of-2.json"))).unwrap(),
-            )
-            .unwrap()
-        })
-        .collect();
-    let summary = &summaries[0];
-    // Each item is in exactly one result file, and none finished before the restart was written again.
-    let after = finished();
-    let items = summary["pass_items"].as_u64().unwrap() as usize;
-    let mut next = 0;
-    for &(a, b, _) in &after {
-        assert_eq!(a, next, "result files {after:?} overlap or leave a gap");
-        next = b;
-    }
-    assert_eq!(next, items, "{after:?}");
-    for file in &before {
+    assert_eq!(report, results);
+    once(&summaries);
+    let after = files();
+    for file in before.borrow().iter() {
         assert!(after.contains(file), "{file:?} was rewritten: {after:?}");
     }
-    let reused: u64 = summaries
-        .iter()
-        .map(|s| s["reused"].as_u64().unwrap())
-        .sum();
-    assert!(
-        reused >= 3,
-        "the batches finished before the restart were not reused: {summaries:?}"
+
+    // An S3 folder (the S3 server on loopback), the coordinator's state in it too.
+    let s3 = m3d_testkit::S3Server::start(&dir.path().join("moto.log"));
+    s3.create_bucket("m3d");
+    let endpoint = s3.endpoint();
+    let s3_env = [
+        ("AWS_ACCESS_KEY_ID", "AKIAM3DTEST"),
+        ("AWS_SECRET_ACCESS_KEY", "m3d-eval-secret"),
+        ("AWS_REGION", "us-east-1"),
+        ("AWS_ENDPOINT_URL", endpoint.as_str()),
+    ];
+    for (k, v) in s3_env {
+        std::env::set_var(k, v);
+    }
+    let store = m3d_store::Store::open("s3://m3d/job").unwrap();
+    let (report, summaries) = job(
+        "s3://m3d/job",
+        Path::new("s3://m3d/job-state"),
+        &s3_env,
+        &|| {
+            s3.keys("m3d", "job/parts/items-")
+                .iter()
+                .filter(|k| k.ends_with(".jsonl"))
+                .count()
+        },
+        &|name| store.get(name).unwrap().to_vec(),
     );
+    assert_eq!(report, results);
+    once(&summaries);
 }
