@@ -252,7 +252,7 @@ image_id() { podman image inspect --format '{{.Id}}' "$1" 2>/dev/null || true; }
 # With the lock the second caller waits and then finds the image up to date.
 LOCK="${TMPDIR:-/tmp}/m3d-image.sh.lock"
 exec 9>>"$LOCK"
-flock 9
+if command -v flock >/dev/null; then flock 9; fi
 
 # gc KEEP_BASE_FP: remove what earlier runs of this script left behind and nothing can name any more: untagged images
 # carrying our labels (a binaries layer replaced by a rebuild, a base whose tag went to a newer import), then bases no
