@@ -194,18 +194,33 @@ struct ChunkLine {
 /// Writes `lines` as the result file of `items`: a temporary file renamed into place, so a result file is
 /// either whole or absent.
 fn write_chunk(out: &Path, items: std::ops::Range<usize>, lines: &str) -> Result<(), EvalError> {
-    let path = chunk_path(out, items);
-    let tmp = path.with_extension("jsonl.tmp");
-    std::fs::write(&tmp, lines).map_err(|e| io_err(&tmp, e))?;
-    std::fs::rename(&tmp, &path).map_err(|e| io_err(&path, e))
+    write_atomically(&chunk_path(out, items), lines.as_bytes())
 }
 
 /// Writes `value` as JSON to `path` through a temporary file.
 fn write_json_atomically(path: &Path, value: &impl Serialize) -> Result<(), EvalError> {
     let json = serde_json::to_vec_pretty(value).map_err(|e| io_err(path, e))?;
-    let tmp = path.with_extension("json.tmp");
-    std::fs::write(&tmp, json).map_err(|e| io_err(&tmp, e))?;
+    write_atomically(path, &json)
+}
+
+/// Writes `bytes` to `<path>.tmp`, then renames it to `path`: readers see the whole file or none.
+fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), EvalError> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    std::fs::write(&tmp, bytes).map_err(|e| io_err(&tmp, e))?;
     std::fs::rename(&tmp, path).map_err(|e| io_err(path, e))
+}
+
+/// Marks the items of `out`'s finished result files (those of a pass of `finished.len()` items).
+fn mark_finished(out: &Path, finished: &mut [bool]) -> Result<(), EvalError> {
+    let items = finished.len();
+    for (range, _) in finished_chunks(out)? {
+        if let Some(slots) = finished.get_mut(range.start..range.end.min(items)) {
+            slots.fill(true);
+        }
+    }
+    Ok(())
 }
 
 fn io_err(path: &Path, e: impl std::fmt::Display) -> EvalError {
@@ -359,11 +374,7 @@ pub fn run_rank(
     // What earlier rounds finished, and then what this rank finishes: a coordinator that restarts mid-round
     // hands the pass out again from its start, and this rank's own batches are not evaluated twice.
     let mut finished = vec![false; items];
-    for (range, _) in finished_chunks(out)? {
-        if let Some(slots) = finished.get_mut(range.start..range.end.min(items)) {
-            slots.fill(true);
-        }
-    }
+    mark_finished(out, &mut finished)?;
     let batch = opts.batch.max(1);
     let started = std::time::Instant::now();
     let mut summary = RankSummary {
@@ -404,11 +415,7 @@ pub fn run_rank(
         if start < high_water {
             // The queue went back: a coordinator that restarted mid-round hands the pass out again. Other ranks'
             // batches finished since this round began are in the folder (a local or shared one) by now.
-            for (range, _) in finished_chunks(out)? {
-                if let Some(slots) = finished.get_mut(range.start..range.end.min(items)) {
-                    slots.fill(true);
-                }
-            }
+            mark_finished(out, &mut finished)?;
         }
         high_water = high_water.max(end);
         // Each run of items no finished file covers becomes a result file of its own.

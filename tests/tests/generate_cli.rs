@@ -225,6 +225,16 @@ fn generate_refuses_bad_input_naming_it() {
     assert!(gen(&model, "x.npy", "hi").contains("model.safetensors"));
 }
 
+/// The environment of a process that uses the S3 server at `endpoint`.
+fn s3_env(endpoint: &str) -> [(&'static str, &str); 4] {
+    [
+        ("AWS_ACCESS_KEY_ID", "AKIAM3DTEST"),
+        ("AWS_SECRET_ACCESS_KEY", "m3d-eval-secret"),
+        ("AWS_REGION", "us-east-1"),
+        ("AWS_ENDPOINT_URL", endpoint),
+    ]
+}
+
 /// A child killed when dropped: a failed assertion does not leave a coordinator serving.
 struct Reaped(std::process::Child);
 
@@ -331,12 +341,7 @@ fn eval_bench_covers_every_task_and_two_workers_equal_one() {
     let s3 = m3d_testkit::S3Server::start(&dir.path().join("moto.log"));
     s3.create_bucket("m3d");
     let endpoint = s3.endpoint();
-    let s3_env = [
-        ("AWS_ACCESS_KEY_ID", "AKIAM3DTEST"),
-        ("AWS_SECRET_ACCESS_KEY", "m3d-eval-secret"),
-        ("AWS_REGION", "us-east-1"),
-        ("AWS_ENDPOINT_URL", endpoint.as_str()),
-    ];
+    let s3_env = s3_env(&endpoint);
     // The model from the bucket too, as a run with `output.run` in a store leaves its `final/`.
     let mut files = 0;
     for entry in common::walk(Path::new(&model)) {
@@ -918,12 +923,7 @@ fn an_eval_job_outlives_its_coordinator_and_evaluates_each_item_once() {
     let s3 = m3d_testkit::S3Server::start(&dir.path().join("moto.log"));
     s3.create_bucket("m3d");
     let endpoint = s3.endpoint();
-    let s3_env = [
-        ("AWS_ACCESS_KEY_ID", "AKIAM3DTEST"),
-        ("AWS_SECRET_ACCESS_KEY", "m3d-eval-secret"),
-        ("AWS_REGION", "us-east-1"),
-        ("AWS_ENDPOINT_URL", endpoint.as_str()),
-    ];
+    let s3_env = s3_env(&endpoint);
     for (k, v) in s3_env {
         std::env::set_var(k, v);
     }
