@@ -150,6 +150,8 @@ def main():
 
     # 2. bytes per volume.
     manifest = json.load(open(os.path.join(shards, "manifest.json")))
+    if "shard_list" in manifest:  # the shard lists in their own object (manifest version 2)
+        manifest.update(json.load(open(os.path.join(shards, manifest["shard_list"]["key"]))))
     shard_bytes = sum(e["bytes"] for e in manifest["volume_shards"])
     npy_bytes = [os.path.getsize(os.path.join(ref_out, image)) for image, _ in series]
     results["bytes"] = {"m3d_per_volume": shard_bytes / n, "reference_per_volume": sum(npy_bytes) / n,

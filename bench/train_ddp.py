@@ -52,6 +52,8 @@ def export(shards: Path, out: Path, split: str = "train"):
     import pyarrow.parquet as pq
 
     manifest = json.loads((shards / "manifest.json").read_text())
+    if "shard_list" in manifest:  # the shard lists in their own object (manifest version 2)
+        manifest.update(json.loads((shards / manifest["shard_list"]["key"]).read_text()))
     stamp = out / "source.json"
     key = {"shards": str(shards.resolve()), "manifest_sha": [s.get("sha256") for s in manifest["sample_shards"]]
            + [s.get("sha256") for s in manifest["volume_shards"]], "split": split}

@@ -119,12 +119,18 @@ pub fn dataset_manifest(url: &str) -> Result<Manifest, RecipePlanError> {
         source,
     };
     let store = Store::open_existing(url).map_err(|e| err(e.into()))?;
-    Manifest::load(&store).map_err(err)
+    // The head alone: the counts size the plan, and the shard lists' own sha256 identifies them.
+    Manifest::load_head(&store).map_err(err)
 }
 
 /// Appends what identifies a dataset's contents to a fingerprint's listing: the key and sha256 of every shard
-/// its manifest lists, one line each (the manifest's own bytes carry its creation time, so they are not used).
+/// its manifest lists, one line each (the manifest's own bytes carry its creation time, so they are not used),
+/// or, where the lists are kept in their own object, that object's sha256 (which covers every shard's).
 pub fn shard_listing(manifest: &Manifest, listing: &mut String) {
+    if let Some(list) = &manifest.shard_list {
+        listing.push_str(&format!("shards {} {}\n", list.key, list.sha256));
+        return;
+    }
     for (kind, shards) in [
         ("volumes", &manifest.volume_shards),
         ("samples", &manifest.sample_shards),

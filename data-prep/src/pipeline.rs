@@ -520,7 +520,8 @@ fn convert_chunk<S: VolumeSource>(
     Ok((records, samples, skipped))
 }
 
-/// Writes the sample shards, removes stale shards, writes `skipped.json`, the volume index and, last, the manifest:
+/// Writes the sample shards, removes stale shards, writes `skipped.json`, the volume index, the sample lookup and,
+/// last, the manifest:
 /// the end of a single conversion and of `finalize` alike.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn finish(
@@ -576,6 +577,8 @@ pub(crate) fn finish(
         volume_shards,
         sample_shards,
         volume_index: None,
+        shard_list: None,
+        sample_lookup: None,
         totals: Totals {
             volumes,
             samples: samples.len() as u64,
@@ -584,7 +587,9 @@ pub(crate) fn finish(
         counts: counts.clone(),
         skipped: skipped.len() as u64,
     };
-    write_index(store, &mut manifest, &VolumeIndex::from_layouts(&layouts))?;
+    let index = VolumeIndex::from_layouts(&layouts);
+    write_index(store, &mut manifest, &index)?;
+    m3d_shards::lookup::write_lookup(store, &mut manifest, &samples, &index)?;
     manifest.save(store)?;
     Ok(ConvertReport {
         dataset: dataset.to_string(),

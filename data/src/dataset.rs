@@ -75,18 +75,40 @@ impl TrainData {
                 }
             })?;
             for url in &t.shards {
-                let loader =
-                    ShardLoader::open_sharing(url, &t.volumes, opts.clone(), &mut readers)?;
                 let src = sources.len() as u32;
-                let table = loader.samples();
-                task_entries.extend(
-                    (0..table.len())
-                        .filter(|&i| {
-                            table.split(i) == Some(d.split.as_str())
-                                && table.task(i).is_some_and(|k| selected.contains(&k))
-                        })
-                        .map(|i| (src, i as u64)),
-                );
+                // Through the sample lookup where the dataset has one and holds its own volumes (M3D-VQA's
+                // are M3D-Cap's, found by id through Cap's index): its rows of a split and task are ranges
+                // the manifest lists, so opening reads no table.
+                let lazy = if t.volumes.is_empty() {
+                    ShardLoader::open_lookup(url, opts.clone(), &mut readers)?
+                } else {
+                    None
+                };
+                let loader = match lazy {
+                    Some(loader) => {
+                        for g in loader.lookup_groups().unwrap_or_default() {
+                            let task = g.task.parse::<m3d_shards::Task>().ok();
+                            if g.split == d.split && task.is_some_and(|k| selected.contains(&k)) {
+                                task_entries.extend((g.start..g.start + g.rows).map(|i| (src, i)));
+                            }
+                        }
+                        loader
+                    }
+                    None => {
+                        let loader =
+                            ShardLoader::open_sharing(url, &t.volumes, opts.clone(), &mut readers)?;
+                        let table = loader.samples();
+                        task_entries.extend(
+                            (0..table.len())
+                                .filter(|&i| {
+                                    table.split(i) == Some(d.split.as_str())
+                                        && table.task(i).is_some_and(|k| selected.contains(&k))
+                                })
+                                .map(|i| (src, i as u64)),
+                        );
+                        loader
+                    }
+                };
                 sources.push(Source { task: ti, loader });
             }
             if task_entries.is_empty() {
@@ -143,17 +165,16 @@ impl TrainData {
                 slot @ None => {
                     let loader = &self.sources[src as usize].loader;
                     let mut all = Vec::with_capacity(loader.len());
-                    for s in loader.samples().iter() {
-                        let s = s.map_err(|source| LoadError::Samples {
-                            url: loader.url().to_string(),
-                            source,
-                        })?;
-                        all.push(
-                            [s.report, s.question, s.answer, s.answer_choice]
-                                .into_iter()
-                                .flatten()
-                                .collect(),
-                        );
+                    let len = loader.len() as u64;
+                    for a in (0..len).step_by(4096) {
+                        for s in loader.records(a..(a + 4096).min(len))? {
+                            all.push(
+                                [s.report, s.question, s.answer, s.answer_choice]
+                                    .into_iter()
+                                    .flatten()
+                                    .collect(),
+                            );
+                        }
                     }
                     slot.insert(all)
                 }

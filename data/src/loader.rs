@@ -20,7 +20,8 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
 use m3d_shards::{
-    decode_sample_into, SampleRecord, ShardDataset, ShardError, VolumeReader, VolumeRecord,
+    decode_sample_into, LookupReader, Manifest, SampleRecord, ShardDataset, ShardError, Store,
+    VolumeReader, VolumeRecord,
 };
 
 use crate::samples::{SampleTable, SampleTableBuilder, SampleTableError};
@@ -279,11 +280,10 @@ impl Shared {
         LoadError::Volume {
             volume_id: reader
                 .and_then(|x| x.location(v))
-                .map_or_else(|| format!("#{v}"), |l| l.volume_id.clone()),
+                .map_or_else(|| format!("#{v}"), |l| l.volume_id),
             key: reader
                 .and_then(|x| x.shard_key(v))
-                .unwrap_or("<no shard>")
-                .to_string(),
+                .unwrap_or_else(|| "<no shard>".to_string()),
             source: Box::new(source),
         }
     }
@@ -552,6 +552,17 @@ impl VolumeReaders {
         self.by_url.insert(url.to_string(), Arc::clone(&reader));
         Ok(reader)
     }
+
+    /// The reader of the dataset in `store` that learns volume places from its sample lookup, shared by the
+    /// loaders that open `url` through its lookup (kept apart from the index readers, which find volumes by
+    /// id).
+    fn learning(&mut self, url: &str, store: &Store, volumes: usize) -> Arc<VolumeReader> {
+        Arc::clone(
+            self.by_url
+                .entry(format!("lookup:{url}"))
+                .or_insert_with(|| Arc::new(VolumeReader::learning(store.clone(), volumes))),
+        )
+    }
 }
 
 /// Serves decoded samples of one dataset by global sample index; see the module docs.
@@ -560,6 +571,9 @@ pub struct ShardLoader {
     samples: SampleTable,
     /// The volume of each sample, packed by [`pack`] ([`NO_VOLUME`]: in no shard; reported when loaded).
     sample_volume: Vec<u64>,
+    /// Set for a loader opened through the dataset's sample lookup ([`ShardLoader::open_lookup`]): samples
+    /// and their volumes' places come from it, a block at a time, and `samples` and `sample_volume` are empty.
+    lookup: Option<LookupReader>,
     shared: Arc<Shared>,
     prefetch_tx: Option<SyncSender<Vec<VolumeKey>>>,
     thread: Option<JoinHandle<()>>,
@@ -647,6 +661,65 @@ impl ShardLoader {
             return Err(samples_err(e));
         }
         let samples = table.finish().map_err(samples_err)?;
+        Self::start(url, samples, sample_volume, None, readers, opts)
+    }
+
+    /// Opens the dataset at `url` through its sample lookup (`m3d_shards::lookup`), for a training set:
+    /// reads `manifest.json` alone, a few KiB whatever the dataset's size; each sample's record and volume
+    /// place are fetched with the blocks of the lookup a step needs. Sample `i` is row `i` of the lookup,
+    /// whose rows are grouped by split and task ([`ShardLoader::lookup_groups`]). `Ok(None)` for a dataset
+    /// without a lookup (converted before it existed): open it with [`ShardLoader::open_sharing`].
+    pub fn open_lookup(
+        url: &str,
+        opts: LoaderOptions,
+        shared_readers: &mut VolumeReaders,
+    ) -> Result<Option<Self>, LoadError> {
+        let store = Store::open_existing(url).map_err(|e| LoadError::Open {
+            url: url.to_string(),
+            source: e.into(),
+        })?;
+        Self::open_lookup_in(store, opts, shared_readers)
+    }
+
+    /// [`ShardLoader::open_lookup`] of the dataset at the root of `store` (already opened: e.g. with an I/O
+    /// log).
+    pub fn open_lookup_in(
+        store: Store,
+        opts: LoaderOptions,
+        shared_readers: &mut VolumeReaders,
+    ) -> Result<Option<Self>, LoadError> {
+        let url = &store.url().to_string();
+        let open_err = |source| LoadError::Open {
+            url: url.to_string(),
+            source,
+        };
+        let manifest = Manifest::load_head(&store).map_err(open_err)?;
+        let Some(entry) = manifest.sample_lookup else {
+            return Ok(None);
+        };
+        let volumes = usize::try_from(manifest.totals.volumes).unwrap_or(usize::MAX);
+        let reader = shared_readers.learning(url, &store, volumes);
+        let lookup = LookupReader::new(store, entry);
+        Self::start(
+            url,
+            SampleTable::default(),
+            Vec::new(),
+            Some(lookup),
+            vec![reader],
+            opts,
+        )
+        .map(Some)
+    }
+
+    /// The loader of `url` over its samples and volume readers, with its read-ahead thread started.
+    fn start(
+        url: &str,
+        samples: SampleTable,
+        sample_volume: Vec<u64>,
+        lookup: Option<LookupReader>,
+        readers: Vec<Arc<VolumeReader>>,
+        opts: LoaderOptions,
+    ) -> Result<Self, LoadError> {
         let shared = Arc::new(Shared {
             readers,
             cache_bytes: opts.cache_bytes,
@@ -690,6 +763,7 @@ impl ShardLoader {
             url: url.to_string(),
             samples,
             sample_volume,
+            lookup,
             shared,
             prefetch_tx,
             thread,
@@ -703,16 +777,31 @@ impl ShardLoader {
 
     /// Number of samples in the dataset (valid indices are `0..len()`).
     pub fn len(&self) -> usize {
-        self.samples.len()
+        match &self.lookup {
+            Some(l) => usize::try_from(l.len()).unwrap_or(usize::MAX),
+            None => self.samples.len(),
+        }
     }
 
     pub fn is_empty(&self) -> bool {
-        self.samples.is_empty()
+        self.len() == 0
     }
 
-    /// The sample table, by global index.
+    /// The sample table, by global index; empty for a loader opened through the sample lookup, whose records
+    /// are read a block at a time ([`ShardLoader::sample`], [`ShardLoader::records`]).
     pub fn samples(&self) -> &SampleTable {
         &self.samples
+    }
+
+    /// The (split, task) groups of the lookup's rows, for a loader opened by [`ShardLoader::open_lookup`].
+    pub fn lookup_groups(&self) -> Option<&[m3d_shards::LookupGroup]> {
+        self.lookup.as_ref().map(|l| l.groups())
+    }
+
+    /// Sample records `range`, decoded (a block of the table or the lookup at a time).
+    pub fn records(&self, range: std::ops::Range<u64>) -> Result<Vec<SampleRecord>, LoadError> {
+        let indices: Vec<u64> = range.collect();
+        self.samples_at(&indices)
     }
 
     /// Sample record `index`, decoded from the table.
@@ -721,12 +810,19 @@ impl ShardLoader {
         one.pop().ok_or_else(|| LoadError::SampleOutOfRange {
             url: self.url.clone(),
             index,
-            len: self.samples.len(),
+            len: self.len(),
         })
     }
 
     /// Sample records `indices`, in that order, each block of the table decompressed once.
     fn samples_at(&self, indices: &[u64]) -> Result<Vec<SampleRecord>, LoadError> {
+        if let Some(lookup) = &self.lookup {
+            self.check_range(indices)?;
+            let rows = lookup
+                .get_many(indices)
+                .map_err(|source| self.lookup_error(source))?;
+            return Ok(rows.into_iter().map(|r| r.record).collect());
+        }
         let positions: Vec<usize> = indices
             .iter()
             .map(|&i| usize::try_from(i).unwrap_or(usize::MAX))
@@ -773,17 +869,57 @@ impl ShardLoader {
         Ok(unpack(packed))
     }
 
+    fn lookup_error(&self, source: ShardError) -> LoadError {
+        LoadError::Open {
+            url: self.url.clone(),
+            source,
+        }
+    }
+
+    /// `Err` naming the first of `indices` past the end.
+    fn check_range(&self, indices: &[u64]) -> Result<(), LoadError> {
+        let len = self.len();
+        match indices.iter().find(|&&i| i >= len as u64) {
+            Some(&index) => Err(LoadError::SampleOutOfRange {
+                url: self.url.clone(),
+                index,
+                len,
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// The volume of each of `indices`: from the per-sample volumes, or from the lookup (whose places the
+    /// volume reader learns here, before any read of them).
+    fn keys_for(&self, indices: &[u64]) -> Result<Vec<VolumeKey>, LoadError> {
+        let Some(lookup) = &self.lookup else {
+            return indices.iter().map(|&i| self.volume_of(i)).collect();
+        };
+        self.check_range(indices)?;
+        let rows = lookup
+            .get_many(indices)
+            .map_err(|source| self.lookup_error(source))?;
+        let reader = &self.shared.readers[0];
+        indices
+            .iter()
+            .zip(rows)
+            .map(|(&index, row)| match row.volume {
+                Some(v) => {
+                    reader.learn(&v);
+                    Ok((0, v.position as usize))
+                }
+                None => Err(LoadError::VolumeNotIndexed {
+                    index,
+                    sample_id: row.record.sample_id,
+                    volume_id: row.record.volume_id,
+                }),
+            })
+            .collect()
+    }
+
     /// Distinct volumes needed by `indices`, in first-use order.
     fn volumes_for(&self, indices: &[u64]) -> Result<Vec<VolumeKey>, LoadError> {
-        let mut seen = HashSet::new();
-        let mut order = Vec::new();
-        for &index in indices {
-            let key = self.volume_of(index)?;
-            if seen.insert(key) {
-                order.push(key);
-            }
-        }
-        Ok(order)
+        Ok(distinct(&self.keys_for(indices)?))
     }
 
     /// Decodes the samples at `indices` (in that order; repeats allowed), without augmentation. Each distinct
@@ -800,8 +936,9 @@ impl ShardLoader {
         indices: &[u64],
         augment: &[Option<AugmentParams>],
     ) -> Result<Vec<LoadedSample>, LoadError> {
-        // Validate every index before any I/O so a bad index fails fast and names itself.
-        let order = self.volumes_for(indices)?;
+        // Validate every index before any volume read so a bad index fails fast and names itself.
+        let keys = self.keys_for(indices)?;
+        let order = distinct(&keys);
         let mut volumes: HashMap<VolumeKey, Arc<CachedVolume>> = HashMap::new();
         for (key, vol) in order.iter().zip(self.shared.get_many(&order, false)) {
             volumes.insert(*key, vol?);
@@ -810,7 +947,7 @@ impl ShardLoader {
         let mut scratch = Vec::new();
         let mut out = Vec::with_capacity(indices.len());
         for ((pos, &index), sample) in indices.iter().enumerate().zip(records) {
-            let key = self.volume_of(index)?;
+            let key = keys[pos];
             let vol = volumes.get(&key).map(|v| &v.record).ok_or_else(|| {
                 LoadError::VolumeNotIndexed {
                     index,
@@ -918,6 +1055,12 @@ impl ShardLoader {
             requests: c.requests.load(Ordering::Relaxed),
         }
     }
+}
+
+/// `keys` without repeats, in first-use order.
+fn distinct(keys: &[VolumeKey]) -> Vec<VolumeKey> {
+    let mut seen = HashSet::new();
+    keys.iter().copied().filter(|k| seen.insert(*k)).collect()
 }
 
 impl Drop for ShardLoader {

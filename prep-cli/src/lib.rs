@@ -89,8 +89,8 @@ pub enum DataPrep {
         #[arg(long, value_parser = m3d_coordinator::cli::parse_duration)]
         wait: Option<std::time::Duration>,
     },
-    /// Add the volume index to a dataset converted before m3d wrote one (reads every volume shard once, then
-    /// writes `index/volumes.parquet` and the manifest that lists it).
+    /// Add the volume index and the sample lookup to a dataset converted before m3d wrote them (reads every
+    /// shard once, then writes `index/volumes.parquet`, `index/samples.lookup` and the manifest that lists them).
     Reindex {
         /// Dataset URL (path, file://, s3://).
         url: String,
@@ -395,7 +395,7 @@ pub fn run(cmd: DataPrep) -> Result<()> {
         DataPrep::Reindex { url } => {
             let store = m3d_store::Store::open_existing(&url)?;
             let report = m3d_shards::reindex(&store)
-                .with_context(|| format!("adding the volume index to {url}"))?;
+                .with_context(|| format!("adding the volume index and sample lookup to {url}"))?;
             println!(
                 "{}: indexed {} volumes in {} shards{}",
                 report.url,

@@ -1,10 +1,13 @@
 //! Opening a dataset at scale, for bench/open_stream.py (against Mosaic Streaming).
 //!
-//! `open_bench write <url> --volumes N [--per-shard 32] [--shape 4x32x32] [--seed S]` writes N random u8 volumes
-//! (one caption sample each) as volume shards with the volume index and manifest, as `m3d data-prep` lays them out.
+//! `open_bench write <url> --volumes N [--per-shard 32] [--shape 4x32x32] [--seed S] [--no-lookup]` writes N
+//! random u8 volumes (one caption sample each) as volume shards with the volume index, the sample lookup (unless
+//! `--no-lookup`) and manifest, as `m3d data-prep` lays them out.
 //!
-//! `open_bench open <url> [--batch 8] [--seed S]` opens the dataset as a worker does (manifest, sample shards,
-//! volume index), then reads the volumes of one batch of random samples, and prints one JSON line: seconds to
+//! `open_bench open <url> [--batch 8] [--seed S] [--no-lookup]` opens the dataset as a worker does (through the
+//! sample lookup where the dataset has one: the manifest alone, then per sample its lookup block and volume;
+//! else, or with `--no-lookup`, the manifest, sample shards and volume index), then reads the volumes of one
+//! batch of random samples, and prints one JSON line: seconds to
 //! open, seconds to the first batch (from the start), requests and bytes read before the first batch (all of
 //! them, and those of volume shards), and the process's peak RSS.
 
@@ -12,8 +15,8 @@ use std::time::Instant;
 
 use m3d_shards::manifest::{sample_shard_key, volume_shard_key};
 use m3d_shards::{
-    shard_layout, write_index, ImageDtype, Manifest, SampleRecord, ShardDataset, ShardEntry, Store,
-    Task, VolumeIndex, VolumeReader, VolumeRecord, WriteOptions,
+    shard_layout, write_index, ImageDtype, LookupReader, Manifest, SampleRecord, ShardDataset,
+    ShardEntry, Store, Task, VolumeIndex, VolumeReader, VolumeRecord, WriteOptions,
 };
 use rand::{Rng, SeedableRng};
 
@@ -21,6 +24,10 @@ use rand::{Rng, SeedableRng};
 static ALLOC: m3d_allocator::MiMalloc = m3d_allocator::MiMalloc;
 
 type Error = Box<dyn std::error::Error>;
+
+fn has(args: &[String], name: &str) -> bool {
+    args.iter().any(|a| a == name)
+}
 
 fn flag(args: &[String], name: &str, default: &str) -> String {
     args.iter()
@@ -140,7 +147,11 @@ fn write(url: &str, args: &[String]) -> Result<(), Error> {
     store.put(&key, bytes)?;
     manifest.count_samples(&samples);
     manifest.update_totals();
-    write_index(&store, &mut manifest, &VolumeIndex::from_layouts(&layouts))?;
+    let index = VolumeIndex::from_layouts(&layouts);
+    write_index(&store, &mut manifest, &index)?;
+    if !has(args, "--no-lookup") {
+        m3d_shards::lookup::write_lookup(&store, &mut manifest, &samples, &index)?;
+    }
     manifest.save(&store)?;
     println!(
         "{}",
@@ -167,6 +178,26 @@ fn open(url: &str, args: &[String]) -> Result<(), Error> {
     let seed = num(args, "--seed", 0)?;
     let start = Instant::now();
     let (store, log) = Store::open_existing(url)?.with_io_log();
+    let head = Manifest::load_head(&store)?;
+    if let Some(entry) = head.sample_lookup.filter(|_| !has(args, "--no-lookup")) {
+        // As a training worker opens it (`ShardLoader::open_lookup`): the manifest alone, then per sample its
+        // lookup block and its volume.
+        let lookup = LookupReader::new(store.clone(), entry);
+        let reader = VolumeReader::learning(store, head.totals.volumes as usize);
+        let opened = start.elapsed().as_secs_f64();
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let picks: Vec<u64> = (0..batch)
+            .map(|_| rng.random_range(0..lookup.len()))
+            .collect();
+        let mut volumes = Vec::new();
+        for row in lookup.get_many(&picks)? {
+            let v = row.volume.ok_or("a sample without a volume")?;
+            reader.learn(&v);
+            volumes.push(v.position as usize);
+        }
+        read_concurrently(&reader, &volumes)?;
+        return report(start, opened, &log, lookup.len() as usize, "lookup");
+    }
     let ds = ShardDataset::open_store(store)?;
     let reader = VolumeReader::open(&ds)?;
     let opened = start.elapsed().as_secs_f64();
@@ -175,16 +206,26 @@ fn open(url: &str, args: &[String]) -> Result<(), Error> {
     let picks: Vec<usize> = (0..batch)
         .map(|_| rng.random_range(0..samples.len()))
         .collect();
-    // As the loader does: the batch's volumes read concurrently.
+    let mut volumes = Vec::new();
+    for &i in &picks {
+        let id = samples[i].volume_id.as_str();
+        volumes.push(
+            reader
+                .locate(id)
+                .ok_or(format!("volume {id} not indexed"))?,
+        );
+    }
+    read_concurrently(&reader, &volumes)?;
+    report(start, opened, &log, samples.len(), "tables")
+}
+
+/// Reads `volumes` (positions) as the loader does a batch's: concurrently.
+fn read_concurrently(reader: &VolumeReader, volumes: &[usize]) -> Result<(), Error> {
     let results: Vec<Result<usize, String>> = std::thread::scope(|s| {
-        let handles: Vec<_> = picks
+        let handles: Vec<_> = volumes
             .iter()
-            .map(|&i| {
-                let (reader, id) = (&reader, samples[i].volume_id.as_str());
+            .map(|&v| {
                 s.spawn(move || {
-                    let v = reader
-                        .locate(id)
-                        .ok_or(format!("volume {id} not indexed"))?;
                     reader
                         .read(v, true, true)
                         .map(|r| r.image.len())
@@ -200,6 +241,17 @@ fn open(url: &str, args: &[String]) -> Result<(), Error> {
     for r in results {
         r?;
     }
+    Ok(())
+}
+
+/// Prints the JSON line of `open`.
+fn report(
+    start: Instant,
+    opened: f64,
+    log: &m3d_shards::IoLog,
+    samples: usize,
+    path: &str,
+) -> Result<(), Error> {
     let first = start.elapsed().as_secs_f64();
     let (requests, bytes) = log.totals("");
     let (shard_requests, shard_bytes) = log.totals("volumes/");
@@ -208,7 +260,7 @@ fn open(url: &str, args: &[String]) -> Result<(), Error> {
         serde_json::json!({
             "open_s": opened, "first_batch_s": first, "requests": requests, "bytes": bytes,
             "volume_shard_requests": shard_requests, "volume_shard_bytes": shard_bytes,
-            "samples": samples.len(), "peak_rss_mib": peak_rss_mib(),
+            "samples": samples, "peak_rss_mib": peak_rss_mib(), "path": path,
         })
     );
     Ok(())

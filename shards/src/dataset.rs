@@ -39,6 +39,8 @@ impl std::fmt::Debug for ShardDataset {
 pub enum ShardKind {
     Volumes,
     Samples,
+    /// The sample lookup (`index/samples.lookup`): checked whole, then every block decoded.
+    Lookup,
 }
 
 /// Result of checking one shard.
@@ -116,7 +118,7 @@ pub fn fetch_checked(store: &Store, entry: &ShardEntry) -> Result<Bytes, ShardEr
 }
 
 /// Writes a complete dataset into `store` from records, laid out as `m3d data-prep` lays it out: each list of
-/// `volume_shards` as one volume shard (`opts`), `samples` as one sample shard, the volume index, and `manifest`
+/// `volume_shards` as one volume shard (`opts`), `samples` as one sample shard, the volume index, the sample lookup, and `manifest`
 /// (its name, provenance and preprocessing as given; shards, counts and totals filled in) last. For tests,
 /// benchmarks and tools that make datasets from records; `m3d data-prep` writes shard by shard with completion
 /// records instead.
@@ -146,11 +148,9 @@ pub fn write_dataset(
     store.put(&key, bytes)?;
     manifest.count_samples(samples);
     manifest.update_totals();
-    crate::write_index(
-        store,
-        &mut manifest,
-        &crate::VolumeIndex::from_layouts(&layouts),
-    )?;
+    let index = crate::VolumeIndex::from_layouts(&layouts);
+    crate::write_index(store, &mut manifest, &index)?;
+    crate::lookup::write_lookup(store, &mut manifest, samples, &index)?;
     manifest.save(store)?;
     Ok(manifest)
 }
@@ -310,7 +310,7 @@ impl ShardDataset {
         VolumeShardReader::new(bytes, &entry.key)
     }
 
-    /// Re-reads every shard: recomputes sha256s, row counts and every image crc32. Problems are recorded
+    /// Re-reads every shard and the sample lookup: recomputes sha256s, row counts and every image crc32. Problems are recorded
     /// per shard in the report; only a failure to talk to the store for a reason other than a missing
     /// object is returned as an error.
     pub fn verify(&self) -> Result<VerifyReport, ShardError> {
@@ -323,6 +323,11 @@ impl ShardDataset {
             for entry in entries {
                 report.shards.push(self.check_shard(kind, entry)?);
             }
+        }
+        if let Some(lookup) = &self.manifest.sample_lookup {
+            report
+                .shards
+                .push(self.check_shard(ShardKind::Lookup, &lookup.file)?);
         }
         Ok(report)
     }
@@ -357,6 +362,16 @@ impl ShardDataset {
             );
         }
         match kind {
+            ShardKind::Lookup => {
+                let entry = self.manifest.sample_lookup.clone();
+                let rows: Vec<u64> = (0..entry.as_ref().map_or(0, |l| l.file.rows)).collect();
+                let lookup = entry.map(|l| crate::LookupReader::new(self.store.clone(), l));
+                match lookup.map(|l| l.get_many(&rows)) {
+                    Some(Ok(got)) => check.rows = got.len() as u64,
+                    Some(Err(e)) => check.errors.push(e.to_string()),
+                    None => {}
+                }
+            }
             ShardKind::Samples => match read_sample_shard(bytes, &entry.key) {
                 Ok(rows) => check.rows = rows.len() as u64,
                 Err(e) => check.errors.push(e.to_string()),

@@ -40,7 +40,7 @@ pub enum ShardError {
 
     /// A shard or manifest written by a newer version of the format.
     #[error(
-        "`{what}` has shard schema version {found}, but this reader supports only versions up to {supported}; \
+        "`{what}` has schema version {found}, but this reader supports only versions up to {supported}; \
          upgrade m3d to read it"
     )]
     SchemaVersion {

@@ -384,8 +384,9 @@ pub struct ReindexReport {
     pub replaced: bool,
 }
 
-/// Adds the volume index to the dataset in `store` (converted before the index existed): reads every volume shard
-/// once, checked against the manifest, writes `index/volumes.parquet`, then the manifest listing it.
+/// Adds the volume index and the sample lookup to the dataset in `store` (converted before they existed): reads
+/// every shard once, checked against the manifest, writes `index/volumes.parquet` and `index/samples.lookup`,
+/// then the manifest listing them (and its shard lists in their own object).
 pub fn reindex(store: &crate::Store) -> Result<ReindexReport, ShardError> {
     let mut manifest = crate::Manifest::load(store)?;
     let mut layouts = Vec::with_capacity(manifest.volume_shards.len());
@@ -408,6 +409,12 @@ pub fn reindex(store: &crate::Store) -> Result<ReindexReport, ShardError> {
     let index = VolumeIndex::from_layouts(&layouts);
     let replaced = manifest.volume_index.is_some();
     write_index(store, &mut manifest, &index)?;
+    let mut samples = Vec::new();
+    for entry in &manifest.sample_shards {
+        let bytes = crate::fetch_checked(store, entry)?;
+        samples.extend(crate::read_sample_shard(bytes, &entry.key)?);
+    }
+    crate::lookup::write_lookup(store, &mut manifest, &samples, &index)?;
     manifest.save(store)?;
     Ok(ReindexReport {
         url: store.url().to_string(),

@@ -10,9 +10,11 @@ mod decode;
 pub mod encode;
 pub mod error;
 pub mod index;
+pub mod lookup;
 pub mod manifest;
 pub mod parquet_io;
 pub mod reader;
+pub mod records;
 pub mod schema;
 
 pub use dataset::{decode_sample_into, fetch_checked, write_dataset, ShardDataset, VerifyReport};
@@ -22,8 +24,9 @@ pub use index::{
     reindex, shard_layout, write_index, ByteRange, ReindexReport, ShardLayout, VolumeIndex,
     VolumeLocation, INDEX_KEY,
 };
+pub use lookup::{LookedUpVolume, LookupEntry, LookupGroup, LookupReader, LookupRow, LOOKUP_KEY};
 pub use m3d_store::{IoEvent, IoLog, Store, StoreError};
-pub use manifest::{sha256_hex, Manifest, ShardEntry, Totals};
+pub use manifest::{sha256_hex, Manifest, ShardEntry, Totals, MANIFEST_VERSION, SHARD_LIST_KEY};
 pub use parquet_io::{
     read_sample_shard, read_sample_shard_batches, write_sample_shard, write_volume_shard,
     VolumeShardReader, WriteOptions,

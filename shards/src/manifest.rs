@@ -9,7 +9,7 @@ use sha2::{Digest, Sha256};
 
 use crate::parquet_io::FORMAT_NAME;
 use crate::schema::SampleRecord;
-use crate::{ShardError, SHARD_SCHEMA_VERSION};
+use crate::ShardError;
 use m3d_store::Store;
 
 /// One shard object listed in the manifest.
@@ -56,7 +56,7 @@ pub struct Totals {
 pub struct Manifest {
     /// Always `"m3d-shards"`.
     pub format: String,
-    /// [`SHARD_SCHEMA_VERSION`] of the writer.
+    /// [`MANIFEST_VERSION`] of the writer (1 for manifests with their shard lists inline).
     pub schema_version: u32,
     /// `"cap"`, `"seg"`, `"refseg"`, ...
     pub dataset: String,
@@ -68,8 +68,21 @@ pub struct Manifest {
     pub source: serde_json::Value,
     /// Preprocessing parameters used.
     pub preprocessing: serde_json::Value,
+    /// The shard lists: in `manifest.json` itself for manifests written before [`SHARD_LIST_KEY`] existed,
+    /// else kept in that object (see [`Manifest::save`]) and filled in by [`Manifest::load`].
+    #[serde(default)]
     pub volume_shards: Vec<ShardEntry>,
+    #[serde(default)]
     pub sample_shards: Vec<ShardEntry>,
+    /// [`SHARD_LIST_KEY`], holding the two shard lists, so that `manifest.json` stays a few KiB however many
+    /// shards a dataset has (at 120K volumes the lists are ~0.8 MB). Set by [`Manifest::save`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shard_list: Option<ShardEntry>,
+    /// The sample lookup (`index/samples.lookup`, see [`crate::lookup`]): the samples and their volumes'
+    /// places in ranged-read blocks, which lets a training worker open the dataset in O(1) bytes. Absent in
+    /// datasets converted before it existed (`m3d data-prep reindex` adds it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sample_lookup: Option<crate::lookup::LookupEntry>,
     /// The volume index (`index/volumes.parquet`, see [`crate::index`]); absent in datasets converted before it
     /// existed (`m3d data-prep reindex` adds it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -79,6 +92,19 @@ pub struct Manifest {
     pub counts: BTreeMap<String, BTreeMap<String, u64>>,
     /// Source items skipped during conversion.
     pub skipped: u64,
+}
+
+/// Key of the object holding a manifest's shard lists.
+pub const SHARD_LIST_KEY: &str = "index/shards.json";
+
+/// Version of the manifest's own layout: 2 keeps the shard lists in [`SHARD_LIST_KEY`]. Readers accept
+/// this or older; a reader of version 1 refuses a version-2 manifest instead of seeing no shards.
+pub const MANIFEST_VERSION: u32 = 2;
+
+#[derive(Serialize, Deserialize)]
+struct ShardLists {
+    volume_shards: Vec<ShardEntry>,
+    sample_shards: Vec<ShardEntry>,
 }
 
 /// Key of shard number `n` of volumes: `volumes/part-NNNNN.parquet`.
@@ -108,7 +134,7 @@ impl Manifest {
             .unwrap_or(0);
         Manifest {
             format: FORMAT_NAME.to_string(),
-            schema_version: SHARD_SCHEMA_VERSION,
+            schema_version: MANIFEST_VERSION,
             dataset: dataset.to_string(),
             created_by: created_by.to_string(),
             created_unix,
@@ -117,6 +143,8 @@ impl Manifest {
             volume_shards: Vec::new(),
             sample_shards: Vec::new(),
             volume_index: None,
+            shard_list: None,
+            sample_lookup: None,
             totals: Totals::default(),
             counts: BTreeMap::new(),
             skipped: 0,
@@ -168,11 +196,11 @@ impl Manifest {
             .get("schema_version")
             .and_then(|v| v.as_u64())
             .ok_or_else(|| err("missing or non-integer `schema_version`".into()))?;
-        if version > u64::from(SHARD_SCHEMA_VERSION) {
+        if version > u64::from(MANIFEST_VERSION) {
             return Err(ShardError::SchemaVersion {
                 what: Self::KEY.to_string(),
                 found: version,
-                supported: SHARD_SCHEMA_VERSION,
+                supported: MANIFEST_VERSION,
             });
         }
         serde_json::from_value(value).map_err(|e| err(format!("does not match the schema: {e}")))
@@ -186,15 +214,62 @@ impl Manifest {
         })
     }
 
-    /// Loads `manifest.json` from the store root.
+    /// Loads `manifest.json` from the store root with its shard lists (from [`SHARD_LIST_KEY`], checked
+    /// against the manifest's sha256, when they are kept there).
     pub fn load(store: &Store) -> Result<Self, ShardError> {
+        let mut manifest = Self::load_head(store)?;
+        if let Some(entry) = &manifest.shard_list {
+            let bytes = crate::dataset::fetch_checked(store, entry)?;
+            let lists: ShardLists =
+                serde_json::from_slice(&bytes).map_err(|e| ShardError::Manifest {
+                    key: SHARD_LIST_KEY.to_string(),
+                    reason: format!("does not match the schema: {e}"),
+                })?;
+            manifest.volume_shards = lists.volume_shards;
+            manifest.sample_shards = lists.sample_shards;
+        }
+        Ok(manifest)
+    }
+
+    /// Loads `manifest.json` alone: a few KiB, whatever the dataset's size. Its shard lists are empty when
+    /// they are kept in [`SHARD_LIST_KEY`] (see [`Manifest::shard_lists_loaded`]).
+    pub fn load_head(store: &Store) -> Result<Self, ShardError> {
         let bytes = store.get(Self::KEY)?;
         Self::from_json(&bytes)
     }
 
-    /// Writes `manifest.json` at the store root. Write it after all shards so that a reader never
-    /// sees a manifest naming shards that are not there yet.
-    pub fn save(&self, store: &Store) -> Result<(), ShardError> {
-        Ok(store.put(Self::KEY, Bytes::from(self.to_json()?))?)
+    /// Whether the shard lists are in this value (false for a manifest loaded by [`Manifest::load_head`]
+    /// whose lists are kept in [`SHARD_LIST_KEY`]).
+    pub fn shard_lists_loaded(&self) -> bool {
+        self.shard_list.is_none()
+            || !(self.volume_shards.is_empty() && self.sample_shards.is_empty())
+    }
+
+    /// Writes the shard lists to [`SHARD_LIST_KEY`], then `manifest.json` (version [`MANIFEST_VERSION`])
+    /// without them, at the store root, and records both in `self` (whose lists stay). Write it after all
+    /// shards so that a reader never sees a manifest naming shards that are not there yet.
+    pub fn save(&mut self, store: &Store) -> Result<(), ShardError> {
+        if !self.shard_lists_loaded() {
+            return Err(ShardError::Manifest {
+                key: Self::KEY.to_string(),
+                reason: "saving a manifest loaded without its shard lists (a bug)".into(),
+            });
+        }
+        let lists = serde_json::to_vec(&ShardLists {
+            volume_shards: self.volume_shards.clone(),
+            sample_shards: self.sample_shards.clone(),
+        })
+        .map_err(|e| ShardError::Manifest {
+            key: SHARD_LIST_KEY.to_string(),
+            reason: e.to_string(),
+        })?;
+        let rows = (self.volume_shards.len() + self.sample_shards.len()) as u64;
+        self.shard_list = Some(ShardEntry::describe(SHARD_LIST_KEY, rows, &lists));
+        self.schema_version = MANIFEST_VERSION;
+        let mut head = self.clone();
+        head.volume_shards.clear();
+        head.sample_shards.clear();
+        store.put(SHARD_LIST_KEY, Bytes::from(lists))?;
+        Ok(store.put(Self::KEY, Bytes::from(head.to_json()?))?)
     }
 }

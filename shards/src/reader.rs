@@ -17,7 +17,7 @@ use bytes::Bytes;
 use parquet::arrow::arrow_reader::ArrowReaderMetadata;
 
 use crate::dataset::ShardDataset;
-use crate::index::{VolumeIndex, VolumeLocation};
+use crate::index::{ByteRange, VolumeIndex, VolumeLocation};
 use crate::manifest::ShardEntry;
 use crate::parquet_io::{read_volume_row_group, volume_footer};
 use crate::schema::VolumeRecord;
@@ -53,14 +53,36 @@ struct Footers {
     tick: u64,
 }
 
+/// Where the reader finds volumes and shards.
+enum Places {
+    /// The whole volume index and the manifest's shard list, read at open.
+    Index {
+        entries: Vec<ShardEntry>,
+        index: VolumeIndex,
+        /// Positions in `index.volumes` ordered by volume id (first occurrence of a repeated id first),
+        /// searched by [`VolumeReader::locate`]: 4 bytes a volume where a map by id held a second copy of
+        /// every id.
+        by_id: Vec<u32>,
+    },
+    /// Learned volume by volume from the sample lookup ([`VolumeReader::learn`]) as samples are looked up:
+    /// opening reads nothing, and memory grows with the volumes a run has touched.
+    Learned {
+        volumes: usize,
+        known: Mutex<Learned>,
+    },
+}
+
+#[derive(Default)]
+struct Learned {
+    volumes: HashMap<usize, VolumeLocation>,
+    /// Per shard: its footer and its size.
+    shards: HashMap<u32, (ByteRange, u64)>,
+}
+
 /// Reads volumes of one dataset by ranged requests (see the module docs). Cheap to share between threads.
 pub struct VolumeReader {
     store: Store,
-    entries: Vec<ShardEntry>,
-    index: VolumeIndex,
-    /// Positions in `index.volumes` ordered by volume id (first occurrence of a repeated id first), searched by
-    /// [`VolumeReader::locate`]: 4 bytes a volume where a map by id held a second copy of every id.
-    by_id: Vec<u32>,
+    places: Places,
     footers: Mutex<Footers>,
 }
 
@@ -68,7 +90,7 @@ impl std::fmt::Debug for VolumeReader {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("VolumeReader")
             .field("store", &self.store)
-            .field("volumes", &self.index.volumes.len())
+            .field("volumes", &self.len())
             .finish_non_exhaustive()
     }
 }
@@ -93,34 +115,110 @@ impl VolumeReader {
         });
         Ok(VolumeReader {
             store: dataset.store().clone(),
-            entries: dataset.manifest().volume_shards.clone(),
-            index,
-            by_id,
+            places: Places::Index {
+                entries: dataset.manifest().volume_shards.clone(),
+                index,
+                by_id,
+            },
             footers: Mutex::new(Footers::default()),
         })
     }
 
+    /// The reader of the `volumes` volumes of the dataset in `store` whose places come from its sample lookup
+    /// ([`VolumeReader::learn`]): opening reads nothing. Its shards are at their standard keys
+    /// ([`crate::manifest::volume_shard_key`]), the ones every writer of this crate uses.
+    pub fn learning(store: Store, volumes: usize) -> VolumeReader {
+        VolumeReader {
+            store,
+            places: Places::Learned {
+                volumes,
+                known: Mutex::new(Learned::default()),
+            },
+            footers: Mutex::new(Footers::default()),
+        }
+    }
+
+    /// Records where volume `v` is, as the sample lookup gives it (a no-op for a reader of the whole index).
+    pub fn learn(&self, v: &crate::lookup::LookedUpVolume) {
+        if let Places::Learned { known, .. } = &self.places {
+            let mut k = known.lock().unwrap_or_else(|e| e.into_inner());
+            k.shards.insert(v.location.shard, (v.footer, v.shard_bytes));
+            k.volumes
+                .entry(v.position as usize)
+                .or_insert_with(|| v.location.clone());
+        }
+    }
+
     /// The number of volumes.
     pub fn len(&self) -> usize {
-        self.index.volumes.len()
+        match &self.places {
+            Places::Index { index, .. } => index.volumes.len(),
+            Places::Learned { volumes, .. } => *volumes,
+        }
     }
 
     /// Whether the dataset has no volumes.
     pub fn is_empty(&self) -> bool {
-        self.index.volumes.is_empty()
+        self.len() == 0
     }
 
-    /// The position of volume `id` (for [`VolumeReader::read`]).
+    /// The position of volume `id` (for [`VolumeReader::read`]); `None` for a reader that learns places from
+    /// the sample lookup, which looks volumes up by sample, not by id.
     pub fn locate(&self, id: &str) -> Option<usize> {
-        let id_at = |p: u32| self.index.volumes[p as usize].volume_id.as_str();
-        let first = self.by_id.partition_point(|&p| id_at(p) < id);
-        let p = *self.by_id.get(first)?;
+        let Places::Index { index, by_id, .. } = &self.places else {
+            return None;
+        };
+        let id_at = |p: u32| index.volumes[p as usize].volume_id.as_str();
+        let first = by_id.partition_point(|&p| id_at(p) < id);
+        let p = *by_id.get(first)?;
         (id_at(p) == id).then_some(p as usize)
     }
 
     /// Where volume number `i` is.
-    pub fn location(&self, i: usize) -> Option<&VolumeLocation> {
-        self.index.volumes.get(i)
+    pub fn location(&self, i: usize) -> Option<VolumeLocation> {
+        match &self.places {
+            Places::Index { index, .. } => index.volumes.get(i).cloned(),
+            Places::Learned { known, .. } => known
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .volumes
+                .get(&i)
+                .cloned(),
+        }
+    }
+
+    /// Shard `shard`'s key, size and footer range.
+    fn shard(&self, shard: u32) -> Result<(String, u64, ByteRange), ShardError> {
+        let missing = |n: usize| {
+            ShardError::Invalid(format!(
+                "volume shard {shard} out of range ({n} shards in `{}`)",
+                self.store.url()
+            ))
+        };
+        match &self.places {
+            Places::Index { entries, index, .. } => {
+                let e = entries
+                    .get(shard as usize)
+                    .ok_or_else(|| missing(entries.len()))?;
+                let footer = index
+                    .footers
+                    .get(shard as usize)
+                    .ok_or_else(|| ShardError::Invalid(format!("no footer for shard {shard}")))?;
+                Ok((e.key.clone(), e.bytes, *footer))
+            }
+            Places::Learned { known, .. } => {
+                let k = known.lock().unwrap_or_else(|e| e.into_inner());
+                let &(footer, bytes) = k
+                    .shards
+                    .get(&shard)
+                    .ok_or_else(|| missing(k.shards.len()))?;
+                Ok((
+                    crate::manifest::volume_shard_key(shard as usize),
+                    bytes,
+                    footer,
+                ))
+            }
+        }
     }
 
     /// The store the volumes are read from.
@@ -129,9 +227,9 @@ impl VolumeReader {
     }
 
     /// The shard key of volume number `i`.
-    pub fn shard_key(&self, i: usize) -> Option<&str> {
-        let loc = self.index.volumes.get(i)?;
-        self.entries.get(loc.shard as usize).map(|e| e.key.as_str())
+    pub fn shard_key(&self, i: usize) -> Option<String> {
+        let loc = self.location(i)?;
+        self.shard(loc.shard).ok().map(|(key, _, _)| key)
     }
 
     fn lock(&self) -> MutexGuard<'_, Footers> {
@@ -151,12 +249,7 @@ impl VolumeReader {
                 return Ok(meta.clone());
             }
         }
-        let entry = self.entry(shard)?;
-        let range = self
-            .index
-            .footers
-            .get(shard as usize)
-            .ok_or_else(|| ShardError::Invalid(format!("no footer for shard {shard}")))?;
+        let (key, _, range) = self.shard(shard)?;
         let within = whole.and_then(|w| {
             let (start, end) = (
                 usize::try_from(range.offset).ok()?,
@@ -166,10 +259,10 @@ impl VolumeReader {
         });
         let bytes = match within {
             Some(b) => b,
-            None => self.store.get_range(&entry.key, range.range())?,
+            None => self.store.get_range(&key, range.range())?,
         };
-        range.check(&entry.key, &bytes)?;
-        let meta = volume_footer(&bytes, &entry.key)?;
+        range.check(&key, &bytes)?;
+        let meta = volume_footer(&bytes, &key)?;
         let mut f = self.lock();
         f.tick += 1;
         let tick = f.tick;
@@ -180,16 +273,6 @@ impl VolumeReader {
         }
         f.map.insert(shard, (meta.clone(), tick));
         Ok(meta)
-    }
-
-    fn entry(&self, shard: u32) -> Result<&ShardEntry, ShardError> {
-        self.entries.get(shard as usize).ok_or_else(|| {
-            ShardError::Invalid(format!(
-                "volume shard {shard} out of range ({} shards in `{}`)",
-                self.entries.len(),
-                self.store.url()
-            ))
-        })
     }
 
     /// Reads volume number `i` (with its image and masks when asked): its footer (once per shard) and its own
@@ -213,7 +296,7 @@ impl VolumeReader {
     pub fn spans(&self, volumes: &[usize]) -> Result<Vec<ReadSpan>, ShardError> {
         let mut located = Vec::with_capacity(volumes.len());
         for &v in volumes {
-            let loc = self.index.volumes.get(v).ok_or_else(|| {
+            let loc = self.location(v).ok_or_else(|| {
                 ShardError::Invalid(format!("volume {v} out of range ({} volumes)", self.len()))
             })?;
             located.push((loc.shard, loc.bytes.offset, loc.bytes.length, v));
@@ -231,21 +314,37 @@ impl VolumeReader {
         images: bool,
         masks: bool,
     ) -> Result<Vec<(usize, Result<VolumeRecord, ShardError>)>, ShardError> {
-        let entry = self.entry(span.shard)?;
+        let (key, _, _) = self.shard(span.shard)?;
         let meta = self.footer(span.shard, None)?;
-        let bytes = self.store.get_range(&entry.key, span.range.clone())?;
+        let bytes = self.store.get_range(&key, span.range.clone())?;
         Ok(self.decode_span(span, &meta, &bytes, span.range.start, images, masks))
     }
 
     /// The size of shard `shard` in bytes.
+    /// `None` for a reader that learns places from the sample lookup: it has no shard checksum to check a
+    /// whole shard against, so it reads ranges only.
     pub fn shard_bytes(&self, shard: u32) -> Option<u64> {
-        self.entries.get(shard as usize).map(|e| e.bytes)
+        match &self.places {
+            Places::Index { entries, .. } => entries.get(shard as usize).map(|e| e.bytes),
+            Places::Learned { .. } => None,
+        }
     }
 
     /// Fetches the whole of shard `shard` with one request, checked against the manifest (sha256 or crc32,
     /// and its size): for read-ahead of a shard so small that reading it whole costs what one request costs.
     pub fn fetch_shard(&self, shard: u32) -> Result<Bytes, ShardError> {
-        crate::dataset::fetch_checked(&self.store, self.entry(shard)?)
+        match &self.places {
+            Places::Index { entries, .. } => {
+                let entry = entries.get(shard as usize).ok_or_else(|| {
+                    ShardError::Invalid(format!("volume shard {shard} out of range"))
+                })?;
+                crate::dataset::fetch_checked(&self.store, entry)
+            }
+            Places::Learned { .. } => Err(ShardError::Invalid(format!(
+                "volume shard {shard} of `{}`: whole shards are not read through the sample lookup",
+                self.store.url()
+            ))),
+        }
     }
 
     /// [`VolumeReader::read_span`] from `whole`, the shard's bytes as [`VolumeReader::fetch_shard`] returned
@@ -277,11 +376,11 @@ impl VolumeReader {
         span.volumes
             .iter()
             .map(|&v| {
-                let record = self.index.volumes.get(v).ok_or_else(|| {
+                let record = self.location(v).ok_or_else(|| {
                     ShardError::Invalid(format!("volume {v} out of range ({} volumes)", self.len()))
                 });
                 let record = record.and_then(|loc| {
-                    let entry = self.entry(loc.shard)?;
+                    let (key, shard_bytes, _) = self.shard(loc.shard)?;
                     let start = loc.bytes.offset.saturating_sub(base);
                     let end = start + loc.bytes.length;
                     if loc.shard != span.shard || loc.bytes.offset < base || end > got {
@@ -289,13 +388,13 @@ impl VolumeReader {
                             "volume `{}` (bytes {:?}) is not within the read of `{}` bytes {base}..{} ",
                             loc.volume_id,
                             loc.bytes.range(),
-                            entry.key,
+                            key,
                             base + got
                         )));
                     }
                     // Bounds checked above; `slice` shares the request's buffer.
                     let own = bytes.slice(start as usize..end as usize);
-                    self.decode(meta, entry, loc, own, images, masks)
+                    self.decode(meta, (&key, shard_bytes), &loc, own, images, masks)
                 });
                 (v, record)
             })
@@ -306,17 +405,17 @@ impl VolumeReader {
     fn decode(
         &self,
         meta: &ArrowReaderMetadata,
-        entry: &ShardEntry,
+        (key, shard_bytes): (&str, u64),
         loc: &VolumeLocation,
         bytes: Bytes,
         images: bool,
         masks: bool,
     ) -> Result<VolumeRecord, ShardError> {
-        loc.bytes.check(&entry.key, &bytes)?;
+        loc.bytes.check(key, &bytes)?;
         let rows = read_volume_row_group(
             meta,
-            &entry.key,
-            entry.bytes,
+            key,
+            shard_bytes,
             loc.bytes.offset,
             bytes,
             loc.row_group as usize,
@@ -327,7 +426,7 @@ impl VolumeReader {
             .find(|r| r.volume_id == loc.volume_id)
             .ok_or_else(|| {
                 ShardError::schema(
-                    &entry.key,
+                    key,
                     format!(
                         "volume `{}` is not in row group {} (the index does not match the shard)",
                         loc.volume_id, loc.row_group

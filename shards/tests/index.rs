@@ -48,8 +48,10 @@ fn write(
     if !index {
         // As a dataset converted before the index existed.
         manifest.volume_index = None;
+        manifest.sample_lookup = None;
         manifest.save(store).unwrap();
         store.delete(INDEX_KEY).unwrap();
+        store.delete(m3d_shards::LOOKUP_KEY).unwrap();
     }
     volume_shards.into_iter().flatten().collect()
 }
@@ -70,7 +72,15 @@ fn opening_reads_no_volume_shard_and_a_volume_costs_its_own_bytes() {
         "opening read a volume shard: {events:?}"
     );
     let keys: Vec<&str> = events.iter().map(|e| e.key.as_str()).collect();
-    assert_eq!(keys, ["manifest.json", &sample_shard_key(0), INDEX_KEY]);
+    assert_eq!(
+        keys,
+        [
+            "manifest.json",
+            m3d_shards::SHARD_LIST_KEY,
+            &sample_shard_key(0),
+            INDEX_KEY
+        ]
+    );
 
     // A volume: one ranged read of its footer (first use of its shard), one of its own bytes.
     log.clear();

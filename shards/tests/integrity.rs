@@ -19,10 +19,18 @@ fn clean_dataset_reads_back_and_verifies() {
         manifest.totals.bytes,
         listed
             .iter()
-            .filter(|(k, _)| k != Manifest::KEY && k != m3d_shards::INDEX_KEY)
+            .filter(|(k, _)| {
+                ![
+                    Manifest::KEY,
+                    m3d_shards::INDEX_KEY,
+                    m3d_shards::SHARD_LIST_KEY,
+                    m3d_shards::LOOKUP_KEY,
+                ]
+                .contains(&k.as_str())
+            })
             .map(|(_, n)| n)
             .sum::<u64>(),
-        "totals count the shards (the index is listed on its own)"
+        "totals count the shards (the index, lookup and shard list are listed on their own)"
     );
 
     let ds = ShardDataset::open(dir.path().to_str().unwrap()).unwrap();
@@ -40,7 +48,11 @@ fn clean_dataset_reads_back_and_verifies() {
     );
     let report = ds.verify().unwrap();
     assert!(report.is_ok(), "{report:?}");
-    assert_eq!(report.shards.len(), 3);
+    assert_eq!(
+        report.shards.len(),
+        4,
+        "2 volume shards, 1 sample shard, the lookup"
+    );
     assert_eq!(
         manifest.counts["seg"]["train"] + manifest.counts["seg"]["test"],
         6
@@ -82,6 +94,51 @@ fn flipped_shard_byte_is_a_checksum_error_naming_the_key() {
     let err = ShardDataset::open(dir.path().to_str().unwrap()).unwrap_err();
     assert!(
         err.to_string().contains("samples/part-00000.parquet"),
+        "{err}"
+    );
+}
+
+#[test]
+fn verify_reports_a_corrupted_sample_lookup_and_a_corrupted_shard_list_fails_loading() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path().to_str().unwrap()).unwrap();
+    let (shards, samples) = common::small_dataset(35);
+    common::write_dataset(&store, &shards, &samples);
+    let ds = ShardDataset::open(dir.path().to_str().unwrap()).unwrap();
+    let report = ds.verify().unwrap();
+    assert!(report.is_ok());
+    let lookup = report
+        .shards
+        .iter()
+        .find(|c| c.kind == ShardKind::Lookup)
+        .expect("verify checks the lookup");
+    assert_eq!(lookup.rows, samples.len() as u64);
+
+    let path = dir.path().join(m3d_shards::LOOKUP_KEY);
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[5] ^= 0x01;
+    std::fs::write(&path, bytes).unwrap();
+    let report = ds.verify().unwrap();
+    let bad: Vec<_> = report.failures().collect();
+    assert_eq!(bad.len(), 1);
+    assert_eq!(
+        (bad[0].kind, bad[0].key.as_str(), bad[0].sha256_ok),
+        (ShardKind::Lookup, m3d_shards::LOOKUP_KEY, false)
+    );
+    assert!(
+        bad[0].errors.iter().any(|e| e.contains("(block 0)")),
+        "{:?}",
+        bad[0].errors
+    );
+
+    let list = dir.path().join(m3d_shards::SHARD_LIST_KEY);
+    let mut bytes = std::fs::read(&list).unwrap();
+    bytes[3] ^= 0x01;
+    std::fs::write(&list, bytes).unwrap();
+    let err = ShardDataset::open(dir.path().to_str().unwrap()).unwrap_err();
+    assert!(matches!(err, ShardError::Checksum { .. }), "{err}");
+    assert!(
+        err.to_string().contains(m3d_shards::SHARD_LIST_KEY),
         "{err}"
     );
 }
@@ -140,7 +197,7 @@ fn newer_manifest_is_refused_clearly() {
     let (shards, samples) = common::small_dataset(33);
     let manifest = common::write_dataset(&store, &shards, &samples);
     let mut json: serde_json::Value = serde_json::from_slice(&manifest.to_json().unwrap()).unwrap();
-    json["schema_version"] = serde_json::json!(m3d_shards::SHARD_SCHEMA_VERSION + 1);
+    json["schema_version"] = serde_json::json!(m3d_shards::MANIFEST_VERSION + 1);
     // A newer version may also change fields; the version must be reported, not a field mismatch.
     json["volume_shards"] = serde_json::json!("a future layout");
     store
@@ -151,8 +208,8 @@ fn newer_manifest_is_refused_clearly() {
         matches!(
             err,
             ShardError::SchemaVersion {
-                found: 2,
-                supported: 1,
+                found: 3,
+                supported: 2,
                 ..
             }
         ),
@@ -160,7 +217,7 @@ fn newer_manifest_is_refused_clearly() {
     );
     let msg = err.to_string();
     assert!(
-        msg.contains("manifest.json") && msg.contains("version 2") && msg.contains("upgrade"),
+        msg.contains("manifest.json") && msg.contains("version 3") && msg.contains("upgrade"),
         "{msg}"
     );
 

@@ -783,11 +783,11 @@ fn errors_show_each_cause_once_and_name_a_missing_dataset() {
     let cap = tmp.path().join("cap");
     let out = convert("cap", &raw.join("M3D_Cap"), &cap, &[]);
     assert!(out.status.success());
-    let shard = cap.join("samples/part-00000.parquet");
-    let mut bytes = std::fs::read(&shard).unwrap();
-    let mid = bytes.len() / 2;
-    bytes[mid] ^= 0xff;
-    std::fs::write(&shard, bytes).unwrap();
+    // Training reads its samples through the sample lookup: a byte of its first block flipped.
+    let lookup = cap.join("index/samples.lookup");
+    let mut bytes = std::fs::read(&lookup).unwrap();
+    bytes[10] ^= 0xff;
+    std::fs::write(&lookup, bytes).unwrap();
     let recipe = m3d_testkit::workspace_root().join("recipes/clip-tiny.yaml");
     let err = m3d_err(&[
         "train",
@@ -801,7 +801,7 @@ fn errors_show_each_cause_once_and_name_a_missing_dataset() {
         "--set",
         &format!("output.run={}", tmp.path().join("run").display()),
     ]);
-    assert!(err.contains("samples/part-00000.parquet"), "{err}");
+    assert!(err.contains("index/samples.lookup (block 0)"), "{err}");
     assert_eq!(err.matches("checksum mismatch").count(), 1, "{err}");
     assert_eq!(err.matches("the shard is corrupted").count(), 1, "{err}");
 
