@@ -349,6 +349,7 @@ pub fn finalize(url: &str) -> Result<ConvertReport> {
         skipped,
         shard_samples,
         (0, shards, volumes),
+        None,
     )
 }
 

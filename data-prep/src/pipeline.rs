@@ -23,6 +23,7 @@ use m3d_shards::encode::ImageDtype;
 use m3d_shards::manifest::{sample_shard_key, volume_shard_key, Manifest, ShardEntry, Totals};
 use m3d_shards::parquet_io::{write_sample_shard, write_volume_shard, ImageCodec, WriteOptions};
 use m3d_shards::schema::{MaskRecord, SampleRecord, VolumeRecord};
+use m3d_shards::ForeignVolumes;
 use m3d_shards::{sha256_hex, SHARD_SCHEMA_VERSION};
 use m3d_shards::{shard_layout, write_index, ShardLayout, VolumeIndex};
 use m3d_store::Store;
@@ -293,6 +294,7 @@ pub fn convert_volumes<S: VolumeSource>(src: &S, opts: &ConvertOptions) -> Resul
         skipped,
         opts.shard_samples,
         (written, reused, volumes),
+        None,
     )
 }
 
@@ -424,6 +426,7 @@ pub fn convert_samples_only(
     samples: Vec<SampleRecord>,
     skipped: Vec<Skipped>,
     opts: &ConvertOptions,
+    volumes_from: Option<&ForeignVolumes>,
 ) -> Result<ConvertReport> {
     if let Some(part) = opts.part {
         return Err(PrepError::Options(format!(
@@ -442,6 +445,7 @@ pub fn convert_samples_only(
         skipped,
         opts.shard_samples,
         (0, 0, 0),
+        volumes_from,
     )
 }
 
@@ -534,6 +538,7 @@ pub(crate) fn finish(
     skipped: Vec<Skipped>,
     shard_samples: usize,
     (written, reused, volumes): (usize, usize, u64),
+    volumes_from: Option<&ForeignVolumes>,
 ) -> Result<ConvertReport> {
     let write_opts = WriteOptions::default();
     let mut counts: BTreeMap<String, BTreeMap<String, u64>> = BTreeMap::new();
@@ -589,7 +594,7 @@ pub(crate) fn finish(
     };
     let index = VolumeIndex::from_layouts(&layouts);
     write_index(store, &mut manifest, &index)?;
-    m3d_shards::lookup::write_lookup(store, &mut manifest, &samples, &index)?;
+    m3d_shards::lookup::write_lookup(store, &mut manifest, &samples, &index, volumes_from)?;
     manifest.save(store)?;
     Ok(ConvertReport {
         dataset: dataset.to_string(),

@@ -28,6 +28,9 @@ pub struct VqaOptions {
     pub src: PathBuf,
     /// Volume ids that exist (from the converted M3D-Cap dataset); when given, every row must reference one.
     pub known_volumes: Option<BTreeSet<String>>,
+    /// The converted M3D-Cap dataset's volume index: when given, the sample lookup records where each row's
+    /// volume is, so that training opens M3D-VQA without a sample table or Cap's index.
+    pub volumes_from: Option<m3d_shards::ForeignVolumes>,
 }
 
 /// The closed-ended prompt and answer of the reference: `question + " Choices: A. a B. b C. c D. d"`, `"X. answer"`.
@@ -178,5 +181,13 @@ pub fn convert(vqa: &VqaOptions, opts: &ConvertOptions) -> Result<ConvertReport>
         "open": "Question -> Answer",
         "volume_id": "Image Path without .npy (an M3D-Cap volume id)",
     });
-    convert_samples_only("vqa", source, preprocessing, samples, skipped, opts)
+    convert_samples_only(
+        "vqa",
+        source,
+        preprocessing,
+        samples,
+        skipped,
+        opts,
+        vqa.volumes_from.as_ref(),
+    )
 }

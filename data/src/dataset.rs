@@ -76,14 +76,9 @@ impl TrainData {
             })?;
             for url in &t.shards {
                 let src = sources.len() as u32;
-                // Through the sample lookup where the dataset has one and holds its own volumes (M3D-VQA's
-                // are M3D-Cap's, found by id through Cap's index): its rows of a split and task are ranges
-                // the manifest lists, so opening reads no table.
-                let lazy = if t.volumes.is_empty() {
-                    ShardLoader::open_lookup(url, opts.clone(), &mut readers)?
-                } else {
-                    None
-                };
+                // Through the sample lookup where the dataset has one that locates its samples' volumes: its
+                // rows of a split and task are ranges the manifest lists, so opening reads no table.
+                let lazy = ShardLoader::open_lookup(url, &t.volumes, opts.clone(), &mut readers)?;
                 let loader = match lazy {
                     Some(loader) => {
                         for g in loader.lookup_groups().unwrap_or_default() {

@@ -665,12 +665,16 @@ impl ShardLoader {
     }
 
     /// Opens the dataset at `url` through its sample lookup (`m3d_shards::lookup`), for a training set:
-    /// reads `manifest.json` alone, a few KiB whatever the dataset's size; each sample's record and volume
-    /// place are fetched with the blocks of the lookup a step needs. Sample `i` is row `i` of the lookup,
-    /// whose rows are grouped by split and task ([`ShardLoader::lookup_groups`]). `Ok(None)` for a dataset
-    /// without a lookup (converted before it existed): open it with [`ShardLoader::open_sharing`].
+    /// reads `manifest.json` alone, a few KiB whatever the dataset's size (and, for samples whose volumes are
+    /// in the one `volume_urls` dataset, that dataset's `manifest.json`); each sample's record and volume place
+    /// are fetched with the blocks of the lookup a step needs. Sample `i` is row `i` of the lookup, whose rows
+    /// are grouped by split and task ([`ShardLoader::lookup_groups`]). `Ok(None)` where the lookup cannot
+    /// serve: a dataset without one (converted before it existed), or whose samples name volumes of
+    /// `volume_urls` that its lookup does not locate (written without `--cap`, or for a volumes dataset whose
+    /// index has changed since); open those with [`ShardLoader::open_sharing`].
     pub fn open_lookup(
         url: &str,
+        volume_urls: &[String],
         opts: LoaderOptions,
         shared_readers: &mut VolumeReaders,
     ) -> Result<Option<Self>, LoadError> {
@@ -678,13 +682,14 @@ impl ShardLoader {
             url: url.to_string(),
             source: e.into(),
         })?;
-        Self::open_lookup_in(store, opts, shared_readers)
+        Self::open_lookup_in(store, volume_urls, opts, shared_readers)
     }
 
     /// [`ShardLoader::open_lookup`] of the dataset at the root of `store` (already opened: e.g. with an I/O
     /// log).
     pub fn open_lookup_in(
         store: Store,
+        volume_urls: &[String],
         opts: LoaderOptions,
         shared_readers: &mut VolumeReaders,
     ) -> Result<Option<Self>, LoadError> {
@@ -697,15 +702,38 @@ impl ShardLoader {
         let Some(entry) = manifest.sample_lookup else {
             return Ok(None);
         };
-        let volumes = usize::try_from(manifest.totals.volumes).unwrap_or(usize::MAX);
-        let reader = shared_readers.learning(url, &store, volumes);
+        let count = |n: u64| usize::try_from(n).unwrap_or(usize::MAX);
+        let mut readers =
+            vec![shared_readers.learning(url, &store, count(manifest.totals.volumes))];
+        match (entry.volumes_index_sha256.as_deref(), volume_urls) {
+            (_, []) => {}
+            (Some(sha), [vurl]) => {
+                let verr = |source| LoadError::Open {
+                    url: vurl.clone(),
+                    source,
+                };
+                let vstore = Store::open_existing(vurl).map_err(|e| verr(e.into()))?;
+                let head = Manifest::load_head(&vstore).map_err(verr)?;
+                if head.volume_index.as_ref().map(|e| e.sha256.as_str()) != Some(sha) {
+                    tracing::warn!(
+                        url,
+                        volumes = vurl.as_str(),
+                        "the sample lookup locates the volumes of another index than the volume dataset's: \
+                         opening the whole-table way"
+                    );
+                    return Ok(None);
+                }
+                readers.push(shared_readers.learning(vurl, &vstore, count(head.totals.volumes)));
+            }
+            _ => return Ok(None),
+        }
         let lookup = LookupReader::new(store, entry);
         Self::start(
             url,
             SampleTable::default(),
             Vec::new(),
             Some(lookup),
-            vec![reader],
+            readers,
             opts,
         )
         .map(Some)
@@ -899,16 +927,18 @@ impl ShardLoader {
         let rows = lookup
             .get_many(indices)
             .map_err(|source| self.lookup_error(source))?;
-        let reader = &self.shared.readers[0];
+        let readers = &self.shared.readers;
         indices
             .iter()
             .zip(rows)
             .map(|(&index, row)| match row.volume {
-                Some(v) => {
-                    reader.learn(&v);
-                    Ok((0, v.position as usize))
+                // Reader 1 is the volumes dataset's, opened only when the lookup's places match its index.
+                Some(v) if !v.foreign || readers.len() > 1 => {
+                    let r = usize::from(v.foreign);
+                    readers[r].learn(&v);
+                    Ok((r, v.position as usize))
                 }
-                None => Err(LoadError::VolumeNotIndexed {
+                _ => Err(LoadError::VolumeNotIndexed {
                     index,
                     sample_id: row.record.sample_id,
                     volume_id: row.record.volume_id,

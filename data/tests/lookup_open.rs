@@ -7,8 +7,8 @@ use std::collections::HashMap;
 
 use m3d_data::loader::{LoaderOptions, ShardLoader, VolumeReaders};
 use m3d_shards::{
-    ImageDtype, Manifest, SampleRecord, Store, Task, VolumeRecord, WriteOptions, INDEX_KEY,
-    LOOKUP_KEY, SHARD_LIST_KEY,
+    ForeignVolumes, ImageDtype, Manifest, SampleRecord, Store, Task, VolumeRecord, WriteOptions,
+    INDEX_KEY, LOOKUP_KEY, SHARD_LIST_KEY,
 };
 
 const SHAPE: [u32; 4] = [1, 2, 4, 4];
@@ -88,7 +88,7 @@ fn opts() -> LoaderOptions {
 /// Opens `url` through its lookup with an I/O log, loads rows `picks`; returns (requests, bytes, keys read).
 fn first_batch(url: &str, picks: &[u64]) -> (usize, u64, Vec<String>) {
     let (store, log) = Store::open_existing(url).unwrap().with_io_log();
-    let loader = ShardLoader::open_lookup_in(store, opts(), &mut VolumeReaders::default())
+    let loader = ShardLoader::open_lookup_in(store, &[], opts(), &mut VolumeReaders::default())
         .unwrap()
         .expect("the dataset has a lookup");
     let got = loader.load(picks).unwrap();
@@ -132,7 +132,7 @@ fn the_first_batch_costs_the_same_at_200_and_at_2000_shards_and_reads_no_table()
 fn the_lookup_serves_the_records_and_volumes_of_the_whole_table() {
     let dir = tempfile::tempdir().unwrap();
     let url = write(dir.path(), 200);
-    let lazy = ShardLoader::open_lookup(&url, opts(), &mut VolumeReaders::default())
+    let lazy = ShardLoader::open_lookup(&url, &[], opts(), &mut VolumeReaders::default())
         .unwrap()
         .unwrap();
     let eager = ShardLoader::open(&url, opts()).unwrap();
@@ -194,7 +194,7 @@ fn a_corrupted_lookup_block_is_an_error_naming_the_object_and_the_block() {
     let mut bytes = std::fs::read(&path).unwrap();
     bytes[10] ^= 0x40;
     std::fs::write(&path, bytes).unwrap();
-    let lazy = ShardLoader::open_lookup(&url, opts(), &mut VolumeReaders::default())
+    let lazy = ShardLoader::open_lookup(&url, &[], opts(), &mut VolumeReaders::default())
         .unwrap()
         .unwrap();
     let err = lazy.load(&[0]).unwrap_err().to_string();
@@ -215,7 +215,94 @@ fn a_dataset_without_a_lookup_opens_the_whole_table_way() {
     manifest.sample_lookup = None;
     manifest.save(&store).unwrap();
     assert!(
-        ShardLoader::open_lookup(&url, opts(), &mut VolumeReaders::default())
+        ShardLoader::open_lookup(&url, &[], opts(), &mut VolumeReaders::default())
+            .unwrap()
+            .is_none()
+    );
+}
+
+/// A sample-only dataset whose samples name the volumes of `cap` (as M3D-VQA's name M3D-Cap's), its lookup
+/// written with Cap's volume places (as `m3d data-prep vqa --cap` writes it).
+fn write_vqa(dir: &std::path::Path, cap: &str, volumes: usize) -> String {
+    let url = dir.to_str().unwrap_or_default().to_string();
+    let store = Store::open(&url).unwrap();
+    let samples: Vec<SampleRecord> = samples(volumes)
+        .into_iter()
+        .filter(|s| s.task == Task::VqaClosed)
+        .map(|mut s| {
+            s.sample_id = format!("vqa-{}", s.sample_id);
+            s.dataset = "vqa".into();
+            s
+        })
+        .collect();
+    let mut manifest = m3d_shards::write_dataset(
+        &store,
+        Manifest::new("vqa", "m3d-data tests"),
+        &[],
+        &samples,
+        &WriteOptions::default(),
+    )
+    .unwrap();
+    let foreign =
+        ForeignVolumes::of(&m3d_shards::ShardDataset::open_for_volumes(cap).unwrap()).unwrap();
+    m3d_shards::lookup::write_lookup(
+        &store,
+        &mut manifest,
+        &samples,
+        &m3d_shards::VolumeIndex::default(),
+        Some(&foreign),
+    )
+    .unwrap();
+    manifest.save(&store).unwrap();
+    url
+}
+
+#[test]
+fn samples_naming_another_datasets_volumes_open_through_the_lookup_while_its_index_is_the_same() {
+    let (cap_dir, vqa_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let cap = write(cap_dir.path(), 200);
+    let vqa = write_vqa(vqa_dir.path(), &cap, 200);
+    let volumes = [cap.clone()];
+
+    let (store, log) = Store::open_existing(&vqa).unwrap().with_io_log();
+    let lazy = ShardLoader::open_lookup_in(store, &volumes, opts(), &mut VolumeReaders::default())
+        .unwrap()
+        .expect("the lookup locates Cap's volumes");
+    let rows: Vec<u64> = (0..lazy.len() as u64).collect();
+    let got = lazy.load(&rows).unwrap();
+    // Nothing of VQA but its manifest and lookup; Cap's manifest is read through another store handle.
+    let keys: Vec<String> = log.events().into_iter().map(|e| e.key).collect();
+    assert!(
+        keys.iter()
+            .all(|k| k == Manifest::KEY || k == LOOKUP_KEY || k.starts_with("volumes/")),
+        "{keys:?}"
+    );
+    let eager = ShardLoader::open_with_volumes(&vqa, &volumes, opts()).unwrap();
+    let by_id: HashMap<String, u64> = (0..eager.len() as u64)
+        .map(|i| (eager.sample(i).unwrap().sample_id, i))
+        .collect();
+    assert_eq!(got.len(), eager.len());
+    for g in &got {
+        let want = eager.load(&[by_id[&g.sample.sample_id]]).unwrap().remove(0);
+        assert_eq!(g.sample, want.sample);
+        assert_eq!((g.shape, &g.image), (want.shape, &want.image));
+    }
+
+    // Without the volumes dataset, a sample's volume is named as not found.
+    let alone = ShardLoader::open_lookup(&vqa, &[], opts(), &mut VolumeReaders::default())
+        .unwrap()
+        .unwrap();
+    let err = alone.load(&[0]).unwrap_err().to_string();
+    assert!(
+        err.contains("case_") && err.contains("no volume shard"),
+        "{err}"
+    );
+
+    // Cap converted again (another index): the places may point elsewhere, so the lookup is not used.
+    std::fs::remove_dir_all(cap_dir.path()).unwrap();
+    write(cap_dir.path(), 201);
+    assert!(
+        ShardLoader::open_lookup(&vqa, &volumes, opts(), &mut VolumeReaders::default())
             .unwrap()
             .is_none()
     );

@@ -3,7 +3,6 @@
 //! installed beside `m3d`, so a conversion does not pay libtorch's start-up (0.4-0.5 s and ~0.5 GiB resident a
 //! process: a fifth of converting 20 series, and every part pod of a cluster conversion pays it).
 
-use std::collections::BTreeSet;
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
@@ -338,17 +337,25 @@ pub fn run(cmd: DataPrep) -> Result<()> {
         }
         DataPrep::Vqa { common, cap } => {
             let opts = common.options()?;
-            let known_volumes = match cap {
+            let volumes_from = match cap {
                 Some(url) => Some(
-                    volume_ids(&url)
-                        .with_context(|| format!("reading M3D-Cap volume ids from {url}"))?,
+                    cap_volumes(&url)
+                        .with_context(|| format!("reading M3D-Cap's volume index from {url}"))?,
                 ),
                 None => None,
             };
+            let known_volumes = volumes_from.as_ref().map(|f| {
+                f.index
+                    .volumes
+                    .iter()
+                    .map(|v| v.volume_id.clone())
+                    .collect()
+            });
             let report = m3d_data_prep::vqa::convert(
                 &VqaOptions {
                     src: common.src.clone(),
                     known_volumes,
+                    volumes_from,
                 },
                 &opts,
             )
@@ -470,12 +477,8 @@ pub fn run(cmd: DataPrep) -> Result<()> {
 }
 
 /// Every volume id of a converted dataset (from its volume index).
-fn volume_ids(url: &str) -> Result<BTreeSet<String>> {
-    let ds = m3d_shards::dataset::ShardDataset::open(url)?;
-    Ok(ds
-        .volume_index()?
-        .volumes
-        .into_iter()
-        .map(|v| v.volume_id)
-        .collect())
+/// The volume index of the converted M3D-Cap dataset at `url` (its manifest and index: no shard).
+fn cap_volumes(url: &str) -> Result<m3d_shards::ForeignVolumes> {
+    let ds = m3d_shards::dataset::ShardDataset::open_for_volumes(url)?;
+    Ok(m3d_shards::ForeignVolumes::of(&ds)?)
 }

@@ -150,7 +150,7 @@ fn write(url: &str, args: &[String]) -> Result<(), Error> {
     let index = VolumeIndex::from_layouts(&layouts);
     write_index(&store, &mut manifest, &index)?;
     if !has(args, "--no-lookup") {
-        m3d_shards::lookup::write_lookup(&store, &mut manifest, &samples, &index)?;
+        m3d_shards::lookup::write_lookup(&store, &mut manifest, &samples, &index, None)?;
     }
     manifest.save(&store)?;
     println!(

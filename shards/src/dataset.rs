@@ -150,7 +150,7 @@ pub fn write_dataset(
     manifest.update_totals();
     let index = crate::VolumeIndex::from_layouts(&layouts);
     crate::write_index(store, &mut manifest, &index)?;
-    crate::lookup::write_lookup(store, &mut manifest, samples, &index)?;
+    crate::lookup::write_lookup(store, &mut manifest, samples, &index, None)?;
     manifest.save(store)?;
     Ok(manifest)
 }

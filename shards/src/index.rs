@@ -414,7 +414,7 @@ pub fn reindex(store: &crate::Store) -> Result<ReindexReport, ShardError> {
         let bytes = crate::fetch_checked(store, entry)?;
         samples.extend(crate::read_sample_shard(bytes, &entry.key)?);
     }
-    crate::lookup::write_lookup(store, &mut manifest, &samples, &index)?;
+    crate::lookup::write_lookup(store, &mut manifest, &samples, &index, None)?;
     manifest.save(store)?;
     Ok(ReindexReport {
         url: store.url().to_string(),

@@ -24,7 +24,9 @@ pub use index::{
     reindex, shard_layout, write_index, ByteRange, ReindexReport, ShardLayout, VolumeIndex,
     VolumeLocation, INDEX_KEY,
 };
-pub use lookup::{LookedUpVolume, LookupEntry, LookupGroup, LookupReader, LookupRow, LOOKUP_KEY};
+pub use lookup::{
+    ForeignVolumes, LookedUpVolume, LookupEntry, LookupGroup, LookupReader, LookupRow, LOOKUP_KEY,
+};
 pub use m3d_store::{IoEvent, IoLog, Store, StoreError};
 pub use manifest::{sha256_hex, Manifest, ShardEntry, Totals, MANIFEST_VERSION, SHARD_LIST_KEY};
 pub use parquet_io::{

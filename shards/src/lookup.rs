@@ -5,9 +5,11 @@
 //! Layout of the object: zstd blocks of [`LOOKUP_BLOCK_ROWS`] records back to back, then the directory, one
 //! [`DIR_ENTRY`]-byte entry per block (offset u64, compressed length u32, decoded length u32, crc32 of the
 //! compressed bytes u32, reserved u32; little-endian), at the offset the manifest gives. A record is the
-//! [`crate::records`] form of the [`SampleRecord`] followed by its volume's place: 0 (no volume in this
-//! dataset, e.g. M3D-VQA's samples, whose volumes are M3D-Cap's) or the volume's row in the volume index + 1,
-//! its shard, row group, byte range and crc32, its shard's footer range and crc32, and the shard's size.
+//! [`crate::records`] form of the [`SampleRecord`] followed by its volume's place: a tag (0: none known; 1: in
+//! this dataset; 2: in the dataset whose volumes this one's samples name, e.g. M3D-Cap's for M3D-VQA, identified
+//! by the sha256 of its volume index, [`LookupEntry::volumes_index_sha256`]) and, unless 0, the volume's row in
+//! that dataset's volume index, its shard, row group, byte range and crc32, its shard's footer range and crc32,
+//! and the shard's size.
 //!
 //! Rows are grouped by (split, task), in the order of the sample shards within a group, and the manifest lists
 //! the groups ([`LookupEntry::groups`]): a training set selects its samples by split and task, so its samples
@@ -63,11 +65,48 @@ pub struct LookupEntry {
     /// Where the directory starts.
     pub directory_offset: u64,
     pub groups: Vec<LookupGroup>,
+    /// For rows whose volumes are in another dataset (tag 2): the sha256 of that dataset's
+    /// `index/volumes.parquet` when the lookup was written. A reader uses those places only for a volumes
+    /// dataset whose manifest lists the same index (else the places could point at other bytes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volumes_index_sha256: Option<String>,
+}
+
+/// The volume index of the dataset whose volumes another dataset's samples name (M3D-Cap's, for M3D-VQA), for
+/// writing that dataset's lookup.
+#[derive(Clone, Debug)]
+pub struct ForeignVolumes {
+    pub index: VolumeIndex,
+    /// Each volume shard's size.
+    pub shard_bytes: Vec<u64>,
+    /// sha256 of its `index/volumes.parquet`.
+    pub index_sha256: String,
+}
+
+impl ForeignVolumes {
+    /// Those of `dataset` (its manifest and volume index: no shard).
+    pub fn of(dataset: &crate::ShardDataset) -> Result<ForeignVolumes, ShardError> {
+        let m = dataset.manifest();
+        let index_sha256 = m
+            .volume_index
+            .as_ref()
+            .map(|e| e.sha256.clone())
+            .ok_or_else(|| ShardError::NoIndex {
+                url: dataset.store().url().to_string(),
+            })?;
+        Ok(ForeignVolumes {
+            index: dataset.volume_index()?,
+            shard_bytes: m.volume_shards.iter().map(|e| e.bytes).collect(),
+            index_sha256,
+        })
+    }
 }
 
 /// Where a sample's volume is: what a ranged read needs, without the volume index.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LookedUpVolume {
+    /// In the volumes dataset (tag 2), not in the lookup's own.
+    pub foreign: bool,
     /// The volume's row in the dataset's volume index.
     pub position: u64,
     pub location: VolumeLocation,
@@ -100,7 +139,8 @@ fn encode_volume(out: &mut Vec<u8>, v: Option<&LookedUpVolume>) {
         out.push(0);
         return;
     };
-    put_varint(out, v.position + 1);
+    out.push(if v.foreign { 2 } else { 1 });
+    put_varint(out, v.position);
     put_varint(out, u64::from(v.location.shard));
     put_varint(out, u64::from(v.location.row_group));
     put_varint(out, v.location.bytes.offset);
@@ -113,10 +153,15 @@ fn encode_volume(out: &mut Vec<u8>, v: Option<&LookedUpVolume>) {
 }
 
 fn decode_volume(rest: &mut &[u8], volume_id: &str) -> Option<Option<LookedUpVolume>> {
+    let (&tag, tail) = rest.split_first()?;
+    *rest = tail;
+    let foreign = match tag {
+        0 => return Some(None),
+        1 => false,
+        2 => true,
+        _ => return None,
+    };
     let position = get_varint(rest)?;
-    if position == 0 {
-        return Some(None);
-    }
     let shard = u32::try_from(get_varint(rest)?).ok()?;
     let row_group = u32::try_from(get_varint(rest)?).ok()?;
     let (offset, length) = (get_varint(rest)?, get_varint(rest)?);
@@ -125,7 +170,8 @@ fn decode_volume(rest: &mut &[u8], volume_id: &str) -> Option<Option<LookedUpVol
     let fcrc = get_crc(rest)?;
     let shard_bytes = get_varint(rest)?;
     Some(Some(LookedUpVolume {
-        position: position - 1,
+        foreign,
+        position,
         location: VolumeLocation {
             volume_id: volume_id.to_string(),
             shard,
@@ -146,13 +192,15 @@ fn decode_volume(rest: &mut &[u8], volume_id: &str) -> Option<Option<LookedUpVol
 }
 
 /// The lookup of `samples` (in sample-shard order) whose volumes are located through `index` (the dataset's
-/// own; `shard_bytes[s]` is volume shard `s`'s size): the object and its manifest entry.
+/// own; `shard_bytes[s]` is volume shard `s`'s size), else through `foreign`: the object and its manifest entry.
 pub fn build_lookup(
     samples: &[SampleRecord],
     index: &VolumeIndex,
     shard_bytes: &[u64],
+    foreign: Option<&ForeignVolumes>,
 ) -> Result<(Bytes, LookupEntry), ShardError> {
     let by_id = index.by_id();
+    let foreign_by_id = foreign.map(|f| f.index.by_id()).unwrap_or_default();
     // Stable: within a group, rows keep the sample shards' order.
     let mut order: Vec<usize> = (0..samples.len()).collect();
     let key = |i: &usize| (samples[*i].split.as_str(), samples[*i].task.to_string());
@@ -195,8 +243,16 @@ pub fn build_lookup(
     for (row, &i) in order.iter().enumerate() {
         let s = &samples[i];
         encode_record(&mut block, s);
-        let volume = match by_id.get(s.volume_id.as_str()) {
-            Some(&p) => {
+        let own = by_id
+            .get(s.volume_id.as_str())
+            .map(|&p| (false, p, index, shard_bytes));
+        let other = || {
+            let f = foreign?;
+            let p = *foreign_by_id.get(s.volume_id.as_str())?;
+            Some((true, p, &f.index, f.shard_bytes.as_slice()))
+        };
+        let volume = match own.or_else(other) {
+            Some((foreign, p, index, shard_bytes)) => {
                 let location = index.volumes[p].clone();
                 let shard = location.shard as usize;
                 let (footer, bytes) = index
@@ -210,6 +266,7 @@ pub fn build_lookup(
                         ))
                     })?;
                 Some(LookedUpVolume {
+                    foreign,
                     position: p as u64,
                     location,
                     footer: *footer,
@@ -238,20 +295,23 @@ pub fn build_lookup(
             blocks,
             directory_offset,
             groups,
+            volumes_index_sha256: foreign.map(|f| f.index_sha256.clone()),
         },
     ))
 }
 
-/// Builds the lookup of `samples` (see [`build_lookup`]; `manifest` lists the volume shards), stores it and
-/// records it in `manifest` (which the caller saves after).
+/// Builds the lookup of `samples` (see [`build_lookup`]; `manifest` lists the volume shards, `foreign` locates
+/// the volumes of another dataset the samples name), stores it and records it in `manifest` (which the caller
+/// saves after).
 pub fn write_lookup(
     store: &Store,
     manifest: &mut Manifest,
     samples: &[SampleRecord],
     index: &VolumeIndex,
+    foreign: Option<&ForeignVolumes>,
 ) -> Result<(), ShardError> {
     let shard_bytes: Vec<u64> = manifest.volume_shards.iter().map(|e| e.bytes).collect();
-    let (bytes, entry) = build_lookup(samples, index, &shard_bytes)?;
+    let (bytes, entry) = build_lookup(samples, index, &shard_bytes, foreign)?;
     store.put(LOOKUP_KEY, bytes)?;
     manifest.sample_lookup = Some(entry);
     Ok(())
@@ -303,6 +363,11 @@ impl LookupReader {
     /// The (split, task) groups.
     pub fn groups(&self) -> &[LookupGroup] {
         &self.entry.groups
+    }
+
+    /// See [`LookupEntry::volumes_index_sha256`].
+    pub fn volumes_index_sha256(&self) -> Option<&str> {
+        self.entry.volumes_index_sha256.as_deref()
     }
 
     /// The store the lookup (and the dataset) is in.

@@ -132,6 +132,21 @@ fn full_flow_counts_add_up_and_inspect_verifies() {
         0,
         "VQA references Cap volumes, never copies them"
     );
+    // Converted with `--cap`, its sample lookup locates every row's volume in Cap's index.
+    let cap_index = ShardDataset::open_for_volumes(s(&out.join("cap")))
+        .unwrap()
+        .manifest()
+        .volume_index
+        .clone()
+        .unwrap();
+    let lookup = vqa.manifest().sample_lookup.clone().unwrap();
+    assert_eq!(lookup.volumes_index_sha256, Some(cap_index.sha256));
+    let reader = m3d_shards::LookupReader::new(vqa.store().clone(), lookup);
+    let rows: Vec<u64> = (0..reader.len()).collect();
+    for row in reader.get_many(&rows).unwrap() {
+        let v = row.volume.unwrap();
+        assert!(v.foreign && v.location.volume_id == row.record.volume_id);
+    }
     let closed = vqa
         .samples()
         .iter()
