@@ -97,11 +97,13 @@ def main() -> None:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     sb = args.stream_bench
-    tag = f"{args.volumes}-{args.vqa_samples}"
+    # "lookup": written with sample lookups (VQA's locating Cap's volumes, as `m3d data-prep vqa --cap` writes it).
+    tag = f"{args.volumes}-{args.vqa_samples}-lookup"
     cap, vqa, small = work / f"cap-{tag}", work / f"vqa-{tag}", work / "cap-100"
     for path, cmd in [
         (cap, [sb, "write-cap", str(cap), "--volumes", str(args.volumes)]),
-        (vqa, [sb, "write-vqa", str(vqa), "--samples", str(args.vqa_samples), "--volumes", str(args.volumes)]),
+        (vqa, [sb, "write-vqa", str(vqa), "--samples", str(args.vqa_samples), "--volumes", str(args.volumes),
+               "--cap", str(cap)]),
         (small, [sb, "write-cap", str(small), "--volumes", "100"]),
     ]:
         if not (path / "manifest.json").exists():

@@ -8,9 +8,10 @@
 //! each sample). One JSON line: seconds to open and to the first batch, and the samples and seconds of the steady
 //! state (the steps after `--warmup`).
 //!
-//! `stream_bench write-vqa <url> --samples M --volumes N` writes a sample-only M3D-VQA-like dataset (no volume
-//! shards: its samples name the volumes `v0000000..` of a cap dataset; closed and open questions alternating,
-//! with M3D-VQA's text lengths: question ~80 characters, answer ~40, four choices of ~20).
+//! `stream_bench write-vqa <url> --samples M --volumes N [--cap <url>]` writes a sample-only M3D-VQA-like dataset
+//! (no volume shards: its samples name the volumes `v0000000..` of a cap dataset; closed and open questions
+//! alternating, with M3D-VQA's text lengths: question ~80 characters, answer ~40, four choices of ~20); with
+//! `--cap`, its sample lookup locates the volumes in that dataset's index, as `m3d data-prep vqa --cap` does.
 //!
 //! `stream_bench write-cap <url> --volumes N [--report-chars 400]` writes an M3D-Cap-like dataset of N tiny
 //! (1x2x2) volumes, one caption sample each, with M3D-Cap-like ids and a report of `report-chars` characters
@@ -25,7 +26,8 @@ use m3d_coordinator::plan::{PlanSpec, Shuffle};
 use m3d_data::draws::augment_params;
 use m3d_data::{LoaderOptions, ShardLoader, TrainData};
 use m3d_shards::{
-    write_dataset, ImageDtype, Manifest, SampleRecord, Store, Task, VolumeRecord, WriteOptions,
+    write_dataset, ForeignVolumes, ImageDtype, Manifest, SampleRecord, ShardDataset, Store, Task,
+    VolumeRecord, WriteOptions,
 };
 use m3d_volume::augment::AugmentParams;
 
@@ -270,13 +272,26 @@ fn write_vqa(url: &str, args: &[String]) -> Result<(), Error> {
             }
         })
         .collect();
-    let manifest = write_dataset(
+    let mut manifest = write_dataset(
         &store,
         Manifest::new("vqa", "stream_bench"),
         &[],
         &samples,
         &WriteOptions::default(),
     )?;
+    let cap = flag(args, "--cap", "");
+    if !cap.is_empty() {
+        // As `m3d data-prep vqa --cap` writes it: the lookup locates each row's volume in Cap's index.
+        let foreign = ForeignVolumes::of(&ShardDataset::open_for_volumes(&cap)?)?;
+        m3d_shards::lookup::write_lookup(
+            &store,
+            &mut manifest,
+            &samples,
+            &m3d_shards::VolumeIndex::default(),
+            Some(&foreign),
+        )?;
+        manifest.save(&store)?;
+    }
     println!(
         "{}",
         serde_json::json!({"samples": m, "bytes": manifest.totals.bytes})

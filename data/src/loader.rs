@@ -153,6 +153,13 @@ pub struct LoaderStats {
 /// A volume: which dataset's reader, which volume of it.
 type VolumeKey = (usize, usize);
 
+/// A request to the read-ahead thread.
+enum Prefetch {
+    Keys(Vec<VolumeKey>),
+    /// Rows of the sample lookup, resolved to volumes by the thread.
+    Rows(Vec<u64>),
+}
+
 /// A sample whose volume is in no shard, in [`ShardLoader`]'s packed per-sample volumes.
 const NO_VOLUME: u64 = u64::MAX;
 
@@ -260,8 +267,13 @@ struct Counters {
 
 /// What the loader and its read-ahead thread share.
 struct Shared {
+    url: String,
     /// One reader per dataset the volumes come from.
     readers: Vec<Arc<VolumeReader>>,
+    /// Set for a loader opened through the dataset's sample lookup ([`ShardLoader::open_lookup`]): samples
+    /// and their volumes' places come from it, a block at a time (the loader's table and per-sample volumes
+    /// are then empty).
+    lookup: Option<LookupReader>,
     cache_bytes: usize,
     state: Mutex<CacheState>,
     cv: Condvar,
@@ -500,6 +512,40 @@ impl Shared {
             .fetch_add(dropped, Ordering::Relaxed);
     }
 
+    fn lookup_error(&self, source: ShardError) -> LoadError {
+        LoadError::Open {
+            url: self.url.clone(),
+            source,
+        }
+    }
+
+    /// The volumes of lookup rows `rows` (in range), their places learned by the volume readers.
+    fn lookup_keys(&self, rows: &[u64]) -> Result<Vec<VolumeKey>, LoadError> {
+        let Some(lookup) = &self.lookup else {
+            return Err(self.lookup_error(ShardError::Invalid("no sample lookup".into())));
+        };
+        let looked_up = lookup
+            .get_many(rows)
+            .map_err(|source| self.lookup_error(source))?;
+        let readers = &self.readers;
+        rows.iter()
+            .zip(looked_up)
+            .map(|(&index, row)| match row.volume {
+                // Reader 1 is the volumes dataset's, opened only when the lookup's places match its index.
+                Some(v) if !v.foreign || readers.len() > 1 => {
+                    let r = usize::from(v.foreign);
+                    readers[r].learn(&v);
+                    Ok((r, v.position as usize))
+                }
+                _ => Err(LoadError::VolumeNotIndexed {
+                    index,
+                    sample_id: row.record.sample_id,
+                    volume_id: row.record.volume_id,
+                }),
+            })
+            .collect()
+    }
+
     fn read_volume(&self, key: VolumeKey) -> Result<Arc<CachedVolume>, LoadError> {
         let reader = self.readers.get(key.0).ok_or_else(|| {
             self.volume_error(key, ShardError::Invalid(format!("no dataset {}", key.0)))
@@ -571,11 +617,8 @@ pub struct ShardLoader {
     samples: SampleTable,
     /// The volume of each sample, packed by [`pack`] ([`NO_VOLUME`]: in no shard; reported when loaded).
     sample_volume: Vec<u64>,
-    /// Set for a loader opened through the dataset's sample lookup ([`ShardLoader::open_lookup`]): samples
-    /// and their volumes' places come from it, a block at a time, and `samples` and `sample_volume` are empty.
-    lookup: Option<LookupReader>,
     shared: Arc<Shared>,
-    prefetch_tx: Option<SyncSender<Vec<VolumeKey>>>,
+    prefetch_tx: Option<SyncSender<Prefetch>>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -749,7 +792,9 @@ impl ShardLoader {
         opts: LoaderOptions,
     ) -> Result<Self, LoadError> {
         let shared = Arc::new(Shared {
+            url: url.to_string(),
             readers,
+            lookup,
             cache_bytes: opts.cache_bytes,
             state: Mutex::new(CacheState::default()),
             cv: Condvar::new(),
@@ -757,18 +802,28 @@ impl ShardLoader {
             raw: Mutex::new(RawShards::default()),
         });
         let (prefetch_tx, thread) = if opts.prefetch_depth > 0 {
-            let (tx, rx) = sync_channel::<Vec<VolumeKey>>(opts.prefetch_depth);
+            let (tx, rx) = sync_channel::<Prefetch>(opts.prefetch_depth);
             let sh = Arc::clone(&shared);
             let handle = std::thread::Builder::new()
                 .name("m3d-volume-prefetch".into())
                 .spawn(move || {
                     // Ends when the loader drops its sender. Requests already waiting are read together, so
-                    // that volumes of one shard wanted by several steps share requests.
-                    while let Ok(mut keys) = rx.recv() {
-                        let mut taken = 1;
-                        while let Ok(more) = rx.try_recv() {
-                            keys.extend(more);
+                    // that volumes of one shard wanted by several steps share requests. Rows of the lookup
+                    // are resolved here, off the caller's thread: the lookup's blocks are requests too.
+                    while let Ok(first) = rx.recv() {
+                        let mut taken = 0;
+                        let mut keys = Vec::new();
+                        for request in
+                            std::iter::once(first).chain(std::iter::from_fn(|| rx.try_recv().ok()))
+                        {
                             taken += 1;
+                            match request {
+                                Prefetch::Keys(k) => keys.extend(k),
+                                Prefetch::Rows(rows) => match sh.lookup_keys(&rows) {
+                                    Ok(k) => keys.extend(k),
+                                    Err(e) => sh.lock().last_prefetch_error = Some(e.to_string()),
+                                },
+                            }
                         }
                         let mut seen = HashSet::new();
                         keys.retain(|k| seen.insert(*k));
@@ -791,7 +846,6 @@ impl ShardLoader {
             url: url.to_string(),
             samples,
             sample_volume,
-            lookup,
             shared,
             prefetch_tx,
             thread,
@@ -805,7 +859,7 @@ impl ShardLoader {
 
     /// Number of samples in the dataset (valid indices are `0..len()`).
     pub fn len(&self) -> usize {
-        match &self.lookup {
+        match &self.shared.lookup {
             Some(l) => usize::try_from(l.len()).unwrap_or(usize::MAX),
             None => self.samples.len(),
         }
@@ -823,7 +877,7 @@ impl ShardLoader {
 
     /// The (split, task) groups of the lookup's rows, for a loader opened by [`ShardLoader::open_lookup`].
     pub fn lookup_groups(&self) -> Option<&[m3d_shards::LookupGroup]> {
-        self.lookup.as_ref().map(|l| l.groups())
+        self.shared.lookup.as_ref().map(|l| l.groups())
     }
 
     /// Sample records `range`, decoded (a block of the table or the lookup at a time).
@@ -844,11 +898,11 @@ impl ShardLoader {
 
     /// Sample records `indices`, in that order, each block of the table decompressed once.
     fn samples_at(&self, indices: &[u64]) -> Result<Vec<SampleRecord>, LoadError> {
-        if let Some(lookup) = &self.lookup {
+        if let Some(lookup) = &self.shared.lookup {
             self.check_range(indices)?;
             let rows = lookup
                 .get_many(indices)
-                .map_err(|source| self.lookup_error(source))?;
+                .map_err(|source| self.shared.lookup_error(source))?;
             return Ok(rows.into_iter().map(|r| r.record).collect());
         }
         let positions: Vec<usize> = indices
@@ -897,13 +951,6 @@ impl ShardLoader {
         Ok(unpack(packed))
     }
 
-    fn lookup_error(&self, source: ShardError) -> LoadError {
-        LoadError::Open {
-            url: self.url.clone(),
-            source,
-        }
-    }
-
     /// `Err` naming the first of `indices` past the end.
     fn check_range(&self, indices: &[u64]) -> Result<(), LoadError> {
         let len = self.len();
@@ -918,33 +965,13 @@ impl ShardLoader {
     }
 
     /// The volume of each of `indices`: from the per-sample volumes, or from the lookup (whose places the
-    /// volume reader learns here, before any read of them).
+    /// volume reader learns then, before any read of them).
     fn keys_for(&self, indices: &[u64]) -> Result<Vec<VolumeKey>, LoadError> {
-        let Some(lookup) = &self.lookup else {
+        if self.shared.lookup.is_none() {
             return indices.iter().map(|&i| self.volume_of(i)).collect();
-        };
+        }
         self.check_range(indices)?;
-        let rows = lookup
-            .get_many(indices)
-            .map_err(|source| self.lookup_error(source))?;
-        let readers = &self.shared.readers;
-        indices
-            .iter()
-            .zip(rows)
-            .map(|(&index, row)| match row.volume {
-                // Reader 1 is the volumes dataset's, opened only when the lookup's places match its index.
-                Some(v) if !v.foreign || readers.len() > 1 => {
-                    let r = usize::from(v.foreign);
-                    readers[r].learn(&v);
-                    Ok((r, v.position as usize))
-                }
-                _ => Err(LoadError::VolumeNotIndexed {
-                    index,
-                    sample_id: row.record.sample_id,
-                    volume_id: row.record.volume_id,
-                }),
-            })
-            .collect()
+        self.shared.lookup_keys(indices)
     }
 
     /// Distinct volumes needed by `indices`, in first-use order.
@@ -1015,7 +1042,12 @@ impl ShardLoader {
     /// request was dropped (read-ahead disabled or `prefetch_depth` requests already waiting); an invalid
     /// index is reported now.
     pub fn prefetch(&self, indices: &[u64]) -> Result<bool, LoadError> {
-        let order = self.volumes_for(indices)?;
+        let request = if self.shared.lookup.is_some() {
+            self.check_range(indices)?;
+            Prefetch::Rows(indices.to_vec())
+        } else {
+            Prefetch::Keys(self.volumes_for(indices)?)
+        };
         let Some(tx) = &self.prefetch_tx else {
             self.shared
                 .counters
@@ -1024,7 +1056,7 @@ impl ShardLoader {
             return Ok(false);
         };
         self.shared.lock().pending_prefetch += 1;
-        match tx.try_send(order) {
+        match tx.try_send(request) {
             Ok(()) => Ok(true),
             Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
                 let mut st = self.shared.lock();

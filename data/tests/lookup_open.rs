@@ -307,3 +307,35 @@ fn samples_naming_another_datasets_volumes_open_through_the_lookup_while_its_ind
             .is_none()
     );
 }
+
+#[test]
+fn read_ahead_resolves_lookup_rows_off_the_callers_thread_and_the_load_then_reads_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = write(dir.path(), 200);
+    let (store, log) = Store::open_existing(&url).unwrap().with_io_log();
+    let opts = LoaderOptions {
+        cache_bytes: 1 << 20,
+        prefetch_depth: 2,
+    };
+    let loader = ShardLoader::open_lookup_in(store, &[], opts, &mut VolumeReaders::default())
+        .unwrap()
+        .unwrap();
+    let rows: Vec<u64> = (0..8).map(|k| k * 47 + 3).collect();
+    log.clear();
+    assert!(loader.prefetch(&rows).unwrap());
+    loader.wait_prefetched();
+    assert_eq!(loader.last_prefetch_error(), None);
+    let read_ahead = log.events().len();
+    assert!(read_ahead > 0);
+    log.clear();
+    let got = loader.load(&rows).unwrap();
+    assert_eq!(got.len(), rows.len());
+    assert_eq!(
+        log.events().len(),
+        0,
+        "the load read again: {:?}",
+        log.events()
+    );
+    // An index past the end is refused when queued.
+    assert!(loader.prefetch(&[400]).is_err());
+}

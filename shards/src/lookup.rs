@@ -38,6 +38,13 @@ pub const LOOKUP_BLOCK_ROWS: u32 = 32;
 /// Bytes of one directory entry.
 pub const DIR_ENTRY: u64 = 24;
 
+/// Directory entries fetched together (1.5 KiB): under a global shuffle a run soon holds most of the directory
+/// in a few requests, and a first batch still costs a constant number of bytes.
+const DIR_PAGE: u64 = 64;
+
+/// Ranged requests a lookup makes at the same time (each mostly waits on the store).
+const PARALLEL: usize = 8;
+
 /// Decoded blocks a reader keeps (a block shuffle's window touches a few; a global shuffle rarely repeats).
 const BLOCK_CACHE: usize = 256;
 
@@ -400,23 +407,59 @@ impl LookupReader {
         runs
     }
 
-    /// The directory entries of `blocks` (sorted, deduplicated), fetched for those not read before: one
-    /// request per run of consecutive blocks.
+    /// Fetches `ranges` of the lookup, up to [`PARALLEL`] at a time, in order.
+    fn fetch(&self, ranges: &[std::ops::Range<u64>]) -> Vec<Result<Bytes, ShardError>> {
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let out: Mutex<Vec<Option<Result<Bytes, ShardError>>>> =
+            Mutex::new((0..ranges.len()).map(|_| None).collect());
+        let work = || loop {
+            let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let Some(r) = ranges.get(i) else { break };
+            let got = self
+                .store
+                .get_range(LOOKUP_KEY, r.clone())
+                .map_err(ShardError::from);
+            out.lock().unwrap_or_else(|e| e.into_inner())[i] = Some(got);
+        };
+        std::thread::scope(|scope| {
+            for _ in 1..PARALLEL.min(ranges.len()) {
+                scope.spawn(work);
+            }
+            work();
+        });
+        out.into_inner()
+            .unwrap_or_else(|e| e.into_inner())
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(ShardError::Invalid("a request was not made".into()))))
+            .collect()
+    }
+
+    /// The directory entries of `blocks` (sorted, deduplicated), fetched for those not read before: the
+    /// aligned pages of [`DIR_PAGE`] entries that hold them, a request per run of pages, runs concurrently.
     fn directory(&self, blocks: &[u64]) -> Result<Vec<(u64, u32, u32, u32)>, ShardError> {
-        let missing: Vec<u64> = {
+        let mut pages: Vec<u64> = {
             let c = self.lock();
             blocks
                 .iter()
-                .copied()
                 .filter(|b| !c.directory.contains_key(b))
+                .map(|b| b / DIR_PAGE)
                 .collect()
         };
-        for (start, end) in Self::runs(&missing) {
-            let base = self.entry.directory_offset + start * DIR_ENTRY;
-            let bytes = self
-                .store
-                .get_range(LOOKUP_KEY, base..base + (end - start) * DIR_ENTRY)?;
-            if bytes.len() as u64 != (end - start) * DIR_ENTRY {
+        pages.dedup();
+        let runs: Vec<(u64, u64)> = Self::runs(&pages)
+            .into_iter()
+            .map(|(a, b)| (a * DIR_PAGE, (b * DIR_PAGE).min(self.entry.blocks)))
+            .collect();
+        let ranges: Vec<std::ops::Range<u64>> = runs
+            .iter()
+            .map(|&(start, end)| {
+                let base = self.entry.directory_offset + start * DIR_ENTRY;
+                base..base + end.saturating_sub(start) * DIR_ENTRY
+            })
+            .collect();
+        for (&(start, end), bytes) in runs.iter().zip(self.fetch(&ranges)) {
+            let bytes = bytes?;
+            if bytes.len() as u64 != end.saturating_sub(start) * DIR_ENTRY {
                 return Err(self.corrupt(start, "the directory is cut short"));
             }
             let mut c = self.lock();
@@ -464,14 +507,19 @@ impl LookupReader {
         }
         let dir = self.directory(&missing)?;
         let places: HashMap<u64, (u64, u32, u32, u32)> = missing.iter().copied().zip(dir).collect();
-        for (start, end) in Self::runs(&missing) {
+        let runs = Self::runs(&missing);
+        let mut ranges = Vec::with_capacity(runs.len());
+        for &(start, end) in &runs {
             let first = places[&start].0;
             let last = places[&(end - 1)];
             let stop = last.0 + u64::from(last.1);
             if stop < first || stop > self.entry.directory_offset {
                 return Err(self.corrupt(start, "the directory points outside the blocks"));
             }
-            let bytes = self.store.get_range(LOOKUP_KEY, first..stop)?;
+            ranges.push(first..stop);
+        }
+        for ((&(start, end), range), bytes) in runs.iter().zip(&ranges).zip(self.fetch(&ranges)) {
+            let (first, bytes) = (range.start, bytes?);
             for b in start..end {
                 let (offset, len, size, crc) = places[&b];
                 let from = offset.checked_sub(first).map(|o| o as usize);
