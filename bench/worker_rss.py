@@ -119,7 +119,7 @@ def main() -> None:
         text = vocab_recipe.read_text().replace("  tokenizer: null\n", "")
         vocab_recipe.write_text(text)
         worker_rss(args.m3d, vocab_recipe, env)
-        written = sorted((work / "tmp").glob("m3d-worker-rss-*/tokenizer.json"), key=lambda p: p.stat().st_mtime)
+        written = sorted((work / "tmp").glob("m3d-worker-*/tokenizer.json"), key=lambda p: p.stat().st_mtime)
         if not written:
             raise SystemExit("the vocabulary worker wrote no tokenizer.json")
         tokenizer.write_bytes(written[-1].read_bytes())

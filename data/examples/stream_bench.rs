@@ -93,7 +93,11 @@ fn read(url: &str, args: &[String]) -> Result<(), Error> {
         prefetch_depth: read_ahead as usize,
     };
     let start = Instant::now();
-    let loader = ShardLoader::open(url, opts)?;
+    // As a worker opens it (`TrainData::open`): through the sample lookup where the dataset has one.
+    let loader = match ShardLoader::open_lookup(url, &[], opts.clone(), &mut Default::default())? {
+        Some(l) => l,
+        None => ShardLoader::open(url, opts)?,
+    };
     let opened = start.elapsed().as_secs_f64();
     let spec = PlanSpec {
         kind: m3d_coordinator::PlanKind::Train,

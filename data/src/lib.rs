@@ -5,8 +5,9 @@
 //!   index the data plan permutes.
 //! - [`draws`]: per-sample random draws keyed by (seed, epoch, index), among them the augmentation.
 //! - [`loader`]: [`loader::ShardLoader`] serves decoded (and augmented) samples of one shard dataset by index:
-//!   ranged reads through the dataset's volume index (nearby volumes of a shard in one request), a
-//!   byte-bounded cache of decoded volumes and a read-ahead thread.
+//!   records and volume places from the dataset's sample lookup (a block at a time; opening reads
+//!   `manifest.json` alone) or from its sample table and volume index, ranged reads of the volumes (nearby
+//!   volumes of a shard in one request), a byte-bounded cache of decoded volumes and a read-ahead thread.
 //! - [`samples`]: [`samples::SampleTable`], the sample records as a worker holds them: compressed in blocks,
 //!   decoded per lookup.
 //!

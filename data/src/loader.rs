@@ -1,5 +1,7 @@
-//! The worker's sample loader: [`ShardLoader`] opens a converted dataset (its manifest, volume index and sample
-//! tables: never a volume shard) and serves batches of global sample indices (as the coordinator's plan hands
+//! The worker's sample loader: [`ShardLoader`] opens a converted dataset — through its sample lookup
+//! ([`ShardLoader::open_lookup`]: `manifest.json` alone, the records and volume places then fetched a lookup
+//! block at a time, by the read-ahead thread for queued steps), or the whole-table way (manifest, volume index
+//! and sample tables) for datasets without one; never a volume shard — and serves batches of global sample indices (as the coordinator's plan hands
 //! them to a rank) as decoded f32 images (and masks). Volumes are read with ranged requests
 //! (`m3d_shards::VolumeReader`: their row groups' bytes and, once per shard, the shard's footer, each volume
 //! checked against the index on its own), decoded once and kept in a byte-bounded LRU cache, so a batch costs at

@@ -15,7 +15,7 @@
 //! the groups ([`LookupEntry::groups`]): a training set selects its samples by split and task, so its samples
 //! are a few contiguous ranges of rows known before any row is read.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
@@ -42,11 +42,16 @@ pub const DIR_ENTRY: u64 = 24;
 /// in a few requests, and a first batch still costs a constant number of bytes.
 const DIR_PAGE: u64 = 64;
 
+/// Largest gap, in blocks (~2 KiB each for M3D's texts), that one request reads through rather than making two:
+/// like the volumes' `COALESCE_GAP`, a request costs about what tens of KiB of transfer do.
+const GAP_BLOCKS: u64 = 32;
+
 /// Ranged requests a lookup makes at the same time (each mostly waits on the store).
 const PARALLEL: usize = 8;
 
-/// Decoded blocks a reader keeps (a block shuffle's window touches a few; a global shuffle rarely repeats).
-const BLOCK_CACHE: usize = 256;
+/// Decoded blocks a reader keeps (~16 KiB each for M3D's texts): a block shuffle's window touches a few; under
+/// a global shuffle the read-ahead decodes a step's blocks and the step's load finds them here.
+const BLOCK_CACHE: usize = 1024;
 
 /// zstd level of the blocks.
 const LEVEL: i32 = 3;
@@ -328,7 +333,8 @@ pub fn write_lookup(
 struct Cache {
     /// Directory entries read so far: (offset, compressed length, decoded length, crc32).
     directory: HashMap<u64, (u64, u32, u32, u32)>,
-    blocks: HashMap<u64, (Arc<Vec<u8>>, u64)>,
+    /// Decoded blocks, with the tick of their last use.
+    blocks: HashMap<u64, (Arc<Vec<LookupRow>>, u64)>,
     tick: u64,
 }
 
@@ -488,7 +494,7 @@ impl LookupReader {
 
     /// The decoded blocks `blocks` (sorted, deduplicated): cached, else fetched (adjacent blocks with one
     /// request), crc-checked and decompressed.
-    fn blocks(&self, blocks: &[u64]) -> Result<HashMap<u64, Arc<Vec<u8>>>, ShardError> {
+    fn blocks(&self, blocks: &[u64]) -> Result<HashMap<u64, Arc<Vec<LookupRow>>>, ShardError> {
         let mut got = HashMap::new();
         let mut missing = Vec::new();
         {
@@ -505,6 +511,19 @@ impl LookupReader {
                 }
             }
         }
+        // Blocks between two wanted ones at most GAP_BLOCKS apart come with the same request (and are kept):
+        // a small lookup is then read in a few requests, while a large one's random blocks stay requests of
+        // their own.
+        let mut filled: Vec<u64> = Vec::with_capacity(missing.len());
+        for &b in &missing {
+            if let Some(&prev) = filled.last() {
+                if b > prev + 1 && b - prev <= GAP_BLOCKS {
+                    filled.extend(prev + 1..b);
+                }
+            }
+            filled.push(b);
+        }
+        let missing = filled;
         let dir = self.directory(&missing)?;
         let places: HashMap<u64, (u64, u32, u32, u32)> = missing.iter().copied().zip(dir).collect();
         let runs = Self::runs(&missing);
@@ -536,7 +555,7 @@ impl LookupReader {
                 }
                 let block = zstd::bulk::decompress(compressed, size as usize)
                     .map_err(|e| self.corrupt(b, format!("does not decompress: {e}")))?;
-                got.insert(b, Arc::new(block));
+                got.insert(b, Arc::new(self.decode_block(b, &block)?));
             }
         }
         let mut c = self.lock();
@@ -560,7 +579,23 @@ impl LookupReader {
         Ok(got)
     }
 
-    /// Rows `rows` (in that order, repeats allowed), each block fetched and decoded once.
+    /// The rows of block `b` from its decompressed bytes.
+    fn decode_block(&self, b: u64, block: &[u8]) -> Result<Vec<LookupRow>, ShardError> {
+        let per = u64::from(self.entry.block_rows.max(1));
+        let n = self.len().saturating_sub(b * per).min(per);
+        let mut rest = block;
+        let mut out = Vec::with_capacity(n as usize);
+        for _ in 0..n {
+            let record = decode_record(&mut rest)
+                .ok_or_else(|| self.corrupt(b, "a record does not decode"))?;
+            let volume = decode_volume(&mut rest, &record.volume_id)
+                .ok_or_else(|| self.corrupt(b, "a volume place does not decode"))?;
+            out.push(LookupRow { record, volume });
+        }
+        Ok(out)
+    }
+
+    /// Rows `rows` (in that order, repeats allowed), each block fetched and decoded once (and kept decoded).
     pub fn get_many(&self, rows: &[u64]) -> Result<Vec<LookupRow>, ShardError> {
         if let Some(&r) = rows.iter().find(|&&r| r >= self.len()) {
             return Err(ShardError::Invalid(format!(
@@ -573,22 +608,7 @@ impl LookupReader {
         let mut wanted: Vec<u64> = rows.iter().map(|r| r / per).collect();
         wanted.sort_unstable();
         wanted.dedup();
-        let blocks = self.blocks(&wanted)?;
-        // Each block decoded once into its rows, then handed out in the order asked.
-        let mut decoded: BTreeMap<u64, Vec<LookupRow>> = BTreeMap::new();
-        for (&b, block) in &blocks {
-            let mut rest = block.as_slice();
-            let n = (self.len() - b * per).min(per);
-            let mut out = Vec::with_capacity(n as usize);
-            for _ in 0..n {
-                let record = decode_record(&mut rest)
-                    .ok_or_else(|| self.corrupt(b, "a record does not decode"))?;
-                let volume = decode_volume(&mut rest, &record.volume_id)
-                    .ok_or_else(|| self.corrupt(b, "a volume place does not decode"))?;
-                out.push(LookupRow { record, volume });
-            }
-            decoded.insert(b, out);
-        }
+        let decoded = self.blocks(&wanted)?;
         rows.iter()
             .map(|&r| {
                 decoded

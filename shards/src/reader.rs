@@ -321,17 +321,21 @@ impl VolumeReader {
     }
 
     /// The size of shard `shard` in bytes.
-    /// `None` for a reader that learns places from the sample lookup: it has no shard checksum to check a
-    /// whole shard against, so it reads ranges only.
+    /// `None` for a shard a reader that learns places from the sample lookup has not seen a volume of yet.
     pub fn shard_bytes(&self, shard: u32) -> Option<u64> {
         match &self.places {
             Places::Index { entries, .. } => entries.get(shard as usize).map(|e| e.bytes),
-            Places::Learned { .. } => None,
+            Places::Learned { known, .. } => known
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .shards
+                .get(&shard)
+                .map(|&(_, bytes)| bytes),
         }
     }
 
     /// Fetches the whole of shard `shard` with one request, checked against the manifest (sha256 or crc32,
-    /// and its size): for read-ahead of a shard so small that reading it whole costs what one request costs.
+    /// and its size; through the sample lookup, its size): for read-ahead of a shard so small that reading it whole costs what one request costs.
     pub fn fetch_shard(&self, shard: u32) -> Result<Bytes, ShardError> {
         match &self.places {
             Places::Index { entries, .. } => {
@@ -340,10 +344,19 @@ impl VolumeReader {
                 })?;
                 crate::dataset::fetch_checked(&self.store, entry)
             }
-            Places::Learned { .. } => Err(ShardError::Invalid(format!(
-                "volume shard {shard} of `{}`: whole shards are not read through the sample lookup",
-                self.store.url()
-            ))),
+            // The lookup carries no whole-object checksum; the size is checked here, and the footer and each
+            // volume's range are crc-checked as they are decoded from these bytes (`read_span_from`).
+            Places::Learned { .. } => {
+                let (key, bytes, _) = self.shard(shard)?;
+                let got = self.store.get(&key)?;
+                if got.len() as u64 != bytes {
+                    return Err(ShardError::Invalid(format!(
+                        "`{key}` has {} bytes, the sample lookup says {bytes}",
+                        got.len()
+                    )));
+                }
+                Ok(got)
+            }
         }
     }
 
