@@ -26,8 +26,8 @@ use m3d_coordinator::plan::{PlanSpec, Shuffle};
 use m3d_data::draws::augment_params;
 use m3d_data::{LoaderOptions, ShardLoader, TrainData};
 use m3d_shards::{
-    write_dataset, ForeignVolumes, ImageDtype, Manifest, SampleRecord, ShardDataset, Store, Task,
-    VolumeRecord, WriteOptions,
+    write_dataset, ForeignVolumes, ImageDtype, Manifest, SampleRecord, Store, Task, VolumeRecord,
+    WriteOptions,
 };
 use m3d_volume::augment::AugmentParams;
 
@@ -286,7 +286,7 @@ fn write_vqa(url: &str, args: &[String]) -> Result<(), Error> {
     let cap = flag(args, "--cap", "");
     if !cap.is_empty() {
         // As `m3d data-prep vqa --cap` writes it: the lookup locates each row's volume in Cap's index.
-        let foreign = ForeignVolumes::of(&ShardDataset::open_for_volumes(&cap)?)?;
+        let foreign = ForeignVolumes::open(&cap)?;
         m3d_shards::lookup::write_lookup(
             &store,
             &mut manifest,

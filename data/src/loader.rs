@@ -523,6 +523,11 @@ impl Shared {
 
     /// The volumes of lookup rows `rows` (in range), their places learned by the volume readers.
     fn lookup_keys(&self, rows: &[u64]) -> Result<Vec<VolumeKey>, LoadError> {
+        self.lookup_rows(rows).map(|(keys, _)| keys)
+    }
+
+    /// The volumes and records of lookup rows `rows` (in range), from one lookup of their blocks.
+    fn lookup_rows(&self, rows: &[u64]) -> Result<(Vec<VolumeKey>, Vec<SampleRecord>), LoadError> {
         let Some(lookup) = &self.lookup else {
             return Err(self.lookup_error(ShardError::Invalid("no sample lookup".into())));
         };
@@ -530,22 +535,27 @@ impl Shared {
             .get_many(rows)
             .map_err(|source| self.lookup_error(source))?;
         let readers = &self.readers;
-        rows.iter()
-            .zip(looked_up)
-            .map(|(&index, row)| match row.volume {
+        let mut keys = Vec::with_capacity(rows.len());
+        let mut records = Vec::with_capacity(rows.len());
+        for (&index, row) in rows.iter().zip(looked_up) {
+            match row.volume {
                 // Reader 1 is the volumes dataset's, opened only when the lookup's places match its index.
                 Some(v) if !v.foreign || readers.len() > 1 => {
                     let r = usize::from(v.foreign);
                     readers[r].learn(&v);
-                    Ok((r, v.position as usize))
+                    keys.push((r, v.position as usize));
+                    records.push(row.record);
                 }
-                _ => Err(LoadError::VolumeNotIndexed {
-                    index,
-                    sample_id: row.record.sample_id,
-                    volume_id: row.record.volume_id,
-                }),
-            })
-            .collect()
+                _ => {
+                    return Err(LoadError::VolumeNotIndexed {
+                        index,
+                        sample_id: row.record.sample_id,
+                        volume_id: row.record.volume_id,
+                    })
+                }
+            }
+        }
+        Ok((keys, records))
     }
 
     fn read_volume(&self, key: VolumeKey) -> Result<Arc<CachedVolume>, LoadError> {
@@ -996,13 +1006,23 @@ impl ShardLoader {
         augment: &[Option<AugmentParams>],
     ) -> Result<Vec<LoadedSample>, LoadError> {
         // Validate every index before any volume read so a bad index fails fast and names itself.
-        let keys = self.keys_for(indices)?;
+        // Through the lookup, the records come with the volumes from the same blocks.
+        let (keys, records) = if self.shared.lookup.is_some() {
+            self.check_range(indices)?;
+            let (keys, records) = self.shared.lookup_rows(indices)?;
+            (keys, Some(records))
+        } else {
+            (self.keys_for(indices)?, None)
+        };
         let order = distinct(&keys);
         let mut volumes: HashMap<VolumeKey, Arc<CachedVolume>> = HashMap::new();
         for (key, vol) in order.iter().zip(self.shared.get_many(&order, false)) {
             volumes.insert(*key, vol?);
         }
-        let records = self.samples_at(indices)?;
+        let records = match records {
+            Some(records) => records,
+            None => self.samples_at(indices)?,
+        };
         let mut scratch = Vec::new();
         let mut out = Vec::with_capacity(indices.len());
         for ((pos, &index), sample) in indices.iter().enumerate().zip(records) {

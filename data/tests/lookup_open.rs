@@ -243,8 +243,7 @@ fn write_vqa(dir: &std::path::Path, cap: &str, volumes: usize) -> String {
         &WriteOptions::default(),
     )
     .unwrap();
-    let foreign =
-        ForeignVolumes::of(&m3d_shards::ShardDataset::open_for_volumes(cap).unwrap()).unwrap();
+    let foreign = ForeignVolumes::open(cap).unwrap();
     m3d_shards::lookup::write_lookup(
         &store,
         &mut manifest,

@@ -339,7 +339,7 @@ pub fn run(cmd: DataPrep) -> Result<()> {
             let opts = common.options()?;
             let volumes_from = match cap {
                 Some(url) => Some(
-                    cap_volumes(&url)
+                    m3d_shards::ForeignVolumes::open(&url)
                         .with_context(|| format!("reading M3D-Cap's volume index from {url}"))?,
                 ),
                 None => None,
@@ -474,11 +474,4 @@ pub fn run(cmd: DataPrep) -> Result<()> {
         }
     }
     Ok(())
-}
-
-/// Every volume id of a converted dataset (from its volume index).
-/// The volume index of the converted M3D-Cap dataset at `url` (its manifest and index: no shard).
-fn cap_volumes(url: &str) -> Result<m3d_shards::ForeignVolumes> {
-    let ds = m3d_shards::dataset::ShardDataset::open_for_volumes(url)?;
-    Ok(m3d_shards::ForeignVolumes::of(&ds)?)
 }

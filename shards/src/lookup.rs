@@ -96,6 +96,11 @@ pub struct ForeignVolumes {
 }
 
 impl ForeignVolumes {
+    /// Those of the dataset at `url` (its manifest and volume index: no shard).
+    pub fn open(url: &str) -> Result<ForeignVolumes, ShardError> {
+        Self::of(&crate::ShardDataset::open_for_volumes(url)?)
+    }
+
     /// Those of `dataset` (its manifest and volume index: no shard).
     pub fn of(dataset: &crate::ShardDataset) -> Result<ForeignVolumes, ShardError> {
         let m = dataset.manifest();
